@@ -1,0 +1,114 @@
+"""The exception tree of nnpatch and the exit code each failure maps to.
+
+The library raises, the CLI prints: every error a user can cause is an
+``NnpatchError`` whose ``exit_code`` is the documented process exit status.
+Messages are one line: where, what, and expected versus found.
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+EXIT_OK = 0
+EXIT_MISMATCH = 1
+EXIT_USAGE = 2
+EXIT_INVALID = 3
+EXIT_INTEGRITY = 4
+EXIT_IO = 5
+EXIT_INTERRUPTED = 130
+
+
+class NnpatchError(Exception):
+    """Root of every error nnpatch raises on purpose."""
+
+    exit_code: ClassVar[int] = EXIT_INVALID
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class PatchFormatError(NnpatchError, ValueError):
+    """A patch file breaks a rule of spec/FORMAT.md (truncated, corrupt, malformed)."""
+
+    exit_code = EXIT_INVALID
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None) -> None:
+        prefix = ""
+        if path is not None:
+            prefix = f"{path}: "
+        if offset is not None:
+            prefix += f"byte {offset}: "
+        super().__init__(prefix + message)
+        self.path = path
+        self.offset = offset
+
+
+class UnsupportedVersionError(PatchFormatError):
+    """The patch uses a major version, feature or codec this nnpatch does not know."""
+
+    def __init__(self, message: str, *, path: str | None = None, offset: int | None = None,
+                 found: object = None, supported: object = None) -> None:
+        super().__init__(message, path=path, offset=offset)
+        self.found = found
+        self.supported = supported
+
+
+class WeightsError(NnpatchError, ValueError):
+    """A model file cannot be read, or its tensors do not fit what was asked."""
+
+    exit_code = EXIT_INVALID
+
+    def __init__(self, message: str, *, path: str | None = None, tensor: str | None = None) -> None:
+        prefix = f"{path}: " if path is not None else ""
+        if tensor is not None:
+            prefix += f"tensor {tensor!r}: "
+        super().__init__(prefix + message)
+        self.path = path
+        self.tensor = tensor
+
+
+class IntegrityError(NnpatchError):
+    """A digest did not match: the data is not what it claims to be."""
+
+    exit_code = EXIT_INTEGRITY
+
+    def __init__(self, message: str, *, what: str | None = None,
+                 expected: str | None = None, actual: str | None = None) -> None:
+        super().__init__(message)
+        self.what = what
+        self.expected = expected
+        self.actual = actual
+
+
+class BaseMismatchError(IntegrityError):
+    """The patch was made for another base model."""
+
+
+class MissingDependencyError(NnpatchError):
+    """An optional dependency is needed for this operation (e.g. torch)."""
+
+    exit_code = EXIT_INVALID
+
+
+class NnpatchIOError(NnpatchError, OSError):
+    """Reading or writing a file failed at the operating-system level."""
+
+    exit_code = EXIT_IO
+
+
+class UsageError(NnpatchError):
+    """The call itself is wrong (conflicting options, missing argument)."""
+
+    exit_code = EXIT_USAGE
+
+
+__all__ = [
+    "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE", "EXIT_INVALID", "EXIT_INTEGRITY", "EXIT_IO",
+    "EXIT_INTERRUPTED", "NnpatchError", "PatchFormatError", "UnsupportedVersionError",
+    "WeightsError", "IntegrityError", "BaseMismatchError", "MissingDependencyError",
+    "NnpatchIOError", "UsageError",
+]
