@@ -1,0 +1,336 @@
+"""Make a patch: compare two models tensor by tensor, pick the cheapest op
+for each changed tensor and the smallest codec for each section.
+
+Ops (spec/FORMAT.md, "Ops"): ``rows`` (changed output channels along dim 0),
+``elements`` (single changed values), ``whole`` (the tensor re-sent, relative
+to the old one when dtype and shape allow), ``add`` and ``remove``.
+Everything is compared as bit patterns, never as numbers, so NaN payloads
+and -0.0 survive.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__, codecs, dtypes
+from .errors import UsageError
+from .hashing import ModelHasher, digest_bytes, hash_file
+from .patchfile import ModelRef, Op, PatchHeader, PatchWriter, Section, TensorRef
+from .weights import SafetensorsFile
+
+#: Sections up to this size try every codec; larger ones choose on a sample.
+_TRY_ALL_BYTES = 1 << 20
+_SAMPLE_ELEMENTS = 1 << 16
+#: Tensors up to this size try every op; larger ones choose by estimate.
+_TRY_ALL_OPS_BYTES = 64 << 20
+#: Rows compared per step when scanning a tensor for changes.
+_SCAN_ELEMENTS = 1 << 22
+
+RELATIVE_CODECS = (["xor", "planes", "zstd"], ["zadd", "planes", "zstd"], ["xor", "zstd"], ["zstd"], [])
+ABSOLUTE_CODECS = (["planes", "zstd"], ["zstd"], [])
+
+ProgressFn = Callable[[int], None]
+
+
+@dataclass
+class TensorChange:
+    """What diff found for one tensor (the rows of ``nnpatch diff --stat``)."""
+
+    name: str
+    op: str
+    dtype: str
+    shape: tuple[int, ...]
+    rows_changed: int = 0
+    rows_total: int = 0
+    elements_changed: int = 0
+    elements_total: int = 0
+    patch_bytes: int = 0
+    codec: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DiffResult:
+    path: str
+    patch_size: int
+    base_size: int
+    target_size: int
+    tensors_total: int
+    changes: list[TensorChange]
+    trailer_hash: str = ""
+
+    @property
+    def ratio(self) -> float:
+        return self.patch_size / self.target_size if self.target_size else 0.0
+
+
+def _utf8_key(name: str) -> bytes:
+    return name.encode("utf-8", "surrogatepass")
+
+
+def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: str | os.PathLike[str], *,
+         level: int = codecs.DEFAULT_LEVEL, progress: ProgressFn | None = None) -> DiffResult:
+    """Write a patch that turns ``base`` into ``target``, byte for byte."""
+    if not codecs.MIN_LEVEL <= level <= codecs.MAX_LEVEL:
+        raise UsageError(f"--level must be between {codecs.MIN_LEVEL} and {codecs.MAX_LEVEL}, got {level}")
+    with SafetensorsFile(base) as b, SafetensorsFile(target) as t:
+        return _diff_open(b, t, os.fspath(output), level, progress or (lambda n: None))
+
+
+def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, progress: ProgressFn) -> DiffResult:
+    writer = PatchWriter(output)
+    try:
+        base_model, target_model = ModelHasher(), ModelHasher()
+        layout = _encode_layout(writer, t.header_bytes, level)
+        ops: list[Op] = []
+        changes: list[TensorChange] = []
+        names = sorted(set(b.tensors) | set(t.tensors), key=_utf8_key)
+        for name in names:
+            bi, ti = b.tensors.get(name), t.tensors.get(name)
+            bd = digest_bytes(b.raw(name)) if bi else None
+            td = digest_bytes(t.raw(name)) if ti else None
+            if bi:
+                base_model.add(name, bi.dtype, bi.shape, bd)
+            if ti:
+                target_model.add(name, ti.dtype, ti.shape, td)
+            if bi and ti and bi.dtype == ti.dtype and bi.shape == ti.shape and bd == td:
+                progress(ti.nbytes)
+                continue
+            bref = TensorRef(bi.dtype, bi.shape, bd.hex()) if bi else None
+            tref = TensorRef(ti.dtype, ti.shape, td.hex()) if ti else None
+            start = writer.stream.tell()
+            if ti is None:
+                op, change = Op(name, "remove", base=bref), TensorChange(name, "remove", bi.dtype, bi.shape)
+            elif bi is None or bref.dtype != tref.dtype or bref.shape != tref.shape:
+                op, change = _encode_absolute(writer, t, name, bref, tref, level)
+            else:
+                op, change = _encode_changed(writer, b, t, name, bref, tref, level)
+            change.patch_bytes = writer.stream.tell() - start
+            ops.append(op)
+            changes.append(change)
+            progress(ti.nbytes if ti else 0)
+        header = PatchHeader(
+            base=ModelRef("safetensors", b.size, hash_file(b.path), base_model.digest().hex(), len(b.tensors)),
+            target=ModelRef("safetensors", t.size, hash_file(t.path), target_model.digest().hex(), len(t.tensors),
+                            layout=layout),
+            ops=ops,
+            created_by=f"nnpatch {__version__}",
+        )
+        size = writer.finish(header)
+    except BaseException:
+        writer.abort()
+        raise
+    from .patchfile import read_patch
+
+    with read_patch(output) as p:
+        trailer = p.trailer_hash
+    return DiffResult(output, size, b.size, t.size, len(t.tensors), changes, trailer)
+
+
+def _encode_layout(writer: PatchWriter, header_bytes: bytes, level: int) -> Section:
+    import zstandard
+
+    z = zstandard.ZstdCompressor(level=max(level, 19), write_content_size=True, write_checksum=False)
+    packed = z.compress(header_bytes)
+    if len(packed) < len(header_bytes):
+        return writer.add_bytes(packed, len(header_bytes), ["zstd"])
+    return writer.add_bytes(header_bytes, len(header_bytes), [])
+
+
+# --- the value streams ---------------------------------------------------------
+
+class _Stream:
+    """The values one op stores, as (new, old) uint8 chunks in planes-chunk units."""
+
+    def __init__(self, new_units: np.ndarray, old_units: np.ndarray | None, index: np.ndarray | None,
+                 unit_elements: int, width: int) -> None:
+        # new_units / old_units: uint words shaped (units, unit_elements)
+        self.new, self.old, self.index = new_units, old_units, index
+        self.unit_elements, self.width = unit_elements, width
+        self.units = len(index) if index is not None else new_units.shape[0]
+
+    @property
+    def size(self) -> int:
+        return self.units * self.unit_elements * self.width
+
+    def chunks(self, limit_elements: int | None = None) -> Iterator[tuple[np.ndarray, np.ndarray | None]]:
+        per = codecs.chunk_units(self.unit_elements)
+        end = self.units
+        if limit_elements is not None:
+            end = min(end, max(1, limit_elements // max(1, self.unit_elements)))
+        for lo in range(0, end, per):
+            hi = min(lo + per, end)
+            sel = self.index[lo:hi] if self.index is not None else slice(lo, hi)
+            new = np.ascontiguousarray(self.new[sel]).reshape(-1).view(np.uint8)
+            old = np.ascontiguousarray(self.old[sel]).reshape(-1).view(np.uint8) if self.old is not None else None
+            yield new, old
+
+
+def _choose_codec(stream: _Stream, relative: bool, level: int) -> list[str]:
+    candidates = RELATIVE_CODECS if relative else ABSOLUTE_CODECS
+    if stream.width == 1:
+        candidates = tuple(c for c in candidates if "planes" not in c)
+    if stream.size <= _TRY_ALL_BYTES:
+        return min(candidates, key=lambda c: (_encoded_len(stream, c, level, None), len(c)))
+    sample_level = min(level, 3)
+    return min(candidates, key=lambda c: (_encoded_len(stream, c, sample_level, _SAMPLE_ELEMENTS), len(c)))
+
+
+def _encoded_len(stream: _Stream, codec: list[str], level: int, limit: int | None) -> int:
+    if not codec:
+        return stream.size if limit is None else min(stream.size, limit * stream.width)
+    buf = io.BytesIO()
+    chunks = list(stream.chunks(limit))
+    size = sum(len(n) for n, _ in chunks)
+    return codecs.encode_value_stream(buf, iter(chunks), codec=codec, width=stream.width, size=size, level=level)
+
+
+def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool, level: int) -> Section:
+    codec = _choose_codec(stream, relative, level)
+    start = writer.begin_section()
+    out = writer.stream
+    length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width, size=stream.size,
+                                        level=level)
+    if codec and length > stream.size:  # compression lost: store raw instead
+        out.seek(start)
+        out.truncate()
+        length = codecs.encode_value_stream(out, stream.chunks(), codec=[], width=stream.width,
+                                            size=stream.size, level=level)
+        codec = []
+    return Section(start, length, stream.size, codec)
+
+
+def _units(bits: np.ndarray, unit_elements: int) -> np.ndarray:
+    return bits.reshape(-1, unit_elements) if unit_elements else bits.reshape(0, 0)
+
+
+def _encode_absolute(writer, t: SafetensorsFile, name: str, bref, tref, level):
+    width = dtypes.ITEMSIZE[tref.dtype]
+    flat = t.bits(name).reshape(-1, 1)
+    op = Op(name, "whole" if bref else "add", base=bref, target=tref)
+    op.values = _write_stream(writer, _Stream(flat, None, None, 1, width), False, level)
+    numel = math.prod(tref.shape)
+    change = TensorChange(name, op.kind, tref.dtype, tref.shape, elements_changed=numel, elements_total=numel,
+                          codec=op.values.codec)
+    return op, change
+
+
+def _scan(b_units: np.ndarray, t_units: np.ndarray, want_elements: bool):
+    """Changed rows and (when few enough to matter) changed flat element indices."""
+    nrows, row = t_units.shape
+    step = max(1, _SCAN_ELEMENTS // max(1, row))
+    rows_changed = []
+    elems = []
+    n_elems = 0
+    limit = (nrows * row) // 4
+    for lo in range(0, nrows, step):
+        neq = b_units[lo : lo + step] != t_units[lo : lo + step]
+        any_row = neq.any(axis=1)
+        rows_changed.append(np.flatnonzero(any_row) + lo)
+        k = int(np.count_nonzero(neq))
+        n_elems += k
+        if want_elements and n_elems <= limit:
+            elems.append(np.flatnonzero(neq).astype(np.uint64) + np.uint64(lo * row))
+        else:
+            want_elements = False
+    rows = np.concatenate(rows_changed).astype(np.uint64) if rows_changed else np.empty(0, np.uint64)
+    el = np.concatenate(elems) if (want_elements and elems) else (np.empty(0, np.uint64) if want_elements else None)
+    return rows, el, n_elems
+
+
+def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile, name: str, bref, tref, level):
+    width = dtypes.ITEMSIZE[tref.dtype]
+    shape = tref.shape
+    numel = math.prod(shape)
+    nrows = shape[0] if shape else 1
+    row = numel // nrows if nrows else 0
+    bu = _units(b.bits(name), row)
+    tu = _units(t.bits(name), row)
+    rows, elems, n_elems = _scan(bu, tu, want_elements=True)
+
+    candidates: list[tuple[str, Callable[[PatchWriter], Op]]] = []
+
+    def whole(w: PatchWriter) -> Op:
+        op = Op(name, "whole", base=bref, target=tref)
+        op.values = _write_stream(w, _Stream(tu.reshape(-1, 1), bu.reshape(-1, 1), None, 1, width), True, level)
+        return op
+
+    def by_rows(w: PatchWriter) -> Op:
+        op = Op(name, "rows", base=bref, target=tref, count=len(rows))
+        op.index = _write_index(w, rows, nrows, level)
+        op.values = _write_stream(w, _Stream(tu, bu, rows, row, width), True, level)
+        return op
+
+    def by_elements(w: PatchWriter) -> Op:
+        op = Op(name, "elements", base=bref, target=tref, count=len(elems))
+        op.index = _write_index(w, elems, numel, level)
+        flat_t, flat_b = tu.reshape(-1, 1), bu.reshape(-1, 1)
+        op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width), True, level)
+        return op
+
+    estimates = {"whole": numel * width}
+    candidates.append(("whole", whole))
+    if len(shape) >= 2 and row > 1 and len(rows) < nrows:
+        candidates.append(("rows", by_rows))
+        estimates["rows"] = len(rows) * row * width
+    if elems is not None and len(elems):
+        candidates.append(("elements", by_elements))
+        estimates["elements"] = len(elems) * (width + 2)
+
+    if len(candidates) == 1:
+        chosen = candidates[0][1](writer)
+    elif numel * width <= _TRY_ALL_OPS_BYTES:
+        chosen = _smallest(writer, candidates)
+    else:
+        kind = min(estimates, key=estimates.get)
+        chosen = dict(candidates)[kind](writer)
+    change = TensorChange(name, chosen.kind, tref.dtype, shape, rows_changed=len(rows), rows_total=nrows,
+                          elements_changed=n_elems, elements_total=numel, codec=chosen.values.codec)
+    return chosen, change
+
+
+def _smallest(writer: PatchWriter, candidates) -> Op:
+    """Encode each candidate into memory and copy the smallest into the patch."""
+    best = None
+    for _, make in candidates:
+        scratch = _ScratchWriter()
+        op = make(scratch)
+        if best is None or scratch.size() < best[1].size():
+            best = (op, scratch)
+    op, scratch = best
+    for s in op.sections():
+        data = scratch.payload(s)
+        placed = writer.add_bytes(data, s.size, s.codec)
+        s.offset = placed.offset
+    return op
+
+
+class _ScratchWriter:
+    """A PatchWriter stand-in that keeps sections in memory."""
+
+    def __init__(self) -> None:
+        self.stream = io.BytesIO()
+
+    def begin_section(self) -> int:
+        return self.stream.tell()
+
+    def add_bytes(self, payload: bytes, size: int, codec: list[str]) -> Section:
+        start = self.stream.tell()
+        self.stream.write(payload)
+        return Section(start, len(payload), size, list(codec))
+
+    def size(self) -> int:
+        return self.stream.tell()
+
+    def payload(self, s: Section) -> bytes:
+        return self.stream.getbuffer()[s.offset : s.offset + s.length].tobytes()
+
+
+def _write_index(writer, indices: np.ndarray, bound: int, level: int) -> Section:
+    codec, payload, size = codecs.best_index_encoding(indices, bound, level)
+    return writer.add_bytes(payload, size, codec)

@@ -1,0 +1,570 @@
+"""The nnpatch file format, version 1 (spec/FORMAT.md is normative).
+
+    Magic (8) | Version_Major (u16) | Version_Minor (u16) | Flags (u32)
+    | Header_Length (u64) | Header (UTF-8 JSON, space-padded) | Sections
+    (each 64-aligned, zero-padded) | Trailer_Hash (32, BLAKE3 of all before)
+
+This module reads and writes that container and validates everything in it
+that can be checked without the models. It knows nothing about diffing.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from typing import Any
+
+import blake3
+
+from . import codecs, dtypes
+from .atomic import atomic_write
+from .errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
+
+MAGIC = b"\x89NNP\r\n\x1a\n"
+FORMAT_VERSION = (1, 0)
+PREAMBLE = struct.Struct("<8sHHIQ")
+PREAMBLE_SIZE = PREAMBLE.size  # 24
+ALIGNMENT = 64
+TRAILER_SIZE = 32
+#: Flags bits 0-15 are reserved: a reader MUST reject a file that sets one.
+RESERVED_FLAGS = 0x0000FFFF
+
+MAX_HEADER_SIZE = 64 << 20
+MAX_RANK = 64
+MAX_NAME_BYTES = 1 << 16
+MAX_JSON_DEPTH = 16
+
+KNOWN_FEATURES: frozenset[str] = frozenset()
+OPS = ("rows", "elements", "whole", "add", "remove")
+MODEL_FORMATS = ("safetensors",)
+
+
+def align(n: int) -> int:
+    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+@dataclass
+class Section:
+    offset: int  # absolute in the file (relative to the spool while writing)
+    length: int  # stored bytes
+    size: int  # bytes after undoing the zstd stage
+    codec: list[str]
+
+    def to_json(self, base: int = 0) -> dict:
+        return {"offset": self.offset + base, "length": self.length, "size": self.size, "codec": list(self.codec)}
+
+
+@dataclass
+class TensorRef:
+    dtype: str
+    shape: tuple[int, ...]
+    blake3: str
+
+    @property
+    def nbytes(self) -> int:
+        return math.prod(self.shape) * dtypes.ITEMSIZE[self.dtype]
+
+    def to_json(self) -> dict:
+        return {"dtype": self.dtype, "shape": list(self.shape), "blake3": self.blake3}
+
+
+@dataclass
+class Op:
+    name: str
+    kind: str
+    base: TensorRef | None = None
+    target: TensorRef | None = None
+    count: int | None = None
+    index: Section | None = None
+    values: Section | None = None
+
+    def sections(self) -> list[Section]:
+        return [s for s in (self.index, self.values) if s is not None]
+
+    def to_json(self, base: int = 0) -> dict:
+        out: dict[str, Any] = {"name": self.name, "op": self.kind}
+        if self.base is not None:
+            out["base"] = self.base.to_json()
+        if self.target is not None:
+            out["target"] = self.target.to_json()
+        if self.count is not None:
+            out["count"] = self.count
+        if self.index is not None:
+            out["index"] = self.index.to_json(base)
+        if self.values is not None:
+            out["values"] = self.values.to_json(base)
+        return out
+
+
+@dataclass
+class ModelRef:
+    format: str
+    size: int
+    blake3: str
+    model_blake3: str
+    tensors: int
+    layout: Section | None = None
+
+    def to_json(self, base: int = 0) -> dict:
+        out = {"format": self.format, "size": self.size, "blake3": self.blake3,
+               "model_blake3": self.model_blake3, "tensors": self.tensors}
+        if self.layout is not None:
+            out["layout"] = self.layout.to_json(base)
+        return out
+
+
+@dataclass
+class PatchHeader:
+    base: ModelRef
+    target: ModelRef
+    ops: list[Op]
+    created_by: str = ""
+    required_features: list[str] = field(default_factory=list)
+    version: tuple[int, int] = FORMAT_VERSION
+    flags: int = 0
+    extra: dict = field(default_factory=dict)  # "x-" keys, kept verbatim
+
+    def sections(self) -> list[Section]:
+        out = [self.target.layout] if self.target.layout is not None else []
+        for op in self.ops:
+            out.extend(op.sections())
+        return out
+
+    def to_json(self, base: int = 0) -> dict:
+        out = {
+            "created_by": self.created_by,
+            "required_features": list(self.required_features),
+            "base": self.base.to_json(base),
+            "target": self.target.to_json(base),
+            "ops": [op.to_json(base) for op in self.ops],
+        }
+        out.update(self.extra)
+        return out
+
+
+def encode_header(obj: dict) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, UTF-8, padded to the alignment."""
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    return text + b" " * (align(PREAMBLE_SIZE + len(text)) - PREAMBLE_SIZE - len(text))
+
+
+# --- writing ----------------------------------------------------------------
+
+class PatchWriter:
+    """Collects sections in a spool file, then writes the patch atomically.
+
+    Sections must be added in the order the header lists them (layout, then
+    each op's index and values, ops sorted by name).
+    """
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        directory = os.path.dirname(os.path.abspath(self.path))
+        try:
+            self._spool = tempfile.TemporaryFile(dir=directory)
+        except OSError as e:
+            raise NnpatchIOError(f"{self.path}: cannot write: {e.strerror or e}") from e
+
+    @property
+    def stream(self):
+        return self._spool
+
+    def begin_section(self) -> int:
+        pos = self._spool.tell()
+        pad = align(pos) - pos
+        if pad:
+            self._spool.write(b"\x00" * pad)
+        return self._spool.tell()
+
+    def add_bytes(self, payload: bytes, size: int, codec: list[str]) -> Section:
+        start = self.begin_section()
+        self._spool.write(payload)
+        return Section(start, len(payload), size, list(codec))
+
+    def finish(self, header: PatchHeader) -> int:
+        """Write the patch; returns its size in bytes."""
+        data_len = self._spool.tell()
+        head = b""
+        for _ in range(8):  # offsets change the header length; iterate to a fixed point
+            data_start = PREAMBLE_SIZE + len(head)
+            new = encode_header(header.to_json(base=data_start))
+            stable = len(new) == len(head)
+            head = new
+            if stable:
+                break
+        data_start = PREAMBLE_SIZE + len(head)
+        if len(head) > MAX_HEADER_SIZE:
+            raise PatchFormatError(f"header of {len(head)} bytes exceeds the {MAX_HEADER_SIZE} limit", path=self.path)
+        trailer_at = data_start + align(data_len)
+        h = blake3.blake3()
+        try:
+            with atomic_write(self.path) as f:
+                pre = PREAMBLE.pack(MAGIC, header.version[0], header.version[1], header.flags, len(head))
+                for chunk in (pre, head):
+                    f.write(chunk)
+                    h.update(chunk)
+                self._spool.seek(0)
+                while True:
+                    buf = self._spool.read(8 << 20)
+                    if not buf:
+                        break
+                    f.write(buf)
+                    h.update(buf)
+                pad = b"\x00" * (align(data_len) - data_len)
+                f.write(pad)
+                h.update(pad)
+                f.write(h.digest())
+        except OSError as e:
+            raise NnpatchIOError(f"{self.path}: cannot write: {e.strerror or e}") from e
+        finally:
+            self._spool.close()
+        return trailer_at + TRAILER_SIZE
+
+    def abort(self) -> None:
+        self._spool.close()
+
+
+# --- reading ----------------------------------------------------------------
+
+class Patch:
+    """An open, fully validated patch file (memory-mapped, read-only)."""
+
+    def __init__(self, path: str | os.PathLike[str], *, check_trailer: bool = True) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise NnpatchIOError(f"{self.path}: cannot open: {e.strerror or e}") from e
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+            self.header = parse_patch(self._map if self._map is not None else b"", path=self.path,
+                                      check_trailer=check_trailer)
+        except BaseException:
+            self.close()
+            raise
+
+    def section(self, s: Section) -> memoryview:
+        return memoryview(self._map)[s.offset : s.offset + s.length]
+
+    @property
+    def trailer_hash(self) -> str:
+        return bytes(self._map[self.size - TRAILER_SIZE :]).hex()
+
+    @property
+    def ops(self) -> list[Op]:
+        return self.header.ops
+
+    def close(self) -> None:
+        m = getattr(self, "_map", None)
+        if m is not None:
+            try:
+                m.close()
+            except BufferError:
+                pass
+        f = getattr(self, "_file", None)
+        if f is not None:
+            f.close()
+
+    def __enter__(self) -> Patch:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def read_patch(path: str | os.PathLike[str]) -> Patch:
+    return Patch(path)
+
+
+def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> PatchHeader:
+    """Validate a whole patch held in ``buf`` and return its header."""
+    size = len(buf)
+    if size < PREAMBLE_SIZE:
+        if bytes(buf[: min(size, 8)]) != MAGIC[: min(size, 8)]:
+            raise PatchFormatError("not an nnpatch file (bad magic)", path=path, offset=0)
+        raise PatchFormatError(f"truncated: {size} bytes, the preamble alone is {PREAMBLE_SIZE}", path=path)
+    magic, major, minor, flags, header_len = PREAMBLE.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise PatchFormatError(f"not an nnpatch file (bad magic {magic!r}, expected {MAGIC!r})", path=path, offset=0)
+    if major != FORMAT_VERSION[0]:
+        raise UnsupportedVersionError(
+            f"unsupported format version {major}.{minor} (this nnpatch reads {FORMAT_VERSION[0]}.x)",
+            path=path, offset=8, found=(major, minor), supported=FORMAT_VERSION)
+    if flags & RESERVED_FLAGS:
+        raise UnsupportedVersionError(f"reserved flag bits set (0x{flags & RESERVED_FLAGS:04x})",
+                                      path=path, offset=12, found=flags)
+    if size < PREAMBLE_SIZE + TRAILER_SIZE:
+        raise PatchFormatError(f"truncated: {size} bytes, no room for the trailer", path=path)
+    if header_len > MAX_HEADER_SIZE:
+        raise PatchFormatError(f"header length {header_len} exceeds the {MAX_HEADER_SIZE} limit", path=path, offset=16)
+    if PREAMBLE_SIZE + header_len > size - TRAILER_SIZE:
+        raise PatchFormatError(f"truncated: header length {header_len} runs past the end of the file",
+                               path=path, offset=16)
+    if (PREAMBLE_SIZE + header_len) % ALIGNMENT:
+        raise PatchFormatError(f"header length {header_len} does not end on a {ALIGNMENT}-byte boundary",
+                               path=path, offset=16)
+    if check_trailer:
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size > 1 << 20 else blake3.blake3()
+        h.update(memoryview(buf)[: size - TRAILER_SIZE])
+        if h.digest() != bytes(buf[size - TRAILER_SIZE :]):
+            raise PatchFormatError("trailer hash mismatch: the file is corrupt or truncated", path=path,
+                                   offset=size - TRAILER_SIZE)
+    raw = bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len])
+    obj = _load_json(raw, path)
+    header = _header_from_json(obj, path)
+    header.version = (major, minor)
+    header.flags = flags
+    _check_layout(header, buf, PREAMBLE_SIZE + header_len, size, path)
+    return header
+
+
+def _reject_duplicates(pairs):
+    obj = {}
+    for k, v in pairs:
+        if k in obj:
+            raise ValueError(f"duplicate key {k!r}")
+        obj[k] = v
+    return obj
+
+
+def _reject_constant(name):
+    raise ValueError(f"{name} is not allowed")
+
+
+def _load_json(raw: bytes, path: str) -> dict:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + e.start})", path=path) from e
+    if not text.startswith("{"):
+        raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
+    depth = 0
+    deepest = 0
+    for c in text:  # bracket depth ignoring strings is an upper bound; cheap and safe
+        if c in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif c in "]}":
+            depth -= 1
+    if deepest > MAX_JSON_DEPTH:
+        raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
+    try:
+        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+    except (ValueError, RecursionError) as e:
+        raise PatchFormatError(f"header is not valid JSON: {e}", path=path, offset=PREAMBLE_SIZE) from e
+    if not isinstance(obj, dict):
+        raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
+    return obj
+
+
+class _Reader:
+    """Typed access to JSON fields with errors that name the field."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def fail(self, where: str, msg: str):
+        raise PatchFormatError(f"header: {where}: {msg}", path=self.path)
+
+    def obj(self, parent: dict, key: str, where: str, *, optional: bool = False) -> dict | None:
+        if key not in parent:
+            if optional:
+                return None
+            self.fail(where, f"missing required key {key!r}")
+        v = parent[key]
+        if not isinstance(v, dict):
+            self.fail(f"{where}.{key}", "must be an object")
+        return v
+
+    def int(self, parent: dict, key: str, where: str, *, optional: bool = False) -> int | None:
+        if key not in parent:
+            if optional:
+                return None
+            self.fail(where, f"missing required key {key!r}")
+        v = parent[key]
+        if type(v) is not int or v < 0 or v >= 1 << 63:
+            self.fail(f"{where}.{key}", f"must be an integer in [0, 2^63), found {v!r}")
+        return v
+
+    def str(self, parent: dict, key: str, where: str, *, optional: bool = False) -> str | None:
+        if key not in parent:
+            if optional:
+                return None
+            self.fail(where, f"missing required key {key!r}")
+        v = parent[key]
+        if not isinstance(v, str):
+            self.fail(f"{where}.{key}", f"must be a string, found {type(v).__name__}")
+        return v
+
+    def digest(self, parent: dict, key: str, where: str) -> str:
+        v = self.str(parent, key, where)
+        if len(v) != 64 or any(c not in "0123456789abcdef" for c in v):
+            self.fail(f"{where}.{key}", "must be 64 lowercase hex digits")
+        return v
+
+    def section(self, parent: dict, key: str, where: str, *, optional: bool = False) -> Section | None:
+        o = self.obj(parent, key, where, optional=optional)
+        if o is None:
+            return None
+        w = f"{where}.{key}"
+        codec = o.get("codec")
+        if not isinstance(codec, list) or not all(isinstance(s, str) for s in codec) or len(codec) > 8:
+            self.fail(w, "codec must be a list of at most 8 stage names")
+        return Section(self.int(o, "offset", w), self.int(o, "length", w), self.int(o, "size", w), codec)
+
+    def tensor(self, parent: dict, key: str, where: str) -> TensorRef:
+        o = self.obj(parent, key, where)
+        w = f"{where}.{key}"
+        dtype = self.str(o, "dtype", w)
+        if dtype not in dtypes.ITEMSIZE:
+            raise UnsupportedVersionError(f"header: {w}.dtype: unknown dtype {dtype!r}", path=self.path, found=dtype)
+        shape = o.get("shape")
+        if not isinstance(shape, list) or len(shape) > MAX_RANK or not all(
+            type(d) is int and 0 <= d < 1 << 62 for d in shape
+        ):
+            self.fail(f"{w}.shape", f"must be a list of at most {MAX_RANK} non-negative integers")
+        if math.prod(shape) * dtypes.ITEMSIZE[dtype] >= 1 << 62:
+            self.fail(f"{w}.shape", "tensor too large")
+        return TensorRef(dtype, tuple(shape), self.digest(o, "blake3", w))
+
+
+def _model_ref(r: _Reader, obj: dict, key: str, *, layout: bool) -> ModelRef:
+    o = r.obj(obj, key, "header")
+    fmt = r.str(o, "format", key)
+    if fmt not in MODEL_FORMATS:
+        raise UnsupportedVersionError(f"header: {key}.format: unknown model format {fmt!r}", path=r.path, found=fmt)
+    return ModelRef(fmt, r.int(o, "size", key), r.digest(o, "blake3", key), r.digest(o, "model_blake3", key),
+                    r.int(o, "tensors", key), r.section(o, "layout", key, optional=not layout))
+
+
+def _header_from_json(obj: dict, path: str) -> PatchHeader:
+    r = _Reader(path)
+    features = obj.get("required_features", [])
+    if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
+        r.fail("required_features", "must be a list of strings")
+    unknown = [f for f in features if f not in KNOWN_FEATURES]
+    if unknown:
+        raise UnsupportedVersionError(f"requires feature {unknown[0]!r}, which this nnpatch does not support",
+                                      path=path, found=unknown[0], supported=sorted(KNOWN_FEATURES))
+    created_by = r.str(obj, "created_by", "header", optional=True) or ""
+    base = _model_ref(r, obj, "base", layout=False)
+    target = _model_ref(r, obj, "target", layout=True)
+    codecs.check_value_codec(target.layout.codec, relative_allowed=False, where="target.layout")
+    if delta_or_planes(target.layout.codec):
+        r.fail("target.layout.codec", "layout is stored raw or as zstd only")
+    ops_json = obj.get("ops")
+    if not isinstance(ops_json, list):
+        r.fail("header", "missing required key 'ops' (a list)")
+    ops = []
+    previous = None
+    for i, oj in enumerate(ops_json):
+        where = f"ops[{i}]"
+        if not isinstance(oj, dict):
+            r.fail(where, "must be an object")
+        name = r.str(oj, "name", where)
+        encoded = name.encode("utf-8", "surrogatepass")
+        if not name or len(encoded) > MAX_NAME_BYTES:
+            r.fail(f"{where}.name", f"must be 1 to {MAX_NAME_BYTES} bytes of UTF-8")
+        if previous is not None and encoded <= previous:
+            r.fail(f"{where}.name", f"{name!r}: ops must be sorted by name, without duplicates")
+        previous = encoded
+        ops.append(_op_from_json(r, oj, where, name))
+    extra = {k: v for k, v in obj.items() if k.startswith("x-")}
+    return PatchHeader(base, target, ops, created_by, features, extra=extra)
+
+
+def delta_or_planes(codec: list[str]) -> bool:
+    return any(s in codecs.DELTA_STAGES or s == "planes" for s in codec)
+
+
+_OP_FIELDS = {
+    # kind: (base, target, count+index, values)
+    "rows": (True, True, True, True),
+    "elements": (True, True, True, True),
+    "whole": (True, True, False, True),
+    "add": (False, True, False, True),
+    "remove": (True, False, False, False),
+}
+
+
+def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
+    kind = r.str(oj, "op", where)
+    if kind not in _OP_FIELDS:
+        raise UnsupportedVersionError(f"header: {where}.op: unknown operation {kind!r}", path=r.path, found=kind,
+                                      supported=OPS)
+    has_base, has_target, has_index, has_values = _OP_FIELDS[kind]
+    op = Op(name, kind)
+    if has_base:
+        op.base = r.tensor(oj, "base", where)
+    if has_target:
+        op.target = r.tensor(oj, "target", where)
+    if has_index:
+        op.count = r.int(oj, "count", where)
+        op.index = r.section(oj, "index", where)
+    if has_values:
+        op.values = r.section(oj, "values", where)
+    w = f"{where} ({name!r})"
+    b, t = op.base, op.target
+    same = b is not None and t is not None and b.dtype == t.dtype and b.shape == t.shape
+    if kind in ("rows", "elements") and not same:
+        r.fail(w, f"op {kind!r} needs the same dtype and shape before and after")
+    if kind == "rows" and len(t.shape) == 0:
+        r.fail(w, "op 'rows' needs a tensor of rank 1 or more")
+    if op.values is not None:
+        codecs.check_value_codec(op.values.codec, relative_allowed=same, where=f"{w}.values")
+    if op.index is not None:
+        codecs.check_index_codec(op.index.codec, where=f"{w}.index")
+    # sizes every reader can check before decoding anything
+    if kind == "rows":
+        bound = t.shape[0]
+        row_bytes = t.nbytes // bound if bound else 0
+        expected = op.count * row_bytes
+    elif kind == "elements":
+        bound = math.prod(t.shape)
+        expected = op.count * dtypes.ITEMSIZE[t.dtype]
+    else:
+        bound = None
+        expected = t.nbytes if t is not None else None
+    if bound is not None and op.count > bound:
+        r.fail(w, f"count {op.count} exceeds the {bound} positions of the tensor")
+    if kind in ("rows", "elements") and op.count == 0:
+        r.fail(w, "count must be at least 1 (an unchanged tensor has no op)")
+    if op.values is not None and op.values.size != expected:
+        r.fail(f"{w}.values", f"size {op.values.size} does not match the {expected} bytes the op writes")
+    return op
+
+
+def _check_layout(header: PatchHeader, buf, data_start: int, size: int, path: str) -> None:
+    """Sections follow the header in header order, 64-aligned, zero-padded, no holes."""
+    cursor = data_start
+    for s in header.sections():
+        if s.offset != align(cursor):
+            raise PatchFormatError(
+                f"section at offset {s.offset} is out of place (expected {align(cursor)}): sections must follow "
+                "the header in order, each at the next 64-byte boundary", path=path)
+        if s.offset + s.length > size - TRAILER_SIZE:
+            raise PatchFormatError(f"section at offset {s.offset} runs past the end of the data", path=path)
+        if s.codec and s.codec[-1] == "zstd":
+            if s.length == 0:
+                raise PatchFormatError(f"section at offset {s.offset}: empty zstd section", path=path)
+        elif s.length != s.size:
+            raise PatchFormatError(f"section at offset {s.offset}: stored raw, so length {s.length} must equal "
+                                   f"size {s.size}", path=path)
+        _check_zero(buf, cursor, s.offset, path)
+        cursor = s.offset + s.length
+    end = align(cursor)
+    if end != size - TRAILER_SIZE:
+        raise PatchFormatError(f"file is {size} bytes, its sections end at {end} (+{TRAILER_SIZE} trailer)"
+                               + (": trailing bytes" if size - TRAILER_SIZE > end else ": truncated"), path=path)
+    _check_zero(buf, cursor, end, path)
+
+
+def _check_zero(buf, begin: int, end: int, path: str) -> None:
+    if end > begin and any(bytes(buf[begin:end])):
+        raise PatchFormatError(f"padding bytes {begin}..{end} are not zero", path=path, offset=begin)

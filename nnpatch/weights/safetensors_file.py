@@ -1,0 +1,227 @@
+"""safetensors files as raw, memory-mapped bytes.
+
+nnpatch needs what the safetensors package does not expose: each tensor's
+exact byte range (to copy, hash and scatter without conversion), and every
+dtype including bf16 and fp8, which numpy cannot represent. So the header is
+parsed here, strictly, by the rules of the safetensors format: an 8-byte
+little-endian header length, a JSON object, tensors that cover the data
+buffer exactly with no holes or overlaps. The safetensors package itself is
+used by tests as the reference reader and writer.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import mmap
+import os
+import struct
+from dataclasses import dataclass
+
+import numpy as np
+
+from .. import dtypes
+from ..errors import NnpatchIOError, WeightsError
+
+#: The safetensors reference implementation refuses headers above 100 MB.
+MAX_HEADER_SIZE = 100_000_000
+METADATA_KEY = "__metadata__"
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int  # absolute offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.begin
+
+    @property
+    def itemsize(self) -> int:
+        return dtypes.ITEMSIZE[self.dtype]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+def _reject_duplicates(pairs):
+    obj = {}
+    for key, value in pairs:
+        if key in obj:
+            raise ValueError(f"duplicate key {key!r}")
+        obj[key] = value
+    return obj
+
+
+def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: str = "<bytes>"):
+    """Parse and validate a header (the 8 length bytes plus the JSON).
+
+    Returns ``(metadata, tensors)`` where tensors maps name -> TensorInfo in
+    file order. ``file_size``, when given, must equal header plus data exactly.
+    """
+    if len(raw) < 8:
+        raise WeightsError(f"not a safetensors file: {len(raw)} bytes, need at least 8", path=path)
+    (n,) = struct.unpack_from("<Q", raw, 0)
+    if n > MAX_HEADER_SIZE:
+        raise WeightsError(f"safetensors header of {n} bytes exceeds the {MAX_HEADER_SIZE} limit", path=path)
+    if len(raw) < 8 + n:
+        raise WeightsError(f"safetensors header truncated: declares {n} bytes, {len(raw) - 8} present", path=path)
+    text = bytes(raw[8 : 8 + n])
+    if not text.startswith(b"{"):
+        raise WeightsError("not a safetensors file: header does not start with '{'", path=path)
+    try:
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise WeightsError(f"invalid safetensors header: {e}", path=path) from e
+    if not isinstance(header, dict):
+        raise WeightsError("invalid safetensors header: not a JSON object", path=path)
+    metadata = header.pop(METADATA_KEY, None)
+    if metadata is not None and (
+        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
+    ):
+        raise WeightsError("invalid safetensors header: __metadata__ must map strings to strings", path=path)
+    data_start = 8 + n
+    infos = []
+    for name, entry in header.items():
+        infos.append(_tensor_info(name, entry, data_start, path))
+    infos.sort(key=lambda t: (t.begin, t.end))
+    cursor = data_start
+    for info in infos:
+        if info.begin != cursor:
+            what = "overlaps the previous tensor" if info.begin < cursor else "leaves a hole before it"
+            raise WeightsError(f"data offsets are not contiguous: tensor {info.name!r} {what}", path=path)
+        cursor = info.end
+    if file_size is not None and cursor != file_size:
+        raise WeightsError(
+            f"file is {file_size} bytes but the header describes {cursor}"
+            + (" (truncated)" if file_size < cursor else " (trailing bytes)"),
+            path=path,
+        )
+    return metadata, {t.name: t for t in infos}
+
+
+def _tensor_info(name: str, entry, data_start: int, path: str) -> TensorInfo:
+    if not isinstance(entry, dict):
+        raise WeightsError("entry is not an object", path=path, tensor=name)
+    dtype = entry.get("dtype")
+    shape = entry.get("shape")
+    offsets = entry.get("data_offsets")
+    if dtype not in dtypes.ITEMSIZE:
+        raise WeightsError(f"unknown dtype {dtype!r}", path=path, tensor=name)
+    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+        raise WeightsError(f"invalid shape {shape!r}", path=path, tensor=name)
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != 2
+        or not all(type(o) is int and o >= 0 for o in offsets)
+        or offsets[0] > offsets[1]
+    ):
+        raise WeightsError(f"invalid data_offsets {offsets!r}", path=path, tensor=name)
+    expected = math.prod(shape) * dtypes.ITEMSIZE[dtype]
+    if offsets[1] - offsets[0] != expected:
+        raise WeightsError(
+            f"data_offsets span {offsets[1] - offsets[0]} bytes, dtype and shape need {expected}",
+            path=path, tensor=name,
+        )
+    return TensorInfo(name, dtype, tuple(shape), data_start + offsets[0], data_start + offsets[1])
+
+
+class SafetensorsFile:
+    """A read-only, memory-mapped safetensors file."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = os.fspath(path)
+        try:
+            self._file = open(self.path, "rb")
+        except OSError as e:
+            raise NnpatchIOError(f"{self.path}: cannot open: {e.strerror or e}") from e
+        try:
+            self.size = os.fstat(self._file.fileno()).st_size
+            head = self._file.read(8)
+            if len(head) == 8:
+                (n,) = struct.unpack("<Q", head)
+                if n <= MAX_HEADER_SIZE:
+                    head += self._file.read(n)
+            self.metadata, self.tensors = parse_safetensors_header(head, file_size=self.size, path=self.path)
+            self.header_bytes = head
+            self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
+        except BaseException:
+            self._file.close()
+            raise
+        self.data_start = len(self.header_bytes)
+
+    def raw(self, name: str) -> np.ndarray:
+        """The tensor's bytes as a read-only uint8 array backed by the file map."""
+        info = self.tensors[name]
+        if info.nbytes == 0:
+            return np.empty(0, dtype=np.uint8)
+        return np.frombuffer(self._map, dtype=np.uint8, count=info.nbytes, offset=info.begin)
+
+    def bits(self, name: str) -> np.ndarray:
+        """The tensor's bit patterns as unsigned words of the dtype's width, shaped."""
+        info = self.tensors[name]
+        return self.raw(name).view(dtypes.uint_of_width(info.itemsize)).reshape(info.shape)
+
+    def buffer(self) -> memoryview:
+        return memoryview(self._map) if self._map is not None else memoryview(b"")
+
+    def close(self) -> None:
+        if self._map is not None:
+            try:
+                self._map.close()
+            except BufferError:
+                pass  # numpy views still alive; the map is freed with them
+        self._file.close()
+
+    def __enter__(self) -> SafetensorsFile:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_safetensors(path: str | os.PathLike[str]) -> SafetensorsFile:
+    return SafetensorsFile(path)
+
+
+def encode_safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int]],
+                              metadata: dict[str, str] | None = None) -> tuple[bytes, list[str]]:
+    """Build a header the way the safetensors reference writer does.
+
+    ``tensors`` maps name -> (dtype, shape, nbytes). Tensors are laid out by
+    descending dtype alignment, then name; the JSON is padded with spaces to a
+    multiple of 8. Returns the header bytes and the data order.
+    """
+    order = sorted(tensors, key=lambda k: (-dtypes.ITEMSIZE[tensors[k][0]], k))
+    header: dict = {}
+    if metadata:
+        header[METADATA_KEY] = metadata
+    offset = 0
+    for name in order:
+        dtype, shape, nbytes = tensors[name]
+        header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    text = json.dumps(header, separators=(",", ":")).encode()
+    text += b" " * (-len(text) % 8)
+    return struct.pack("<Q", len(text)) + text, order
+
+
+def write_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
+                      metadata: dict[str, str] | None = None) -> None:
+    """Write raw tensors (name -> (dtype, shape, bytes)) atomically."""
+    from ..atomic import atomic_write
+
+    sizes = {k: (d, tuple(s), len(b)) for k, (d, s, b) in tensors.items()}
+    for name, (dtype, shape, nbytes) in sizes.items():
+        if math.prod(shape) * dtypes.ITEMSIZE[dtype] != nbytes:
+            raise WeightsError(f"{nbytes} bytes do not fit dtype {dtype} and shape {list(shape)}", tensor=name)
+    head, order = encode_safetensors_header(sizes, metadata)
+    with atomic_write(path) as f:
+        f.write(head)
+        for name in order:
+            f.write(tensors[name][2])
