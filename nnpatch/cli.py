@@ -1,0 +1,356 @@
+"""The ``nnpatch`` command: parse arguments, call the API, render the result.
+
+Exit codes: 0 ok; 1 verify ran and found a mismatch; 2 usage error; 3 invalid
+or corrupt input file; 4 wrong base or integrity failure; 5 I/O error;
+130 interrupted. Errors are one line on stderr; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import sys
+
+import click
+from rich.console import Console
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.table import Table
+
+from . import __version__, codecs, errors
+
+EXIT_CODES_HELP = """\b
+Exit codes:
+  0  ok
+  1  verify ran and found a mismatch
+  2  usage error
+  3  invalid or corrupt input file (patch or model)
+  4  wrong base, or an integrity check failed
+  5  I/O error
+  130 interrupted"""
+
+
+def _stderr() -> Console:
+    return Console(stderr=True, highlight=False)
+
+
+class _Group(click.Group):
+    """Turns every nnpatch error into one line and its documented exit code."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except errors.NnpatchError as e:
+            if _debug(ctx):
+                raise
+            click.echo(f"Error: {e}", err=True)
+            ctx.exit(e.exit_code)
+        except OSError as e:
+            if _debug(ctx):
+                raise
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            click.echo(f"Error: {where}{e.strerror or e}", err=True)
+            ctx.exit(errors.EXIT_IO)
+        except KeyboardInterrupt:
+            click.echo("Aborted", err=True)
+            ctx.exit(errors.EXIT_INTERRUPTED)
+
+
+def _debug(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("debug"))
+
+
+def _quiet(ctx: click.Context) -> bool:
+    return bool(ctx.find_root().params.get("quiet"))
+
+
+def _version_text() -> str:
+    from . import kernel
+
+    return f"nnpatch {__version__} (format {'.'.join(map(str, _format_version()))}, kernel {kernel.backend})"
+
+
+def _format_version():
+    from .patchfile import FORMAT_VERSION
+
+    return FORMAT_VERSION
+
+
+@click.group(cls=_Group, epilog=EXIT_CODES_HELP, context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--debug", is_flag=True, help="Show tracebacks for errors.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bars.")
+@click.version_option(__version__, "--version", message="%(version)s", prog_name="nnpatch")
+def cli(debug: bool, quiet: bool) -> None:
+    """Small, exact, verifiable patches for neural-network weights."""
+
+
+# click's version_option prints a fixed string; show the active kernel as well.
+for _p in cli.params:
+    if isinstance(_p, click.Option) and "--version" in _p.opts:
+        def _show_version(ctx, param, value):
+            if value and not ctx.resilient_parsing:
+                click.echo(_version_text())
+                ctx.exit(0)
+        _p.callback = _show_version
+
+
+@contextlib.contextmanager
+def _progress(ctx: click.Context, label: str, total: int, enabled: bool = True):
+    """A byte progress bar on stderr, only when it is a terminal and wanted."""
+    console = _stderr()
+    if not enabled or _quiet(ctx) or not console.is_terminal:
+        yield lambda n: None
+        return
+    with Progress(TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+                  TimeRemainingColumn(), console=console, transient=True) as prog:
+        task = prog.add_task(label, total=total)
+        yield lambda n: prog.advance(task, n)
+
+
+def _emit_json(obj) -> None:
+    click.echo(json.dumps(obj, indent=2, sort_keys=True))
+
+
+def _human(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return f"{n} B"
+
+
+# --- diff ---------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
+@click.option("--level", type=click.IntRange(codecs.MIN_LEVEL, codecs.MAX_LEVEL), default=codecs.DEFAULT_LEVEL,
+              show_default=True, help="zstd level: higher is smaller and slower.")
+@click.option("--stat/--no-stat", default=True, help="Print a per-tensor summary (default on).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def diff(ctx, old, new, output, level, stat, as_json):
+    """Write a patch that turns OLD into NEW exactly."""
+    from .diff import diff as make_diff
+
+    total = os.path.getsize(new) if os.path.exists(new) else 0
+    with _progress(ctx, "diff", total, not as_json) as advance:
+        result = make_diff(old, new, output, level=level, progress=advance)
+    if as_json:
+        _emit_json(_diff_json(result))
+    elif stat:
+        _print_stat(result)
+
+
+def _diff_json(r) -> dict:
+    return {
+        "patch": r.path, "patch_size": r.patch_size, "base_size": r.base_size, "target_size": r.target_size,
+        "ratio": r.ratio, "trailer_blake3": r.trailer_hash, "tensors": r.tensors_total,
+        "changed": [
+            {"name": c.name, "op": c.op, "dtype": c.dtype, "shape": list(c.shape), "rows_changed": c.rows_changed,
+             "rows_total": c.rows_total, "elements_changed": c.elements_changed,
+             "elements_total": c.elements_total, "patch_bytes": c.patch_bytes, "codec": c.codec}
+            for c in r.changes
+        ],
+    }
+
+
+def _print_stat(r) -> None:
+    width = 30
+    name_w = min(48, max([len(c.name) for c in r.changes] + [4]))
+    for c in r.changes:
+        if c.op in ("rows",):
+            frac, what = c.rows_changed / max(1, c.rows_total), f"{c.rows_changed}/{c.rows_total} rows"
+        elif c.op == "elements":
+            frac, what = c.elements_changed / max(1, c.elements_total), f"{c.elements_changed}/{c.elements_total} el"
+        else:
+            frac, what = 1.0, c.op
+        bar = "+" * max(1, round(frac * width)) if c.op != "remove" else "-" * width
+        name = c.name if len(c.name) <= name_w else "..." + c.name[-(name_w - 3):]
+        click.echo(f" {name:<{name_w}} | {what:>18} {_human(c.patch_bytes):>10} {bar}")
+    added = sum(c.op == "add" for c in r.changes)
+    removed = sum(c.op == "remove" for c in r.changes)
+    click.echo(f" {len(r.changes)} of {r.tensors_total} tensors changed ({added} added, {removed} removed); "
+               f"patch {_human(r.patch_size)} = {100 * r.ratio:.2f}% of the target ({_human(r.target_size)})")
+
+
+# --- apply ---------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (replaced atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def apply(ctx, old, patch, output, as_json):
+    """Rebuild the patched model from OLD and PATCH, checked by hash."""
+    from .apply import apply as do_apply
+
+    total = os.path.getsize(old) if os.path.exists(old) else 0
+    with _progress(ctx, "apply", total, not as_json) as advance:
+        r = do_apply(old, patch, output, progress=advance)
+    if as_json:
+        _emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops})
+    elif not _quiet(ctx):
+        click.echo(f"wrote {r.output} ({_human(r.size)}, BLAKE3 {r.blake3}), verified")
+
+
+# --- verify ---------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("--base", type=click.Path(dir_okay=False), help="Check that this is the patch's base.")
+@click.option("--target", type=click.Path(dir_okay=False), help="Check that this is the patch's target.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def verify(ctx, patch, base, target, as_json):
+    """Check a patch's integrity, and optionally its base and target."""
+    from .verify import verify as do_verify
+
+    report = do_verify(patch, base=base, target=target)
+    if as_json:
+        _emit_json({"patch": report.patch, "ok": report.ok,
+                    "checks": [{"what": c.what, "ok": c.ok, "detail": c.detail} for c in report.checks]})
+    else:
+        for c in report.checks:
+            click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {c.detail}")
+    if not report.ok:
+        ctx.exit(errors.EXIT_MISMATCH)
+
+
+# --- hash -------------------------------------------------------------------------
+
+@cli.command("hash", epilog=EXIT_CODES_HELP)
+@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.option("--tensors", is_flag=True, help="Per-tensor digests and the canonical model digest.")
+@click.option("-c", "--check", "check", type=click.Path(dir_okay=False, allow_dash=True),
+              help="Check the files listed in a b3sum manifest.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def hash_cmd(ctx, files, tensors, check, as_json):
+    """BLAKE3 of files (lines `b3sum -c` accepts), of tensors, or check a manifest."""
+    from . import hashing
+
+    if check:
+        if files or tensors:
+            raise click.UsageError("--check takes no FILES and no --tensors")
+        text = sys.stdin.read() if check == "-" else _read_text(check)
+        entries = hashing.parse_manifest(text, source=check)
+        root = "." if check == "-" else os.path.dirname(check) or "."
+        results = hashing.check_manifest(entries, root=root)
+        if as_json:
+            _emit_json({"ok": all(r.ok for r in results),
+                        "files": [{"path": r.path, "ok": r.ok, "expected": r.expected, "actual": r.actual,
+                                   "error": r.error} for r in results]})
+        else:
+            for r in results:
+                click.echo(f"{r.path}: {'OK' if r.ok else 'FAILED' if r.actual else 'FAILED (' + r.error + ')'}")
+        if not all(r.ok for r in results):
+            ctx.exit(errors.EXIT_MISMATCH)
+        return
+    if not files:
+        raise click.UsageError("give FILES to hash, or --check MANIFEST")
+    out = []
+    for path in files:
+        entry = {"path": path, "blake3": hashing.hash_file(path)}
+        if tensors:
+            from .weights import SafetensorsFile
+
+            with SafetensorsFile(path) as w:
+                model, per = hashing.model_digest(w)
+                entry["model_blake3"] = model.hex()
+                entry["tensors"] = [{"name": n, "dtype": w.tensors[n].dtype, "shape": list(w.tensors[n].shape),
+                                     "blake3": per[n].hex()} for n in sorted(per)]
+        out.append(entry)
+    if as_json:
+        _emit_json({"files": out})
+        return
+    for e in out:
+        click.echo(hashing.manifest_line(e["blake3"], e["path"]))
+        if tensors:
+            for t in e["tensors"]:
+                click.echo(f"  {t['blake3']}  {t['dtype']}{t['shape']}  {t['name']}")
+            click.echo(f"  {e['model_blake3']}  model")
+
+
+def _read_text(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+    except UnicodeDecodeError as e:
+        raise errors.PatchFormatError("manifest is not UTF-8 text", path=path) from e
+    except OSError as e:
+        raise errors.NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+# --- show -------------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the header as JSON to stdout.")
+def show(patch, as_json):
+    """Print a patch's header and a per-tensor table."""
+    from .patchfile import read_patch
+
+    with read_patch(patch) as p:
+        h = p.header
+        if as_json:
+            obj = h.to_json()
+            obj["version"] = f"{h.version[0]}.{h.version[1]}"
+            obj["size"] = p.size
+            obj["trailer_blake3"] = p.trailer_hash
+            _emit_json(obj)
+            return
+        console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200)
+        console.print(f"nnpatch format {h.version[0]}.{h.version[1]}, {_human(p.size)}, made by {h.created_by or '?'}")
+        console.print(f"base:   {h.base.blake3}  {_human(h.base.size)}, {h.base.tensors} tensors")
+        console.print(f"target: {h.target.blake3}  {_human(h.target.size)}, {h.target.tensors} tensors")
+        console.print(f"trailer BLAKE3: {p.trailer_hash}")
+        table = Table(box=None)
+        for col in ("tensor", "op", "dtype", "shape", "count", "index codec", "values codec", "bytes"):
+            table.add_column(col, justify="right" if col in ("count", "bytes") else "left")
+        for op in h.ops:
+            ref = op.target or op.base
+            stored = sum(s.length for s in op.sections())
+            table.add_row(op.name, op.kind, ref.dtype, str(list(ref.shape)),
+                          "" if op.count is None else str(op.count),
+                          "+".join(op.index.codec) if op.index else "",
+                          ("+".join(op.values.codec) or "raw") if op.values else "", str(stored))
+        console.print(table)
+
+
+# --- demo ---------------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("--dir", "directory", default="demo-out", show_default=True, type=click.Path(file_okay=False),
+              help="Where to write the demo files.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def demo(ctx, directory, as_json):
+    """Walk through diff, apply and verify on a built-in model."""
+    from .demo import run_demo
+
+    result = run_demo(directory, echo=(lambda s: None) if as_json else click.echo)
+    if as_json:
+        _emit_json(result)
+
+
+def _register_optional() -> None:
+    try:
+        from .trainer.command import train_sparse
+    except ImportError:
+        return
+    cli.add_command(train_sparse, "train-sparse")
+
+
+_register_optional()
+
+
+def main() -> None:
+    cli(prog_name="nnpatch")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,112 @@
+"""Check a patch on its own, and optionally against the base and target it names.
+
+``verify()`` returns a report; ``require_verified()`` raises on the first
+failure. A patch that cannot be parsed at all raises in both.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from . import codecs
+from .apply import check_base, target_layout
+from .errors import BaseMismatchError, IntegrityError, NnpatchError
+from .hashing import digests_equal, hash_file, model_digest
+from .patchfile import Patch, read_patch
+from .weights import SafetensorsFile
+
+
+@dataclass
+class Check:
+    what: str
+    ok: bool
+    detail: str = ""
+
+
+@dataclass
+class VerifyReport:
+    patch: str
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+
+def check_sections(p: Patch) -> None:
+    """Decode every section without a base: zstd frames, index order and range, sizes."""
+    _, _, layout = target_layout(p)
+    for op in p.ops:
+        info = layout.get(op.name)
+        if op.index is not None:
+            bound = op.target.shape[0] if op.kind == "rows" else op.target.nbytes // max(1, _width(op))
+            codecs.decode_indices(p.section(op.index), op.index.codec, count=op.count, bound=bound,
+                                  size=op.index.size, where=f"{op.name!r}.index")
+        if op.values is not None:
+            s = op.values
+            for _ in codecs.decoded_chunks(p.section(s), s.codec, s.size, _chunks(s.size), where=f"{op.name!r}.values"):
+                pass
+        if op.target is not None and info is None:
+            raise IntegrityError(f"{p.path}: tensor {op.name!r} is written by an op but missing from the target layout")
+
+
+def _width(op) -> int:
+    from .dtypes import ITEMSIZE
+
+    return ITEMSIZE[op.target.dtype]
+
+
+def _chunks(size: int, step: int = 8 << 20) -> list[int]:
+    full, rest = divmod(size, step)
+    return [step] * full + ([rest] if rest else [])
+
+
+def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
+           target: str | os.PathLike[str] | None = None) -> VerifyReport:
+    """Check the patch's integrity, and that ``base`` / ``target`` are the files it names."""
+    report = VerifyReport(os.fspath(patch))
+    with read_patch(patch) as p:
+        check_sections(p)
+        report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
+        h = p.header
+        if base is not None:
+            report.checks.append(_check_model(os.fspath(base), "base", h.base.blake3, h.base.model_blake3, p))
+        if target is not None:
+            report.checks.append(_check_model(os.fspath(target), "target", h.target.blake3, h.target.model_blake3,
+                                              None))
+    return report
+
+
+def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: Patch | None) -> Check:
+    actual = hash_file(path)
+    if digests_equal(actual, file_digest):
+        return Check(role, True, f"{path}: file BLAKE3 matches")
+    if role == "target":
+        return Check(role, False, f"{path}: file BLAKE3 {actual} does not match the patch's target {file_digest}")
+    # A re-serialized base with the same tensors still takes the patch.
+    try:
+        with SafetensorsFile(path) as w:
+            if p is not None:
+                _, _, layout = target_layout(p)
+                check_base(p, w, layout)
+            digest, _ = model_digest(w)
+    except BaseMismatchError as e:
+        return Check(role, False, str(e))
+    except NnpatchError as e:
+        return Check(role, False, str(e))
+    if digests_equal(digest.hex(), model_blake3):
+        return Check(role, True, f"{path}: same tensors as the patch's {role} (file layout differs)")
+    return Check(role, False, f"{path}: tensor contents differ from the patch's {role} (model BLAKE3 "
+                              f"{digest.hex()}, expected {model_blake3})")
+
+
+def require_verified(patch, *, base=None, target=None) -> VerifyReport:
+    report = verify(patch, base=base, target=target)
+    for c in report.failures():
+        cls = BaseMismatchError if c.what == "base" else IntegrityError
+        raise cls(c.detail, what=c.what)
+    return report
