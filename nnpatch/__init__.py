@@ -1,3 +1,55 @@
-"""nnpatch: small, exact, verifiable patches for neural-network weights."""
+"""nnpatch: small, exact, verifiable patches for neural-network weights.
+
+    import nnpatch
+    nnpatch.diff("v1.safetensors", "v2.safetensors", "v1-v2.nnpatch")
+    nnpatch.apply("v1.safetensors", "v1-v2.nnpatch", "v2.safetensors")
+    nnpatch.verify("v1-v2.nnpatch", base="v1.safetensors").ok
+
+Importing nnpatch never imports torch.
+"""
 
 __version__ = "0.1.0"
+
+from .applier import ApplyResult, apply
+from .differ import DiffResult, TensorChange, diff
+from .errors import (
+    BaseMismatchError,
+    IntegrityError,
+    MissingDependencyError,
+    NnpatchError,
+    NnpatchIOError,
+    PatchFormatError,
+    UnsupportedVersionError,
+    UsageError,
+    WeightsError,
+)
+from .hashing import hash_file, model_digest
+from .patchfile import FORMAT_VERSION, MAGIC, Patch, read_patch
+from .verifier import VerifyReport, require_verified, verify
+
+__all__ = [
+    "__version__",
+    "FORMAT_VERSION",
+    "MAGIC",
+    "ApplyResult",
+    "DiffResult",
+    "Patch",
+    "TensorChange",
+    "VerifyReport",
+    "apply",
+    "diff",
+    "hash_file",
+    "model_digest",
+    "read_patch",
+    "require_verified",
+    "verify",
+    "BaseMismatchError",
+    "IntegrityError",
+    "MissingDependencyError",
+    "NnpatchError",
+    "NnpatchIOError",
+    "PatchFormatError",
+    "UnsupportedVersionError",
+    "UsageError",
+    "WeightsError",
+]

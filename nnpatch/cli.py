@@ -132,7 +132,7 @@ def _human(n: float) -> str:
 @click.pass_context
 def diff(ctx, old, new, output, level, stat, as_json):
     """Write a patch that turns OLD into NEW exactly."""
-    from .diff import diff as make_diff
+    from .differ import diff as make_diff
 
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with _progress(ctx, "diff", total, not as_json) as advance:
@@ -186,7 +186,7 @@ def _print_stat(r) -> None:
 @click.pass_context
 def apply(ctx, old, patch, output, as_json):
     """Rebuild the patched model from OLD and PATCH, checked by hash."""
-    from .apply import apply as do_apply
+    from .applier import apply as do_apply
 
     total = os.path.getsize(old) if os.path.exists(old) else 0
     with _progress(ctx, "apply", total, not as_json) as advance:
@@ -207,7 +207,7 @@ def apply(ctx, old, patch, output, as_json):
 @click.pass_context
 def verify(ctx, patch, base, target, as_json):
     """Check a patch's integrity, and optionally its base and target."""
-    from .verify import verify as do_verify
+    from .verifier import verify as do_verify
 
     report = do_verify(patch, base=base, target=target)
     if as_json:

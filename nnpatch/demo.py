@@ -16,10 +16,10 @@ from collections.abc import Callable
 import numpy as np
 import zstandard
 
-from .apply import apply
-from .diff import diff
+from .applier import apply
+from .differ import diff
 from .hashing import hash_file
-from .verify import verify
+from .verifier import verify
 from .weights import write_safetensors
 
 _LAYERS = [  # name, shape (out channels first, as in PyTorch)

@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 
 from . import codecs
-from .apply import check_base, target_layout
+from .applier import check_base, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch

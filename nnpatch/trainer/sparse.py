@@ -1,0 +1,490 @@
+"""SparseUpdate: keep the channels that moved most, freeze the rest at their base values.
+
+Use around any training loop::
+
+    su = SparseUpdate(model, base_state, ratio=0.1)          # before building the optimizer is fine
+    for step in range(total):
+        loss.backward()
+        su.after_backward()            # zero gradients of frozen channels
+        optimizer.step()
+        su.after_step(optimizer)       # zero their optimizer state, reset them bit-exactly
+        su.on_step(step + 1, total)    # prune when the schedule says so
+    su.finalize()                      # every frozen channel == base, bit for bit
+    su.verify()                        # raises if the kept share or the frozen bits are wrong
+
+Schedule (:class:`PruneSchedule`, default ``cubic``): ``events`` prune events at
+the steps ``round(total * end * i / events)``, ``i = 1..events``.  At event *i*
+the kept share is ``r + (1 - r) * (1 - i / events) ** 3`` (``linear``: power 1)
+of the channels, so it ramps from 100 % to the target ``r`` and reaches it at
+``end`` (default 0.6) of training; the remaining 40 % of the steps fine-tune the
+kept channels only.  ``oneshot`` prunes once at ``end``; ``start`` prunes once
+before the first step (with ``selection="random"``: a random fixed subset).
+Pruning is monotone: a frozen channel is never revived.
+
+Selection: channels are ranked by the L1 distance between the current weights
+and the base weights, summed over all tensors of the channel (``selection="l1"``)
+or by a seeded random score (``"random"``).  With ``ratio`` the top
+``floor(share * N)`` channels are kept (N = channel count); with ``budget_bytes``
+channels are taken in rank order while their estimated encoded size (raw bytes
+times ``cost_factor``) fits the byte target of the event.
+
+Frozen BatchNorm channels behave as on the device: in training mode their output
+uses the stored running statistics (eval-mode normalization), and their running
+statistics are restored after every forward, so they are not updated.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .channels import ChannelGroup, Member, group_channels, unwrap_model
+
+__all__ = ["PruneSchedule", "SparseUpdate", "changed_channels"]
+
+
+@dataclass
+class PruneSchedule:
+    kind: str = "cubic"   # cubic | linear | oneshot | start
+    end: float = 0.6      # fraction of training at which the target is reached
+    events: int = 10      # number of prune events for cubic/linear
+
+    def __post_init__(self) -> None:
+        if self.kind not in ("cubic", "linear", "oneshot", "start"):
+            raise ValueError(f"unknown prune schedule {self.kind!r}")
+        if not 0.0 <= self.end <= 1.0:
+            raise ValueError("schedule end must be in [0, 1]")
+        if self.events < 1:
+            raise ValueError("schedule events must be >= 1")
+
+    def plan(self, total_steps: int) -> list[tuple[int, float]]:
+        """(step, progress) pairs; progress 1.0 means 'reach the target'.
+
+        Pruning happens after the optimizer step numbered ``step`` (1-based);
+        ``step == 0`` means before training."""
+        if self.kind == "start":
+            return [(0, 1.0)]
+        last = max(1, min(total_steps, round(total_steps * self.end)))
+        if self.kind == "oneshot":
+            return [(last, 1.0)]
+        n = max(1, min(self.events, last))
+        plan: dict[int, float] = {}
+        for i in range(1, n + 1):
+            s = max(1, round(last * i / n))
+            frac = i / n
+            plan[s] = max(plan.get(s, 0.0), frac)
+        return sorted(plan.items())
+
+    def share(self, progress: float, target: float) -> float:
+        """Kept share at a given progress in (0, 1]."""
+        if self.kind in ("oneshot", "start") or progress >= 1.0:
+            return target
+        power = 3 if self.kind == "cubic" else 1
+        return target + (1.0 - target) * (1.0 - progress) ** power
+
+
+def _index(mask_slice: torch.Tensor) -> torch.Tensor:
+    return (~mask_slice).nonzero().flatten()
+
+
+class SparseUpdate:
+    """Channel-sparse update of ``model`` relative to ``base_state``.
+
+    ``base_state``: state dict of the pre-update model M0 (defaults to a copy of
+    the model's current state).  Exactly one of ``ratio`` (share of channels,
+    0 < ratio <= 1) and ``budget_bytes`` selects the target.
+    """
+
+    def __init__(self, model: nn.Module, base_state: dict[str, torch.Tensor] | None = None,
+                 ratio: float | None = 0.1, schedule: PruneSchedule | str | None = None, *,
+                 budget_bytes: int | None = None, cost_factor: float = 1.0,
+                 selection: str = "l1", seed: int = 0,
+                 groups: list[ChannelGroup] | None = None) -> None:
+        self.model = unwrap_model(model)
+        if budget_bytes is not None:
+            ratio = None
+        if ratio is None and budget_bytes is None:
+            raise ValueError("give ratio or budget_bytes")
+        if ratio is not None and not 0.0 < ratio <= 1.0:
+            raise ValueError(f"ratio must be in (0, 1], got {ratio}")
+        if selection not in ("l1", "random"):
+            raise ValueError(f"unknown selection {selection!r}")
+        self.ratio = ratio
+        self.budget_bytes = budget_bytes
+        self.cost_factor = float(cost_factor)
+        self.selection = selection
+        self.seed = seed
+        if schedule is None:
+            schedule = PruneSchedule()
+        elif isinstance(schedule, str):
+            schedule = PruneSchedule(kind=schedule)
+        self.schedule = schedule
+        self.groups = groups if groups is not None else group_channels(self.model)
+        live = self.model.state_dict(keep_vars=True)
+        if base_state is None:
+            base_state = {k: v.detach().clone() for k, v in live.items()}
+        self.tensors: dict[str, torch.Tensor] = {}
+        self.base: dict[str, torch.Tensor] = {}
+        for g in self.groups:
+            for m in g.members:
+                t = live[m.key]
+                if m.key not in base_state:
+                    raise KeyError(f"base state has no tensor {m.key!r}")
+                b = base_state[m.key]
+                if tuple(b.shape) != tuple(t.shape):
+                    raise ValueError(f"tensor {m.key!r}: base shape {tuple(b.shape)} != model {tuple(t.shape)}")
+                self.tensors[m.key] = t
+                self.base[m.key] = b.detach().to(device=t.device, dtype=t.dtype).clone()
+        self.extra_base = {k: base_state[k].detach().clone() for k, t in live.items()
+                           if k not in self.tensors and k in base_state}
+        self.masks: dict[str, torch.Tensor] = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
+        self._cpu_state = {k: v.detach() for k, v in self.base.items()}
+        self.channel_bytes = torch.cat([g.bytes_per_channel(self._cpu_state) for g in self.groups]) \
+            if self.groups else torch.zeros(0, dtype=torch.int64)
+        self.channel_params = torch.cat([g.params_per_channel(self._cpu_state) for g in self.groups]) \
+            if self.groups else torch.zeros(0, dtype=torch.int64)
+        self.events_done = 0
+        self._plan: list[tuple[int, float]] | None = None
+        self._plan_total: int | None = None
+        self._frozen_idx: dict[tuple[str, int], torch.Tensor] = {}
+        self._hooks: list = []
+        self._stats_dirty = False
+        self._norm_groups = [g for g in self.groups if g.norm is not None]
+        self._install_norm_hooks()
+        self._refresh()
+
+    # ----------------------------------------------------------------- basics
+    @property
+    def num_channels(self) -> int:
+        return sum(g.size for g in self.groups)
+
+    @property
+    def num_kept(self) -> int:
+        return int(sum(int(m.sum()) for m in self.masks.values()))
+
+    def mask_vector(self) -> torch.Tensor:
+        return torch.cat([self.masks[g.name] for g in self.groups]) if self.groups else torch.zeros(0, dtype=torch.bool)
+
+    def _set_mask_vector(self, vec: torch.Tensor) -> None:
+        off = 0
+        for g in self.groups:
+            self.masks[g.name] = vec[off:off + g.size].clone()
+            off += g.size
+        self._refresh()
+
+    def _refresh(self) -> None:
+        self._frozen_idx.clear()
+        for g in self.groups:
+            mask = self.masks[g.name]
+            for i, m in enumerate(g.members):
+                idx = _index(mask[m.start:m.stop])
+                if idx.numel():
+                    self._frozen_idx[(g.name, i)] = idx.to(self.tensors[m.key].device)
+
+    def _frozen(self):
+        for g in self.groups:
+            for i, m in enumerate(g.members):
+                idx = self._frozen_idx.get((g.name, i))
+                if idx is not None:
+                    yield m, idx
+
+    # ------------------------------------------------------------ the hooks
+    @torch.no_grad()
+    def after_backward(self) -> None:
+        """Zero the gradients of frozen channels (call after backward, before clipping/stepping).
+
+        Also restores the running statistics of frozen BatchNorm channels, which the
+        training-mode forward updated (it cannot be undone before backward: autograd
+        holds those tensors)."""
+        if self._stats_dirty:
+            self.reset_frozen()
+        for m, idx in self._frozen():
+            t = self.tensors[m.key]
+            if t.grad is None:
+                continue
+            if m.axis is None:
+                t.grad.zero_()
+            else:
+                t.grad.index_fill_(m.axis, idx, 0)
+
+    @torch.no_grad()
+    def mask_optimizer_state(self, optimizer: torch.optim.Optimizer | None) -> None:
+        if optimizer is None:
+            return
+        for m, idx in self._frozen():
+            t = self.tensors[m.key]
+            state = optimizer.state.get(t)
+            if not state:
+                continue
+            for v in state.values():
+                if isinstance(v, torch.Tensor) and v.shape == t.shape and v.dim() > 0:
+                    if m.axis is None:
+                        v.zero_()
+                    else:
+                        v.index_fill_(m.axis, idx, 0)
+
+    @torch.no_grad()
+    def reset_frozen(self) -> None:
+        """Copy the base values back into every frozen channel (bit-exact)."""
+        self._stats_dirty = False
+        for m, idx in self._frozen():
+            t = self.tensors[m.key]
+            b = self.base[m.key]
+            if m.axis is None:
+                t.copy_(b)
+            else:
+                t.index_copy_(m.axis, idx, b.index_select(m.axis, idx))
+
+    def after_step(self, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Zero frozen optimizer state and reset frozen channels (weight decay moves them)."""
+        self.mask_optimizer_state(optimizer)
+        self.reset_frozen()
+
+    # ---------------------------------------------------------------- scores
+    @torch.no_grad()
+    def scores(self) -> torch.Tensor:
+        """L1 distance to the base of every channel (float64, concatenated over groups)."""
+        out = []
+        for g in self.groups:
+            s = torch.zeros(g.size, dtype=torch.float64)
+            for m in g.members:
+                d = (self.tensors[m.key].detach().to(torch.float64) - self.base[m.key].to(torch.float64)).abs()
+                if m.axis is None:
+                    s += d.sum().cpu()
+                else:
+                    dims = [i for i in range(d.dim()) if i != m.axis]
+                    s[m.start:m.stop] += (d.sum(dim=dims) if dims else d).cpu()
+            out.append(s)
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def _random_scores(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(10_007 * self.seed + 17)
+        return torch.rand(self.num_channels, generator=gen, dtype=torch.float64)
+
+    # --------------------------------------------------------------- pruning
+    def _select(self, scores: torch.Tensor, *, keep: int | None = None, budget: float | None = None) -> torch.Tensor:
+        alive = self.mask_vector()
+        s = scores.clone().to(torch.float64)
+        s[~alive] = -math.inf
+        order = torch.sort(s, descending=True, stable=True).indices
+        new = torch.zeros_like(alive)
+        if keep is not None:
+            keep = min(keep, int(alive.sum()))
+            new[order[:keep]] = True
+        else:
+            assert budget is not None
+            cost = self.channel_bytes.to(torch.float64) * self.cost_factor
+            used = 0.0
+            for i in order.tolist():
+                if not alive[i]:
+                    break
+                c = float(cost[i])
+                if used + c <= budget:
+                    new[i] = True
+                    used += c
+        return new & alive
+
+    def prune(self, k: int | None = None, *, share: float | None = None, budget: float | None = None,
+              scores: torch.Tensor | None = None) -> int:
+        """Keep the ``k`` best-scoring live channels (or a share, or what fits ``budget`` bytes),
+        freeze and reset the rest.  Returns the number kept."""
+        if scores is None:
+            scores = self._random_scores() if self.selection == "random" else self.scores()
+        if k is None and budget is None:
+            if share is None:
+                share = self.ratio if self.ratio is not None else 1.0
+            k = int(math.floor(share * self.num_channels + 1e-9))
+        self._set_mask_vector(self._select(scores, keep=k, budget=budget))
+        self.reset_frozen()
+        self._zero_frozen_grads_and_state()
+        return self.num_kept
+
+    def _zero_frozen_grads_and_state(self) -> None:
+        self.after_backward()
+        self.mask_optimizer_state(getattr(self, "optimizer", None))
+
+    def target_for(self, progress: float) -> dict:
+        """Arguments of :meth:`prune` for a schedule progress in (0, 1]."""
+        if self.budget_bytes is not None:
+            total = float(self.channel_bytes.sum()) * self.cost_factor
+            frac = self.schedule.share(progress, 0.0)  # 1 -> 0 ramp
+            return {"budget": float(self.budget_bytes) + (total - float(self.budget_bytes)) * frac
+                    if progress < 1.0 else float(self.budget_bytes)}
+        share = self.schedule.share(progress, float(self.ratio))
+        return {"k": int(math.floor(share * self.num_channels + 1e-9))}
+
+    def plan(self, total_steps: int) -> list[tuple[int, float]]:
+        if self._plan is None or self._plan_total != total_steps:
+            self._plan = self.schedule.plan(total_steps)
+            self._plan_total = total_steps
+        return self._plan
+
+    def on_step(self, step: int, total_steps: int, optimizer: torch.optim.Optimizer | None = None) -> bool:
+        """Run due prune events (``step`` = optimizer steps done so far). Returns True if it pruned."""
+        if optimizer is not None:
+            self.optimizer = optimizer
+        plan = self.plan(total_steps)
+        pruned = False
+        while self.events_done < len(plan) and plan[self.events_done][0] <= step:
+            self.prune(**self.target_for(plan[self.events_done][1]))
+            self.events_done += 1
+            pruned = True
+        return pruned
+
+    # ---------------------------------------------------------- BatchNorm
+    def _install_norm_hooks(self) -> None:
+        for g in self._norm_groups:
+            norm = self.model.get_submodule(g.norm)
+            self._hooks.append(norm.register_forward_pre_hook(self._make_pre_hook(g)))
+            self._hooks.append(norm.register_forward_hook(self._make_post_hook(g)))
+
+    def _make_pre_hook(self, g: ChannelGroup):
+        def pre(module, inputs):
+            module._nnpatch_frozen = None
+            if module.training and module.running_mean is not None:
+                idx = _index(self.masks[g.name])
+                if idx.numel():
+                    module._nnpatch_frozen = idx.to(module.running_mean.device)
+        return pre
+
+    def _make_post_hook(self, g: ChannelGroup):
+        rm_key = f"{g.norm}.running_mean"
+        rv_key = f"{g.norm}.running_var"
+
+        def post(module, inputs, output):
+            idx = getattr(module, "_nnpatch_frozen", None)
+            if idx is None:
+                return None
+            module._nnpatch_frozen = None
+            # The running stats of frozen channels were just updated by the forward; autograd
+            # saved them, so they are restored in after_backward()/after_step(), not here.
+            self._stats_dirty = True
+            if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+                return None
+            rm = self.base[rm_key].index_select(0, idx)
+            rv = self.base[rv_key].index_select(0, idx)
+            x = inputs[0]
+            w = module.weight.index_select(0, idx) if module.weight is not None else None
+            b = module.bias.index_select(0, idx) if module.bias is not None else None
+            frozen_out = F.batch_norm(x.index_select(1, idx), rm, rv, w, b, False, 0.0, module.eps)
+            return output.index_copy(1, idx, frozen_out)
+        return post
+
+    def remove_hooks(self) -> None:
+        for h in self._hooks:
+            h.remove()
+        self._hooks.clear()
+
+    # ------------------------------------------------------------ finishing
+    @torch.no_grad()
+    def finalize(self) -> None:
+        """Reset frozen channels and every tensor outside the groups (e.g. ``num_batches_tracked``)."""
+        self.reset_frozen()
+        live = self.model.state_dict(keep_vars=True)
+        for k, b in self.extra_base.items():
+            t = live[k]
+            if t.shape == b.shape:
+                t.copy_(b.to(device=t.device, dtype=t.dtype))
+
+    def state_dict(self) -> dict:
+        return {"masks": {k: v.clone() for k, v in self.masks.items()}, "events_done": self.events_done}
+
+    def load_state_dict(self, state: dict) -> None:
+        for k, v in state["masks"].items():
+            if k not in self.masks or self.masks[k].shape != v.shape:
+                raise ValueError(f"checkpoint mask {k!r} does not fit this model")
+            self.masks[k] = v.to(torch.bool).clone()
+        self.events_done = int(state.get("events_done", 0))
+        self._refresh()
+
+    def report(self) -> dict:
+        """Channel and parameter counts of the current mask."""
+        mask = self.mask_vector()
+        return {
+            "channels_total": self.num_channels,
+            "channels_kept": int(mask.sum()),
+            "params_total": int(self.channel_params.sum()),
+            "params_kept": int(self.channel_params[mask].sum()),
+            "bytes_kept_estimate": int(self.channel_bytes[mask].sum() * self.cost_factor),
+        }
+
+    def verify(self, base_state: dict[str, torch.Tensor] | None = None) -> dict:
+        """Check the model against the base: only kept channels may differ, and the changed
+        share must meet the target.  Returns :func:`changed_channels`' report."""
+        rep = changed_channels(self.model, base_state if base_state is not None else self.base, self.groups)
+        mask = self.mask_vector()
+        changed = rep.pop("changed_vector")
+        if bool((changed & ~mask).any()):
+            bad = [self._channel_name(int(i)) for i in (changed & ~mask).nonzero().flatten()[:3]]
+            raise AssertionError(f"frozen channels differ from the base: {', '.join(bad)}")
+        if self.ratio is not None and rep["channels_changed"] > math.floor(self.ratio * self.num_channels + 1e-9):
+            raise AssertionError(f"{rep['channels_changed']} channels changed, more than "
+                                 f"{self.ratio:.2%} of {self.num_channels}")
+        if self.budget_bytes is not None:
+            est = float(self.channel_bytes[changed].sum()) * self.cost_factor
+            if est > self.budget_bytes + 1e-6:
+                raise AssertionError(f"estimated update size {est:.0f} B exceeds budget {self.budget_bytes} B")
+        return rep
+
+    def _channel_name(self, i: int) -> str:
+        off = 0
+        for g in self.groups:
+            if i < off + g.size:
+                return f"{g.name}[{i - off}]"
+            off += g.size
+        return str(i)
+
+
+@torch.no_grad()
+def changed_channels(model: nn.Module | dict[str, torch.Tensor], base_state: dict[str, torch.Tensor],
+                     groups: list[ChannelGroup] | None = None) -> dict:
+    """Compare raw bytes, channel by channel, between ``model`` (or a state dict) and ``base_state``.
+
+    Returns counts of changed channels/parameters and ``changed_vector`` (bool per channel)."""
+    if isinstance(model, nn.Module):
+        if groups is None:
+            groups = group_channels(model)
+        state = {k: v.detach() for k, v in unwrap_model(model).state_dict().items()}
+    else:
+        state = model
+        if groups is None:
+            raise ValueError("groups are needed when comparing state dicts")
+    vec = []
+    params_changed = 0
+    params_total = 0
+    for g in groups:
+        ch = torch.zeros(g.size, dtype=torch.bool)
+        for m in g.members:
+            a = state[m.key].detach().cpu().contiguous()
+            b = base_state[m.key].detach().cpu().to(a.dtype).contiguous()
+            ne = _bytes_differ(a, b)
+            if m.axis is None:
+                ch |= bool(ne.any())
+            else:
+                dims = [i for i in range(ne.dim()) if i != m.axis]
+                ch[m.start:m.stop] |= ne.any(dim=dims) if dims else ne
+        ppc = g.params_per_channel(state)
+        params_total += int(ppc.sum())
+        params_changed += int(ppc[ch].sum())
+        vec.append(ch)
+    changed = torch.cat(vec) if vec else torch.zeros(0, dtype=torch.bool)
+    return {
+        "channels_total": int(changed.numel()),
+        "channels_changed": int(changed.sum()),
+        "params_total": params_total,
+        "params_changed": params_changed,
+        "changed_vector": changed,
+    }
+
+
+def _bytes_differ(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Element-wise 'raw bytes differ' (so -0.0 vs 0.0 and NaN payloads count)."""
+    if a.dtype.is_floating_point or a.dtype.is_complex:
+        size = a.element_size()
+        view = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size]
+        return a.view(view) != b.view(view)
+    return a != b
