@@ -57,6 +57,11 @@ def demo_models(seed: int = 0, share: float = 0.10):
     return v1, v2
 
 
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
 def _save(path: str, tensors: dict[str, np.ndarray], version: str) -> None:
     write_safetensors(path, {k: ("F32", v.shape, v.tobytes()) for k, v in tensors.items()},
                       {"format": "pt", "version": version})
@@ -83,7 +88,7 @@ def run_demo(directory: str, echo: Callable[[str], None] = print) -> dict:
     echo(f"3. nnpatch apply  -> {out_path}")
 
     report = verify(patch_path, base=v1_path, target=out_path)
-    same = open(out_path, "rb").read() == open(v2_path, "rb").read()
+    same = _read(out_path) == _read(v2_path)
     echo(f"4. nnpatch verify -> {'OK' if report.ok else 'FAILED'}; rebuilt file identical to v2: {same}; "
          f"BLAKE3 {a.blake3[:16]}... = {hash_file(v2_path)[:16]}...")
 

@@ -32,7 +32,11 @@ _TRY_ALL_OPS_BYTES = 64 << 20
 #: Rows compared per step when scanning a tensor for changes.
 _SCAN_ELEMENTS = 1 << 22
 
-RELATIVE_CODECS = (["xor", "planes", "zstd"], ["zadd", "planes", "zstd"], ["xor", "zstd"], ["zstd"], [])
+RELATIVE_CODECS = (["xor", "planes", "zstd"], ["zadd", "planes", "zstd"], ["xor", "zstd"], ["planes", "zstd"],
+                   ["zstd"], [])
+#: "whole" rewrites every byte of a tensor on apply (and in place); it must
+#: beat rows/elements by this factor to be chosen.
+_WHOLE_PENALTY = 1.02
 ABSOLUTE_CODECS = (["planes", "zstd"], ["zstd"], [])
 
 ProgressFn = Callable[[int], None]
@@ -297,12 +301,13 @@ def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile,
 def _smallest(writer: PatchWriter, candidates) -> Op:
     """Encode each candidate into memory and copy the smallest into the patch."""
     best = None
-    for _, make in candidates:
+    for kind, make in candidates:
         scratch = _ScratchWriter()
         op = make(scratch)
-        if best is None or scratch.size() < best[1].size():
-            best = (op, scratch)
-    op, scratch = best
+        cost = scratch.size() * (_WHOLE_PENALTY if kind == "whole" else 1.0)
+        if best is None or cost < best[0]:
+            best = (cost, op, scratch)
+    _, op, scratch = best
     for s in op.sections():
         data = scratch.payload(s)
         placed = writer.add_bytes(data, s.size, s.codec)

@@ -10,6 +10,7 @@ that can be checked without the models. It knows nothing about diffing.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import mmap
@@ -455,7 +456,8 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
     created_by = r.str(obj, "created_by", "header", optional=True) or ""
     base = _model_ref(r, obj, "base", layout=False)
     target = _model_ref(r, obj, "target", layout=True)
-    codecs.check_value_codec(target.layout.codec, relative_allowed=False, where="target.layout")
+    with _in_header(path):
+        codecs.check_value_codec(target.layout.codec, relative_allowed=False, where="target.layout")
     if delta_or_planes(target.layout.codec):
         r.fail("target.layout.codec", "layout is stored raw or as zstd only")
     ops_json = obj.get("ops")
@@ -477,6 +479,17 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
         ops.append(_op_from_json(r, oj, where, name))
     extra = {k: v for k, v in obj.items() if k.startswith("x-")}
     return PatchHeader(base, target, ops, created_by, features, extra=extra)
+
+
+@contextlib.contextmanager
+def _in_header(path: str):
+    """Give codec errors raised while reading the header the file's name."""
+    try:
+        yield
+    except UnsupportedVersionError as e:
+        raise UnsupportedVersionError(f"header: {e}", path=path, found=e.found, supported=e.supported) from e
+    except PatchFormatError as e:
+        raise PatchFormatError(f"header: {e}", path=path) from e
 
 
 def delta_or_planes(codec: list[str]) -> bool:
@@ -516,10 +529,11 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         r.fail(w, f"op {kind!r} needs the same dtype and shape before and after")
     if kind == "rows" and len(t.shape) == 0:
         r.fail(w, "op 'rows' needs a tensor of rank 1 or more")
-    if op.values is not None:
-        codecs.check_value_codec(op.values.codec, relative_allowed=same, where=f"{w}.values")
-    if op.index is not None:
-        codecs.check_index_codec(op.index.codec, where=f"{w}.index")
+    with _in_header(r.path):
+        if op.values is not None:
+            codecs.check_value_codec(op.values.codec, relative_allowed=same, where=f"{w}.values")
+        if op.index is not None:
+            codecs.check_index_codec(op.index.codec, where=f"{w}.index")
     # sizes every reader can check before decoding anything
     if kind == "rows":
         bound = t.shape[0]

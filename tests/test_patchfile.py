@@ -1,0 +1,186 @@
+"""The container: exact layout, and a named error for every broken rule."""
+
+from __future__ import annotations
+
+import json
+import struct
+
+import blake3
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import nnpatch
+from nnpatch import patchfile
+from nnpatch.errors import PatchFormatError, UnsupportedVersionError
+from nnpatch.patchfile import ALIGNMENT, MAGIC, PREAMBLE_SIZE, TRAILER_SIZE, parse_patch
+
+from .conftest import read
+
+
+@pytest.fixture
+def patch_bytes(tmp_path, pair):
+    base, target = pair()
+    nnpatch.diff(base, target, tmp_path / "p.nnpatch")
+    return read(tmp_path / "p.nnpatch")
+
+
+def reseal(data: bytes) -> bytes:
+    """Recompute the trailer so a test reaches the checks behind it."""
+    return data[:-TRAILER_SIZE] + blake3.blake3(data[:-TRAILER_SIZE]).digest()
+
+
+def rewrite_header(data: bytes, edit) -> bytes:
+    """Change the JSON header, keeping its length (pad or fail) and the trailer valid."""
+    (n,) = struct.unpack_from("<Q", data, 16)
+    obj = json.loads(data[PREAMBLE_SIZE : PREAMBLE_SIZE + n])
+    obj["created_by"] = ""  # room for edits that lengthen the header
+    edit(obj)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+    assert len(text) <= n, "edit made the header longer"
+    text += b" " * (n - len(text))
+    return reseal(data[:PREAMBLE_SIZE] + text + data[PREAMBLE_SIZE + n :])
+
+
+def test_layout(patch_bytes):
+    magic, major, minor, flags, n = struct.unpack_from("<8sHHIQ", patch_bytes, 0)
+    assert magic == MAGIC == b"\x89NNP\r\n\x1a\n"
+    assert (major, minor) == patchfile.FORMAT_VERSION
+    assert flags == 0
+    assert (PREAMBLE_SIZE + n) % ALIGNMENT == 0
+    assert (len(patch_bytes) - TRAILER_SIZE) % ALIGNMENT == 0
+    assert patch_bytes[-TRAILER_SIZE:] == blake3.blake3(patch_bytes[:-TRAILER_SIZE]).digest()
+    header = parse_patch(patch_bytes)
+    for s in header.sections():
+        assert s.offset % ALIGNMENT == 0
+    text = patch_bytes[PREAMBLE_SIZE : PREAMBLE_SIZE + n].rstrip(b" ")
+    assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_writer_is_deterministic(tmp_path, pair):
+    base, target = pair()
+    nnpatch.diff(base, target, tmp_path / "a.nnpatch")
+    nnpatch.diff(base, target, tmp_path / "b.nnpatch")
+    assert read(tmp_path / "a.nnpatch") == read(tmp_path / "b.nnpatch")
+
+
+def test_header_roundtrip(patch_bytes):
+    header = parse_patch(patch_bytes)
+    n = struct.unpack_from("<Q", patch_bytes, 16)[0]
+    raw = patch_bytes[PREAMBLE_SIZE : PREAMBLE_SIZE + n]
+    assert patchfile.encode_header(header.to_json()) == raw
+
+
+def expect(data: bytes, cls, message: str) -> None:
+    with pytest.raises(cls) as info:
+        parse_patch(data, path="p.nnpatch")
+    assert str(info.value) == message
+    assert "\n" not in str(info.value)
+
+
+def test_bad_magic(patch_bytes):
+    expect(b"PK\x03\x04" + patch_bytes[4:], PatchFormatError,
+           "p.nnpatch: byte 0: not an nnpatch file (bad magic b'PK\\x03\\x04\\r\\n\\x1a\\n', "
+           "expected b'\\x89NNP\\r\\n\\x1a\\n')")
+
+
+def test_unknown_major_version(patch_bytes):
+    data = patch_bytes[:8] + struct.pack("<HH", 2, 0) + patch_bytes[12:]
+    expect(data, UnsupportedVersionError,
+           "p.nnpatch: byte 8: unsupported format version 2.0 (this nnpatch reads 1.x)")
+
+
+def test_newer_minor_version_is_read(patch_bytes):
+    data = reseal(patch_bytes[:8] + struct.pack("<HH", 1, 7) + patch_bytes[12:])
+    assert parse_patch(data).version == (1, 7)
+
+
+def test_reserved_flag(patch_bytes):
+    data = patch_bytes[:12] + struct.pack("<I", 1) + patch_bytes[16:]
+    expect(data, UnsupportedVersionError, "p.nnpatch: byte 12: reserved flag bits set (0x0001)")
+
+
+def test_unused_flags_are_ignored(patch_bytes):
+    data = reseal(patch_bytes[:12] + struct.pack("<I", 0x00010000) + patch_bytes[16:])
+    parse_patch(data)
+
+
+def test_trailer_mismatch(patch_bytes):
+    data = bytearray(patch_bytes)
+    data[PREAMBLE_SIZE + 3] ^= 1
+    expect(bytes(data), PatchFormatError,
+           f"p.nnpatch: byte {len(data) - 32}: trailer hash mismatch: the file is corrupt or truncated")
+
+
+def test_unknown_required_feature(patch_bytes):
+    data = rewrite_header(patch_bytes, lambda h: h.update(required_features=["f"]))
+    expect(data, UnsupportedVersionError,
+           "p.nnpatch: requires feature 'f', which this nnpatch does not support")
+
+
+def test_unknown_codec(patch_bytes):
+    def edit(h):
+        op = next(o for o in h["ops"] if o["name"] == "new_only")
+        op["values"]["codec"] = ["lz4"]
+    data = rewrite_header(patch_bytes, edit)
+    position = [op.name for op in parse_patch(patch_bytes).ops].index("new_only")
+    expect(data, UnsupportedVersionError,
+           f"p.nnpatch: header: ops[{position}] ('new_only').values: unknown encoding 'lz4'")
+
+
+def test_unknown_op(patch_bytes):
+    def edit(h):
+        h["ops"][0]["op"] = "move"
+    expect(rewrite_header(patch_bytes, edit), UnsupportedVersionError,
+           "p.nnpatch: header: ops[0].op: unknown operation 'move'")
+
+
+def test_x_keys_are_ignored(patch_bytes):
+    data = rewrite_header(patch_bytes, lambda h: h.update({"x-ci": 1}))
+    assert parse_patch(data).extra == {"x-ci": 1}
+
+
+def test_unsorted_ops(patch_bytes):
+    def edit(h):
+        h["ops"][0], h["ops"][1] = h["ops"][1], h["ops"][0]
+    data = rewrite_header(patch_bytes, edit)
+    with pytest.raises(PatchFormatError, match="ops must be sorted by name"):
+        parse_patch(data)
+
+
+def test_section_out_of_place(patch_bytes):
+    def edit(h):
+        h["target"]["layout"]["offset"] += 64
+    with pytest.raises(PatchFormatError, match="out of place"):
+        parse_patch(rewrite_header(patch_bytes, edit))
+
+
+def test_trailing_bytes(patch_bytes):
+    data = reseal(patch_bytes[:-TRAILER_SIZE] + b"\0" * 64 + patch_bytes[-TRAILER_SIZE:])
+    with pytest.raises(PatchFormatError, match="trailing bytes"):
+        parse_patch(data)
+
+
+def test_duplicate_key(patch_bytes):
+    n = struct.unpack_from("<Q", patch_bytes, 16)[0]
+    text = patch_bytes[PREAMBLE_SIZE : PREAMBLE_SIZE + n]
+    dup = text.replace(b'{"base":', b'{"base":0,"base":', 1)[:n]
+    data = reseal(patch_bytes[:PREAMBLE_SIZE] + dup + patch_bytes[PREAMBLE_SIZE + n :])
+    with pytest.raises(PatchFormatError, match="duplicate key 'base'"):
+        parse_patch(data)
+
+
+@given(st.data())
+def test_truncation_and_bit_flips_raise_named_errors(patch_bytes, data):
+    """Any damage gives PatchFormatError (never another exception)."""
+    if data.draw(st.booleans()):
+        cut = data.draw(st.integers(0, len(patch_bytes) - 1))
+        damaged = patch_bytes[:cut]
+    else:
+        pos = data.draw(st.integers(0, len(patch_bytes) - 1))
+        bit = data.draw(st.integers(0, 7))
+        damaged = bytearray(patch_bytes)
+        damaged[pos] ^= 1 << bit
+        damaged = bytes(damaged)
+    with pytest.raises(PatchFormatError):
+        parse_patch(damaged)
