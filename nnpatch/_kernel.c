@@ -34,6 +34,11 @@ enum { M_REPLACE, M_XOR, M_ADD, M_SUB, M_ZADD, M_ZSUB, M_COUNT };
 
 #define NO_ERROR ((size_t)-1)
 
+/* MSVC's C mode spells C99 `restrict` as `__restrict`. */
+#if defined(_MSC_VER) && !defined(__clang__)
+#define restrict __restrict
+#endif
+
 #if defined(__BYTE_ORDER__) && defined(__ORDER_BIG_ENDIAN__) && \
     __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
 #define NNP_BIG_ENDIAN 1
