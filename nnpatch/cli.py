@@ -127,16 +127,18 @@ def _human(n: float) -> str:
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
 @click.option("--level", type=click.IntRange(codecs.MIN_LEVEL, codecs.MAX_LEVEL), default=codecs.DEFAULT_LEVEL,
               show_default=True, help="zstd level: higher is smaller and slower.")
+@click.option("--reversible", is_flag=True,
+              help="Also carry what `nnpatch revert` needs to take NEW back to OLD.")
 @click.option("--stat/--no-stat", default=True, help="Print a per-tensor summary (default on).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
-def diff(ctx, old, new, output, level, stat, as_json):
+def diff(ctx, old, new, output, level, reversible, stat, as_json):
     """Write a patch that turns OLD into NEW exactly."""
     from .differ import diff as make_diff
 
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with _progress(ctx, "diff", total, not as_json) as advance:
-        result = make_diff(old, new, output, level=level, progress=advance)
+        result = make_diff(old, new, output, level=level, reversible=reversible, progress=advance)
     if as_json:
         _emit_json(_diff_json(result))
     elif stat:

@@ -78,18 +78,26 @@ def _utf8_key(name: str) -> bytes:
 
 
 def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: str | os.PathLike[str], *,
-         level: int = codecs.DEFAULT_LEVEL, progress: ProgressFn | None = None) -> DiffResult:
-    """Write a patch that turns ``base`` into ``target``, byte for byte."""
+         level: int = codecs.DEFAULT_LEVEL, reversible: bool = False,
+         progress: ProgressFn | None = None) -> DiffResult:
+    """Write a patch that turns ``base`` into ``target``, byte for byte.
+
+    With ``reversible`` the patch also carries what it takes to go back
+    (the base's layout, and the old bytes of removed or retyped tensors), so
+    ``nnpatch revert`` can rebuild the base from the target.
+    """
     if not codecs.MIN_LEVEL <= level <= codecs.MAX_LEVEL:
         raise UsageError(f"--level must be between {codecs.MIN_LEVEL} and {codecs.MAX_LEVEL}, got {level}")
     with SafetensorsFile(base) as b, SafetensorsFile(target) as t:
-        return _diff_open(b, t, os.fspath(output), level, progress or (lambda n: None))
+        return _diff_open(b, t, os.fspath(output), level, reversible, progress or (lambda n: None))
 
 
-def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, progress: ProgressFn) -> DiffResult:
+def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, reversible: bool,
+               progress: ProgressFn) -> DiffResult:
     writer = PatchWriter(output)
     try:
         base_model, target_model = ModelHasher(), ModelHasher()
+        base_layout = _encode_layout(writer, b.header_bytes, level) if reversible else None
         layout = _encode_layout(writer, t.header_bytes, level)
         ops: list[Op] = []
         changes: list[TensorChange] = []
@@ -114,12 +122,16 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
                 op, change = _encode_absolute(writer, t, name, bref, tref, level)
             else:
                 op, change = _encode_changed(writer, b, t, name, bref, tref, level)
+            if reversible and op.needs_base_values:
+                old = _Stream(b.bits(name).reshape(-1, 1), None, None, 1, dtypes.ITEMSIZE[bi.dtype])
+                op.base_values = _write_stream(writer, old, False, level)
             change.patch_bytes = writer.stream.tell() - start
             ops.append(op)
             changes.append(change)
             progress(ti.nbytes if ti else 0)
         header = PatchHeader(
-            base=ModelRef("safetensors", b.size, hash_file(b.path), base_model.digest().hex(), len(b.tensors)),
+            base=ModelRef("safetensors", b.size, hash_file(b.path), base_model.digest().hex(), len(b.tensors),
+                          layout=base_layout),
             target=ModelRef("safetensors", t.size, hash_file(t.path), target_model.digest().hex(), len(t.tensors),
                             layout=layout),
             ops=ops,

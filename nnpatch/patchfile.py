@@ -83,9 +83,19 @@ class Op:
     count: int | None = None
     index: Section | None = None
     values: Section | None = None
+    #: the old bytes, in reversible patches, where the op cannot be undone
+    #: without them ("remove", and "whole" without a delta stage)
+    base_values: Section | None = None
 
     def sections(self) -> list[Section]:
-        return [s for s in (self.index, self.values) if s is not None]
+        return [s for s in (self.index, self.values, self.base_values) if s is not None]
+
+    @property
+    def needs_base_values(self) -> bool:
+        """Whether undoing this op needs the old bytes stored in the patch."""
+        if self.kind == "remove":
+            return True
+        return self.kind == "whole" and codecs.delta_stage(self.values.codec) is None
 
     def to_json(self, base: int = 0) -> dict:
         out: dict[str, Any] = {"name": self.name, "op": self.kind}
@@ -99,6 +109,8 @@ class Op:
             out["index"] = self.index.to_json(base)
         if self.values is not None:
             out["values"] = self.values.to_json(base)
+        if self.base_values is not None:
+            out["base_values"] = self.base_values.to_json(base)
         return out
 
 
@@ -130,8 +142,14 @@ class PatchHeader:
     flags: int = 0
     extra: dict = field(default_factory=dict)  # "x-" keys, kept verbatim
 
+    @property
+    def reversible(self) -> bool:
+        """The patch also takes the target back to the base (``nnpatch revert``)."""
+        return self.base.layout is not None and all(
+            op.base_values is not None for op in self.ops if op.needs_base_values)
+
     def sections(self) -> list[Section]:
-        out = [self.target.layout] if self.target.layout is not None else []
+        out = [m.layout for m in (self.base, self.target) if m.layout is not None]
         for op in self.ops:
             out.extend(op.sections())
         return out
@@ -456,10 +474,13 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
     created_by = r.str(obj, "created_by", "header", optional=True) or ""
     base = _model_ref(r, obj, "base", layout=False)
     target = _model_ref(r, obj, "target", layout=True)
-    with _in_header(path):
-        codecs.check_value_codec(target.layout.codec, relative_allowed=False, where="target.layout")
-    if delta_or_planes(target.layout.codec):
-        r.fail("target.layout.codec", "layout is stored raw or as zstd only")
+    for role, ref in (("base", base), ("target", target)):
+        if ref.layout is None:
+            continue
+        with _in_header(path):
+            codecs.check_value_codec(ref.layout.codec, relative_allowed=False, where=f"{role}.layout")
+        if delta_or_planes(ref.layout.codec):
+            r.fail(f"{role}.layout.codec", "layout is stored raw or as zstd only")
     ops_json = obj.get("ops")
     if not isinstance(ops_json, list):
         r.fail("header", "missing required key 'ops' (a list)")
@@ -522,6 +543,9 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         op.index = r.section(oj, "index", where)
     if has_values:
         op.values = r.section(oj, "values", where)
+    op.base_values = r.section(oj, "base_values", where, optional=True)
+    if kind == "remove" and op.base_values is None and "values" in oj:
+        r.fail(where, "op 'remove' stores the old bytes under 'base_values'")
     w = f"{where} ({name!r})"
     b, t = op.base, op.target
     same = b is not None and t is not None and b.dtype == t.dtype and b.shape == t.shape
@@ -551,6 +575,13 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         r.fail(w, "count must be at least 1 (an unchanged tensor has no op)")
     if op.values is not None and op.values.size != expected:
         r.fail(f"{w}.values", f"size {op.values.size} does not match the {expected} bytes the op writes")
+    if op.base_values is not None:
+        if not op.needs_base_values:
+            r.fail(f"{w}.base_values", "only 'remove' and 'whole' without a delta stage carry the old bytes")
+        with _in_header(r.path):
+            codecs.check_value_codec(op.base_values.codec, relative_allowed=False, where=f"{w}.base_values")
+        if op.base_values.size != b.nbytes:
+            r.fail(f"{w}.base_values", f"size {op.base_values.size} does not match the {b.nbytes} old bytes")
     return op
 
 

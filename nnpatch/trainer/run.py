@@ -114,8 +114,11 @@ def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
     fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or Path(".")))
     os.close(fd)
+    umask = os.umask(0)
+    os.umask(umask)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, 0o666 & ~umask)
         os.replace(tmp, p)
     except BaseException:
         try:
@@ -189,7 +192,7 @@ def _state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
     for k in sorted(state):
         h.update(k.encode())
-        h.update(state[k].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
 
 
@@ -247,6 +250,10 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
 
     distributed = init_distributed(device)
     rank, world = world_info()
+    if recipe is not None:
+        torch.set_num_threads(1)  # the recipe's models are tiny: threads only add overhead
+    elif distributed and device == "cpu":
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     say = log if (log is not None and rank == 0) else None
     set_seed(seed)
     t0 = time.time()
@@ -327,11 +334,9 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     save_weights(new_state, out_path)
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
-    try:
-        import nnpatch.diff as core_diff
-        make = core_diff.diff
-    except (ImportError, AttributeError):
-        raise MissingDependencyError(f"nnpatch.diff is not available: {out_path} written, no patch made") from None
+    make = core_function("diff")
+    if make is None:
+        raise MissingDependencyError(f"nnpatch.diff is not available: {out_path} written, no patch made")
     result = make(str(base_path), str(out_path), str(patch_path))
     report["patch_bytes"] = int(getattr(result, "patch_size", patch_path.stat().st_size))
     if budget_bytes is not None:
@@ -340,6 +345,23 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     report["seconds"] = round(time.time() - t0, 2)
     _teardown(distributed)
     return report
+
+
+def core_function(name: str) -> Callable | None:
+    """``nnpatch.diff`` / ``nnpatch.apply`` from the core, whether exported as a function or a module."""
+    try:
+        import nnpatch
+    except ImportError:
+        return None
+    obj = getattr(nnpatch, name, None)
+    if obj is None:
+        try:
+            obj = importlib.import_module(f"nnpatch.{name}")
+        except ImportError:
+            return None
+    if not callable(obj):
+        obj = getattr(obj, name, None)
+    return obj if callable(obj) else None
 
 
 def _teardown(distributed: bool) -> None:

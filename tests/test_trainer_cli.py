@@ -1,0 +1,174 @@
+"""The train-sparse command end to end: recipe, user specs, budget, errors."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+from click.testing import CliRunner
+
+from nnpatch.errors import UsageError, WeightsError
+from nnpatch.trainer.command import train_sparse
+
+pytestmark = pytest.mark.torch
+
+TINY_SPEC = textwrap.dedent('''
+    import torch
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    def model():
+        return nn.Sequential(nn.Conv2d(1, 6, 3, padding=1, bias=False), nn.BatchNorm2d(6), nn.ReLU(),
+                             nn.Conv2d(6, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                             nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4))
+
+    def data():
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(80, 1, 6, 6, generator=g)
+        y = (x[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (x[:, 0, :, :3].sum((1, 2)) > 0).long()
+        return TensorDataset(x[:64], y[:64]), TensorDataset(x[64:], y[64:])
+''')
+
+
+def _apply():
+    from nnpatch.trainer.run import core_function
+
+    fn = core_function("apply")
+    if fn is None:
+        pytest.skip("nnpatch.apply is not available yet")
+    return fn
+
+
+def read(p):
+    with open(p, "rb") as f:
+        return f.read()
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """A user model/data spec file and its base weights."""
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import save_file
+
+    spec = tmp_path / "tinyspec.py"
+    spec.write_text(TINY_SPEC)
+    torch.manual_seed(0)
+    ns: dict = {}
+    exec(compile(TINY_SPEC, str(spec), "exec"), ns)
+    m = ns["model"]()
+    base = tmp_path / "old.safetensors"
+    save_file({k: v.contiguous() for k, v in m.state_dict().items()}, str(base))
+    return spec, base
+
+
+def invoke(args):
+    return CliRunner().invoke(train_sparse, args, catch_exceptions=True)
+
+
+def test_recipe_digits_end_to_end(tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    new = tmp_path / "new.safetensors"
+    patch = tmp_path / "update.nnpatch"
+    res = invoke(["--recipe", "digits", "--ratio", "0.1", "--epochs", "4", "--teacher-epochs", "4",
+                  "-o", str(new), "--patch", str(patch), "--json"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(res.stdout)
+    base = tmp_path / "new.base.safetensors"
+    assert rep["base"] == str(base) and base.is_file() and new.is_file() and patch.is_file()
+    assert rep["channels_changed"] <= math.floor(0.1 * rep["channels_total"])
+    assert 0 < rep["percent_channels_changed"] <= 10.0
+    assert 0 < rep["percent_params_changed"] < 100
+    assert rep["patch_bytes"] == os.path.getsize(patch) and rep["model_bytes"] == os.path.getsize(new)
+    assert rep["patch_bytes"] < rep["model_bytes"]
+    for k in ("base_metric", "teacher_metric", "student_metric"):
+        assert 0 <= rep[k] <= 100
+    assert rep["teacher_metric"] > rep["base_metric"]
+    out = tmp_path / "applied.safetensors"
+    _apply()(str(base), str(patch), str(out))
+    assert read(out) == read(new)
+
+
+def test_user_spec_budget_and_teacher_file(tiny, tmp_path):
+    torch = pytest.importorskip("torch")
+    from safetensors.torch import load_file
+
+    spec, base = tiny
+    new = tmp_path / "new.safetensors"
+    patch = tmp_path / "u.nnpatch"
+    res = invoke(["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(base),
+                  "--budget", "1.2kB", "--epochs", "2", "--teacher-epochs", "1", "--batch-size", "16",
+                  "-o", str(new), "--patch", str(patch), "--json"])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    rep = json.loads(res.stdout)
+    assert rep["budget_bytes"] == 1200 and rep["estimated_update_bytes"] <= 1200
+    assert rep["channels_changed"] >= 1
+    b, n = load_file(str(base)), load_file(str(new))
+    assert set(b) == set(n)
+    assert torch.equal(b["1.num_batches_tracked"], n["1.num_batches_tracked"])
+    out = tmp_path / "applied.safetensors"
+    _apply()(str(base), str(patch), str(out))
+    assert read(out) == read(new)
+
+    # reuse the result as a given teacher; the rich table goes to stderr
+    res = invoke(["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(base),
+                  "--teacher", str(new), "--ratio", "0.25", "--epochs", "1", "--batch-size", "32",
+                  "-o", str(tmp_path / "n2.safetensors"), "--patch", str(tmp_path / "u2.nnpatch")])
+    assert res.exit_code == 0, res.output + repr(res.exception)
+    assert "channels changed" in res.stderr and res.stdout == ""
+
+
+@pytest.mark.parametrize("args, error, text", [
+    (["--recipe", "digits", "--model", "x:y"], UsageError, "cannot be combined"),
+    (["--model", "x:y"], UsageError, "all of --model"),
+    (["--recipe", "digits", "--ratio", "1.5"], UsageError, "--ratio"),
+    (["--recipe", "digits", "--ratio", "0.1", "--budget", "1MB"], UsageError, "exclude"),
+    (["--recipe", "digits", "--budget", "lots"], UsageError, "--budget"),
+    (["--recipe", "digits", "--teacher", "t.safetensors", "--teacher-epochs", "2"], UsageError, "exclude"),
+])
+def test_usage_errors(tmp_path, args, error, text):
+    res = invoke(args + ["-o", str(tmp_path / "n.safetensors"), "--patch", str(tmp_path / "p.nnpatch")])
+    assert isinstance(res.exception, error), repr(res.exception)
+    assert text in str(res.exception) and "\n" not in str(res.exception)
+
+
+def test_spec_and_weights_errors(tiny, tmp_path):
+    pytest.importorskip("torch")
+    spec, base = tiny
+    common = ["-o", str(tmp_path / "n.safetensors"), "--patch", str(tmp_path / "p.nnpatch")]
+    res = invoke(["--model", "no_such_module_xyz:m", "--data", f"{spec}:data", "--base", str(base)] + common)
+    assert isinstance(res.exception, UsageError) and "no_such_module_xyz" in str(res.exception)
+    res = invoke(["--model", f"{spec}:nope", "--data", f"{spec}:data", "--base", str(base)] + common)
+    assert isinstance(res.exception, UsageError) and "no attribute 'nope'" in str(res.exception)
+    res = invoke(["--model", f"{spec}:data", "--data", f"{spec}:data", "--base", str(base)] + common)
+    assert isinstance(res.exception, UsageError) and "not a torch.nn.Module" in str(res.exception)
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file")
+    res = invoke(["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(bad)] + common)
+    assert isinstance(res.exception, WeightsError) and "\n" not in str(res.exception)
+    from safetensors.torch import load_file, save_file
+
+    st = load_file(str(base))
+    st.pop("0.weight")
+    partial = tmp_path / "partial.safetensors"
+    save_file(st, str(partial))
+    res = invoke(["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(partial)] + common)
+    assert isinstance(res.exception, WeightsError) and "0.weight" in str(res.exception)
+
+
+def test_command_module_does_not_import_torch():
+    code = "import sys, nnpatch.trainer.command, nnpatch.trainer; assert 'torch' not in sys.modules, 'torch'"
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_standalone_entry_reports_errors_in_one_line(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "nnpatch.trainer.command", "--model", "x:y",
+                           "-o", str(tmp_path / "n"), "--patch", str(tmp_path / "p")],
+                          capture_output=True, text=True)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
