@@ -50,7 +50,7 @@ def target_layout(patch: Patch) -> tuple[bytes, dict | None, dict[str, TensorInf
                                                      path=f"{patch.path}: target layout")
     except WeightsError as e:
         raise PatchFormatError(str(e)) from e
-    if len(raw) != next(iter(tensors.values())).begin if tensors else len(raw) != patch.header.target.size:
+    if len(raw) != 8 + int.from_bytes(raw[:8], "little"):
         raise PatchFormatError("target layout carries bytes beyond the safetensors header", path=patch.path)
     return raw, metadata, tensors
 

@@ -15,12 +15,14 @@ import json
 import math
 import mmap
 import os
+import re
 import struct
 import tempfile
 from dataclasses import dataclass, field
 from typing import Any
 
 import blake3
+import numpy as np
 
 from . import codecs, dtypes
 from .atomic import atomic_write
@@ -356,6 +358,17 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not allowed")
 
 
+_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def _json_depth(text: str) -> int:
+    """Deepest bracket nesting outside strings, found before parsing so that a
+    hostile header cannot exhaust the parser's recursion."""
+    skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
+    step = (np.isin(skeleton, (ord("["), ord("{")))).astype(np.int64) - np.isin(skeleton, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max()) if len(step) else 0
+
+
 def _load_json(raw: bytes, path: str) -> dict:
     try:
         text = raw.decode("utf-8")
@@ -363,15 +376,7 @@ def _load_json(raw: bytes, path: str) -> dict:
         raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + e.start})", path=path) from e
     if not text.startswith("{"):
         raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
-    depth = 0
-    deepest = 0
-    for c in text:  # bracket depth ignoring strings is an upper bound; cheap and safe
-        if c in "[{":
-            depth += 1
-            deepest = max(deepest, depth)
-        elif c in "]}":
-            depth -= 1
-    if deepest > MAX_JSON_DEPTH:
+    if _json_depth(text) > MAX_JSON_DEPTH:
         raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
     try:
         obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)

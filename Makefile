@@ -1,0 +1,33 @@
+# nnpatch: `make demo` and `make test` work on a fresh clone.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+
+.PHONY: setup demo test test-fast fuzz bench clean
+
+setup: $(STAMP)
+
+# torch is pinned and installed first: 2.13.0 is the CPU build on this
+# machine's disk; any looser spec would pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml setup.py
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q torch==2.13.0
+	$(BIN)/python -m pip install -q -e '.[train,dev]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/nnpatch demo
+
+test: setup
+	$(BIN)/python -m pytest
+
+test-fast: setup
+	$(BIN)/python -m pytest -m "not slow and not torch"
+
+bench: setup
+	$(BIN)/python benchmarks/compare.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info demo-out bench-out nnpatch/*.so

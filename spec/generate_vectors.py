@@ -1,0 +1,246 @@
+"""Generate the test vectors in spec/vectors/ (see FORMAT.md, section 13).
+
+    python spec/generate_vectors.py            # check: regenerate in memory, report differences
+    python spec/generate_vectors.py --update   # rewrite the files; review the diff
+
+Inputs come from numpy's PCG64 generator with the seeds below; every vector is
+described in words in vectors.json's _comment and its own "description".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import struct
+import sys
+import tempfile
+
+import blake3
+import numpy as np
+import zstandard
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+
+import nnpatch  # noqa: E402
+from nnpatch import dtypes  # noqa: E402
+from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
+from nnpatch.weights import write_safetensors  # noqa: E402
+
+VECTORS = os.path.join(HERE, "vectors")
+LEVEL = 9
+
+COMMENT = (
+    "nnpatch test vectors. Each valid vector has base.safetensors, target.safetensors and patch.nnpatch "
+    "(made with nnpatch diff at zstd level 9, the options listed). Tensor bytes come from "
+    "numpy.random.default_rng(seed).integers(0, 256, n, dtype=uint8) for integer and fp8 dtypes and "
+    "from default_rng(seed).standard_normal(n) * 0.05 cast to the dtype for floats (bf16: the high 16 bits "
+    "of the float32). Invalid vectors are the 'rows-f32' patch with one rule broken (and the trailer "
+    "recomputed unless the rule is the trailer itself); apply each to the named base and expect the error "
+    "class and message given. Byte-identical regeneration of patches depends on the zstd library version "
+    "recorded in zstd_version."
+)
+
+
+def _floats(rng, dtype, n):
+    x = rng.standard_normal(n) * 0.05
+    if dtype == "BF16":
+        return (x.astype("<f4").view("<u4") >> 16).astype("<u2").tobytes()
+    return x.astype(dtypes.NUMPY_OF[dtype].newbyteorder("<")).tobytes()
+
+
+def _tensor(rng, dtype, shape):
+    n = int(np.prod(shape))
+    if dtype in ("F16", "BF16", "F32", "F64"):
+        return (dtype, shape, _floats(rng, dtype, n))
+    return (dtype, shape, rng.integers(0, 256, n * dtypes.ITEMSIZE[dtype], dtype=np.uint8).tobytes())
+
+
+def _mutate_rows(data: bytes, shape, rows, dtype, delta=1e-3):
+    width = dtypes.ITEMSIZE[dtype]
+    arr = np.frombuffer(data, dtype=f"<u{width}").reshape(shape[0], -1).copy()
+    arr[rows] ^= np.array(0x35, dtype=arr.dtype)  # low mantissa bits: a small update
+    return arr.tobytes()
+
+
+def vector_inputs():
+    """name -> (description, base tensors, target tensors, options)."""
+    out = {}
+    rng = np.random.default_rng(1)
+    w = _tensor(rng, "F32", (8, 4, 3, 3))
+    b = _tensor(rng, "F32", (8,))
+    base = {"conv.weight": w, "conv.bias": b}
+    target = {"conv.weight": ("F32", w[1], _mutate_rows(w[2], w[1], [2, 5], "F32")), "conv.bias": b}
+    out["rows-f32"] = ("2 of 8 output channels of a float32 conv weight changed in their low bits",
+                       base, target, {})
+
+    rng = np.random.default_rng(2)
+    e = _tensor(rng, "BF16", (16, 8))
+    arr = np.frombuffer(e[2], "<u2").copy()
+    arr[[3, 64, 127]] ^= 0x0003
+    out["elements-bf16"] = ("3 scattered elements of a bfloat16 matrix changed",
+                            {"emb": e}, {"emb": ("BF16", e[1], arr.tobytes())}, {})
+
+    rng = np.random.default_rng(3)
+    base, target = {}, {}
+    for i, dtype in enumerate(sorted(dtypes.ITEMSIZE)):
+        t = _tensor(rng, dtype, (4, 3))
+        base[f"t{i:02d}.{dtype}"] = t
+        raw = bytearray(t[2])
+        raw[dtypes.ITEMSIZE[dtype] * 5] ^= 1  # element 5, lowest byte
+        target[f"t{i:02d}.{dtype}"] = (dtype, t[1], bytes(raw))
+    out["every-dtype"] = ("one element changed (lowest bit) in a 4x3 tensor of each of the 17 dtypes",
+                          base, target, {})
+
+    rng = np.random.default_rng(4)
+    w = _tensor(rng, "F32", (16, 8))
+    base = {
+        "rows": w,
+        "elems": _tensor(rng, "F16", (32, 4)),
+        "dense": _tensor(rng, "F32", (6, 5)),
+        "reshaped": _tensor(rng, "I32", (2, 6)),
+        "removed": _tensor(rng, "U8", (5,)),
+        "same": _tensor(rng, "F64", (2, 2)),
+        "scalar": _tensor(rng, "I64", ()),
+        "empty": ("F32", (0, 3), b""),
+    }
+    target = dict(base)
+    target["rows"] = ("F32", w[1], _mutate_rows(w[2], w[1], [0, 7, 15], "F32"))
+    el = np.frombuffer(base["elems"][2], "<u2").copy()
+    el[[1, 100]] ^= 0x8000  # sign flips
+    target["elems"] = ("F16", (32, 4), el.tobytes())
+    target["dense"] = _tensor(rng, "F32", (6, 5))
+    target["reshaped"] = ("I32", (3, 4), base["reshaped"][2])
+    del target["removed"]
+    target["added"] = _tensor(rng, "F8_E5M2", (3, 3))
+    target["scalar"] = ("I64", (), (7).to_bytes(8, "little"))
+    out["all-ops"] = ("rows, elements, whole (relative and reshaped), add, remove, unchanged, a scalar and an "
+                      "empty tensor; target metadata differs", base, target, {})
+    out["all-ops-reversible"] = ("the all-ops pair, diffed with reversible=True", base, target,
+                                 {"reversible": True})
+    out["identical"] = ("base and target identical: a patch with no ops", base, dict(base), {})
+    return out
+
+
+def _reseal(data: bytes) -> bytes:
+    return data[:-TRAILER_SIZE] + blake3.blake3(data[:-TRAILER_SIZE]).digest()
+
+
+def _edit_header(data: bytes, edit) -> bytes:
+    (n,) = struct.unpack_from("<Q", data, 16)
+    obj = json.loads(data[PREAMBLE_SIZE : PREAMBLE_SIZE + n])
+    obj["created_by"] = ""
+    edit(obj)
+    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    assert len(text) <= n
+    return _reseal(data[:PREAMBLE_SIZE] + text + b" " * (n - len(text)) + data[PREAMBLE_SIZE + n :])
+
+
+def invalid_patches(good: bytes):
+    """name -> (description, patch bytes)."""
+    def flip(data, pos, mask):
+        b = bytearray(data)
+        b[pos] ^= mask
+        return bytes(b)
+
+    out = {
+        "bad-magic": ("first byte changed", flip(good, 0, 0x01)),
+        "version-2": ("Version_Major 2", good[:8] + struct.pack("<H", 2) + good[10:]),
+        "reserved-flag": ("Flags bit 0 set", _reseal(good[:12] + struct.pack("<I", 1) + good[16:])),
+        "trailer-mismatch": ("one header byte changed, trailer not recomputed", flip(good, 30, 0x01)),
+        "truncated": ("the last 100 bytes cut off", good[:-100]),
+        "unknown-feature": ("required_features lists 'sparse-v9'",
+                            _edit_header(good, lambda h: h.update(required_features=["sparse-v9"]))),
+        "unknown-codec": ("a values codec stage 'lz4'",
+                          _edit_header(good, lambda h: h["ops"][0]["values"].update(codec=["lz4"]))),
+        "count-too-large": ("rows count 9 for a tensor of 8 rows",
+                            _edit_header(good, lambda h: h["ops"][0].update(count=9))),
+        "section-moved": ("target layout offset moved by 64",
+                          _edit_header(good, lambda h: h["target"]["layout"].update(
+                              offset=h["target"]["layout"]["offset"] + 64))),
+        "trailing-bytes": ("64 zero bytes inserted before the trailer",
+                           _reseal(good[:-TRAILER_SIZE] + bytes(64) + good[-TRAILER_SIZE:])),
+    }
+    return out
+
+
+def build(directory: str) -> dict:
+    manifest = {"_comment": COMMENT, "zstd_version": zstandard.ZSTD_VERSION, "level": LEVEL,
+                "valid": [], "invalid": []}
+    for name, (desc, base, target, options) in vector_inputs().items():
+        d = os.path.join(directory, "valid", name)
+        os.makedirs(d, exist_ok=True)
+        bp, tp, pp = (os.path.join(d, f) for f in ("base.safetensors", "target.safetensors", "patch.nnpatch"))
+        write_safetensors(bp, base, {"version": "1"})
+        write_safetensors(tp, target, {"version": "2"})
+        nnpatch.diff(bp, tp, pp, level=LEVEL, **options)
+        manifest["valid"].append({
+            "name": name, "description": desc, "options": options,
+            "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
+            "patch": os.path.relpath(pp, directory),
+            "base_blake3": nnpatch.hash_file(bp), "target_blake3": nnpatch.hash_file(tp),
+            "patch_blake3": nnpatch.hash_file(pp),
+        })
+    good_path = os.path.join(directory, "valid", "rows-f32", "patch.nnpatch")
+    with open(good_path, "rb") as f:
+        good = f.read()
+    os.makedirs(os.path.join(directory, "invalid"), exist_ok=True)
+    for name, (desc, data) in invalid_patches(good).items():
+        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+        with open(path, "wb") as f:
+            f.write(data)
+        rel = os.path.relpath(path, directory)
+        try:
+            nnpatch.apply(os.path.join(directory, "valid", "rows-f32", "base.safetensors"), path,
+                          os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
+            raise SystemExit(f"invalid vector {name} was accepted")
+        except nnpatch.NnpatchError as e:
+            message = str(e).replace(path, "{patch}")
+            manifest["invalid"].append({"name": name, "description": desc, "patch": rel,
+                                        "base": "valid/rows-f32/base.safetensors",
+                                        "error": type(e).__name__, "message": message})
+    wrong = {"name": "wrong-base", "description": "the valid rows-f32 patch applied to the all-ops base",
+             "patch": "valid/rows-f32/patch.nnpatch", "base": "valid/all-ops/base.safetensors"}
+    try:
+        nnpatch.apply(os.path.join(directory, wrong["base"]), os.path.join(directory, wrong["patch"]),
+                      os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
+        raise SystemExit("wrong-base vector was accepted")
+    except nnpatch.NnpatchError as e:
+        wrong.update(error=type(e).__name__,
+                     message=str(e).replace(os.path.join(directory, wrong["base"]), "{base}"))
+    manifest["invalid"].append(wrong)
+    with open(os.path.join(directory, "vectors.json"), "w") as f:
+        json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
+        f.write("\n")
+    return manifest
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--update", action="store_true", help="rewrite spec/vectors/")
+    args = ap.parse_args()
+    if args.update:
+        shutil.rmtree(VECTORS, ignore_errors=True)
+        build(VECTORS)
+        print(f"wrote {VECTORS}")
+        return 0
+    with tempfile.TemporaryDirectory() as tmp:
+        build(tmp)
+        bad = []
+        for root, _, files in os.walk(tmp):
+            for name in files:
+                rel = os.path.relpath(os.path.join(root, name), tmp)
+                mine = os.path.join(VECTORS, rel)
+                with open(os.path.join(root, name), "rb") as a:
+                    new = a.read()
+                if not os.path.exists(mine) or open(mine, "rb").read() != new:
+                    bad.append(rel)
+        for rel in bad:
+            print(f"differs: {rel}")
+        return 1 if bad else 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

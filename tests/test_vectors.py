@@ -1,0 +1,66 @@
+"""spec/vectors: the writer reproduces every golden patch; every invalid one fails as documented."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import zstandard
+
+import nnpatch
+
+from .conftest import read
+
+VECTORS = os.path.join(os.path.dirname(__file__), os.pardir, "spec", "vectors")
+with open(os.path.join(VECTORS, "vectors.json"), encoding="utf-8") as _f:
+    MANIFEST = json.load(_f)
+
+
+def path(rel: str) -> str:
+    return os.path.join(VECTORS, rel)
+
+
+@pytest.mark.parametrize("vec", MANIFEST["valid"], ids=lambda v: v["name"])
+def test_valid_vector_applies_exactly(vec, tmp_path, backend):
+    assert nnpatch.hash_file(path(vec["base"])) == vec["base_blake3"]
+    assert nnpatch.hash_file(path(vec["patch"])) == vec["patch_blake3"]
+    out = tmp_path / "out.safetensors"
+    nnpatch.apply(path(vec["base"]), path(vec["patch"]), out)
+    assert read(out) == read(path(vec["target"]))
+    assert nnpatch.hash_file(out) == vec["target_blake3"]
+
+
+@pytest.mark.parametrize("vec", MANIFEST["valid"], ids=lambda v: v["name"])
+def test_writer_reproduces_golden_patch(vec, tmp_path):
+    if zstandard.ZSTD_VERSION != tuple(MANIFEST["zstd_version"]):
+        pytest.skip(f"golden patches were made with zstd {MANIFEST['zstd_version']}, this is "
+                    f"{zstandard.ZSTD_VERSION}: compressed bytes may differ (applying them is still tested)")
+    out = tmp_path / "p.nnpatch"
+    nnpatch.diff(path(vec["base"]), path(vec["target"]), out, level=MANIFEST["level"], **vec["options"])
+    assert read(out) == read(path(vec["patch"]))
+
+
+@pytest.mark.parametrize("vec", MANIFEST["invalid"], ids=lambda v: v["name"])
+def test_invalid_vector_fails_as_documented(vec, tmp_path):
+    out = tmp_path / "out.safetensors"
+    base_before = read(path(vec["base"]))
+    with pytest.raises(nnpatch.NnpatchError) as info:
+        nnpatch.apply(path(vec["base"]), path(vec["patch"]), out)
+    assert type(info.value).__name__ == vec["error"]
+    expected = vec["message"].replace("{patch}", path(vec["patch"])).replace("{base}", path(vec["base"]))
+    assert str(info.value) == expected
+    assert not out.exists()
+    assert read(path(vec["base"])) == base_before
+
+
+def test_vectors_are_current():
+    """The generator, run again, reproduces spec/vectors exactly (or the spec changed without them)."""
+    if zstandard.ZSTD_VERSION != tuple(MANIFEST["zstd_version"]):
+        pytest.skip("different zstd version")
+    import subprocess
+    import sys
+
+    gen = os.path.join(VECTORS, os.pardir, "generate_vectors.py")
+    p = subprocess.run([sys.executable, gen], capture_output=True, text=True)
+    assert p.returncode == 0, p.stdout + p.stderr
