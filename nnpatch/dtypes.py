@@ -31,6 +31,14 @@ ITEMSIZE: dict[str, int] = {
     "C64": 8,
 }
 
+#: The safetensors reference writer lays tensors out by this rank, highest
+#: first, then by name (its Dtype enum's order); matching it makes
+#: write_safetensors byte-identical to safetensors' own output.
+WRITE_RANK: dict[str, int] = {name: i for i, name in enumerate([
+    "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
+    "I32", "U32", "F32", "C64", "F64", "I64", "U64",
+])}
+
 _UINT = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 
 #: numpy dtypes that write a given safetensors dtype (used by tests and the demo).

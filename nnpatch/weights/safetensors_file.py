@@ -194,19 +194,19 @@ def encode_safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int
     """Build a header the way the safetensors reference writer does.
 
     ``tensors`` maps name -> (dtype, shape, nbytes). Tensors are laid out by
-    descending dtype alignment, then name; the JSON is padded with spaces to a
+    descending dtype rank (see dtypes.WRITE_RANK), then name; the JSON is padded with spaces to a
     multiple of 8. Returns the header bytes and the data order.
     """
-    order = sorted(tensors, key=lambda k: (-dtypes.ITEMSIZE[tensors[k][0]], k))
+    order = sorted(tensors, key=lambda k: (-dtypes.WRITE_RANK[tensors[k][0]], k))
     header: dict = {}
-    if metadata:
+    if metadata is not None:  # the reference writer keeps an empty {} too
         header[METADATA_KEY] = metadata
     offset = 0
     for name in order:
         dtype, shape, nbytes = tensors[name]
         header[name] = {"dtype": dtype, "shape": list(shape), "data_offsets": [offset, offset + nbytes]}
         offset += nbytes
-    text = json.dumps(header, separators=(",", ":")).encode()
+    text = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode()
     text += b" " * (-len(text) % 8)
     return struct.pack("<Q", len(text)) + text, order
 
