@@ -129,16 +129,18 @@ def _human(n: float) -> str:
               show_default=True, help="zstd level: higher is smaller and slower.")
 @click.option("--reversible", is_flag=True,
               help="Also carry what `nnpatch revert` needs to take NEW back to OLD.")
+@click.option("--sign-key", type=click.Path(dir_okay=False), help="Sign with this Ed25519 private key (PEM).")
 @click.option("--stat/--no-stat", default=True, help="Print a per-tensor summary (default on).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
-def diff(ctx, old, new, output, level, reversible, stat, as_json):
+def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
     """Write a patch that turns OLD into NEW exactly."""
     from .differ import diff as make_diff
 
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with _progress(ctx, "diff", total, not as_json) as advance:
-        result = make_diff(old, new, output, level=level, reversible=reversible, progress=advance)
+        result = make_diff(old, new, output, level=level, reversible=reversible, sign_key=sign_key,
+                           progress=advance)
     if as_json:
         _emit_json(_diff_json(result))
     elif stat:
@@ -179,24 +181,95 @@ def _print_stat(r) -> None:
 
 # --- apply ---------------------------------------------------------------------
 
+_VERIFY_HELP = ("default: hash the whole base and every touched tensor, which proves the output without reading it "
+                "again; full: also re-hash the whole output; touched: only touched tensors (fastest; an untouched "
+                "tensor that differs in the base goes undetected).")
+
+
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("patches", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Model file to write (replaced atomically).")
+@click.option("--in-place", is_flag=True,
+              help="Update OLD itself, writing only the changed rows, behind an undo journal (crash-safe).")
+@click.option("--verify", "verify_mode", type=click.Choice(["default", "full", "touched"]), default="default",
+              show_default=True, help=_VERIFY_HELP)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def apply(ctx, old, patches, output, in_place, verify_mode, as_json):
+    """Rebuild the patched model from OLD and PATCH, checked by hash.
+
+    \b
+    Several patches apply as a chain in one pass (nothing intermediate is written).
+    PATCH '-' reads the patch from standard input; the output is committed only
+    after the stream's trailer hash checks out.
+    """
+    from .applier import apply_chain
+
+    if in_place == bool(output):
+        raise click.UsageError("give either -o OUTPUT or --in-place")
+    if list(patches).count("-") > 1:
+        raise click.UsageError("standard input can hold only one patch")
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for p in patches:
+            if p == "-":
+                from .stream import read_patch_stream
+
+                where = os.path.dirname(os.path.abspath(output or old))
+                opened.append(stack.enter_context(read_patch_stream(directory=where)))
+            else:
+                opened.append(p)
+        total = os.path.getsize(old) if os.path.exists(old) else 0
+        with _progress(ctx, "apply", total * (len(opened) if in_place else 1), not as_json) as advance:
+            if in_place:
+                from .inplace import apply_in_place
+
+                for p in opened:
+                    r = apply_in_place(old, p, verify=verify_mode, progress=advance)
+            else:
+                r = apply_chain(old, opened, output, verify=verify_mode, progress=advance)
+    if as_json:
+        _emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops, "verify": r.verify,
+                    "links": len(opened), "in_place": in_place})
+    elif not _quiet(ctx):
+        click.echo(f"wrote {r.output} ({_human(r.size)}, BLAKE3 {r.blake3}), verified ({r.verify})")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("new", type=click.Path(dir_okay=False))
 @click.argument("patch", type=click.Path(dir_okay=False))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (replaced atomically).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
-def apply(ctx, old, patch, output, as_json):
-    """Rebuild the patched model from OLD and PATCH, checked by hash."""
-    from .applier import apply as do_apply
+def revert(ctx, new, patch, output, as_json):
+    """Rebuild the old model from NEW and a reversible PATCH (made with diff --reversible)."""
+    from .applier import revert as do_revert
 
-    total = os.path.getsize(old) if os.path.exists(old) else 0
-    with _progress(ctx, "apply", total, not as_json) as advance:
-        r = do_apply(old, patch, output, progress=advance)
+    total = os.path.getsize(new) if os.path.exists(new) else 0
+    with _progress(ctx, "revert", total, not as_json) as advance:
+        r = do_revert(new, patch, output, progress=advance)
     if as_json:
         _emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops})
     elif not _quiet(ctx):
         click.echo(f"wrote {r.output} ({_human(r.size)}, BLAKE3 {r.blake3}), verified")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def recover(ctx, model, as_json):
+    """Finish off an interrupted in-place apply: roll MODEL back to exactly what it was."""
+    from .inplace import recover as do_recover
+
+    note = do_recover(model)
+    if as_json:
+        _emit_json({"model": model, "recovered": note is not None, "detail": note or "nothing to recover"})
+    elif not _quiet(ctx):
+        click.echo(f"{model}: {note or 'nothing to recover'}")
 
 
 # --- verify ---------------------------------------------------------------------
@@ -205,13 +278,14 @@ def apply(ctx, old, patch, output, as_json):
 @click.argument("patch", type=click.Path(dir_okay=False))
 @click.option("--base", type=click.Path(dir_okay=False), help="Check that this is the patch's base.")
 @click.option("--target", type=click.Path(dir_okay=False), help="Check that this is the patch's target.")
+@click.option("--key", type=click.Path(dir_okay=False), help="Require a signature by this Ed25519 public key.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
-def verify(ctx, patch, base, target, as_json):
-    """Check a patch's integrity, and optionally its base and target."""
+def verify(ctx, patch, base, target, key, as_json):
+    """Check a patch's integrity, and optionally its base, target and signature."""
     from .verifier import verify as do_verify
 
-    report = do_verify(patch, base=base, target=target)
+    report = do_verify(patch, base=base, target=target, key=key)
     if as_json:
         _emit_json({"patch": report.patch, "ok": report.ok,
                     "checks": [{"what": c.what, "ok": c.ok, "detail": c.detail} for c in report.checks]})
@@ -220,6 +294,40 @@ def verify(ctx, patch, base, target, as_json):
             click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {c.detail}")
     if not report.ok:
         ctx.exit(errors.EXIT_MISMATCH)
+
+
+# --- signatures -------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.option("-o", "--output", "prefix", required=True, type=click.Path(dir_okay=False),
+              help="Writes PREFIX.pem (private, mode 0600) and PREFIX.pub.pem.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+def keygen(prefix, as_json):
+    """Make an Ed25519 key pair for signing patches."""
+    from .signing import generate_keypair
+
+    private, public = f"{prefix}.pem", f"{prefix}.pub.pem"
+    kid = generate_keypair(private, public)
+    if as_json:
+        _emit_json({"private_key": private, "public_key": public, "key_id": kid})
+    else:
+        click.echo(f"wrote {private} (keep it secret) and {public}; key id {kid}")
+
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Ed25519 private key (PEM).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the signed patch here (default: in place).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+def sign(patch, key, output, as_json):
+    """Sign a patch (its trailer hash, which covers every byte)."""
+    from .signing import sign_patch
+
+    kid = sign_patch(patch, key, output)
+    if as_json:
+        _emit_json({"patch": output or patch, "key_id": kid})
+    else:
+        click.echo(f"signed {output or patch} with key {kid}")
 
 
 # --- hash -------------------------------------------------------------------------

@@ -78,21 +78,27 @@ def _utf8_key(name: str) -> bytes:
 
 
 def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: str | os.PathLike[str], *,
-         level: int = codecs.DEFAULT_LEVEL, reversible: bool = False,
+         level: int = codecs.DEFAULT_LEVEL, reversible: bool = False, sign_key: str | None = None,
          progress: ProgressFn | None = None) -> DiffResult:
     """Write a patch that turns ``base`` into ``target``, byte for byte.
 
     With ``reversible`` the patch also carries what it takes to go back
     (the base's layout, and the old bytes of removed or retyped tensors), so
-    ``nnpatch revert`` can rebuild the base from the target.
+    ``nnpatch revert`` can rebuild the base from the target. ``sign_key``
+    (an Ed25519 private key, PEM) signs the patch.
     """
+    signer = None
+    if sign_key is not None:
+        from .signing import signer_from_file
+
+        signer = signer_from_file(os.fspath(sign_key))
     if not codecs.MIN_LEVEL <= level <= codecs.MAX_LEVEL:
         raise UsageError(f"--level must be between {codecs.MIN_LEVEL} and {codecs.MAX_LEVEL}, got {level}")
     with SafetensorsFile(base) as b, SafetensorsFile(target) as t:
-        return _diff_open(b, t, os.fspath(output), level, reversible, progress or (lambda n: None))
+        return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None))
 
 
-def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, reversible: bool,
+def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, reversible: bool, signer,
                progress: ProgressFn) -> DiffResult:
     writer = PatchWriter(output)
     try:
@@ -137,7 +143,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             ops=ops,
             created_by=f"nnpatch {__version__}",
         )
-        size = writer.finish(header)
+        size = writer.finish(header, signer)
     except BaseException:
         writer.abort()
         raise

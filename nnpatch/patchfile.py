@@ -34,13 +34,19 @@ PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
 TRAILER_SIZE = 32
-#: Flags bits 0-15 are reserved: a reader MUST reject a file that sets one.
-RESERVED_FLAGS = 0x0000FFFF
+#: Flags bit 0: a signature block follows the trailer (spec section 4).
+FLAG_SIGNED = 0x00000001
+#: Flags bits 1-15 are reserved: a reader MUST reject a file that sets one.
+RESERVED_FLAGS = 0x0000FFFE
+#: Public key (32) and Ed25519 signature (64) after the trailer of a signed patch.
+SIGNATURE_BLOCK_SIZE = 96
 
 MAX_HEADER_SIZE = 64 << 20
 MAX_RANK = 64
 MAX_NAME_BYTES = 1 << 16
 MAX_JSON_DEPTH = 16
+#: A zstd frame cannot expand beyond this ratio (a 4-byte RLE block -> 128 KiB).
+MAX_ZSTD_EXPANSION = 32768
 
 KNOWN_FEATURES: frozenset[str] = frozenset()
 OPS = ("rows", "elements", "whole", "add", "remove")
@@ -207,8 +213,14 @@ class PatchWriter:
         self._spool.write(payload)
         return Section(start, len(payload), size, list(codec))
 
-    def finish(self, header: PatchHeader) -> int:
-        """Write the patch; returns its size in bytes."""
+    def finish(self, header: PatchHeader, signer=None) -> int:
+        """Write the patch; returns its size in bytes.
+
+        ``signer(trailer_digest) -> (public_key, signature)``, when given,
+        makes a signed patch (nnpatch.signing.signer_from_file builds one).
+        """
+        if signer is not None:
+            header.flags |= FLAG_SIGNED
         data_len = self._spool.tell()
         head = b""
         for _ in range(8):  # offsets change the header length; iterate to a fixed point
@@ -239,12 +251,16 @@ class PatchWriter:
                 pad = b"\x00" * (align(data_len) - data_len)
                 f.write(pad)
                 h.update(pad)
-                f.write(h.digest())
+                digest = h.digest()
+                f.write(digest)
+                if signer is not None:
+                    public_key, signature = signer(digest)
+                    f.write(public_key + signature)
         except OSError as e:
             raise NnpatchIOError(f"{self.path}: cannot write: {e.strerror or e}") from e
         finally:
             self._spool.close()
-        return trailer_at + TRAILER_SIZE
+        return trailer_at + TRAILER_SIZE + (SIGNATURE_BLOCK_SIZE if signer is not None else 0)
 
     def abort(self) -> None:
         self._spool.close()
@@ -274,8 +290,24 @@ class Patch:
         return memoryview(self._map)[s.offset : s.offset + s.length]
 
     @property
+    def trailer_offset(self) -> int:
+        return self.size - TRAILER_SIZE - self.signature_block_size
+
+    @property
+    def signature_block_size(self) -> int:
+        return SIGNATURE_BLOCK_SIZE if self.header.flags & FLAG_SIGNED else 0
+
+    @property
     def trailer_hash(self) -> str:
-        return bytes(self._map[self.size - TRAILER_SIZE :]).hex()
+        return bytes(self._map[self.trailer_offset : self.trailer_offset + TRAILER_SIZE]).hex()
+
+    @property
+    def signature(self) -> tuple[bytes, bytes] | None:
+        """(public key, signature) of a signed patch, else None. Not verified here."""
+        if not self.signature_block_size:
+            return None
+        block = bytes(self._map[self.size - SIGNATURE_BLOCK_SIZE :])
+        return block[:32], block[32:]
 
     @property
     def ops(self) -> list[Op]:
@@ -320,8 +352,10 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
     if flags & RESERVED_FLAGS:
         raise UnsupportedVersionError(f"reserved flag bits set (0x{flags & RESERVED_FLAGS:04x})",
                                       path=path, offset=12, found=flags)
-    if size < PREAMBLE_SIZE + TRAILER_SIZE:
+    sig = SIGNATURE_BLOCK_SIZE if flags & FLAG_SIGNED else 0
+    if size < PREAMBLE_SIZE + TRAILER_SIZE + sig:
         raise PatchFormatError(f"truncated: {size} bytes, no room for the trailer", path=path)
+    size -= sig  # from here on, the file as if unsigned: everything up to the trailer's end
     if header_len > MAX_HEADER_SIZE:
         raise PatchFormatError(f"header length {header_len} exceeds the {MAX_HEADER_SIZE} limit", path=path, offset=16)
     if PREAMBLE_SIZE + header_len > size - TRAILER_SIZE:
@@ -333,7 +367,7 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
     if check_trailer:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size > 1 << 20 else blake3.blake3()
         h.update(memoryview(buf)[: size - TRAILER_SIZE])
-        if h.digest() != bytes(buf[size - TRAILER_SIZE :]):
+        if h.digest() != bytes(buf[size - TRAILER_SIZE : size]):
             raise PatchFormatError("trailer hash mismatch: the file is corrupt or truncated", path=path,
                                    offset=size - TRAILER_SIZE)
     raw = bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len])
@@ -603,6 +637,9 @@ def _check_layout(header: PatchHeader, buf, data_start: int, size: int, path: st
         if s.codec and s.codec[-1] == "zstd":
             if s.length == 0:
                 raise PatchFormatError(f"section at offset {s.offset}: empty zstd section", path=path)
+            if s.size > MAX_ZSTD_EXPANSION * s.length + (1 << 17):
+                raise PatchFormatError(f"section at offset {s.offset}: size {s.size} is more than zstd can "
+                                       f"expand {s.length} bytes to", path=path)
         elif s.length != s.size:
             raise PatchFormatError(f"section at offset {s.offset}: stored raw, so length {s.length} must equal "
                                    f"size {s.size}", path=path)

@@ -66,12 +66,21 @@ def _chunks(size: int, step: int = 8 << 20) -> list[int]:
 
 
 def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
-           target: str | os.PathLike[str] | None = None) -> VerifyReport:
-    """Check the patch's integrity, and that ``base`` / ``target`` are the files it names."""
+           target: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None) -> VerifyReport:
+    """Check the patch's integrity, that ``base`` / ``target`` are the files it
+    names, and with ``key`` (an Ed25519 public key, PEM) that it is signed by it."""
     report = VerifyReport(os.fspath(patch))
     with read_patch(patch) as p:
         check_sections(p)
         report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
+        if key is not None:
+            from .signing import verify_signature
+
+            try:
+                kid = verify_signature(p, os.fspath(key))
+                report.checks.append(Check("signature", True, f"signed by key {kid}"))
+            except IntegrityError as e:
+                report.checks.append(Check("signature", False, str(e)))
         h = p.header
         if base is not None:
             report.checks.append(_check_model(os.fspath(base), "base", h.base.blake3, h.base.model_blake3, p))
@@ -104,8 +113,8 @@ def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: P
                               f"{digest.hex()}, expected {model_blake3})")
 
 
-def require_verified(patch, *, base=None, target=None) -> VerifyReport:
-    report = verify(patch, base=base, target=target)
+def require_verified(patch, *, base=None, target=None, key=None) -> VerifyReport:
+    report = verify(patch, base=base, target=target, key=key)
     for c in report.failures():
         cls = BaseMismatchError if c.what == "base" else IntegrityError
         raise cls(c.detail, what=c.what)

@@ -148,7 +148,9 @@ def invalid_patches(good: bytes):
     out = {
         "bad-magic": ("first byte changed", flip(good, 0, 0x01)),
         "version-2": ("Version_Major 2", good[:8] + struct.pack("<H", 2) + good[10:]),
-        "reserved-flag": ("Flags bit 0 set", _reseal(good[:12] + struct.pack("<I", 1) + good[16:])),
+        "reserved-flag": ("Flags bit 1 set", _reseal(good[:12] + struct.pack("<I", 2) + good[16:])),
+        "signed-flag-without-block": ("Flags bit 0 (signed) set, no signature block",
+                                      _reseal(good[:12] + struct.pack("<I", 1) + good[16:])),
         "trailer-mismatch": ("one header byte changed, trailer not recomputed", flip(good, 30, 0x01)),
         "truncated": ("the last 100 bytes cut off", good[:-100]),
         "unknown-feature": ("required_features lists 'sparse-v9'",

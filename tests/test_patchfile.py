@@ -96,8 +96,8 @@ def test_newer_minor_version_is_read(patch_bytes):
 
 
 def test_reserved_flag(patch_bytes):
-    data = patch_bytes[:12] + struct.pack("<I", 1) + patch_bytes[16:]
-    expect(data, UnsupportedVersionError, "p.nnpatch: byte 12: reserved flag bits set (0x0001)")
+    data = patch_bytes[:12] + struct.pack("<I", 2) + patch_bytes[16:]
+    expect(data, UnsupportedVersionError, "p.nnpatch: byte 12: reserved flag bits set (0x0002)")
 
 
 def test_unused_flags_are_ignored(patch_bytes):

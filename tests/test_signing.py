@@ -1,0 +1,77 @@
+"""Signed patches: keygen, sign at diff time or later, verify and refuse."""
+
+from __future__ import annotations
+
+import pytest
+from click.testing import CliRunner
+
+import nnpatch
+from nnpatch.cli import cli
+from nnpatch.errors import IntegrityError, PatchFormatError
+from nnpatch.patchfile import FLAG_SIGNED, SIGNATURE_BLOCK_SIZE, parse_patch
+from nnpatch.signing import generate_keypair, sign_patch, verify_signature
+
+from .conftest import read
+
+pytest.importorskip("cryptography")
+
+
+@pytest.fixture
+def keys(tmp_path):
+    generate_keypair(str(tmp_path / "k.pem"), str(tmp_path / "k.pub.pem"))
+    generate_keypair(str(tmp_path / "o.pem"), str(tmp_path / "o.pub.pem"))
+    return tmp_path
+
+
+def test_sign_at_diff_time_equals_signing_later(tmp_path, pair, keys):
+    base, target = pair()
+    nnpatch.diff(base, target, tmp_path / "a.nnpatch", sign_key=keys / "k.pem")
+    nnpatch.diff(base, target, tmp_path / "b.nnpatch")
+    unsigned = read(tmp_path / "b.nnpatch")
+    sign_patch(str(tmp_path / "b.nnpatch"), str(keys / "k.pem"))
+    signed = read(tmp_path / "a.nnpatch")
+    assert read(tmp_path / "b.nnpatch") == signed  # Ed25519 is deterministic
+    assert len(signed) == len(unsigned) + SIGNATURE_BLOCK_SIZE
+    assert parse_patch(signed).flags & FLAG_SIGNED
+    with nnpatch.read_patch(tmp_path / "a.nnpatch") as p:
+        verify_signature(p, str(keys / "k.pub.pem"))
+    out = tmp_path / "out.safetensors"
+    nnpatch.apply(base, tmp_path / "a.nnpatch", out)
+    assert read(out) == read(target)
+
+
+def test_refusals(tmp_path, pair, keys):
+    base, target = pair()
+    nnpatch.diff(base, target, tmp_path / "s.nnpatch", sign_key=keys / "k.pem")
+    nnpatch.diff(base, target, tmp_path / "u.nnpatch")
+    with nnpatch.read_patch(tmp_path / "s.nnpatch") as p, pytest.raises(IntegrityError, match="expected key"):
+        verify_signature(p, str(keys / "o.pub.pem"))
+    with nnpatch.read_patch(tmp_path / "u.nnpatch") as p, pytest.raises(IntegrityError, match="not signed"):
+        verify_signature(p, str(keys / "k.pub.pem"))
+    data = bytearray(read(tmp_path / "s.nnpatch"))
+    data[-1] ^= 1  # the signature itself
+    (tmp_path / "bad.nnpatch").write_bytes(bytes(data))
+    with nnpatch.read_patch(tmp_path / "bad.nnpatch") as p, pytest.raises(IntegrityError, match="does not verify"):
+        verify_signature(p, str(keys / "k.pub.pem"))
+    data = read(tmp_path / "s.nnpatch")[:-1]  # a truncated signature block breaks the trailer
+    with pytest.raises(PatchFormatError):
+        parse_patch(data)
+
+
+def test_cli(tmp_path, pair):
+    runner = CliRunner()
+    base, target = pair()
+    r = runner.invoke(cli, ["keygen", "-o", str(tmp_path / "key")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "key.pem").stat().st_mode & 0o777 == 0o600
+    r = runner.invoke(cli, ["keygen", "-o", str(tmp_path / "key")])
+    assert r.exit_code == 2 and "already exists" in r.stderr
+    patch = str(tmp_path / "p.nnpatch")
+    assert runner.invoke(cli, ["diff", base, target, "-o", patch, "--no-stat"]).exit_code == 0
+    r = runner.invoke(cli, ["verify", patch, "--key", str(tmp_path / "key.pub.pem")])
+    assert r.exit_code == 1 and "signature: FAILED" in r.stdout
+    assert runner.invoke(cli, ["sign", patch, "--key", str(tmp_path / "key.pem")]).exit_code == 0
+    r = runner.invoke(cli, ["verify", patch, "--key", str(tmp_path / "key.pub.pem")])
+    assert r.exit_code == 0 and "signature: OK" in r.stdout
+    r = runner.invoke(cli, ["sign", patch, "--key", str(tmp_path / "key.pub.pem")])
+    assert r.exit_code == 3 and r.stderr.startswith("Error: ")
