@@ -31,3 +31,9 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out bench-out nnpatch/*.so
+
+FUZZ_SECONDS ?= 600
+fuzz: setup
+	$(BIN)/python -m pip install -q -e '.[fuzz]'
+	mkdir -p fuzz/corpus fuzz/crashes
+	$(BIN)/python fuzz/fuzz_patch.py fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ -print_final_stats=1
