@@ -337,12 +337,16 @@ def sign(patch, key, output, as_json):
 @click.option("--tensors", is_flag=True, help="Per-tensor digests and the canonical model digest.")
 @click.option("-c", "--check", "check", type=click.Path(dir_okay=False, allow_dash=True),
               help="Check the files listed in a b3sum manifest.")
+@click.option("--expect-size", type=click.IntRange(min=0), metavar="BYTES",
+              help="With one FILE: exit 1 unless it has exactly this many bytes (catches truncated downloads).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
-def hash_cmd(ctx, files, tensors, check, as_json):
+def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
     """BLAKE3 of files (lines `b3sum -c` accepts), of tensors, or check a manifest."""
     from . import hashing
 
+    if expect_size is not None and (check or len(files) != 1):
+        raise click.UsageError("--expect-size takes exactly one FILE")
     if check:
         if files or tensors:
             raise click.UsageError("--check takes no FILES and no --tensors")
@@ -374,8 +378,18 @@ def hash_cmd(ctx, files, tensors, check, as_json):
                 entry["tensors"] = [{"name": n, "dtype": w.tensors[n].dtype, "shape": list(w.tensors[n].shape),
                                      "blake3": per[n].hex()} for n in sorted(per)]
         out.append(entry)
+    size_ok = True
+    if expect_size is not None:
+        actual = os.path.getsize(files[0])
+        size_ok = actual == expect_size
+        out[0]["size"] = actual
+        out[0]["size_ok"] = size_ok
     if as_json:
         _emit_json({"files": out})
+    if not size_ok:
+        click.echo(f"Error: {files[0]}: {out[0]['size']} bytes, expected {expect_size}", err=True)
+        ctx.exit(errors.EXIT_MISMATCH)
+    if as_json:
         return
     for e in out:
         click.echo(hashing.manifest_line(e["blake3"], e["path"]))
@@ -393,6 +407,27 @@ def _read_text(path: str) -> str:
         raise errors.PatchFormatError("manifest is not UTF-8 text", path=path) from e
     except OSError as e:
         raise errors.NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+# --- textconv -------------------------------------------------------------------------
+
+@cli.command(epilog=EXIT_CODES_HELP)
+@click.argument("file", type=click.Path(dir_okay=False))
+def textconv(file):
+    """A stable text summary of a model, for `git diff` (see the README)."""
+    from . import hashing
+    from .weights import SafetensorsFile
+
+    with SafetensorsFile(file) as w:
+        model, per = hashing.model_digest(w)
+        click.echo(f"safetensors: {len(w.tensors)} tensors, {w.size} bytes")
+        click.echo(f"model blake3: {model.hex()}")
+        for key in sorted(w.metadata or {}):
+            click.echo(f"metadata {key}: {w.metadata[key]}")
+        for name in sorted(w.tensors, key=lambda n: n.encode("utf-8", "surrogatepass")):
+            info = w.tensors[name]
+            shape = "x".join(map(str, info.shape)) or "scalar"
+            click.echo(f"{name}  {info.dtype}  {shape}  {per[name].hex()[:16]}")
 
 
 # --- show -------------------------------------------------------------------------

@@ -209,3 +209,21 @@ def test_demo(runner, tmp_path):
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
     assert obj["verified"] is True and obj["patch_bytes"] < 0.2 * obj["model_bytes"]
+
+
+def test_textconv_is_stable_and_shows_changes(made, runner):
+    base, target, _ = made
+    a = runner.invoke(cli, ["textconv", base]).stdout
+    assert a == runner.invoke(cli, ["textconv", base]).stdout
+    b = runner.invoke(cli, ["textconv", target]).stdout
+    changed = {line.split()[0] for line in set(a.splitlines()) ^ set(b.splitlines())}
+    assert {"conv.weight", "new_only", "old_only", "same"} & changed == {"conv.weight", "new_only", "old_only"}
+
+
+def test_hash_expect_size(made, runner):
+    base, _, _ = made
+    size = os.path.getsize(base)
+    assert runner.invoke(cli, ["hash", base, "--expect-size", str(size)]).exit_code == 0
+    r = runner.invoke(cli, ["hash", base, "--expect-size", str(size + 1)])
+    assert r.exit_code == 1 and r.stderr == f"Error: {base}: {size} bytes, expected {size + 1}\n"
+    assert runner.invoke(cli, ["hash", base, base, "--expect-size", "1"]).exit_code == 2
