@@ -37,7 +37,7 @@ INDEX_FORMATS = ("u32", "u64", "delta-varint", "bitmap")
 #: holding about this many elements, so that both sides work in bounded memory.
 CHUNK_ELEMENTS = 1 << 20
 
-DEFAULT_LEVEL = 9
+DEFAULT_LEVEL = 3  # see benchmarks/RESULTS.md: within ~1% of level 9, 5-7x faster
 MIN_LEVEL, MAX_LEVEL = 1, 22
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
@@ -234,6 +234,15 @@ class _Sink:
     def write(self, data) -> None:
         (self._writer or self.out).write(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
 
+    def end_block(self) -> None:
+        """End the current zstd block, so the next bytes get their own entropy tables.
+
+        zstd codes all literals of a block with one Huffman table; a small
+        chunk's byte planes would otherwise share one, and planes would gain
+        nothing over plain bytes."""
+        if self._writer is not None:
+            self._writer.flush(zstandard.FLUSH_BLOCK)
+
     def close(self) -> int:
         if self._writer is not None:
             self._writer.close()  # ends the frame; flush(FLUSH_FRAME) first would start a second one
@@ -252,9 +261,14 @@ def encode_value_stream(out, chunks: Iterable[tuple[np.ndarray, np.ndarray | Non
     sink = _Sink(out, size, level, bool(codec) and codec[-1] == "zstd")
     for new, old in chunks:
         data = encode_delta(new, old, width, delta) if delta else new
-        if planar:
+        if planar and width > 1:
             data = to_planes(data, width)
-        sink.write(data)
+            n = len(data) // width
+            for k in range(width):
+                sink.write(data[k * n : (k + 1) * n])
+                sink.end_block()
+        else:
+            sink.write(data)
     return sink.close()
 
 

@@ -25,15 +25,19 @@ from .patchfile import ModelRef, Op, PatchHeader, PatchWriter, Section, TensorRe
 from .weights import SafetensorsFile
 
 #: Sections up to this size try every codec; larger ones choose on a sample.
-_TRY_ALL_BYTES = 1 << 20
+_TRY_ALL_BYTES = 256 << 10
 _SAMPLE_ELEMENTS = 1 << 16
 #: Tensors up to this size try every op; larger ones choose by estimate.
-_TRY_ALL_OPS_BYTES = 64 << 20
+_TRY_ALL_OPS_BYTES = 256 << 10
+#: Cost model for larger tensors, in bytes per value: a changed value costs
+#: about its width, an unchanged one sent alongside it (a zero after the
+#: delta) almost nothing, an element index about 1.5 bytes as varint gaps.
+_ZERO_COST = 0.02
+_INDEX_COST = 1.5
 #: Rows compared per step when scanning a tensor for changes.
 _SCAN_ELEMENTS = 1 << 22
 
-RELATIVE_CODECS = (["xor", "planes", "zstd"], ["zadd", "planes", "zstd"], ["xor", "zstd"], ["planes", "zstd"],
-                   ["zstd"], [])
+RELATIVE_CODECS = (["zadd", "planes", "zstd"], ["xor", "planes", "zstd"], ["planes", "zstd"], ["zstd"], [])
 #: "whole" rewrites every byte of a tensor on apply (and in place); it must
 #: beat rows/elements by this factor to be chosen.
 _WHOLE_PENALTY = 1.02
@@ -295,18 +299,19 @@ def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile,
         op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width), True, level)
         return op
 
-    estimates = {"whole": numel * width}
+    changed_bytes = n_elems * width
+    estimates = {"whole": (changed_bytes + (numel - n_elems) * width * _ZERO_COST) * _WHOLE_PENALTY}
     candidates.append(("whole", whole))
     if len(shape) >= 2 and row > 1 and len(rows) < nrows:
         candidates.append(("rows", by_rows))
-        estimates["rows"] = len(rows) * row * width
+        estimates["rows"] = changed_bytes + (len(rows) * row - n_elems) * width * _ZERO_COST + len(rows)
     if elems is not None and len(elems):
         candidates.append(("elements", by_elements))
-        estimates["elements"] = len(elems) * (width + 2)
+        estimates["elements"] = changed_bytes + n_elems * _INDEX_COST
 
     if len(candidates) == 1:
         chosen = candidates[0][1](writer)
-    elif numel * width <= _TRY_ALL_OPS_BYTES:
+    elif numel * width <= _TRY_ALL_OPS_BYTES:  # small: cheap enough to encode every op and compare
         chosen = _smallest(writer, candidates)
     else:
         kind = min(estimates, key=estimates.get)
