@@ -56,15 +56,23 @@ def check(data: bytes) -> None:
     for base, digest, _target in BASES:
         if header.base.blake3 != digest and header.base.tensors != _count(base):
             continue
-        try:
-            result = nnpatch.apply(base, PATCH, OUT)
-        except nnpatch.NnpatchError:
-            if os.path.exists(OUT):
-                raise AssertionError("output written although apply failed")
-        else:
-            # A success must be exact: the output is the file the patch names.
-            if nnpatch.hash_file(OUT) != header.target.blake3 or result.blake3 != header.target.blake3:
-                raise AssertionError("apply succeeded with a wrong result")
+        for mode in ("full", "default"):
+            try:
+                result = nnpatch.apply(base, PATCH, OUT, verify=mode)
+            except nnpatch.NnpatchError:
+                if os.path.exists(OUT):
+                    raise AssertionError("output written although apply failed")
+                continue
+            # A success must be exact. "full" proves the file digest the patch
+            # names; "default" proves the tensors (model digest) and layout.
+            if mode == "full" and nnpatch.hash_file(OUT) != header.target.blake3:
+                raise AssertionError("apply --verify=full succeeded with a wrong file")
+            if mode == "default":
+                from nnpatch.weights import SafetensorsFile
+
+                with SafetensorsFile(OUT) as w:
+                    if nnpatch.model_digest(w)[0].hex() != header.target.model_blake3:
+                        raise AssertionError("apply succeeded with wrong tensors")
             os.unlink(OUT)
         if nnpatch.hash_file(base) != digest:
             raise AssertionError("the base was modified")

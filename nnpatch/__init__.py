@@ -10,7 +10,7 @@ Importing nnpatch never imports torch.
 
 __version__ = "0.1.0"
 
-from .applier import ApplyResult, apply
+from .applier import VERIFY_MODES, ApplyResult, apply, apply_chain, revert
 from .differ import DiffResult, TensorChange, diff
 from .errors import (
     BaseMismatchError,
@@ -24,6 +24,7 @@ from .errors import (
     WeightsError,
 )
 from .hashing import hash_file, model_digest
+from .inplace import apply_in_place, recover
 from .patchfile import FORMAT_VERSION, MAGIC, Patch, read_patch
 from .verifier import VerifyReport, require_verified, verify
 
@@ -36,12 +37,17 @@ __all__ = [
     "Patch",
     "TensorChange",
     "VerifyReport",
+    "VERIFY_MODES",
     "apply",
+    "apply_chain",
+    "apply_in_place",
     "diff",
     "hash_file",
     "model_digest",
     "read_patch",
+    "recover",
     "require_verified",
+    "revert",
     "verify",
     "BaseMismatchError",
     "IntegrityError",

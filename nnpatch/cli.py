@@ -195,9 +195,11 @@ _VERIFY_HELP = ("default: hash the whole base and every touched tensor, which pr
               help="Update OLD itself, writing only the changed rows, behind an undo journal (crash-safe).")
 @click.option("--verify", "verify_mode", type=click.Choice(["default", "full", "touched"]), default="default",
               show_default=True, help=_VERIFY_HELP)
+@click.option("--key", type=click.Path(dir_okay=False),
+              help="Refuse any patch not signed by this Ed25519 public key (PEM); exit 4.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
-def apply(ctx, old, patches, output, in_place, verify_mode, as_json):
+def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
     """Rebuild the patched model from OLD and PATCH, checked by hash.
 
     \b
@@ -226,15 +228,27 @@ def apply(ctx, old, patches, output, in_place, verify_mode, as_json):
             if in_place:
                 from .inplace import apply_in_place
 
+                if key is not None:
+                    from .patchfile import read_patch
+                    from .signing import verify_signature
+
+                    for p in opened:
+                        if isinstance(p, str):
+                            with read_patch(p) as q:
+                                verify_signature(q, key)
+                        else:
+                            verify_signature(p, key)
                 for p in opened:
                     r = apply_in_place(old, p, verify=verify_mode, progress=advance)
             else:
-                r = apply_chain(old, opened, output, verify=verify_mode, progress=advance)
+                r = apply_chain(old, opened, output, verify=verify_mode, progress=advance, key=key)
     if as_json:
         _emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops, "verify": r.verify,
                     "links": len(opened), "in_place": in_place})
     elif not _quiet(ctx):
-        click.echo(f"wrote {r.output} ({_human(r.size)}, BLAKE3 {r.blake3}), verified ({r.verify})")
+        how = "file re-hashed" if r.verify == "full" else (
+            "base and every tensor written" if r.verify == "default" else "touched tensors only")
+        click.echo(f"wrote {r.output} ({_human(r.size)}, BLAKE3 {r.blake3}), verified: {how}")
 
 
 @cli.command(epilog=EXIT_CODES_HELP)

@@ -42,6 +42,9 @@ RELATIVE_CODECS = (["zadd", "planes", "zstd"], ["xor", "planes", "zstd"], ["plan
 #: beat rows/elements by this factor to be chosen.
 _WHOLE_PENALTY = 1.02
 ABSOLUTE_CODECS = (["planes", "zstd"], ["zstd"], [])
+#: Reversible patches need a delta stage on rows and elements (their old
+#: values are not stored otherwise).
+DELTA_CODECS = tuple(c for c in RELATIVE_CODECS if codecs.delta_stage(c)) + (["xor"],)
 
 ProgressFn = Callable[[int], None]
 
@@ -131,7 +134,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             elif bi is None or bref.dtype != tref.dtype or bref.shape != tref.shape:
                 op, change = _encode_absolute(writer, t, name, bref, tref, level)
             else:
-                op, change = _encode_changed(writer, b, t, name, bref, tref, level)
+                op, change = _encode_changed(writer, b, t, name, bref, tref, level, reversible)
             if reversible and op.needs_base_values:
                 old = _Stream(b.bits(name).reshape(-1, 1), None, None, 1, dtypes.ITEMSIZE[bi.dtype])
                 op.base_values = _write_stream(writer, old, False, level)
@@ -197,8 +200,7 @@ class _Stream:
             yield new, old
 
 
-def _choose_codec(stream: _Stream, relative: bool, level: int) -> list[str]:
-    candidates = RELATIVE_CODECS if relative else ABSOLUTE_CODECS
+def _choose_codec(stream: _Stream, candidates, level: int) -> list[str]:
     if stream.width == 1:
         candidates = tuple(c for c in candidates if "planes" not in c)
     if stream.size <= _TRY_ALL_BYTES:
@@ -216,18 +218,21 @@ def _encoded_len(stream: _Stream, codec: list[str], level: int, limit: int | Non
     return codecs.encode_value_stream(buf, iter(chunks), codec=codec, width=stream.width, size=size, level=level)
 
 
-def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool, level: int) -> Section:
-    codec = _choose_codec(stream, relative, level)
+def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool | tuple, level: int) -> Section:
+    """Encode ``stream`` with the smallest of the candidate codecs: relative
+    ones (True), absolute ones (False), or the given tuple."""
+    candidates = relative if isinstance(relative, tuple) else RELATIVE_CODECS if relative else ABSOLUTE_CODECS
+    codec = _choose_codec(stream, candidates, level)
     start = writer.begin_section()
     out = writer.stream
     length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width, size=stream.size,
                                         level=level)
-    if codec and length > stream.size:  # compression lost: store raw instead
+    if codec and codec[-1] == "zstd" and length > stream.size:  # compression lost: store raw instead
         out.seek(start)
         out.truncate()
-        length = codecs.encode_value_stream(out, stream.chunks(), codec=[], width=stream.width,
+        codec = [codecs.delta_stage(codec)] if codecs.delta_stage(codec) and candidates is DELTA_CODECS else []
+        length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width,
                                             size=stream.size, level=level)
-        codec = []
     return Section(start, length, stream.size, codec)
 
 
@@ -269,7 +274,8 @@ def _scan(b_units: np.ndarray, t_units: np.ndarray, want_elements: bool):
     return rows, el, n_elems
 
 
-def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile, name: str, bref, tref, level):
+def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile, name: str, bref, tref, level,
+                    reversible: bool = False):
     width = dtypes.ITEMSIZE[tref.dtype]
     shape = tref.shape
     numel = math.prod(shape)
@@ -289,14 +295,15 @@ def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile,
     def by_rows(w: PatchWriter) -> Op:
         op = Op(name, "rows", base=bref, target=tref, count=len(rows))
         op.index = _write_index(w, rows, nrows, level)
-        op.values = _write_stream(w, _Stream(tu, bu, rows, row, width), True, level)
+        op.values = _write_stream(w, _Stream(tu, bu, rows, row, width), DELTA_CODECS if reversible else True, level)
         return op
 
     def by_elements(w: PatchWriter) -> Op:
         op = Op(name, "elements", base=bref, target=tref, count=len(elems))
         op.index = _write_index(w, elems, numel, level)
         flat_t, flat_b = tu.reshape(-1, 1), bu.reshape(-1, 1)
-        op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width), True, level)
+        op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width), DELTA_CODECS if reversible else True,
+                                  level)
         return op
 
     changed_bytes = n_elems * width

@@ -154,7 +154,9 @@ class PatchHeader:
     def reversible(self) -> bool:
         """The patch also takes the target back to the base (``nnpatch revert``)."""
         return self.base.layout is not None and all(
-            op.base_values is not None for op in self.ops if op.needs_base_values)
+            op.base_values is not None if op.needs_base_values
+            else op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None
+            for op in self.ops)
 
     def sections(self) -> list[Section]:
         out = [m.layout for m in (self.base, self.target) if m.layout is not None]

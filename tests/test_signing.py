@@ -75,3 +75,25 @@ def test_cli(tmp_path, pair):
     assert r.exit_code == 0 and "signature: OK" in r.stdout
     r = runner.invoke(cli, ["sign", patch, "--key", str(tmp_path / "key.pub.pem")])
     assert r.exit_code == 3 and r.stderr.startswith("Error: ")
+
+
+def test_apply_with_key(tmp_path, pair, keys):
+    base, target = pair()
+    runner = CliRunner()
+    signed, unsigned = str(tmp_path / "s.nnpatch"), str(tmp_path / "u.nnpatch")
+    nnpatch.diff(base, target, signed, sign_key=keys / "k.pem")
+    nnpatch.diff(base, target, unsigned)
+    out = tmp_path / "out.safetensors"
+    r = runner.invoke(cli, ["apply", base, signed, "-o", str(out), "--key", str(keys / "k.pub.pem")])
+    assert r.exit_code == 0, r.output
+    assert read(out) == read(target)
+    out.unlink()
+    for patch, pub, why in ((unsigned, "k", "not signed"), (signed, "o", "expected key")):
+        r = runner.invoke(cli, ["apply", base, patch, "-o", str(out), "--key", str(keys / f"{pub}.pub.pem")])
+        assert r.exit_code == 4 and why in r.stderr and not out.exists()
+    with pytest.raises(IntegrityError):
+        nnpatch.apply(base, unsigned, out, key=keys / "k.pub.pem")
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(read(base))
+    r = runner.invoke(cli, ["apply", "--in-place", str(model), unsigned, "--key", str(keys / "k.pub.pem")])
+    assert r.exit_code == 4 and read(model) == read(base)

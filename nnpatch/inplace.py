@@ -1,0 +1,395 @@
+"""Apply a patch to a model in place, surviving a crash at any moment.
+
+For same-shape, same-dtype updates every offset stays fixed, so only the
+changed rows are written (``nnpatch apply --in-place MODEL PATCH``):
+
+1. take an exclusive ``flock`` on the model; a second nnpatch on the same
+   file fails at once with a clear message (it does not wait);
+2. if an undo journal is beside the model, roll the model back first;
+3. check the base (every tensor hashed, as ``apply`` does) while the undo
+   journal (the old bytes of every row about to be written, and what
+   identifies base and target) is written, fsynced and renamed into place,
+   and the directory fsynced;
+4. write the new rows through a memory map, flush, fsync;
+5. verify the touched tensors (and the target model digest), then remove the
+   journal and fsync the directory.
+
+A crash before step 3 ends leaves no journal (or a ``.tmp`` one, discarded)
+and an untouched model; a crash after it leaves a journal, and the next
+``nnpatch apply --in-place`` or ``nnpatch recover`` rolls back: the old bytes go back,
+are fsynced, checked against the base digests, and the journal is removed.
+The model is then exactly OLD; after step 5 it is exactly NEW.
+
+Updates that change the layout (added, removed, retyped or reshaped
+tensors, or a different safetensors header) fall back to write-new-then-
+rename, which needs room for a second copy and fails cleanly without it.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import contextlib
+import fcntl
+import mmap
+import os
+from collections.abc import Callable
+
+import blake3
+import numpy as np
+
+from . import codecs, kernel
+from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index, decoded_chunks,
+                      plan_forward, row_bytes, run_step, workers)
+from .atomic import fsync_dir
+from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError
+from .hashing import ModelHasher, digest_bytes, digests_equal
+from .journal import Entry, JournalWriter, TornJournal, journal_path, read_journal
+from .patchfile import Patch, read_patch
+from .weights import SafetensorsFile
+
+HookFn = Callable[[str], None]
+
+
+class SimulatedCrash(BaseException):
+    """Raised by a test hook to stop an in-place apply dead, skipping every cleanup."""
+
+
+@contextlib.contextmanager
+def locked(model: str):
+    """Exclusive flock on ``model``; fails at once when another process holds it."""
+    try:
+        fd = os.open(model, os.O_RDWR)
+    except OSError as e:
+        raise NnpatchIOError(f"{model}: cannot open for writing: {e.strerror or e}") from e
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise NnpatchIOError(f"{model}: locked: another nnpatch is updating this model; "
+                                 "try again when it has finished") from None
+        st = os.fstat(fd)
+        try:
+            now = os.stat(model)
+        except OSError:
+            now = None
+        if now is None or (now.st_ino, now.st_dev) != (st.st_ino, st.st_dev):
+            raise NnpatchIOError(f"{model}: replaced while waiting for the lock; try again")
+        yield fd
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --- recovery ---------------------------------------------------------------------------
+
+def recover(model: str | os.PathLike[str]) -> str | None:
+    """Roll back an interrupted in-place apply. Returns what was done, or None when nothing was to do."""
+    model = os.fspath(model)
+    with locked(model) as fd:
+        return _recover_locked(model, fd)
+
+
+def _recover_locked(model: str, fd: int) -> str | None:
+    jpath = journal_path(model)
+    directory = os.path.dirname(os.path.abspath(model))
+    note = None
+    if os.path.exists(jpath + ".tmp"):  # never committed: the model was not written
+        os.unlink(jpath + ".tmp")
+        fsync_dir(directory)
+        note = "discarded an uncommitted journal; the model was not modified"
+    if not os.path.exists(jpath):
+        return note
+    try:
+        j = read_journal(jpath)
+    except TornJournal as e:
+        # A journal reaches its final name only complete and fsynced, and the model is written only
+        # after that: a torn one means the storage lost it, and the model was never written through it.
+        os.unlink(jpath)
+        fsync_dir(directory)
+        return f"discarded a damaged journal ({e}); the model was not modified through it"
+    try:
+        size = os.fstat(fd).st_size
+        if size != j.meta["model"]["size"]:
+            raise IntegrityError(f"{model}: the undo journal {jpath} belongs to another file "
+                                 f"({j.meta['model']['size']} bytes, this one is {size}); not touching either")
+        head_len = j.meta["model"]["header_len"]
+        head = os.pread(fd, head_len, 0)
+        if blake3.blake3(head).hexdigest() != j.meta["model"]["header_blake3"]:
+            raise IntegrityError(f"{model}: the undo journal {jpath} belongs to another file (its safetensors "
+                                 "header differs); not touching either")
+        m = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        try:
+            for e in j.entries:
+                if e.count == 0 or e.unit == 0:
+                    continue
+                dst = np.frombuffer(m, np.uint8, e.nbytes, e.offset)
+                kernel.scatter_rows(dst, e.unit, j.indices(e), j.data(e), 1, "replace", planar=False)
+                del dst
+            m.flush()
+            os.fsync(fd)
+            for e in j.entries:
+                d = digest_bytes(np.frombuffer(m, np.uint8, e.nbytes, e.offset))
+                if not digests_equal(d.hex(), e.base_blake3):
+                    raise IntegrityError(f"{model}: rollback left tensor {e.name!r} different from the base "
+                                         f"(BLAKE3 {d.hex()}, expected {e.base_blake3}); the "
+                                         f"journal {jpath} is kept")
+        finally:
+            with contextlib.suppress(BufferError):
+                m.close()
+    finally:
+        j.close()
+    os.unlink(jpath)
+    fsync_dir(directory)
+    return "rolled back an interrupted in-place update; the model is as it was before it"
+
+
+def recover_if_needed(model: str | os.PathLike[str]) -> str | None:
+    model = os.fspath(model)
+    jp = journal_path(model)
+    if os.path.exists(jp) or os.path.exists(jp + ".tmp"):
+        return recover(model)
+    return None
+
+
+# --- in place ------------------------------------------------------------------------------
+
+def _in_place_ok(plan: Plan, st: SafetensorsFile) -> bool:
+    """Same safetensors header and size: every tensor keeps its name, dtype, shape and offset."""
+    return plan.raw_layout == st.header_bytes and plan.size == st.size
+
+
+def _entries(plan: Plan, st: SafetensorsFile) -> list[tuple[Entry, Item]]:
+    out = []
+    for item in plan.items:
+        if not item.touched:
+            continue
+        step = item.fill or item.steps[0]
+        op = step.op
+        info = item.info
+        if op.kind in ("rows", "elements") and item.fill is None:
+            unit, count = row_bytes(op, info), op.count
+        else:
+            unit, count = info.nbytes, 1 if info.nbytes else 0
+        out.append((Entry(info.name, info.begin, info.nbytes, unit, count, op.base.blake3, item.expect), item))
+    return out
+
+
+def apply_in_place(model: str | os.PathLike[str], patch, *, verify: str = "default",
+                   progress: ProgressFn | None = None, hook: HookFn | None = None) -> ApplyResult:
+    """Apply ``patch`` to ``model`` in place (see the module docstring for the guarantees)."""
+    _check_verify(verify)
+    model = os.fspath(model)
+    progress = progress or (lambda n: None)
+    hook = hook or (lambda step: None)
+    with contextlib.ExitStack() as stack:
+        p = patch if isinstance(patch, Patch) else stack.enter_context(read_patch(patch))
+        fd = stack.enter_context(locked(model))
+        hook("locked")
+        _recover_locked(model, fd)
+        st = stack.enter_context(SafetensorsFile(model))
+        plan = plan_forward(st, [p])
+        if not _in_place_ok(plan, st):
+            # the layout changes: write a new file beside and rename it over the model
+            return build_file(plan, st, model, verify, progress)
+        return _apply_locked(model, fd, st, p, plan, verify, progress, hook)
+
+
+def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan, verify: str,
+                  progress: ProgressFn, hook: HookFn) -> ApplyResult:
+    jpath = journal_path(model)
+    hash_all = verify != "touched"
+    entries = _entries(plan, st)
+    meta = {
+        "model": {"size": st.size, "header_len": len(st.header_bytes),
+                  "header_blake3": blake3.blake3(st.header_bytes).hexdigest()},
+        "base": {"blake3": p.header.base.blake3, "model_blake3": p.header.base.model_blake3},
+        "target": {"blake3": p.header.target.blake3, "model_blake3": p.header.target.model_blake3},
+        "patch": p.trailer_hash,
+        "created_by": "nnpatch",
+    }
+    hashed = 0
+    with cf.ThreadPoolExecutor(max_workers=workers(), thread_name_prefix="nnpatch-inplace") as pool:
+        # 1. hash the base while the journal is written
+        names = [n for n in st.tensors if hash_all or plan.input_expect.get(n) is not None]
+        names.sort(key=lambda n: st.tensors[n].begin)
+        futures = {n: pool.submit(lambda n=n: digest_bytes(st.raw(n))) for n in names}
+        writer = JournalWriter(jpath, meta, [e for e, _ in entries])
+        try:
+            _write_journal(writer, st, entries)
+        except BaseException:
+            writer.abort()
+            for f in futures.values():
+                f.cancel()
+            raise
+        digests = {}
+        try:
+            for n, f in futures.items():
+                digests[n] = f.result()
+                hashed += st.tensors[n].nbytes
+            _check_base(st, plan, digests, hash_all)
+        except BaseException:
+            writer.abort()
+            raise
+        writer.commit()
+        hook("journal")
+        # 2. write the new rows, 3. verify them
+        m = None
+        try:
+            m = mmap.mmap(fd, st.size, access=mmap.ACCESS_WRITE)
+            finals = {}
+
+            def write_one(item: Item) -> bytes:
+                info = item.info
+                if item.fill is None and len(item.steps) == 1 and item.steps[0].op.kind == "rows":
+                    _write_rows(fd, m, item)
+                    return info.name
+                dst = np.frombuffer(m, np.uint8, info.nbytes, info.begin)
+                if item.fill is not None:
+                    run_step(item.fill, info, dst)
+                for step in item.steps:
+                    run_step(step, info, dst)
+                return info.name
+
+            todo = [item for _, item in entries]
+            for fut in cf.as_completed([pool.submit(write_one, it) for it in todo]):
+                name = fut.result()
+                hook("write:" + name)
+                progress(st.tensors[name].nbytes)
+            m.flush()
+            os.fsync(fd)
+            hook("synced")
+            for item, d in zip(todo, pool.map(lambda it: digest_bytes(
+                    np.frombuffer(m, np.uint8, it.info.nbytes, it.info.begin)), todo)):
+                finals[item.info.name] = d
+                hashed += item.info.nbytes
+                if not digests_equal(d.hex(), item.expect):
+                    raise IntegrityError(
+                        f"tensor {item.info.name!r}: result does not match the patch's target (BLAKE3 "
+                        f"{d.hex()}, expected {item.expect})", what=item.info.name,
+                        expected=item.expect, actual=d.hex())
+            if hash_all:
+                model_h = ModelHasher()
+                for item in plan.items:
+                    i = item.info
+                    model_h.add(i.name, i.dtype, i.shape,
+                                finals[i.name] if item.touched else digests[item.src.name])
+                got = model_h.digest().hex()
+                if not digests_equal(got, plan.output_model):
+                    raise IntegrityError(f"result does not match the patch's target model digest (model BLAKE3 "
+                                         f"{got}, expected {plan.output_model})")
+            digest = plan.output_file
+            if verify == "full":
+                h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+                h.update(m)
+                digest = h.hexdigest()
+                hashed += st.size
+                if not digests_equal(digest, plan.output_file):
+                    raise IntegrityError(f"{model}: result does not match the patch's target (BLAKE3 "
+                                         f"{digest}, expected {plan.output_file})")
+            hook("verified")
+        except SimulatedCrash:
+            raise
+        except BaseException:
+            if m is not None:
+                with contextlib.suppress(BufferError):
+                    m.close()
+                m = None
+            _recover_locked(model, fd)  # put the old bytes back; the model is OLD again
+            raise
+        finally:
+            if m is not None:
+                with contextlib.suppress(BufferError):
+                    m.close()
+    os.unlink(jpath)
+    fsync_dir(os.path.dirname(os.path.abspath(model)))
+    hook("done")
+    return ApplyResult(model, st.size, digest, plan.ops, verify, hashed)
+
+
+def _write_rows(fd: int, m: mmap.mmap, item: Item) -> None:
+    """Write a rows op with pwrite, run by run of adjacent rows.
+
+    Writing through the shared map would dirty (and write back) whole page-cache folios, which are large
+    on current kernels (a 4 KiB row in a 2 MiB folio rewrites 2 MiB); pwrite marks only the blocks it
+    covers, so storage sees little more than the changed rows.
+    """
+    step = item.steps[0]
+    op, info = step.op, item.info
+    width = info.itemsize
+    unit = row_bytes(op, info)
+    idx = decode_index(step, info)
+    src = np.frombuffer(m, np.uint8, info.nbytes, info.begin)
+    per = codecs.chunk_units(unit // width)
+    sizes = codecs.value_chunk_sizes(op.count, unit, unit // width)
+    where = f"{op.name!r}.values"
+    planar = "planes" in op.values.codec
+    try:
+        for i, chunk in enumerate(decoded_chunks(step.patch.section(op.values), op.values.codec, op.values.size,
+                                                 sizes, where=where)):
+            sel = idx[i * per : (i + 1) * per]
+            rows = kernel.gather_rows(src, unit, sel)
+            kernel.combine(rows, chunk, width, step.mode, planar=planar)
+            cut = np.flatnonzero(np.diff(sel) != 1) + 1
+            starts = [0, *cut.tolist()]
+            ends = [*cut.tolist(), len(sel)]
+            for a, b in zip(starts, ends):
+                data = memoryview(rows)[a * unit : b * unit]
+                off = info.begin + int(sel[a]) * unit
+                while data:
+                    k = os.pwrite(fd, data, off)
+                    data, off = data[k:], off + k
+    except PatchFormatError as e:
+        if e.path is None:
+            raise PatchFormatError(str(e), path=step.patch.path) from e
+        raise
+    except ValueError as e:
+        raise PatchFormatError(f"{where}: {e}", path=step.patch.path) from e
+
+
+def _write_journal(writer: JournalWriter, st: SafetensorsFile, entries: list[tuple[Entry, Item]]) -> None:
+    for e, item in entries:
+        info = item.info
+        if e.count == 0:
+            writer.write(b"")
+            writer.write(b"")
+            continue
+        src = st.raw(info.name)
+        if e.unit == info.nbytes and e.count == 1:
+            writer.write(np.zeros(1, "<u8"))
+            for off in range(0, info.nbytes, 16 << 20):
+                writer.write_part(src[off : off + (16 << 20)])
+            writer.end_part()
+            continue
+        idx = decode_index(item.steps[0], info)
+        writer.write(idx.astype("<u8", copy=False))
+        per = max(1, (16 << 20) // e.unit)
+        buf = np.empty(per * e.unit, np.uint8)
+        for lo in range(0, e.count, per):
+            sel = idx[lo : lo + per]
+            try:
+                out = kernel.gather_rows(src, e.unit, sel, out=buf[: len(sel) * e.unit])
+            except ValueError as err:
+                raise PatchFormatError(f"{info.name!r}.index: {err}", path=item.steps[0].patch.path) from err
+            writer.write_part(out)
+        writer.end_part()
+
+
+def _check_base(st: SafetensorsFile, plan: Plan, digests: dict, hash_all: bool) -> None:
+    for name, want in plan.input_expect.items():
+        if want is not None and not digests_equal(digests[name].hex(), want):
+            raise BaseMismatchError(
+                f"{st.path}: wrong base: tensor {name!r} differs from the patch's base (BLAKE3 "
+                f"{digests[name].hex()}, expected {want})", what=name, expected=want,
+                actual=digests[name].hex())
+    if hash_all:
+        m = ModelHasher()
+        for name, info in st.tensors.items():
+            m.add(name, info.dtype, info.shape, digests[name])
+        got = m.digest().hex()
+        if not digests_equal(got, plan.input_model):
+            raise BaseMismatchError(
+                f"{st.path}: wrong base: tensor contents differ from the patch's base (model BLAKE3 "
+                f"{got}, expected {plan.input_model})", what="base", expected=plan.input_model,
+                actual=got)
+
+
+__all__ = ["SimulatedCrash", "apply_in_place", "recover", "recover_if_needed"]

@@ -1,0 +1,36 @@
+"""Inputs found by fuzzing, kept as regressions (tests/regressions/, described in each test)."""
+
+from __future__ import annotations
+
+import os
+
+import blake3
+import pytest
+
+import nnpatch
+from nnpatch.weights import SafetensorsFile
+
+HERE = os.path.dirname(__file__)
+VECTORS = os.path.join(HERE, os.pardir, "spec", "vectors")
+
+
+def test_patch_whose_target_digest_lies(tmp_path):
+    """atheris: a header whose target.blake3 was shuffled (trailer recomputed). The layout and tensors are
+    right, so the default mode (which proves tensors and layout) writes the right file; --verify=full, which
+    re-hashes the file, refuses the patch for its false claim."""
+    with open(os.path.join(HERE, "regressions", "target-digest-lie.nnpatch.raw"), "rb") as f:
+        raw = f.read()
+    patch = tmp_path / "lie.nnpatch"
+    patch.write_bytes(raw[:-32] + blake3.blake3(raw[:-32]).digest())
+    base = os.path.join(VECTORS, "valid", "every-dtype", "base.safetensors")
+    with pytest.raises(nnpatch.IntegrityError, match="result does not match the patch's target"):
+        nnpatch.apply(base, patch, tmp_path / "full.safetensors", verify="full")
+    assert not (tmp_path / "full.safetensors").exists()
+    nnpatch.apply(base, patch, tmp_path / "out.safetensors")
+    with nnpatch.read_patch(patch) as p, SafetensorsFile(tmp_path / "out.safetensors") as w:
+        assert nnpatch.model_digest(w)[0].hex() == p.header.target.model_blake3
+    target = os.path.join(VECTORS, "valid", "every-dtype", "target.safetensors")
+    with open(target, "rb") as f:
+        assert (tmp_path / "out.safetensors").read_bytes() == f.read()
+    report = nnpatch.verify(patch, target=target)
+    assert not report.ok  # verify exposes the false claim
