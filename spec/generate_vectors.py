@@ -164,6 +164,12 @@ def invalid_patches(good: bytes):
                               offset=h["target"]["layout"]["offset"] + 64))),
         "trailing-bytes": ("64 zero bytes inserted before the trailer",
                            _reseal(good[:-TRAILER_SIZE] + bytes(64) + good[-TRAILER_SIZE:])),
+        # Found by atheris (tests/regressions): every rule holds, but the target file digest is false.
+        # Applying with verify=full must refuse it; the default mode proves tensors and layout only.
+        "target-digest-lie": ("target.blake3 with its last two hex digits swapped; apply with verify=full",
+                              _edit_header(good, lambda h: h["target"].update(
+                                  blake3=h["target"]["blake3"][:-2] + h["target"]["blake3"][-1]
+                                  + h["target"]["blake3"][-2]))),
     }
     return out
 
@@ -194,16 +200,18 @@ def build(directory: str) -> dict:
         with open(path, "wb") as f:
             f.write(data)
         rel = os.path.relpath(path, directory)
+        options = {"verify": "full"} if name == "target-digest-lie" else {}
         try:
             nnpatch.apply(os.path.join(directory, "valid", "rows-f32", "base.safetensors"), path,
-                          os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
+                          os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"), **options)
             raise SystemExit(f"invalid vector {name} was accepted")
         except nnpatch.NnpatchError as e:
             message = str(e).replace(path, "{patch}")
             manifest["invalid"].append({"name": name, "description": desc, "patch": rel,
-                                        "base": "valid/rows-f32/base.safetensors",
+                                        "base": "valid/rows-f32/base.safetensors", "apply_options": options,
                                         "error": type(e).__name__, "message": message})
     wrong = {"name": "wrong-base", "description": "the valid rows-f32 patch applied to the all-ops base",
+             "apply_options": {},
              "patch": "valid/rows-f32/patch.nnpatch", "base": "valid/all-ops/base.safetensors"}
     try:
         nnpatch.apply(os.path.join(directory, wrong["base"]), os.path.join(directory, wrong["patch"]),

@@ -46,7 +46,7 @@ def test_invalid_vector_fails_as_documented(vec, tmp_path):
     out = tmp_path / "out.safetensors"
     base_before = read(path(vec["base"]))
     with pytest.raises(nnpatch.NnpatchError) as info:
-        nnpatch.apply(path(vec["base"]), path(vec["patch"]), out)
+        nnpatch.apply(path(vec["base"]), path(vec["patch"]), out, **vec["apply_options"])
     assert type(info.value).__name__ == vec["error"]
     expected = vec["message"].replace("{patch}", path(vec["patch"])).replace("{base}", path(vec["base"]))
     assert str(info.value) == expected
