@@ -62,6 +62,7 @@ from .errors import (BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOE
 from .hashing import ModelHasher, digest_bytes, digests_equal
 from .patchfile import Op, Patch, Section, read_patch
 from .weights import SafetensorsFile, TensorInfo, parse_safetensors_header
+from .weights.source import open_source
 
 ProgressFn = Callable[[int], None]
 
@@ -535,8 +536,11 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
             label: str) -> tuple[str, int]:
     """Fill the output per ``plan``; returns (output file digest, bytes hashed)."""
     hash_all = verify != "touched"
-    in_fd = inp._file.fileno()
-    in_map = inp._map
+    # A base in another format (PyTorch, a sharded directory...) has no single
+    # file to copy ranges from: its tensors are copied through their arrays.
+    by_file = isinstance(inp, SafetensorsFile)
+    in_fd = inp._file.fileno() if by_file else -1
+    in_map = inp._map if by_file else None
     errors_ = _Errors()
     digests: dict[str, bytes] = {}
     finals: dict[str, bytes] = {}
@@ -572,7 +576,10 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
         if item.src is not None:
             if item.src.name in hashed_by_make:  # checked here, before its bytes are used, while they are hot
                 hash_one(item.src.name)
-            copy_range(in_fd, out_fd, item.src.begin, info.begin, info.nbytes, in_map, out_map)
+            if by_file:
+                copy_range(in_fd, out_fd, item.src.begin, info.begin, info.nbytes, in_map, out_map)
+            elif info.nbytes:
+                dst[:] = inp.raw(item.src.name)
         if item.fill is not None:
             run_step(item.fill, info, dst)
         for step in item.steps:
@@ -602,6 +609,16 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
         else:
             run = [s, d, item.info.nbytes]
             runs.append(run)
+    if not by_file:
+        runs = []
+
+        def copy_tensor(name: str, dst_off: int, n: int) -> None:
+            if n:
+                np.frombuffer(out_map, np.uint8, n, dst_off)[:] = inp.raw(name)
+
+        for item in plan.items:
+            if not item.touched:
+                tasks.append((copy_tensor, (item.src.name, item.info.begin, item.info.nbytes), item.info.nbytes))
     for s, d, n in runs:
         for off in range(0, n, _COPY_PIECE):
             k = min(_COPY_PIECE, n - off)
@@ -800,7 +817,7 @@ def apply_chain(base: str | os.PathLike[str], patches: Sequence, output: str | o
 
             for q in opened:
                 verify_signature(q, os.fspath(key))
-        b = stack.enter_context(SafetensorsFile(base))
+        b = stack.enter_context(open_source(base))
         plan = plan_forward(b, opened)
         return build_file(plan, b, output, verify, progress or (lambda n: None))
 

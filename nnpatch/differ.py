@@ -23,6 +23,7 @@ from .errors import UsageError
 from .hashing import ModelHasher, digest_bytes, hash_file
 from .patchfile import ModelRef, Op, PatchHeader, PatchWriter, Section, TensorRef
 from .weights import SafetensorsFile
+from .weights.source import ModelSource, open_source
 
 #: Sections up to this size try every codec; larger ones choose on a sample.
 _TRY_ALL_BYTES = 256 << 10
@@ -101,7 +102,9 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
         signer = signer_from_file(os.fspath(sign_key))
     if not codecs.MIN_LEVEL <= level <= codecs.MAX_LEVEL:
         raise UsageError(f"--level must be between {codecs.MIN_LEVEL} and {codecs.MAX_LEVEL}, got {level}")
-    with SafetensorsFile(base) as b, SafetensorsFile(target) as t:
+    with open_source(base) as b, open_source(target) as t:
+        if reversible and not isinstance(b, SafetensorsFile):
+            raise UsageError("--reversible needs a safetensors base (revert writes the base back byte for byte)")
         return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None))
 
 
@@ -143,10 +146,11 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             changes.append(change)
             progress(ti.nbytes if ti else 0)
         header = PatchHeader(
-            base=ModelRef("safetensors", b.size, hash_file(b.path), base_model.digest().hex(), len(b.tensors),
+            base=ModelRef(_kind(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
                           layout=base_layout),
-            target=ModelRef("safetensors", t.size, hash_file(t.path), target_model.digest().hex(), len(t.tensors),
-                            layout=layout),
+            # a target in another format is written as safetensors, in the canonical layout
+            target=ModelRef("safetensors", _target_size(t), _target_digest(t), target_model.digest().hex(),
+                            len(t.tensors), layout=layout),
             ops=ops,
             created_by=f"nnpatch {__version__}",
         )
@@ -159,6 +163,22 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
     with read_patch(output) as p:
         trailer = p.trailer_hash
     return DiffResult(output, size, b.size, t.size, len(t.tensors), changes, trailer)
+
+
+def _kind(m) -> str:
+    return m.kind if isinstance(m, ModelSource) else "safetensors"
+
+
+def _file_digest(m) -> str:
+    return m.file_digest() if isinstance(m, ModelSource) else hash_file(m.path)
+
+
+def _target_size(m) -> int:
+    return m.canonical_size if isinstance(m, ModelSource) else m.size
+
+
+def _target_digest(m) -> str:
+    return m.canonical_digest() if isinstance(m, ModelSource) else hash_file(m.path)
 
 
 def _encode_layout(writer: PatchWriter, header_bytes: bytes, level: int) -> Section:

@@ -50,7 +50,9 @@ MAX_ZSTD_EXPANSION = 32768
 
 KNOWN_FEATURES: frozenset[str] = frozenset()
 OPS = ("rows", "elements", "whole", "add", "remove")
-MODEL_FORMATS = ("safetensors",)
+#: Formats a base may have; a target is always written as safetensors.
+MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
+TARGET_FORMATS = ("safetensors",)
 
 
 def align(n: int) -> int:
@@ -497,7 +499,7 @@ class _Reader:
 def _model_ref(r: _Reader, obj: dict, key: str, *, layout: bool) -> ModelRef:
     o = r.obj(obj, key, "header")
     fmt = r.str(o, "format", key)
-    if fmt not in MODEL_FORMATS:
+    if fmt not in (TARGET_FORMATS if key == "target" else MODEL_FORMATS):
         raise UnsupportedVersionError(f"header: {key}.format: unknown model format {fmt!r}", path=r.path, found=fmt)
     return ModelRef(fmt, r.int(o, "size", key), r.digest(o, "blake3", key), r.digest(o, "model_blake3", key),
                     r.int(o, "tensors", key), r.section(o, "layout", key, optional=not layout))
@@ -515,6 +517,8 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
     created_by = r.str(obj, "created_by", "header", optional=True) or ""
     base = _model_ref(r, obj, "base", layout=False)
     target = _model_ref(r, obj, "target", layout=True)
+    if base.layout is not None and base.format != "safetensors":
+        r.fail("base.layout", f"only a safetensors base has a layout (this one is {base.format!r})")
     for role, ref in (("base", base), ("target", target)):
         if ref.layout is None:
             continue

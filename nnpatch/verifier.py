@@ -14,7 +14,7 @@ from .applier import check_base, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
-from .weights import SafetensorsFile
+from .weights.source import open_source
 
 
 @dataclass
@@ -91,14 +91,17 @@ def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
 
 
 def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: Patch | None) -> Check:
-    actual = hash_file(path)
-    if digests_equal(actual, file_digest):
+    try:
+        actual = hash_file(path) if not os.path.isdir(path) else None
+    except NnpatchError as e:
+        return Check(role, False, str(e))
+    if actual is not None and digests_equal(actual, file_digest):
         return Check(role, True, f"{path}: file BLAKE3 matches")
     if role == "target":
         return Check(role, False, f"{path}: file BLAKE3 {actual} does not match the patch's target {file_digest}")
-    # A re-serialized base with the same tensors still takes the patch.
+    # A re-serialized base with the same tensors, in any format, still takes the patch.
     try:
-        with SafetensorsFile(path) as w:
+        with open_source(path) as w:
             if p is not None:
                 _, _, layout = target_layout(p)
                 check_base(p, w, layout)
