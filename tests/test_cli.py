@@ -205,11 +205,23 @@ def test_real_subprocess(made, tmp_path):
     assert read(out) == read(target)
 
 
-def test_demo(runner, tmp_path):
-    r = runner.invoke(cli, ["demo", "--dir", str(tmp_path / "d"), "--json"])
+def test_demo_synthetic(runner, tmp_path):
+    r = runner.invoke(cli, ["demo", "--dir", str(tmp_path / "d"), "--json", "--synthetic"])
     assert r.exit_code == 0, r.output
     obj = json.loads(r.stdout)
     assert obj["verified"] is True and obj["patch_bytes"] < 0.2 * obj["model_bytes"]
+
+
+@pytest.mark.torch
+def test_demo_trains_a_sparse_update(runner, tmp_path):
+    pytest.importorskip("torch")
+    pytest.importorskip("sklearn")
+    r = runner.invoke(cli, ["demo", "--dir", str(tmp_path / "d"), "--json"])
+    assert r.exit_code == 0, r.output
+    obj = json.loads(r.stdout)
+    assert obj["verified"] is True and obj["percent_channels_changed"] <= 10.0
+    assert obj["accuracy"]["sparse_update"] > obj["accuracy"]["base"]
+    assert obj["patch_bytes"] < 0.2 * obj["model_bytes"]
 
 
 def test_textconv_is_stable_and_shows_changes(made, runner):

@@ -56,5 +56,5 @@ def test_json_outputs(files):
 
 
 def test_demo_json(tmp_path):
-    r = CliRunner().invoke(cli, ["demo", "--dir", str(tmp_path), "--json"])
+    r = CliRunner().invoke(cli, ["demo", "--dir", str(tmp_path), "--json", "--synthetic"])
     check("demo", r.stdout)

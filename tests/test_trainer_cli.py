@@ -12,8 +12,10 @@ import textwrap
 import pytest
 from click.testing import CliRunner
 
-from nnpatch.errors import UsageError, WeightsError
-from nnpatch.trainer.command import train_sparse
+pytest.importorskip("torch")
+
+from nnpatch.errors import UsageError, WeightsError  # noqa: E402
+from nnpatch.trainer.command import train_sparse  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -172,3 +174,18 @@ def test_standalone_entry_reports_errors_in_one_line(tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
+def test_parse_bytes_and_module_specs():
+    pytest.importorskip("torch")
+    from nnpatch.trainer.run import load_spec, parse_bytes
+
+    assert parse_bytes("2MB") == 2_000_000 and parse_bytes("512KiB") == 524288
+    assert parse_bytes("1000") == 1000 and parse_bytes("1.5 kB") == 1500
+    for bad in ("", "MB", "-1", "3 parsecs"):
+        with pytest.raises(UsageError):
+            parse_bytes(bad)
+    model = load_spec("nnpatch.trainer.recipes:DigitsCNN", "--model")
+    assert type(model).__name__ == "DigitsCNN"
+    with pytest.raises(UsageError, match="expected module.path:callable"):
+        load_spec("nnpatch.trainer.recipes", "--model")

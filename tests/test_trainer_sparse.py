@@ -219,8 +219,8 @@ def test_resume_from_checkpoint_is_exact(tmp_path):
     first, _ = run_trainer(checkpoint_path=str(ckpt), max_steps=7)
     first.run()
     state = torch.load(ckpt, map_location="cpu", weights_only=True)
-    assert state["step"] == 7 and set(state) >= {"config", "step", "sparse", "optimizer", "model", "rng"}
-    assert state["sparse"]["masks"]
+    assert state["step"] == 7 and set(state) >= {"config", "step", "masks", "optimizer", "model", "rng"}
+    assert state["masks"] and state["config"]["ratio"] == 0.2
     second, _ = run_trainer(checkpoint_path=str(ckpt))
     second.run(resume_from=ckpt)
     a = straight.model.state_dict()

@@ -35,13 +35,15 @@ __all__ = ["train_sparse", "main"]
               help="A fully-updated teacher (.safetensors) to distil from.")
 @click.option("--teacher-epochs", type=int, default=None, help="Epochs to train the teacher (if not given).")
 @click.option("--epochs", type=int, default=None, help="Student epochs.")
-@click.option("--lr", type=float, default=None, help="Learning rate (AdamW, cosine schedule; default 3e-3).")
+@click.option("--lr", type=float, default=None,
+              help="Learning rate (AdamW, cosine schedule; default 3e-3; recipe digits: 1e-2).")
 @click.option("--batch-size", type=int, default=None, help="Batch size (default 64).")
 @click.option("--task", type=click.Choice(["classification", "regression"]), default=None,
               help="Loss and metric (default classification).")
-@click.option("--kd-temperature", type=float, default=4.0, show_default=True)
-@click.option("--kd-weight", type=float, default=1.0, show_default=True,
-              help="loss = task + W * KD")
+@click.option("--kd-temperature", type=float, default=None,
+              help="Softmax temperature T of the KD term (default 4; recipe digits: 2).")
+@click.option("--kd-weight", type=float, default=None,
+              help="loss = task + W * KD (default 1; recipe digits: 3).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),

@@ -75,9 +75,9 @@ class Video3D(nn.Module):
         super().__init__()
         w = width
         self.net = nn.Sequential(
-            nn.Conv3d(1, w, (1, 3, 3), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(w), nn.ReLU(),
+            nn.Conv3d(1, w, (1, 3, 3), stride=(1, 2, 2), padding=(0, 1, 1), bias=False), nn.BatchNorm3d(w),
+            nn.ReLU(),
             nn.Conv3d(w, 2 * w, (3, 3, 3), padding=1, bias=False), nn.BatchNorm3d(2 * w), nn.ReLU(),
-            nn.MaxPool3d((1, 2, 2)),
             nn.Conv3d(2 * w, 4 * w, (3, 3, 3), padding=1, bias=False), nn.BatchNorm3d(4 * w), nn.ReLU(),
         )
         self.pool = nn.AdaptiveAvgPool3d(1)

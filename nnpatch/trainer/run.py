@@ -7,6 +7,20 @@
 spec must give a ``(train_dataset, eval_dataset)`` pair of map-style datasets
 yielding ``(input, target)`` pairs (class indices for classification, tensors
 shaped like the output for regression).
+
+What the command does: (1) M0 = ``--base`` loaded into the ``--model`` architecture
+(with ``--recipe digits``: trained on the old digits and written to
+``<stem>.base.safetensors`` beside ``-o`` or to ``--base-out``); (2) a teacher =
+M0 fine-tuned with every parameter free for ``--teacher-epochs`` (or ``--teacher``);
+(3) the student = M0 trained with task loss + ``--kd-weight`` x KD under a
+channel-sparse update (cubic schedule down to ``--ratio`` of the channels, or to
+what fits ``--budget`` bytes estimated as raw bytes x 0.9); (4) the student is
+saved in the base file's dtypes (frozen channels round-trip bit-exactly), with
+``num_batches_tracked`` and every other non-float tensor reset to M0's value so
+they never count as a change; (5) the changed channels are recounted from the
+bytes and checked against the target; (6) ``nnpatch.diff(base, -o, --patch)``.
+Under ``torchrun`` every rank trains (DDP, gloo on CPU); the ranks' final weights
+are compared by digest and rank 0 writes the files.
 """
 
 from __future__ import annotations
@@ -27,7 +41,6 @@ import torch
 from torch import nn
 
 from ..errors import MissingDependencyError, UsageError, WeightsError
-from .channels import group_channels
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
@@ -155,7 +168,8 @@ def _cfg(base: TrainerConfig, **kw: Any) -> TrainerConfig:
 
 def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
            teacher: nn.Module | None = None, teacher_epochs: int | None = None,
-           kd: bool = True, log: Callable[[str], None] | None = None) -> dict:
+           teacher_lr: float | None = None, kd: bool = True,
+           log: Callable[[str], None] | None = None) -> dict:
     """Run the Tiny Updater on ``base_model`` (M0, left untouched).
 
     Trains a fully-updated teacher (unless given) for ``teacher_epochs``, then a
@@ -168,7 +182,7 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
         set_seed(config.seed + 1)
         teacher = copy.deepcopy(base_model)
         tcfg = _cfg(config, ratio=None, budget_bytes=None, epochs=teacher_epochs or config.epochs,
-                    checkpoint_path=None)
+                    lr=teacher_lr or config.lr, checkpoint_path=None)
         Trainer(tcfg, teacher, train_ds).run()
         if log:
             log(f"teacher trained ({time.time() - t0:.1f}s)")
@@ -177,7 +191,7 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
     tr = Trainer(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None)
     if log:
         tr.add_callback("on_epoch_end", lambda t: log(f"student epoch {t.history[-1]['epoch']}: "
-                                                      f"loss {t.loss:.4f}, kept "
+                                                      f"loss {t.history[-1]['mean_loss']:.4f}, kept "
                                                       f"{t.sparse.num_kept if t.sparse else '-'}"))
     tr.run()
     check = None
@@ -212,7 +226,8 @@ def _metric(task: str, res: dict) -> float:
 def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: str | None,
                      base: str | None, ratio: float | None, budget: str | None, teacher_path: str | None,
                      teacher_epochs: int | None, epochs: int | None, lr: float | None, batch_size: int | None,
-                     task: str | None, kd_temperature: float, kd_weight: float, seed: int, device: str,
+                     task: str | None, kd_temperature: float | None, kd_weight: float | None, seed: int,
+                     device: str,
                      output: str, patch: str, base_out: str | None = None,
                      cost_factor: float = 0.9, log: Callable[[str], None] | None = None) -> dict | None:
     """Everything ``nnpatch train-sparse`` does; returns the report (None on ranks > 0)."""
@@ -236,6 +251,11 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
             raise UsageError(f"{name} must be >= 1")
     if lr is not None and not lr > 0:
         raise UsageError("--lr must be > 0")
+    tuned = recipe is not None  # the recipe's tuned defaults (benchmarks/RESULTS-tinyupdater.md)
+    lr_given = lr
+    lr = lr if lr is not None else (1e-2 if tuned else 3e-3)
+    kd_weight = kd_weight if kd_weight is not None else (3.0 if tuned else 1.0)
+    kd_temperature = kd_temperature if kd_temperature is not None else (2.0 if tuned else 4.0)
     if kd_temperature <= 0:
         raise UsageError("--kd-temperature must be > 0")
     if device.startswith("cuda") and not torch.cuda.is_available():
@@ -269,13 +289,16 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
             say("training v1 (M0) on the old digits")
         Trainer(m0_cfg, base_model, sc["old_train"]).run()
         base_model = base_model.to("cpu").eval()
-        base_path = Path(base_out) if base_out else out_path.with_name(out_path.name.split(".")[0] + ".base.safetensors")
+        stem = out_path.name[:-len(".safetensors")] if out_path.name.endswith(".safetensors") else out_path.name
+        base_path = Path(base_out) if base_out else out_path.with_name(stem + ".base.safetensors")
+        if base_path.resolve() == out_path.resolve():
+            raise UsageError("--base-out and -o name the same file")
         if rank == 0:
             save_weights(base_model.state_dict(), base_path)
         train_ds, eval_ds = sc["new_train"], sc["new_test"]
         base_file_state = {k: v.clone() for k, v in base_model.state_dict().items()}
-        epochs = epochs or 12
-        teacher_epochs_default = 12
+        epochs = epochs or 20
+        teacher_epochs_default = 20
     else:
         assert model_spec and data_spec and base
         task = task or "classification"
@@ -297,11 +320,12 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     if teacher_path:
         teacher = copy.deepcopy(base_model)
         load_into(teacher, load_weights(teacher_path), teacher_path)
-    cfg = TrainerConfig(epochs=epochs, batch_size=batch_size or 64, lr=lr or 3e-3, task=task,
+    cfg = TrainerConfig(epochs=epochs, batch_size=batch_size or 64, lr=lr, task=task,
                         kd_temperature=kd_temperature, kd_weight=kd_weight, ratio=ratio,
                         budget_bytes=budget_bytes, cost_factor=cost_factor, seed=seed, device=device)
     res = update(base_model.to(device), train_ds, eval_ds, config=cfg, teacher=teacher,
-                 teacher_epochs=teacher_epochs or teacher_epochs_default, log=say)
+                 teacher_epochs=teacher_epochs or teacher_epochs_default,
+                 teacher_lr=3e-3 if tuned and lr_given is None else None, log=say)
     student = res["student"].to("cpu")
     teacher = res["teacher"].to("cpu")
     # the student in the base file's dtypes (frozen channels round-trip exactly)
@@ -309,8 +333,8 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     check = changed_channels(new_state, base_file_state, res["sparse"].groups)
     changed = check.pop("changed_vector")
     agree = _ranks_agree(new_state) if distributed else True
+    _teardown(distributed)  # all ranks leave together; rank 0 goes on alone
     if rank != 0:
-        _teardown(distributed)
         return None
     if not agree:
         raise AssertionError("ranks ended with different weights")
@@ -343,7 +367,6 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
         report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * cost_factor)
     report["seconds"] = round(time.time() - t0, 2)
-    _teardown(distributed)
     return report
 
 
@@ -368,4 +391,5 @@ def _teardown(distributed: bool) -> None:
     if distributed:
         import torch.distributed as dist
 
+        dist.barrier()
         dist.destroy_process_group()

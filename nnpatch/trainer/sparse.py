@@ -16,14 +16,24 @@ Schedule (:class:`PruneSchedule`, default ``cubic``): ``events`` prune events at
 the steps ``round(total * end * i / events)``, ``i = 1..events``.  At event *i*
 the kept share is ``r + (1 - r) * (1 - i / events) ** 3`` (``linear``: power 1)
 of the channels, so it ramps from 100 % to the target ``r`` and reaches it at
-``end`` (default 0.6) of training; the remaining 40 % of the steps fine-tune the
-kept channels only.  ``oneshot`` prunes once at ``end``; ``start`` prunes once
+``end`` (default 0.25) of training; the remaining 75 % of the steps fine-tune the
+kept channels only (benchmarks/RESULTS-tinyupdater.md: ending the ramp early
+leaves the kept channels time to re-adapt after their neighbours were reset).  ``oneshot`` prunes once at ``end``; ``start`` prunes once
 before the first step (with ``selection="random"``: a random fixed subset).
 Pruning is monotone: a frozen channel is never revived.
 
 Selection: channels are ranked by the L1 distance between the current weights
-and the base weights, summed over all tensors of the channel (``selection="l1"``)
-or by a seeded random score (``"random"``).  With ``ratio`` the top
+and the base weights, summed over all tensors of the channel (``selection="l1"``,
+the Tiny Updater rule as published), by that distance divided by the channel's parameter
+count (``"l1_mean"``), by that distance divided by the mean distance of the live
+channels of its layer (``"l1_layer"``: layers compete on relative change, so the
+kept channels spread over the depth instead of piling up in the widest layers),
+or by a seeded random score (``"random"``).  The default is ``"l1_layer"``: with the
+plain global sum the widest layer (largest fan-in) takes nearly all kept channels,
+which measured 2-3 points worse on the digits domain shift.  ``"teacher"`` / ``"teacher_layer"``
+rank by the teacher's (the full update's) distance to the base instead of the
+student's -- with ``schedule="start"`` the student then trains only those channels
+from the first step, and nothing it learnt is ever reset.  With ``ratio`` the top
 ``floor(share * N)`` channels are kept (N = channel count); with ``budget_bytes``
 channels are taken in rank order while their estimated encoded size (raw bytes
 times ``cost_factor``) fits the byte target of the event.
@@ -42,15 +52,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .channels import ChannelGroup, Member, group_channels, unwrap_model
+from .channels import ChannelGroup, group_channels, unwrap_model
 
-__all__ = ["PruneSchedule", "SparseUpdate", "changed_channels"]
+__all__ = ["PruneSchedule", "SparseUpdate", "changed_channels", "SELECTIONS"]
+
+SELECTIONS = ("l1", "l1_mean", "l1_layer", "random", "teacher", "teacher_layer")
 
 
 @dataclass
 class PruneSchedule:
     kind: str = "cubic"   # cubic | linear | oneshot | start
-    end: float = 0.6      # fraction of training at which the target is reached
+    end: float = 0.25     # fraction of training at which the target is reached
     events: int = 10      # number of prune events for cubic/linear
 
     def __post_init__(self) -> None:
@@ -102,8 +114,9 @@ class SparseUpdate:
     def __init__(self, model: nn.Module, base_state: dict[str, torch.Tensor] | None = None,
                  ratio: float | None = 0.1, schedule: PruneSchedule | str | None = None, *,
                  budget_bytes: int | None = None, cost_factor: float = 1.0,
-                 selection: str = "l1", seed: int = 0,
-                 groups: list[ChannelGroup] | None = None) -> None:
+                 selection: str = "l1_layer", seed: int = 0,
+                 groups: list[ChannelGroup] | None = None,
+                 reference_state: dict[str, torch.Tensor] | None = None) -> None:
         self.model = unwrap_model(model)
         if budget_bytes is not None:
             ratio = None
@@ -111,8 +124,11 @@ class SparseUpdate:
             raise ValueError("give ratio or budget_bytes")
         if ratio is not None and not 0.0 < ratio <= 1.0:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")
-        if selection not in ("l1", "random"):
+        if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}")
+        if selection.startswith("teacher") and reference_state is None:
+            raise ValueError(f"selection {selection!r} needs reference_state (the teacher's weights)")
+        self.reference_state = reference_state
         self.ratio = ratio
         self.budget_bytes = budget_bytes
         self.cost_factor = float(cost_factor)
@@ -143,7 +159,8 @@ class SparseUpdate:
                            if k not in self.tensors and k in base_state}
         self.masks: dict[str, torch.Tensor] = {g.name: torch.ones(g.size, dtype=torch.bool) for g in self.groups}
         self._cpu_state = {k: v.detach() for k, v in self.base.items()}
-        self.channel_bytes = torch.cat([g.bytes_per_channel(self._cpu_state) for g in self.groups]) \
+        # bytes in the base's own dtypes (what a patch stores), parameters as counted in the model
+        self.channel_bytes = torch.cat([g.bytes_per_channel(base_state) for g in self.groups]) \
             if self.groups else torch.zeros(0, dtype=torch.int64)
         self.channel_params = torch.cat([g.params_per_channel(self._cpu_state) for g in self.groups]) \
             if self.groups else torch.zeros(0, dtype=torch.int64)
@@ -246,13 +263,16 @@ class SparseUpdate:
 
     # ---------------------------------------------------------------- scores
     @torch.no_grad()
-    def scores(self) -> torch.Tensor:
-        """L1 distance to the base of every channel (float64, concatenated over groups)."""
+    def scores(self, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
+        """L1 distance to the base of every channel (float64, concatenated over groups), of the
+        model's current weights or of ``state`` (e.g. a teacher's)."""
         out = []
+        src = self.tensors if state is None else state
         for g in self.groups:
             s = torch.zeros(g.size, dtype=torch.float64)
             for m in g.members:
-                d = (self.tensors[m.key].detach().to(torch.float64) - self.base[m.key].to(torch.float64)).abs()
+                cur = src[m.key].detach().to(device=self.base[m.key].device, dtype=torch.float64)
+                d = (cur - self.base[m.key].to(torch.float64)).abs()
                 if m.axis is None:
                     s += d.sum().cpu()
                 else:
@@ -260,6 +280,20 @@ class SparseUpdate:
                     s[m.start:m.stop] += (d.sum(dim=dims) if dims else d).cpu()
             out.append(s)
         return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def _layer_normalized(self, scores: torch.Tensor) -> torch.Tensor:
+        """Each channel's L1 distance divided by the mean over the live channels of its group."""
+        out = scores.clone()
+        alive = self.mask_vector()
+        off = 0
+        for g in self.groups:
+            sl = slice(off, off + g.size)
+            live = scores[sl][alive[sl]]
+            mean = float(live.mean()) if live.numel() else 0.0
+            if mean > 0:
+                out[sl] = scores[sl] / mean
+            off += g.size
+        return out
 
     def _random_scores(self) -> torch.Tensor:
         gen = torch.Generator().manual_seed(10_007 * self.seed + 17)
@@ -293,7 +327,17 @@ class SparseUpdate:
         """Keep the ``k`` best-scoring live channels (or a share, or what fits ``budget`` bytes),
         freeze and reset the rest.  Returns the number kept."""
         if scores is None:
-            scores = self._random_scores() if self.selection == "random" else self.scores()
+            if self.selection == "random":
+                scores = self._random_scores()
+            elif self.selection.startswith("teacher"):
+                scores = self.scores(self.reference_state)
+            else:
+                scores = self.scores()
+            if self.selection == "l1_mean":
+                scores = scores / self.channel_params.clamp(min=1).to(torch.float64)
+            elif self.selection in ("l1_layer", "teacher_layer"):
+                scores = self._layer_normalized(scores)
+        scores = _broadcast_from_rank0(scores)
         if k is None and budget is None:
             if share is None:
                 share = self.ratio if self.ratio is not None else 1.0
@@ -437,6 +481,17 @@ class SparseUpdate:
                 return f"{g.name}[{i - off}]"
             off += g.size
         return str(i)
+
+
+def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
+    """Under torch.distributed, every rank takes rank 0's tensor (so all ranks select alike)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() < 2:
+        return t
+    t = t.clone()
+    dist.broadcast(t, src=0)
+    return t
 
 
 @torch.no_grad()

@@ -16,6 +16,12 @@ caller, e.g. via :func:`init_distributed`), the model is wrapped in DDP and each
 rank reads every ``world_size``-th sample of the epoch's permutation.
 
 Callback events: ``on_batch_end``, ``on_prune``, ``on_epoch_end``, ``on_train_end``.
+
+A checkpoint is a dict loadable with ``torch.load(path, weights_only=True)``:
+``config`` (the TrainerConfig as a dict), ``step``, ``epoch``, ``model`` (state
+dict), ``masks`` (group name -> bool tensor, True = kept; None for a full update),
+``prune_events_done``, ``optimizer`` (its state dict) and ``rng`` (torch CPU RNG
+state).
 """
 
 from __future__ import annotations
@@ -89,9 +95,9 @@ class TrainerConfig:
     budget_bytes: int | None = None
     cost_factor: float = 1.0
     schedule: str = "cubic"           # cubic | linear | oneshot | start
-    prune_end: float = 0.6
+    prune_end: float = 0.25
     prune_events: int = 10
-    selection: str = "l1"             # l1 | random
+    selection: str = "l1_layer"       # l1 | l1_mean | l1_layer | random | teacher | teacher_layer
     seed: int = 0
     device: str = "cpu"
     checkpoint_path: str | None = None
@@ -135,10 +141,13 @@ class Trainer:
             self.sparse = SparseUpdate(
                 self.model, base_state, ratio=config.ratio, budget_bytes=config.budget_bytes,
                 cost_factor=config.cost_factor, selection=config.selection, seed=config.seed,
-                schedule=PruneSchedule(config.schedule, config.prune_end, config.prune_events))
+                schedule=PruneSchedule(config.schedule, config.prune_end, config.prune_events),
+                reference_state=({k: v.detach() for k, v in self.teacher.state_dict().items()}
+                                 if self.teacher is not None and config.selection.startswith("teacher") else None))
         self.step = 0
         self.epoch = 0
         self.loss = float("nan")
+        self._loss_sum, self._loss_n = 0.0, 0
         self.history: list[dict] = []
         self.optimizer = self._make_optimizer()
 
@@ -191,7 +200,8 @@ class Trainer:
             "step": self.step,
             "epoch": self.epoch,
             "model": {k: v.detach().cpu().clone() for k, v in raw.state_dict().items()},
-            "sparse": self.sparse.state_dict() if self.sparse is not None else None,
+            "masks": self.sparse.state_dict()["masks"] if self.sparse is not None else None,
+            "prune_events_done": self.sparse.events_done if self.sparse is not None else 0,
             "optimizer": self.optimizer.state_dict(),
             "rng": torch.get_rng_state(),
         }
@@ -208,8 +218,9 @@ class Trainer:
         state = path_or_state if isinstance(path_or_state, dict) else \
             torch.load(path_or_state, map_location="cpu", weights_only=True)
         self.model.load_state_dict(state["model"])
-        if self.sparse is not None and state.get("sparse") is not None:
-            self.sparse.load_state_dict(state["sparse"])
+        if self.sparse is not None and state.get("masks") is not None:
+            self.sparse.load_state_dict({"masks": state["masks"],
+                                         "events_done": state.get("prune_events_done", 0)})
         self.optimizer.load_state_dict(state["optimizer"])
         torch.set_rng_state(state["rng"])
         self.step = int(state["step"])
@@ -266,6 +277,8 @@ class Trainer:
                     self.sparse.after_step(self.optimizer)
                 self.step += 1
                 self.loss = float(loss.detach())
+                self._loss_sum += self.loss
+                self._loss_n += 1
                 self.trigger("on_batch_end")
                 if self.sparse is not None and self.sparse.on_step(self.step, total, self.optimizer):
                     self._sync_masks()
@@ -275,8 +288,12 @@ class Trainer:
                 if self.step >= stop or self.step % spe == 0:
                     break
             if self.step % spe == 0 or self.step >= total:
-                self.history.append({"epoch": self.step // spe, "step": self.step, "loss": self.loss})
+                self.history.append({"epoch": self.step // spe, "step": self.step, "loss": self.loss,
+                                     "mean_loss": self._loss_sum / max(1, self._loss_n)})
+                self._loss_sum, self._loss_n = 0.0, 0
                 self.trigger("on_epoch_end")
+        if self.world > 1:
+            self._sync_buffers()
         if self.step >= total:
             if self.sparse is not None:
                 self.sparse.finalize()
@@ -285,6 +302,14 @@ class Trainer:
             self.save_checkpoint()
         self.model.eval()
         return self
+
+    @torch.no_grad()
+    def _sync_buffers(self) -> None:
+        """Take rank 0's buffers (BN running stats), as DDP does before every forward."""
+        import torch.distributed as dist
+
+        for b in self.model.buffers():
+            dist.broadcast(b, src=0)
 
     def _sync_masks(self) -> None:
         """Make every rank use rank 0's masks (they agree already; this is a guard)."""
@@ -296,6 +321,7 @@ class Trainer:
         dist.broadcast(vec, src=0)
         self.sparse._set_mask_vector(vec.bool())
         self.sparse.reset_frozen()
+        self.sparse.mask_optimizer_state(self.optimizer)
 
 
 @torch.no_grad()
