@@ -50,6 +50,13 @@ def test_json_outputs(files):
     (tmp / "SUMS").write_text(run(cli, ["hash", base]).stdout)
     check("hash-check", run(cli, ["hash", "--check", str(tmp / "SUMS"), "--json"]).stdout)
     check("show", run(cli, ["show", patch, "--json"]).stdout)
+    rel = tmp / "dist"
+    check("release-manifest", run(cli, ["release", base, "--to", target, "-o", str(rel), "--json"]).stdout)
+    model = tmp / "model.safetensors"
+    model.write_bytes((tmp / "base.safetensors").read_bytes())
+    r = run(cli, ["update", str(model), "--manifest", str(rel / "manifest.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert check("update", r.stdout)["updated"] is True
     pytest.importorskip("cryptography")
     check("keygen", run(cli, ["keygen", "-o", str(tmp / "k"), "--json"]).stdout)
     check("sign", run(cli, ["sign", patch, "--key", str(tmp / "k.pem"), "--json"]).stdout)

@@ -1,0 +1,173 @@
+"""Release sets: a patch from every old version to the new one, a manifest, and an
+updater that checks everything before it replaces the model."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+
+import jsonschema
+import numpy as np
+import pytest
+
+from nnpatch.errors import IntegrityError, NnpatchIOError, PatchFormatError, UsageError
+from nnpatch.hashing import hash_file
+from nnpatch.release import NoPatchError, load_manifest, make_release, parse_manifest, update
+from nnpatch.weights import write_safetensors
+
+from .conftest import float_like
+
+SCHEMA = os.path.join(os.path.dirname(__file__), os.pardir, "spec", "json", "release-manifest.schema.json")
+
+
+def _versions(d, n=4, seed=0):
+    """v1..vn: each changes a few rows of a few tensors of the one before."""
+    rng = np.random.default_rng(seed)
+    t = {f"layer.{i}.weight": ("F32", (64, 32), float_like(rng, "F32", (64, 32))) for i in range(4)}
+    t["emb"] = ("BF16", (100, 16), float_like(rng, "BF16", (100, 16)))
+    paths = []
+    for v in range(1, n + 1):
+        if v > 1:
+            for name in ("layer.0.weight", f"layer.{v % 4}.weight"):
+                a = np.frombuffer(t[name][2], np.float32).reshape(64, 32).copy()
+                rows = rng.choice(64, 6, replace=False)
+                a[rows] += rng.standard_normal((6, 32)).astype(np.float32) * 0.01
+                t[name] = ("F32", (64, 32), a.tobytes())
+        p = os.path.join(d, f"v{v}.safetensors")
+        write_safetensors(p, t)
+        paths.append(p)
+    return paths
+
+
+def _schema_check(manifest):
+    with open(SCHEMA, encoding="utf-8") as f:
+        jsonschema.Draft202012Validator(json.load(f)).validate(manifest)
+
+
+@pytest.fixture
+def release(tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    paths = _versions(src)
+    dist = tmp_path / "dist"
+    manifest = make_release(paths[:-1], paths[-1], dist, chain="always")
+    return tmp_path, paths, dist, manifest
+
+
+def test_manifest_describes_every_patch(release):
+    tmp, paths, dist, m = release
+    _schema_check(m)
+    assert json.loads((dist / "manifest.json").read_text()) == m == load_manifest(dist / "manifest.json")
+    assert m["target"]["blake3"] == hash_file(paths[-1]) and m["target"]["size"] == os.path.getsize(paths[-1])
+    assert m["target"]["name"] == "v4"
+    assert [b["patch"] for b in m["bases"]] == ["v1-to-v4.nnpatch", "v2-to-v4.nnpatch", "v3-to-v4.nnpatch"]
+    for b, p in zip(m["bases"], paths):
+        assert b["base_blake3"] == hash_file(p) and b["base_size"] == os.path.getsize(p)
+        assert b["patch_size"] == os.path.getsize(dist / b["patch"])
+        assert b["patch_blake3"] == hash_file(dist / b["patch"])
+    # chain=always: v1 and v2 have chains through the consecutive patches; v3's direct patch is its chain
+    assert [link["patch"] for link in m["bases"][0]["chain"]["links"]] == [
+        "v1-to-v2.nnpatch", "v2-to-v3.nnpatch", "v3-to-v4.nnpatch"]
+    assert "chain" not in m["bases"][2]
+    assert m["bases"][0]["chain"]["size"] == sum(os.path.getsize(dist / x["patch"])
+                                                 for x in m["bases"][0]["chain"]["links"])
+    assert sorted(os.listdir(dist)) == ["manifest.json", "v1-to-v2.nnpatch", "v1-to-v4.nnpatch",
+                                        "v2-to-v3.nnpatch", "v2-to-v4.nnpatch", "v3-to-v4.nnpatch"]
+
+
+def test_auto_chain_keeps_only_smaller_chains(tmp_path):
+    paths = _versions(tmp_path)
+    m = make_release(paths[:-1], paths[-1], tmp_path / "dist")
+    _schema_check(m)
+    for b in m["bases"]:
+        if "chain" in b:
+            assert b["chain"]["size"] < b["patch_size"]
+    used = {x["patch"] for b in m["bases"] for x in b.get("chain", {}).get("links", [])}
+    assert set(os.listdir(tmp_path / "dist")) == {"manifest.json"} | {b["patch"] for b in m["bases"]} | used
+    m2 = make_release(paths[:-1], paths[-1], tmp_path / "dist2", chain="never")
+    assert all("chain" not in b for b in m2["bases"])
+
+
+@pytest.mark.parametrize("prefer", ["direct", "chain", "smallest"])
+def test_update_brings_every_old_version_to_the_target(release, prefer):
+    tmp, paths, dist, m = release
+    for i, p in enumerate(paths[:-1]):
+        model = tmp / f"device{i}" / "model.safetensors"
+        model.parent.mkdir()
+        shutil.copyfile(p, model)
+        r = update(model, dist / "manifest.json", prefer=prefer)
+        assert r.updated and r.to_blake3 == m["target"]["blake3"] and r.from_blake3 == hash_file(p)
+        assert hash_file(model) == hash_file(paths[-1])
+        assert os.listdir(model.parent) == ["model.safetensors"]  # no temporary left
+        if prefer == "chain" and i < 2:
+            assert len(r.patches) == 3 - i
+        else:
+            assert len(r.patches) == 1 or prefer == "smallest"
+        again = update(model, dist / "manifest.json")
+        assert not again.updated and again.patches == []
+
+
+def test_update_refuses_an_unknown_version(release):
+    tmp, paths, dist, m = release
+    other = tmp / "other.safetensors"
+    write_safetensors(other, {"x": ("F32", (2,), b"\0" * 8)})
+    with pytest.raises(NoPatchError, match=r"no patch for this model version \(BLAKE3 [0-9a-f]{64}\)"):
+        update(other, dist / "manifest.json")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "missing", "swap"])
+def test_update_checks_the_patch_before_applying(release, damage):
+    tmp, paths, dist, m = release
+    model = tmp / "model.safetensors"
+    shutil.copyfile(paths[0], model)
+    before = model.read_bytes()
+    patch = dist / m["bases"][0]["patch"]
+    if damage == "flip":
+        data = bytearray(patch.read_bytes())
+        data[len(data) // 2] ^= 1
+        patch.write_bytes(bytes(data))
+    elif damage == "truncate":
+        patch.write_bytes(patch.read_bytes()[:-10])
+    elif damage == "missing":
+        os.unlink(patch)
+    else:  # another valid patch under this name: size and hash differ from the manifest's
+        shutil.copyfile(dist / m["bases"][1]["patch"], patch)
+    with pytest.raises(NnpatchIOError if damage == "missing" else IntegrityError,
+                       match="truncated|BLAKE3|bytes|cannot read"):
+        update(model, dist / "manifest.json")
+    assert model.read_bytes() == before
+    assert sorted(os.listdir(tmp)) == sorted(["src", "dist", "model.safetensors"])
+
+
+def test_manifest_validation(release):
+    tmp, paths, dist, m = release
+    raw = (dist / "manifest.json").read_bytes()
+    assert parse_manifest(raw) == m
+    for bad, match in [
+        (b"[]", "not an nnpatch release manifest"),
+        (b"\xff", "invalid manifest JSON"),
+        (json.dumps(dict(m, version=2)).encode(), "unsupported manifest version"),
+        (json.dumps(dict(m, target=dict(m["target"], blake3="XYZ"))).encode(), "hex"),
+        (json.dumps(dict(m, bases=[dict(m["bases"][0], patch="../../etc/passwd")])).encode(), "plain file name"),
+        (json.dumps(dict(m, bases=[dict(m["bases"][0], patch_size=-1)])).encode(), "negative"),
+        (json.dumps(dict(m, bases=[dict(m["bases"][0], chain={"size": 1, "links": []})])).encode(), "no links"),
+    ]:
+        with pytest.raises(PatchFormatError, match=match):
+            parse_manifest(bad)
+
+
+def test_release_names_fall_back_to_hashes(tmp_path):
+    paths = _versions(tmp_path, n=3)
+    a, b = tmp_path / "a", tmp_path / "b"
+    a.mkdir()
+    b.mkdir()
+    shutil.copyfile(paths[0], a / "model.safetensors")
+    shutil.copyfile(paths[1], b / "model.safetensors")
+    m = make_release([a / "model.safetensors", b / "model.safetensors", paths[2]], paths[2], tmp_path / "dist",
+                     chain="never")
+    assert len(m["bases"]) == 2  # the target itself is skipped
+    for entry in m["bases"]:
+        assert entry["patch"] == f"{entry['base_blake3'][:16]}-to-{m['target']['blake3'][:16]}.nnpatch"
+    with pytest.raises(UsageError):
+        make_release([], paths[2], tmp_path / "x")
