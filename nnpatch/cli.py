@@ -384,9 +384,9 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
     for path in files:
         entry = {"path": path, "blake3": hashing.hash_file(path)}
         if tensors:
-            from .weights import SafetensorsFile
+            from .weights import open_model
 
-            with SafetensorsFile(path) as w:
+            with open_model(path) as w:
                 model, per = hashing.model_digest(w)
                 entry["model_blake3"] = model.hex()
                 entry["tensors"] = [{"name": n, "dtype": w.tensors[n].dtype, "shape": list(w.tensors[n].shape),
@@ -469,15 +469,15 @@ def update(model, manifest, patch_dir, prefer, as_json):
 # --- textconv -------------------------------------------------------------------------
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", type=click.Path())
 def textconv(file):
     """A stable text summary of a model, for `git diff` (see the README)."""
     from . import hashing
-    from .weights import SafetensorsFile
+    from .weights import open_model
 
-    with SafetensorsFile(file) as w:
+    with open_model(file) as w:
         model, per = hashing.model_digest(w)
-        click.echo(f"safetensors: {len(w.tensors)} tensors, {w.size} bytes")
+        click.echo(f"{w.kind}: {len(w.tensors)} tensors, {sum(f.size for f in w.files)} bytes")
         click.echo(f"model blake3: {model.hex()}")
         for key in sorted(w.metadata or {}):
             click.echo(f"metadata {key}: {w.metadata[key]}")

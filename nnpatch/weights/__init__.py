@@ -5,6 +5,7 @@ safetensors; other formats (PyTorch checkpoints, ONNX) plug in here without
 the rest of nnpatch knowing.
 """
 
+from .model import KINDS, Model, ModelFile, ModelTensor, open_model, sniff
 from .safetensors_file import (
     MAX_HEADER_SIZE,
     SafetensorsFile,
@@ -16,6 +17,12 @@ from .safetensors_file import (
 )
 
 __all__ = [
+    "KINDS",
+    "Model",
+    "ModelFile",
+    "ModelTensor",
+    "open_model",
+    "sniff",
     "MAX_HEADER_SIZE",
     "SafetensorsFile",
     "TensorInfo",
