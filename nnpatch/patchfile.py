@@ -27,6 +27,7 @@ import numpy as np
 from . import codecs, dtypes
 from .atomic import atomic_write
 from .errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
+from ._json import reject_duplicates
 
 MAGIC = b"\x89NNP\r\n\x1a\n"
 FORMAT_VERSION = (1, 0)
@@ -383,14 +384,6 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
     return header
 
 
-def _reject_duplicates(pairs):
-    obj = {}
-    for k, v in pairs:
-        if k in obj:
-            raise ValueError(f"duplicate key {k!r}")
-        obj[k] = v
-    return obj
-
 
 def _reject_constant(name):
     raise ValueError(f"{name} is not allowed")
@@ -417,7 +410,7 @@ def _load_json(raw: bytes, path: str) -> dict:
     if _json_depth(text) > MAX_JSON_DEPTH:
         raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
     try:
-        obj = json.loads(text, object_pairs_hook=_reject_duplicates, parse_constant=_reject_constant)
+        obj = json.loads(text, object_pairs_hook=reject_duplicates, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
         raise PatchFormatError(f"header is not valid JSON: {e}", path=path, offset=PREAMBLE_SIZE) from e
     if not isinstance(obj, dict):

@@ -22,6 +22,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
+from .._json import reject_duplicates
 
 #: The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_SIZE = 100_000_000
@@ -49,14 +50,6 @@ class TensorInfo:
         return math.prod(self.shape)
 
 
-def _reject_duplicates(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
 
 def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: str = "<bytes>"):
     """Parse and validate a header (the 8 length bytes plus the JSON).
@@ -75,7 +68,7 @@ def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: 
     if not text.startswith(b"{"):
         raise WeightsError("not a safetensors file: header does not start with '{'", path=path)
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        header = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightsError(f"invalid safetensors header: {e}", path=path) from e
     if not isinstance(header, dict):

@@ -37,6 +37,7 @@ import numpy as np
 
 from ..errors import NnpatchIOError, WeightsError
 from .safetensors_file import SafetensorsFile, write_safetensors
+from .._json import reject_duplicates
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -44,21 +45,13 @@ SINGLE_NAME = "model.safetensors"
 MAX_INDEX_SIZE = 64 << 20
 
 
-def _reject_duplicates(pairs):
-    obj = {}
-    for key, value in pairs:
-        if key in obj:
-            raise ValueError(f"duplicate key {key!r}")
-        obj[key] = value
-    return obj
-
 
 def parse_index(raw: bytes, *, path: str = INDEX_NAME) -> tuple[dict | None, dict[str, str]]:
     """Validate an index's bytes; returns ``(metadata or None, weight_map)``."""
     if len(raw) > MAX_INDEX_SIZE:
         raise WeightsError(f"index of {len(raw)} bytes exceeds the {MAX_INDEX_SIZE} limit", path=path)
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=_reject_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except (UnicodeDecodeError, ValueError, RecursionError) as e:
         raise WeightsError(f"invalid index JSON: {e}", path=path) from e
     if not isinstance(obj, dict):
