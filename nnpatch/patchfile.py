@@ -25,9 +25,9 @@ import blake3
 import numpy as np
 
 from . import codecs, dtypes
+from ._json import reject_duplicates
 from .atomic import atomic_write
 from .errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
-from ._json import reject_duplicates
 
 MAGIC = b"\x89NNP\r\n\x1a\n"
 FORMAT_VERSION = (1, 0)
