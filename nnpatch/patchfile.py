@@ -23,6 +23,7 @@ from typing import Any
 
 import blake3
 import numpy as np
+import zstandard
 
 from . import codecs, dtypes
 from ._json import reject_duplicates
@@ -37,8 +38,10 @@ ALIGNMENT = 64
 TRAILER_SIZE = 32
 #: Flags bit 0: a signature block follows the trailer (spec section 4).
 FLAG_SIGNED = 0x00000001
-#: Flags bits 1-15 are reserved: a reader MUST reject a file that sets one.
-RESERVED_FLAGS = 0x0000FFFE
+#: Flags bit 1: the header is one zstd frame of the JSON, zero-padded.
+FLAG_HEADER_ZSTD = 0x00000002
+#: Flags bits 2-15 are reserved: a reader MUST reject a file that sets one.
+RESERVED_FLAGS = 0x0000FFFC
 #: Public key (32) and Ed25519 signature (64) after the trailer of a signed patch.
 SIGNATURE_BLOCK_SIZE = 96
 
@@ -179,10 +182,46 @@ class PatchHeader:
         return out
 
 
+def header_text(obj: dict) -> bytes:
+    """Canonical JSON: sorted keys, no spaces, UTF-8."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
 def encode_header(obj: dict) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, UTF-8, padded to the alignment."""
-    text = json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+    """The canonical JSON padded with spaces to the alignment (the plain form)."""
+    text = header_text(obj)
     return text + b" " * (align(PREAMBLE_SIZE + len(text)) - PREAMBLE_SIZE - len(text))
+
+
+def _pad_zero(data: bytes) -> bytes:
+    return data + b"\x00" * (align(PREAMBLE_SIZE + len(data)) - PREAMBLE_SIZE - len(data))
+
+
+def _layout_header(header: PatchHeader, compress: bool) -> bytes:
+    """The header bytes, with section offsets that account for their own length.
+
+    Offsets change the header's length and the length moves the offsets, so
+    the space is grown until the header written with it fits; spaces (plain)
+    or zeros (zstd) pad it out, which keeps each form canonical.
+    """
+    header.flags &= ~FLAG_HEADER_ZSTD
+    reserve = 0
+    for _ in range(64):
+        text = header_text(header.to_json(base=PREAMBLE_SIZE + reserve))
+        plain = encode_header(header.to_json(base=PREAMBLE_SIZE + reserve))
+        body, zipped = plain, False
+        if compress:
+            packed = _pad_zero(zstandard.ZstdCompressor(level=19, write_content_size=True,
+                                                        write_checksum=False).compress(text))
+            if len(packed) < len(plain):
+                body, zipped = packed, True
+        if len(body) <= reserve:
+            body += (b"\x00" if zipped else b" ") * (reserve - len(body))  # pad to the reserved length
+            if zipped:
+                header.flags |= FLAG_HEADER_ZSTD
+            return body
+        reserve = len(body)
+    raise AssertionError("header layout did not converge")  # pragma: no cover
 
 
 # --- writing ----------------------------------------------------------------
@@ -218,23 +257,18 @@ class PatchWriter:
         self._spool.write(payload)
         return Section(start, len(payload), size, list(codec))
 
-    def finish(self, header: PatchHeader, signer=None) -> int:
+    def finish(self, header: PatchHeader, signer=None, *, compress_header: bool = True) -> int:
         """Write the patch; returns its size in bytes.
 
         ``signer(trailer_digest) -> (public_key, signature)``, when given,
         makes a signed patch (nnpatch.signing.signer_from_file builds one).
+        The header is stored as zstd when that is smaller (per-op digests and
+        keys make up most of a small model's patch otherwise).
         """
         if signer is not None:
             header.flags |= FLAG_SIGNED
         data_len = self._spool.tell()
-        head = b""
-        for _ in range(8):  # offsets change the header length; iterate to a fixed point
-            data_start = PREAMBLE_SIZE + len(head)
-            new = encode_header(header.to_json(base=data_start))
-            stable = len(new) == len(head)
-            head = new
-            if stable:
-                break
+        head = _layout_header(header, compress_header)
         data_start = PREAMBLE_SIZE + len(head)
         if len(head) > MAX_HEADER_SIZE:
             raise PatchFormatError(f"header of {len(head)} bytes exceeds the {MAX_HEADER_SIZE} limit", path=self.path)
@@ -376,6 +410,8 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
             raise PatchFormatError("trailer hash mismatch: the file is corrupt or truncated", path=path,
                                    offset=size - TRAILER_SIZE)
     raw = bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len])
+    if flags & FLAG_HEADER_ZSTD:
+        raw = _unpack_header(raw, path)
     obj = _load_json(raw, path)
     header = _header_from_json(obj, path)
     header.version = (major, minor)
@@ -398,6 +434,76 @@ def _json_depth(text: str) -> int:
     skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
     step = (np.isin(skeleton, (ord("["), ord("{")))).astype(np.int64) - np.isin(skeleton, (ord("]"), ord("}")))
     return int(np.cumsum(step).max()) if len(step) else 0
+
+
+def _unpack_header(raw: bytes, path: str) -> bytes:
+    """The JSON of a zstd header: one frame declaring its size, then only zero bytes."""
+    where = "header"
+    try:
+        length = codecs.zstd_frame_length(raw)
+        size = zstandard.frame_content_size(raw[:18])
+    except (PatchFormatError, zstandard.ZstdError) as e:
+        raise PatchFormatError(f"compressed header: {e}", path=path, offset=PREAMBLE_SIZE) from e
+    if size < 0 or size > MAX_HEADER_SIZE:
+        raise PatchFormatError(f"compressed header declares {size} bytes (limit {MAX_HEADER_SIZE})",
+                               path=path, offset=PREAMBLE_SIZE)
+    if any(raw[length:]):
+        raise PatchFormatError("compressed header: padding after the zstd frame is not zero",
+                               path=path, offset=PREAMBLE_SIZE + length)
+    try:
+        return b"".join(codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where))
+    except PatchFormatError as e:
+        raise PatchFormatError(f"compressed {e}", path=path, offset=PREAMBLE_SIZE) from e
+
+
+def header_json(buf) -> dict:
+    """The header object of a patch in ``buf`` (plain or zstd), without validating it."""
+    _, _, _, flags, n = PREAMBLE.unpack_from(buf, 0)
+    raw = bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + n])
+    return json.loads(_unpack_header(raw, "<patch>") if flags & FLAG_HEADER_ZSTD else raw)
+
+
+def with_header(buf: bytes, obj: dict, *, shift: bool = True) -> bytes:
+    """``buf`` with its header replaced by ``obj`` in the plain form, the trailer recomputed (unsigned).
+
+    With ``shift``, section offsets in ``obj`` move by however much the
+    header's length changed, so a well-formed patch stays well formed; for
+    tools and tests that edit headers.
+    """
+    magic, major, minor, flags, n = PREAMBLE.unpack_from(buf, 0)
+    sig = SIGNATURE_BLOCK_SIZE if flags & FLAG_SIGNED else 0
+    old_start = PREAMBLE_SIZE + n
+    length = n
+    for _ in range(16):  # the offsets' digits change the length: iterate to a fixed point
+        delta = PREAMBLE_SIZE + length - old_start
+        text = header_text(_shift_offsets(obj, delta) if shift and delta else obj)
+        want = n if len(text) <= n else align(PREAMBLE_SIZE + len(text)) - PREAMBLE_SIZE
+        if want == length:
+            break
+        length = want
+    text += b" " * (length - len(text))
+    flags &= ~(FLAG_HEADER_ZSTD | FLAG_SIGNED)
+    body = PREAMBLE.pack(magic, major, minor, flags, len(text)) + text + bytes(
+        buf[old_start : len(buf) - sig - TRAILER_SIZE])
+    return body + blake3.blake3(body).digest()
+
+
+def _shift_offsets(obj, delta: int):
+    """A copy of a header object with every section offset moved by ``delta``."""
+    obj = json.loads(json.dumps(obj))
+
+    def move(section):
+        if isinstance(section, dict) and type(section.get("offset")) is int:
+            section["offset"] += delta
+
+    for role in ("base", "target"):
+        if isinstance(obj.get(role), dict):
+            move(obj[role].get("layout"))
+    for op in obj.get("ops", []) if isinstance(obj.get("ops"), list) else []:
+        if isinstance(op, dict):
+            for key in ("index", "values", "base_values"):
+                move(op.get(key))
+    return obj
 
 
 def _load_json(raw: bytes, path: str) -> dict:

@@ -31,7 +31,19 @@ from typing import BinaryIO
 import blake3
 
 from .errors import NnpatchIOError, PatchFormatError
-from .patchfile import MAGIC, MAX_HEADER_SIZE, PREAMBLE, PREAMBLE_SIZE, TRAILER_SIZE, Patch
+from .patchfile import (
+    FLAG_SIGNED,
+    MAGIC,
+    MAX_HEADER_SIZE,
+    PREAMBLE,
+    PREAMBLE_SIZE,
+    SIGNATURE_BLOCK_SIZE,
+    TRAILER_SIZE,
+    Patch,
+)
+
+#: Bytes held back from the running hash: the trailer and a signature block.
+_HELD = TRAILER_SIZE + SIGNATURE_BLOCK_SIZE
 
 STDIN_NAME = "<stdin>"
 _READ = 1 << 20
@@ -62,7 +74,8 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
         raise NnpatchIOError(f"{directory or tempfile.gettempdir()}: cannot spool the patch: {e.strerror or e}") from e
     try:
         h = blake3.blake3()
-        tail = b""  # the last TRAILER_SIZE bytes seen, not yet hashed
+        tail = b""  # the last _HELD bytes seen, not yet hashed
+        pre = b""
         head = b""
         header_checked = False
         total = 0
@@ -86,16 +99,22 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
                             _check_header_json(head[: PREAMBLE_SIZE + header_len])
                             header_checked = True
                             head = b""
+                if len(pre) < PREAMBLE_SIZE:
+                    pre += chunk[: PREAMBLE_SIZE - len(pre)]
+                # the trailer (and a signature block after it) are the last bytes: hold back enough
                 data = tail + chunk
-                if len(data) > TRAILER_SIZE:
-                    h.update(data[: len(data) - TRAILER_SIZE])
-                    tail = data[len(data) - TRAILER_SIZE :]
+                if len(data) > _HELD:
+                    h.update(data[: len(data) - _HELD])
+                    tail = data[len(data) - _HELD :]
                 else:
                     tail = data
             f.flush()
-        if total < PREAMBLE_SIZE + TRAILER_SIZE:
+        signed = len(pre) == PREAMBLE_SIZE and PREAMBLE.unpack_from(pre, 0)[3] & FLAG_SIGNED
+        end = TRAILER_SIZE + (SIGNATURE_BLOCK_SIZE if signed else 0)
+        if total < PREAMBLE_SIZE + end:
             raise PatchFormatError(f"stream cut off after {total} bytes", path=STDIN_NAME)
-        if h.digest() != tail:
+        h.update(tail[: len(tail) - end])
+        if h.digest() != tail[len(tail) - end : len(tail) - end + TRAILER_SIZE]:
             raise PatchFormatError(f"stream cut off or corrupt after {total} bytes: trailer hash mismatch",
                                    path=STDIN_NAME)
         patch = Patch(tmp, check_trailer=False)
@@ -108,9 +127,12 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
 
 def _check_header_json(head: bytes) -> None:
     """Parse the header (not the sections, which have not arrived)."""
-    from .patchfile import _header_from_json, _load_json
+    from .patchfile import FLAG_HEADER_ZSTD, _header_from_json, _load_json, _unpack_header
 
-    _header_from_json(_load_json(head[PREAMBLE_SIZE:], STDIN_NAME), STDIN_NAME)
+    raw = head[PREAMBLE_SIZE:]
+    if PREAMBLE.unpack_from(head, 0)[3] & FLAG_HEADER_ZSTD:
+        raw = _unpack_header(raw, STDIN_NAME)
+    _header_from_json(_load_json(raw, STDIN_NAME), STDIN_NAME)
 
 
 __all__ = ["read_patch_stream", "STDIN_NAME"]

@@ -26,7 +26,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import nnpatch  # noqa: E402
 from nnpatch import dtypes  # noqa: E402
-from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
+from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE, header_json, with_header  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
 
 VECTORS = os.path.join(HERE, "vectors")
@@ -148,7 +148,9 @@ def invalid_patches(good: bytes):
     out = {
         "bad-magic": ("first byte changed", flip(good, 0, 0x01)),
         "version-2": ("Version_Major 2", good[:8] + struct.pack("<H", 2) + good[10:]),
-        "reserved-flag": ("Flags bit 1 set", _reseal(good[:12] + struct.pack("<I", 2) + good[16:])),
+        "reserved-flag": ("Flags bit 2 set", _reseal(good[:12] + struct.pack("<I", 4) + good[16:])),
+        "zstd-flag-on-plain-header": ("Flags bit 1 (zstd header) set on a plain JSON header",
+                                      _reseal(good[:12] + struct.pack("<I", 2) + good[16:])),
         "signed-flag-without-block": ("Flags bit 0 (signed) set, no signature block",
                                       _reseal(good[:12] + struct.pack("<I", 1) + good[16:])),
         "trailer-mismatch": ("one header byte changed, trailer not recomputed", flip(good, 30, 0x01)),
@@ -193,7 +195,9 @@ def build(directory: str) -> dict:
         })
     good_path = os.path.join(directory, "valid", "rows-f32", "patch.nnpatch")
     with open(good_path, "rb") as f:
-        good = f.read()
+        written = f.read()
+    # invalid vectors edit the header text: start from the same patch with a plain header
+    good = with_header(written, header_json(written))
     os.makedirs(os.path.join(directory, "invalid"), exist_ok=True)
     for name, (desc, data) in invalid_patches(good).items():
         path = os.path.join(directory, "invalid", f"{name}.nnpatch")

@@ -19,15 +19,31 @@ from .conftest import read
 
 
 @pytest.fixture
-def patch_bytes(tmp_path, pair):
+def written(tmp_path, pair):
+    """A patch as the writer makes it (zstd header)."""
     base, target = pair()
     nnpatch.diff(base, target, tmp_path / "p.nnpatch")
     return read(tmp_path / "p.nnpatch")
 
 
+@pytest.fixture
+def patch_bytes(written):
+    """The same patch with a plain JSON header, so tests can edit the text."""
+    plain = patchfile.with_header(written, patchfile.header_json(written))
+    return plain
+
+
 def reseal(data: bytes) -> bytes:
     """Recompute the trailer so a test reaches the checks behind it."""
     return data[:-TRAILER_SIZE] + blake3.blake3(data[:-TRAILER_SIZE]).digest()
+
+
+def test_plain_and_zstd_headers_apply_alike(tmp_path, pair, written, patch_bytes):
+    base, target = pair()
+    for i, data in enumerate((written, patch_bytes)):
+        (tmp_path / f"{i}.nnpatch").write_bytes(data)
+        nnpatch.apply(base, tmp_path / f"{i}.nnpatch", tmp_path / f"{i}.out")
+        assert read(tmp_path / f"{i}.out") == read(target)
 
 
 def rewrite_header(data: bytes, edit) -> bytes:
@@ -55,6 +71,44 @@ def test_layout(patch_bytes):
         assert s.offset % ALIGNMENT == 0
     text = patch_bytes[PREAMBLE_SIZE : PREAMBLE_SIZE + n].rstrip(b" ")
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_written_header_is_zstd_and_equivalent(written, patch_bytes):
+    flags = struct.unpack_from("<I", written, 12)[0]
+    assert flags & patchfile.FLAG_HEADER_ZSTD and len(written) < len(patch_bytes)
+    a, b = parse_patch(written), parse_patch(patch_bytes)
+    assert [op.to_json() for op in a.ops] == [op.to_json() for op in _shifted(b, a)]
+    n = struct.unpack_from("<Q", written, 16)[0]
+    frame_end = codecs_frame_end(written[PREAMBLE_SIZE : PREAMBLE_SIZE + n])
+    assert not any(written[PREAMBLE_SIZE + frame_end : PREAMBLE_SIZE + n])  # zero padding
+
+
+def _shifted(plain_header, zstd_header):
+    delta = zstd_header.target.layout.offset - plain_header.target.layout.offset
+    for op in plain_header.ops:
+        for s in op.sections():
+            s.offset += delta
+    return plain_header.ops
+
+
+def codecs_frame_end(raw: bytes) -> int:
+    from nnpatch.codecs import zstd_frame_length
+
+    return zstd_frame_length(raw)
+
+
+def test_compressed_header_rules(written):
+    n = struct.unpack_from("<Q", written, 16)[0]
+    end = codecs_frame_end(written[PREAMBLE_SIZE : PREAMBLE_SIZE + n])
+    if PREAMBLE_SIZE + end < PREAMBLE_SIZE + n:
+        bad = bytearray(written)
+        bad[PREAMBLE_SIZE + end] = 1
+        with pytest.raises(PatchFormatError, match="padding after the zstd frame is not zero"):
+            parse_patch(reseal(bytes(bad)))
+    bad = bytearray(written)
+    bad[PREAMBLE_SIZE] ^= 0xFF  # no longer a zstd frame
+    with pytest.raises(PatchFormatError, match="compressed header"):
+        parse_patch(reseal(bytes(bad)))
 
 
 def test_writer_is_deterministic(tmp_path, pair):
@@ -96,8 +150,8 @@ def test_newer_minor_version_is_read(patch_bytes):
 
 
 def test_reserved_flag(patch_bytes):
-    data = patch_bytes[:12] + struct.pack("<I", 2) + patch_bytes[16:]
-    expect(data, UnsupportedVersionError, "p.nnpatch: byte 12: reserved flag bits set (0x0002)")
+    data = patch_bytes[:12] + struct.pack("<I", 4) + patch_bytes[16:]
+    expect(data, UnsupportedVersionError, "p.nnpatch: byte 12: reserved flag bits set (0x0004)")
 
 
 def test_unused_flags_are_ignored(patch_bytes):

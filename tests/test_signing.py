@@ -97,3 +97,17 @@ def test_apply_with_key(tmp_path, pair, keys):
     model.write_bytes(read(base))
     r = runner.invoke(cli, ["apply", "--in-place", str(model), unsigned, "--key", str(keys / "k.pub.pem")])
     assert r.exit_code == 4 and read(model) == read(base)
+
+
+def test_signed_patch_from_stdin(tmp_path, pair, keys):
+    import subprocess
+    import sys
+
+    base, target = pair()
+    signed = tmp_path / "s.nnpatch"
+    nnpatch.diff(base, target, signed, sign_key=keys / "k.pem")
+    out = tmp_path / "out.safetensors"
+    p = subprocess.run([sys.executable, "-m", "nnpatch", "apply", base, "-", "-o", str(out), "--key",
+                        str(keys / "k.pub.pem")], input=read(signed), capture_output=True)
+    assert p.returncode == 0, p.stderr
+    assert read(out) == read(target)
