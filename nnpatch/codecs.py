@@ -37,7 +37,7 @@ INDEX_FORMATS = ("u32", "u64", "delta-varint", "bitmap")
 #: holding about this many elements, so that both sides work in bounded memory.
 CHUNK_ELEMENTS = 1 << 20
 
-DEFAULT_LEVEL = 3  # see benchmarks/RESULTS.md: within ~1% of level 9, 5-7x faster
+DEFAULT_LEVEL = 5  # see benchmarks/RESULTS.md: as small as level 9 on real fine-tunes, ~as fast as 3
 MIN_LEVEL, MAX_LEVEL = 1, 22
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
