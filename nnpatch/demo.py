@@ -19,6 +19,7 @@ import zstandard
 
 from .applier import apply
 from .differ import diff
+from .errors import IntegrityError
 from .hashing import hash_file
 from .verifier import verify
 from .weights import write_safetensors
@@ -127,7 +128,7 @@ def _trained_demo(directory: str, echo: Callable[[str], None]) -> dict:
         echo(f"   {label:<36} {acc:>8.1f}% {size}")
     echo(f"   apply {t_apply * 1000:.0f} ms")
     if not (report.ok and same):
-        raise SystemExit(4)
+        raise IntegrityError(f"demo: the rebuilt model does not match v2 ({report.failures()})")
     return {"model_bytes": model, "zstd_bytes": zstd_full, "patch_bytes": r["patch_bytes"],
             "verified": report.ok and same, "apply_seconds": t_apply, "train_seconds": t_train,
             "accuracy": {"base": r["base_metric"], "full_update": r["teacher_metric"],
@@ -173,6 +174,6 @@ def _synthetic_demo(directory: str, echo: Callable[[str], None]) -> dict:
         echo(f"   {label:<28} {n:>12,} {100 * n / d.target_size:>10.2f}%")
     echo(f"   diff {t_diff * 1000:.0f} ms, apply {t_apply * 1000:.0f} ms")
     if not (report.ok and same):
-        raise SystemExit(4)
+        raise IntegrityError(f"demo: the rebuilt model does not match v2 ({report.failures()})")
     return {"model_bytes": d.target_size, "zstd_bytes": zstd_full, "patch_bytes": d.patch_size,
             "verified": report.ok and same, "diff_seconds": t_diff, "apply_seconds": t_apply}
