@@ -819,7 +819,43 @@ def apply_chain(base: str | os.PathLike[str], patches: Sequence, output: str | o
                 verify_signature(q, os.fspath(key))
         b = stack.enter_context(open_source(base))
         plan = plan_forward(b, opened)
+        if opened[-1].header.target.format == "pytorch":
+            return _build_torch(plan, b, output, verify, progress or (lambda n: None),
+                                opened[-1].header.target.model_blake3)
         return build_file(plan, b, output, verify, progress or (lambda n: None))
+
+
+def _build_torch(plan: Plan, b, output: str, verify: str, progress: ProgressFn, model_blake3: str) -> ApplyResult:
+    """A PyTorch target: build the tensors as safetensors, then write them back with
+    ``torch.save``, proven by the model digest (torch's files are not byte-stable)."""
+    from .hashing import hash_file
+    from .weights.model import open_model
+    from .weights.torch_file import save_torch_state
+
+    directory = os.path.dirname(os.path.abspath(output))
+    fd, staging = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".safetensors.tmp",
+                                   dir=directory)
+    os.close(fd)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".tmp", dir=directory)
+    os.close(fd)
+    try:
+        r = build_file(plan, b, staging, verify, progress)
+        with SafetensorsFile(staging) as st:
+            save_torch_state(tmp, {n: (st.tensors[n].dtype, st.tensors[n].shape, st.raw(n))
+                                   for n in sorted(st.tensors, key=lambda k: k.encode("utf-8", "surrogatepass"))})
+        with open_model(tmp) as m:
+            got = m.digest().hex()
+        if not digests_equal(got, model_blake3):
+            raise IntegrityError(f"{output}: the PyTorch file written does not hold the patch's target tensors "
+                                 f"(model BLAKE3 {got}, expected {model_blake3})", what="target",
+                                 expected=model_blake3, actual=got)
+        os.replace(tmp, output)
+    finally:
+        for path in (staging, tmp):
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+    fsync_dir(directory)
+    return ApplyResult(output, os.path.getsize(output), hash_file(output), r.ops, verify, r.hashed, r.links)
 
 
 def revert(new: str | os.PathLike[str], patch, output: str | os.PathLike[str], *,

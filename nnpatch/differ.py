@@ -149,8 +149,8 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             base=ModelRef(_kind(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
                           layout=base_layout),
             # a target in another format is written as safetensors, in the canonical layout
-            target=ModelRef("safetensors", _target_size(t), _target_digest(t), target_model.digest().hex(),
-                            len(t.tensors), layout=layout),
+            target=ModelRef("pytorch" if _kind(t) == "pytorch" else "safetensors", _target_size(t),
+                            _target_digest(t), target_model.digest().hex(), len(t.tensors), layout=layout),
             ops=ops,
             created_by=f"nnpatch {__version__}",
         )

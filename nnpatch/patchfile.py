@@ -56,7 +56,7 @@ KNOWN_FEATURES: frozenset[str] = frozenset()
 OPS = ("rows", "elements", "whole", "add", "remove")
 #: Formats a base may have; a target is always written as safetensors.
 MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
-TARGET_FORMATS = ("safetensors",)
+TARGET_FORMATS = ("safetensors", "pytorch")
 
 
 def align(n: int) -> int:
