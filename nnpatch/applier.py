@@ -53,7 +53,6 @@ from dataclasses import dataclass, field
 
 import blake3
 import numpy as np
-import zstandard
 
 from . import codecs, dtypes, kernel
 from .atomic import fsync_dir
@@ -388,31 +387,6 @@ def row_bytes(op: Op, info: TensorInfo) -> int:
     return info.nbytes // info.shape[0] if op.kind == "rows" else info.itemsize
 
 
-def decoded_chunks(buf, codec: list[str], size: int, chunk_sizes, *, where: str):
-    """:func:`nnpatch.codecs.decoded_chunks`, with zstd decoded straight into each chunk (one copy, no
-    re-slicing of a pending buffer: several times faster on large sections). Same checks, same errors."""
-    if not (codec and codec[-1] == "zstd"):
-        yield from codecs.decoded_chunks(buf, codec, size, chunk_sizes, where=where)
-        return
-    codecs._check_zstd(buf, size, where)
-    try:
-        reader = zstandard.ZstdDecompressor().stream_reader(buf, read_size=1 << 20)
-        for want in chunk_sizes:
-            out = np.empty(want, np.uint8)
-            mv = memoryview(out)
-            n = 0
-            while n < want:
-                k = reader.readinto(mv[n:])
-                if not k:
-                    raise PatchFormatError(f"{where}: zstd data ends early")
-                n += k
-            yield out
-        if reader.read(1):
-            raise PatchFormatError(f"{where}: zstd data longer than expected")
-    except zstandard.ZstdError as e:
-        raise PatchFormatError(f"{where}: corrupt zstd data: {e}") from e
-
-
 def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.ndarray | None) -> None:
     op, s, mode = step.op, step.section, step.mode
     width = dtypes.ITEMSIZE[info.dtype]
@@ -425,7 +399,7 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
         unit_elements = unit // width
         per = codecs.chunk_units(unit_elements)
         sizes = codecs.value_chunk_sizes(op.count, unit, unit_elements)
-        for i, chunk in enumerate(decoded_chunks(buf, s.codec, s.size, sizes, where=where)):
+        for i, chunk in enumerate(codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where)):
             sel = idx[i * per : (i + 1) * per]
             if op.kind == "rows":
                 kernel.scatter_rows(dst, unit, sel, chunk, width, mode, planar=planar)
@@ -434,7 +408,7 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
         return
     sizes = codecs.value_chunk_sizes(info.numel, width, 1)
     pos = 0
-    for chunk in decoded_chunks(buf, s.codec, s.size, sizes, where=where):
+    for chunk in codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where):
         part = dst[pos : pos + len(chunk)]
         if mode == "replace":
             if planar:

@@ -20,7 +20,6 @@ Index sections hold the sorted positions of changed rows or elements as
 
 from __future__ import annotations
 
-import io
 from collections.abc import Iterable, Iterator
 
 import numpy as np
@@ -164,21 +163,6 @@ def _check_zstd(buf, size: int, where: str) -> None:
         raise PatchFormatError(f"{where}: zstd frame declares {content} bytes, section size is {size}")
 
 
-def _zstd_pieces(buf, size: int, where: str, piece: int = 1 << 20) -> Iterator[bytes]:
-    _check_zstd(buf, size, where)
-    total = 0
-    try:
-        for part in zstandard.ZstdDecompressor().read_to_iter(io.BytesIO(buf), read_size=1 << 17, write_size=piece):
-            total += len(part)
-            if total > size:
-                break
-            yield part
-    except zstandard.ZstdError as e:
-        raise PatchFormatError(f"{where}: corrupt zstd data: {e}") from e
-    if total != size:
-        raise PatchFormatError(f"{where}: zstd data decodes to {total} bytes, expected {size}")
-
-
 def decoded_chunks(buf, codec: list[str], size: int, chunk_sizes: Iterable[int], *, where: str) -> Iterator[np.ndarray]:
     """Undo the zstd stage and cut the stream into the given chunk sizes.
 
@@ -186,21 +170,24 @@ def decoded_chunks(buf, codec: list[str], size: int, chunk_sizes: Iterable[int],
     The chunk sizes must add up to ``size``.
     """
     if codec and codec[-1] == "zstd":
-        source = _zstd_pieces(buf, size, where)
-        pending = bytearray()
-        for want in chunk_sizes:
-            while len(pending) < want:
-                try:
-                    pending += next(source)
-                except StopIteration:
-                    raise PatchFormatError(f"{where}: zstd data ends early") from None
-            out = np.frombuffer(bytes(pending[:want]), dtype=np.uint8)
-            del pending[:want]
-            yield out
-        for extra in source:  # drain so the length check in _zstd_pieces runs
-            pending += extra
-        if pending:
-            raise PatchFormatError(f"{where}: zstd data longer than expected")
+        _check_zstd(buf, size, where)
+        try:
+            # decode straight into each chunk: one copy, and memory bounded by the chunk size
+            reader = zstandard.ZstdDecompressor().stream_reader(buf, read_size=1 << 20)
+            for want in chunk_sizes:
+                out = np.empty(want, np.uint8)
+                view = memoryview(out)
+                n = 0
+                while n < want:
+                    k = reader.readinto(view[n:])
+                    if not k:
+                        raise PatchFormatError(f"{where}: zstd data ends early")
+                    n += k
+                yield out
+            if reader.read(1):
+                raise PatchFormatError(f"{where}: zstd data longer than expected")
+        except zstandard.ZstdError as e:
+            raise PatchFormatError(f"{where}: corrupt zstd data: {e}") from e
     else:
         mv = np.frombuffer(buf, dtype=np.uint8) if len(buf) else np.empty(0, np.uint8)
         if len(mv) != size:
@@ -339,7 +326,7 @@ def decode_indices(buf, codec: list[str], *, count: int, bound: int, size: int, 
     """Decode and validate an index section: strictly increasing, all < bound."""
     check_index_codec(codec, where=where)
     if codec[-1] == "zstd" and len(codec) == 2:
-        raw = b"".join(_zstd_pieces(buf, size, where))
+        raw = b"".join(decoded_chunks(buf, ["zstd"], size, [size], where=where))
     else:
         raw = bytes(buf)
         if len(raw) != size:

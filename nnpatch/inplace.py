@@ -38,7 +38,7 @@ import blake3
 import numpy as np
 
 from . import codecs, kernel
-from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index, decoded_chunks,
+from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index,
                       plan_forward, row_bytes, run_step, workers)
 from .atomic import fsync_dir
 from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError
@@ -323,7 +323,7 @@ def _write_rows(fd: int, m: mmap.mmap, item: Item) -> None:
     where = f"{op.name!r}.values"
     planar = "planes" in op.values.codec
     try:
-        for i, chunk in enumerate(decoded_chunks(step.patch.section(op.values), op.values.codec, op.values.size,
+        for i, chunk in enumerate(codecs.decoded_chunks(step.patch.section(op.values), op.values.codec, op.values.size,
                                                  sizes, where=where)):
             sel = idx[i * per : (i + 1) * per]
             rows = kernel.gather_rows(src, unit, sel)
