@@ -158,11 +158,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
     except BaseException:
         writer.abort()
         raise
-    from .patchfile import read_patch
-
-    with read_patch(output) as p:
-        trailer = p.trailer_hash
-    return DiffResult(output, size, b.size, t.size, len(t.tensors), changes, trailer)
+    return DiffResult(output, size, b.size, t.size, len(t.tensors), changes, writer.trailer_hash)
 
 
 def _kind(m) -> str:

@@ -236,6 +236,7 @@ class PatchWriter:
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = os.fspath(path)
         directory = os.path.dirname(os.path.abspath(self.path))
+        self.trailer_hash = ""  # set by finish()
         try:
             self._spool = tempfile.TemporaryFile(dir=directory)
         except OSError as e:
@@ -291,6 +292,7 @@ class PatchWriter:
                 f.write(pad)
                 h.update(pad)
                 digest = h.digest()
+                self.trailer_hash = digest.hex()
                 f.write(digest)
                 if signer is not None:
                     public_key, signature = signer(digest)
