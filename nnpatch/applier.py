@@ -55,7 +55,7 @@ import blake3
 import numpy as np
 
 from . import codecs, dtypes, kernel
-from .atomic import fsync_dir
+from .atomic import atomic_write, fsync_dir
 from .errors import (BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError,
                      UsageError, WeightsError)
 from .hashing import ModelHasher, digest_bytes, digests_equal
@@ -680,23 +680,12 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
     return plan.output_file, hashed[0]
 
 
-def _umask() -> int:
-    current = os.umask(0)
-    os.umask(current)
-    return current
-
-
 def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: str, progress: ProgressFn,
-               label: str = "wrong base", *, before_commit: Callable[[], None] | None = None) -> ApplyResult:
+               label: str = "wrong base") -> ApplyResult:
     """Run ``plan`` into a temporary file beside ``output``; rename it there when every check passed."""
     size = plan.size
-    directory = os.path.dirname(os.path.abspath(output))
     try:
-        fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".tmp", dir=directory)
-    except OSError as e:
-        raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    try:
-        with os.fdopen(fd, "r+b") as f:
+        with atomic_write(output) as f:
             out = None
             try:
                 if size:
@@ -708,27 +697,14 @@ def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: str, progr
                         os.ftruncate(f.fileno(), size)
                     out = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE)
                 digest, hashed = execute(plan, inp, f.fileno(), out, verify, progress, label)
-            except OSError as e:
-                if isinstance(e, NnpatchError):
-                    raise
-                raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
             finally:
                 if out is not None:
                     with contextlib.suppress(BufferError):
                         out.close()
-            try:
-                os.fsync(f.fileno())
-            except OSError as e:
-                raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-        if before_commit is not None:
-            before_commit()
-        os.chmod(tmp, 0o644 & ~_umask())
-        os.replace(tmp, output)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    except OSError as e:
+        if isinstance(e, NnpatchError):
+            raise
+        raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
     return ApplyResult(output, size, digest, plan.ops, verify, hashed, plan.links)
 
 
