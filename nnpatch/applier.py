@@ -58,7 +58,7 @@ from . import codecs, dtypes, kernel
 from .atomic import atomic_write, fsync_dir
 from .errors import (BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError,
                      UsageError, WeightsError)
-from .hashing import ModelHasher, digest_bytes, digests_equal
+from .hashing import digest_bytes, digests_equal, model_digest_of
 from .patchfile import Op, Patch, Section, read_patch
 from .weights import SafetensorsFile, TensorInfo, parse_safetensors_header
 from .weights.source import open_source
@@ -506,6 +506,17 @@ class _Errors:
         raise min(self.items, key=rank)
 
 
+def require_target_model(plan: Plan, finals: dict[str, bytes], digests: dict[str, bytes]) -> None:
+    """The target's model digest from the digests at hand: touched tensors as written, the rest as copied."""
+    got = model_digest_of({item.info.name: item.info for item in plan.items},
+                          {item.info.name: finals[item.info.name] if item.touched else digests[item.src.name]
+                           for item in plan.items}).hex()
+    if not digests_equal(got, plan.output_model):
+        raise IntegrityError(f"result does not match the patch's target model digest (model BLAKE3 "
+                             f"{got}, expected {plan.output_model})", what="target",
+                             expected=plan.output_model, actual=got)
+
+
 def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str, progress: ProgressFn,
             label: str) -> tuple[str, int]:
     """Fill the output per ``plan``; returns (output file digest, bytes hashed)."""
@@ -645,10 +656,7 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
         errors_.raise_first()
     # the base as a whole
     if hash_all and plan.input_model is not None:
-        model = ModelHasher()
-        for name, info in inp.tensors.items():
-            model.add(name, info.dtype, info.shape, digests[name])
-        got = model.digest().hex()
+        got = model_digest_of(inp.tensors, digests).hex()
         if not digests_equal(got, plan.input_model):
             raise BaseMismatchError(
                 f"{inp.path}: {label}: tensor contents differ from the patch's "
@@ -656,15 +664,7 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
                 f"expected {plan.input_model})", what="base", expected=plan.input_model, actual=got)
     # the target as a whole, from the digests at hand
     if hash_all and plan.output_model is not None:
-        model = ModelHasher()
-        for item in plan.items:
-            i = item.info
-            model.add(i.name, i.dtype, i.shape, finals[i.name] if item.touched else digests[item.src.name])
-        got = model.digest().hex()
-        if not digests_equal(got, plan.output_model):
-            raise IntegrityError(f"result does not match the patch's target model digest (model BLAKE3 "
-                                 f"{got}, expected {plan.output_model})", what="target",
-                                 expected=plan.output_model, actual=got)
+        require_target_model(plan, finals, digests)
     if verify == "full" or plan.always_full:
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
         if out_map is not None:

@@ -81,15 +81,18 @@ class ModelHasher:
         return h.digest()
 
 
-def model_digest(weights) -> tuple[bytes, dict[str, bytes]]:
-    """(model digest, {name: tensor digest}) of an open SafetensorsFile."""
+def model_digest_of(tensors, digests) -> bytes:
+    """The model digest from tensor digests already at hand (``tensors``: name -> info with dtype and shape)."""
     m = ModelHasher()
-    per: dict[str, bytes] = {}
-    for name, info in weights.tensors.items():
-        d = digest_bytes(weights.raw(name))
-        per[name] = d
-        m.add(name, info.dtype, info.shape, d)
-    return m.digest(), per
+    for name, info in tensors.items():
+        m.add(name, info.dtype, info.shape, digests[name])
+    return m.digest()
+
+
+def model_digest(weights) -> tuple[bytes, dict[str, bytes]]:
+    """(model digest, {name: tensor digest}) of an open model (anything with ``tensors`` and ``raw``)."""
+    per = {name: digest_bytes(weights.raw(name)) for name in weights.tensors}
+    return model_digest_of(weights.tensors, per), per
 
 
 def digests_equal(a: bytes | str, b: bytes | str) -> bool:

@@ -38,11 +38,11 @@ import blake3
 import numpy as np
 
 from . import codecs, kernel
-from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index,
-                      plan_forward, row_bytes, run_step, workers)
+from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index, plan_forward,
+                      require_target_model, row_bytes, run_step, workers)
 from .atomic import fsync_dir
 from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError
-from .hashing import ModelHasher, digest_bytes, digests_equal
+from .hashing import digest_bytes, digests_equal, model_digest_of
 from .journal import Entry, JournalWriter, TornJournal, journal_path, read_journal
 from .patchfile import Patch, read_patch
 from .weights import SafetensorsFile
@@ -267,15 +267,7 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
                         f"{d.hex()}, expected {item.expect})", what=item.info.name,
                         expected=item.expect, actual=d.hex())
             if hash_all:
-                model_h = ModelHasher()
-                for item in plan.items:
-                    i = item.info
-                    model_h.add(i.name, i.dtype, i.shape,
-                                finals[i.name] if item.touched else digests[item.src.name])
-                got = model_h.digest().hex()
-                if not digests_equal(got, plan.output_model):
-                    raise IntegrityError(f"result does not match the patch's target model digest (model BLAKE3 "
-                                         f"{got}, expected {plan.output_model})")
+                require_target_model(plan, finals, digests)
             digest = plan.output_file
             if verify == "full":
                 h = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -381,10 +373,7 @@ def _check_base(st: SafetensorsFile, plan: Plan, digests: dict, hash_all: bool) 
                 f"{digests[name].hex()}, expected {want})", what=name, expected=want,
                 actual=digests[name].hex())
     if hash_all:
-        m = ModelHasher()
-        for name, info in st.tensors.items():
-            m.add(name, info.dtype, info.shape, digests[name])
-        got = m.digest().hex()
+        got = model_digest_of(st.tensors, digests).hex()
         if not digests_equal(got, plan.input_model):
             raise BaseMismatchError(
                 f"{st.path}: wrong base: tensor contents differ from the patch's base (model BLAKE3 "
