@@ -107,14 +107,12 @@ def decode_layout(patch: Patch, s: Section, size: int, what: str) -> tuple[bytes
     return raw, tensors
 
 
-def target_layout(patch: Patch) -> tuple[bytes, dict | None, dict[str, TensorInfo]]:
+def target_layout(patch: Patch) -> tuple[bytes, dict[str, TensorInfo]]:
     """The target's safetensors header carried by the patch, decoded and validated."""
-    raw, tensors = decode_layout(patch, patch.header.target.layout, patch.header.target.size, "target")
-    metadata, _ = parse_safetensors_header(raw, file_size=patch.header.target.size)
-    return raw, metadata, tensors
+    return decode_layout(patch, patch.header.target.layout, patch.header.target.size, "target")
 
 
-def _check_ops_against_layout(patch: Patch, layout: dict[str, TensorInfo]) -> None:
+def check_ops_against_layout(patch: Patch, layout: dict[str, TensorInfo]) -> None:
     ops = {op.name: op for op in patch.ops}
     for name, info in layout.items():
         op = ops.get(name)
@@ -159,7 +157,7 @@ def check_base(patch: Patch, base: SafetensorsFile, layout: dict[str, TensorInfo
                 raise BaseMismatchError(
                     f"{base.path}: wrong base: tensor {name!r} is {src.dtype}{list(src.shape)}, "
                     f"the patch expects {info.dtype}{list(info.shape)}")
-    _check_ops_against_layout(patch, layout)
+    check_ops_against_layout(patch, layout)
     if len(base.tensors) != hb.tensors:
         raise BaseMismatchError(
             f"{base.path}: wrong base: {len(base.tensors)} tensors, the patch's base has {hb.tensors}")
@@ -220,13 +218,13 @@ def plan_forward(base: SafetensorsFile, patches: Sequence[Patch]) -> Plan:
     first = patches[0]
     layouts = []
     for k, p in enumerate(patches):
-        raw, _, layout = target_layout(p)
+        raw, layout = target_layout(p)
         layouts.append((raw, layout))
         if k == 0:
             check_base(p, base, layout)
         else:
             prev = patches[k - 1]
-            _check_ops_against_layout(p, layout)
+            check_ops_against_layout(p, layout)
             if not digests_equal(p.header.base.model_blake3, prev.header.target.model_blake3):
                 raise BaseMismatchError(
                     f"{p.path}: broken chain: link {k + 1} was made for another base than the target of link {k} "
@@ -303,7 +301,7 @@ def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
                                "make it with `nnpatch diff --reversible`", path=patch.path)
     raw_layout, layout = decode_layout(patch, h.base.layout, h.base.size, "base")
     _, target = decode_layout(patch, h.target.layout, h.target.size, "target")
-    _check_ops_against_layout(patch, target)
+    check_ops_against_layout(patch, target)
     ops = {op.name: op for op in patch.ops}
     # the input must be the patch's target: same tensor set, dtypes, shapes
     for name, info in target.items():

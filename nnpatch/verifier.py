@@ -6,11 +6,12 @@ failure. A patch that cannot be parsed at all raises in both.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 
 from . import codecs
-from .applier import check_base, target_layout
+from .applier import check_base, check_ops_against_layout, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
@@ -39,25 +40,18 @@ class VerifyReport:
 
 def check_sections(p: Patch) -> None:
     """Decode every section without a base: zstd frames, index order and range, sizes."""
-    _, _, layout = target_layout(p)
+    _, layout = target_layout(p)
+    check_ops_against_layout(p, layout)
     for op in p.ops:
-        info = layout.get(op.name)
         if op.index is not None:
-            bound = op.target.shape[0] if op.kind == "rows" else op.target.nbytes // max(1, _width(op))
+            bound = op.target.shape[0] if op.kind == "rows" else math.prod(op.target.shape)
             codecs.decode_indices(p.section(op.index), op.index.codec, count=op.count, bound=bound,
                                   size=op.index.size, where=f"{op.name!r}.index")
-        if op.values is not None:
-            s = op.values
-            for _ in codecs.decoded_chunks(p.section(s), s.codec, s.size, _chunks(s.size), where=f"{op.name!r}.values"):
-                pass
-        if op.target is not None and info is None:
-            raise IntegrityError(f"{p.path}: tensor {op.name!r} is written by an op but missing from the target layout")
-
-
-def _width(op) -> int:
-    from .dtypes import ITEMSIZE
-
-    return ITEMSIZE[op.target.dtype]
+        for key, s in (("values", op.values), ("base_values", op.base_values)):
+            if s is not None:
+                where = f"{op.name!r}.{key}"
+                for _ in codecs.decoded_chunks(p.section(s), s.codec, s.size, _chunks(s.size), where=where):
+                    pass
 
 
 def _chunks(size: int, step: int = 8 << 20) -> list[int]:
@@ -103,7 +97,7 @@ def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: P
     try:
         with open_source(path) as w:
             if p is not None and role == "base":
-                _, _, layout = target_layout(p)
+                _, layout = target_layout(p)
                 check_base(p, w, layout)
             digest, _ = model_digest(w)
     except BaseMismatchError as e:
