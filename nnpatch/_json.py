@@ -1,6 +1,11 @@
-"""Strict JSON helpers shared by every parser of untrusted JSON in nnpatch."""
+"""Strict JSON for every parser of untrusted JSON in nnpatch (safetensors headers, indexes, manifests)."""
 
 from __future__ import annotations
+
+import json
+import os
+
+from .errors import NnpatchIOError
 
 
 def reject_duplicates(pairs):
@@ -11,3 +16,21 @@ def reject_duplicates(pairs):
             raise ValueError(f"duplicate key {key!r}")
         obj[key] = value
     return obj
+
+
+def loads_strict(raw: bytes):
+    """UTF-8 JSON without duplicate keys; every failure is a ValueError for the caller to name."""
+    try:
+        return json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
+    except (UnicodeDecodeError, RecursionError) as e:
+        raise ValueError(str(e) or type(e).__name__) from e
+
+
+def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:
+    """At most ``limit + 1`` bytes of a file, so a caller can refuse one that is too large without reading it."""
+    path = os.fspath(path)
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit + 1)
+    except OSError as e:
+        raise NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e

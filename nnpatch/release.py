@@ -31,6 +31,7 @@ import tempfile
 from dataclasses import dataclass, field
 
 from . import __version__
+from ._json import loads_strict, read_bounded
 from .atomic import atomic_write, fsync_dir
 from .errors import IntegrityError, NnpatchIOError, PatchFormatError, UsageError, WeightsError
 
@@ -215,8 +216,8 @@ def parse_manifest(raw: bytes, *, source: str = MANIFEST_NAME) -> dict:
     if len(raw) > MAX_MANIFEST_SIZE:
         raise PatchFormatError(f"manifest of {len(raw)} bytes exceeds the {MAX_MANIFEST_SIZE} limit", path=source)
     try:
-        m = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        m = loads_strict(raw)
+    except ValueError as e:
         raise PatchFormatError(f"invalid manifest JSON: {e}", path=source) from e
     if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
         raise PatchFormatError(f"not an nnpatch release manifest (format must be {MANIFEST_FORMAT!r})", path=source)
@@ -250,12 +251,7 @@ def parse_manifest(raw: bytes, *, source: str = MANIFEST_NAME) -> dict:
 
 def load_manifest(path: str | os.PathLike[str]) -> dict:
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_MANIFEST_SIZE + 1)
-    except OSError as e:
-        raise NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
-    return parse_manifest(raw, source=path)
+    return parse_manifest(read_bounded(path, MAX_MANIFEST_SIZE), source=path)
 
 
 # --- update ------------------------------------------------------------------------------

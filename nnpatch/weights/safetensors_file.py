@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
-from .._json import reject_duplicates
+from .._json import loads_strict
 
 #: The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_SIZE = 100_000_000
@@ -68,8 +68,8 @@ def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: 
     if not text.startswith(b"{"):
         raise WeightsError("not a safetensors file: header does not start with '{'", path=path)
     try:
-        header = json.loads(text.decode("utf-8"), object_pairs_hook=reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        header = loads_strict(text)
+    except ValueError as e:
         raise WeightsError(f"invalid safetensors header: {e}", path=path) from e
     if not isinstance(header, dict):
         raise WeightsError("invalid safetensors header: not a JSON object", path=path)

@@ -35,9 +35,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..errors import NnpatchIOError, WeightsError
+from .._json import loads_strict, read_bounded
+from ..errors import WeightsError
 from .safetensors_file import SafetensorsFile, write_safetensors
-from .._json import reject_duplicates
 
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
@@ -51,8 +51,8 @@ def parse_index(raw: bytes, *, path: str = INDEX_NAME) -> tuple[dict | None, dic
     if len(raw) > MAX_INDEX_SIZE:
         raise WeightsError(f"index of {len(raw)} bytes exceeds the {MAX_INDEX_SIZE} limit", path=path)
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
-    except (UnicodeDecodeError, ValueError, RecursionError) as e:
+        obj = loads_strict(raw)
+    except ValueError as e:
         raise WeightsError(f"invalid index JSON: {e}", path=path) from e
     if not isinstance(obj, dict):
         raise WeightsError("invalid index: not a JSON object", path=path)
@@ -69,12 +69,7 @@ def parse_index(raw: bytes, *, path: str = INDEX_NAME) -> tuple[dict | None, dic
 
 def read_index(path: str | os.PathLike[str]) -> tuple[dict | None, dict[str, str]]:
     path = os.fspath(path)
-    try:
-        with open(path, "rb") as f:
-            raw = f.read(MAX_INDEX_SIZE + 1)
-    except OSError as e:
-        raise NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
-    return parse_index(raw, path=path)
+    return parse_index(read_bounded(path, MAX_INDEX_SIZE), path=path)
 
 
 def safe_relative_path(directory: str, name: str, *, what: str = "file name", source: str | None = None) -> str:
