@@ -293,7 +293,6 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     the entry's chain when it has one and it is smaller; ``"chain"`` the
     chain whenever the entry has one.
     """
-    import nnpatch
     from .applier import apply_chain
     from .hashing import digests_equal, hash_file
     from .patchfile import read_patch
@@ -343,10 +342,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(model_path) + ".", suffix=".update", dir=directory)
     os.close(fd)
     try:
-        if len(paths) == 1:
-            nnpatch.apply(model_path, paths[0], tmp, verify=verify)
-        else:
-            apply_chain(model_path, paths, tmp, verify=verify)
+        apply_chain(model_path, paths, tmp, verify=verify)
         result = hash_file(tmp)
         if not digests_equal(result, target["blake3"]):
             raise IntegrityError(f"updated model has BLAKE3 {result}, the manifest's target is {target['blake3']}",
