@@ -107,9 +107,60 @@ def decode_layout(patch: Patch, s: Section, size: int, what: str) -> tuple[bytes
     return raw, tensors
 
 
-def target_layout(patch: Patch) -> tuple[bytes, dict[str, TensorInfo]]:
-    """The target's safetensors header carried by the patch, decoded and validated."""
-    return decode_layout(patch, patch.header.target.layout, patch.header.target.size, "target")
+@dataclass
+class OutFile:
+    """One file of the output: a safetensors file built from tensors (its
+    header ``raw_layout``), a blob decoded from ``content`` of ``patch``, or a
+    copy of the input file ``source`` (an absolute path, or None when the
+    input is not a directory). ``path`` is relative to the output directory
+    ("" for a single-file target)."""
+
+    path: str
+    kind: str
+    size: int
+    blake3: str
+    raw_layout: bytes = b""
+    patch: Patch | None = None
+    content: Section | None = None
+    source: str | None = None
+
+
+@dataclass
+class TargetLayout:
+    """What a patch says the target is made of: its files and every tensor's place."""
+
+    files: list[OutFile]
+    tensors: dict[str, TensorInfo]  # name -> offsets in its file
+    file_of: dict[str, int]  # name -> index in files
+
+
+def target_layout(patch: Patch) -> TargetLayout:
+    """The target's file(s) as carried by the patch, decoded and validated.
+
+    A single-file target is one safetensors header; a directory target
+    (format 1.1) has a header per shard, and tensor names are unique across
+    shards.
+    """
+    t = patch.header.target
+    if not t.is_directory:
+        raw, tensors = decode_layout(patch, t.layout, t.size, "target")
+        return TargetLayout([OutFile("", "safetensors", t.size, t.blake3, raw_layout=raw)], tensors,
+                            dict.fromkeys(tensors, 0))
+    files: list[OutFile] = []
+    tensors: dict[str, TensorInfo] = {}
+    file_of: dict[str, int] = {}
+    for i, f in enumerate(t.files):
+        out = OutFile(f.path, f.kind, f.size, f.blake3, patch=patch, content=f.content, source=f.source)
+        if f.kind == "safetensors":
+            out.raw_layout, shard = decode_layout(patch, f.layout, f.size, f"target file {f.path!r}")
+            for name, info in shard.items():
+                if name in tensors:
+                    raise PatchFormatError(f"tensor {name!r} is in both {t.files[file_of[name]].path!r} and "
+                                           f"{f.path!r}", path=patch.path)
+                tensors[name] = info
+                file_of[name] = i
+        files.append(out)
+    return TargetLayout(files, tensors, file_of)
 
 
 def check_ops_against_layout(patch: Patch, layout: dict[str, TensorInfo]) -> None:
@@ -183,11 +234,12 @@ class Step:
 
 @dataclass
 class Item:
-    info: TensorInfo  # where it goes in the output
+    info: TensorInfo  # where it goes in the output (offsets in its file)
     src: TensorInfo | None = None  # input tensor whose bytes it starts from
     fill: Step | None = None  # or: values decoded from a patch (absolute)
     steps: list[Step] = field(default_factory=list)  # relative ops, in order
     expect: str | None = None  # digest of the final bytes (touched tensors)
+    file: int = 0  # index of its output file in Plan.files
 
     @property
     def touched(self) -> bool:
@@ -196,17 +248,26 @@ class Item:
 
 @dataclass
 class Plan:
-    raw_layout: bytes
-    size: int
+    files: list[OutFile]
     items: list[Item]
     #: input tensor name -> digest it must have (None: hashed only for the model digest)
     input_expect: dict[str, str | None]
     input_model: str | None  # expected model digest of the input (None: not checked)
     output_model: str | None
-    output_file: str  # the output's file digest, per the patch
+    output_file: str  # the output's file digest (a directory's: its directory digest), per the patch
     always_full: bool = False
     ops: int = 0
     links: int = 1
+    directory: bool = False  # the output is a model directory (Plan.files are its files)
+
+    @property
+    def raw_layout(self) -> bytes:
+        """The header of a single-file output."""
+        return self.files[0].raw_layout
+
+    @property
+    def size(self) -> int:
+        return sum(f.size for f in self.files)
 
 
 def _delta_mode(op: Op, section: Section) -> str:
@@ -216,15 +277,15 @@ def _delta_mode(op: Op, section: Section) -> str:
 def plan_forward(base: SafetensorsFile, patches: Sequence[Patch]) -> Plan:
     """The plan for a chain base -> P1 -> ... -> Pn (one link is a plain apply)."""
     first = patches[0]
-    layouts = []
+    layouts: list[TargetLayout] = []
     for k, p in enumerate(patches):
-        raw, layout = target_layout(p)
-        layouts.append((raw, layout))
+        tl = target_layout(p)
+        layouts.append(tl)
         if k == 0:
-            check_base(p, base, layout)
+            check_base(p, base, tl.tensors)
         else:
             prev = patches[k - 1]
-            check_ops_against_layout(p, layout)
+            check_ops_against_layout(p, tl.tensors)
             if not digests_equal(p.header.base.model_blake3, prev.header.target.model_blake3):
                 raise BaseMismatchError(
                     f"{p.path}: broken chain: link {k + 1} was made for another base than the target of link {k} "
@@ -254,14 +315,14 @@ def plan_forward(base: SafetensorsFile, patches: Sequence[Patch]) -> Plan:
                 present.add(name)
                 known[name] = op.target.blake3
         if k:
-            if present != set(layouts[k][1]):
+            if present != set(layouts[k].tensors):
                 raise BaseMismatchError(f"{p.path}: broken chain: tensor set after link {k + 1} does not match its "
                                         f"target layout")
-    raw_layout, layout = layouts[-1]
+    final = layouts[-1]
     items: list[Item] = []
     input_expect: dict[str, str | None] = {name: None for name in base.tensors}
-    for name, info in layout.items():
-        item = Item(info)
+    for name, info in final.tensors.items():
+        item = Item(info, file=final.file_of[name])
         start = 0
         for k in range(len(patches) - 1, -1, -1):
             op = ops_by_link[k].get(name)
@@ -288,9 +349,53 @@ def plan_forward(base: SafetensorsFile, patches: Sequence[Patch]) -> Plan:
                     name not in ops_by_link[j] for j in range(k)):
                 input_expect[name] = op.base.blake3
     last = patches[-1]
-    return Plan(raw_layout, last.header.target.size, items, input_expect, first.header.base.model_blake3,
+    return Plan(_resolve_copies(base, patches, layouts), items, input_expect, first.header.base.model_blake3,
                 last.header.target.model_blake3, last.header.target.blake3,
-                ops=sum(len(p.ops) for p in patches), links=len(patches))
+                ops=sum(len(p.ops) for p in patches), links=len(patches),
+                directory=last.header.target.is_directory)
+
+
+def _resolve_copies(base, patches: Sequence[Patch], layouts: list[TargetLayout]) -> list[OutFile]:
+    """The final link's files, each ``copy`` traced back through the chain to
+    a blob of an earlier link or to a file of the base directory."""
+    from .weights.sharded import safe_relative_path
+
+    out = []
+    for f in layouts[-1].files:
+        if f.kind != "copy":
+            out.append(f)
+            continue
+        f = OutFile(f.path, f.kind, f.size, f.blake3, source=f.source)
+        src, k = f.source, len(patches) - 1
+        while True:
+            k -= 1
+            if k < 0:
+                if not os.path.isdir(base.path):
+                    raise BaseMismatchError(f"{base.path}: wrong base: the patch copies {src!r} from its base "
+                                            "directory, and this base is not a directory")
+                try:
+                    full = safe_relative_path(base.path, src, what="copied file")
+                except WeightsError as e:
+                    raise PatchFormatError(str(e), path=patches[0].path) from e
+                if not os.path.isfile(full):
+                    raise BaseMismatchError(f"{base.path}: wrong base: file {src!r} is missing")
+                f.source = full
+                break
+            link = patches[k]
+            entry = next((e for e in layouts[k].files if e.path == src), None) \
+                if link.header.target.is_directory else None
+            if entry is None or entry.blake3 != f.blake3:
+                raise BaseMismatchError(f"{patches[k + 1].path}: broken chain: link {k + 2} copies {src!r} from its "
+                                        f"base, which link {k + 1} ({link.path}) does not make")
+            if entry.kind == "blob":
+                f.kind, f.patch, f.content, f.source = "blob", entry.patch, entry.content, None
+                break
+            if entry.kind == "safetensors":
+                raise UsageError(f"{patches[k + 1].path}: link {k + 2} copies the weights file {src!r} made by link "
+                                 f"{k + 1}; apply these links one at a time")
+            src = entry.source
+        out.append(f)
+    return out
 
 
 def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
@@ -299,6 +404,8 @@ def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
     if not h.reversible:
         raise PatchFormatError("patch is not reversible (it lacks the base layout or old bytes); "
                                "make it with `nnpatch diff --reversible`", path=patch.path)
+    if h.target.is_directory:
+        raise PatchFormatError("patch is not reversible: its target is a model directory", path=patch.path)
     raw_layout, layout = decode_layout(patch, h.base.layout, h.base.size, "base")
     _, target = decode_layout(patch, h.target.layout, h.target.size, "target")
     check_ops_against_layout(patch, target)
@@ -347,7 +454,8 @@ def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
             raise PatchFormatError(f"tensor {name!r} is in the patch's base but missing from its base layout",
                                    path=patch.path)
     input_expect = {name: (ops[name].target.blake3 if name in ops else None) for name in new.tensors}
-    return Plan(raw_layout, h.base.size, items, input_expect, h.target.model_blake3, h.base.model_blake3,
+    files = [OutFile("", "safetensors", h.base.size, h.base.blake3, raw_layout=raw_layout)]
+    return Plan(files, items, input_expect, h.target.model_blake3, h.base.model_blake3,
                 h.base.blake3, always_full=True, ops=len(patch.ops))
 
 
@@ -515,23 +623,40 @@ def require_target_model(plan: Plan, finals: dict[str, bytes], digests: dict[str
                              expected=plan.output_model, actual=got)
 
 
-def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str, progress: ProgressFn,
-            label: str) -> tuple[str, int]:
-    """Fill the output per ``plan``; returns (output file digest, bytes hashed)."""
+def _input_locator(inp) -> Callable[[str], tuple[int, object, int]] | None:
+    """Where an input tensor's bytes lie in a file, as (fd, map, offset), so
+    unchanged tensors move by ``copy_file_range``; None for inputs whose
+    tensors are not plain byte ranges of a file (PyTorch, ONNX), which are
+    copied through their arrays."""
+    if isinstance(inp, SafetensorsFile):
+        fd, m = inp._file.fileno(), inp._map
+        return lambda name: (fd, m, inp.tensors[name].begin)
+    model = getattr(inp, "model", None)
+    if getattr(inp, "kind", None) == "safetensors-dir" and model is not None:
+        shards = model.shards
+        return lambda name: (shards[model.tensors[name].file]._file.fileno(), shards[model.tensors[name].file]._map,
+                             model.tensors[name].begin)
+    return None
+
+
+def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] | None], verify: str,
+            progress: ProgressFn, label: str) -> tuple[str, int, dict[int, str]]:
+    """Fill the output files per ``plan``; ``outs[i]`` is (fd, writable map or None
+    when empty) of ``plan.files[i]`` (None for files that hold no tensors).
+
+    Returns (output digest, bytes hashed, {file index: file digest} of the files
+    re-hashed, which ``full`` does)."""
     hash_all = verify != "touched"
-    # A base in another format (PyTorch, a sharded directory...) has no single
-    # file to copy ranges from: its tensors are copied through their arrays.
-    by_file = isinstance(inp, SafetensorsFile)
-    in_fd = inp._file.fileno() if by_file else -1
-    in_map = inp._map if by_file else None
+    locate = _input_locator(inp)
     errors_ = _Errors()
     digests: dict[str, bytes] = {}
     finals: dict[str, bytes] = {}
     hashed = [0]
     lock = threading.Lock()
 
-    if out_map is not None:
-        out_map[: len(plan.raw_layout)] = plan.raw_layout
+    for f, out in zip(plan.files, outs):
+        if out is not None and out[1] is not None:
+            out[1][: len(f.raw_layout)] = f.raw_layout
 
     def hash_input(names: list[str]) -> None:
         for name in names:
@@ -549,20 +674,30 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
                 f"{'base' if label == 'wrong base' else 'target'} (BLAKE3 {d.hex()}, "
                 f"expected {want})", what=name, expected=want, actual=d.hex())
 
-    def copy_run(src_off: int, dst_off: int, n: int) -> None:
+    def copy_tensor(item: Item) -> None:
+        """An input tensor's bytes into the output, by the kernel where both are files."""
+        out_fd, out_map = outs[item.file]
+        info = item.info
+        if not info.nbytes:
+            return
+        if locate is not None:
+            in_fd, in_map, begin = locate(item.src.name)
+            copy_range(in_fd, out_fd, begin, info.begin, info.nbytes, in_map, out_map)
+        else:
+            np.frombuffer(out_map, np.uint8, info.nbytes, info.begin)[:] = inp.raw(item.src.name)
+
+    def copy_run(in_fd: int, in_map, out_fd: int, out_map, src_off: int, dst_off: int, n: int) -> None:
         copy_range(in_fd, out_fd, src_off, dst_off, n, in_map, out_map)
         start_writeback(out_fd, dst_off, n)
 
     def make(item: Item) -> None:
         info = item.info
+        out_fd, out_map = outs[item.file]
         dst = np.frombuffer(out_map, np.uint8, info.nbytes, info.begin) if info.nbytes else np.empty(0, np.uint8)
         if item.src is not None:
             if item.src.name in hashed_by_make:  # checked here, before its bytes are used, while they are hot
                 hash_one(item.src.name)
-            if by_file:
-                copy_range(in_fd, out_fd, item.src.begin, info.begin, info.nbytes, in_map, out_map)
-            elif info.nbytes:
-                dst[:] = inp.raw(item.src.name)
+            copy_tensor(item)
         if item.fill is not None:
             run_step(item.fill, info, dst)
         for step in item.steps:
@@ -580,32 +715,28 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
     hashed_by_make = {item.src.name for item in plan.items if item.touched and item.src is not None
                       and (hash_all or plan.input_expect.get(item.src.name) is not None)}
     tasks: list[tuple[Callable, tuple, int]] = []
-    # unchanged tensors: merge neighbours into runs, cut runs into pieces
-    run: list[int] | None = None  # [src_off, dst_off, n]
-    runs = []
-    for item in plan.items:
-        if item.touched:
-            continue
-        s, d = item.src.begin, item.info.begin
-        if run is not None and run[0] + run[2] == s and run[1] + run[2] == d:
-            run[2] += item.info.nbytes
-        else:
-            run = [s, d, item.info.nbytes]
-            runs.append(run)
-    if not by_file:
-        runs = []
-
-        def copy_tensor(name: str, dst_off: int, n: int) -> None:
-            if n:
-                np.frombuffer(out_map, np.uint8, n, dst_off)[:] = inp.raw(name)
-
+    if locate is not None:
+        # unchanged tensors: merge neighbours (same input and output file, contiguous) into runs, cut into pieces
+        runs: list[list] = []
+        for item in plan.items:
+            if item.touched:
+                continue
+            in_fd, in_map, s_off = locate(item.src.name)
+            out_fd, out_map = outs[item.file]
+            run = runs[-1] if runs else None
+            if run is not None and run[0] == in_fd and run[2] == out_fd and run[4] + run[6] == s_off \
+                    and run[5] + run[6] == item.info.begin:
+                run[6] += item.info.nbytes
+            else:
+                runs.append([in_fd, in_map, out_fd, out_map, s_off, item.info.begin, item.info.nbytes])
+        for in_fd, in_map, out_fd, out_map, s_off, d_off, n in runs:
+            for off in range(0, n, _COPY_PIECE):
+                k = min(_COPY_PIECE, n - off)
+                tasks.append((copy_run, (in_fd, in_map, out_fd, out_map, s_off + off, d_off + off, k), k))
+    else:
         for item in plan.items:
             if not item.touched:
-                tasks.append((copy_tensor, (item.src.name, item.info.begin, item.info.nbytes), item.info.nbytes))
-    for s, d, n in runs:
-        for off in range(0, n, _COPY_PIECE):
-            k = min(_COPY_PIECE, n - off)
-            tasks.append((copy_run, (s + off, d + off, k), k))
+                tasks.append((copy_tensor, (item,), item.info.nbytes))
     # hash tasks, small tensors batched
     to_hash = [n for n in inp.tensors if (hash_all or plan.input_expect.get(n) is not None)
                and n not in hashed_by_make]
@@ -663,38 +794,53 @@ def execute(plan: Plan, inp: SafetensorsFile, out_fd: int, out_map, verify: str,
     # the target as a whole, from the digests at hand
     if hash_all and plan.output_model is not None:
         require_target_model(plan, finals, digests)
+    rehashed: dict[int, str] = {}
     if verify == "full" or plan.always_full:
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-        if out_map is not None:
-            h.update(out_map)
-        digest = h.hexdigest()
-        hashed[0] += plan.size
-        if not digests_equal(digest, plan.output_file):
-            raise IntegrityError(
-                f"result does not match the patch's {'target' if not plan.always_full else 'base'} (BLAKE3 "
-                f"{digest}, expected {plan.output_file})", what="target",
-                expected=plan.output_file, actual=digest)
-        return digest, hashed[0]
-    return plan.output_file, hashed[0]
+        for i, (f, out) in enumerate(zip(plan.files, outs)):
+            if out is None:
+                continue
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            if out[1] is not None:
+                h.update(out[1])
+            digest = rehashed[i] = h.hexdigest()
+            hashed[0] += f.size
+            if not digests_equal(digest, f.blake3):
+                where = f"file {f.path!r}" if plan.directory else "result"
+                raise IntegrityError(
+                    f"{where} does not match the patch's {'target' if not plan.always_full else 'base'} (BLAKE3 "
+                    f"{digest}, expected {f.blake3})", what=f.path or "target", expected=f.blake3, actual=digest)
+        if not plan.directory:
+            return rehashed[0], hashed[0], rehashed
+    return plan.output_file, hashed[0], rehashed
+
+
+def _allocate(fd: int, size: int):
+    """Reserve ``size`` bytes for an output file (ENOSPC now, not SIGBUS later) and map it."""
+    if not size:
+        return None
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as e:
+        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
+            raise
+        os.ftruncate(fd, size)
+    return mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
 
 
 def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: str, progress: ProgressFn,
                label: str = "wrong base") -> ApplyResult:
     """Run ``plan`` into a temporary file beside ``output``; rename it there when every check passed."""
+    if plan.directory:
+        from .directory import build_directory
+
+        return build_directory(plan, inp, output, verify, progress)
     size = plan.size
     try:
         with atomic_write(output) as f:
             out = None
             try:
-                if size:
-                    try:
-                        os.posix_fallocate(f.fileno(), 0, size)  # ENOSPC now, not SIGBUS later
-                    except OSError as e:
-                        if e.errno not in (errno.EOPNOTSUPP, errno.EINVAL, errno.ENOSYS):
-                            raise
-                        os.ftruncate(f.fileno(), size)
-                    out = mmap.mmap(f.fileno(), size, access=mmap.ACCESS_WRITE)
-                digest, hashed = execute(plan, inp, f.fileno(), out, verify, progress, label)
+                out = _allocate(f.fileno(), size)
+                digest, hashed, _ = execute(plan, inp, [(f.fileno(), out)], verify, progress, label)
             finally:
                 if out is not None:
                     with contextlib.suppress(BufferError):

@@ -107,6 +107,14 @@ def _progress(ctx: click.Context, label: str, total: int, enabled: bool = True):
         yield lambda n: prog.advance(task, n)
 
 
+def _model_size(path: str) -> int:
+    """Bytes of a model file or directory (for progress bars); 0 when unreadable."""
+    if os.path.isdir(path):
+        return sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(path) for f in fs
+                   if os.path.isfile(os.path.join(d, f)))
+    return os.path.getsize(path) if os.path.exists(path) else 0
+
+
 def _emit_json(obj) -> None:
     click.echo(json.dumps(obj, indent=2, sort_keys=True))
 
@@ -122,8 +130,8 @@ def _human(n: float) -> str:
 # --- diff ---------------------------------------------------------------------
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("old", type=click.Path(dir_okay=False))
-@click.argument("new", type=click.Path(dir_okay=False))
+@click.argument("old", type=click.Path())
+@click.argument("new", type=click.Path())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
 @click.option("--level", type=click.IntRange(codecs.MIN_LEVEL, codecs.MAX_LEVEL), default=codecs.DEFAULT_LEVEL,
               show_default=True, help="zstd level: higher is smaller and slower.")
@@ -187,10 +195,11 @@ _VERIFY_HELP = ("default: hash the whole base and every touched tensor, which pr
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("old", type=click.Path(dir_okay=False))
+@click.argument("old", type=click.Path())
 @click.argument("patches", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
-@click.option("-o", "--output", type=click.Path(dir_okay=False),
-              help="Model file to write (replaced atomically).")
+@click.option("-o", "--output", type=click.Path(),
+              help="Model file to write (replaced atomically); a new directory for a patch whose target is a "
+                   "model directory.")
 @click.option("--in-place", is_flag=True,
               help="Update OLD itself, writing only the changed rows, behind an undo journal (crash-safe).")
 @click.option("--verify", "verify_mode", type=click.Choice(["default", "full", "touched"]), default="default",
@@ -223,7 +232,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
                 opened.append(stack.enter_context(read_patch_stream(directory=where)))
             else:
                 opened.append(p)
-        total = os.path.getsize(old) if os.path.exists(old) else 0
+        total = _model_size(old)
         with _progress(ctx, "apply", total * (len(opened) if in_place else 1), not as_json) as advance:
             if in_place:
                 from .inplace import apply_in_place
@@ -290,8 +299,8 @@ def recover(ctx, model, as_json):
 
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("--base", type=click.Path(dir_okay=False), help="Check that this is the patch's base.")
-@click.option("--target", type=click.Path(dir_okay=False), help="Check that this is the patch's target.")
+@click.option("--base", type=click.Path(), help="Check that this is the patch's base.")
+@click.option("--target", type=click.Path(), help="Check that this is the patch's target.")
 @click.option("--key", type=click.Path(dir_okay=False), help="Require a signature by this Ed25519 public key.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 @click.pass_context
@@ -510,6 +519,13 @@ def show(patch, as_json):
         console.print(f"base:   {h.base.blake3}  {_human(h.base.size)}, {h.base.tensors} tensors")
         console.print(f"target: {h.target.blake3}  {_human(h.target.size)}, {h.target.tensors} tensors")
         console.print(f"trailer BLAKE3: {p.trailer_hash}")
+        if h.target.files is not None:
+            files = Table(box=None, title="target directory", title_justify="left")
+            for col in ("file", "kind", "size", "stored", "from"):
+                files.add_column(col, justify="right" if col in ("size", "stored") else "left")
+            for f in h.target.files:
+                files.add_row(f.path, f.kind, str(f.size), str(sum(s.length for s in f.sections())), f.source or "")
+            console.print(files)
         table = Table(box=None)
         for col in ("tensor", "op", "dtype", "shape", "count", "index codec", "values codec", "bytes"):
             table.add_column(col, justify="right" if col in ("count", "bytes") else "left")

@@ -19,11 +19,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import __version__, codecs, dtypes
-from .errors import UsageError
+from .errors import NnpatchIOError, UsageError
 from .hashing import ModelHasher, digest_bytes, hash_file
-from .patchfile import ModelRef, Op, PatchHeader, PatchWriter, Section, TensorRef
+from .patchfile import ModelRef, Op, PatchHeader, PatchWriter, Section, TargetFile, TensorRef
 from .weights import SafetensorsFile
-from .weights.source import ModelSource, open_source
+from .weights.source import ModelSource, directory_digest, open_source
 
 #: Sections up to this size try every codec; larger ones choose on a sample.
 _TRY_ALL_BYTES = 256 << 10
@@ -114,7 +114,11 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
     try:
         base_model, target_model = ModelHasher(), ModelHasher()
         base_layout = _encode_layout(writer, b.header_bytes, level) if reversible else None
-        layout = _encode_layout(writer, t.header_bytes, level)
+        directory = _is_directory(t)
+        if directory:
+            layout, files = None, _encode_files(writer, b, t, level)
+        else:
+            layout, files = _encode_layout(writer, t.header_bytes, level), None
         ops: list[Op] = []
         changes: list[TensorChange] = []
         names = sorted(set(b.tensors) | set(t.tensors), key=_utf8_key)
@@ -148,9 +152,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
         header = PatchHeader(
             base=ModelRef(_kind(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
                           layout=base_layout),
-            # a target in another format is written as safetensors, in the canonical layout
-            target=ModelRef("pytorch" if _kind(t) == "pytorch" else "safetensors", _target_size(t),
-                            _target_digest(t), target_model.digest().hex(), len(t.tensors), layout=layout),
+            target=_target_ref(t, files, target_model.digest().hex(), layout),
             ops=ops,
             created_by=f"nnpatch {__version__}",
         )
@@ -159,6 +161,45 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
         writer.abort()
         raise
     return DiffResult(output, size, b.size, t.size, len(t.tensors), changes, writer.trailer_hash)
+
+
+def _is_directory(m) -> bool:
+    return isinstance(m, ModelSource) and m.kind == "safetensors-dir"
+
+
+def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Section | None) -> ModelRef:
+    if files is not None:
+        return ModelRef("safetensors-dir", sum(f.size for f in files),
+                        directory_digest((f.path, f.blake3) for f in files), model_blake3, len(t.tensors),
+                        files=files)
+    # a target in another format is written as safetensors, in the canonical layout
+    return ModelRef("pytorch" if _kind(t) == "pytorch" else "safetensors", _target_size(t), _target_digest(t),
+                    model_blake3, len(t.tensors), layout=layout)
+
+
+def _encode_files(writer: PatchWriter, b, t: ModelSource, level: int) -> list[TargetFile]:
+    """The files of a directory target: each shard by its header (its tensors
+    come from the ops and the base), every other file copied from the base
+    directory when the base has one with the same bytes, else carried whole."""
+    base_files: dict[str, str] = {}  # digest -> base path (the same path preferred)
+    if _is_directory(b):
+        for path, digest in b.file_digests().items():
+            base_files.setdefault(digest, path)
+    same_path = b.file_digests() if _is_directory(b) else {}
+    out = []
+    for path, digest in t.file_digests().items():
+        f = next(m for m in t.model.files if m.path == path)
+        shard = t.model.shards.get(path)
+        if shard is not None:
+            out.append(TargetFile(path, "safetensors", f.size, digest,
+                                  layout=_encode_layout(writer, shard.header_bytes, level)))
+        elif same_path.get(path) == digest or digest in base_files:
+            source = path if same_path.get(path) == digest else base_files[digest]
+            out.append(TargetFile(path, "copy", f.size, digest, source=source))
+        else:
+            content = _encode_blob(writer, os.path.join(t.path, *path.split("/")), f.size, level)
+            out.append(TargetFile(path, "blob", f.size, digest, content=content))
+    return out
 
 
 def _kind(m) -> str:
@@ -185,6 +226,30 @@ def _encode_layout(writer: PatchWriter, header_bytes: bytes, level: int) -> Sect
     if len(packed) < len(header_bytes):
         return writer.add_bytes(packed, len(header_bytes), ["zstd"])
     return writer.add_bytes(header_bytes, len(header_bytes), [])
+
+
+def _encode_blob(writer: PatchWriter, path: str, size: int, level: int) -> Section:
+    """A whole file as one section, streamed (a directory may hold big files
+    that are not weights): zstd when that is smaller, else raw."""
+    import shutil
+
+    import zstandard
+
+    start = writer.begin_section()
+    z = zstandard.ZstdCompressor(level=max(level, 19) if size <= 16 << 20 else level, write_content_size=True,
+                                 write_checksum=False)
+    spool = writer.stream
+    with open(path, "rb") as fh:
+        _, written = z.copy_stream(fh, spool, size=size)
+        if written < size:
+            return Section(start, written, size, ["zstd"])
+        spool.seek(start)
+        spool.truncate()
+        fh.seek(0)
+        shutil.copyfileobj(fh, spool, 8 << 20)
+    if spool.tell() - start != size:
+        raise NnpatchIOError(f"{path}: file changed size while it was being read")
+    return Section(start, size, size, [])
 
 
 # --- the value streams ---------------------------------------------------------

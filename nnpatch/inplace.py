@@ -41,11 +41,12 @@ from . import codecs, kernel
 from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index, plan_forward,
                       require_target_model, row_bytes, run_step, workers)
 from .atomic import fsync_dir
-from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError
+from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError, UsageError
 from .hashing import digest_bytes, digests_equal, model_digest_of
 from .journal import Entry, JournalWriter, TornJournal, journal_path, read_journal
 from .patchfile import Patch, read_patch
 from .weights import SafetensorsFile
+from .weights.source import open_source
 
 HookFn = Callable[[str], None]
 
@@ -57,8 +58,8 @@ class SimulatedCrash(BaseException):
 @contextlib.contextmanager
 def locked(model: str):
     """Exclusive flock on ``model``; fails at once when another process holds it."""
-    try:
-        fd = os.open(model, os.O_RDWR)
+    try:  # a model directory is locked through its directory's descriptor
+        fd = os.open(model, os.O_RDONLY if os.path.isdir(model) else os.O_RDWR)
     except OSError as e:
         raise NnpatchIOError(f"{model}: cannot open for writing: {e.strerror or e}") from e
     try:
@@ -182,8 +183,19 @@ def apply_in_place(model: str | os.PathLike[str], patch, *, verify: str = "defau
     hook = hook or (lambda step: None)
     with contextlib.ExitStack() as stack:
         p = patch if isinstance(patch, Patch) else stack.enter_context(read_patch(patch))
+        if p.header.target.is_directory != os.path.isdir(model):
+            makes = "a model directory" if p.header.target.is_directory else "a single file"
+            this = "directory" if os.path.isdir(model) else "file"
+            raise UsageError(f"{model}: the patch makes {makes}, so it cannot update this {this} in place; "
+                             "write the result with -o")
         fd = stack.enter_context(locked(model))
         hook("locked")
+        if p.header.target.is_directory:
+            # a new directory beside, swapped in atomically (nnpatch.directory)
+            from .directory import build_directory
+
+            src = stack.enter_context(open_source(model))
+            return build_directory(plan_forward(src, [p]), src, model, verify, progress, replace=True)
         _recover_locked(model, fd)
         st = stack.enter_context(SafetensorsFile(model))
         plan = plan_forward(st, [p])

@@ -31,7 +31,12 @@ from .atomic import atomic_write
 from .errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 
 MAGIC = b"\x89NNP\r\n\x1a\n"
-FORMAT_VERSION = (1, 0)
+#: The newest version this module reads and writes. A writer stamps the
+#: lowest version whose features the patch uses (1.0 unless the target is a
+#: model directory), so older readers take every patch they can apply.
+FORMAT_VERSION = (1, 1)
+#: The version that added each feature a writer may use.
+DIRECTORY_TARGET_VERSION = (1, 1)
 PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
@@ -54,9 +59,15 @@ MAX_ZSTD_EXPANSION = 32768
 
 KNOWN_FEATURES: frozenset[str] = frozenset()
 OPS = ("rows", "elements", "whole", "add", "remove")
-#: Formats a base may have; a target is always written as safetensors.
+#: Formats a base may have.
 MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
-TARGET_FORMATS = ("safetensors", "pytorch")
+#: Formats a target may have (spec section 5.2; "safetensors-dir" since 1.1).
+TARGET_FORMATS = ("safetensors", "pytorch", "safetensors-dir")
+#: Kinds of file in a directory target (spec section 5.6).
+FILE_KINDS = ("safetensors", "blob", "copy")
+#: Most files a directory target may have.
+MAX_FILES = 1 << 16
+MAX_PATH_BYTES = 4096
 
 
 def align(n: int) -> int:
@@ -129,6 +140,38 @@ class Op:
 
 
 @dataclass
+class TargetFile:
+    """One file of a directory target (spec section 5.6).
+
+    ``kind`` says where its bytes come from: ``safetensors`` (a weights
+    shard: its header is ``layout``, its tensors come from the base and the
+    ops), ``blob`` (carried whole in ``content``) or ``copy`` (the base
+    directory's file ``source``, unchanged).
+    """
+
+    path: str
+    kind: str
+    size: int
+    blake3: str
+    layout: Section | None = None
+    content: Section | None = None
+    source: str | None = None
+
+    def sections(self) -> list[Section]:
+        return [s for s in (self.layout, self.content) if s is not None]
+
+    def to_json(self, base: int = 0) -> dict:
+        out: dict[str, Any] = {"path": self.path, "kind": self.kind, "size": self.size, "blake3": self.blake3}
+        if self.layout is not None:
+            out["layout"] = self.layout.to_json(base)
+        if self.content is not None:
+            out["content"] = self.content.to_json(base)
+        if self.source is not None:
+            out["from"] = self.source
+        return out
+
+
+@dataclass
 class ModelRef:
     format: str
     size: int
@@ -136,12 +179,26 @@ class ModelRef:
     model_blake3: str
     tensors: int
     layout: Section | None = None
+    #: the files of a directory target ("safetensors-dir"), sorted by path
+    files: list[TargetFile] | None = None
+
+    @property
+    def is_directory(self) -> bool:
+        return self.files is not None
+
+    def sections(self) -> list[Section]:
+        out = [self.layout] if self.layout is not None else []
+        for f in self.files or ():
+            out.extend(f.sections())
+        return out
 
     def to_json(self, base: int = 0) -> dict:
         out = {"format": self.format, "size": self.size, "blake3": self.blake3,
                "model_blake3": self.model_blake3, "tensors": self.tensors}
         if self.layout is not None:
             out["layout"] = self.layout.to_json(base)
+        if self.files is not None:
+            out["files"] = [f.to_json(base) for f in self.files]
         return out
 
 
@@ -152,7 +209,7 @@ class PatchHeader:
     ops: list[Op]
     created_by: str = ""
     required_features: list[str] = field(default_factory=list)
-    version: tuple[int, int] = FORMAT_VERSION
+    version: tuple[int, int] | None = None  # None: header.min_version when written
     flags: int = 0
     extra: dict = field(default_factory=dict)  # "x-" keys, kept verbatim
 
@@ -164,8 +221,13 @@ class PatchHeader:
             else op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None
             for op in self.ops)
 
+    @property
+    def min_version(self) -> tuple[int, int]:
+        """The lowest format version that has every feature this header uses."""
+        return DIRECTORY_TARGET_VERSION if self.target.is_directory else (1, 0)
+
     def sections(self) -> list[Section]:
-        out = [m.layout for m in (self.base, self.target) if m.layout is not None]
+        out = self.base.sections() + self.target.sections()
         for op in self.ops:
             out.extend(op.sections())
         return out
@@ -277,7 +339,8 @@ class PatchWriter:
         h = blake3.blake3()
         try:
             with atomic_write(self.path) as f:
-                pre = PREAMBLE.pack(MAGIC, header.version[0], header.version[1], header.flags, len(head))
+                version = header.version or header.min_version
+                pre = PREAMBLE.pack(MAGIC, version[0], version[1], header.flags, len(head))
                 for chunk in (pre, head):
                     f.write(chunk)
                     h.update(chunk)
@@ -501,6 +564,11 @@ def _shift_offsets(obj, delta: int):
     for role in ("base", "target"):
         if isinstance(obj.get(role), dict):
             move(obj[role].get("layout"))
+            files = obj[role].get("files")
+            for f in files if isinstance(files, list) else []:
+                if isinstance(f, dict):
+                    move(f.get("layout"))
+                    move(f.get("content"))
     for op in obj.get("ops", []) if isinstance(obj.get("ops"), list) else []:
         if isinstance(op, dict):
             for key in ("index", "values", "base_values"):
@@ -597,13 +665,87 @@ class _Reader:
         return TensorRef(dtype, tuple(shape), self.digest(o, "blake3", w))
 
 
-def _model_ref(r: _Reader, obj: dict, key: str, *, layout: bool) -> ModelRef:
+def _model_ref(r: _Reader, obj: dict, key: str) -> ModelRef:
     o = r.obj(obj, key, "header")
     fmt = r.str(o, "format", key)
     if fmt not in (TARGET_FORMATS if key == "target" else MODEL_FORMATS):
         raise UnsupportedVersionError(f"header: {key}.format: unknown model format {fmt!r}", path=r.path, found=fmt)
-    return ModelRef(fmt, r.int(o, "size", key), r.digest(o, "blake3", key), r.digest(o, "model_blake3", key),
-                    r.int(o, "tensors", key), r.section(o, "layout", key, optional=not layout))
+    directory = key == "target" and fmt == "safetensors-dir"
+    ref = ModelRef(fmt, r.int(o, "size", key), r.digest(o, "blake3", key), r.digest(o, "model_blake3", key),
+                   r.int(o, "tensors", key), r.section(o, "layout", key, optional=key == "base" or directory))
+    if directory:
+        if ref.layout is not None:
+            r.fail(f"{key}.layout", "a directory target describes its files under 'files', not 'layout'")
+        ref.files = _target_files(r, o, key)
+        total = sum(f.size for f in ref.files)
+        if total != ref.size:
+            r.fail(f"{key}.size", f"{ref.size} is not the sum of its files' sizes ({total})")
+    elif "files" in o:
+        r.fail(f"{key}.files", "only a directory target ('safetensors-dir') lists files")
+    return ref
+
+
+def check_relative_path(path: str) -> str | None:
+    """Why ``path`` is not a plain relative POSIX path (spec 5.6), or None."""
+    encoded = path.encode("utf-8", "surrogatepass")
+    if not path or len(encoded) > MAX_PATH_BYTES:
+        return f"must be 1 to {MAX_PATH_BYTES} bytes of UTF-8"
+    if "\\" in path or "\x00" in path or path.startswith("/"):
+        return "must be a relative path with '/' separators, without NUL or backslash"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "must not have an empty, '.' or '..' component"
+    return None
+
+
+def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
+    items = o.get("files")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_FILES:
+        r.fail(f"{key}.files", f"must be a list of 1 to {MAX_FILES} files")
+    files: list[TargetFile] = []
+    previous: bytes | None = None
+    for i, fj in enumerate(items):
+        where = f"{key}.files[{i}]"
+        if not isinstance(fj, dict):
+            r.fail(where, "must be an object")
+        path = r.str(fj, "path", where)
+        why = check_relative_path(path)
+        if why:
+            r.fail(f"{where}.path", f"{path!r} {why}")
+        encoded = path.encode("utf-8", "surrogatepass")
+        if previous is not None and encoded <= previous:
+            r.fail(f"{where}.path", f"{path!r}: files must be sorted by path, without duplicates")
+        if previous is not None and encoded.startswith(previous + b"/"):
+            r.fail(f"{where}.path", f"{path!r} lies inside {previous.decode('utf-8', 'surrogatepass')!r}, a file")
+        previous = encoded
+        kind = r.str(fj, "kind", where)
+        if kind not in FILE_KINDS:
+            raise UnsupportedVersionError(f"header: {where}.kind: unknown file kind {kind!r}", path=r.path,
+                                          found=kind, supported=FILE_KINDS)
+        f = TargetFile(path, kind, r.int(fj, "size", where), r.digest(fj, "blake3", where))
+        allowed = {"safetensors": "layout", "blob": "content", "copy": "from"}[kind]
+        for field_ in ("layout", "content", "from"):
+            if field_ != allowed and field_ in fj:
+                r.fail(where, f"a {kind!r} file has no {field_!r}")
+        if kind == "safetensors":
+            f.layout = r.section(fj, "layout", where)
+        elif kind == "blob":
+            f.content = r.section(fj, "content", where)
+            if f.content.size != f.size:
+                r.fail(f"{where}.content", f"size {f.content.size} is not the file's size {f.size}")
+        else:
+            f.source = r.str(fj, "from", where)
+            why = check_relative_path(f.source)
+            if why:
+                r.fail(f"{where}.from", f"{f.source!r} {why}")
+        for name, s in (("layout", f.layout), ("content", f.content)):
+            if s is None:
+                continue
+            with _in_header(r.path):
+                codecs.check_value_codec(s.codec, relative_allowed=False, where=f"{where}.{name}")
+            if delta_or_planes(s.codec):
+                r.fail(f"{where}.{name}.codec", f"{name} is stored raw or as zstd only")
+        files.append(f)
+    return files
 
 
 def _header_from_json(obj: dict, path: str) -> PatchHeader:
@@ -616,8 +758,8 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
         raise UnsupportedVersionError(f"requires feature {unknown[0]!r}, which this nnpatch does not support",
                                       path=path, found=unknown[0], supported=sorted(KNOWN_FEATURES))
     created_by = r.str(obj, "created_by", "header", optional=True) or ""
-    base = _model_ref(r, obj, "base", layout=False)
-    target = _model_ref(r, obj, "target", layout=True)
+    base = _model_ref(r, obj, "base")
+    target = _model_ref(r, obj, "target")
     if base.layout is not None and base.format != "safetensors":
         r.fail("base.layout", f"only a safetensors base has a layout (this one is {base.format!r})")
     for role, ref in (("base", base), ("target", target)):

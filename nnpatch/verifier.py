@@ -10,9 +10,11 @@ import math
 import os
 from dataclasses import dataclass, field
 
+import blake3
+
 from . import codecs
 from .applier import check_base, check_ops_against_layout, target_layout
-from .errors import BaseMismatchError, IntegrityError, NnpatchError
+from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
 from .weights.source import open_source
@@ -40,8 +42,17 @@ class VerifyReport:
 
 def check_sections(p: Patch) -> None:
     """Decode every section without a base: zstd frames, index order and range, sizes."""
-    _, layout = target_layout(p)
-    check_ops_against_layout(p, layout)
+    layout = target_layout(p)
+    check_ops_against_layout(p, layout.tensors)
+    for f in layout.files:  # files carried whole must have the digest the header gives them
+        if f.kind == "blob":
+            h = blake3.blake3()
+            for chunk in codecs.decoded_chunks(p.section(f.content), f.content.codec, f.size, _chunks(f.size),
+                                               where=f"file {f.path!r}"):
+                h.update(chunk)
+            if not digests_equal(h.hexdigest(), f.blake3):
+                raise PatchFormatError(f"file {f.path!r} carried by the patch does not match its digest "
+                                       f"(BLAKE3 {h.hexdigest()}, expected {f.blake3})", path=p.path)
     for op in p.ops:
         if op.index is not None:
             bound = op.target.shape[0] if op.kind == "rows" else math.prod(op.target.shape)
@@ -85,20 +96,24 @@ def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
 
 
 def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: Patch | None) -> Check:
+    what = "directory" if os.path.isdir(path) else "file"
     try:
-        actual = hash_file(path) if not os.path.isdir(path) else None
+        if what == "file":
+            actual = hash_file(path)
+        else:
+            with open_source(path) as w:
+                actual = w.file_digest()
     except NnpatchError as e:
         return Check(role, False, str(e))
-    if actual is not None and digests_equal(actual, file_digest):
-        return Check(role, True, f"{path}: file BLAKE3 matches")
+    if digests_equal(actual, file_digest):
+        return Check(role, True, f"{path}: {what} BLAKE3 matches")
     if role == "target" and not (p is not None and p.header.target.format == "pytorch"):
-        return Check(role, False, f"{path}: file BLAKE3 {actual} does not match the patch's target {file_digest}")
+        return Check(role, False, f"{path}: {what} BLAKE3 {actual} does not match the patch's target {file_digest}")
     # A re-serialized base with the same tensors, in any format, still takes the patch.
     try:
         with open_source(path) as w:
             if p is not None and role == "base":
-                _, layout = target_layout(p)
-                check_base(p, w, layout)
+                check_base(p, w, target_layout(p).tensors)
             digest, _ = model_digest(w)
     except BaseMismatchError as e:
         return Check(role, False, str(e))

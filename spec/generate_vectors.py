@@ -34,7 +34,8 @@ LEVEL = 9
 
 COMMENT = (
     "nnpatch test vectors. Each valid vector has base.safetensors, target.safetensors and patch.nnpatch "
-    "(made with nnpatch diff at zstd level 9, the options listed). Tensor bytes come from "
+    "(made with nnpatch diff at zstd level 9, the options listed); the 'directory' vector has base/ and target/ "
+    "model directories instead, and its digests are directory digests (FORMAT.md section 8). Tensor bytes come from "
     "numpy.random.default_rng(seed).integers(0, 256, n, dtype=uint8) for integer and fp8 dtypes and "
     "from default_rng(seed).standard_normal(n) * 0.05 cast to the dtype for floats (bf16: the high 16 bits "
     "of the float32). Invalid vectors are the 'rows-f32' patch with one rule broken (and the trailer "
@@ -176,6 +177,71 @@ def invalid_patches(good: bytes):
     return out
 
 
+def directory_vector(d: str) -> tuple[str, dict, str, str]:
+    """A Hugging Face model directory updated to another (format 1.1): tensors
+    move from 2 shards to 3, one changes 2 rows, config.json changes (a blob),
+    tokenizer.json does not (a copy)."""
+    from nnpatch.weights.sharded import shard_name, write_sharded
+
+    rng = np.random.default_rng(5)
+    names = [f"layer{i}.weight" for i in range(6)]
+    tensors = {n: _tensor(rng, "F32", (8, 16)) for n in names}
+    new = dict(tensors)
+    w = tensors["layer3.weight"]
+    new["layer3.weight"] = ("F32", w[1], _mutate_rows(w[2], w[1], [1, 6], "F32"))
+    base, target = os.path.join(d, "base"), os.path.join(d, "target")
+    write_sharded(base, {shard_name(i + 1, 2): {n: tensors[n] for n in names[i * 3:(i + 1) * 3]} for i in range(2)},
+                  shard_metadata={"format": "pt"})
+    write_sharded(target, {shard_name(i + 1, 3): {n: new[n] for n in names[i * 2:(i + 1) * 2]} for i in range(3)},
+                  shard_metadata={"format": "pt"})
+    tokenizer = json.dumps({"vocab": {f"tok{i}": i for i in range(64)}}, indent=2).encode() + b"\n"
+    for root, config in ((base, b'{"hidden_size": 16, "version": 1}\n'),
+                         (target, b'{"hidden_size": 16, "version": 2}\n')):
+        with open(os.path.join(root, "config.json"), "wb") as f:
+            f.write(config)
+        with open(os.path.join(root, "tokenizer.json"), "wb") as f:
+            f.write(tokenizer)
+    patch = os.path.join(d, "patch.nnpatch")
+    nnpatch.diff(base, target, patch, level=LEVEL)
+    desc = ("a model directory (format 1.1): 6 tensors move from 2 shards to 3, 2 rows of one change, "
+            "config.json changes, tokenizer.json is copied")
+    return desc, {}, base, target
+
+
+def _digest(path: str) -> str:
+    if os.path.isdir(path):
+        from nnpatch.weights.source import open_source
+
+        with open_source(path) as s:
+            return s.file_digest()
+    return nnpatch.hash_file(path)
+
+
+def invalid_directory_patches(good: bytes):
+    """name -> (description, patch bytes), from the 'directory' patch (files: config.json blob,
+    three shards, the index blob, tokenizer.json copy)."""
+    def file(h, path):
+        return next(f for f in h["target"]["files"] if f["path"] == path)
+
+    def lie(h):
+        f = file(h, "config.json")
+        f["blake3"] = f["blake3"][:-2] + f["blake3"][-1] + f["blake3"][-2]
+    return {
+        "dir-copy-escapes": ("a copy whose 'from' is '../base/tokenizer.json'",
+                             _edit_header(good, lambda h: file(h, "tokenizer.json").update(
+                                 **{"from": "../base/tokenizer.json"}))),
+        "dir-unknown-kind": ("a file of kind 'symlink'",
+                             _edit_header(good, lambda h: file(h, "tokenizer.json").update(kind="symlink"))),
+        "dir-copy-missing": ("a copy from 'vocab.txt', which the base directory lacks",
+                             _edit_header(good, lambda h: file(h, "tokenizer.json").update(**{"from": "vocab.txt"}))),
+        "dir-blob-digest-lie": ("config.json's blake3 with its last two hex digits swapped (the directory "
+                                "digest is left as it was)", _edit_header(good, lie)),
+        "dir-files-unsorted": ("the first two files swapped",
+                               _edit_header(good, lambda h: h["target"]["files"].insert(
+                                   0, h["target"]["files"].pop(1)))),
+    }
+
+
 def build(directory: str) -> dict:
     manifest = {"_comment": COMMENT, "zstd_version": zstandard.ZSTD_VERSION, "level": LEVEL,
                 "valid": [], "invalid": []}
@@ -193,6 +259,15 @@ def build(directory: str) -> dict:
             "base_blake3": nnpatch.hash_file(bp), "target_blake3": nnpatch.hash_file(tp),
             "patch_blake3": nnpatch.hash_file(pp),
         })
+    d = os.path.join(directory, "valid", "directory")
+    desc, options, bp, tp = directory_vector(d)
+    pp = os.path.join(d, "patch.nnpatch")
+    manifest["valid"].append({
+        "name": "directory", "description": desc, "options": options,
+        "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
+        "patch": os.path.relpath(pp, directory),
+        "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
+    })
     good_path = os.path.join(directory, "valid", "rows-f32", "patch.nnpatch")
     with open(good_path, "rb") as f:
         written = f.read()
@@ -225,6 +300,23 @@ def build(directory: str) -> dict:
         wrong.update(error=type(e).__name__,
                      message=str(e).replace(os.path.join(directory, wrong["base"]), "{base}"))
     manifest["invalid"].append(wrong)
+    dir_base = os.path.join(directory, "valid", "directory", "base")
+    with open(os.path.join(directory, "valid", "directory", "patch.nnpatch"), "rb") as f:
+        written = f.read()
+    dgood = with_header(written, header_json(written))
+    for name, (desc, data) in invalid_directory_patches(dgood).items():
+        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+        with open(path, "wb") as f:
+            f.write(data)
+        out = os.path.join(tempfile.gettempdir(), "nnpatch-vector-dir-out")
+        try:
+            nnpatch.apply(dir_base, path, out)
+            raise SystemExit(f"invalid vector {name} was accepted")
+        except nnpatch.NnpatchError as e:
+            manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
+                                        "base": os.path.relpath(dir_base, directory), "apply_options": {},
+                                        "error": type(e).__name__,
+                                        "message": str(e).replace(path, "{patch}").replace(dir_base, "{base}")})
     with open(os.path.join(directory, "vectors.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")

@@ -22,6 +22,16 @@ from .safetensors_file import SafetensorsFile, TensorInfo, encode_safetensors_he
 DIRECTORY_DIGEST_DOMAIN = b"nnpatch-dir-v1\x00"
 
 
+def directory_digest(files) -> str:
+    """The directory digest (spec section 8) of ``(relative path, file digest hex)`` pairs."""
+    h = blake3.blake3(DIRECTORY_DIGEST_DOMAIN)
+    for path, digest in sorted(files, key=lambda e: e[0].encode("utf-8", "surrogatepass")):
+        name = path.encode("utf-8", "surrogatepass")
+        h.update(len(name).to_bytes(4, "little") + name)
+        h.update(bytes.fromhex(digest))
+    return h.hexdigest()
+
+
 class ModelSource:
     """Read-only tensors of a non-safetensors model with the SafetensorsFile surface.
 
@@ -46,6 +56,7 @@ class ModelSource:
             self.tensors[name] = TensorInfo(name, t.dtype, tuple(t.shape), start, start + t.nbytes)
             start += t.nbytes
         self.canonical_size = start
+        self._file_digests: dict[str, str] | None = None
         if os.path.isdir(self.path):
             self.size = sum(f.size for f in model.files)
         else:
@@ -58,18 +69,22 @@ class ModelSource:
         info = self.tensors[name]
         return self.raw(name).view(dtypes.uint_of_width(info.itemsize)).reshape(info.shape)
 
+    def file_digests(self) -> dict[str, str]:
+        """BLAKE3 of every file of a model directory, by relative path (computed once)."""
+        from ..hashing import hash_file
+
+        if self._file_digests is None:
+            self._file_digests = {f.path: hash_file(os.path.join(self.path, *f.path.split("/")))
+                                  for f in self.model.files}
+        return self._file_digests
+
     def file_digest(self) -> str:
         """BLAKE3 of the file, or for a directory the directory digest (spec, section 8)."""
         from ..hashing import hash_file
 
         if not os.path.isdir(self.path):
             return hash_file(self.path)
-        h = blake3.blake3(DIRECTORY_DIGEST_DOMAIN)
-        for f in self.model.files:
-            name = f.path.encode("utf-8", "surrogatepass")
-            h.update(len(name).to_bytes(4, "little") + name)
-            h.update(bytes.fromhex(hash_file(os.path.join(self.path, f.path))))
-        return h.hexdigest()
+        return directory_digest(self.file_digests().items())
 
     def canonical_digest(self) -> str:
         """BLAKE3 of the safetensors file apply writes for this model as a target."""
