@@ -916,6 +916,8 @@ def apply_chain(base: str | os.PathLike[str], patches: Sequence, output: str | o
         if opened[-1].header.target.format == "pytorch":
             return _build_torch(plan, b, output, verify, progress or (lambda n: None),
                                 opened[-1].header.target.model_blake3)
+        if opened[-1].header.target.format == "onnx":
+            return _build_onnx(plan, b, output, verify, progress or (lambda n: None), opened[-1])
         return build_file(plan, b, output, verify, progress or (lambda n: None))
 
 
@@ -950,6 +952,55 @@ def _build_torch(plan: Plan, b, output: str, verify: str, progress: ProgressFn, 
                 os.unlink(path)
     fsync_dir(directory)
     return ApplyResult(output, os.path.getsize(output), hash_file(output), r.ops, verify, r.hashed, r.links)
+
+
+def _build_onnx(plan: Plan, b, output: str, verify: str, progress: ProgressFn, patch: Patch) -> ApplyResult:
+    """An ONNX target: build its tensors as safetensors, put them back into the
+    patch's skeleton, and check every file against the digest the patch gives
+    it before writing (external data files first, the model file last, each
+    atomically)."""
+    from .weights.onnx_file import rebuild_external, rebuild_onnx
+    from .weights.sharded import safe_relative_path
+
+    t = patch.header.target
+    s = t.skeleton
+    skeleton = b"".join(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where="target.skeleton"))
+    directory = os.path.dirname(os.path.abspath(output))
+    fd, staging = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".safetensors.tmp",
+                                   dir=directory)
+    os.close(fd)
+    try:
+        r = build_file(plan, b, staging, verify, progress)
+        with SafetensorsFile(staging) as st:
+            tensors = {n: (i.dtype, i.shape, st.raw(n).tobytes()) for n, i in st.tensors.items()}
+        try:
+            files = {t.outputs[0].path: rebuild_onnx(skeleton, tensors)}
+            files.update(rebuild_external(skeleton, tensors))
+        except WeightsError as e:
+            raise PatchFormatError(f"target skeleton: {e}", path=patch.path) from e
+        del tensors
+        if sorted(files) != sorted(o.path for o in t.outputs):
+            raise PatchFormatError("target outputs do not list the files its skeleton makes", path=patch.path)
+        for o in t.outputs:
+            got = digest_bytes(files[o.path]).hex()
+            if len(files[o.path]) != o.size or not digests_equal(got, o.blake3):
+                raise IntegrityError(f"{o.path}: the ONNX file rebuilt does not match the patch's target (BLAKE3 "
+                                     f"{got}, expected {o.blake3})", what=o.path, expected=o.blake3, actual=got)
+        for o in t.outputs[1:]:  # external data first, the model that points at it last
+            full = safe_relative_path(directory, o.path, what="external data location", source=patch.path)
+            os.makedirs(os.path.dirname(full), exist_ok=True)
+            with atomic_write(full) as f:
+                f.write(files[o.path])
+        with atomic_write(output) as f:
+            f.write(files[t.outputs[0].path])
+    except OSError as e:
+        if isinstance(e, NnpatchError):
+            raise
+        raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify, r.hashed, r.links)
 
 
 def revert(new: str | os.PathLike[str], patch, output: str | os.PathLike[str], *,

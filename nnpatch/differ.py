@@ -21,7 +21,7 @@ import numpy as np
 from . import __version__, codecs, dtypes
 from .errors import NnpatchIOError, UsageError
 from .hashing import ModelHasher, digest_bytes, hash_file
-from .patchfile import ModelRef, Op, PatchHeader, PatchWriter, Section, TargetFile, TensorRef
+from .patchfile import ModelRef, Op, OutputFile, PatchHeader, PatchWriter, Section, TargetFile, TensorRef
 from .weights import SafetensorsFile
 from .weights.source import ModelSource, directory_digest, open_source
 
@@ -119,6 +119,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             layout, files = None, _encode_files(writer, b, t, level)
         else:
             layout, files = _encode_layout(writer, t.header_bytes, level), None
+        onnx = _onnx_target(writer, t, level) if _kind(t) == "onnx" else None
         ops: list[Op] = []
         changes: list[TensorChange] = []
         names = sorted(set(b.tensors) | set(t.tensors), key=_utf8_key)
@@ -152,7 +153,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
         header = PatchHeader(
             base=ModelRef(_kind(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
                           layout=base_layout),
-            target=_target_ref(t, files, target_model.digest().hex(), layout),
+            target=_target_ref(t, files, target_model.digest().hex(), layout, onnx),
             ops=ops,
             created_by=f"nnpatch {__version__}",
         )
@@ -167,14 +168,33 @@ def _is_directory(m) -> bool:
     return isinstance(m, ModelSource) and m.kind == "safetensors-dir"
 
 
-def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Section | None) -> ModelRef:
+def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Section | None,
+                onnx: tuple[Section, list[OutputFile]] | None) -> ModelRef:
     if files is not None:
         return ModelRef("safetensors-dir", sum(f.size for f in files),
                         directory_digest((f.path, f.blake3) for f in files), model_blake3, len(t.tensors),
                         files=files)
-    # a target in another format is written as safetensors, in the canonical layout
-    return ModelRef("pytorch" if _kind(t) == "pytorch" else "safetensors", _target_size(t), _target_digest(t),
-                    model_blake3, len(t.tensors), layout=layout)
+    # a target in another format is described by its tensors as a safetensors file in the canonical layout,
+    # which apply builds first and then writes back in the target's format
+    kind = _kind(t) if _kind(t) in ("pytorch", "onnx") else "safetensors"
+    ref = ModelRef(kind, _target_size(t), _target_digest(t), model_blake3, len(t.tensors), layout=layout)
+    if onnx is not None:
+        ref.skeleton, ref.outputs = onnx
+    return ref
+
+
+def _onnx_target(writer: PatchWriter, t: ModelSource, level: int) -> tuple[Section, list[OutputFile]]:
+    """An ONNX target's skeleton, and the digests of the files apply will write from it: the
+    rebuild is deterministic, and byte-identical to the target for every protobuf-serialized file."""
+    from .weights.onnx_file import rebuild_external, rebuild_onnx
+
+    m = t.model
+    skeleton = _encode_layout(writer, m.skeleton, level)
+    model_bytes = rebuild_onnx(m.skeleton, m.initializers)
+    outputs = [OutputFile(os.path.basename(t.path), len(model_bytes), digest_bytes(model_bytes).hex())]
+    for location, blob in sorted(rebuild_external(m.skeleton, m.initializers).items()):
+        outputs.append(OutputFile(location, len(blob), digest_bytes(blob).hex()))
+    return skeleton, outputs
 
 
 def _encode_files(writer: PatchWriter, b, t: ModelSource, level: int) -> list[TargetFile]:

@@ -196,6 +196,11 @@ def apply_in_place(model: str | os.PathLike[str], patch, *, verify: str = "defau
 
             src = stack.enter_context(open_source(model))
             return build_directory(plan_forward(src, [p]), src, model, verify, progress, replace=True)
+        if p.header.target.format in ("pytorch", "onnx"):
+            # written back in its own format: a new file beside, renamed over the model
+            from .applier import apply_chain
+
+            return apply_chain(model, [p], model, verify=verify, progress=progress)
         _recover_locked(model, fd)
         st = stack.enter_context(SafetensorsFile(model))
         plan = plan_forward(st, [p])

@@ -35,7 +35,7 @@ MAGIC = b"\x89NNP\r\n\x1a\n"
 #: lowest version whose features the patch uses (1.0 unless the target is a
 #: model directory), so older readers take every patch they can apply.
 FORMAT_VERSION = (1, 1)
-#: The version that added each feature a writer may use.
+#: The version that added directory and ONNX targets.
 DIRECTORY_TARGET_VERSION = (1, 1)
 PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
@@ -62,7 +62,7 @@ OPS = ("rows", "elements", "whole", "add", "remove")
 #: Formats a base may have.
 MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
 #: Formats a target may have (spec section 5.2; "safetensors-dir" since 1.1).
-TARGET_FORMATS = ("safetensors", "pytorch", "safetensors-dir")
+TARGET_FORMATS = ("safetensors", "pytorch", "safetensors-dir", "onnx")
 #: Kinds of file in a directory target (spec section 5.6).
 FILE_KINDS = ("safetensors", "blob", "copy")
 #: Most files a directory target may have.
@@ -172,6 +172,20 @@ class TargetFile:
 
 
 @dataclass
+class OutputFile:
+    """A file an ONNX target writes: ``path`` is the model file's name (written
+    at the output path) for the first, an external data location relative to
+    the model file's directory for the others."""
+
+    path: str
+    size: int
+    blake3: str
+
+    def to_json(self) -> dict:
+        return {"path": self.path, "size": self.size, "blake3": self.blake3}
+
+
+@dataclass
 class ModelRef:
     format: str
     size: int
@@ -181,13 +195,16 @@ class ModelRef:
     layout: Section | None = None
     #: the files of a directory target ("safetensors-dir"), sorted by path
     files: list[TargetFile] | None = None
+    #: an ONNX target: the model without its initializers' payloads, and the files it writes
+    skeleton: Section | None = None
+    outputs: list[OutputFile] | None = None
 
     @property
     def is_directory(self) -> bool:
         return self.files is not None
 
     def sections(self) -> list[Section]:
-        out = [self.layout] if self.layout is not None else []
+        out = [s for s in (self.layout, self.skeleton) if s is not None]
         for f in self.files or ():
             out.extend(f.sections())
         return out
@@ -199,6 +216,10 @@ class ModelRef:
             out["layout"] = self.layout.to_json(base)
         if self.files is not None:
             out["files"] = [f.to_json(base) for f in self.files]
+        if self.skeleton is not None:
+            out["skeleton"] = self.skeleton.to_json(base)
+        if self.outputs is not None:
+            out["outputs"] = [f.to_json() for f in self.outputs]
         return out
 
 
@@ -224,7 +245,7 @@ class PatchHeader:
     @property
     def min_version(self) -> tuple[int, int]:
         """The lowest format version that has every feature this header uses."""
-        return DIRECTORY_TARGET_VERSION if self.target.is_directory else (1, 0)
+        return DIRECTORY_TARGET_VERSION if self.target.format in ("safetensors-dir", "onnx") else (1, 0)
 
     def sections(self) -> list[Section]:
         out = self.base.sections() + self.target.sections()
@@ -564,6 +585,7 @@ def _shift_offsets(obj, delta: int):
     for role in ("base", "target"):
         if isinstance(obj.get(role), dict):
             move(obj[role].get("layout"))
+            move(obj[role].get("skeleton"))
             files = obj[role].get("files")
             for f in files if isinstance(files, list) else []:
                 if isinstance(f, dict):
@@ -682,7 +704,32 @@ def _model_ref(r: _Reader, obj: dict, key: str) -> ModelRef:
             r.fail(f"{key}.size", f"{ref.size} is not the sum of its files' sizes ({total})")
     elif "files" in o:
         r.fail(f"{key}.files", "only a directory target ('safetensors-dir') lists files")
+    if key == "target" and fmt == "onnx":
+        ref.skeleton = r.section(o, "skeleton", key)
+        ref.outputs = _onnx_outputs(r, o, key)
+    elif "skeleton" in o or "outputs" in o:
+        r.fail(key, "only an ONNX target has 'skeleton' and 'outputs'")
     return ref
+
+
+def _onnx_outputs(r: _Reader, o: dict, key: str) -> list[OutputFile]:
+    items = o.get("outputs")
+    if not isinstance(items, list) or not 1 <= len(items) <= MAX_FILES:
+        r.fail(f"{key}.outputs", f"must be a list of 1 to {MAX_FILES} files")
+    out, seen = [], set()
+    for i, fj in enumerate(items):
+        where = f"{key}.outputs[{i}]"
+        if not isinstance(fj, dict):
+            r.fail(where, "must be an object")
+        path = r.str(fj, "path", where)
+        why = check_relative_path(path) or ("must be a file name, without '/'" if i == 0 and "/" in path else None)
+        if why:
+            r.fail(f"{where}.path", f"{path!r} {why}")
+        if path in seen:
+            r.fail(f"{where}.path", f"{path!r} is listed twice")
+        seen.add(path)
+        out.append(OutputFile(path, r.int(fj, "size", where), r.digest(fj, "blake3", where)))
+    return out
 
 
 def check_relative_path(path: str) -> str | None:
@@ -762,13 +809,14 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
     target = _model_ref(r, obj, "target")
     if base.layout is not None and base.format != "safetensors":
         r.fail("base.layout", f"only a safetensors base has a layout (this one is {base.format!r})")
-    for role, ref in (("base", base), ("target", target)):
-        if ref.layout is None:
+    for role, ref, name in (("base", base, "layout"), ("target", target, "layout"), ("target", target, "skeleton")):
+        s = getattr(ref, name)
+        if s is None:
             continue
         with _in_header(path):
-            codecs.check_value_codec(ref.layout.codec, relative_allowed=False, where=f"{role}.layout")
-        if delta_or_planes(ref.layout.codec):
-            r.fail(f"{role}.layout.codec", "layout is stored raw or as zstd only")
+            codecs.check_value_codec(s.codec, relative_allowed=False, where=f"{role}.{name}")
+        if delta_or_planes(s.codec):
+            r.fail(f"{role}.{name}.codec", f"{name} is stored raw or as zstd only")
     ops_json = obj.get("ops")
     if not isinstance(ops_json, list):
         r.fail("header", "missing required key 'ops' (a list)")

@@ -89,10 +89,28 @@ def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         h = p.header
         if base is not None:
             report.checks.append(_check_model(os.fspath(base), "base", h.base.blake3, h.base.model_blake3, p))
-        if target is not None:
+        if target is not None and h.target.format == "onnx":
+            report.checks.append(_check_onnx(os.fspath(target), h.target.outputs))
+        elif target is not None:
             report.checks.append(_check_model(os.fspath(target), "target", h.target.blake3, h.target.model_blake3,
                                               p if h.target.format == "pytorch" else None))
     return report
+
+
+def _check_onnx(path: str, outputs) -> Check:
+    """An ONNX target: the model file and each external data file beside it, by file digest."""
+    directory = os.path.dirname(os.path.abspath(path))
+    for i, o in enumerate(outputs):
+        where = path if i == 0 else os.path.join(directory, *o.path.split("/"))
+        try:
+            actual = hash_file(where)
+        except NnpatchError as e:
+            return Check("target", False, str(e))
+        if not digests_equal(actual, o.blake3):
+            return Check("target", False, f"{where}: file BLAKE3 {actual} does not match the patch's target "
+                                          f"{o.blake3}")
+    extra = f" and {len(outputs) - 1} external data file(s)" if len(outputs) > 1 else ""
+    return Check("target", True, f"{path}: file BLAKE3 matches{extra}")
 
 
 def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: Patch | None) -> Check:
