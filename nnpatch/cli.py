@@ -501,12 +501,18 @@ def textconv(file):
 @cli.command(epilog=EXIT_CODES_HELP)
 @click.argument("patch", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the header as JSON to stdout.")
-def show(patch, as_json):
+@click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
+              help="Also draw per-tensor changed share and patch bytes to this image (PNG, SVG or PDF; needs "
+                   "matplotlib: pip install 'nnpatch[plot]').")
+def show(patch, as_json, plot_path):
     """Print a patch's header and a per-tensor table."""
     from .patchfile import read_patch
+    from .report import bar, plot, tensor_shares
 
     with read_patch(patch) as p:
         h = p.header
+        if plot_path:
+            plot(h, plot_path, title=os.path.basename(patch))
         if as_json:
             obj = h.to_json()
             obj["version"] = f"{h.version[0]}.{h.version[1]}"
@@ -527,16 +533,18 @@ def show(patch, as_json):
                 files.add_row(f.path, f.kind, str(f.size), str(sum(s.length for s in f.sections())), f.source or "")
             console.print(files)
         table = Table(box=None)
-        for col in ("tensor", "op", "dtype", "shape", "count", "index codec", "values codec", "bytes"):
+        for col in ("tensor", "op", "dtype", "shape", "count", "changed", "index codec", "values codec", "bytes"):
             table.add_column(col, justify="right" if col in ("count", "bytes") else "left")
-        for op in h.ops:
+        for op, share in zip(h.ops, tensor_shares(h)):
             ref = op.target or op.base
-            stored = sum(s.length for s in op.sections())
             table.add_row(op.name, op.kind, ref.dtype, str(list(ref.shape)),
                           "" if op.count is None else str(op.count),
+                          f"{bar(share.share)} {100 * share.share:5.1f}%",
                           "+".join(op.index.codec) if op.index else "",
-                          ("+".join(op.values.codec) or "raw") if op.values else "", str(stored))
+                          ("+".join(op.values.codec) or "raw") if op.values else "", str(share.patch_bytes))
         console.print(table)
+        if plot_path:
+            console.print(f"plot: {plot_path}")
 
 
 # --- demo ---------------------------------------------------------------------------
