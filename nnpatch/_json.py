@@ -21,9 +21,16 @@ def reject_duplicates(pairs):
 def loads_strict(raw: bytes):
     """UTF-8 JSON without duplicate keys; every failure is a ValueError for the caller to name."""
     try:
-        return json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
+        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
     except (UnicodeDecodeError, RecursionError) as e:
         raise ValueError(str(e) or type(e).__name__) from e
+    if b"\\u" in raw:  # only an escape can smuggle in a lone surrogate, which no UTF-8 text holds
+        try:
+            json.dumps(obj, ensure_ascii=False).encode("utf-8")
+        except UnicodeEncodeError as e:
+            raise ValueError("a string holds a lone surrogate (\\uD800-\\uDFFF escape), which is not "
+                             "Unicode text") from e
+    return obj
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:

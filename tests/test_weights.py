@@ -90,3 +90,18 @@ def test_arbitrary_bytes_raise_only_weights_errors(raw):
         parse_safetensors_header(raw, file_size=len(raw), path="m")
     except WeightsError:
         pass
+
+
+def test_lone_surrogate_names_are_refused(tmp_path):
+    """safetensors' reference reader (serde_json) refuses a lone surrogate escape; so does nnpatch,
+    instead of failing later when the name is hashed or written as UTF-8."""
+    import json as _json
+    import struct as _struct
+
+    from nnpatch.weights import SafetensorsFile
+
+    header = _json.dumps({"a\ud800": {"dtype": "U8", "shape": [1], "data_offsets": [0, 1]}}).encode()
+    assert b"\\ud800" in header
+    (tmp_path / "s.safetensors").write_bytes(_struct.pack("<Q", len(header)) + header + b"\x00")
+    with pytest.raises(WeightsError, match="lone surrogate"):
+        SafetensorsFile(tmp_path / "s.safetensors")
