@@ -105,6 +105,8 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
     with open_source(base) as b, open_source(target) as t:
         if reversible and not isinstance(b, SafetensorsFile):
             raise UsageError("--reversible needs a safetensors base (revert writes the base back byte for byte)")
+        if reversible and _kind(t) != "safetensors":
+            raise UsageError("--reversible needs a safetensors target file (revert reads it back)")
         return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None))
 
 

@@ -237,7 +237,8 @@ class PatchHeader:
     @property
     def reversible(self) -> bool:
         """The patch also takes the target back to the base (``nnpatch revert``)."""
-        return self.base.layout is not None and all(
+        return self.base.layout is not None and self.target.layout is not None and self.target.format == \
+            "safetensors" and all(
             op.base_values is not None if op.needs_base_values
             else op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None
             for op in self.ops)
