@@ -921,6 +921,23 @@ def apply_chain(base: str | os.PathLike[str], patches: Sequence, output: str | o
         return build_file(plan, b, output, verify, progress or (lambda n: None))
 
 
+@contextlib.contextmanager
+def _staged(plan: Plan, b, output: str, verify: str, progress: ProgressFn):
+    """Build the target's tensors as a safetensors file beside ``output`` (proven as
+    any apply is); yields (ApplyResult, open SafetensorsFile); the file is removed after."""
+    directory = os.path.dirname(os.path.abspath(output))
+    fd, staging = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".safetensors.tmp",
+                                   dir=directory)
+    os.close(fd)
+    try:
+        r = build_file(plan, b, staging, verify, progress)
+        with SafetensorsFile(staging) as st:
+            yield r, st
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(staging)
+
+
 def _build_torch(plan: Plan, b, output: str, verify: str, progress: ProgressFn, model_blake3: str) -> ApplyResult:
     """A PyTorch target: build the tensors as safetensors, then write them back with
     ``torch.save``, proven by the model digest (torch's files are not byte-stable)."""
@@ -929,14 +946,10 @@ def _build_torch(plan: Plan, b, output: str, verify: str, progress: ProgressFn, 
     from .weights.torch_file import save_torch_state
 
     directory = os.path.dirname(os.path.abspath(output))
-    fd, staging = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".safetensors.tmp",
-                                   dir=directory)
-    os.close(fd)
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".tmp", dir=directory)
     os.close(fd)
     try:
-        r = build_file(plan, b, staging, verify, progress)
-        with SafetensorsFile(staging) as st:
+        with _staged(plan, b, output, verify, progress) as (r, st):
             save_torch_state(tmp, {n: (st.tensors[n].dtype, st.tensors[n].shape, st.raw(n))
                                    for n in sorted(st.tensors, key=lambda k: k.encode("utf-8", "surrogatepass"))})
         with open_model(tmp) as m:
@@ -947,9 +960,8 @@ def _build_torch(plan: Plan, b, output: str, verify: str, progress: ProgressFn, 
                                  expected=model_blake3, actual=got)
         os.replace(tmp, output)
     finally:
-        for path in (staging, tmp):
-            with contextlib.suppress(OSError):
-                os.unlink(path)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
     fsync_dir(directory)
     return ApplyResult(output, os.path.getsize(output), hash_file(output), r.ops, verify, r.hashed, r.links)
 
@@ -966,12 +978,8 @@ def _build_onnx(plan: Plan, b, output: str, verify: str, progress: ProgressFn, p
     s = t.skeleton
     skeleton = b"".join(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where="target.skeleton"))
     directory = os.path.dirname(os.path.abspath(output))
-    fd, staging = tempfile.mkstemp(prefix="." + os.path.basename(output) + ".", suffix=".safetensors.tmp",
-                                   dir=directory)
-    os.close(fd)
     try:
-        r = build_file(plan, b, staging, verify, progress)
-        with SafetensorsFile(staging) as st:
+        with _staged(plan, b, output, verify, progress) as (r, st):
             tensors = {n: (i.dtype, i.shape, st.raw(n).tobytes()) for n, i in st.tensors.items()}
         try:
             files = {t.outputs[0].path: rebuild_onnx(skeleton, tensors)}
@@ -997,9 +1005,6 @@ def _build_onnx(plan: Plan, b, output: str, verify: str, progress: ProgressFn, p
         if isinstance(e, NnpatchError):
             raise
         raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    finally:
-        with contextlib.suppress(OSError):
-            os.unlink(staging)
     return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify, r.hashed, r.links)
 
 

@@ -203,24 +203,24 @@ def _encode_files(writer: PatchWriter, b, t: ModelSource, level: int) -> list[Ta
     """The files of a directory target: each shard by its header (its tensors
     come from the ops and the base), every other file copied from the base
     directory when the base has one with the same bytes, else carried whole."""
-    base_files: dict[str, str] = {}  # digest -> base path (the same path preferred)
-    if _is_directory(b):
-        for path, digest in b.file_digests().items():
-            base_files.setdefault(digest, path)
-    same_path = b.file_digests() if _is_directory(b) else {}
+    same_path = b.file_digests() if _is_directory(b) else {}  # path -> digest (hashed once, cached)
+    by_digest: dict[str, str] = {}  # digest -> a base path holding those bytes
+    for path, digest in same_path.items():
+        by_digest.setdefault(digest, path)
+    digests = t.file_digests()
     out = []
-    for path, digest in t.file_digests().items():
-        f = next(m for m in t.model.files if m.path == path)
-        shard = t.model.shards.get(path)
+    for f in t.model.files:
+        digest = digests[f.path]
+        shard = t.model.shards.get(f.path)
         if shard is not None:
-            out.append(TargetFile(path, "safetensors", f.size, digest,
+            out.append(TargetFile(f.path, "safetensors", f.size, digest,
                                   layout=_encode_layout(writer, shard.header_bytes, level)))
-        elif same_path.get(path) == digest or digest in base_files:
-            source = path if same_path.get(path) == digest else base_files[digest]
-            out.append(TargetFile(path, "copy", f.size, digest, source=source))
+        elif digest in by_digest:
+            source = f.path if same_path.get(f.path) == digest else by_digest[digest]
+            out.append(TargetFile(f.path, "copy", f.size, digest, source=source))
         else:
-            content = _encode_blob(writer, os.path.join(t.path, *path.split("/")), f.size, level)
-            out.append(TargetFile(path, "blob", f.size, digest, content=content))
+            content = _encode_blob(writer, os.path.join(t.path, *f.path.split("/")), f.size, level)
+            out.append(TargetFile(f.path, "blob", f.size, digest, content=content))
     return out
 
 
