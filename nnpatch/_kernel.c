@@ -1,6 +1,6 @@
 /*
  * nnpatch._kernel -- the hot loops of `apply`: fused byte-plane decode,
- * element-wise combine and row scatter.
+ * element-wise combine, row scatter and the esort stage's inverse.
  *
  * Private module; call it through nnpatch.kernel, which normalises the
  * arguments (mode names, index dtypes, out= buffers) and has a pure-numpy
@@ -577,12 +577,99 @@ done:
     return ret;
 }
 
+PyDoc_STRVAR(unsort_doc,
+"unsort(old, vals, out, width, planar, shift, mask) -> None\n\n"
+"Undo the esort stage: vals holds n words stored in stable order of the key\n"
+"of each old word, key = (top >> shift) & mask where top is the old word's\n"
+"two high bytes as a little-endian uint16 (its only byte when width is 1);\n"
+"out receives them back in position order.  planar: vals and out are\n"
+"byte-planed (plane p of n bytes each).");
+
+static PyObject *k_unsort(PyObject *self, PyObject *args)
+{
+    Py_buffer old = {0}, vals = {0}, out = {0};
+    int width, planar, shift, mask;
+    PyObject *ret = NULL;
+    size_t *start = NULL;
+    (void)self;
+
+    if (!PyArg_ParseTuple(args, "y*y*w*ipii", &old, &vals, &out, &width,
+                          &planar, &shift, &mask))
+        return NULL;
+    if (check_width(width) < 0)
+        goto done;
+    if (shift < 0 || shift > 15 || mask < 0 || mask > 0xFFFF) {
+        PyErr_Format(PyExc_ValueError, "bad key field: shift %d, mask %d",
+                     shift, mask);
+        goto done;
+    }
+    if (old.len != vals.len || out.len != vals.len || vals.len % width) {
+        PyErr_Format(PyExc_ValueError,
+                     "old, values and out must be the same whole number of "
+                     "words (%zd, %zd, %zd bytes, width %d)",
+                     old.len, vals.len, out.len, width);
+        goto done;
+    }
+    if (check_no_overlap(&vals, "values", &out, "out") < 0 ||
+        check_no_overlap(&old, "old", &out, "out") < 0)
+        goto done;
+    start = (size_t *)PyMem_Calloc((size_t)mask + 1, sizeof(size_t));
+    if (start == NULL) {
+        PyErr_NoMemory();
+        goto done;
+    }
+    {
+        const uint8_t *o = (const uint8_t *)old.buf;
+        const uint8_t *v = (const uint8_t *)vals.buf;
+        uint8_t *dst = (uint8_t *)out.buf;
+        const size_t w = (size_t)width, n = (size_t)vals.len / w;
+        const uint8_t *hi = o + (w - 1), *lo = w > 1 ? o + (w - 2) : o;
+        const unsigned sh = (unsigned)shift, mk = (unsigned)mask;
+#define KEY(i) ((((w > 1 ? (unsigned)hi[(i) * w] << 8 | lo[(i) * w]      \
+                         : (unsigned)hi[(i) * w])) >> sh) & mk)
+        Py_BEGIN_ALLOW_THREADS
+        /* a counting sort: word j of vals belongs at the i-th position whose
+           key ranks it there, so one pass over the keys finds it */
+        for (size_t i = 0; i < n; i++)
+            start[KEY(i)]++;
+        size_t sum = 0;
+        for (size_t k = 0; k <= mk; k++) {
+            const size_t c = start[k];
+            start[k] = sum;
+            sum += c;
+        }
+        if (planar) {
+            for (size_t i = 0; i < n; i++) {
+                const size_t j = start[KEY(i)]++;
+                for (size_t p = 0; p < w; p++)
+                    dst[p * n + i] = v[p * n + j];
+            }
+        } else {
+            for (size_t i = 0; i < n; i++) {
+                const size_t j = start[KEY(i)]++;
+                memcpy(dst + i * w, v + j * w, w);
+            }
+        }
+        Py_END_ALLOW_THREADS
+#undef KEY
+    }
+    ret = Py_None;
+    Py_INCREF(ret);
+done:
+    PyMem_Free(start);
+    PyBuffer_Release(&old);
+    PyBuffer_Release(&vals);
+    PyBuffer_Release(&out);
+    return ret;
+}
+
 static PyMethodDef kernel_methods[] = {
     {"planes", k_planes, METH_VARARGS, planes_doc},
     {"unplanes", k_unplanes, METH_VARARGS, unplanes_doc},
     {"combine", k_combine, METH_VARARGS, combine_doc},
     {"scatter", k_scatter, METH_VARARGS, scatter_doc},
     {"gather", k_gather, METH_VARARGS, gather_doc},
+    {"unsort", k_unsort, METH_VARARGS, unsort_doc},
     {NULL, NULL, 0, NULL},
 };
 

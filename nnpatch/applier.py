@@ -402,7 +402,8 @@ def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
     """The plan that takes the patch's target back to its base."""
     h = patch.header
     if not h.reversible:
-        raise PatchFormatError("patch is not reversible (it lacks the base layout or old bytes); "
+        raise PatchFormatError("patch is not reversible (it lacks the base layout or old bytes, or orders values by "
+                               "the old ones); "
                                "make it with `nnpatch diff --reversible`", path=patch.path)
     if h.target.is_directory:
         raise PatchFormatError("patch is not reversible: its target is a model directory", path=patch.path)
@@ -493,11 +494,20 @@ def row_bytes(op: Op, info: TensorInfo) -> int:
     return info.nbytes // info.shape[0] if op.kind == "rows" else info.itemsize
 
 
+def _unsort(chunk: np.ndarray, old: np.ndarray, info: TensorInfo, planar: bool) -> np.ndarray:
+    """Undo ``esort`` on a decoded chunk: its order is that of the old words' exponents."""
+    if len(old) != len(chunk):
+        raise ValueError(f"values chunk is {len(chunk)} bytes, its old words {len(old)}")
+    shift, mask = codecs.exponent_key(info.dtype)
+    return kernel.unsort(old, chunk, info.itemsize, shift=shift, mask=mask, planar=planar)
+
+
 def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.ndarray | None) -> None:
     op, s, mode = step.op, step.section, step.mode
     width = dtypes.ITEMSIZE[info.dtype]
     where = _where(step)
     planar = "planes" in s.codec
+    esort = "esort" in s.codec
     buf = step.patch.section(s)
     if op.kind in ("rows", "elements") and s is op.values:
         unit = row_bytes(op, info)
@@ -507,6 +517,8 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
         sizes = codecs.value_chunk_sizes(op.count, unit, unit_elements)
         for i, chunk in enumerate(codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where)):
             sel = idx[i * per : (i + 1) * per]
+            if esort:
+                chunk = _unsort(chunk, kernel.gather_rows(dst, unit, sel), info, planar)
             if op.kind == "rows":
                 kernel.scatter_rows(dst, unit, sel, chunk, width, mode, planar=planar)
             else:
@@ -516,6 +528,8 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
     pos = 0
     for chunk in codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where):
         part = dst[pos : pos + len(chunk)]
+        if esort:
+            chunk = _unsort(chunk, part, info, planar)
         if mode == "replace":
             if planar:
                 kernel.unplanes(chunk, width, out=part)

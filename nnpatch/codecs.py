@@ -8,10 +8,15 @@ this order and undone by the reader in reverse:
    dtype's width: ``xor`` (v = new ^ old), ``add`` (v = new - old mod 2^w),
    ``zadd`` (the same difference, zigzag-mapped so that small negative and
    positive differences both have small codes);
-2. an optional ``planes`` stage: byte k of every word stored together, chunk
+2. an optional ``esort`` stage (format 1.2, floats only, after a delta):
+   within each chunk, the delta words in stable order of the base value's
+   exponent field, which the reader recomputes from the base it holds; the
+   size of a fine-tune's change depends on the weight's magnitude, so this
+   groups alike words for the entropy coder;
+3. an optional ``planes`` stage: byte k of every word stored together, chunk
    by chunk, so a float's sign/exponent bytes (nearly constant after a delta)
    sit next to each other;
-3. an optional ``zstd`` stage: one zstd frame with its content size.
+4. an optional ``zstd`` stage: one zstd frame with its content size.
 
 Index sections hold the sorted positions of changed rows or elements as
 ``u32``, ``u64``, ``delta-varint`` or ``bitmap``, optionally followed by
@@ -27,9 +32,14 @@ import zstandard
 
 from . import dtypes
 from .errors import PatchFormatError, UnsupportedVersionError
+from .kernel import sort_keys
 
 DELTA_STAGES = ("xor", "add", "zadd")
-VALUE_STAGES = DELTA_STAGES + ("planes", "zstd")
+VALUE_STAGES = DELTA_STAGES + ("esort", "planes", "zstd")
+#: dtype -> (mantissa bits, exponent bits): where ``esort`` finds the exponent field.
+EXPONENT_FIELDS: dict[str, tuple[int, int]] = {
+    "F64": (52, 11), "F32": (23, 8), "F16": (10, 5), "BF16": (7, 8), "F8_E4M3": (3, 4), "F8_E5M2": (2, 5),
+}
 INDEX_FORMATS = ("u32", "u64", "delta-varint", "bitmap")
 
 #: Values are transformed in chunks of whole units (rows, or single elements)
@@ -49,19 +59,24 @@ def chunk_units(unit_elements: int) -> int:
 
 # --- validation ------------------------------------------------------------
 
-def check_value_codec(codec, *, relative_allowed: bool, where: str) -> None:
-    """Raise unless ``codec`` is a pipeline this reader can undo."""
+def check_value_codec(codec, *, relative_allowed: bool, where: str, dtype: str | None = None) -> None:
+    """Raise unless ``codec`` is a pipeline this reader can undo (for values of ``dtype``)."""
     if not isinstance(codec, list) or not all(isinstance(s, str) for s in codec):
         raise PatchFormatError(f"{where}: codec must be a list of stage names")
     for stage in codec:
         if stage not in VALUE_STAGES:
             raise UnsupportedVersionError(f"{where}: unknown encoding {stage!r}", found=stage, supported=VALUE_STAGES)
-    rank = {"xor": 0, "add": 0, "zadd": 0, "planes": 1, "zstd": 2}
+    rank = {"xor": 0, "add": 0, "zadd": 0, "esort": 1, "planes": 2, "zstd": 3}
     order = [rank[s] for s in codec]
     if order != sorted(order) or len(set(order)) != len(order):
         raise PatchFormatError(f"{where}: codec stages {codec!r} out of order or repeated")
     if not relative_allowed and codec and codec[0] in DELTA_STAGES:
         raise PatchFormatError(f"{where}: delta stage {codec[0]!r} needs an old tensor of the same dtype and shape")
+    if "esort" in codec:
+        if delta_stage(codec) is None:
+            raise PatchFormatError(f"{where}: stage 'esort' needs a delta stage before it")
+        if dtype not in EXPONENT_FIELDS:
+            raise PatchFormatError(f"{where}: stage 'esort' needs a floating-point dtype, not {dtype}")
 
 
 def check_index_codec(codec, *, where: str) -> None:
@@ -101,6 +116,24 @@ def encode_delta(new: np.ndarray, old: np.ndarray, width: int, stage: str) -> np
     else:  # pragma: no cover - guarded by check_value_codec
         raise ValueError(stage)
     return v.view(np.uint8)
+
+
+def exponent_key(dtype: str) -> tuple[int, int]:
+    """(shift, mask) that pick ``dtype``'s exponent field out of a word's two
+    high bytes read as a little-endian uint16 (its only byte for 1-byte
+    dtypes): the ``esort`` key (see :func:`nnpatch.kernel.sort_keys`)."""
+    mant, bits = EXPONENT_FIELDS[dtype]
+    width = dtypes.ITEMSIZE[dtype]
+    return mant - 8 * max(0, width - 2), (1 << bits) - 1
+
+
+def sort_words(data: np.ndarray, old: np.ndarray, dtype: str) -> np.ndarray:
+    """The writer's side of ``esort``: the words of ``data`` (uint8) in stable
+    order of the exponent field of the ``old`` word at the same position."""
+    width = dtypes.ITEMSIZE[dtype]
+    shift, mask = exponent_key(dtype)
+    order = np.argsort(sort_keys(old, width, shift, mask), kind="stable")
+    return data.reshape(-1, width)[order].reshape(-1)
 
 
 def to_planes(data: np.ndarray, width: int) -> np.ndarray:
@@ -237,7 +270,7 @@ class _Sink:
 
 
 def encode_value_stream(out, chunks: Iterable[tuple[np.ndarray, np.ndarray | None]], *, codec: list[str],
-                        width: int, size: int, level: int) -> int:
+                        width: int, size: int, level: int, dtype: str | None = None) -> int:
     """Encode (new, old) uint8 chunk pairs into ``out``; returns the bytes written.
 
     Each pair is one planes chunk (see ``value_chunk_sizes``); ``old`` is None
@@ -248,6 +281,8 @@ def encode_value_stream(out, chunks: Iterable[tuple[np.ndarray, np.ndarray | Non
     sink = _Sink(out, size, level, bool(codec) and codec[-1] == "zstd")
     for new, old in chunks:
         data = encode_delta(new, old, width, delta) if delta else new
+        if "esort" in codec:
+            data = sort_words(data, old, dtype)
         if planar and width > 1:
             data = to_planes(data, width)
             n = len(data) // width

@@ -38,14 +38,17 @@ _INDEX_COST = 1.5
 #: Rows compared per step when scanning a tensor for changes.
 _SCAN_ELEMENTS = 1 << 22
 
-RELATIVE_CODECS = (["zadd", "planes", "zstd"], ["xor", "planes", "zstd"], ["planes", "zstd"], ["zstd"], [])
+RELATIVE_CODECS = (["zadd", "planes", "zstd"], ["zadd", "esort", "planes", "zstd"], ["xor", "planes", "zstd"],
+                   ["planes", "zstd"], ["zstd"], [])
 #: "whole" rewrites every byte of a tensor on apply (and in place); it must
 #: beat rows/elements by this factor to be chosen.
 _WHOLE_PENALTY = 1.02
 ABSOLUTE_CODECS = (["planes", "zstd"], ["zstd"], [])
 #: Reversible patches need a delta stage on rows and elements (their old
 #: values are not stored otherwise).
-DELTA_CODECS = tuple(c for c in RELATIVE_CODECS if codecs.delta_stage(c)) + (["xor"],)
+#: ``esort`` takes its order from the old values, which revert does not have.
+DELTA_CODECS = tuple(c for c in RELATIVE_CODECS if codecs.delta_stage(c) and "esort" not in c) + (["xor"],)
+REVERSIBLE_WHOLE_CODECS = tuple(c for c in RELATIVE_CODECS if "esort" not in c)
 
 ProgressFn = Callable[[int], None]
 
@@ -280,10 +283,10 @@ class _Stream:
     """The values one op stores, as (new, old) uint8 chunks in planes-chunk units."""
 
     def __init__(self, new_units: np.ndarray, old_units: np.ndarray | None, index: np.ndarray | None,
-                 unit_elements: int, width: int) -> None:
+                 unit_elements: int, width: int, dtype: str | None = None) -> None:
         # new_units / old_units: uint words shaped (units, unit_elements)
         self.new, self.old, self.index = new_units, old_units, index
-        self.unit_elements, self.width = unit_elements, width
+        self.unit_elements, self.width, self.dtype = unit_elements, width, dtype
         self.units = len(index) if index is not None else new_units.shape[0]
 
     @property
@@ -306,6 +309,8 @@ class _Stream:
 def _choose_codec(stream: _Stream, candidates, level: int) -> list[str]:
     if stream.width == 1:
         candidates = tuple(c for c in candidates if "planes" not in c)
+    if stream.old is None or stream.dtype not in codecs.EXPONENT_FIELDS:
+        candidates = tuple(c for c in candidates if "esort" not in c)
     if stream.size <= _TRY_ALL_BYTES:
         return min(candidates, key=lambda c: (_encoded_len(stream, c, level, None), len(c)))
     sample_level = min(level, 3)
@@ -318,7 +323,8 @@ def _encoded_len(stream: _Stream, codec: list[str], level: int, limit: int | Non
     buf = io.BytesIO()
     chunks = list(stream.chunks(limit))
     size = sum(len(n) for n, _ in chunks)
-    return codecs.encode_value_stream(buf, iter(chunks), codec=codec, width=stream.width, size=size, level=level)
+    return codecs.encode_value_stream(buf, iter(chunks), codec=codec, width=stream.width, size=size, level=level,
+                                      dtype=stream.dtype)
 
 
 def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool | tuple, level: int) -> Section:
@@ -329,7 +335,7 @@ def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool | tuple, 
     start = writer.begin_section()
     out = writer.stream
     length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width, size=stream.size,
-                                        level=level)
+                                        level=level, dtype=stream.dtype)
     if codec and codec[-1] == "zstd" and length > stream.size:  # compression lost: store raw instead
         out.seek(start)
         out.truncate()
@@ -392,20 +398,23 @@ def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile,
 
     def whole(w: PatchWriter) -> Op:
         op = Op(name, "whole", base=bref, target=tref)
-        op.values = _write_stream(w, _Stream(tu.reshape(-1, 1), bu.reshape(-1, 1), None, 1, width), True, level)
+        op.values = _write_stream(w, _Stream(tu.reshape(-1, 1), bu.reshape(-1, 1), None, 1, width, tref.dtype),
+                                  REVERSIBLE_WHOLE_CODECS if reversible else True, level)
         return op
 
     def by_rows(w: PatchWriter) -> Op:
         op = Op(name, "rows", base=bref, target=tref, count=len(rows))
         op.index = _write_index(w, rows, nrows, level)
-        op.values = _write_stream(w, _Stream(tu, bu, rows, row, width), DELTA_CODECS if reversible else True, level)
+        op.values = _write_stream(w, _Stream(tu, bu, rows, row, width, tref.dtype),
+                                  DELTA_CODECS if reversible else True, level)
         return op
 
     def by_elements(w: PatchWriter) -> Op:
         op = Op(name, "elements", base=bref, target=tref, count=len(elems))
         op.index = _write_index(w, elems, numel, level)
         flat_t, flat_b = tu.reshape(-1, 1), bu.reshape(-1, 1)
-        op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width), DELTA_CODECS if reversible else True,
+        op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width, tref.dtype),
+                                  DELTA_CODECS if reversible else True,
                                   level)
         return op
 

@@ -55,6 +55,8 @@ __all__ = [
     "scatter_rows",
     "select",
     "unplanes",
+    "unsort",
+    "sort_keys",
 ]
 
 MODES = ("replace", "xor", "add", "sub", "zadd", "zsub")
@@ -397,3 +399,42 @@ def _init_from_env() -> None:
 
 
 _init_from_env()
+
+
+def sort_keys(old: Any, width: int, shift: int, mask: int) -> np.ndarray:
+    """The ``esort`` key of each old word: ``(top >> shift) & mask``, where
+    ``top`` is the word's two high bytes as a little-endian uint16 (its only
+    byte when ``width`` is 1)."""
+    o = _u8(_buf(old, "old")).reshape(-1, width)
+    top = o[:, width - 1].astype(np.uint16)
+    if width > 1:
+        top = (top << 8) | o[:, width - 2]
+    return (top >> shift) & mask
+
+
+def unsort(old: Any, values: Any, width: int, *, shift: int, mask: int, planar: bool,
+           out: Any = None) -> np.ndarray:
+    """Undo ``esort``: ``values`` holds n words in stable order of the keys of
+    the n ``old`` words (:func:`sort_keys`); returns them in position order,
+    in the same layout (byte-planar when ``planar``)."""
+    width = _check_width(width)
+    omv = _buf(old, "old")
+    vmv = _buf(values, "values")
+    if omv.nbytes != vmv.nbytes or vmv.nbytes % width:
+        raise ValueError(f"old ({omv.nbytes} bytes) and values ({vmv.nbytes} bytes) must be the same whole "
+                         f"number of {width}-byte words")
+    if not (0 <= shift <= 15 and 0 <= mask <= 0xFFFF):
+        raise ValueError(f"bad key field: shift {shift}, mask {mask}")
+    result, rmv = _out(out, vmv.nbytes)
+    if _use_c:
+        _ext.unsort(omv, vmv, rmv, width, bool(planar), shift, mask)
+        return result
+    v = _u8(vmv)
+    r = _u8(rmv)
+    _check_no_overlap(v, "values", r, "out")
+    order = np.argsort(sort_keys(omv, width, shift, mask), kind="stable")
+    if planar:
+        r.reshape(width, -1)[:, order] = v.reshape(width, -1)
+    else:
+        r.reshape(-1, width)[order] = v.reshape(-1, width)
+    return result

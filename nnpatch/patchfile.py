@@ -34,9 +34,11 @@ MAGIC = b"\x89NNP\r\n\x1a\n"
 #: The newest version this module reads and writes. A writer stamps the
 #: lowest version whose features the patch uses (1.0 unless the target is a
 #: model directory), so older readers take every patch they can apply.
-FORMAT_VERSION = (1, 1)
+FORMAT_VERSION = (1, 2)
 #: The version that added directory and ONNX targets.
 DIRECTORY_TARGET_VERSION = (1, 1)
+#: The version that added the ``esort`` value stage.
+ESORT_VERSION = (1, 2)
 PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
@@ -240,12 +242,15 @@ class PatchHeader:
         return self.base.layout is not None and self.target.layout is not None and self.target.format == \
             "safetensors" and all(
             op.base_values is not None if op.needs_base_values
-            else op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None
+            else (op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None)
+            and (op.values is None or "esort" not in op.values.codec)  # its order comes from the old values
             for op in self.ops)
 
     @property
     def min_version(self) -> tuple[int, int]:
         """The lowest format version that has every feature this header uses."""
+        if any(op.values is not None and "esort" in op.values.codec for op in self.ops):
+            return ESORT_VERSION
         return DIRECTORY_TARGET_VERSION if self.target.format in ("safetensors-dir", "onnx") else (1, 0)
 
     def sections(self) -> list[Section]:
@@ -892,7 +897,8 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         r.fail(w, "op 'rows' needs a tensor of rank 1 or more")
     with _in_header(r.path):
         if op.values is not None:
-            codecs.check_value_codec(op.values.codec, relative_allowed=same, where=f"{w}.values")
+            codecs.check_value_codec(op.values.codec, relative_allowed=same, where=f"{w}.values",
+                                     dtype=t.dtype if t is not None else None)
         if op.index is not None:
             codecs.check_index_codec(op.index.codec, where=f"{w}.index")
     # sizes every reader can check before decoding anything

@@ -122,6 +122,19 @@ def vector_inputs():
     out["all-ops-reversible"] = ("the all-ops pair, diffed with reversible=True", base, target,
                                  {"reversible": True})
     out["identical"] = ("base and target identical: a patch with no ops", base, dict(base), {})
+
+    rng = np.random.default_rng(5)
+    base, target = {}, {}
+    for name, shape in (("proj.weight", (48, 32)), ("head.weight", (32, 48))):
+        w = (rng.standard_normal(shape) * np.exp(rng.uniform(-6, 0, shape))).astype("<f4")
+        v = w + (rng.standard_normal(shape) * 1e-3).astype("<f4")
+        if name == "head.weight":  # stored as bf16: the high 16 bits of the float32
+            w, v = ((x.view("<u4") >> 16).astype("<u2") for x in (w, v))
+        dtype = "F32" if name == "proj.weight" else "BF16"
+        base[name], target[name] = (dtype, shape, w.tobytes()), (dtype, shape, v.tobytes())
+    out["esort"] = ("every value of a float32 and a bfloat16 matrix moved by N(0, 1e-3) from weights of "
+                    "magnitudes exp(U(-6, 0)) * N(0, 1): the values are stored in exponent order (esort, 1.2)",
+                    base, target, {})
     return out
 
 
@@ -160,6 +173,8 @@ def invalid_patches(good: bytes):
                             _edit_header(good, lambda h: h.update(required_features=["sparse-v9"]))),
         "unknown-codec": ("a values codec stage 'lz4'",
                           _edit_header(good, lambda h: h["ops"][0]["values"].update(codec=["lz4"]))),
+        "esort-without-delta": ("a values codec ['esort', 'zstd']: esort needs a delta stage before it",
+                                _edit_header(good, lambda h: h["ops"][0]["values"].update(codec=["esort", "zstd"]))),
         "count-too-large": ("rows count 9 for a tensor of 8 rows",
                             _edit_header(good, lambda h: h["ops"][0].update(count=9))),
         "section-moved": ("target layout offset moved by 64",
@@ -252,6 +267,10 @@ def build(directory: str) -> dict:
         write_safetensors(bp, base, {"version": "1"})
         write_safetensors(tp, target, {"version": "2"})
         nnpatch.diff(bp, tp, pp, level=LEVEL, **options)
+        if name == "esort":
+            with nnpatch.read_patch(pp) as p:
+                if not all("esort" in op.values.codec for op in p.ops):
+                    raise SystemExit("the esort vector does not use esort")
         manifest["valid"].append({
             "name": name, "description": desc, "options": options,
             "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),

@@ -61,12 +61,14 @@ def rewrite_header(data: bytes, edit) -> bytes:
 def test_layout(patch_bytes):
     magic, major, minor, flags, n = struct.unpack_from("<8sHHIQ", patch_bytes, 0)
     assert magic == MAGIC == b"\x89NNP\r\n\x1a\n"
-    assert (major, minor) == (1, 0)  # the lowest version with the features used: a single-file target
+    header = parse_patch(patch_bytes)
+    # the lowest version with the features used: a single-file target, esort where a section uses it
+    uses_esort = any(op.values is not None and "esort" in op.values.codec for op in header.ops)
+    assert (major, minor) == ((1, 2) if uses_esort else (1, 0))
     assert flags == 0
     assert (PREAMBLE_SIZE + n) % ALIGNMENT == 0
     assert (len(patch_bytes) - TRAILER_SIZE) % ALIGNMENT == 0
     assert patch_bytes[-TRAILER_SIZE:] == blake3.blake3(patch_bytes[:-TRAILER_SIZE]).digest()
-    header = parse_patch(patch_bytes)
     for s in header.sections():
         assert s.offset % ALIGNMENT == 0
     text = patch_bytes[PREAMBLE_SIZE : PREAMBLE_SIZE + n].rstrip(b" ")
