@@ -494,7 +494,7 @@ def row_bytes(op: Op, info: TensorInfo) -> int:
     return info.nbytes // info.shape[0] if op.kind == "rows" else info.itemsize
 
 
-def _unsort(chunk: np.ndarray, old: np.ndarray, info: TensorInfo, planar: bool) -> np.ndarray:
+def undo_esort(chunk: np.ndarray, old: np.ndarray, info: TensorInfo, planar: bool) -> np.ndarray:
     """Undo ``esort`` on a decoded chunk: its order is that of the old words' exponents."""
     if len(old) != len(chunk):
         raise ValueError(f"values chunk is {len(chunk)} bytes, its old words {len(old)}")
@@ -518,7 +518,7 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
         for i, chunk in enumerate(codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where)):
             sel = idx[i * per : (i + 1) * per]
             if esort:
-                chunk = _unsort(chunk, kernel.gather_rows(dst, unit, sel), info, planar)
+                chunk = undo_esort(chunk, kernel.gather_rows(dst, unit, sel), info, planar)
             if op.kind == "rows":
                 kernel.scatter_rows(dst, unit, sel, chunk, width, mode, planar=planar)
             else:
@@ -529,7 +529,7 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
     for chunk in codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where):
         part = dst[pos : pos + len(chunk)]
         if esort:
-            chunk = _unsort(chunk, part, info, planar)
+            chunk = undo_esort(chunk, part, info, planar)
         if mode == "replace":
             if planar:
                 kernel.unplanes(chunk, width, out=part)

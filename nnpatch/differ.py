@@ -414,8 +414,7 @@ def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile,
         op.index = _write_index(w, elems, numel, level)
         flat_t, flat_b = tu.reshape(-1, 1), bu.reshape(-1, 1)
         op.values = _write_stream(w, _Stream(flat_t, flat_b, elems, 1, width, tref.dtype),
-                                  DELTA_CODECS if reversible else True,
-                                  level)
+                                  DELTA_CODECS if reversible else True, level)
         return op
 
     changed_bytes = n_elems * width

@@ -38,8 +38,8 @@ import blake3
 import numpy as np
 
 from . import codecs, kernel
-from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, _unsort, build_file, decode_index,
-                      plan_forward, require_target_model, row_bytes, run_step, workers)
+from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index, plan_forward,
+                      require_target_model, row_bytes, run_step, undo_esort, workers)
 from .atomic import fsync_dir
 from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError, UsageError
 from .hashing import digest_bytes, digests_equal, model_digest_of
@@ -337,7 +337,7 @@ def _write_rows(fd: int, m: mmap.mmap, item: Item) -> None:
             sel = idx[i * per : (i + 1) * per]
             rows = kernel.gather_rows(src, unit, sel)
             if "esort" in op.values.codec:
-                chunk = _unsort(chunk, rows, info, planar)
+                chunk = undo_esort(chunk, rows, info, planar)
             kernel.combine(rows, chunk, width, step.mode, planar=planar)
             cut = np.flatnonzero(np.diff(sel) != 1) + 1
             starts = [0, *cut.tolist()]
