@@ -435,8 +435,8 @@ def _read_text(path: str) -> str:
 # --- release sets -----------------------------------------------------------------
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("olds", nargs=-1, required=True, type=click.Path(dir_okay=False))
-@click.option("--to", "new", required=True, type=click.Path(dir_okay=False), help="The new version.")
+@click.argument("olds", nargs=-1, required=True, type=click.Path())
+@click.option("--to", "new", required=True, type=click.Path(), help="The new version (a file or model directory).")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Directory for the patches and manifest.json.")
 @click.option("--level", type=click.IntRange(codecs.MIN_LEVEL, codecs.MAX_LEVEL), default=codecs.DEFAULT_LEVEL,
@@ -456,7 +456,7 @@ def release(olds, new, outdir, level, chain, as_json):
 
 
 @cli.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(dir_okay=False))
+@click.argument("model", type=click.Path())
 @click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="manifest.json of a release.")
 @click.option("--patch-dir", type=click.Path(file_okay=False), help="Where the patches are (default: beside it).")
 @click.option("--prefer", type=click.Choice(["direct", "smallest", "chain"]), default="direct", show_default=True)

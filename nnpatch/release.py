@@ -19,6 +19,12 @@ applying, applies into a temporary file beside the model, checks that file's
 BLAKE3 against the manifest's target, and only then renames it over the
 model: the model file is the old version or the verified new one, never
 anything else.
+
+Versions may also be Hugging Face model directories (format 1.1 targets):
+a directory is identified by its directory digest (spec/FORMAT.md, section
+8) and the total size of its files; ``update`` builds the new directory
+beside the old one, checks its directory digest, and swaps it in atomically
+(``nnpatch.directory``).
 """
 
 from __future__ import annotations
@@ -62,6 +68,19 @@ def _stem(path: str) -> str:
     return stem if dot and stem else base
 
 
+def version_digest(path: str) -> tuple[str, int]:
+    """(BLAKE3, size) that identify a model version: a file's own, or for a
+    model directory its directory digest and the total size of its files."""
+    from .hashing import hash_file
+
+    if not os.path.isdir(path):
+        return hash_file(path), os.path.getsize(path)
+    from .weights.source import open_source
+
+    with open_source(path) as src:
+        return src.file_digest(), src.size
+
+
 def _patch_info(path: str) -> dict:
     from .hashing import hash_file
     from .patchfile import read_patch
@@ -89,7 +108,6 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     ``"never"`` makes no consecutive patches at all.
     """
     import nnpatch
-    from .hashing import hash_file
 
     if chain not in ("auto", "always", "never"):
         raise UsageError(f"chain must be auto, always or never, got {chain!r}")
@@ -101,9 +119,9 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
 
     def version(p) -> _Version:
         p = os.fspath(p)
-        if not os.path.isfile(p):
-            raise UsageError(f"{p}: not a file")
-        return _Version(p, _stem(p), hash_file(p), os.path.getsize(p))
+        if not (os.path.isfile(p) or os.path.isdir(p)):
+            raise UsageError(f"{p}: not a file or model directory")
+        return _Version(p, _stem(p), *version_digest(p))
 
     target = version(new)
     versions: list[_Version] = []
@@ -172,9 +190,9 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
             os.unlink(out)
     if target_model is None:
         from .hashing import model_digest
-        from .weights import SafetensorsFile
+        from .weights.source import open_source
 
-        with SafetensorsFile(target.path) as t:
+        with open_source(target.path) as t:
             target_model = model_digest(t)[0].hex()
     manifest = {
         "format": MANIFEST_FORMAT,
@@ -293,8 +311,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     the entry's chain when it has one and it is smaller; ``"chain"`` the
     chain whenever the entry has one.
     """
-    from .applier import apply_chain
-    from .hashing import digests_equal, hash_file
+    from .hashing import digests_equal
     from .patchfile import read_patch
 
     if prefer not in ("direct", "smallest", "chain"):
@@ -304,14 +321,13 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     manifest = load_manifest(manifest_path)
     patch_dir = os.fspath(patch_dir) if patch_dir is not None else (os.path.dirname(manifest_path) or ".")
     target = manifest["target"]
-    current = hash_file(model_path)
+    current, size = version_digest(model_path)
     if digests_equal(current, target["blake3"]):
         return UpdateResult(model_path, False, current, current)
     entry = next((b for b in manifest["bases"] if digests_equal(b["base_blake3"], current)), None)
     if entry is None:
         raise NoPatchError(f"no patch for this model version (BLAKE3 {current}) in {manifest_path}",
                            path=model_path)
-    size = os.path.getsize(model_path)
     if size != entry["base_size"]:
         raise IntegrityError(f"{model_path}: {size} bytes, the manifest says {entry['base_size']} for BLAKE3 "
                              f"{current}", what="base size")
@@ -338,15 +354,30 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         paths.append(p)
     if not digests_equal(links[-1]["target_blake3"], target["blake3"]):
         raise IntegrityError("the manifest's patches do not lead to its target", what="manifest")
+    apply = _update_directory if os.path.isdir(model_path) else _update_file
+    result = apply(model_path, paths, target["blake3"], verify)
+    return UpdateResult(model_path, True, current, result, [os.path.basename(p) for p in paths],
+                        sum(link["patch_size"] for link in links))
+
+
+def _target_mismatch(result: str, want: str) -> IntegrityError:
+    return IntegrityError(f"updated model has BLAKE3 {result}, the manifest's target is {want}",
+                          what="target blake3", expected=want, actual=result)
+
+
+def _update_file(model_path: str, paths: list[str], want: str, verify: str) -> str:
+    """Apply into a temporary file beside the model; rename it over the model once its digest is the target's."""
+    from .applier import apply_chain
+    from .hashing import digests_equal, hash_file
+
     directory = os.path.dirname(os.path.abspath(model_path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(model_path) + ".", suffix=".update", dir=directory)
     os.close(fd)
     try:
         apply_chain(model_path, paths, tmp, verify=verify)
         result = hash_file(tmp)
-        if not digests_equal(result, target["blake3"]):
-            raise IntegrityError(f"updated model has BLAKE3 {result}, the manifest's target is {target['blake3']}",
-                                 what="target blake3", expected=target["blake3"], actual=result)
+        if not digests_equal(result, want):
+            raise _target_mismatch(result, want)
         with contextlib.suppress(OSError):
             os.chmod(tmp, os.stat(model_path).st_mode & 0o7777)
         os.replace(tmp, model_path)
@@ -355,5 +386,25 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
             os.unlink(tmp)
         raise
     fsync_dir(directory)
-    return UpdateResult(model_path, True, current, result, [os.path.basename(p) for p in paths],
-                        sum(link["patch_size"] for link in links))
+    return result
+
+
+def _update_directory(model_path: str, paths: list[str], want: str, verify: str) -> str:
+    """Build the new directory beside the model and swap it in.
+
+    Always ``verify="full"`` whatever ``verify`` asks, as a file update
+    re-hashes its result: build_directory checks the directory digest against
+    the last patch's target, which ``update`` proved is the manifest's
+    target, before anything is swapped."""
+    from .applier import plan_forward
+    from .directory import build_directory
+    from .inplace import locked
+    from .patchfile import read_patch
+    from .weights.source import open_source
+
+    with contextlib.ExitStack() as stack:
+        patches = [stack.enter_context(read_patch(p)) for p in paths]
+        stack.enter_context(locked(model_path))
+        src = stack.enter_context(open_source(model_path))
+        return build_directory(plan_forward(src, patches), src, model_path, "full", lambda n: None,
+                               replace=True).blake3

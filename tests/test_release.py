@@ -171,3 +171,81 @@ def test_release_names_fall_back_to_hashes(tmp_path):
         assert entry["patch"] == f"{entry['base_blake3'][:16]}-to-{m['target']['blake3'][:16]}.nnpatch"
     with pytest.raises(UsageError):
         make_release([], paths[2], tmp_path / "x")
+
+
+# --- model directories as versions ---------------------------------------------------------------
+
+def _dir_versions(root):
+    """v1..v3 as Hugging Face model directories: rows change, shards move, config changes."""
+    from .test_directory_target import TOKENIZER, change_rows, tensors, write_model
+
+    t1 = tensors(0)
+    t2 = change_rows(t1, "layer2.weight", [1, 5])
+    t3 = change_rows(t2, "layer4.weight", [0])
+    paths = []
+    for i, (t, shards) in enumerate(((t1, 2), (t2, 2), (t3, 3)), 1):
+        d = root / f"v{i}"
+        write_model(d, t, shards, {"config.json": b'{"v": %d}\n' % i, "tokenizer.json": TOKENIZER})
+        paths.append(d)
+    return paths
+
+
+def test_release_and_update_of_model_directories(tmp_path):
+    from .test_directory_target import contents, dir_digest
+
+    v1, v2, v3 = _dir_versions(tmp_path)
+    dist = tmp_path / "dist"
+    m = make_release([v1, v2], v3, dist, chain="always")
+    _schema_check(m)
+    assert m["target"]["blake3"] == dir_digest(v3)
+    assert [b["base_blake3"] for b in m["bases"]] == [dir_digest(v1), dir_digest(v2)]
+    assert m["bases"][0]["base_size"] == sum(len(b) for b in contents(v1).values())
+    for prefer in ("direct", "chain"):
+        local = tmp_path / f"local-{prefer}"
+        shutil.copytree(v1, local)
+        (local / ".git").mkdir()  # kept across the swap, as apply --in-place keeps it
+        (local / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+        r = update(local, dist / "manifest.json", prefer=prefer)
+        assert r.updated and r.from_blake3 == dir_digest(v1) and r.to_blake3 == dir_digest(v3)
+        got = contents(local)
+        assert got.pop(os.path.join(".git", "HEAD")) == b"ref: refs/heads/main\n"
+        assert got == contents(v3)
+        assert update(local, dist / "manifest.json").updated is False
+
+
+def test_directory_update_with_a_corrupt_patch_leaves_the_model(tmp_path):
+    from .test_directory_target import contents
+
+    v1, v2, v3 = _dir_versions(tmp_path)
+    dist = tmp_path / "dist"
+    m = make_release([v1], v3, dist, chain="never")
+    local = tmp_path / "local"
+    shutil.copytree(v1, local)
+    before = contents(local)
+    patch = dist / m["bases"][0]["patch"]
+    data = bytearray(patch.read_bytes())
+    data[-40] ^= 1
+    patch.write_bytes(bytes(data))
+    with pytest.raises(IntegrityError, match="does not match the manifest"):
+        update(local, dist / "manifest.json")
+    assert contents(local) == before
+    assert sorted(os.listdir(tmp_path)) == ["dist", "local", "v1", "v2", "v3"]  # no temporary directory left
+
+
+def test_release_cli_takes_directories(tmp_path):
+    from click.testing import CliRunner
+
+    from nnpatch.cli import cli
+
+    from .test_directory_target import contents
+
+    v1, v2, v3 = _dir_versions(tmp_path)
+    runner = CliRunner()
+    r = runner.invoke(cli, ["release", str(v1), str(v2), "--to", str(v3), "-o", str(tmp_path / "dist")])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(cli, ["update", str(v1), "--manifest", str(tmp_path / "dist" / "manifest.json"), "--json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["updated"] is True
+    assert contents(v1) == contents(v3)
+    r = runner.invoke(cli, ["release", str(tmp_path / "missing"), "--to", str(v3), "-o", str(tmp_path / "d2")])
+    assert r.exit_code == 2 and "not a file or model directory" in r.output
