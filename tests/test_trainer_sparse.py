@@ -259,3 +259,55 @@ def test_kd_loss_by_hand():
         kd_loss(s, t, "ranking")
     with pytest.raises(ValueError):
         task_loss(s, t, "ranking")
+
+
+def test_adapted_norm_stats_move_in_every_channel_and_nothing_else_does():
+    set_seed(2)
+    model = Tiny()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    su = SparseUpdate(model, base, ratio=0.25, schedule="start", norm_stats="adapt")
+    assert su.free_stats == {"bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    ds = data()
+    model.train()
+    for step in range(12):
+        x, y = ds.tensors[0][step * 8:(step + 1) * 8] * 3 + 1, ds.tensors[1][step * 8:(step + 1) * 8]  # shifted
+        opt.zero_grad()
+        task_loss(model(x), y, "classification").backward()
+        su.after_backward()
+        opt.step()
+        su.after_step(opt)
+        su.on_step(step + 1, 12)
+    su.finalize()
+    frozen = ~su.mask_vector()
+    assert int(frozen.sum()) > 0
+    # every statistic followed the shifted data, frozen channels' included ...
+    for key in su.free_stats:
+        assert bool(_differs(model.state_dict()[key], base[key]).all()), key
+    # ... while every frozen channel's parameters are bit-identical to the base
+    state = model.state_dict()
+    for g in su.groups:
+        for m in g.members:
+            if m.key in su.free_stats:
+                continue
+            for c in (~su.masks[g.name]).nonzero().flatten().tolist():
+                if m.start <= c < m.stop and m.axis is not None:
+                    assert raw(state[m.key].select(m.axis, c - m.start)) == raw(base[m.key].select(m.axis, c - m.start))
+    rep = su.verify(base)
+    assert rep["channels_changed"] <= math.floor(0.25 * su.num_channels)
+    assert rep["stats_changed"] == sum(base[k].numel() for k in su.free_stats)
+    # counted without the exemption, the statistics make every norm channel look changed
+    strict = changed_channels(model, base, su.groups)
+    assert strict["channels_changed"] > rep["channels_changed"]
+    assert torch.equal(state["bn1.num_batches_tracked"], base["bn1.num_batches_tracked"])
+
+
+def test_frozen_norm_stats_is_the_default_and_unknown_modes_are_refused():
+    model = Tiny()
+    assert SparseUpdate(model, ratio=0.5).free_stats == set()
+    with pytest.raises(ValueError, match="norm_stats"):
+        SparseUpdate(model, ratio=0.5, norm_stats="sometimes")
+
+
+def _differs(a, b):
+    return a.contiguous().view(torch.int32) != b.contiguous().view(torch.int32)

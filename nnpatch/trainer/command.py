@@ -44,6 +44,10 @@ __all__ = ["train_sparse", "main"]
               help="Softmax temperature T of the KD term (default 4; recipe digits: 2).")
 @click.option("--kd-weight", type=float, default=None,
               help="loss = task + W * KD (default 1; recipe digits: 3).")
+@click.option("--norm-stats", type=click.Choice(["frozen", "adapt"]), default="frozen", show_default=True,
+              help="BatchNorm running statistics of frozen channels: kept as in the base (the channel rule), "
+                   "or adapted to the new data in every channel (2 numbers per channel; helps after an input "
+                   "shift such as noise).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--device", type=click.Choice(["cpu", "cuda"]), default="cpu", show_default=True)
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
@@ -52,7 +56,7 @@ __all__ = ["train_sparse", "main"]
               help="Where to write the patch from the base to the updated weights.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def train_sparse(recipe, model_spec, data_spec, base, base_out, ratio, budget, teacher_path, teacher_epochs,
-                 epochs, lr, batch_size, task, kd_temperature, kd_weight, seed, device, output, patch,
+                 epochs, lr, batch_size, task, kd_temperature, kd_weight, norm_stats, seed, device, output, patch,
                  as_json):
     """Update a model so that only a few channels change (Tiny Updater), and write the patch."""
     from nnpatch.errors import MissingDependencyError, UsageError
@@ -72,7 +76,8 @@ def train_sparse(recipe, model_spec, data_spec, base, base_out, ratio, budget, t
     report = train_sparse_run(
         recipe=recipe, model_spec=model_spec, data_spec=data_spec, base=base, ratio=ratio, budget=budget,
         teacher_path=teacher_path, teacher_epochs=teacher_epochs, epochs=epochs, lr=lr,
-        batch_size=batch_size, task=task, kd_temperature=kd_temperature, kd_weight=kd_weight, seed=seed,
+        batch_size=batch_size, task=task, kd_temperature=kd_temperature, kd_weight=kd_weight,
+        norm_stats=norm_stats, seed=seed,
         device=device, output=output, patch=patch, base_out=base_out, log=log)
     if report is None:  # a rank > 0 of a distributed run
         return
@@ -98,6 +103,8 @@ def _table(r: dict) -> None:
                                   f"({r['percent_channels_changed']:.1f}%)")
     t.add_row("parameters changed", f"{r['params_changed']} / {r['params_total']} "
                                     f"({r['percent_params_changed']:.1f}%)")
+    if r.get("norm_stats") == "adapt":
+        t.add_row("norm statistics changed", f"{r['norm_stats_changed']}")
     t.add_row("model bytes", f"{r['model_bytes']:,}")
     t.add_row("patch bytes", f"{r['patch_bytes']:,}")
     if r.get("budget_bytes") is not None:

@@ -227,7 +227,7 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
                      base: str | None, ratio: float | None, budget: str | None, teacher_path: str | None,
                      teacher_epochs: int | None, epochs: int | None, lr: float | None, batch_size: int | None,
                      task: str | None, kd_temperature: float | None, kd_weight: float | None, seed: int,
-                     device: str,
+                     device: str, norm_stats: str = "frozen",
                      output: str, patch: str, base_out: str | None = None,
                      cost_factor: float = 0.9, log: Callable[[str], None] | None = None) -> dict | None:
     """Everything ``nnpatch train-sparse`` does; returns the report (None on ranks > 0)."""
@@ -322,7 +322,8 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
         load_into(teacher, load_weights(teacher_path), teacher_path)
     cfg = TrainerConfig(epochs=epochs, batch_size=batch_size or 64, lr=lr, task=task,
                         kd_temperature=kd_temperature, kd_weight=kd_weight, ratio=ratio,
-                        budget_bytes=budget_bytes, cost_factor=cost_factor, seed=seed, device=device)
+                        budget_bytes=budget_bytes, cost_factor=cost_factor, seed=seed, device=device,
+                        norm_stats=norm_stats)
     res = update(base_model.to(device), train_ds, eval_ds, config=cfg, teacher=teacher,
                  teacher_epochs=teacher_epochs or teacher_epochs_default,
                  teacher_lr=3e-3 if tuned and lr_given is None else None, log=say)
@@ -330,7 +331,7 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     teacher = res["teacher"].to("cpu")
     # the student in the base file's dtypes (frozen channels round-trip exactly)
     new_state = {k: v.detach().to(base_file_state[k].dtype) for k, v in student.state_dict().items()}
-    check = changed_channels(new_state, base_file_state, res["sparse"].groups)
+    check = changed_channels(new_state, base_file_state, res["sparse"].groups, ignore=res["sparse"].free_stats)
     changed = check.pop("changed_vector")
     agree = _ranks_agree(new_state) if distributed else True
     _teardown(distributed)  # all ranks leave together; rank 0 goes on alone
@@ -350,6 +351,7 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
         "percent_channels_changed": 100.0 * check["channels_changed"] / max(1, check["channels_total"]),
         "params_total": check["params_total"], "params_changed": check["params_changed"],
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
+        "norm_stats": norm_stats, "norm_stats_changed": check["stats_changed"],
         "world_size": world, "ranks_agree": agree,
     }
     limit = None if ratio is None else math.floor(ratio * check["channels_total"] + 1e-9)

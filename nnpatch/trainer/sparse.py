@@ -41,6 +41,15 @@ times ``cost_factor``) fits the byte target of the event.
 Frozen BatchNorm channels behave as on the device: in training mode their output
 uses the stored running statistics (eval-mode normalization), and their running
 statistics are restored after every forward, so they are not updated.
+
+``norm_stats="adapt"`` (opt-in) lets every BatchNorm channel's running statistics
+follow the new data, as in ordinary training, while frozen channels keep their
+weights, affine parameters included: after a shift of the input distribution
+(noise, a new camera) the stored statistics of frozen channels are stale, and
+the whole update is crippled by them.  The statistics are 2 numbers per channel,
+so the patch grows by a few hundred bytes per norm layer; a channel counts as
+changed only when its parameters do (``changed_channels(..., ignore=...)``), and
+:meth:`SparseUpdate.report` / the trainer report the statistics separately.
 """
 
 from __future__ import annotations
@@ -54,9 +63,10 @@ from torch import nn
 
 from .channels import ChannelGroup, group_channels, unwrap_model
 
-__all__ = ["PruneSchedule", "SparseUpdate", "changed_channels", "SELECTIONS"]
+__all__ = ["PruneSchedule", "SparseUpdate", "changed_channels", "NORM_STATS", "SELECTIONS"]
 
 SELECTIONS = ("l1", "l1_mean", "l1_layer", "random", "teacher", "teacher_layer")
+NORM_STATS = ("frozen", "adapt")
 
 
 @dataclass
@@ -116,7 +126,7 @@ class SparseUpdate:
                  budget_bytes: int | None = None, cost_factor: float = 1.0,
                  selection: str = "l1_layer", seed: int = 0,
                  groups: list[ChannelGroup] | None = None,
-                 reference_state: dict[str, torch.Tensor] | None = None) -> None:
+                 reference_state: dict[str, torch.Tensor] | None = None, norm_stats: str = "frozen") -> None:
         self.model = unwrap_model(model)
         if budget_bytes is not None:
             ratio = None
@@ -126,6 +136,9 @@ class SparseUpdate:
             raise ValueError(f"ratio must be in (0, 1], got {ratio}")
         if selection not in SELECTIONS:
             raise ValueError(f"unknown selection {selection!r}")
+        if norm_stats not in NORM_STATS:
+            raise ValueError(f"norm_stats must be one of {', '.join(NORM_STATS)}, got {norm_stats!r}")
+        self.norm_stats = norm_stats
         if selection.startswith("teacher") and reference_state is None:
             raise ValueError(f"selection {selection!r} needs reference_state (the teacher's weights)")
         self.reference_state = reference_state
@@ -171,7 +184,11 @@ class SparseUpdate:
         self._hooks: list = []
         self._stats_dirty = False
         self._norm_groups = [g for g in self.groups if g.norm is not None]
-        self._install_norm_hooks()
+        #: running statistics that may change in every channel (norm_stats="adapt")
+        self.free_stats: set[str] = {f"{g.norm}.{s}" for g in self._norm_groups for s in ("running_mean", "running_var")
+                                     if norm_stats == "adapt" and f"{g.norm}.{s}" in self.tensors}
+        if norm_stats == "frozen":
+            self._install_norm_hooks()
         self._refresh()
 
     # ----------------------------------------------------------------- basics
@@ -206,7 +223,7 @@ class SparseUpdate:
         for g in self.groups:
             for i, m in enumerate(g.members):
                 idx = self._frozen_idx.get((g.name, i))
-                if idx is not None:
+                if idx is not None and m.key not in self.free_stats:
                     yield m, idx
 
     # ------------------------------------------------------------ the hooks
@@ -271,6 +288,8 @@ class SparseUpdate:
         for g in self.groups:
             s = torch.zeros(g.size, dtype=torch.float64)
             for m in g.members:
+                if m.key in self.free_stats:  # they move in every channel: no signal for the ranking
+                    continue
                 cur = src[m.key].detach().to(device=self.base[m.key].device, dtype=torch.float64)
                 d = (cur - self.base[m.key].to(torch.float64)).abs()
                 if m.axis is None:
@@ -459,7 +478,8 @@ class SparseUpdate:
     def verify(self, base_state: dict[str, torch.Tensor] | None = None) -> dict:
         """Check the model against the base: only kept channels may differ, and the changed
         share must meet the target.  Returns :func:`changed_channels`' report."""
-        rep = changed_channels(self.model, base_state if base_state is not None else self.base, self.groups)
+        rep = changed_channels(self.model, base_state if base_state is not None else self.base, self.groups,
+                               ignore=self.free_stats)
         mask = self.mask_vector()
         changed = rep.pop("changed_vector")
         if bool((changed & ~mask).any()):
@@ -496,9 +516,11 @@ def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def changed_channels(model: nn.Module | dict[str, torch.Tensor], base_state: dict[str, torch.Tensor],
-                     groups: list[ChannelGroup] | None = None) -> dict:
+                     groups: list[ChannelGroup] | None = None, ignore: set[str] | frozenset[str] = frozenset()) -> dict:
     """Compare raw bytes, channel by channel, between ``model`` (or a state dict) and ``base_state``.
 
+    Tensors named in ``ignore`` (running statistics under ``norm_stats="adapt"``) do not make a
+    channel count as changed; ``stats_changed`` counts their changed values.
     Returns counts of changed channels/parameters and ``changed_vector`` (bool per channel)."""
     if isinstance(model, nn.Module):
         if groups is None:
@@ -511,12 +533,16 @@ def changed_channels(model: nn.Module | dict[str, torch.Tensor], base_state: dic
     vec = []
     params_changed = 0
     params_total = 0
+    stats_changed = 0
     for g in groups:
         ch = torch.zeros(g.size, dtype=torch.bool)
         for m in g.members:
             a = state[m.key].detach().cpu().contiguous()
             b = base_state[m.key].detach().cpu().to(a.dtype).contiguous()
             ne = _bytes_differ(a, b)
+            if m.key in ignore:
+                stats_changed += int(ne.sum())
+                continue
             if m.axis is None:
                 ch |= bool(ne.any())
             else:
@@ -532,6 +558,7 @@ def changed_channels(model: nn.Module | dict[str, torch.Tensor], base_state: dic
         "channels_changed": int(changed.sum()),
         "params_total": params_total,
         "params_changed": params_changed,
+        "stats_changed": stats_changed,
         "changed_vector": changed,
     }
 

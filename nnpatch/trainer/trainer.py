@@ -98,6 +98,7 @@ class TrainerConfig:
     prune_end: float = 0.25
     prune_events: int = 10
     selection: str = "l1_layer"       # l1 | l1_mean | l1_layer | random | teacher | teacher_layer
+    norm_stats: str = "frozen"        # frozen | adapt: BatchNorm running statistics of frozen channels
     seed: int = 0
     device: str = "cpu"
     checkpoint_path: str | None = None
@@ -141,6 +142,7 @@ class Trainer:
             self.sparse = SparseUpdate(
                 self.model, base_state, ratio=config.ratio, budget_bytes=config.budget_bytes,
                 cost_factor=config.cost_factor, selection=config.selection, seed=config.seed,
+                norm_stats=config.norm_stats,
                 schedule=PruneSchedule(config.schedule, config.prune_end, config.prune_events),
                 reference_state=({k: v.detach() for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None and config.selection.startswith("teacher") else None))
