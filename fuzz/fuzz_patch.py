@@ -28,7 +28,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VECTORS = os.path.join(ROOT, "spec", "vectors")
 WORK = tempfile.mkdtemp(prefix="nnpatch-fuzz-")
 BASES = []
-for name in ("rows-f32", "all-ops", "every-dtype"):
+for name in ("rows-f32", "all-ops", "every-dtype", "esort"):
     src = os.path.join(VECTORS, "valid", name, "base.safetensors")
     dst = os.path.join(WORK, f"{name}.safetensors")
     shutil.copyfile(src, dst)
