@@ -32,8 +32,9 @@ from .errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 
 MAGIC = b"\x89NNP\r\n\x1a\n"
 #: The newest version this module reads and writes. A writer stamps the
-#: lowest version whose features the patch uses (1.0 unless the target is a
-#: model directory), so older readers take every patch they can apply.
+#: lowest version whose features the patch uses (1.0; 1.1 for a model
+#: directory or ONNX target; 1.2 where a section uses ``esort``), so older
+#: readers take every patch they can apply.
 FORMAT_VERSION = (1, 2)
 #: The version that added directory and ONNX targets.
 DIRECTORY_TARGET_VERSION = (1, 1)

@@ -49,7 +49,8 @@ weights, affine parameters included: after a shift of the input distribution
 the whole update is crippled by them.  The statistics are 2 numbers per channel,
 so the patch grows by a few hundred bytes per norm layer; a channel counts as
 changed only when its parameters do (``changed_channels(..., ignore=...)``), and
-:meth:`SparseUpdate.report` / the trainer report the statistics separately.
+:meth:`SparseUpdate.verify` reports the statistics apart, as ``stats_changed``
+(``norm_stats_changed`` in the ``train-sparse`` report).
 """
 
 from __future__ import annotations
@@ -185,7 +186,8 @@ class SparseUpdate:
         self._stats_dirty = False
         self._norm_groups = [g for g in self.groups if g.norm is not None]
         #: running statistics that may change in every channel (norm_stats="adapt")
-        self.free_stats: set[str] = {f"{g.norm}.{s}" for g in self._norm_groups for s in ("running_mean", "running_var")
+        self.free_stats: set[str] = {f"{g.norm}.{s}" for g in self._norm_groups
+                                     for s in ("running_mean", "running_var")
                                      if norm_stats == "adapt" and f"{g.norm}.{s}" in self.tensors}
         if norm_stats == "frozen":
             self._install_norm_hooks()
