@@ -35,7 +35,8 @@ LEVEL = 9
 COMMENT = (
     "nnpatch test vectors. Each valid vector has base.safetensors, target.safetensors and patch.nnpatch "
     "(made with nnpatch diff at zstd level 9, the options listed); the 'directory' vector has base/ and target/ "
-    "model directories instead, and its digests are directory digests (FORMAT.md section 8). Tensor bytes come from "
+    "model directories instead, and its digests are directory digests (FORMAT.md section 8); the 'onnx' vector has "
+    "base.onnx and target.onnx and 'requires' the onnx package. Tensor bytes come from "
     "numpy.random.default_rng(seed).integers(0, 256, n, dtype=uint8) for integer and fp8 dtypes and "
     "from default_rng(seed).standard_normal(n) * 0.05 cast to the dtype for floats (bf16: the high 16 bits "
     "of the float32). Invalid vectors are the 'rows-f32' patch with one rule broken (and the trailer "
@@ -223,6 +224,43 @@ def directory_vector(d: str) -> tuple[str, dict, str, str]:
     return desc, {}, base, target
 
 
+def onnx_vector(d: str) -> tuple[str, dict, str, str]:
+    """An ONNX model updated in 2 output channels of one Gemm weight (format 1.1): the target is
+    written back as ONNX, byte for byte.  Made with the onnx package (the `onnx` extra)."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(6)
+    w1 = rng.standard_normal((16, 8)).astype("<f4") * np.float32(0.1)
+    b1 = (rng.standard_normal(16) * 0.1).astype("<f4")
+    w2 = rng.standard_normal((4, 16)).astype("<f4") * np.float32(0.1)
+
+    def model(fc1):
+        inits = [numpy_helper.from_array(fc1, "fc1.weight"),  # raw_data
+                 helper.make_tensor("fc1.bias", TensorProto.FLOAT, [16], b1.tolist()),  # float_data
+                 numpy_helper.from_array(w2, "fc2.weight")]
+        nodes = [helper.make_node("Gemm", ["X", "fc1.weight", "fc1.bias"], ["H"], transB=1),
+                 helper.make_node("Relu", ["H"], ["Hr"]),
+                 helper.make_node("Gemm", ["Hr", "fc2.weight"], ["Y"], transB=1)]
+        graph = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info("X", TensorProto.FLOAT, [1, 8])],
+                                  [helper.make_tensor_value_info("Y", TensorProto.FLOAT, [1, 4])], inits)
+        return helper.make_model(graph, producer_name="nnpatch-vectors", opset_imports=[helper.make_opsetid("", 13)],
+                                 ir_version=8)
+
+    fc1 = w1.copy()
+    fc1[[3, 9]] += np.float32(0.01)
+    os.makedirs(d, exist_ok=True)
+    base, target = os.path.join(d, "base.onnx"), os.path.join(d, "target.onnx")
+    for path, m in ((base, model(w1)), (target, model(fc1))):
+        onnx.checker.check_model(m)
+        with open(path, "wb") as f:
+            f.write(m.SerializeToString())
+    nnpatch.diff(base, target, os.path.join(d, "patch.nnpatch"), level=LEVEL)
+    desc = ("an ONNX model (format 1.1; a 2-layer MLP, ir_version 8, opset 13): rows 3 and 9 of the fc1 Gemm "
+            "weight moved by 0.01; apply writes the target .onnx back byte for byte (needs the onnx extra)")
+    return desc, {}, base, target
+
+
 def _digest(path: str) -> str:
     if os.path.isdir(path):
         from nnpatch.weights.source import open_source
@@ -283,6 +321,15 @@ def build(directory: str) -> dict:
     pp = os.path.join(d, "patch.nnpatch")
     manifest["valid"].append({
         "name": "directory", "description": desc, "options": options,
+        "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
+        "patch": os.path.relpath(pp, directory),
+        "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
+    })
+    d = os.path.join(directory, "valid", "onnx")
+    desc, options, bp, tp = onnx_vector(d)
+    pp = os.path.join(d, "patch.nnpatch")
+    manifest["valid"].append({
+        "name": "onnx", "description": desc, "options": options, "requires": "onnx",
         "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
         "patch": os.path.relpath(pp, directory),
         "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
