@@ -306,36 +306,42 @@ class _Stream:
             yield new, old
 
 
-def _choose_codec(stream: _Stream, candidates, level: int) -> list[str]:
+def _choose_codec(stream: _Stream, candidates, level: int) -> tuple[list[str], bytes | None]:
+    """The smallest candidate codec, with its encoding when that was made in full (small
+    sections try every codec on all their values), so that it is written as is, not made twice."""
     if stream.width == 1:
         candidates = tuple(c for c in candidates if "planes" not in c)
     if stream.old is None or stream.dtype not in codecs.EXPONENT_FIELDS:
         candidates = tuple(c for c in candidates if "esort" not in c)
     if stream.size <= _TRY_ALL_BYTES:
-        return min(candidates, key=lambda c: (_encoded_len(stream, c, level, None), len(c)))
+        return min(((c, _encode(stream, c, level, None)) for c in candidates), key=lambda e: (len(e[1]), len(e[0])))
     sample_level = min(level, 3)
-    return min(candidates, key=lambda c: (_encoded_len(stream, c, sample_level, _SAMPLE_ELEMENTS), len(c)))
+    return min(candidates, key=lambda c: (len(_encode(stream, c, sample_level, _SAMPLE_ELEMENTS)), len(c))), None
 
 
-def _encoded_len(stream: _Stream, codec: list[str], level: int, limit: int | None) -> int:
-    if not codec:
-        return stream.size if limit is None else min(stream.size, limit * stream.width)
+def _encode(stream: _Stream, codec: list[str], level: int, limit: int | None) -> bytes:
+    """``stream`` (its first ``limit`` elements' worth of units, when given) encoded with ``codec``."""
     buf = io.BytesIO()
     chunks = list(stream.chunks(limit))
     size = sum(len(n) for n, _ in chunks)
-    return codecs.encode_value_stream(buf, iter(chunks), codec=codec, width=stream.width, size=size, level=level,
-                                      dtype=stream.dtype)
+    codecs.encode_value_stream(buf, iter(chunks), codec=codec, width=stream.width, size=size, level=level,
+                               dtype=stream.dtype)
+    return buf.getvalue()
 
 
 def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool | tuple, level: int) -> Section:
     """Encode ``stream`` with the smallest of the candidate codecs: relative
     ones (True), absolute ones (False), or the given tuple."""
     candidates = relative if isinstance(relative, tuple) else RELATIVE_CODECS if relative else ABSOLUTE_CODECS
-    codec = _choose_codec(stream, candidates, level)
+    codec, encoded = _choose_codec(stream, candidates, level)
     start = writer.begin_section()
     out = writer.stream
-    length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width, size=stream.size,
-                                        level=level, dtype=stream.dtype)
+    if encoded is not None:
+        out.write(encoded)
+        length = len(encoded)
+    else:
+        length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width,
+                                            size=stream.size, level=level, dtype=stream.dtype)
     if codec and codec[-1] == "zstd" and length > stream.size:  # compression lost: store raw instead
         out.seek(start)
         out.truncate()

@@ -310,6 +310,10 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     directory). ``prefer="direct"`` uses the direct patch; ``"smallest"``
     the entry's chain when it has one and it is smaller; ``"chain"`` the
     chain whenever the entry has one.
+
+    The result is always proven in full, by its file (or directory) digest
+    against the manifest's target; ``verify`` is accepted for compatibility
+    and changes nothing.
     """
     from .hashing import digests_equal
     from .patchfile import read_patch
@@ -355,7 +359,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     if not digests_equal(links[-1]["target_blake3"], target["blake3"]):
         raise IntegrityError("the manifest's patches do not lead to its target", what="manifest")
     apply = _update_directory if os.path.isdir(model_path) else _update_file
-    result = apply(model_path, paths, target["blake3"], verify)
+    result = apply(model_path, paths, target["blake3"])
     return UpdateResult(model_path, True, current, result, [os.path.basename(p) for p in paths],
                         sum(link["patch_size"] for link in links))
 
@@ -365,17 +369,19 @@ def _target_mismatch(result: str, want: str) -> IntegrityError:
                           what="target blake3", expected=want, actual=result)
 
 
-def _update_file(model_path: str, paths: list[str], want: str, verify: str) -> str:
-    """Apply into a temporary file beside the model; rename it over the model once its digest is the target's."""
+def _update_file(model_path: str, paths: list[str], want: str) -> str:
+    """Apply into a temporary file beside the model; rename it over the model once its digest is the target's.
+
+    ``verify="full"`` re-hashes the result once and checks it against the last patch's target, which
+    ``update`` proved is ``want``; the file takes the model's permissions before it replaces it."""
     from .applier import apply_chain
-    from .hashing import digests_equal, hash_file
+    from .hashing import digests_equal
 
     directory = os.path.dirname(os.path.abspath(model_path))
     fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(model_path) + ".", suffix=".update", dir=directory)
     os.close(fd)
     try:
-        apply_chain(model_path, paths, tmp, verify=verify)
-        result = hash_file(tmp)
+        result = apply_chain(model_path, paths, tmp, verify="full").blake3
         if not digests_equal(result, want):
             raise _target_mismatch(result, want)
         with contextlib.suppress(OSError):
@@ -389,13 +395,11 @@ def _update_file(model_path: str, paths: list[str], want: str, verify: str) -> s
     return result
 
 
-def _update_directory(model_path: str, paths: list[str], want: str, verify: str) -> str:
+def _update_directory(model_path: str, paths: list[str], want: str) -> str:
     """Build the new directory beside the model and swap it in.
 
-    Always ``verify="full"`` whatever ``verify`` asks, as a file update
-    re-hashes its result: build_directory checks the directory digest against
-    the last patch's target, which ``update`` proved is the manifest's
-    target, before anything is swapped."""
+    ``verify="full"``, as for a file: build_directory checks the directory digest against the last
+    patch's target, which ``update`` proved is ``want``, before anything is swapped."""
     from .applier import plan_forward
     from .directory import build_directory
     from .inplace import locked

@@ -81,18 +81,22 @@ def test_wrong_base_in_place_leaves_the_file(same_layout, tmp_path):
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "new.safetensors", "old.safetensors", "p.nnpatch"]
 
 
+def crash_at(step: str, model, patch) -> None:
+    """Run an in-place apply that dies (SimulatedCrash) when it reaches ``step``."""
+    def hook(s):
+        if s == step:
+            raise SimulatedCrash(s)
+    with pytest.raises(SimulatedCrash):
+        apply_in_place(model, patch, hook=hook)
+
+
 STEPS = ["locked", "journal", "write:a", "write:c", "synced", "verified", "done"]
 
 
 @pytest.mark.parametrize("step", STEPS)
 def test_crash_at_each_step_then_recover(same_layout, step):
     old, new, patch, model = same_layout
-
-    def hook(s):
-        if s == step:
-            raise SimulatedCrash(s)
-    with pytest.raises(SimulatedCrash):
-        apply_in_place(model, patch, hook=hook)
+    crash_at(step, model, patch)
     journal = os.path.exists(journal_path(model))
     assert journal == (step not in ("locked", "done"))
     note = recover(model)
@@ -104,12 +108,7 @@ def test_crash_at_each_step_then_recover(same_layout, step):
 @pytest.mark.parametrize("step", ["journal", "synced"])
 def test_next_apply_recovers_first(same_layout, step):
     old, new, patch, model = same_layout
-
-    def hook(s):
-        if s == step:
-            raise SimulatedCrash(s)
-    with pytest.raises(SimulatedCrash):
-        apply_in_place(model, patch, hook=hook)
+    crash_at(step, model, patch)
     assert os.path.exists(journal_path(model))
     r = CliRunner().invoke(cli, ["apply", "--in-place", model, patch])
     assert r.exit_code == 0, r.output
@@ -118,12 +117,7 @@ def test_next_apply_recovers_first(same_layout, step):
 
 def test_apply_to_new_file_refuses_an_interrupted_base(same_layout, tmp_path):
     old, new, patch, model = same_layout
-
-    def hook(s):
-        if s == "synced":
-            raise SimulatedCrash(s)
-    with pytest.raises(SimulatedCrash):
-        apply_in_place(model, patch, hook=hook)
+    crash_at("synced", model, patch)
     before = read(model)
     out = tmp_path / "out.safetensors"
     r = CliRunner().invoke(cli, ["apply", model, patch, "-o", str(out)])
@@ -139,11 +133,7 @@ def test_recover_cli(same_layout):
     r = CliRunner().invoke(cli, ["recover", model])
     assert r.exit_code == 0 and "nothing to recover" in r.stdout
 
-    def hook(s):
-        if s == "write:a":
-            raise SimulatedCrash(s)
-    with pytest.raises(SimulatedCrash):
-        apply_in_place(model, patch, hook=hook)
+    crash_at("write:a", model, patch)
     r = CliRunner().invoke(cli, ["recover", model])
     assert r.exit_code == 0 and "rolled back" in r.stdout
     assert _state(model, old, new) == "OLD"
@@ -151,12 +141,7 @@ def test_recover_cli(same_layout):
 
 def test_torn_and_uncommitted_journals_are_discarded(same_layout):
     old, new, patch, model = same_layout
-
-    def hook(s):
-        if s == "journal":
-            raise SimulatedCrash(s)
-    with pytest.raises(SimulatedCrash):
-        apply_in_place(model, patch, hook=hook)
+    crash_at("journal", model, patch)
     jp = journal_path(model)
     data = read(jp)
     with open(jp, "wb") as f:
@@ -171,12 +156,7 @@ def test_torn_and_uncommitted_journals_are_discarded(same_layout):
 
 def test_journal_of_another_file_is_refused(same_layout, tmp_path):
     old, new, patch, model = same_layout
-
-    def hook(s):
-        if s == "journal":
-            raise SimulatedCrash(s)
-    with pytest.raises(SimulatedCrash):
-        apply_in_place(model, patch, hook=hook)
+    crash_at("journal", model, patch)
     other = str(tmp_path / "other.safetensors")
     save(other, {"x": ("F32", (3,), bytes(12))})
     os.rename(journal_path(model), journal_path(other))
