@@ -231,6 +231,13 @@ def decoded_chunks(buf, codec: list[str], size: int, chunk_sizes: Iterable[int],
             pos += want
 
 
+def piece_sizes(size: int, piece: int = 8 << 20) -> list[int]:
+    """``size`` bytes cut into pieces of ``piece`` bytes (the last one shorter): how sections that
+    are not values (blobs, layouts) are decoded in bounded memory."""
+    full, rest = divmod(size, piece)
+    return [piece] * full + ([rest] if rest else [])
+
+
 def value_chunk_sizes(count_units: int, unit_bytes: int, unit_elements: int) -> list[int]:
     """Byte sizes of the planes chunks for ``count_units`` units."""
     per = chunk_units(unit_elements)

@@ -155,9 +155,9 @@ def build_directory(plan: Plan, inp, output: str, verify: str, progress: Progres
 def _write_blob(f: OutFile, fd: int) -> str:
     """Decode a file carried whole; its digest must be the one the patch gives."""
     s = f.content
-    sizes = [_BLOB_PIECE] * (s.size // _BLOB_PIECE) + ([s.size % _BLOB_PIECE] if s.size % _BLOB_PIECE else [])
     h = blake3.blake3()
-    for chunk in codecs.decoded_chunks(f.patch.section(s), s.codec, s.size, sizes, where=f"file {f.path!r}"):
+    for chunk in codecs.decoded_chunks(f.patch.section(s), s.codec, s.size, codecs.piece_sizes(s.size, _BLOB_PIECE),
+                                       where=f"file {f.path!r}"):
         h.update(chunk)
         view = memoryview(chunk)
         while view:

@@ -40,6 +40,7 @@ from . import __version__
 from ._json import loads_strict, read_bounded
 from .atomic import atomic_write, fsync_dir
 from .errors import IntegrityError, NnpatchIOError, PatchFormatError, UsageError, WeightsError
+from .weights.source import path_digest
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "nnpatch-release"
@@ -66,19 +67,6 @@ def _stem(path: str) -> str:
     base = os.path.basename(os.path.normpath(path))
     stem, dot, _ = base.rpartition(".")
     return stem if dot and stem else base
-
-
-def version_digest(path: str) -> tuple[str, int]:
-    """(BLAKE3, size) that identify a model version: a file's own, or for a
-    model directory its directory digest and the total size of its files."""
-    from .hashing import hash_file
-
-    if not os.path.isdir(path):
-        return hash_file(path), os.path.getsize(path)
-    from .weights.source import open_source
-
-    with open_source(path) as src:
-        return src.file_digest(), src.size
 
 
 def _patch_info(path: str) -> dict:
@@ -121,7 +109,7 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
         p = os.fspath(p)
         if not (os.path.isfile(p) or os.path.isdir(p)):
             raise UsageError(f"{p}: not a file or model directory")
-        return _Version(p, _stem(p), *version_digest(p))
+        return _Version(p, _stem(p), *path_digest(p))
 
     target = version(new)
     versions: list[_Version] = []
@@ -325,7 +313,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     manifest = load_manifest(manifest_path)
     patch_dir = os.fspath(patch_dir) if patch_dir is not None else (os.path.dirname(manifest_path) or ".")
     target = manifest["target"]
-    current, size = version_digest(model_path)
+    current, size = path_digest(model_path)
     if digests_equal(current, target["blake3"]):
         return UpdateResult(model_path, False, current, current)
     entry = next((b for b in manifest["bases"] if digests_equal(b["base_blake3"], current)), None)

@@ -17,7 +17,7 @@ from .applier import check_base, check_ops_against_layout, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
-from .weights.source import open_source
+from .weights.source import open_source, path_digest
 
 
 @dataclass
@@ -47,8 +47,8 @@ def check_sections(p: Patch) -> None:
     for f in layout.files:  # files carried whole must have the digest the header gives them
         if f.kind == "blob":
             h = blake3.blake3()
-            for chunk in codecs.decoded_chunks(p.section(f.content), f.content.codec, f.size, _chunks(f.size),
-                                               where=f"file {f.path!r}"):
+            for chunk in codecs.decoded_chunks(p.section(f.content), f.content.codec, f.size,
+                                               codecs.piece_sizes(f.size), where=f"file {f.path!r}"):
                 h.update(chunk)
             if not digests_equal(h.hexdigest(), f.blake3):
                 raise PatchFormatError(f"file {f.path!r} carried by the patch does not match its digest "
@@ -61,13 +61,8 @@ def check_sections(p: Patch) -> None:
         for key, s in (("values", op.values), ("base_values", op.base_values)):
             if s is not None:
                 where = f"{op.name!r}.{key}"
-                for _ in codecs.decoded_chunks(p.section(s), s.codec, s.size, _chunks(s.size), where=where):
+                for _ in codecs.decoded_chunks(p.section(s), s.codec, s.size, codecs.piece_sizes(s.size), where=where):
                     pass
-
-
-def _chunks(size: int, step: int = 8 << 20) -> list[int]:
-    full, rest = divmod(size, step)
-    return [step] * full + ([rest] if rest else [])
 
 
 def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
@@ -116,11 +111,7 @@ def _check_onnx(path: str, outputs) -> Check:
 def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: Patch | None) -> Check:
     what = "directory" if os.path.isdir(path) else "file"
     try:
-        if what == "file":
-            actual = hash_file(path)
-        else:
-            with open_source(path) as w:
-                actual = w.file_digest()
+        actual, _ = path_digest(path)
     except NnpatchError as e:
         return Check(role, False, str(e))
     if digests_equal(actual, file_digest):

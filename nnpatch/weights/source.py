@@ -109,3 +109,15 @@ def open_source(path: str | os.PathLike[str]) -> SafetensorsFile | ModelSource:
     if not os.path.isdir(path) and sniff(path) == "safetensors":
         return SafetensorsFile(path)
     return ModelSource(open_model(path))
+
+
+def path_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
+    """(BLAKE3 hex, bytes) of a model on disk: a file's own digest and size, or for a model
+    directory its directory digest (spec section 8) and the total size of its files."""
+    from ..hashing import hash_file
+
+    path = os.fspath(path)
+    if not os.path.isdir(path):
+        return hash_file(path), os.path.getsize(path)
+    with open_source(path) as src:
+        return src.file_digest(), src.size
