@@ -120,9 +120,14 @@ def planes(v: np.ndarray, layout: str) -> list[np.ndarray]:
 
 def h0_bytes(buf: np.ndarray) -> float:
     """Order-0 entropy of a byte buffer, in bytes."""
-    c = np.bincount(buf, minlength=256).astype(np.float64)
-    p = c[c > 0] / buf.size
-    return float(-(p * np.log2(p)).sum() * buf.size / 8)
+    return _entropy_bytes(buf, 256)
+
+
+def _entropy_bytes(codes: np.ndarray, alphabet: int) -> float:
+    """Order-0 entropy, in bytes, of symbols drawn from ``range(alphabet)``."""
+    c = np.bincount(codes, minlength=alphabet).astype(np.float64)
+    p = c[c > 0] / codes.size
+    return float(-(p * np.log2(p)).sum() * codes.size / 8)
 
 
 def h_cond(v: np.ndarray) -> float:
@@ -138,9 +143,7 @@ def h_cond(v: np.ndarray) -> float:
 
 
 def h0_joint(codes: np.ndarray) -> float:
-    c = np.bincount(codes, minlength=65536).astype(np.float64)
-    p = c[c > 0] / codes.size
-    return float(-(p * np.log2(p)).sum() * codes.size / 8)
+    return _entropy_bytes(codes, 65536)
 
 
 def h0_bits(v: np.ndarray) -> float:
