@@ -28,6 +28,48 @@ def fsync_dir(path: str) -> None:
 
 
 @contextlib.contextmanager
+def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp", mode: int | None = 0o644) -> Iterator[str]:
+    """Yield the name of a temporary file beside ``path`` for a writer that
+    takes a path (``torch.save``, a staging file); on clean exit it is fsynced
+    and renamed over ``path``, on any failure removed. ``mode=None`` keeps the
+    temporary file's own mode (0600)."""
+    path = os.fspath(path)
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=directory)
+    os.close(fd)
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        if mode is not None:
+            os.chmod(tmp, mode & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def temporary_path(near: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[str]:
+    """A temporary file name beside ``near`` that is always removed on exit
+    (staging files that are read back and never committed)."""
+    near = os.fspath(near)
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(near) + ".", suffix=suffix,
+                               dir=os.path.dirname(os.path.abspath(near)))
+    os.close(fd)
+    try:
+        yield tmp
+    finally:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+
+
+@contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Yield a binary file object; on clean exit it replaces ``path`` atomically."""
     path = os.fspath(path)
@@ -38,7 +80,7 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator
             yield f
             f.flush()
             os.fsync(f.fileno())
-        os.chmod(tmp, mode & ~_umask())
+        os.chmod(tmp, mode & ~umask())
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
@@ -47,7 +89,8 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator
     fsync_dir(directory)
 
 
-def _umask() -> int:
+def umask() -> int:
+    """The process's umask (read without changing it for longer than a moment)."""
     current = os.umask(0)
     os.umask(current)
     return current

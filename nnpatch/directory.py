@@ -35,7 +35,7 @@ import blake3
 
 from . import codecs
 from .applier import ApplyResult, OutFile, Plan, ProgressFn, _allocate, execute
-from .atomic import _umask, fsync_dir
+from .atomic import umask, fsync_dir
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, UsageError
 from .hashing import digests_equal, hash_file
 from .weights.model import SKIPPED_DIRS
@@ -98,7 +98,7 @@ def build_directory(plan: Plan, inp, output: str, verify: str, progress: Progres
     try:
         try:
             os.chmod(tmp, (os.stat(output).st_mode & 0o7777) if replace and os.path.isdir(output)
-                     else 0o777 & ~_umask())
+                     else 0o777 & ~umask())
             outs = []
             for f in plan.files:
                 full = os.path.join(tmp, *f.path.split("/"))

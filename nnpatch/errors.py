@@ -88,6 +88,22 @@ class BaseMismatchError(IntegrityError):
     """The patch was made for another base model."""
 
 
+class TornJournal(IntegrityError):
+    """An undo journal is incomplete or damaged (its trailer hash does not match)."""
+
+
+class NoPatchError(WeightsError):
+    """A release manifest has no patch for the local model's version."""
+
+
+class TrainingError(NnpatchError):
+    """A training run ended in an outcome its caller asked to refuse (a sparse
+    update over its channel limit or size budget, frozen channels that moved,
+    ranks that disagree): the run worked, its result does not qualify."""
+
+    exit_code = EXIT_MISMATCH
+
+
 class MissingDependencyError(NnpatchError):
     """An optional dependency is needed for this operation (e.g. torch)."""
 
@@ -109,6 +125,7 @@ class UsageError(NnpatchError):
 __all__ = [
     "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE", "EXIT_INVALID", "EXIT_INTEGRITY", "EXIT_IO",
     "EXIT_INTERRUPTED", "NnpatchError", "PatchFormatError", "UnsupportedVersionError",
-    "WeightsError", "IntegrityError", "BaseMismatchError", "MissingDependencyError",
+    "WeightsError", "IntegrityError", "BaseMismatchError", "TornJournal", "NoPatchError", "TrainingError",
+    "MissingDependencyError",
     "NnpatchIOError", "UsageError",
 ]

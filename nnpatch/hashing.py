@@ -53,6 +53,18 @@ def hash_file(path: str | os.PathLike[str]) -> str:
         raise NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
 
 
+def name_key(name: str) -> bytes:
+    """The sort key of the canonical tensor (and file) order: the name's UTF-8
+    bytes (spec/FORMAT.md, "Hashes"). Lone surrogates, which some readers
+    let through, sort by their surrogate-escaped bytes instead of failing."""
+    return name.encode("utf-8", "surrogatepass")
+
+
+def canonical_order(names) -> list[str]:
+    """``names`` in the canonical order (see :func:`name_key`)."""
+    return sorted(names, key=name_key)
+
+
 def model_record(name: str, dtype: str, shape, tensor_digest: bytes) -> bytes:
     """One tensor's contribution to the model digest (see the spec)."""
     n = name.encode("utf-8")
@@ -76,7 +88,7 @@ class ModelHasher:
 
     def digest(self) -> bytes:
         h = blake3.blake3(MODEL_DIGEST_DOMAIN)
-        for name in sorted(self._records, key=lambda k: k.encode("utf-8")):
+        for name in canonical_order(self._records):
             h.update(self._records[name])
         return h.digest()
 

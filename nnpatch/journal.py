@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .errors import IntegrityError, NnpatchIOError
+from .errors import IntegrityError, NnpatchIOError, TornJournal
 
 MAGIC = b"\x89NNJ\r\n\x1a\n"
 VERSION = (1, 0)
@@ -168,10 +168,6 @@ class Journal:
                 self.buf.close()
             except BufferError:
                 pass
-
-
-class TornJournal(IntegrityError):
-    """The journal is incomplete or damaged (its trailer hash does not match)."""
 
 
 def read_journal(path: str) -> Journal:

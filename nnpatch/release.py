@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from . import __version__
 from ._json import loads_strict, read_bounded
 from .atomic import atomic_write, fsync_dir
-from .errors import IntegrityError, NnpatchIOError, PatchFormatError, UsageError, WeightsError
+from .errors import IntegrityError, NnpatchIOError, NoPatchError, PatchFormatError, UsageError, WeightsError
 from .weights.source import path_digest
 
 MANIFEST_NAME = "manifest.json"
@@ -49,10 +49,6 @@ MAX_MANIFEST_SIZE = 16 << 20
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 _SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _PATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-
-
-class NoPatchError(WeightsError):
-    """The manifest has no patch for the local model's version."""
 
 
 @dataclass
