@@ -35,6 +35,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
+from ..hashing import name_key
 from .safetensors_file import MAX_HEADER_SIZE, SafetensorsFile
 
 KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
@@ -87,10 +88,6 @@ def read_only(arr: np.ndarray) -> np.ndarray:
     return arr
 
 
-def _utf8_key(name: str) -> bytes:
-    return name.encode("utf-8", "surrogatepass")
-
-
 @dataclass
 class Model:
     kind: str
@@ -123,7 +120,7 @@ class SafetensorsModel(Model):
         self._f = SafetensorsFile(path)
         tensors = {
             n: ModelTensor(n, t.dtype, t.shape, t.nbytes, os.path.basename(path), t.begin, t.end)
-            for n, t in sorted(self._f.tensors.items(), key=lambda kv: _utf8_key(kv[0]))
+            for n, t in sorted(self._f.tensors.items(), key=lambda kv: name_key(kv[0]))
         }
         files = [ModelFile(os.path.basename(path), self._f.size, True, tuple(tensors))]
         super().__init__("safetensors", path, tensors, self._f.metadata, files)
@@ -205,7 +202,7 @@ def list_directory(directory: str) -> list[tuple[str, int]]:
             if not stat.S_ISREG(st.st_mode):
                 continue
             out.append((rel, st.st_size))
-    out.sort(key=lambda e: _utf8_key(e[0]))
+    out.sort(key=lambda e: name_key(e[0]))
     return out
 
 

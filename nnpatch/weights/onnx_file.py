@@ -46,6 +46,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import MissingDependencyError, NnpatchIOError, WeightsError
+from ..hashing import canonical_order
 from .model import Model, ModelFile, ModelTensor
 from .sharded import safe_relative_path
 
@@ -436,7 +437,7 @@ class OnnxModel(Model):
         header, proto = parse_skeleton(self.skeleton)
         base = os.path.basename(path)
         tensors = {}
-        for name in sorted(self.initializers, key=lambda n: n.encode("utf-8", "surrogatepass")):
+        for name in canonical_order(self.initializers):
             t = self.initializers[name]
             tensors[name] = ModelTensor(name, t.dtype, t.shape, memoryview(t.data).nbytes, t.location or base)
         m = onnx.ModelProto()

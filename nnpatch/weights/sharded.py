@@ -37,6 +37,7 @@ import numpy as np
 
 from .._json import loads_strict, read_bounded
 from ..errors import WeightsError
+from ..hashing import canonical_order
 from .safetensors_file import SafetensorsFile, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -162,7 +163,7 @@ class ShardedSafetensors:
                         f"but that shard does not hold it ({len(missing)} missing in all)",
                         path=self.index_path,
                     )
-            self.tensors = {k: found[k] for k in sorted(found, key=lambda n: n.encode("utf-8", "surrogatepass"))}
+            self.tensors = {k: found[k] for k in canonical_order(found)}
         except BaseException:
             self.close()
             raise

@@ -16,6 +16,7 @@ import blake3
 import numpy as np
 
 from .. import dtypes
+from ..hashing import name_key
 from .model import Model, open_model, sniff
 from .safetensors_file import SafetensorsFile, TensorInfo, encode_safetensors_header
 
@@ -25,7 +26,7 @@ DIRECTORY_DIGEST_DOMAIN = b"nnpatch-dir-v1\x00"
 def directory_digest(files) -> str:
     """The directory digest (spec section 8) of ``(relative path, file digest hex)`` pairs."""
     h = blake3.blake3(DIRECTORY_DIGEST_DOMAIN)
-    for path, digest in sorted(files, key=lambda e: e[0].encode("utf-8", "surrogatepass")):
+    for path, digest in sorted(files, key=lambda e: name_key(e[0])):
         name = path.encode("utf-8", "surrogatepass")
         h.update(len(name).to_bytes(4, "little") + name)
         h.update(bytes.fromhex(digest))

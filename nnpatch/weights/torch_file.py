@@ -28,6 +28,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import MissingDependencyError, WeightsError
+from ..hashing import canonical_order
 from .model import TORCH_LEGACY_MAGIC, ZIP_MAGIC, Model, ModelFile, ModelTensor
 
 NEEDS_TORCH = "reading PyTorch checkpoints needs torch: pip install 'nnpatch[torch]'"
@@ -231,7 +232,7 @@ class TorchModel(Model):
         ckpt = load_torch(path)
         to_st, _ = dtype_maps()
         tensors = {}
-        for name in sorted(ckpt.state, key=lambda n: n.encode("utf-8", "surrogatepass")):
+        for name in canonical_order(ckpt.state):
             t = ckpt.state[name]
             if t.dtype not in to_st:
                 raise WeightsError(f"unsupported dtype {t.dtype}", path=path, tensor=name)
