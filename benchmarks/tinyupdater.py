@@ -74,8 +74,9 @@ from nnpatch.trainer.recipes import (  # noqa: E402
     shift_domain,
     split_indices,
 )
-from nnpatch.trainer.run import core_function, save_weights, update  # noqa: E402
+from nnpatch.trainer.run import core_function, save_weights  # noqa: E402
 from nnpatch.trainer.sparse import changed_channels  # noqa: E402
+from nnpatch.trainer.tiny_updater import update  # noqa: E402
 
 SPARSE_METHODS = ("random", "l1", "tiny", "tiny-global")
 

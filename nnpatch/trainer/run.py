@@ -43,6 +43,7 @@ from torch import nn
 from ..errors import MissingDependencyError, UsageError, WeightsError
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
+from .tiny_updater import update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
 
 __all__ = ["load_spec", "load_weights", "save_weights", "update", "train_sparse_run", "parse_bytes"]
@@ -157,49 +158,6 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> No
             raise WeightsError(f"shape {tuple(state[k].shape)} but the model expects {tuple(v.shape)}",
                                path=path, tensor=k)
     model.load_state_dict(state)
-
-
-def _cfg(base: TrainerConfig, **kw: Any) -> TrainerConfig:
-    c = copy.copy(base)
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
-
-
-def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
-           teacher: nn.Module | None = None, teacher_epochs: int | None = None,
-           teacher_lr: float | None = None, kd: bool = True,
-           log: Callable[[str], None] | None = None) -> dict:
-    """Run the Tiny Updater on ``base_model`` (M0, left untouched).
-
-    Trains a fully-updated teacher (unless given) for ``teacher_epochs``, then a
-    student from M0 with task loss + KD (if ``kd``) under ``config``'s sparse
-    target.  Returns ``{"student", "teacher", "base_state", "sparse", "check",
-    "seconds"}``."""
-    t0 = time.time()
-    base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
-    if teacher is None and kd:
-        set_seed(config.seed + 1)
-        teacher = copy.deepcopy(base_model)
-        tcfg = _cfg(config, ratio=None, budget_bytes=None, epochs=teacher_epochs or config.epochs,
-                    lr=teacher_lr or config.lr, checkpoint_path=None)
-        Trainer(tcfg, teacher, train_ds).run()
-        if log:
-            log(f"teacher trained ({time.time() - t0:.1f}s)")
-    set_seed(config.seed + 2)
-    student = copy.deepcopy(base_model)
-    tr = Trainer(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None)
-    if log:
-        tr.add_callback("on_epoch_end", lambda t: log(f"student epoch {t.history[-1]['epoch']}: "
-                                                      f"loss {t.history[-1]['mean_loss']:.4f}, kept "
-                                                      f"{t.sparse.num_kept if t.sparse else '-'}"))
-    tr.run()
-    check = None
-    if tr.sparse is not None:
-        tr.sparse.remove_hooks()
-        check = tr.sparse.verify(base_state)
-    return {"student": student, "teacher": teacher, "base_state": base_state, "sparse": tr.sparse,
-            "check": check, "seconds": time.time() - t0}
 
 
 def _state_digest(state: dict[str, torch.Tensor]) -> str:
