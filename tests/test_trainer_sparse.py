@@ -11,6 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
+from nnpatch.errors import TrainingError  # noqa: E402
 from nnpatch.trainer import (  # noqa: E402
     PruneSchedule,
     SparseUpdate,
@@ -193,6 +194,18 @@ def test_trainer_keeps_the_channel_rule_and_calls_back():
     kept = [e[1] for e in events if e[0] == "prune"]
     assert kept == sorted(kept, reverse=True) and kept[-1] == tr.sparse.num_kept
     tr.sparse.verify(base)
+
+
+def test_verify_refuses_a_moved_frozen_channel_as_a_training_error():
+    tr, base = run_trainer()
+    tr.run()
+    frozen = (~tr.sparse.masks["conv1"]).nonzero().flatten()
+    assert frozen.numel() > 0
+    with torch.no_grad():
+        tr.model.conv1.weight[int(frozen[0])] += 1.0
+    with pytest.raises(TrainingError, match="frozen channels differ from the base: conv1"):
+        tr.sparse.verify(base)
+    assert TrainingError.exit_code == 1
 
 
 def test_budget_and_random_selection():

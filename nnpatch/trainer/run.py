@@ -40,7 +40,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..errors import MissingDependencyError, UsageError, WeightsError
+from ..errors import MissingDependencyError, TrainingError, UsageError, WeightsError
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
 from .tiny_updater import update
@@ -296,7 +296,7 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     if rank != 0:
         return None
     if not agree:
-        raise AssertionError("ranks ended with different weights")
+        raise TrainingError("ranks ended with different weights")
     base_model = base_model.to("cpu")
     report: dict[str, Any] = {
         "recipe": recipe, "task": task, "metric": "accuracy" if task == "classification" else "psnr",
@@ -314,7 +314,7 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
     }
     limit = None if ratio is None else math.floor(ratio * check["channels_total"] + 1e-9)
     if limit is not None and check["channels_changed"] > limit:
-        raise AssertionError(f"{check['channels_changed']} channels changed, over the {limit} allowed")
+        raise TrainingError(f"{check['channels_changed']} channels changed, over the {limit} allowed")
     save_weights(new_state, out_path)
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})

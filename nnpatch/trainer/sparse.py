@@ -62,6 +62,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..errors import TrainingError
 from .channels import ChannelGroup, group_channels, unwrap_model
 
 __all__ = ["PruneSchedule", "SparseUpdate", "changed_channels", "NORM_STATS", "SELECTIONS"]
@@ -479,21 +480,22 @@ class SparseUpdate:
 
     def verify(self, base_state: dict[str, torch.Tensor] | None = None) -> dict:
         """Check the model against the base: only kept channels may differ, and the changed
-        share must meet the target.  Returns :func:`changed_channels`' report."""
+        share must meet the target (else :class:`~nnpatch.errors.TrainingError`).  Returns
+        :func:`changed_channels`' report."""
         rep = changed_channels(self.model, base_state if base_state is not None else self.base, self.groups,
                                ignore=self.free_stats)
         mask = self.mask_vector()
         changed = rep.pop("changed_vector")
         if bool((changed & ~mask).any()):
             bad = [self._channel_name(int(i)) for i in (changed & ~mask).nonzero().flatten()[:3]]
-            raise AssertionError(f"frozen channels differ from the base: {', '.join(bad)}")
+            raise TrainingError(f"frozen channels differ from the base: {', '.join(bad)}")
         if self.ratio is not None and rep["channels_changed"] > math.floor(self.ratio * self.num_channels + 1e-9):
-            raise AssertionError(f"{rep['channels_changed']} channels changed, more than "
+            raise TrainingError(f"{rep['channels_changed']} channels changed, more than "
                                  f"{self.ratio:.2%} of {self.num_channels}")
         if self.budget_bytes is not None:
             est = float(self.channel_bytes[changed].sum()) * self.cost_factor
             if est > self.budget_bytes + 1e-6:
-                raise AssertionError(f"estimated update size {est:.0f} B exceeds budget {self.budget_bytes} B")
+                raise TrainingError(f"estimated update size {est:.0f} B exceeds budget {self.budget_bytes} B")
         return rep
 
     def _channel_name(self, i: int) -> str:
