@@ -5,7 +5,7 @@ safetensors; other formats (PyTorch checkpoints, ONNX) plug in here without
 the rest of nnpatch knowing.
 """
 
-from .model import KINDS, Model, ModelFile, ModelTensor, open_model, sniff
+from .model import KINDS, Model, ModelFile, ModelTensor
 from .safetensors_file import (
     MAX_HEADER_SIZE,
     SafetensorsFile,
@@ -15,6 +15,7 @@ from .safetensors_file import (
     parse_safetensors_header,
     write_safetensors,
 )
+from .sniff import open_model, sniff
 
 __all__ = [
     "KINDS",

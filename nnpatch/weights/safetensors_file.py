@@ -23,6 +23,8 @@ import numpy as np
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
 from .._json import loads_strict
+from ..hashing import name_key
+from .model import Model, ModelFile, ModelTensor, read_only
 
 #: The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_SIZE = 100_000_000
@@ -218,3 +220,26 @@ def write_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...], bytes
         f.write(head)
         for name in order:
             f.write(tensors[name][2])
+
+
+class SafetensorsModel(Model):
+    def __init__(self, path: str) -> None:
+        self._f = SafetensorsFile(path)
+        tensors = {
+            n: ModelTensor(n, t.dtype, t.shape, t.nbytes, os.path.basename(path), t.begin, t.end)
+            for n, t in sorted(self._f.tensors.items(), key=lambda kv: name_key(kv[0]))
+        }
+        files = [ModelFile(os.path.basename(path), self._f.size, True, tuple(tensors))]
+        super().__init__("safetensors", path, tensors, self._f.metadata, files)
+
+    @property
+    def safetensors(self) -> SafetensorsFile:
+        return self._f
+
+    def raw(self, name: str) -> np.ndarray:
+        if name not in self.tensors:
+            raise KeyError(name)
+        return read_only(self._f.raw(name))
+
+    def close(self) -> None:
+        self._f.close()

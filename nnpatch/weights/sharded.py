@@ -38,6 +38,7 @@ import numpy as np
 from .._json import loads_strict, read_bounded
 from ..errors import WeightsError
 from ..hashing import canonical_order
+from .model import Model, ModelFile, ModelTensor, list_directory, read_only
 from .safetensors_file import SafetensorsFile, write_safetensors
 
 INDEX_NAME = "model.safetensors.index.json"
@@ -228,3 +229,40 @@ def write_sharded(directory: str | os.PathLike[str],
     with atomic_write(os.path.join(directory, INDEX_NAME)) as f:
         f.write(index_json_bytes(weight_map, index_metadata))
     return weight_map
+
+
+class SafetensorsDirModel(Model):
+    """A Hugging Face model directory (sharded or one ``model.safetensors``)."""
+
+    def __init__(self, path: str, *, index: bool) -> None:
+        from .sharded import ShardedSafetensors
+
+        self._s = ShardedSafetensors(path, index=index)
+        try:
+            tensors = {n: ModelTensor(n, t.dtype, t.shape, t.nbytes, t.file, t.begin, t.end)
+                       for n, t in self._s.tensors.items()}
+            by_shard: dict[str, list[str]] = {}
+            for n, t in tensors.items():
+                by_shard.setdefault(t.file, []).append(n)
+            files = [
+                ModelFile(rel, size, rel in self._s.shards, tuple(by_shard.get(rel, ())))
+                for rel, size in list_directory(path)
+            ]
+            metadata = self._s.index_metadata
+            if not index:
+                metadata = self._s.shards[next(iter(self._s.shards))].metadata
+        except BaseException:
+            self._s.close()
+            raise
+        super().__init__("safetensors-dir", path, tensors, metadata, files)
+        self.sharded = index
+
+    @property
+    def shards(self) -> dict[str, SafetensorsFile]:
+        return self._s.shards
+
+    def raw(self, name: str) -> np.ndarray:
+        return read_only(self._s.raw(name))
+
+    def close(self) -> None:
+        self._s.close()

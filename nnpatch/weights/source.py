@@ -17,8 +17,9 @@ import numpy as np
 
 from .. import dtypes
 from ..hashing import name_key
-from .model import Model, open_model, sniff
+from .model import Model
 from .safetensors_file import SafetensorsFile, TensorInfo, encode_safetensors_header
+from .sniff import open_model, sniff
 
 DIRECTORY_DIGEST_DOMAIN = b"nnpatch-dir-v1\x00"
 

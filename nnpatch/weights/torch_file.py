@@ -29,8 +29,11 @@ import numpy as np
 from .. import dtypes
 from ..errors import MissingDependencyError, WeightsError
 from ..hashing import canonical_order
-from .model import TORCH_LEGACY_MAGIC, ZIP_MAGIC, Model, ModelFile, ModelTensor
+from .model import Model, ModelFile, ModelTensor
 
+#: torch.save's legacy (non-zip) format starts by pickling this number (protocol 2).
+TORCH_LEGACY_MAGIC = b"\x80\x02\x8a\x0a" + (0x1950A86A20F9469CFC6C).to_bytes(10, "little")
+ZIP_MAGIC = b"PK\x03\x04"
 NEEDS_TORCH = "reading PyTorch checkpoints needs torch: pip install 'nnpatch[torch]'"
 #: Keys under which training scripts nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model")

@@ -1,0 +1,89 @@
+"""Which format a model is in, and the reader that opens it.
+
+:func:`open_model` recognises a model by its content, never by its suffix:
+
+=================  ===========================================================
+kind               recognised by
+=================  ===========================================================
+``safetensors``    a file: 8-byte little-endian header length, then ``{``
+``safetensors-dir`` a directory with ``model.safetensors.index.json``
+                   (Hugging Face shards) or with a single ``model.safetensors``
+                   (Hugging Face layout: weights plus config.json, tokenizer...)
+``pytorch``        a file: a zip archive holding ``*/data.pkl`` (torch.save),
+                   or the pickle magic of torch's legacy format
+``onnx``           a file: a protobuf ``ModelProto`` (field 1, ir_version,
+                   first), parsed with the ``onnx`` package
+=================  ===========================================================
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+import zipfile
+
+from ..errors import NnpatchIOError, WeightsError
+from .model import Model
+from .safetensors_file import MAX_HEADER_SIZE, SafetensorsModel
+from .sharded import SafetensorsDirModel
+from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC
+
+
+def sniff(path: str | os.PathLike[str]) -> str:
+    """The kind of model at ``path``, from its content; WeightsError if none."""
+    path = os.fspath(path)
+    if os.path.isdir(path):
+        from .sharded import INDEX_NAME, SINGLE_NAME
+
+        if os.path.isfile(os.path.join(path, INDEX_NAME)):
+            return "safetensors-dir"
+        if os.path.isfile(os.path.join(path, SINGLE_NAME)):
+            return "safetensors-dir"
+        raise WeightsError(f"directory has neither {INDEX_NAME} nor {SINGLE_NAME}", path=path)
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            head = f.read(16)
+    except OSError as e:
+        raise NnpatchIOError(f"{path}: cannot open: {e.strerror or e}") from e
+    if head.startswith(ZIP_MAGIC):
+        if _is_torch_zip(path):
+            return "pytorch"
+        raise WeightsError("a zip archive, but not a PyTorch checkpoint (no data.pkl)", path=path)
+    if head.startswith(TORCH_LEGACY_MAGIC):
+        return "pytorch"
+    if len(head) >= 9:
+        (n,) = struct.unpack_from("<Q", head, 0)
+        if n <= MAX_HEADER_SIZE and 8 + n <= size and head[8:9] == b"{":
+            return "safetensors"
+    if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 64:
+        return "onnx"  # ModelProto field 1 (ir_version), as every ONNX writer puts first
+    raise WeightsError("not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, "
+                       "or a Hugging Face model directory)", path=path)
+
+
+def _is_torch_zip(path: str) -> bool:
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n == "data.pkl" or n.endswith("/data.pkl") for n in z.namelist())
+    except (zipfile.BadZipFile, OSError, ValueError):
+        return False
+
+
+def open_model(path: str | os.PathLike[str]) -> Model:
+    """Open any supported model; see the module docstring for how each kind is recognised."""
+    path = os.fspath(path)
+    kind = sniff(path)
+    if kind == "safetensors":
+        return SafetensorsModel(path)
+    if kind == "safetensors-dir":
+        from .sharded import INDEX_NAME
+
+        return SafetensorsDirModel(path, index=os.path.isfile(os.path.join(path, INDEX_NAME)))
+    if kind == "pytorch":
+        from .torch_file import TorchModel
+
+        return TorchModel(path)
+    from .onnx_file import OnnxModel
+
+    return OnnxModel(path)
