@@ -135,7 +135,7 @@ def test_frozen_bn_channels_use_running_stats_and_keep_them():
     keep = su.mask_vector().clone()
     keep[:] = False
     keep[[0, 2, 4]] = True  # conv1 channels 0, 2, 4 stay free; 1, 3, 5 frozen
-    su._set_mask_vector(keep)
+    su.set_mask_vector(keep)
     model.train()
     x = torch.randn(8, 1, 6, 6)
     act = {}

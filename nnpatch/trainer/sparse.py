@@ -206,7 +206,9 @@ class SparseUpdate:
     def mask_vector(self) -> torch.Tensor:
         return torch.cat([self.masks[g.name] for g in self.groups]) if self.groups else torch.zeros(0, dtype=torch.bool)
 
-    def _set_mask_vector(self, vec: torch.Tensor) -> None:
+    def set_mask_vector(self, vec: torch.Tensor) -> None:
+        """Adopt ``vec`` (bool per channel, in :meth:`mask_vector`'s order) as the masks.  Newly
+        frozen channels keep their current values until :meth:`reset_frozen`."""
         off = 0
         for g in self.groups:
             self.masks[g.name] = vec[off:off + g.size].clone()
@@ -364,7 +366,7 @@ class SparseUpdate:
             if share is None:
                 share = self.ratio if self.ratio is not None else 1.0
             k = int(math.floor(share * self.num_channels + 1e-9))
-        self._set_mask_vector(self._select(scores, keep=k, budget=budget))
+        self.set_mask_vector(self._select(scores, keep=k, budget=budget))
         self.reset_frozen()
         self._zero_frozen_grads_and_state()
         return self.num_kept

@@ -321,7 +321,7 @@ class Trainer:
 
         vec = self.sparse.mask_vector().to(torch.uint8)
         dist.broadcast(vec, src=0)
-        self.sparse._set_mask_vector(vec.bool())
+        self.sparse.set_mask_vector(vec.bool())
         self.sparse.reset_frozen()
         self.sparse.mask_optimizer_state(self.optimizer)
 
