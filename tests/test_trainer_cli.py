@@ -191,6 +191,20 @@ def test_parse_bytes_and_module_specs():
         load_spec("nnpatch.trainer.recipes", "--model")
 
 
+def test_save_weights_replaces_the_file_whole_or_not_at_all(tmp_path):
+    torch = pytest.importorskip("torch")
+    from nnpatch.trainer.run import load_weights, save_weights
+
+    path = tmp_path / "w.safetensors"
+    save_weights({"a": torch.zeros(3)}, path)
+    save_weights({"a": torch.ones(3)}, path)
+    assert torch.equal(load_weights(path)["a"], torch.ones(3))
+    with pytest.raises(Exception):
+        save_weights({"a": torch.zeros(3)}, path, metadata={"not": 1})  # safetensors wants str values
+    assert torch.equal(load_weights(path)["a"], torch.ones(3))
+    assert os.listdir(tmp_path) == ["w.safetensors"]
+
+
 def test_recipe_with_adapted_norm_stats(tmp_path):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")

@@ -32,7 +32,6 @@ import importlib.util
 import math
 import os
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -40,6 +39,7 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from ..atomic import atomic_path
 from ..errors import MissingDependencyError, TrainingError, UsageError, WeightsError
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
@@ -121,25 +121,13 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
                  metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically (temp file in the same folder, then os.replace)."""
+    """Write a safetensors file atomically: readers see the old file or the new one."""
     from safetensors.torch import save_file
 
-    p = Path(path)
     tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    fd, tmp = tempfile.mkstemp(prefix=f".{p.name}.", suffix=".tmp", dir=str(p.parent or Path(".")))
-    os.close(fd)
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
+    # mode 0o666 less the umask, as any newly created file gets (atomic_path's default is 0o644)
+    with atomic_path(path, mode=0o666) as tmp:
         save_file(tensors, tmp, metadata=metadata)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, p)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from ..atomic import atomic_path
 from .kd import kd_loss, task_loss
 from .sparse import PruneSchedule, SparseUpdate
 
@@ -212,9 +213,8 @@ class Trainer:
         path = path or self.config.checkpoint_path
         if path is None or self.rank != 0:
             return
-        tmp = f"{path}.tmp{os.getpid()}"
-        torch.save(self.checkpoint(), tmp)
-        os.replace(tmp, path)
+        with atomic_path(path, mode=0o666) as tmp:  # the umask decides, as for torch.save alone
+            torch.save(self.checkpoint(), tmp)
 
     def load_checkpoint(self, path_or_state: str | os.PathLike | dict) -> None:
         state = path_or_state if isinstance(path_or_state, dict) else \
