@@ -41,6 +41,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import MissingDependencyError, TrainingError, UsageError, WeightsError
+from ..hashing import canonical_order
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
 from .tiny_updater import update
@@ -150,7 +151,7 @@ def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> No
 
 def _state_digest(state: dict[str, torch.Tensor]) -> str:
     h = hashlib.sha256()
-    for k in sorted(state):
+    for k in canonical_order(state):
         h.update(k.encode())
         h.update(state[k].detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return h.hexdigest()
