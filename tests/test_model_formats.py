@@ -19,8 +19,9 @@ from nnpatch.errors import MissingDependencyError, WeightsError
 from nnpatch.hashing import model_digest
 from nnpatch.weights import SafetensorsFile, write_safetensors
 from nnpatch.weights import sharded as sharded_mod
-from nnpatch.weights.model import ModelFile, open_model, sniff
+from nnpatch.weights.model import ModelFile
 from nnpatch.weights.sharded import INDEX_NAME, index_json_bytes, shard_name, write_sharded
+from nnpatch.weights.sniff import open_model, sniff
 
 from .conftest import float_like
 

@@ -105,3 +105,30 @@ def test_lone_surrogate_names_are_refused(tmp_path):
     (tmp_path / "s.safetensors").write_bytes(_struct.pack("<Q", len(header)) + header + b"\x00")
     with pytest.raises(WeightsError, match="lone surrogate"):
         SafetensorsFile(tmp_path / "s.safetensors")
+
+
+def test_fileno_and_buffer_give_the_file_and_its_map(tmp_path):
+    """The zero-copy paths (copy_file_range from the descriptor, hashing the map) see the file's own bytes."""
+    import os
+
+    write_safetensors(tmp_path / "a.safetensors", {"t": ("U8", (3,), b"xyz")})
+    with SafetensorsFile(tmp_path / "a.safetensors") as f:
+        info = f.tensors["t"]
+        assert os.pread(f.fileno(), info.nbytes, info.begin) == b"xyz"
+        assert f.buffer[info.begin:info.end] == b"xyz"
+        assert len(f.buffer) == f.size
+
+
+def test_names_that_moved_out_of_model_still_import_from_it():
+    """Old ``from nnpatch.weights.model import ...`` lines keep working (compatibility seam)."""
+    from nnpatch.weights import model, safetensors_file, sharded, torch_file
+    from nnpatch.weights.sniff import open_model, sniff
+
+    assert model.open_model is open_model and model.sniff is sniff
+    assert model.SafetensorsModel is safetensors_file.SafetensorsModel
+    assert model.SafetensorsFile is safetensors_file.SafetensorsFile
+    assert model.MAX_HEADER_SIZE == safetensors_file.MAX_HEADER_SIZE
+    assert model.SafetensorsDirModel is sharded.SafetensorsDirModel
+    assert (model.TORCH_LEGACY_MAGIC, model.ZIP_MAGIC) == (torch_file.TORCH_LEGACY_MAGIC, torch_file.ZIP_MAGIC)
+    with pytest.raises(AttributeError):
+        model.no_such_name  # noqa: B018

@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
-from ..hashing import name_key
+from ..hashing import model_digest, name_key
 
 KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
 #: Directories never listed as part of a model directory.
@@ -84,8 +84,6 @@ class Model:
 
     def digest(self) -> bytes:
         """The canonical model digest (hashing.model_digest)."""
-        from ..hashing import model_digest
-
         return model_digest(self)[0]
 
     def close(self) -> None:
@@ -129,6 +127,10 @@ def list_directory(directory: str) -> list[tuple[str, int]]:
     return out
 
 
+_MOVED = frozenset({"open_model", "sniff", "MAX_HEADER_SIZE", "SafetensorsFile", "SafetensorsModel",
+                    "SafetensorsDirModel", "TORCH_LEGACY_MAGIC", "ZIP_MAGIC"})
+
+
 def __getattr__(name: str):
     # Compatibility seam: these names lived here before the readers and the
     # format dispatch got modules of their own. Every reader imports this
@@ -136,14 +138,14 @@ def __getattr__(name: str):
     # old ``from nnpatch.weights.model import open_model`` lines get them
     # lazily instead. Remove once every importer uses ``nnpatch.weights``,
     # ``nnpatch.weights.sniff`` or the reader's module.
-    if name in ("open_model", "sniff"):
-        from .sniff import open_model, sniff
-    elif name in ("MAX_HEADER_SIZE", "SafetensorsFile", "SafetensorsModel"):
-        from .safetensors_file import MAX_HEADER_SIZE, SafetensorsFile, SafetensorsModel
-    elif name == "SafetensorsDirModel":
-        from .sharded import SafetensorsDirModel
-    elif name in ("TORCH_LEGACY_MAGIC", "ZIP_MAGIC"):
-        from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC
-    else:
+    if name not in _MOVED:
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    return locals()[name]
+    from . import safetensors_file, sharded, torch_file
+    from .sniff import open_model, sniff
+
+    return {
+        "open_model": open_model, "sniff": sniff,
+        "MAX_HEADER_SIZE": safetensors_file.MAX_HEADER_SIZE, "SafetensorsFile": safetensors_file.SafetensorsFile,
+        "SafetensorsModel": safetensors_file.SafetensorsModel, "SafetensorsDirModel": sharded.SafetensorsDirModel,
+        "TORCH_LEGACY_MAGIC": torch_file.TORCH_LEGACY_MAGIC, "ZIP_MAGIC": torch_file.ZIP_MAGIC,
+    }[name]

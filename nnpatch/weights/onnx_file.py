@@ -45,6 +45,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .. import dtypes
+from ..atomic import atomic_write
 from ..errors import MissingDependencyError, NnpatchIOError, WeightsError
 from ..hashing import canonical_order
 from .model import Model, ModelFile, ModelTensor
@@ -414,8 +415,6 @@ def rebuild_external(skeleton: bytes, tensors: dict) -> dict[str, bytes]:
 def write_onnx(path: str | os.PathLike[str], skeleton: bytes, tensors: dict) -> None:
     """Write the model and its external data files: external files first, the ``.onnx`` last,
     each atomically. Locations are validated against the model's directory."""
-    from ..atomic import atomic_write
-
     path = os.fspath(path)
     base_dir = os.path.dirname(os.path.abspath(path))
     model_bytes = rebuild_onnx(skeleton, tensors)

@@ -23,6 +23,7 @@ import numpy as np
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
 from .._json import loads_strict
+from ..atomic import atomic_write
 from ..hashing import name_key
 from .model import Model, ModelFile, ModelTensor, read_only
 
@@ -162,8 +163,14 @@ class SafetensorsFile:
         info = self.tensors[name]
         return self.raw(name).view(dtypes.uint_of_width(info.itemsize)).reshape(info.shape)
 
-    def buffer(self) -> memoryview:
-        return memoryview(self._map) if self._map is not None else memoryview(b"")
+    def fileno(self) -> int:
+        """The open file's descriptor, for ``copy_file_range`` of tensor byte ranges."""
+        return self._file.fileno()
+
+    @property
+    def buffer(self) -> mmap.mmap | None:
+        """The read-only map of the whole file (None for an empty file, which cannot be mapped)."""
+        return self._map
 
     def close(self) -> None:
         if self._map is not None:
@@ -209,8 +216,6 @@ def encode_safetensors_header(tensors: dict[str, tuple[str, tuple[int, ...], int
 def write_safetensors(path, tensors: dict[str, tuple[str, tuple[int, ...], bytes]],
                       metadata: dict[str, str] | None = None) -> None:
     """Write raw tensors (name -> (dtype, shape, bytes)) atomically."""
-    from ..atomic import atomic_write
-
     sizes = {k: (d, tuple(s), len(b)) for k, (d, s, b) in tensors.items()}
     for name, (dtype, shape, nbytes) in sizes.items():
         if math.prod(shape) * dtypes.ITEMSIZE[dtype] != nbytes:

@@ -36,6 +36,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .._json import loads_strict, read_bounded
+from ..atomic import atomic_write
 from ..errors import WeightsError
 from ..hashing import canonical_order
 from .model import Model, ModelFile, ModelTensor, list_directory, read_only
@@ -207,8 +208,6 @@ def write_sharded(directory: str | os.PathLike[str],
     ``__metadata__`` (transformers uses ``{"format": "pt"}``). Files in the
     directory that are not written here are left alone. Returns the weight_map.
     """
-    from ..atomic import atomic_write
-
     directory = os.fspath(directory)
     os.makedirs(directory, exist_ok=True)
     weight_map: dict[str, str] = {}
@@ -235,8 +234,6 @@ class SafetensorsDirModel(Model):
     """A Hugging Face model directory (sharded or one ``model.safetensors``)."""
 
     def __init__(self, path: str, *, index: bool) -> None:
-        from .sharded import ShardedSafetensors
-
         self._s = ShardedSafetensors(path, index=index)
         try:
             tensors = {n: ModelTensor(n, t.dtype, t.shape, t.nbytes, t.file, t.begin, t.end)

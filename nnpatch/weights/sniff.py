@@ -25,16 +25,15 @@ import zipfile
 from ..errors import NnpatchIOError, WeightsError
 from .model import Model
 from .safetensors_file import MAX_HEADER_SIZE, SafetensorsModel
-from .sharded import SafetensorsDirModel
-from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC
+from .onnx_file import OnnxModel
+from .sharded import INDEX_NAME, SINGLE_NAME, SafetensorsDirModel
+from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC, TorchModel
 
 
 def sniff(path: str | os.PathLike[str]) -> str:
     """The kind of model at ``path``, from its content; WeightsError if none."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        from .sharded import INDEX_NAME, SINGLE_NAME
-
         if os.path.isfile(os.path.join(path, INDEX_NAME)):
             return "safetensors-dir"
         if os.path.isfile(os.path.join(path, SINGLE_NAME)):
@@ -77,13 +76,7 @@ def open_model(path: str | os.PathLike[str]) -> Model:
     if kind == "safetensors":
         return SafetensorsModel(path)
     if kind == "safetensors-dir":
-        from .sharded import INDEX_NAME
-
         return SafetensorsDirModel(path, index=os.path.isfile(os.path.join(path, INDEX_NAME)))
     if kind == "pytorch":
-        from .torch_file import TorchModel
-
         return TorchModel(path)
-    from .onnx_file import OnnxModel
-
     return OnnxModel(path)

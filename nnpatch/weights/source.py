@@ -16,7 +16,7 @@ import blake3
 import numpy as np
 
 from .. import dtypes
-from ..hashing import name_key
+from ..hashing import hash_file, name_key
 from .model import Model
 from .safetensors_file import SafetensorsFile, TensorInfo, encode_safetensors_header
 from .sniff import open_model, sniff
@@ -73,8 +73,6 @@ class ModelSource:
 
     def file_digests(self) -> dict[str, str]:
         """BLAKE3 of every file of a model directory, by relative path (computed once)."""
-        from ..hashing import hash_file
-
         if self._file_digests is None:
             self._file_digests = {f.path: hash_file(os.path.join(self.path, *f.path.split("/")))
                                   for f in self.model.files}
@@ -82,8 +80,6 @@ class ModelSource:
 
     def file_digest(self) -> str:
         """BLAKE3 of the file, or for a directory the directory digest (spec, section 8)."""
-        from ..hashing import hash_file
-
         if not os.path.isdir(self.path):
             return hash_file(self.path)
         return directory_digest(self.file_digests().items())
@@ -116,8 +112,6 @@ def open_source(path: str | os.PathLike[str]) -> SafetensorsFile | ModelSource:
 def path_digest(path: str | os.PathLike[str]) -> tuple[str, int]:
     """(BLAKE3 hex, bytes) of a model on disk: a file's own digest and size, or for a model
     directory its directory digest (spec section 8) and the total size of its files."""
-    from ..hashing import hash_file
-
     path = os.fspath(path)
     if not os.path.isdir(path):
         return hash_file(path), os.path.getsize(path)

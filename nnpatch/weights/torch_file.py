@@ -27,7 +27,8 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .. import dtypes
-from ..errors import MissingDependencyError, WeightsError
+from ..atomic import atomic_write
+from ..errors import MissingDependencyError, NnpatchIOError, WeightsError
 from ..hashing import canonical_order
 from .model import Model, ModelFile, ModelTensor
 
@@ -140,15 +141,11 @@ def load_torch(path: str | os.PathLike[str]) -> TorchCheckpoint:
         with open(path, "rb") as f:
             head = f.read(len(TORCH_LEGACY_MAGIC))
     except OSError as e:
-        from ..errors import NnpatchIOError
-
         raise NnpatchIOError(f"{path}: cannot open: {e.strerror or e}") from e
     legacy = not head.startswith(ZIP_MAGIC)
     try:
         obj = _torch_load(torch, path, mmap=not legacy)
     except OSError as e:
-        from ..errors import NnpatchIOError
-
         raise NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
     except Exception as e:  # UnpicklingError for anything but plain tensors, RuntimeError, EOFError...
         msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -208,8 +205,6 @@ def save_torch_state(path: str | os.PathLike[str], tensors: dict, like: TorchChe
     reproduce: the wrapper key, the legacy format, the ``_metadata``.
     """
     torch = _torch()
-    from ..atomic import atomic_write
-
     if isinstance(like, (str, os.PathLike)):
         like = load_torch(like)
     state = collections.OrderedDict()
