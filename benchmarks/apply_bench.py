@@ -192,7 +192,8 @@ def sync() -> None:
 def scatter_speed(patch: str, base: str) -> tuple[float, float]:
     """Seconds for the scatter step of every rows op, C vs numpy, on the same decoded data."""
     from nnpatch import codecs, kernel
-    from nnpatch.applier import Step, _delta_mode, decode_index, row_bytes
+    from nnpatch.applier.decode import decode_index, row_bytes
+    from nnpatch.applier.plan import Step, _delta_mode
     from nnpatch.patchfile import read_patch
     from nnpatch.weights import SafetensorsFile
 

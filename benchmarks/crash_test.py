@@ -33,8 +33,8 @@ sys.path.insert(0, ROOT)
 
 import nnpatch  # noqa: E402
 from nnpatch.hashing import hash_file  # noqa: E402
-from nnpatch.inplace import recover  # noqa: E402
-from nnpatch.journal import journal_path  # noqa: E402
+from nnpatch.applier import recover  # noqa: E402
+from nnpatch.applier.journal import journal_path  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
 
 

@@ -10,7 +10,7 @@ Importing nnpatch never imports torch.
 
 __version__ = "0.1.0"
 
-from .applier import VERIFY_MODES, ApplyResult, apply, apply_chain, revert
+from .applier import VERIFY_MODES, ApplyResult, apply, apply_chain, apply_in_place, recover, revert
 from .differ import DiffResult, TensorChange, diff
 from .errors import (
     BaseMismatchError,
@@ -24,7 +24,6 @@ from .errors import (
     WeightsError,
 )
 from .hashing import hash_file, model_digest
-from .inplace import apply_in_place, recover
 from .patchfile import FORMAT_VERSION, MAGIC, Patch, read_patch
 from .verifier import VerifyReport, require_verified, verify
 

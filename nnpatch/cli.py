@@ -226,7 +226,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         opened = []
         for p in patches:
             if p == "-":
-                from .stream import read_patch_stream
+                from .patchfile import read_patch_stream
 
                 where = os.path.dirname(os.path.abspath(output or old))
                 opened.append(stack.enter_context(read_patch_stream(directory=where)))
@@ -235,7 +235,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         total = _model_size(old)
         with _progress(ctx, "apply", total * (len(opened) if in_place else 1), not as_json) as advance:
             if in_place:
-                from .inplace import apply_in_place
+                from .applier import apply_in_place
 
                 if key is not None:
                     from .patchfile import read_patch
@@ -286,7 +286,7 @@ def revert(ctx, new, patch, output, as_json):
 @click.pass_context
 def recover(ctx, model, as_json):
     """Finish off an interrupted in-place apply: roll MODEL back to exactly what it was."""
-    from .inplace import recover as do_recover
+    from .applier import recover as do_recover
 
     note = do_recover(model)
     if as_json:

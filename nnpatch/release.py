@@ -24,7 +24,7 @@ Versions may also be Hugging Face model directories (format 1.1 targets):
 a directory is identified by its directory digest (spec/FORMAT.md, section
 8) and the total size of its files; ``update`` builds the new directory
 beside the old one, checks its directory digest, and swaps it in atomically
-(``nnpatch.directory``).
+(``nnpatch.applier.directory``).
 """
 
 from __future__ import annotations
@@ -384,9 +384,9 @@ def _update_directory(model_path: str, paths: list[str], want: str) -> str:
 
     ``verify="full"``, as for a file: build_directory checks the directory digest against the last
     patch's target, which ``update`` proved is ``want``, before anything is swapped."""
-    from .applier import plan_forward
-    from .directory import build_directory
-    from .inplace import locked
+    from .applier.directory import build_directory
+    from .applier.inplace import locked
+    from .applier.plan import plan_forward
     from .patchfile import read_patch
     from .weights.source import open_source
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from . import codecs
-from .applier import check_base, check_ops_against_layout, target_layout
+from .applier.plan import check_base, check_ops_against_layout, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch

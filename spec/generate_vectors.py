@@ -26,7 +26,8 @@ sys.path.insert(0, os.path.dirname(HERE))
 
 import nnpatch  # noqa: E402
 from nnpatch import dtypes  # noqa: E402
-from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE, header_json, with_header  # noqa: E402
+from crafting import header_json, with_header  # noqa: E402
+from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
 
 VECTORS = os.path.join(HERE, "vectors")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 
 import numpy as np
 import pytest
@@ -11,6 +12,9 @@ from hypothesis import HealthCheck, settings
 
 from nnpatch import dtypes, kernel
 from nnpatch.weights import write_safetensors
+
+# the spec's header-editing tools (spec/crafting.py) are importable as ``crafting``
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spec"))
 
 settings.register_profile("fast", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])

@@ -16,6 +16,7 @@ from click.testing import CliRunner
 
 import nnpatch
 from nnpatch import applier, kernel
+from nnpatch.applier import oscopy
 from nnpatch.applier import apply_chain, revert
 from nnpatch.cli import cli
 from nnpatch.errors import BaseMismatchError, PatchFormatError
@@ -115,11 +116,11 @@ def test_copy_file_range_fallback(tmp_path, pair, monkeypatch, backend):
     def refuse(*a, **k):
         raise OSError(errno.EXDEV, "cross-device")
     monkeypatch.setattr(os, "copy_file_range", refuse)
-    monkeypatch.setattr(applier, "_use_copy_file_range", True)
+    monkeypatch.setattr(oscopy, "_use_copy_file_range", True)
     out = tmp_path / "out.safetensors"
     applier.apply(base, patch, out, verify="full")
     _check(out, target)
-    assert applier._use_copy_file_range is False
+    assert oscopy._use_copy_file_range is False
 
 
 def test_kernel_error_is_a_format_error(tmp_path, pair, monkeypatch):

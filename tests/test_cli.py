@@ -13,7 +13,7 @@ from click.testing import CliRunner
 
 from nnpatch.cli import cli
 from nnpatch.hashing import hash_file
-from nnpatch.patchfile import header_json
+from crafting import header_json
 
 from .conftest import read, save
 

@@ -16,7 +16,8 @@ from hypothesis import strategies as st
 
 import nnpatch
 from nnpatch.errors import BaseMismatchError, IntegrityError, PatchFormatError, UsageError
-from nnpatch.patchfile import header_json, read_patch, with_header
+from crafting import header_json, with_header
+from nnpatch.patchfile import read_patch
 from nnpatch.weights.sharded import shard_name, write_sharded
 from nnpatch.weights.source import open_source
 
@@ -173,7 +174,7 @@ def test_output_must_be_new_or_empty(pair, tmp_path):
 
 
 def test_failure_mid_build_leaves_nothing(pair, tmp_path, monkeypatch):
-    from nnpatch import directory
+    from nnpatch.applier import directory
 
     a, b = pair
     nnpatch.diff(a, b, tmp_path / "p.nnpatch")
@@ -189,7 +190,7 @@ def test_failure_mid_build_leaves_nothing(pair, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("exchange_works", [True, False])
 def test_in_place_update_of_a_directory(pair, tmp_path, monkeypatch, exchange_works):
-    from nnpatch import directory
+    from nnpatch.applier import directory
 
     a, b = pair
     nnpatch.diff(a, b, tmp_path / "p.nnpatch")

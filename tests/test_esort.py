@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import subprocess
 import sys
@@ -13,10 +14,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nnpatch
+import crafting
 from nnpatch import codecs, differ, dtypes, kernel, patchfile
 from nnpatch.errors import PatchFormatError
 from nnpatch.hashing import hash_file
-from nnpatch.inplace import apply_in_place
+from nnpatch.applier import apply_in_place
 
 from .conftest import read, save
 
@@ -83,7 +85,7 @@ def test_unsort_refuses_mismatched_sizes(backend):
 
 
 def test_spec_table_matches_the_code():
-    with open(patchfile.__file__.replace("nnpatch/patchfile.py", "spec/FORMAT.md"), encoding="utf-8") as f:
+    with open(os.path.join(os.path.dirname(__file__), os.pardir, "spec", "FORMAT.md"), encoding="utf-8") as f:
         text = f.read()
     for dtype in FLOATS:
         m = re.search(rf"^\| `{dtype}` \| (\d+) \| `0x([0-9A-F]+)` \|$", text, re.M)
@@ -175,9 +177,9 @@ def test_reversible_patches_never_use_esort(tmp_path):
 
 def _edited(patch_path, edit) -> bytes:
     data = read(patch_path)
-    obj = patchfile.header_json(data)
+    obj = crafting.header_json(data)
     edit(obj)
-    return patchfile.with_header(data, obj)
+    return crafting.with_header(data, obj)
 
 
 def _first_esort(obj) -> dict:
@@ -225,7 +227,8 @@ def test_esort_on_an_integer_tensor_is_refused(tmp_path):
 
 def test_encode_stream_with_esort_round_trips_through_the_applier(backend):
     """encode_value_stream + the applier's whole-op decode, on every float dtype and delta stage."""
-    from nnpatch.applier import Step, _run_step
+    from nnpatch.applier.decode import _run_step
+    from nnpatch.applier.plan import Step
     from nnpatch.patchfile import Op, Section, TensorRef
     from nnpatch.weights import TensorInfo
 

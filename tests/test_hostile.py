@@ -20,7 +20,8 @@ from hypothesis import strategies as st
 
 import nnpatch
 from nnpatch.cli import cli
-from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE, header_json, with_header
+from crafting import header_json, with_header
+from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE
 
 from .conftest import read, save
 

@@ -12,7 +12,8 @@ import pytest
 
 import nnpatch
 from nnpatch.errors import IntegrityError, PatchFormatError
-from nnpatch.patchfile import header_json, read_patch, with_header
+from crafting import header_json, with_header
+from nnpatch.patchfile import read_patch
 
 from .conftest import read
 from .test_model_formats import _onnx_mlp

@@ -11,6 +11,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import nnpatch
+import crafting
 from nnpatch import patchfile
 from nnpatch.errors import PatchFormatError, UnsupportedVersionError
 from nnpatch.patchfile import ALIGNMENT, MAGIC, PREAMBLE_SIZE, TRAILER_SIZE, parse_patch
@@ -29,7 +30,7 @@ def written(tmp_path, pair):
 @pytest.fixture
 def patch_bytes(written):
     """The same patch with a plain JSON header, so tests can edit the text."""
-    plain = patchfile.with_header(written, patchfile.header_json(written))
+    plain = crafting.with_header(written, crafting.header_json(written))
     return plain
 
 

@@ -10,6 +10,7 @@ import jsonschema
 import pytest
 
 import nnpatch
+import crafting
 from nnpatch import codecs, dtypes, patchfile
 
 SPEC = os.path.join(os.path.dirname(__file__), os.pardir, "spec")
@@ -54,7 +55,7 @@ def test_vector_headers_match_the_schema():
     for vec in manifest["valid"]:
         with open(os.path.join(SPEC, "vectors", vec["patch"]), "rb") as f:
             data = f.read()
-        jsonschema.validate(patchfile.header_json(data), schema)
+        jsonschema.validate(crafting.header_json(data), schema)
 
 
 def test_public_api():

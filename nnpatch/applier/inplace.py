@@ -37,16 +37,18 @@ from collections.abc import Callable
 import blake3
 import numpy as np
 
-from . import codecs, kernel
-from .applier import (ApplyResult, Item, Plan, ProgressFn, _check_verify, build_file, decode_index, plan_forward,
-                      require_target_model, row_bytes, run_step, undo_esort, workers)
-from .atomic import fsync_dir
-from .errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError, UsageError
-from .hashing import digest_bytes, digests_equal, model_digest_of
-from .journal import Entry, JournalWriter, TornJournal, journal_path, read_journal
-from .patchfile import Patch, read_patch
-from .weights import SafetensorsFile
-from .weights.source import open_source
+from .. import codecs, kernel
+from ..atomic import fsync_dir
+from ..errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError, TornJournal, UsageError
+from ..hashing import digest_bytes, digests_equal, model_digest_of
+from ..patchfile import Patch, read_patch
+from ..weights import SafetensorsFile
+from ..weights.source import open_source
+from .decode import decode_index, row_bytes, run_step, undo_esort
+from .engine import build_file, require_target_model, workers
+from .journal import Entry, JournalWriter, journal_path, read_journal
+from .plan import Item, Plan, plan_forward
+from .policy import ApplyResult, ProgressFn, _check_verify
 
 HookFn = Callable[[str], None]
 
@@ -198,7 +200,7 @@ def apply_in_place(model: str | os.PathLike[str], patch, *, verify: str = "defau
             return build_directory(plan_forward(src, [p]), src, model, verify, progress, replace=True)
         if p.header.target.format in ("pytorch", "onnx"):
             # written back in its own format: a new file beside, renamed over the model
-            from .applier import apply_chain
+            from .api import apply_chain
 
             return apply_chain(model, [p], model, verify=verify, progress=progress)
         _recover_locked(model, fd)

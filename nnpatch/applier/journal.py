@@ -22,7 +22,8 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .errors import IntegrityError, NnpatchIOError, TornJournal
+from ..atomic import fsync_dir
+from ..errors import IntegrityError, NnpatchIOError, TornJournal
 
 MAGIC = b"\x89NNJ\r\n\x1a\n"
 VERSION = (1, 0)
@@ -126,7 +127,6 @@ class JournalWriter:
             self._write(b"\x00" * pad)
 
     def commit(self) -> None:
-        from .atomic import fsync_dir
 
         try:
             self.f.write(self.h.digest())

@@ -30,8 +30,9 @@ from typing import BinaryIO
 
 import blake3
 
-from .errors import NnpatchIOError, PatchFormatError
-from .patchfile import (
+from ..errors import NnpatchIOError, PatchFormatError
+from .reader import Patch, parse_header
+from .header import (
     FLAG_SIGNED,
     MAGIC,
     MAX_HEADER_SIZE,
@@ -39,7 +40,6 @@ from .patchfile import (
     PREAMBLE_SIZE,
     SIGNATURE_BLOCK_SIZE,
     TRAILER_SIZE,
-    Patch,
 )
 
 #: Bytes held back from the running hash: the trailer and a signature block.
@@ -127,12 +127,7 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
 
 def _check_header_json(head: bytes) -> None:
     """Parse the header (not the sections, which have not arrived)."""
-    from .patchfile import FLAG_HEADER_ZSTD, _header_from_json, _load_json, _unpack_header
-
-    raw = head[PREAMBLE_SIZE:]
-    if PREAMBLE.unpack_from(head, 0)[3] & FLAG_HEADER_ZSTD:
-        raw = _unpack_header(raw, STDIN_NAME)
-    _header_from_json(_load_json(raw, STDIN_NAME), STDIN_NAME)
+    parse_header(head[PREAMBLE_SIZE:], PREAMBLE.unpack_from(head, 0)[3], path=STDIN_NAME)
 
 
 __all__ = ["read_patch_stream", "STDIN_NAME"]

@@ -33,13 +33,16 @@ import tempfile
 
 import blake3
 
-from . import codecs
-from .applier import ApplyResult, OutFile, Plan, ProgressFn, _allocate, execute
-from .atomic import umask, fsync_dir
-from .errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, UsageError
-from .hashing import digests_equal, hash_file
-from .weights.model import SKIPPED_DIRS
-from .weights.source import directory_digest
+from .. import codecs
+from ..atomic import fsync_dir, umask
+from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, UsageError
+from ..hashing import digests_equal, hash_file
+from ..weights.model import SKIPPED_DIRS
+from ..weights.source import directory_digest
+from .engine import execute
+from .oscopy import _allocate
+from .plan import OutFile, Plan
+from .policy import ApplyResult, ProgressFn
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100

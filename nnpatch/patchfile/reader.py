@@ -1,12 +1,5 @@
-"""The nnpatch file format, version 1 (spec/FORMAT.md is normative).
-
-    Magic (8) | Version_Major (u16) | Version_Minor (u16) | Flags (u32)
-    | Header_Length (u64) | Header (UTF-8 JSON, space-padded) | Sections
-    (each 64-aligned, zero-padded) | Trailer_Hash (32, BLAKE3 of all before)
-
-This module reads and writes that container and validates everything in it
-that can be checked without the models. It knows nothing about diffing.
-"""
+"""Read a patch: validate the whole container and header (everything that can
+be checked without the models) before anything else looks at it."""
 
 from __future__ import annotations
 
@@ -16,386 +9,19 @@ import math
 import mmap
 import os
 import re
-import struct
-import tempfile
-from dataclasses import dataclass, field
-from typing import Any
 
 import blake3
 import numpy as np
 import zstandard
 
-from . import codecs, dtypes
-from ._json import reject_duplicates
-from .atomic import atomic_write
-from .errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
-
-MAGIC = b"\x89NNP\r\n\x1a\n"
-#: The newest version this module reads and writes. A writer stamps the
-#: lowest version whose features the patch uses (1.0; 1.1 for a model
-#: directory or ONNX target; 1.2 where a section uses ``esort``), so older
-#: readers take every patch they can apply.
-FORMAT_VERSION = (1, 2)
-#: The version that added directory and ONNX targets.
-DIRECTORY_TARGET_VERSION = (1, 1)
-#: The version that added the ``esort`` value stage.
-ESORT_VERSION = (1, 2)
-PREAMBLE = struct.Struct("<8sHHIQ")
-PREAMBLE_SIZE = PREAMBLE.size  # 24
-ALIGNMENT = 64
-TRAILER_SIZE = 32
-#: Flags bit 0: a signature block follows the trailer (spec section 4).
-FLAG_SIGNED = 0x00000001
-#: Flags bit 1: the header is one zstd frame of the JSON, zero-padded.
-FLAG_HEADER_ZSTD = 0x00000002
-#: Flags bits 2-15 are reserved: a reader MUST reject a file that sets one.
-RESERVED_FLAGS = 0x0000FFFC
-#: Public key (32) and Ed25519 signature (64) after the trailer of a signed patch.
-SIGNATURE_BLOCK_SIZE = 96
-
-MAX_HEADER_SIZE = 64 << 20
-MAX_RANK = 64
-MAX_NAME_BYTES = 1 << 16
-MAX_JSON_DEPTH = 16
-#: A zstd frame cannot expand beyond this ratio (a 4-byte RLE block -> 128 KiB).
-MAX_ZSTD_EXPANSION = 32768
-
-KNOWN_FEATURES: frozenset[str] = frozenset()
-OPS = ("rows", "elements", "whole", "add", "remove")
-#: Formats a base may have.
-MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
-#: Formats a target may have (spec section 5.2; "safetensors-dir" since 1.1).
-TARGET_FORMATS = ("safetensors", "pytorch", "safetensors-dir", "onnx")
-#: Kinds of file in a directory target (spec section 5.6).
-FILE_KINDS = ("safetensors", "blob", "copy")
-#: Most files a directory target may have.
-MAX_FILES = 1 << 16
-MAX_PATH_BYTES = 4096
-
-
-def align(n: int) -> int:
-    return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
-
-
-@dataclass
-class Section:
-    offset: int  # absolute in the file (relative to the spool while writing)
-    length: int  # stored bytes
-    size: int  # bytes after undoing the zstd stage
-    codec: list[str]
-
-    def to_json(self, base: int = 0) -> dict:
-        return {"offset": self.offset + base, "length": self.length, "size": self.size, "codec": list(self.codec)}
-
-
-@dataclass
-class TensorRef:
-    dtype: str
-    shape: tuple[int, ...]
-    blake3: str
-
-    @property
-    def nbytes(self) -> int:
-        return math.prod(self.shape) * dtypes.ITEMSIZE[self.dtype]
-
-    def to_json(self) -> dict:
-        return {"dtype": self.dtype, "shape": list(self.shape), "blake3": self.blake3}
-
-
-@dataclass
-class Op:
-    name: str
-    kind: str
-    base: TensorRef | None = None
-    target: TensorRef | None = None
-    count: int | None = None
-    index: Section | None = None
-    values: Section | None = None
-    #: the old bytes, in reversible patches, where the op cannot be undone
-    #: without them ("remove", and "whole" without a delta stage)
-    base_values: Section | None = None
-
-    def sections(self) -> list[Section]:
-        return [s for s in (self.index, self.values, self.base_values) if s is not None]
-
-    @property
-    def needs_base_values(self) -> bool:
-        """Whether undoing this op needs the old bytes stored in the patch."""
-        if self.kind == "remove":
-            return True
-        return self.kind == "whole" and codecs.delta_stage(self.values.codec) is None
-
-    def to_json(self, base: int = 0) -> dict:
-        out: dict[str, Any] = {"name": self.name, "op": self.kind}
-        if self.base is not None:
-            out["base"] = self.base.to_json()
-        if self.target is not None:
-            out["target"] = self.target.to_json()
-        if self.count is not None:
-            out["count"] = self.count
-        if self.index is not None:
-            out["index"] = self.index.to_json(base)
-        if self.values is not None:
-            out["values"] = self.values.to_json(base)
-        if self.base_values is not None:
-            out["base_values"] = self.base_values.to_json(base)
-        return out
-
-
-@dataclass
-class TargetFile:
-    """One file of a directory target (spec section 5.6).
-
-    ``kind`` says where its bytes come from: ``safetensors`` (a weights
-    shard: its header is ``layout``, its tensors come from the base and the
-    ops), ``blob`` (carried whole in ``content``) or ``copy`` (the base
-    directory's file ``source``, unchanged).
-    """
-
-    path: str
-    kind: str
-    size: int
-    blake3: str
-    layout: Section | None = None
-    content: Section | None = None
-    source: str | None = None
-
-    def sections(self) -> list[Section]:
-        return [s for s in (self.layout, self.content) if s is not None]
-
-    def to_json(self, base: int = 0) -> dict:
-        out: dict[str, Any] = {"path": self.path, "kind": self.kind, "size": self.size, "blake3": self.blake3}
-        if self.layout is not None:
-            out["layout"] = self.layout.to_json(base)
-        if self.content is not None:
-            out["content"] = self.content.to_json(base)
-        if self.source is not None:
-            out["from"] = self.source
-        return out
-
-
-@dataclass
-class OutputFile:
-    """A file an ONNX target writes: ``path`` is the model file's name (written
-    at the output path) for the first, an external data location relative to
-    the model file's directory for the others."""
-
-    path: str
-    size: int
-    blake3: str
-
-    def to_json(self) -> dict:
-        return {"path": self.path, "size": self.size, "blake3": self.blake3}
-
-
-@dataclass
-class ModelRef:
-    format: str
-    size: int
-    blake3: str
-    model_blake3: str
-    tensors: int
-    layout: Section | None = None
-    #: the files of a directory target ("safetensors-dir"), sorted by path
-    files: list[TargetFile] | None = None
-    #: an ONNX target: the model without its initializers' payloads, and the files it writes
-    skeleton: Section | None = None
-    outputs: list[OutputFile] | None = None
-
-    @property
-    def is_directory(self) -> bool:
-        return self.files is not None
-
-    def sections(self) -> list[Section]:
-        out = [s for s in (self.layout, self.skeleton) if s is not None]
-        for f in self.files or ():
-            out.extend(f.sections())
-        return out
-
-    def to_json(self, base: int = 0) -> dict:
-        out = {"format": self.format, "size": self.size, "blake3": self.blake3,
-               "model_blake3": self.model_blake3, "tensors": self.tensors}
-        if self.layout is not None:
-            out["layout"] = self.layout.to_json(base)
-        if self.files is not None:
-            out["files"] = [f.to_json(base) for f in self.files]
-        if self.skeleton is not None:
-            out["skeleton"] = self.skeleton.to_json(base)
-        if self.outputs is not None:
-            out["outputs"] = [f.to_json() for f in self.outputs]
-        return out
-
-
-@dataclass
-class PatchHeader:
-    base: ModelRef
-    target: ModelRef
-    ops: list[Op]
-    created_by: str = ""
-    required_features: list[str] = field(default_factory=list)
-    version: tuple[int, int] | None = None  # None: header.min_version when written
-    flags: int = 0
-    extra: dict = field(default_factory=dict)  # "x-" keys, kept verbatim
-
-    @property
-    def reversible(self) -> bool:
-        """The patch also takes the target back to the base (``nnpatch revert``)."""
-        return self.base.layout is not None and self.target.layout is not None and self.target.format == \
-            "safetensors" and all(
-            op.base_values is not None if op.needs_base_values
-            else (op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None)
-            and (op.values is None or "esort" not in op.values.codec)  # its order comes from the old values
-            for op in self.ops)
-
-    @property
-    def min_version(self) -> tuple[int, int]:
-        """The lowest format version that has every feature this header uses."""
-        if any(op.values is not None and "esort" in op.values.codec for op in self.ops):
-            return ESORT_VERSION
-        return DIRECTORY_TARGET_VERSION if self.target.format in ("safetensors-dir", "onnx") else (1, 0)
-
-    def sections(self) -> list[Section]:
-        out = self.base.sections() + self.target.sections()
-        for op in self.ops:
-            out.extend(op.sections())
-        return out
-
-    def to_json(self, base: int = 0) -> dict:
-        out = {
-            "created_by": self.created_by,
-            "required_features": list(self.required_features),
-            "base": self.base.to_json(base),
-            "target": self.target.to_json(base),
-            "ops": [op.to_json(base) for op in self.ops],
-        }
-        out.update(self.extra)
-        return out
-
-
-def header_text(obj: dict) -> bytes:
-    """Canonical JSON: sorted keys, no spaces, UTF-8."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def encode_header(obj: dict) -> bytes:
-    """The canonical JSON padded with spaces to the alignment (the plain form)."""
-    text = header_text(obj)
-    return text + b" " * (align(PREAMBLE_SIZE + len(text)) - PREAMBLE_SIZE - len(text))
-
-
-def _pad_zero(data: bytes) -> bytes:
-    return data + b"\x00" * (align(PREAMBLE_SIZE + len(data)) - PREAMBLE_SIZE - len(data))
-
-
-def _layout_header(header: PatchHeader, compress: bool) -> bytes:
-    """The header bytes, with section offsets that account for their own length.
-
-    Offsets change the header's length and the length moves the offsets, so
-    the space is grown until the header written with it fits; spaces (plain)
-    or zeros (zstd) pad it out, which keeps each form canonical.
-    """
-    header.flags &= ~FLAG_HEADER_ZSTD
-    reserve = 0
-    for _ in range(64):
-        text = header_text(header.to_json(base=PREAMBLE_SIZE + reserve))
-        plain = encode_header(header.to_json(base=PREAMBLE_SIZE + reserve))
-        body, zipped = plain, False
-        if compress:
-            packed = _pad_zero(zstandard.ZstdCompressor(level=19, write_content_size=True,
-                                                        write_checksum=False).compress(text))
-            if len(packed) < len(plain):
-                body, zipped = packed, True
-        if len(body) <= reserve:
-            body += (b"\x00" if zipped else b" ") * (reserve - len(body))  # pad to the reserved length
-            if zipped:
-                header.flags |= FLAG_HEADER_ZSTD
-            return body
-        reserve = len(body)
-    raise AssertionError("header layout did not converge")  # pragma: no cover
-
-
-# --- writing ----------------------------------------------------------------
-
-class PatchWriter:
-    """Collects sections in a spool file, then writes the patch atomically.
-
-    Sections must be added in the order the header lists them (layout, then
-    each op's index and values, ops sorted by name).
-    """
-
-    def __init__(self, path: str | os.PathLike[str]) -> None:
-        self.path = os.fspath(path)
-        directory = os.path.dirname(os.path.abspath(self.path))
-        self.trailer_hash = ""  # set by finish()
-        try:
-            self._spool = tempfile.TemporaryFile(dir=directory)
-        except OSError as e:
-            raise NnpatchIOError(f"{self.path}: cannot write: {e.strerror or e}") from e
-
-    @property
-    def stream(self):
-        return self._spool
-
-    def begin_section(self) -> int:
-        pos = self._spool.tell()
-        pad = align(pos) - pos
-        if pad:
-            self._spool.write(b"\x00" * pad)
-        return self._spool.tell()
-
-    def add_bytes(self, payload: bytes, size: int, codec: list[str]) -> Section:
-        start = self.begin_section()
-        self._spool.write(payload)
-        return Section(start, len(payload), size, list(codec))
-
-    def finish(self, header: PatchHeader, signer=None, *, compress_header: bool = True) -> int:
-        """Write the patch; returns its size in bytes.
-
-        ``signer(trailer_digest) -> (public_key, signature)``, when given,
-        makes a signed patch (nnpatch.signing.signer_from_file builds one).
-        The header is stored as zstd when that is smaller (per-op digests and
-        keys make up most of a small model's patch otherwise).
-        """
-        if signer is not None:
-            header.flags |= FLAG_SIGNED
-        data_len = self._spool.tell()
-        head = _layout_header(header, compress_header)
-        data_start = PREAMBLE_SIZE + len(head)
-        if len(head) > MAX_HEADER_SIZE:
-            raise PatchFormatError(f"header of {len(head)} bytes exceeds the {MAX_HEADER_SIZE} limit", path=self.path)
-        trailer_at = data_start + align(data_len)
-        h = blake3.blake3()
-        try:
-            with atomic_write(self.path) as f:
-                version = header.version or header.min_version
-                pre = PREAMBLE.pack(MAGIC, version[0], version[1], header.flags, len(head))
-                for chunk in (pre, head):
-                    f.write(chunk)
-                    h.update(chunk)
-                self._spool.seek(0)
-                while True:
-                    buf = self._spool.read(8 << 20)
-                    if not buf:
-                        break
-                    f.write(buf)
-                    h.update(buf)
-                pad = b"\x00" * (align(data_len) - data_len)
-                f.write(pad)
-                h.update(pad)
-                digest = h.digest()
-                self.trailer_hash = digest.hex()
-                f.write(digest)
-                if signer is not None:
-                    public_key, signature = signer(digest)
-                    f.write(public_key + signature)
-        except OSError as e:
-            raise NnpatchIOError(f"{self.path}: cannot write: {e.strerror or e}") from e
-        finally:
-            self._spool.close()
-        return trailer_at + TRAILER_SIZE + (SIGNATURE_BLOCK_SIZE if signer is not None else 0)
-
-    def abort(self) -> None:
-        self._spool.close()
+from .. import codecs, dtypes
+from .._json import reject_duplicates
+from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
+from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
+                     MAX_FILES, MAX_HEADER_SIZE, MAX_JSON_DEPTH, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RANK,
+                     MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
+                     SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
+                     Section, TargetFile, TensorRef, align, delta_or_planes)
 
 
 # --- reading ----------------------------------------------------------------
@@ -502,16 +128,19 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
         if h.digest() != bytes(buf[size - TRAILER_SIZE : size]):
             raise PatchFormatError("trailer hash mismatch: the file is corrupt or truncated", path=path,
                                    offset=size - TRAILER_SIZE)
-    raw = bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len])
-    if flags & FLAG_HEADER_ZSTD:
-        raw = _unpack_header(raw, path)
-    obj = _load_json(raw, path)
-    header = _header_from_json(obj, path)
+    header = parse_header(bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]), flags, path=path)
     header.version = (major, minor)
     header.flags = flags
     _check_layout(header, buf, PREAMBLE_SIZE + header_len, size, path)
     return header
 
+
+def parse_header(raw: bytes, flags: int, *, path: str) -> PatchHeader:
+    """The header from its stored bytes (plain, or zstd where ``flags`` say so),
+    validated on its own: the stream reader checks it before the sections arrive."""
+    if flags & FLAG_HEADER_ZSTD:
+        raw = unpack_header(raw, path)
+    return _header_from_json(_load_json(raw, path), path)
 
 
 def _reject_constant(name):
@@ -529,7 +158,7 @@ def _json_depth(text: str) -> int:
     return int(np.cumsum(step).max()) if len(step) else 0
 
 
-def _unpack_header(raw: bytes, path: str) -> bytes:
+def unpack_header(raw: bytes, path: str) -> bytes:
     """The JSON of a zstd header: one frame declaring its size, then only zero bytes."""
     where = "header"
     try:
@@ -547,62 +176,6 @@ def _unpack_header(raw: bytes, path: str) -> bytes:
         return b"".join(codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where))
     except PatchFormatError as e:
         raise PatchFormatError(f"compressed {e}", path=path, offset=PREAMBLE_SIZE) from e
-
-
-def header_json(buf) -> dict:
-    """The header object of a patch in ``buf`` (plain or zstd), without validating it."""
-    _, _, _, flags, n = PREAMBLE.unpack_from(buf, 0)
-    raw = bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + n])
-    return json.loads(_unpack_header(raw, "<patch>") if flags & FLAG_HEADER_ZSTD else raw)
-
-
-def with_header(buf: bytes, obj: dict, *, shift: bool = True) -> bytes:
-    """``buf`` with its header replaced by ``obj`` in the plain form, the trailer recomputed (unsigned).
-
-    With ``shift``, section offsets in ``obj`` move by however much the
-    header's length changed, so a well-formed patch stays well formed; for
-    tools and tests that edit headers.
-    """
-    magic, major, minor, flags, n = PREAMBLE.unpack_from(buf, 0)
-    sig = SIGNATURE_BLOCK_SIZE if flags & FLAG_SIGNED else 0
-    old_start = PREAMBLE_SIZE + n
-    length = n
-    for _ in range(16):  # the offsets' digits change the length: iterate to a fixed point
-        delta = PREAMBLE_SIZE + length - old_start
-        text = header_text(_shift_offsets(obj, delta) if shift and delta else obj)
-        want = n if len(text) <= n else align(PREAMBLE_SIZE + len(text)) - PREAMBLE_SIZE
-        if want == length:
-            break
-        length = want
-    text += b" " * (length - len(text))
-    flags &= ~(FLAG_HEADER_ZSTD | FLAG_SIGNED)
-    body = PREAMBLE.pack(magic, major, minor, flags, len(text)) + text + bytes(
-        buf[old_start : len(buf) - sig - TRAILER_SIZE])
-    return body + blake3.blake3(body).digest()
-
-
-def _shift_offsets(obj, delta: int):
-    """A copy of a header object with every section offset moved by ``delta``."""
-    obj = json.loads(json.dumps(obj))
-
-    def move(section):
-        if isinstance(section, dict) and type(section.get("offset")) is int:
-            section["offset"] += delta
-
-    for role in ("base", "target"):
-        if isinstance(obj.get(role), dict):
-            move(obj[role].get("layout"))
-            move(obj[role].get("skeleton"))
-            files = obj[role].get("files")
-            for f in files if isinstance(files, list) else []:
-                if isinstance(f, dict):
-                    move(f.get("layout"))
-                    move(f.get("content"))
-    for op in obj.get("ops", []) if isinstance(obj.get("ops"), list) else []:
-        if isinstance(op, dict):
-            for key in ("index", "values", "base_values"):
-                move(op.get(key))
-    return obj
 
 
 def _load_json(raw: bytes, path: str) -> dict:
@@ -854,10 +427,6 @@ def _in_header(path: str):
         raise UnsupportedVersionError(f"header: {e}", path=path, found=e.found, supported=e.supported) from e
     except PatchFormatError as e:
         raise PatchFormatError(f"header: {e}", path=path) from e
-
-
-def delta_or_planes(codec: list[str]) -> bool:
-    return any(s in codecs.DELTA_STAGES or s == "planes" for s in codec)
 
 
 _OP_FIELDS = {

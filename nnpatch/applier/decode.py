@@ -1,0 +1,92 @@
+"""Decode a patch's sections into a tensor's bytes: index arrays, value
+chunks, the ``esort`` order, and the kernel's scatter and combine."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .. import codecs, dtypes, kernel
+from ..errors import PatchFormatError
+from ..patchfile import Op
+from ..weights import TensorInfo
+from .plan import Step
+
+
+# --- decoding into a tensor -------------------------------------------------------------
+
+def _where(step: Step) -> str:
+    return f"{step.op.name!r}.{'base_values' if step.section is step.op.base_values else 'values'}"
+
+
+def run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.ndarray | None = None) -> None:
+    """Decode ``step``'s section into ``dst`` (the tensor's bytes), converting kernel errors."""
+    try:
+        _run_step(step, info, dst, indices)
+    except PatchFormatError as e:
+        if e.path is None:
+            raise PatchFormatError(str(e), path=step.patch.path) from e
+        raise
+    except ValueError as e:  # the kernel refuses: the patch's data is inconsistent
+        raise PatchFormatError(f"{_where(step)}: {e}", path=step.patch.path) from e
+
+
+def decode_index(step: Step, info: TensorInfo) -> np.ndarray:
+    op = step.op
+    bound = info.shape[0] if op.kind == "rows" else info.numel
+    try:
+        return codecs.decode_indices(step.patch.section(op.index), op.index.codec, count=op.count, bound=bound,
+                                     size=op.index.size, where=f"{op.name!r}.index")
+    except PatchFormatError as e:
+        if e.path is None:
+            raise PatchFormatError(str(e), path=step.patch.path) from e
+        raise
+
+
+def row_bytes(op: Op, info: TensorInfo) -> int:
+    return info.nbytes // info.shape[0] if op.kind == "rows" else info.itemsize
+
+
+def undo_esort(chunk: np.ndarray, old: np.ndarray, info: TensorInfo, planar: bool) -> np.ndarray:
+    """Undo ``esort`` on a decoded chunk: its order is that of the old words' exponents."""
+    if len(old) != len(chunk):
+        raise ValueError(f"values chunk is {len(chunk)} bytes, its old words {len(old)}")
+    shift, mask = codecs.exponent_key(info.dtype)
+    return kernel.unsort(old, chunk, info.itemsize, shift=shift, mask=mask, planar=planar)
+
+
+def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.ndarray | None) -> None:
+    op, s, mode = step.op, step.section, step.mode
+    width = dtypes.ITEMSIZE[info.dtype]
+    where = _where(step)
+    planar = "planes" in s.codec
+    esort = "esort" in s.codec
+    buf = step.patch.section(s)
+    if op.kind in ("rows", "elements") and s is op.values:
+        unit = row_bytes(op, info)
+        idx = decode_index(step, info) if indices is None else indices
+        unit_elements = unit // width
+        per = codecs.chunk_units(unit_elements)
+        sizes = codecs.value_chunk_sizes(op.count, unit, unit_elements)
+        for i, chunk in enumerate(codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where)):
+            sel = idx[i * per : (i + 1) * per]
+            if esort:
+                chunk = undo_esort(chunk, kernel.gather_rows(dst, unit, sel), info, planar)
+            if op.kind == "rows":
+                kernel.scatter_rows(dst, unit, sel, chunk, width, mode, planar=planar)
+            else:
+                kernel.scatter_elements(dst, sel, chunk, width, mode, planar=planar)
+        return
+    sizes = codecs.value_chunk_sizes(info.numel, width, 1)
+    pos = 0
+    for chunk in codecs.decoded_chunks(buf, s.codec, s.size, sizes, where=where):
+        part = dst[pos : pos + len(chunk)]
+        if esort:
+            chunk = undo_esort(chunk, part, info, planar)
+        if mode == "replace":
+            if planar:
+                kernel.unplanes(chunk, width, out=part)
+            else:
+                part[:] = chunk
+        else:
+            kernel.combine(part, chunk, width, mode, planar=planar)
+        pos += len(chunk)
