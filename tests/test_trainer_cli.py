@@ -168,12 +168,16 @@ def test_command_module_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
-def test_standalone_entry_reports_errors_in_one_line(tmp_path):
+def test_standalone_entry_is_the_main_cli_command(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "nnpatch.trainer.command", "--model", "x:y",
                            "-o", str(tmp_path / "n"), "--patch", str(tmp_path / "p")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+    assert proc.stderr.startswith("Error: give --recipe, or all of --model")  # the main CLI's wording
+    proc = subprocess.run([sys.executable, "-m", "nnpatch.trainer.command", "--help"],
+                          capture_output=True, text=True, check=True)
+    assert proc.stdout.startswith("Usage: nnpatch train-sparse [OPTIONS]")
 
 
 def test_parse_bytes_and_module_specs():

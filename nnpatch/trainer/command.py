@@ -1,9 +1,10 @@
 """``nnpatch train-sparse``: the Tiny Updater trainer as a click command.
 
-Imports only click and the standard library at import time; torch and the
-trainer are imported when the command runs.  Register with
-``cli.add_command(train_sparse)`` (its name is ``train-sparse``).  Run it
-stand-alone, also under torchrun, with ``python -m nnpatch.trainer.command``.
+Imports only click, the standard library and nnpatch.errors at import time;
+torch and the trainer are imported when the command runs.  ``nnpatch.cli``
+registers it (its name is ``train-sparse``).  ``python -m
+nnpatch.trainer.command ARGS``, also under torchrun, is ``nnpatch train-sparse
+ARGS``: the main CLI's error handling included.
 """
 
 from __future__ import annotations
@@ -13,7 +14,9 @@ import sys
 
 import click
 
-__all__ = ["train_sparse", "main"]
+from nnpatch.errors import MissingDependencyError, UsageError
+
+__all__ = ["train_sparse"]
 
 
 @click.command("train-sparse")
@@ -59,15 +62,13 @@ def train_sparse(recipe, model_spec, data_spec, base, base_out, ratio, budget, t
                  epochs, lr, batch_size, task, kd_temperature, kd_weight, norm_stats, seed, device, output, patch,
                  as_json):
     """Update a model so that only a few channels change (Tiny Updater), and write the patch."""
-    from nnpatch.errors import MissingDependencyError, UsageError
-
     if base_out is not None and recipe is None:
         raise UsageError("--base-out only goes with --recipe")
     try:
         import torch  # noqa: F401
     except ImportError:
         raise MissingDependencyError("train-sparse needs PyTorch: pip install 'nnpatch[train]'") from None
-    from nnpatch.trainer.run import train_sparse_run
+    from nnpatch.trainer.run import train_sparse_run  # here, not on top: it imports torch
 
     def log(msg: str) -> None:
         if not as_json:
@@ -113,23 +114,9 @@ def _table(r: dict) -> None:
     Console(stderr=True).print(t)
 
 
-def main(argv: list[str] | None = None) -> int:
-    """Stand-alone entry (``python -m nnpatch.trainer.command``): errors as one line, exit codes."""
-    from nnpatch.errors import NnpatchError
-
-    try:
-        train_sparse.main(args=argv, standalone_mode=False)
-    except click.exceptions.Abort:
-        click.echo("aborted", err=True)
-        return 130
-    except click.ClickException as exc:
-        exc.show()
-        return 2
-    except NnpatchError as exc:
-        click.echo(f"nnpatch train-sparse: error: {exc}", err=True)
-        return exc.exit_code
-    return 0
-
-
 if __name__ == "__main__":
-    sys.exit(main())
+    # Through the main CLI, so that errors get its one handler.  Imported only here: nnpatch.cli
+    # imports this module to register the command.
+    from nnpatch.cli import cli
+
+    cli(["train-sparse", *sys.argv[1:]], prog_name="nnpatch")
