@@ -17,7 +17,7 @@ from rich.console import Console
 from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
 from rich.table import Table
 
-from . import __version__, codecs, errors
+from .. import __version__, codecs, errors
 
 EXIT_CODES_HELP = """\b
 Exit codes:
@@ -65,13 +65,13 @@ def _quiet(ctx: click.Context) -> bool:
 
 
 def _version_text() -> str:
-    from . import kernel
+    from .. import kernel
 
     return f"nnpatch {__version__} (format {'.'.join(map(str, _format_version()))}, kernel {kernel.backend})"
 
 
 def _format_version():
-    from .patchfile import FORMAT_VERSION
+    from ..patchfile import FORMAT_VERSION
 
     return FORMAT_VERSION
 
@@ -143,7 +143,7 @@ def _human(n: float) -> str:
 @click.pass_context
 def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
     """Write a patch that turns OLD into NEW exactly."""
-    from .differ import diff as make_diff
+    from ..differ import diff as make_diff
 
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with _progress(ctx, "diff", total, not as_json) as advance:
@@ -216,7 +216,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
     PATCH '-' reads the patch from standard input; the output is committed only
     after the stream's trailer hash checks out.
     """
-    from .applier import apply_chain
+    from ..applier import apply_chain
 
     if in_place == bool(output):
         raise click.UsageError("give either -o OUTPUT or --in-place")
@@ -226,7 +226,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         opened = []
         for p in patches:
             if p == "-":
-                from .patchfile import read_patch_stream
+                from ..patchfile import read_patch_stream
 
                 where = os.path.dirname(os.path.abspath(output or old))
                 opened.append(stack.enter_context(read_patch_stream(directory=where)))
@@ -235,11 +235,11 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         total = _model_size(old)
         with _progress(ctx, "apply", total * (len(opened) if in_place else 1), not as_json) as advance:
             if in_place:
-                from .applier import apply_in_place
+                from ..applier import apply_in_place
 
                 if key is not None:
-                    from .patchfile import read_patch
-                    from .signing import verify_signature
+                    from ..patchfile import read_patch
+                    from ..signing import verify_signature
 
                     for p in opened:
                         if isinstance(p, str):
@@ -269,7 +269,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
 @click.pass_context
 def revert(ctx, new, patch, output, as_json):
     """Rebuild the old model from NEW and a reversible PATCH (made with diff --reversible)."""
-    from .applier import revert as do_revert
+    from ..applier import revert as do_revert
 
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with _progress(ctx, "revert", total, not as_json) as advance:
@@ -286,7 +286,7 @@ def revert(ctx, new, patch, output, as_json):
 @click.pass_context
 def recover(ctx, model, as_json):
     """Finish off an interrupted in-place apply: roll MODEL back to exactly what it was."""
-    from .applier import recover as do_recover
+    from ..applier import recover as do_recover
 
     note = do_recover(model)
     if as_json:
@@ -306,7 +306,7 @@ def recover(ctx, model, as_json):
 @click.pass_context
 def verify(ctx, patch, base, target, key, as_json):
     """Check a patch's integrity, and optionally its base, target and signature."""
-    from .verifier import verify as do_verify
+    from ..verifier import verify as do_verify
 
     report = do_verify(patch, base=base, target=target, key=key)
     if as_json:
@@ -327,7 +327,7 @@ def verify(ctx, patch, base, target, key, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 def keygen(prefix, as_json):
     """Make an Ed25519 key pair for signing patches."""
-    from .signing import generate_keypair
+    from ..signing import generate_keypair
 
     private, public = f"{prefix}.pem", f"{prefix}.pub.pem"
     kid = generate_keypair(private, public)
@@ -344,7 +344,7 @@ def keygen(prefix, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 def sign(patch, key, output, as_json):
     """Sign a patch (its trailer hash, which covers every byte)."""
-    from .signing import sign_patch
+    from ..signing import sign_patch
 
     kid = sign_patch(patch, key, output)
     if as_json:
@@ -366,7 +366,7 @@ def sign(patch, key, output, as_json):
 @click.pass_context
 def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
     """BLAKE3 of files (lines `b3sum -c` accepts), of tensors, or check a manifest."""
-    from . import hashing
+    from .. import hashing
 
     if expect_size is not None and (check or len(files) != 1):
         raise click.UsageError("--expect-size takes exactly one FILE")
@@ -393,7 +393,7 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
     for path in files:
         entry = {"path": path, "blake3": hashing.hash_file(path)}
         if tensors:
-            from .weights import open_model
+            from ..weights import open_model
 
             with open_model(path) as w:
                 model, per = hashing.model_digest(w)
@@ -446,7 +446,7 @@ def _read_text(path: str) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
 def release(olds, new, outdir, level, chain, as_json):
     """Patches from every old version to the new one, plus a manifest for updaters."""
-    from .release import make_release
+    from ..release import make_release
 
     manifest = make_release(list(olds), new, outdir, level=level, chain=chain)
     if as_json:
@@ -463,7 +463,7 @@ def release(olds, new, outdir, level, chain, as_json):
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
 def update(model, manifest, patch_dir, prefer, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash."""
-    from .release import update as do_update
+    from ..release import update as do_update
 
     r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer)
     if as_json:
@@ -481,8 +481,8 @@ def update(model, manifest, patch_dir, prefer, as_json):
 @click.argument("file", type=click.Path())
 def textconv(file):
     """A stable text summary of a model, for `git diff` (see the README)."""
-    from . import hashing
-    from .weights import open_model
+    from .. import hashing
+    from ..weights import open_model
 
     with open_model(file) as w:
         model, per = hashing.model_digest(w)
@@ -506,8 +506,8 @@ def textconv(file):
                    "matplotlib: pip install 'nnpatch[plot]').")
 def show(patch, as_json, plot_path):
     """Print a patch's header and a per-tensor table."""
-    from .patchfile import read_patch
-    from .report import bar, plot, tensor_shares
+    from ..patchfile import read_patch
+    from ..report import bar, plot, tensor_shares
 
     with read_patch(patch) as p:
         h = p.header
@@ -557,7 +557,7 @@ def show(patch, as_json, plot_path):
 @click.pass_context
 def demo(ctx, directory, synthetic, as_json):
     """Train, update with train-sparse, diff, apply and verify on built-in data."""
-    from .demo import run_demo
+    from ..demo import run_demo
 
     result = run_demo(directory, echo=(lambda s: None) if as_json else click.echo, synthetic=synthetic or None)
     if as_json:
@@ -566,7 +566,7 @@ def demo(ctx, directory, synthetic, as_json):
 
 def _register_optional() -> None:
     try:
-        from .trainer.command import train_sparse
+        from ..trainer.command import train_sparse
     except ImportError:
         return
     cli.add_command(train_sparse, "train-sparse")
