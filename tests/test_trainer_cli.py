@@ -195,6 +195,29 @@ def test_parse_bytes_and_module_specs():
         load_spec("nnpatch.trainer.recipes", "--model")
 
 
+def test_options_are_declared_once_for_the_command_the_run_and_the_trainer(tiny, tmp_path):
+    import dataclasses
+
+    from nnpatch.trainer import TrainerConfig, TrainSparseOptions
+    from nnpatch.trainer.run import train_sparse_run
+
+    declared = [f for f in dataclasses.fields(TrainSparseOptions) if "flags" in f.metadata]
+    assert [p.name for p in train_sparse.params] == [f.name for f in declared] + ["as_json"]
+    shared = TrainSparseOptions(output="n", patch="p").trainer_fields()
+    assert set(shared) <= {f.name for f in dataclasses.fields(TrainerConfig)} and "epochs" in shared
+
+    spec, base = tiny
+    common = dict(model_spec=f"{spec}:model", data_spec=f"{spec}:data", base=str(base), ratio=0.25,
+                  epochs=1, teacher_epochs=1, batch_size=32)
+    by_keywords = train_sparse_run(**common, output=str(tmp_path / "a.safetensors"), patch=str(tmp_path / "a.np"))
+    by_object = train_sparse_run(TrainSparseOptions(**common, output="unused", patch="unused"),
+                                 output=str(tmp_path / "b.safetensors"), patch=str(tmp_path / "b.np"))
+    assert read(tmp_path / "a.safetensors") == read(tmp_path / "b.safetensors")
+    assert by_keywords["channels_changed"] == by_object["channels_changed"] > 0
+    with pytest.raises(TypeError):
+        train_sparse_run(**common, output="n", patch="p", epoch=3)
+
+
 def test_save_weights_replaces_the_file_whole_or_not_at_all(tmp_path):
     torch = pytest.importorskip("torch")
     from nnpatch.trainer.run import load_weights, save_weights

@@ -7,6 +7,8 @@ module (and torch) on first use.  The ``train-sparse`` click command lives in
 Main API::
 
     from nnpatch.trainer import group_channels, SparseUpdate, kd_loss, Trainer, TrainerConfig, set_seed
+    from nnpatch.trainer import update              # the Tiny Updater (nnpatch.trainer.tiny_updater)
+    from nnpatch.trainer import train_sparse_run, TrainSparseOptions   # what ``train-sparse`` runs
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ _EXPORTS = {
     "init_distributed": "trainer",
     "update": "tiny_updater", "train_sparse_run": "run", "load_spec": "run", "save_weights": "run",
     "load_weights": "run", "parse_bytes": "run",
+    "TrainSparseOptions": "options",
 }
 
 __all__ = sorted(_EXPORTS)

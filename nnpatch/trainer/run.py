@@ -26,6 +26,7 @@ are compared by digest and rank 0 writes the files.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import importlib
 import importlib.util
@@ -34,20 +35,23 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, NamedTuple
 
 import torch
 from torch import nn
 
+import nnpatch
+
 from ..atomic import atomic_path
-from ..errors import MissingDependencyError, TrainingError, UsageError, WeightsError
+from ..errors import TrainingError, UsageError, WeightsError
 from ..hashing import canonical_order
+from .options import TrainSparseOptions
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
 from .tiny_updater import update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
 
-__all__ = ["load_spec", "load_weights", "save_weights", "update", "train_sparse_run", "parse_bytes"]
+__all__ = ["load_spec", "load_weights", "save_weights", "train_sparse_run", "parse_bytes", "core_function"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -170,110 +174,47 @@ def _metric(task: str, res: dict) -> float:
     return res["accuracy"] if task == "classification" else res["psnr"]
 
 
-def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: str | None,
-                     base: str | None, ratio: float | None, budget: str | None, teacher_path: str | None,
-                     teacher_epochs: int | None, epochs: int | None, lr: float | None, batch_size: int | None,
-                     task: str | None, kd_temperature: float | None, kd_weight: float | None, seed: int,
-                     device: str, norm_stats: str = "frozen",
-                     output: str, patch: str, base_out: str | None = None,
-                     cost_factor: float = 0.9, log: Callable[[str], None] | None = None) -> dict | None:
-    """Everything ``nnpatch train-sparse`` does; returns the report (None on ranks > 0)."""
-    if recipe is not None and (model_spec or data_spec or base):
-        raise UsageError("--recipe cannot be combined with --model/--data/--base")
-    if recipe is None and not (model_spec and data_spec and base):
-        raise UsageError("give --recipe, or all of --model, --data and --base")
-    if recipe is not None and recipe != "digits":
-        raise UsageError(f"unknown recipe {recipe!r}; known: digits")
-    if teacher_path and teacher_epochs is not None:
-        raise UsageError("--teacher and --teacher-epochs exclude each other")
-    if budget is not None and ratio is not None:
-        raise UsageError("--ratio and --budget exclude each other")
-    budget_bytes = parse_bytes(budget) if budget is not None else None
-    if budget_bytes is None:
-        ratio = 0.1 if ratio is None else ratio
-        if not 0.0 < ratio <= 1.0:
-            raise UsageError(f"--ratio must be in (0, 1], got {ratio}")
-    for name, val in (("--epochs", epochs), ("--teacher-epochs", teacher_epochs), ("--batch-size", batch_size)):
-        if val is not None and val < 1:
-            raise UsageError(f"{name} must be >= 1")
-    if lr is not None and not lr > 0:
-        raise UsageError("--lr must be > 0")
-    tuned = recipe is not None  # the recipe's tuned defaults (benchmarks/RESULTS-tinyupdater.md)
-    lr_given = lr
-    lr = lr if lr is not None else (1e-2 if tuned else 3e-3)
-    kd_weight = kd_weight if kd_weight is not None else (3.0 if tuned else 1.0)
-    kd_temperature = kd_temperature if kd_temperature is not None else (2.0 if tuned else 4.0)
-    if kd_temperature <= 0:
-        raise UsageError("--kd-temperature must be > 0")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is available")
-    out_path = Path(output)
-    patch_path = Path(patch)
-    for p in (out_path, patch_path):
-        if not p.parent.exists() and str(p.parent) not in ("", "."):
-            raise UsageError(f"folder {p.parent} does not exist")
-    if teacher_path and not Path(teacher_path).is_file():
-        raise WeightsError("no such file", path=teacher_path)
+#: What the digits recipe was tuned with (benchmarks/RESULTS-tinyupdater.md), for options left None.
+DIGITS_TUNED: dict[str, Any] = {"epochs": 20, "teacher_epochs": 20, "lr": 1e-2, "kd_weight": 3.0,
+                                "kd_temperature": 2.0}
+#: The digits teacher's (the full update's) tuned learning rate, used while --lr is not given.
+DIGITS_TEACHER_LR = 3e-3
+#: The digits recipe's M0, trained on the old digits.
+DIGITS_M0 = {"epochs": 15, "batch_size": 64, "lr": 3e-3}
+#: The share of channels allowed to change when neither --ratio nor --budget is given.
+DEFAULT_RATIO = 0.1
 
-    distributed = init_distributed(device)
+
+def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
+                     log: Callable[[str], None] | None = None, **fields: Any) -> dict | None:
+    """Everything ``nnpatch train-sparse`` does; returns the report (None on ranks > 0).
+
+    Takes a :class:`TrainSparseOptions`, or its fields as keywords (with both, the keywords win)."""
+    given = TrainSparseOptions(**fields) if options is None else dataclasses.replace(options, **fields)
+    budget_bytes = _refuse_bad_options(given)
+    opts = _with_defaults(given, budget_bytes)
+    out_path, patch_path = Path(opts.output), Path(opts.patch)
+
+    distributed = init_distributed(opts.device)
     rank, world = world_info()
-    if recipe is not None:
+    if opts.recipe is not None:
         torch.set_num_threads(1)  # the recipe's models are tiny: threads only add overhead
-    elif distributed and device == "cpu":
+    elif distributed and opts.device == "cpu":
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // world))
     say = log if (log is not None and rank == 0) else None
-    set_seed(seed)
+    set_seed(opts.seed)
     t0 = time.time()
 
-    if recipe == "digits":
-        task = task or "classification"
-        if task != "classification":
-            raise UsageError("--recipe digits is a classification task")
-        sc = digits_scenario(seed=seed)
-        base_model = DigitsCNN(sc["num_classes"])
-        m0_cfg = TrainerConfig(epochs=15, batch_size=64, lr=3e-3, seed=seed, device=device)
-        if say:
-            say("training v1 (M0) on the old digits")
-        Trainer(m0_cfg, base_model, sc["old_train"]).run()
-        base_model = base_model.to("cpu").eval()
-        stem = out_path.name[:-len(".safetensors")] if out_path.name.endswith(".safetensors") else out_path.name
-        base_path = Path(base_out) if base_out else out_path.with_name(stem + ".base.safetensors")
-        if base_path.resolve() == out_path.resolve():
-            raise UsageError("--base-out and -o name the same file")
-        if rank == 0:
-            save_weights(base_model.state_dict(), base_path)
-        train_ds, eval_ds = sc["new_train"], sc["new_test"]
-        base_file_state = {k: v.clone() for k, v in base_model.state_dict().items()}
-        epochs = epochs or 20
-        teacher_epochs_default = 20
-    else:
-        assert model_spec and data_spec and base
-        task = task or "classification"
-        base_model = load_spec(model_spec, "--model")
-        if not isinstance(base_model, nn.Module):
-            raise UsageError(f"--model {model_spec!r} gave {type(base_model).__name__}, not a torch.nn.Module")
-        data = load_spec(data_spec, "--data")
-        if not (isinstance(data, (tuple, list)) and len(data) == 2):
-            raise UsageError(f"--data {data_spec!r} must give a (train_dataset, eval_dataset) pair")
-        train_ds, eval_ds = data
-        base_path = Path(base)
-        base_file_state = load_weights(base_path)
-        load_into(base_model, base_file_state, str(base_path))
-        base_model.eval()
-        epochs = epochs or 10
-        teacher_epochs_default = epochs
-
+    m0 = _digits_base(opts, rank, say) if opts.recipe is not None else _user_base(opts)
+    base_model, train_ds, eval_ds, base_path, base_file_state = m0
     teacher = None
-    if teacher_path:
+    if opts.teacher_path:
         teacher = copy.deepcopy(base_model)
-        load_into(teacher, load_weights(teacher_path), teacher_path)
-    cfg = TrainerConfig(epochs=epochs, batch_size=batch_size or 64, lr=lr, task=task,
-                        kd_temperature=kd_temperature, kd_weight=kd_weight, ratio=ratio,
-                        budget_bytes=budget_bytes, cost_factor=cost_factor, seed=seed, device=device,
-                        norm_stats=norm_stats)
-    res = update(base_model.to(device), train_ds, eval_ds, config=cfg, teacher=teacher,
-                 teacher_epochs=teacher_epochs or teacher_epochs_default,
-                 teacher_lr=3e-3 if tuned and lr_given is None else None, log=say)
+        load_into(teacher, load_weights(opts.teacher_path), opts.teacher_path)
+    cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes)
+    teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
+    res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
+                 teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say)
     student = res["student"].to("cpu")
     teacher = res["teacher"].to("cpu")
     # the student in the base file's dtypes (frozen channels round-trip exactly)
@@ -286,53 +227,136 @@ def train_sparse_run(*, recipe: str | None, model_spec: str | None, data_spec: s
         return None
     if not agree:
         raise TrainingError("ranks ended with different weights")
-    base_model = base_model.to("cpu")
+    task = opts.task
     report: dict[str, Any] = {
-        "recipe": recipe, "task": task, "metric": "accuracy" if task == "classification" else "psnr",
-        "base_metric": _metric(task, evaluate(base_model, eval_ds, task)),
+        "recipe": opts.recipe, "task": task, "metric": "accuracy" if task == "classification" else "psnr",
+        "base_metric": _metric(task, evaluate(base_model.to("cpu"), eval_ds, task)),
         "teacher_metric": _metric(task, evaluate(teacher, eval_ds, task)),
         "student_metric": _metric(task, evaluate(student, eval_ds, task)),
-        "ratio": ratio, "budget_bytes": budget_bytes,
+        "ratio": opts.ratio, "budget_bytes": budget_bytes,
         "channels_total": check["channels_total"], "channels_kept": res["sparse"].num_kept,
         "channels_changed": check["channels_changed"],
         "percent_channels_changed": 100.0 * check["channels_changed"] / max(1, check["channels_total"]),
         "params_total": check["params_total"], "params_changed": check["params_changed"],
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
-        "norm_stats": norm_stats, "norm_stats_changed": check["stats_changed"],
+        "norm_stats": opts.norm_stats, "norm_stats_changed": check["stats_changed"],
         "world_size": world, "ranks_agree": agree,
     }
-    limit = None if ratio is None else math.floor(ratio * check["channels_total"] + 1e-9)
-    if limit is not None and check["channels_changed"] > limit:
-        raise TrainingError(f"{check['channels_changed']} channels changed, over the {limit} allowed")
+    _refuse_over_the_limit(check, opts.ratio)
     save_weights(new_state, out_path)
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
-    make = core_function("diff")
-    if make is None:
-        raise MissingDependencyError(f"nnpatch.diff is not available: {out_path} written, no patch made")
-    result = make(str(base_path), str(out_path), str(patch_path))
-    report["patch_bytes"] = int(getattr(result, "patch_size", patch_path.stat().st_size))
+    report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path)).patch_size
     if budget_bytes is not None:
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
-        report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * cost_factor)
+        report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * opts.cost_factor)
     report["seconds"] = round(time.time() - t0, 2)
     return report
 
 
+def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
+    """Raise the usage error of options that cannot run together; returns ``--budget`` in bytes."""
+    if o.recipe is not None and (o.model_spec or o.data_spec or o.base):
+        raise UsageError("--recipe cannot be combined with --model/--data/--base")
+    if o.recipe is None and not (o.model_spec and o.data_spec and o.base):
+        raise UsageError("give --recipe, or all of --model, --data and --base")
+    if o.recipe is not None and o.recipe != "digits":
+        raise UsageError(f"unknown recipe {o.recipe!r}; known: digits")
+    if o.teacher_path and o.teacher_epochs is not None:
+        raise UsageError("--teacher and --teacher-epochs exclude each other")
+    if o.budget is not None and o.ratio is not None:
+        raise UsageError("--ratio and --budget exclude each other")
+    budget_bytes = parse_bytes(o.budget) if o.budget is not None else None
+    if o.ratio is not None and not 0.0 < o.ratio <= 1.0:
+        raise UsageError(f"--ratio must be in (0, 1], got {o.ratio}")
+    for name, val in (("--epochs", o.epochs), ("--teacher-epochs", o.teacher_epochs),
+                      ("--batch-size", o.batch_size)):
+        if val is not None and val < 1:
+            raise UsageError(f"{name} must be >= 1")
+    if o.lr is not None and not o.lr > 0:
+        raise UsageError("--lr must be > 0")
+    if o.kd_temperature is not None and o.kd_temperature <= 0:
+        raise UsageError("--kd-temperature must be > 0")
+    if o.device.startswith("cuda") and not torch.cuda.is_available():
+        raise UsageError("--device cuda: no CUDA device is available")
+    for p in (Path(o.output), Path(o.patch)):
+        if not p.parent.exists() and str(p.parent) not in ("", "."):
+            raise UsageError(f"folder {p.parent} does not exist")
+    if o.teacher_path and not Path(o.teacher_path).is_file():
+        raise WeightsError("no such file", path=o.teacher_path)
+    if o.recipe == "digits" and o.task not in (None, "classification"):
+        raise UsageError("--recipe digits is a classification task")
+    return budget_bytes
+
+
+def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSparseOptions:
+    """``o`` with the options left None filled in: the recipe's tuned values, else the Trainer's defaults."""
+    tuned = DIGITS_TUNED if o.recipe is not None else {}
+    trainer = TrainerConfig()
+    filled = {name: tuned.get(name, getattr(trainer, name))
+              for name in ("epochs", "batch_size", "lr", "task", "kd_temperature", "kd_weight")
+              if getattr(o, name) is None}
+    o = dataclasses.replace(o, **filled)
+    teacher_epochs = o.teacher_epochs if o.teacher_epochs is not None else tuned.get("teacher_epochs", o.epochs)
+    ratio = o.ratio if o.ratio is not None or budget_bytes is not None else DEFAULT_RATIO
+    return dataclasses.replace(o, teacher_epochs=teacher_epochs, ratio=ratio)
+
+
+class _M0(NamedTuple):
+    """The pre-update model, the update's data, and the weights file the patch starts from."""
+
+    model: nn.Module
+    train_ds: Any
+    eval_ds: Any
+    path: Path
+    file_state: dict[str, torch.Tensor]
+
+
+def _digits_base(o: TrainSparseOptions, rank: int, say: Callable[[str], None] | None) -> _M0:
+    """M0 of the digits recipe, trained on the old digits and written beside ``-o`` (or to ``--base-out``)."""
+    sc = digits_scenario(seed=o.seed)
+    base_model = DigitsCNN(sc["num_classes"])
+    if say:
+        say("training v1 (M0) on the old digits")
+    Trainer(TrainerConfig(**DIGITS_M0, seed=o.seed, device=o.device), base_model, sc["old_train"]).run()
+    base_model = base_model.to("cpu").eval()
+    out_path = Path(o.output)
+    stem = out_path.name.removesuffix(".safetensors")
+    base_path = Path(o.base_out) if o.base_out else out_path.with_name(stem + ".base.safetensors")
+    if base_path.resolve() == out_path.resolve():
+        raise UsageError("--base-out and -o name the same file")
+    if rank == 0:
+        save_weights(base_model.state_dict(), base_path)
+    base_file_state = {k: v.clone() for k, v in base_model.state_dict().items()}
+    return _M0(base_model, sc["new_train"], sc["new_test"], base_path, base_file_state)
+
+
+def _user_base(o: TrainSparseOptions) -> _M0:
+    """M0 from ``--model``, ``--data`` and ``--base``."""
+    base_model = load_spec(o.model_spec, "--model")
+    if not isinstance(base_model, nn.Module):
+        raise UsageError(f"--model {o.model_spec!r} gave {type(base_model).__name__}, not a torch.nn.Module")
+    data = load_spec(o.data_spec, "--data")
+    if not (isinstance(data, (tuple, list)) and len(data) == 2):
+        raise UsageError(f"--data {o.data_spec!r} must give a (train_dataset, eval_dataset) pair")
+    base_path = Path(o.base)
+    base_file_state = load_weights(base_path)
+    load_into(base_model, base_file_state, str(base_path))
+    base_model.eval()
+    train_ds, eval_ds = data
+    return _M0(base_model, train_ds, eval_ds, base_path, base_file_state)
+
+
+def _refuse_over_the_limit(check: dict, ratio: float | None) -> None:
+    """Recounted from the saved bytes, the changed channels must still fit ``ratio``."""
+    limit = None if ratio is None else math.floor(ratio * check["channels_total"] + 1e-9)
+    if limit is not None and check["channels_changed"] > limit:
+        raise TrainingError(f"{check['channels_changed']} channels changed, over the {limit} allowed")
+
+
 def core_function(name: str) -> Callable | None:
-    """``nnpatch.diff`` / ``nnpatch.apply`` from the core, whether exported as a function or a module."""
-    try:
-        import nnpatch
-    except ImportError:
-        return None
+    """``nnpatch.diff`` / ``nnpatch.apply`` (any function of the core) by name; None if there is none."""
     obj = getattr(nnpatch, name, None)
-    if obj is None:
-        try:
-            obj = importlib.import_module(f"nnpatch.{name}")
-        except ImportError:
-            return None
-    if not callable(obj):
-        obj = getattr(obj, name, None)
     return obj if callable(obj) else None
 
 
