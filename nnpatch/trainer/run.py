@@ -1,4 +1,4 @@
-"""The ``train-sparse`` pipeline: teacher, distilled channel-sparse student, files, patch.
+"""The ``train-sparse`` plumbing around the Tiny Updater (``tiny_updater.update``): M0, files, ranks, patch.
 
 ``--model`` / ``--data`` SPEC: ``module.path:name`` or ``path/to/file.py:name``.
 ``name`` is looked up in the module; if it is callable (and not already an
@@ -14,7 +14,8 @@ What the command does: (1) M0 = ``--base`` loaded into the ``--model`` architect
 M0 fine-tuned with every parameter free for ``--teacher-epochs`` (or ``--teacher``);
 (3) the student = M0 trained with task loss + ``--kd-weight`` x KD under a
 channel-sparse update (cubic schedule down to ``--ratio`` of the channels, or to
-what fits ``--budget`` bytes estimated as raw bytes x 0.9); (4) the student is
+what fits ``--budget`` bytes estimated as raw bytes x 0.9) -- (2) and (3) are
+``tiny_updater.update``; (4) the student is
 saved in the base file's dtypes (frozen channels round-trip bit-exactly), with
 ``num_batches_tracked`` and every other non-float tensor reset to M0's value so
 they never count as a change; (5) the changed channels are recounted from the

@@ -12,21 +12,15 @@ the changed channels only.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import time
-from typing import Any, Callable
+from typing import Callable
 
 from torch import nn
 
 from .trainer import Trainer, TrainerConfig, set_seed
 
 __all__ = ["update"]
-
-
-def _cfg(base: TrainerConfig, **kw: Any) -> TrainerConfig:
-    c = copy.copy(base)
-    for k, v in kw.items():
-        setattr(c, k, v)
-    return c
 
 
 def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
@@ -42,11 +36,7 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
     t0 = time.time()
     base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
     if teacher is None and kd:
-        set_seed(config.seed + 1)
-        teacher = copy.deepcopy(base_model)
-        tcfg = _cfg(config, ratio=None, budget_bytes=None, epochs=teacher_epochs or config.epochs,
-                    lr=teacher_lr or config.lr, checkpoint_path=None)
-        Trainer(tcfg, teacher, train_ds).run()
+        teacher = _train_teacher(base_model, train_ds, config, teacher_epochs, teacher_lr)
         if log:
             log(f"teacher trained ({time.time() - t0:.1f}s)")
     set_seed(config.seed + 2)
@@ -63,3 +53,14 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
         check = tr.sparse.verify(base_state)
     return {"student": student, "teacher": teacher, "base_state": base_state, "sparse": tr.sparse,
             "check": check, "seconds": time.time() - t0}
+
+
+def _train_teacher(base_model: nn.Module, train_ds, config: TrainerConfig, epochs: int | None,
+                   lr: float | None) -> nn.Module:
+    """M0 fine-tuned with every parameter free (the full update), under ``config`` otherwise."""
+    set_seed(config.seed + 1)
+    teacher = copy.deepcopy(base_model)
+    full = dataclasses.replace(config, ratio=None, budget_bytes=None, epochs=epochs or config.epochs,
+                               lr=lr or config.lr, checkpoint_path=None)
+    Trainer(full, teacher, train_ds).run()
+    return teacher
