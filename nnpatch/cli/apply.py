@@ -1,0 +1,100 @@
+"""``nnpatch apply``, ``revert`` and ``recover``: the commands that build a model from a patch."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+import click
+
+from ..applier import apply_chain, apply_in_place
+from ..applier import recover as do_recover
+from ..applier import revert as do_revert
+from ..patchfile import read_patch_stream
+from ._common import EXIT_CODES_HELP, emit_json, human, quiet
+from ._progress import model_size, progress
+
+_VERIFY_HELP = ("default: hash the whole base and every touched tensor, which proves the output without reading it "
+                "again; full: also re-hash the whole output; touched: only touched tensors (fastest; an untouched "
+                "tensor that differs in the base goes undetected).")
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("old", type=click.Path())
+@click.argument("patches", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
+@click.option("-o", "--output", type=click.Path(),
+              help="Model file to write (replaced atomically); a new directory for a patch whose target is a "
+                   "model directory.")
+@click.option("--in-place", is_flag=True,
+              help="Update OLD itself, writing only the changed rows, behind an undo journal (crash-safe).")
+@click.option("--verify", "verify_mode", type=click.Choice(["default", "full", "touched"]), default="default",
+              show_default=True, help=_VERIFY_HELP)
+@click.option("--key", type=click.Path(dir_okay=False),
+              help="Refuse any patch not signed by this Ed25519 public key (PEM); exit 4.")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
+    """Rebuild the patched model from OLD and PATCH, checked by hash.
+
+    \b
+    Several patches apply as a chain in one pass (nothing intermediate is written).
+    PATCH '-' reads the patch from standard input; the output is committed only
+    after the stream's trailer hash checks out.
+    """
+    if in_place == bool(output):
+        raise click.UsageError("give either -o OUTPUT or --in-place")
+    if list(patches).count("-") > 1:
+        raise click.UsageError("standard input can hold only one patch")
+    with contextlib.ExitStack() as stack:
+        opened = []
+        for p in patches:
+            if p == "-":
+                where = os.path.dirname(os.path.abspath(output or old))
+                opened.append(stack.enter_context(read_patch_stream(directory=where)))
+            else:
+                opened.append(p)
+        total = model_size(old)
+        with progress(ctx, "apply", total * (len(opened) if in_place else 1), not as_json) as advance:
+            if in_place:
+                for p in opened:
+                    r = apply_in_place(old, p, verify=verify_mode, progress=advance, key=key)
+            else:
+                r = apply_chain(old, opened, output, verify=verify_mode, progress=advance, key=key)
+    if as_json:
+        emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops, "verify": r.verify,
+                   "links": len(opened), "in_place": in_place})
+    elif not quiet(ctx):
+        how = "file re-hashed" if r.verify == "full" else (
+            "base and every tensor written" if r.verify == "default" else "touched tensors only")
+        click.echo(f"wrote {r.output} ({human(r.size)}, BLAKE3 {r.blake3}), verified: {how}")
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("new", type=click.Path(dir_okay=False))
+@click.argument("patch", type=click.Path(dir_okay=False))
+@click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
+              help="Model file to write (replaced atomically).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def revert(ctx, new, patch, output, as_json):
+    """Rebuild the old model from NEW and a reversible PATCH (made with diff --reversible)."""
+    total = os.path.getsize(new) if os.path.exists(new) else 0
+    with progress(ctx, "revert", total, not as_json) as advance:
+        r = do_revert(new, patch, output, progress=advance)
+    if as_json:
+        emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops})
+    elif not quiet(ctx):
+        click.echo(f"wrote {r.output} ({human(r.size)}, BLAKE3 {r.blake3}), verified")
+
+
+@click.command(epilog=EXIT_CODES_HELP)
+@click.argument("model", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.pass_context
+def recover(ctx, model, as_json):
+    """Finish off an interrupted in-place apply: roll MODEL back to exactly what it was."""
+    note = do_recover(model)
+    if as_json:
+        emit_json({"model": model, "recovered": note is not None, "detail": note or "nothing to recover"})
+    elif not quiet(ctx):
+        click.echo(f"{model}: {note or 'nothing to recover'}")
