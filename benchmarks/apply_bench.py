@@ -193,7 +193,7 @@ def scatter_speed(patch: str, base: str) -> tuple[float, float]:
     """Seconds for the scatter step of every rows op, C vs numpy, on the same decoded data."""
     from nnpatch import codecs, kernel
     from nnpatch.applier.decode import decode_index, row_bytes
-    from nnpatch.applier.plan import Step, _delta_mode
+    from nnpatch.applier.plan import Step, delta_mode
     from nnpatch.patchfile import read_patch
     from nnpatch.weights import SafetensorsFile
 
@@ -203,7 +203,7 @@ def scatter_speed(patch: str, base: str) -> tuple[float, float]:
             if op.kind != "rows":
                 continue
             info = b.tensors[op.name]
-            step = Step(p, op, op.values, _delta_mode(op, op.values))
+            step = Step(p, op, op.values, delta_mode(op, op.values))
             idx = decode_index(step, info)
             unit = row_bytes(op, info)
             per = codecs.chunk_units(unit // 4)

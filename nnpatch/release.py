@@ -29,18 +29,20 @@ beside the old one, checks its directory digest, and swaps it in atomically
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import tempfile
 from dataclasses import dataclass, field
 
 from . import __version__
 from ._json import loads_strict, read_bounded
-from .atomic import atomic_write, fsync_dir
-from .errors import IntegrityError, NnpatchIOError, NoPatchError, PatchFormatError, UsageError, WeightsError
-from .weights.source import path_digest
+from .atomic import atomic_write
+from .errors import IntegrityError, NnpatchIOError, NoPatchError, PatchFormatError, UsageError
+from .applier import replace_model
+from .differ import diff
+from .hashing import digests_equal, hash_file, model_digest
+from .patchfile import read_patch
+from .weights.source import open_source, path_digest
 
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "nnpatch-release"
@@ -66,9 +68,6 @@ def _stem(path: str) -> str:
 
 
 def _patch_info(path: str) -> dict:
-    from .hashing import hash_file
-    from .patchfile import read_patch
-
     with read_patch(path) as p:
         h = p.header
         return {
@@ -91,7 +90,6 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     ``"always"`` for every old version with a chain of two links or more,
     ``"never"`` makes no consecutive patches at all.
     """
-    import nnpatch
 
     if chain not in ("auto", "always", "never"):
         raise UsageError(f"chain must be auto, always or never, got {chain!r}")
@@ -128,7 +126,7 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     direct: dict[str, dict] = {}
     for v in versions:
         out = os.path.join(outdir, patch_name(v, target))
-        nnpatch.diff(v.path, target.path, out, **diff_kw)
+        diff(v.path, target.path, out, **diff_kw)
         direct[v.blake3] = _patch_info(out)
     # links[i]: the patch from versions[i] to the next version (the last one's is its direct patch)
     links: list[dict] = []
@@ -140,7 +138,7 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
                 continue
             nxt = versions[i + 1]
             out = os.path.join(outdir, patch_name(v, nxt))
-            nnpatch.diff(v.path, nxt.path, out, **diff_kw)
+            diff(v.path, nxt.path, out, **diff_kw)
             links.append(_patch_info(out))
             made_consecutive.append(out)
     used: set[str] = set()
@@ -173,9 +171,6 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
         if os.path.basename(out) not in used:
             os.unlink(out)
     if target_model is None:
-        from .hashing import model_digest
-        from .weights.source import open_source
-
         with open_source(target.path) as t:
             target_model = model_digest(t)[0].hex()
     manifest = {
@@ -269,8 +264,6 @@ class UpdateResult:
 
 
 def _check_patch_file(path: str, link: dict) -> None:
-    from .hashing import digests_equal, hash_file
-
     try:
         size = os.path.getsize(path)
     except OSError as e:
@@ -299,9 +292,6 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     against the manifest's target; ``verify`` is accepted for compatibility
     and changes nothing.
     """
-    from .hashing import digests_equal
-    from .patchfile import read_patch
-
     if prefer not in ("direct", "smallest", "chain"):
         raise UsageError(f"prefer must be direct, smallest or chain, got {prefer!r}")
     model_path = os.fspath(model_path)
@@ -342,8 +332,11 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         paths.append(p)
     if not digests_equal(links[-1]["target_blake3"], target["blake3"]):
         raise IntegrityError("the manifest's patches do not lead to its target", what="manifest")
-    apply = _update_directory if os.path.isdir(model_path) else _update_file
-    result = apply(model_path, paths, target["blake3"])
+    # verify="full": the result's file (or directory) digest is computed from what was written and checked
+    # against the last patch's target, which the loop above proved is the manifest's target
+    result = replace_model(model_path, paths, verify="full").blake3
+    if not digests_equal(result, target["blake3"]):
+        raise _target_mismatch(result, target["blake3"])
     return UpdateResult(model_path, True, current, result, [os.path.basename(p) for p in paths],
                         sum(link["patch_size"] for link in links))
 
@@ -352,47 +345,3 @@ def _target_mismatch(result: str, want: str) -> IntegrityError:
     return IntegrityError(f"updated model has BLAKE3 {result}, the manifest's target is {want}",
                           what="target blake3", expected=want, actual=result)
 
-
-def _update_file(model_path: str, paths: list[str], want: str) -> str:
-    """Apply into a temporary file beside the model; rename it over the model once its digest is the target's.
-
-    ``verify="full"`` re-hashes the result once and checks it against the last patch's target, which
-    ``update`` proved is ``want``; the file takes the model's permissions before it replaces it."""
-    from .applier import apply_chain
-    from .hashing import digests_equal
-
-    directory = os.path.dirname(os.path.abspath(model_path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(model_path) + ".", suffix=".update", dir=directory)
-    os.close(fd)
-    try:
-        result = apply_chain(model_path, paths, tmp, verify="full").blake3
-        if not digests_equal(result, want):
-            raise _target_mismatch(result, want)
-        with contextlib.suppress(OSError):
-            os.chmod(tmp, os.stat(model_path).st_mode & 0o7777)
-        os.replace(tmp, model_path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
-    return result
-
-
-def _update_directory(model_path: str, paths: list[str], want: str) -> str:
-    """Build the new directory beside the model and swap it in.
-
-    ``verify="full"``, as for a file: build_directory checks the directory digest against the last
-    patch's target, which ``update`` proved is ``want``, before anything is swapped."""
-    from .applier.directory import build_directory
-    from .applier.inplace import locked
-    from .applier.plan import plan_forward
-    from .patchfile import read_patch
-    from .weights.source import open_source
-
-    with contextlib.ExitStack() as stack:
-        patches = [stack.enter_context(read_patch(p)) for p in paths]
-        stack.enter_context(locked(model_path))
-        src = stack.enter_context(open_source(model_path))
-        return build_directory(plan_forward(src, patches), src, model_path, "full", lambda n: None,
-                               replace=True).blake3

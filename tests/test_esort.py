@@ -227,7 +227,7 @@ def test_esort_on_an_integer_tensor_is_refused(tmp_path):
 
 def test_encode_stream_with_esort_round_trips_through_the_applier(backend):
     """encode_value_stream + the applier's whole-op decode, on every float dtype and delta stage."""
-    from nnpatch.applier.decode import _run_step
+    from nnpatch.applier.decode import run_step
     from nnpatch.applier.plan import Step
     from nnpatch.patchfile import Op, Section, TensorRef
     from nnpatch.weights import TensorInfo
@@ -256,7 +256,7 @@ def test_encode_stream_with_esort_round_trips_through_the_applier(backend):
             op.values = section
             info = TensorInfo("t", dtype, (n,), 0, n * width)
             dst = old.copy()
-            _run_step(Step(_P(), op, section, delta), info, dst, None)
+            run_step(Step(_P(), op, section, delta), info, dst)
             assert np.array_equal(dst, new), (dtype, delta)
 
 

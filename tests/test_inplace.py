@@ -15,7 +15,8 @@ import nnpatch
 from nnpatch.cli import cli
 from nnpatch.errors import BaseMismatchError, IntegrityError
 from nnpatch.hashing import hash_file
-from nnpatch.applier.inplace import SimulatedCrash, apply_in_place, recover
+from nnpatch.applier import apply_in_place, recover
+from nnpatch.applier.inplace import SimulatedCrash
 from nnpatch.applier.journal import journal_path
 
 from .conftest import read, save

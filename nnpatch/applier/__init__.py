@@ -7,8 +7,7 @@ and ``engine`` (the one-pass, multi-threaded build) → ``targets``,
 ``directory``, ``journal``, ``inplace`` → ``api``.
 """
 
-from .api import apply, apply_chain, revert
-from .inplace import apply_in_place, recover
-from .policy import VERIFY_MODES, ApplyResult
+from .api import apply, apply_chain, apply_in_place, recover, replace_model, revert
+from .policy import VERIFY_MODES, ApplyResult, Verify
 
-__all__ = ["VERIFY_MODES", "ApplyResult", "apply", "apply_chain", "apply_in_place", "recover", "revert"]
+__all__ = ["VERIFY_MODES", "ApplyResult", "Verify", "apply", "apply_chain", "apply_in_place", "recover", "replace_model", "revert"]

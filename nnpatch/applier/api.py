@@ -1,4 +1,10 @@
-"""The applier's public API: apply, apply a chain, revert."""
+"""The applier's public API: apply (a patch or a chain), revert, apply in place, recover.
+
+Each call parses its verification policy once, opens the patches, checks
+their signatures when a key is given (before anything else in them is
+used), plans, and hands the target to the one dispatcher by target kind
+(:func:`nnpatch.applier.targets.build`).
+"""
 
 from __future__ import annotations
 
@@ -11,22 +17,33 @@ from ..patchfile import Patch, read_patch
 from ..signing import verify_signature
 from ..weights import SafetensorsFile
 from ..weights.source import open_source
+from . import inplace, targets
 from .engine import build_file
+from .inplace import HookFn
 from .journal import journal_path
 from .plan import plan_forward, plan_revert
-from .policy import ApplyResult, ProgressFn, _check_verify
-from .targets import _build_onnx, _build_torch
+from .policy import ApplyResult, ProgressFn, Verify
+
+PathLike = str | os.PathLike[str]
 
 
-# --- public API -------------------------------------------------------------------------------
-
-def _open_patch(patch) -> Patch:
-    if isinstance(patch, Patch):
-        return patch
-    return read_patch(patch)
+def _no_progress(n: int) -> None:
+    pass
 
 
-def refuse_unfinished(model: str | os.PathLike[str]) -> None:
+def _open_patches(stack: contextlib.ExitStack, patches: Sequence, key: PathLike | None) -> list[Patch]:
+    """Open every patch (paths are closed with ``stack``); with ``key``, each must be signed by it."""
+    opened = []
+    for p in patches:
+        q = p if isinstance(p, Patch) else stack.enter_context(read_patch(p))
+        opened.append(q)
+    if key is not None:
+        for q in opened:
+            verify_signature(q, os.fspath(key))
+    return opened
+
+
+def refuse_unfinished(model: PathLike) -> None:
     """An input with an undo journal beside it is mid-way through an in-place update: refuse it.
 
     (An applier never writes its input; ``nnpatch recover`` or ``nnpatch apply --in-place`` rolls it back.)
@@ -36,21 +53,20 @@ def refuse_unfinished(model: str | os.PathLike[str]) -> None:
                              f"{journal_path(model)}); run `nnpatch recover {os.fspath(model)}` first")
 
 
-def apply(base: str | os.PathLike[str], patch, output: str | os.PathLike[str], *,
-          progress: ProgressFn | None = None, verify: str = "default",
-          key: str | os.PathLike[str] | None = None) -> ApplyResult:
+def apply(base: PathLike, patch, output: PathLike, *, progress: ProgressFn | None = None, verify: str = "default",
+          key: PathLike | None = None) -> ApplyResult:
     """Rebuild the target of ``patch`` from ``base`` into ``output`` (atomically).
 
     ``patch`` is a path or an open :class:`~nnpatch.patchfile.Patch`;
-    ``verify`` is ``"default"``, ``"full"`` or ``"touched"`` (module docstring);
-    ``key`` (an Ed25519 public key, PEM) refuses a patch it did not sign.
+    ``verify`` is ``"default"``, ``"full"`` or ``"touched"``
+    (:class:`~nnpatch.applier.policy.Verify`); ``key`` (an Ed25519 public
+    key, PEM) refuses a patch it did not sign.
     """
     return apply_chain(base, [patch], output, progress=progress, verify=verify, key=key)
 
 
-def apply_chain(base: str | os.PathLike[str], patches: Sequence, output: str | os.PathLike[str], *,
-                progress: ProgressFn | None = None, verify: str = "default",
-                key: str | os.PathLike[str] | None = None) -> ApplyResult:
+def apply_chain(base: PathLike, patches: Sequence, output: PathLike, *, progress: ProgressFn | None = None,
+                verify: str = "default", key: PathLike | None = None) -> ApplyResult:
     """Apply P1, P2, ... to ``base`` in one pass, writing only the final model.
 
     Link k+1 must have been made from the target of link k: the header
@@ -58,33 +74,52 @@ def apply_chain(base: str | os.PathLike[str], patches: Sequence, output: str | o
     checked against the digest its first op expects. With ``key``, every link
     must be signed by it.
     """
-    _check_verify(verify)
+    policy = Verify.parse(verify)
     if not patches:
         raise UsageError("apply needs at least one patch")
     output = os.fspath(output)
     refuse_unfinished(base)
     with contextlib.ExitStack() as stack:
-        opened = []
-        for p in patches:
-            q = _open_patch(p)
-            if q is not p:
-                stack.callback(q.close)
-            opened.append(q)
-        if key is not None:
-            for q in opened:
-                verify_signature(q, os.fspath(key))
+        opened = _open_patches(stack, patches, key)
         b = stack.enter_context(open_source(base))
         plan = plan_forward(b, opened)
-        if opened[-1].header.target.format == "pytorch":
-            return _build_torch(plan, b, output, verify, progress or (lambda n: None),
-                                opened[-1].header.target.model_blake3)
-        if opened[-1].header.target.format == "onnx":
-            return _build_onnx(plan, b, output, verify, progress or (lambda n: None), opened[-1])
-        return build_file(plan, b, output, verify, progress or (lambda n: None))
+        return targets.build(plan, b, output, policy, progress or _no_progress, opened[-1])
 
 
-def revert(new: str | os.PathLike[str], patch, output: str | os.PathLike[str], *,
-           progress: ProgressFn | None = None) -> ApplyResult:
+def apply_in_place(model: PathLike, patch, *, verify: str = "default", progress: ProgressFn | None = None,
+                   hook: HookFn | None = None, key: PathLike | None = None) -> ApplyResult:
+    """Apply ``patch`` to ``model`` in place, surviving a crash at any moment
+    (:mod:`nnpatch.applier.inplace`); ``key`` as for :func:`apply`."""
+    policy = Verify.parse(verify)
+    with contextlib.ExitStack() as stack:
+        (p,) = _open_patches(stack, [patch], key)
+        return inplace.update_in_place(os.fspath(model), p, policy, progress or _no_progress,
+                                       hook or (lambda step: None))
+
+
+def replace_model(model: PathLike, patches: Sequence, *, verify: str = "full", key: PathLike | None = None,
+                  progress: ProgressFn | None = None) -> ApplyResult:
+    """Bring ``model`` (a file or a model directory) to the target of the chain
+    ``patches``: the new version is built beside it, proven, and only then
+    put in its place (a file renamed over it, keeping its permissions; a
+    directory exchanged atomically), under the model's lock."""
+    policy = Verify.parse(verify)
+    model = os.fspath(model)
+    refuse_unfinished(model)
+    with contextlib.ExitStack() as stack:
+        opened = _open_patches(stack, patches, key)
+        stack.enter_context(inplace.locked(model))
+        src = stack.enter_context(open_source(model))
+        plan = plan_forward(src, opened)
+        return targets.build(plan, src, model, policy, progress or _no_progress, opened[-1], replace=True)
+
+
+def recover(model: PathLike) -> str | None:
+    """Roll back an interrupted in-place apply. Returns what was done, or None when nothing was to do."""
+    return inplace.recover(model)
+
+
+def revert(new: PathLike, patch, output: PathLike, *, progress: ProgressFn | None = None) -> ApplyResult:
     """Rebuild the base of a reversible ``patch`` from its target ``new`` into ``output``.
 
     The result is always checked against the base's file digest in the patch.
@@ -92,9 +127,7 @@ def revert(new: str | os.PathLike[str], patch, output: str | os.PathLike[str], *
     output = os.fspath(output)
     refuse_unfinished(new)
     with contextlib.ExitStack() as stack:
-        p = _open_patch(patch)
-        if p is not patch:
-            stack.callback(p.close)
+        (p,) = _open_patches(stack, [patch], None)
         n = stack.enter_context(SafetensorsFile(new))
         plan = plan_revert(n, p)
-        return build_file(plan, n, output, "full", progress or (lambda k: None), label="not the patch's target")
+        return build_file(plan, n, output, Verify("full"), progress or _no_progress, label="not the patch's target")

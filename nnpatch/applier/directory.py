@@ -40,9 +40,9 @@ from ..hashing import digests_equal, hash_file
 from ..weights.model import SKIPPED_DIRS
 from ..weights.source import directory_digest
 from .engine import execute
-from .oscopy import _allocate
+from .oscopy import allocate
 from .plan import OutFile, Plan
-from .policy import ApplyResult, ProgressFn
+from .policy import ApplyResult, ProgressFn, Verify
 
 _RENAME_EXCHANGE = 2
 _AT_FDCWD = -100
@@ -85,7 +85,7 @@ def check_destination(output: str, *, replace: bool) -> None:
                          "directory with `nnpatch apply --in-place`")
 
 
-def build_directory(plan: Plan, inp, output: str, verify: str, progress: ProgressFn, *,
+def build_directory(plan: Plan, inp, output: str, verify: Verify, progress: ProgressFn, *,
                     replace: bool = False) -> ApplyResult:
     """Build the directory ``plan`` describes into a temporary directory, prove it, and commit it at ``output``."""
     output = os.fspath(output)
@@ -109,7 +109,7 @@ def build_directory(plan: Plan, inp, output: str, verify: str, progress: Progres
                 fd = os.open(full, os.O_RDWR | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
                 fds.append(fd)
                 if f.kind == "safetensors":
-                    m = _allocate(fd, f.size)
+                    m = allocate(fd, f.size)
                     if m is not None:
                         maps.append(m)
                     outs.append((fd, m))
@@ -121,10 +121,10 @@ def build_directory(plan: Plan, inp, output: str, verify: str, progress: Progres
                 if f.kind == "blob":
                     digests[i] = _write_blob(f, fd)
                 elif f.kind == "copy":
-                    digests[i] = _write_copy(f, fd, check=verify != "touched")
-                    hashed += f.size if verify != "touched" else 0
+                    digests[i] = _write_copy(f, fd, check=verify.whole_base)
+                    hashed += f.size if verify.whole_base else 0
                 progress(f.size if f.kind != "safetensors" else 0)
-            if verify == "full":
+            if verify.rehash_output:
                 digests.update(rehashed)
                 got = directory_digest((f.path, digests[i]) for i, f in enumerate(plan.files))
                 if not digests_equal(got, plan.output_file):
@@ -152,7 +152,7 @@ def build_directory(plan: Plan, inp, output: str, verify: str, progress: Progres
     if old is not None:  # committed: the old model directory is now under a temporary name
         _carry_over(old, output)
         shutil.rmtree(old, ignore_errors=True)
-    return ApplyResult(output, plan.size, digest, plan.ops, verify, hashed, plan.links)
+    return ApplyResult(output, plan.size, digest, plan.ops, verify.mode, hashed, plan.links)
 
 
 def _write_blob(f: OutFile, fd: int) -> str:

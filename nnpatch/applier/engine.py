@@ -18,24 +18,8 @@ The engine makes ONE read pass over the base, on every core:
   the output's memory map by :mod:`nnpatch.kernel`, and the result hashed
   while still hot and compared with the op's target digest.
 
-Verification modes (``verify=``):
-
-``default``
-    every base tensor is hashed (base model digest checked), every touched
-    base tensor against its own digest, every touched target tensor against
-    its digest, and the target model digest recomputed from those.  Together
-    with the trailer-checked layout this proves the output is the target
-    without reading it again.
-``full``
-    ``default`` plus a BLAKE3 of the whole output file, compared with the
-    patch's target file digest: an end-to-end check independent of the
-    engine's bookkeeping (catches bugs, bad RAM, a file system that copied
-    wrongly), at the cost of a second read of the output.
-``touched``
-    only the touched tensors are hashed (base and target).  Fastest; the
-    unchanged tensors are copied unchecked, so a base that differs only in
-    tensors the patch does not touch goes undetected and is carried into the
-    output.  Use when the base is known good (e.g. just verified).
+What is hashed and checked is the :class:`~nnpatch.applier.policy.Verify`
+policy's to say; the engine only follows it.
 """
 
 from __future__ import annotations
@@ -54,9 +38,9 @@ from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOE
 from ..hashing import digest_bytes, digests_equal, model_digest_of
 from ..weights import SafetensorsFile
 from .decode import run_step
-from .oscopy import _allocate, copy_range, start_writeback
+from .oscopy import allocate, copy_range, start_writeback
 from .plan import Item, Plan
-from .policy import ApplyResult, ProgressFn
+from .policy import ApplyResult, ProgressFn, Verify
 
 
 #: Unchanged runs are copied in pieces of this size, so the workers share them.
@@ -116,24 +100,24 @@ def _input_locator(inp) -> Callable[[str], tuple[int, object, int]] | None:
     tensors are not plain byte ranges of a file (PyTorch, ONNX), which are
     copied through their arrays."""
     if isinstance(inp, SafetensorsFile):
-        fd, m = inp._file.fileno(), inp._map
+        fd, m = inp.fileno(), inp.buffer
         return lambda name: (fd, m, inp.tensors[name].begin)
     model = getattr(inp, "model", None)
     if getattr(inp, "kind", None) == "safetensors-dir" and model is not None:
         shards = model.shards
-        return lambda name: (shards[model.tensors[name].file]._file.fileno(), shards[model.tensors[name].file]._map,
+        return lambda name: (shards[model.tensors[name].file].fileno(), shards[model.tensors[name].file].buffer,
                              model.tensors[name].begin)
     return None
 
 
-def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] | None], verify: str,
+def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] | None], verify: Verify,
             progress: ProgressFn, label: str) -> tuple[str, int, dict[int, str]]:
     """Fill the output files per ``plan``; ``outs[i]`` is (fd, writable map or None
     when empty) of ``plan.files[i]`` (None for files that hold no tensors).
 
     Returns (output digest, bytes hashed, {file index: file digest} of the files
     re-hashed, which ``full`` does)."""
-    hash_all = verify != "touched"
+    hash_all = verify.whole_base
     locate = _input_locator(inp)
     errors_ = _Errors()
     digests: dict[str, bytes] = {}
@@ -282,7 +266,7 @@ def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] 
     if hash_all and plan.output_model is not None:
         require_target_model(plan, finals, digests)
     rehashed: dict[int, str] = {}
-    if verify == "full" or plan.always_full:
+    if verify.rehash_output or plan.always_full:
         for i, (f, out) in enumerate(zip(plan.files, outs)):
             if out is None:
                 continue
@@ -301,19 +285,17 @@ def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] 
     return plan.output_file, hashed[0], rehashed
 
 
-def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: str, progress: ProgressFn,
-               label: str = "wrong base") -> ApplyResult:
-    """Run ``plan`` into a temporary file beside ``output``; rename it there when every check passed."""
-    if plan.directory:
-        from .directory import build_directory
+def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: Verify, progress: ProgressFn,
+               label: str = "wrong base", *, mode: int | None = None) -> ApplyResult:
+    """Run ``plan`` into a temporary file beside ``output``; rename it there when every check passed.
 
-        return build_directory(plan, inp, output, verify, progress)
+    ``mode``: the new file's permissions (default 0644 less the umask)."""
     size = plan.size
     try:
-        with atomic_write(output) as f:
+        with atomic_write(output, **({} if mode is None else {"mode": mode})) as f:
             out = None
             try:
-                out = _allocate(f.fileno(), size)
+                out = allocate(f.fileno(), size)
                 digest, hashed, _ = execute(plan, inp, [(f.fileno(), out)], verify, progress, label)
             finally:
                 if out is not None:
@@ -323,4 +305,4 @@ def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: str, progr
         if isinstance(e, NnpatchError):
             raise
         raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    return ApplyResult(output, size, digest, plan.ops, verify, hashed, plan.links)
+    return ApplyResult(output, size, digest, plan.ops, verify.mode, hashed, plan.links)

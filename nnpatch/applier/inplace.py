@@ -41,14 +41,15 @@ from .. import codecs, kernel
 from ..atomic import fsync_dir
 from ..errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError, TornJournal, UsageError
 from ..hashing import digest_bytes, digests_equal, model_digest_of
-from ..patchfile import Patch, read_patch
+from ..patchfile import Patch
 from ..weights import SafetensorsFile
 from ..weights.source import open_source
 from .decode import decode_index, row_bytes, run_step, undo_esort
-from .engine import build_file, require_target_model, workers
+from . import targets
+from .engine import require_target_model, workers
 from .journal import Entry, JournalWriter, journal_path, read_journal
 from .plan import Item, Plan, plan_forward
-from .policy import ApplyResult, ProgressFn, _check_verify
+from .policy import ApplyResult, ProgressFn, Verify
 
 HookFn = Callable[[str], None]
 
@@ -176,46 +177,34 @@ def _entries(plan: Plan, st: SafetensorsFile) -> list[tuple[Entry, Item]]:
     return out
 
 
-def apply_in_place(model: str | os.PathLike[str], patch, *, verify: str = "default",
-                   progress: ProgressFn | None = None, hook: HookFn | None = None) -> ApplyResult:
-    """Apply ``patch`` to ``model`` in place (see the module docstring for the guarantees)."""
-    _check_verify(verify)
-    model = os.fspath(model)
-    progress = progress or (lambda n: None)
-    hook = hook or (lambda step: None)
+def update_in_place(model: str, p: Patch, verify: Verify, progress: ProgressFn, hook: HookFn) -> ApplyResult:
+    """Apply the open patch ``p`` to ``model`` in place (see the module docstring for the guarantees)."""
+    if p.header.target.is_directory != os.path.isdir(model):
+        makes = "a model directory" if p.header.target.is_directory else "a single file"
+        this = "directory" if os.path.isdir(model) else "file"
+        raise UsageError(f"{model}: the patch makes {makes}, so it cannot update this {this} in place; "
+                         "write the result with -o")
     with contextlib.ExitStack() as stack:
-        p = patch if isinstance(patch, Patch) else stack.enter_context(read_patch(patch))
-        if p.header.target.is_directory != os.path.isdir(model):
-            makes = "a model directory" if p.header.target.is_directory else "a single file"
-            this = "directory" if os.path.isdir(model) else "file"
-            raise UsageError(f"{model}: the patch makes {makes}, so it cannot update this {this} in place; "
-                             "write the result with -o")
         fd = stack.enter_context(locked(model))
         hook("locked")
-        if p.header.target.is_directory:
-            # a new directory beside, swapped in atomically (nnpatch.directory)
-            from .directory import build_directory
-
+        if p.header.target.format == "safetensors":
+            _recover_locked(model, fd)
+            st = stack.enter_context(SafetensorsFile(model))
+            plan = plan_forward(st, [p])
+            if _in_place_ok(plan, st):
+                return _apply_locked(model, fd, st, p, plan, verify, progress, hook)
+            src = st  # the layout changes: a new file is written beside and renamed over the model
+        else:
+            # a directory is swapped in atomically; PyTorch and ONNX are written back in their own format
             src = stack.enter_context(open_source(model))
-            return build_directory(plan_forward(src, [p]), src, model, verify, progress, replace=True)
-        if p.header.target.format in ("pytorch", "onnx"):
-            # written back in its own format: a new file beside, renamed over the model
-            from .api import apply_chain
-
-            return apply_chain(model, [p], model, verify=verify, progress=progress)
-        _recover_locked(model, fd)
-        st = stack.enter_context(SafetensorsFile(model))
-        plan = plan_forward(st, [p])
-        if not _in_place_ok(plan, st):
-            # the layout changes: write a new file beside and rename it over the model
-            return build_file(plan, st, model, verify, progress)
-        return _apply_locked(model, fd, st, p, plan, verify, progress, hook)
+            plan = plan_forward(src, [p])
+        return targets.build(plan, src, model, verify, progress, p, replace=True)
 
 
-def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan, verify: str,
+def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan, verify: Verify,
                   progress: ProgressFn, hook: HookFn) -> ApplyResult:
     jpath = journal_path(model)
-    hash_all = verify != "touched"
+    hash_all = verify.whole_base
     entries = _entries(plan, st)
     meta = {
         "model": {"size": st.size, "header_len": len(st.header_bytes),
@@ -288,7 +277,7 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
             if hash_all:
                 require_target_model(plan, finals, digests)
             digest = plan.output_file
-            if verify == "full":
+            if verify.rehash_output:
                 h = blake3.blake3(max_threads=blake3.blake3.AUTO)
                 h.update(m)
                 digest = h.hexdigest()
@@ -313,7 +302,7 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
     os.unlink(jpath)
     fsync_dir(os.path.dirname(os.path.abspath(model)))
     hook("done")
-    return ApplyResult(model, st.size, digest, plan.ops, verify, hashed)
+    return ApplyResult(model, st.size, digest, plan.ops, verify.mode, hashed)
 
 
 def _write_rows(fd: int, m: mmap.mmap, item: Item) -> None:
@@ -402,4 +391,4 @@ def _check_base(st: SafetensorsFile, plan: Plan, digests: dict, hash_all: bool) 
                 actual=got)
 
 
-__all__ = ["SimulatedCrash", "apply_in_place", "recover", "recover_if_needed"]
+__all__ = ["SimulatedCrash", "locked", "recover", "recover_if_needed", "update_in_place"]

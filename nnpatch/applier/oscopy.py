@@ -68,7 +68,7 @@ def start_writeback(fd: int, off: int, n: int) -> None:
         _sync_file_range(fd, off, n, 2)  # SYNC_FILE_RANGE_WRITE; errors are harmless here
 
 
-def _allocate(fd: int, size: int):
+def allocate(fd: int, size: int):
     """Reserve ``size`` bytes for an output file (ENOSPC now, not SIGBUS later) and map it."""
     if not size:
         return None

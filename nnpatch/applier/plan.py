@@ -191,7 +191,7 @@ class Plan:
         return sum(f.size for f in self.files)
 
 
-def _delta_mode(op: Op, section: Section) -> str:
+def delta_mode(op: Op, section: Section) -> str:
     return _MODE_OF_STAGE[codecs.delta_stage(section.codec)]
 
 
@@ -257,7 +257,7 @@ def plan_forward(base: SafetensorsFile, patches: Sequence[Patch]) -> Plan:
         for k in range(start, len(patches)):
             op = ops_by_link[k].get(name)
             if op is not None:
-                item.steps.append(Step(patches[k], op, op.values, _delta_mode(op, op.values)))
+                item.steps.append(Step(patches[k], op, op.values, delta_mode(op, op.values)))
         last = next((ops_by_link[k][name] for k in range(len(patches) - 1, -1, -1) if name in ops_by_link[k]),
                     None)
         if last is not None:
@@ -360,7 +360,7 @@ def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
             item.fill = Step(patch, op, op.base_values, "replace")
             item.expect = op.base.blake3
         else:
-            mode = _delta_mode(op, op.values)
+            mode = delta_mode(op, op.values)
             if mode == "replace":
                 raise PatchFormatError(
                     f"patch cannot be reverted: op {op.name!r} ({op.kind}) stores the new values without a delta "

@@ -9,8 +9,50 @@ from ..errors import UsageError
 
 ProgressFn = Callable[[int], None]
 
-
 VERIFY_MODES = ("default", "full", "touched")
+
+
+@dataclass(frozen=True)
+class Verify:
+    """The verification policy, parsed once where a call enters the applier.
+
+    ``default``
+        every base tensor is hashed (base model digest checked), every touched
+        base tensor against its own digest, every touched target tensor against
+        its digest, and the target model digest recomputed from those.  With
+        the trailer-checked layout this proves the output is the target
+        without reading it again.
+    ``full``
+        ``default`` plus a BLAKE3 of every output file, compared with the
+        patch's file digests: an end-to-end check independent of the engine's
+        bookkeeping (catches bugs, bad RAM, a file system that copied wrongly),
+        at the cost of a second read of the output.
+    ``touched``
+        only the touched tensors are hashed (base and target).  Fastest; the
+        unchanged tensors are copied unchecked, so a base that differs only in
+        tensors the patch does not touch goes undetected and is carried into
+        the output.  Use when the base is known good (e.g. just verified).
+    """
+
+    mode: str = "default"
+
+    @classmethod
+    def parse(cls, value: str | Verify) -> Verify:
+        if isinstance(value, Verify):
+            return value
+        if value not in VERIFY_MODES:
+            raise UsageError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {value!r}")
+        return cls(value)
+
+    @property
+    def whole_base(self) -> bool:
+        """Every input tensor is hashed and the input and output model digests are checked."""
+        return self.mode != "touched"
+
+    @property
+    def rehash_output(self) -> bool:
+        """Every output file is read again and compared with its file digest."""
+        return self.mode == "full"
 
 
 @dataclass
@@ -28,9 +70,3 @@ class ApplyResult:
     #: base bytes that were hashed, and output bytes hashed again
     hashed: int = 0
     links: int = 1
-
-
-def _check_verify(verify: str) -> str:
-    if verify not in VERIFY_MODES:
-        raise UsageError(f"--verify must be one of {', '.join(VERIFY_MODES)}, got {verify!r}")
-    return verify
