@@ -95,12 +95,12 @@ def tensor_shares(header: PatchHeader) -> list[TensorShare]:
 def bar(fraction: float, width: int = 12, *, ascii: bool = False) -> str:
     """A text bar of ``width`` cells (eighth-cell resolution).
 
-    ``ascii`` draws whole cells of ``#`` instead of block characters, for an
-    output encoding that has no block characters."""
+    ``ascii`` draws ``#`` cells (rounded to whole cells) instead of block
+    characters, for an output encoding that has no block characters."""
     cells = max(0.0, min(1.0, fraction)) * width
-    full = int(cells)
     if ascii:
-        return ("#" * full).ljust(width)
+        return ("#" * round(cells)).ljust(width)
+    full = int(cells)
     part = " ▏▎▍▌▋▊▉"[int((cells - full) * 8)] if full < width else ""
     return ("█" * full + part.strip()).ljust(width)
 
