@@ -362,12 +362,12 @@ def journal_meta(model_file: bytes, *, patch: str = "0" * 64) -> dict:
 
 
 def journal_entry(name: str, offset: int, nbytes: int, unit: int, indices: list[int], old: bytes, *,
-                  base_blake3: str, target_blake3: str = "5" * 64, **overrides) -> dict:
+                  base_blake3: str, target_blake3: str = "5" * 64, overrides: dict | None = None) -> dict:
     """One entry; ``_indices``/``_data`` are the bytes stored, ``overrides`` replace JSON fields
     after layout (e.g. ``index_at=-1``)."""
     e = {"name": name, "offset": offset, "nbytes": nbytes, "unit": unit, "count": len(indices),
          "base_blake3": base_blake3, "target_blake3": target_blake3, "index_at": 0, "data_at": 0,
-         "_indices": b"".join(struct.pack("<Q", i) for i in indices), "_data": old, "_overrides": overrides}
+         "_indices": b"".join(struct.pack("<Q", i) for i in indices), "_data": old, "_overrides": overrides or {}}
     return e
 
 
