@@ -43,3 +43,6 @@ fuzz: setup
 	$(BIN)/python -m pip install -q -e '.[fuzz]'
 	mkdir -p fuzz/corpus fuzz/crashes
 	$(BIN)/python fuzz/fuzz_patch.py fuzz/corpus -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ -print_final_stats=1
+	# structure-aware: crafted headers and journals with valid trailers (fuzz/fuzz_structured.py)
+	$(BIN)/python fuzz/fuzz_structured.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ -print_final_stats=1
+	FUZZ_TARGET=journal $(BIN)/python fuzz/fuzz_structured.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ -print_final_stats=1
