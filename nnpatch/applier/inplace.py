@@ -32,6 +32,8 @@ import contextlib
 import fcntl
 import mmap
 import os
+import stat
+import struct
 from collections.abc import Callable
 
 import blake3
@@ -43,11 +45,12 @@ from ..errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFor
 from ..hashing import digest_bytes, digests_equal, model_digest_of
 from ..patchfile import Patch
 from ..weights import SafetensorsFile
+from ..weights.safetensors_file import MAX_HEADER_SIZE
 from ..weights.source import open_source
 from .decode import decode_index, row_bytes, run_step, undo_esort
 from . import targets
 from .engine import require_target_model, workers
-from .journal import Entry, JournalWriter, journal_path, read_journal
+from .journal import Entry, Journal, JournalWriter, journal_path, read_journal
 from .plan import Item, Plan, plan_forward
 from .policy import ApplyResult, ProgressFn, Verify
 
@@ -96,54 +99,107 @@ def _recover_locked(model: str, fd: int) -> str | None:
     jpath = journal_path(model)
     directory = os.path.dirname(os.path.abspath(model))
     note = None
-    if os.path.exists(jpath + ".tmp"):  # never committed: the model was not written
-        os.unlink(jpath + ".tmp")
+    if os.path.lexists(jpath + ".tmp"):  # never committed: the model was not written
+        _unlink(jpath + ".tmp")
         fsync_dir(directory)
         note = "discarded an uncommitted journal; the model was not modified"
-    if not os.path.exists(jpath):
+    if not os.path.lexists(jpath):
         return note
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        raise UsageError(f"{model}: not a file, so the undo journal {jpath} cannot be its; not touching either")
     try:
-        j = read_journal(jpath)
+        j = read_journal(jpath, model_size=st.st_size)
     except TornJournal as e:
         # A journal reaches its final name only complete and fsynced, and the model is written only
         # after that: a torn one means the storage lost it, and the model was never written through it.
-        os.unlink(jpath)
+        _unlink(jpath)
         fsync_dir(directory)
         return f"discarded a damaged journal ({e}); the model was not modified through it"
     try:
-        size = os.fstat(fd).st_size
-        if size != j.meta["model"]["size"]:
-            raise IntegrityError(f"{model}: the undo journal {jpath} belongs to another file "
-                                 f"({j.meta['model']['size']} bytes, this one is {size}); not touching either")
-        head_len = j.meta["model"]["header_len"]
-        head = os.pread(fd, head_len, 0)
-        if blake3.blake3(head).hexdigest() != j.meta["model"]["header_blake3"]:
-            raise IntegrityError(f"{model}: the undo journal {jpath} belongs to another file (its safetensors "
-                                 "header differs); not touching either")
-        m = mmap.mmap(fd, size, access=mmap.ACCESS_WRITE)
+        # Everything the journal says is checked before the first byte is written (spec/JOURNAL.md, Trust):
+        # a journal is only ever trusted to put back bytes inside tensors of the model it names, and only
+        # when the result is the base it names.
+        j.check_model(model, st.st_size, _model_header(fd, st.st_size))
+        m = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_WRITE) if j.entries else None
         try:
             for e in j.entries:
-                if e.count == 0 or e.unit == 0:
+                d = _rolled_back_digest(m, j, e)
+                if not digests_equal(d, e.base_blake3):
+                    raise IntegrityError(
+                        f"{model}: the undo journal {jpath} does not roll tensor {e.name!r} back to its base "
+                        f"(it would be BLAKE3 {d}, the journal expects {e.base_blake3}): the model changed since, "
+                        "or the journal is not its; the journal is kept and the model was not written")
+            for e in j.entries:
+                if e.count == 0:
                     continue
                 dst = np.frombuffer(m, np.uint8, e.nbytes, e.offset)
                 kernel.scatter_rows(dst, e.unit, j.indices(e), j.data(e), 1, "replace", planar=False)
                 del dst
-            m.flush()
+            if m is not None:
+                m.flush()
             os.fsync(fd)
-            for e in j.entries:
+            for e in j.entries:  # catches storage that did not keep what was written
                 d = digest_bytes(np.frombuffer(m, np.uint8, e.nbytes, e.offset))
                 if not digests_equal(d.hex(), e.base_blake3):
                     raise IntegrityError(f"{model}: rollback left tensor {e.name!r} different from the base "
                                          f"(BLAKE3 {d.hex()}, expected {e.base_blake3}); the "
                                          f"journal {jpath} is kept")
         finally:
-            with contextlib.suppress(BufferError):
-                m.close()
+            if m is not None:
+                with contextlib.suppress(BufferError):
+                    m.close()
     finally:
         j.close()
-    os.unlink(jpath)
+    _unlink(jpath)
     fsync_dir(directory)
     return "rolled back an interrupted in-place update; the model is as it was before it"
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError as e:
+        raise NnpatchIOError(f"{path}: cannot remove: {e.strerror or e}") from e
+
+
+def _model_header(fd: int, size: int) -> bytes:
+    """The model's real safetensors header (8 + the u64 at offset 0 bytes), what the journal must name;
+    b"" or a short read when the file cannot hold one, which then matches no journal."""
+    first = os.pread(fd, 8, 0)
+    if len(first) < 8:
+        return first
+    (n,) = struct.unpack("<Q", first)
+    if n > min(MAX_HEADER_SIZE, size - 8):
+        return first
+    return first + os.pread(fd, n, 8)
+
+
+def _rolled_back_digest(m: mmap.mmap, j: Journal, e: Entry) -> str:
+    """The digest the tensor would have after the rollback, computed without writing: the model's bytes
+    with the journal's units in place of theirs, a slice at a time (at most 16 MiB copied)."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    if e.nbytes == 0:
+        return h.hexdigest()
+    src = np.frombuffer(m, np.uint8, e.nbytes, e.offset)
+    idx = j.indices(e) if e.count else np.empty(0, "<u8")
+    old = j.data(e)
+    per = max(1, (16 << 20) // e.unit)  # units per slice
+    nunits = e.nbytes // e.unit
+    buf = np.empty(min(per, nunits) * e.unit, np.uint8) if per > 1 else None
+    for lo in range(0, nunits, per):
+        hi = min(lo + per, nunits)
+        a, b = np.searchsorted(idx, [lo, hi])
+        if buf is None:  # units over 8 MiB (whole tensors): hash each from where it is, copying nothing
+            h.update(memoryview(old[a * e.unit : (a + 1) * e.unit] if b > a else src[lo * e.unit : hi * e.unit]))
+            continue
+        part = buf[: (hi - lo) * e.unit]
+        part[:] = src[lo * e.unit : hi * e.unit]
+        if b > a:
+            kernel.scatter_rows(part, e.unit, idx[a:b] - np.uint64(lo), old[a * e.unit : b * e.unit], 1,
+                                "replace", planar=False)
+        h.update(memoryview(part))
+    return h.hexdigest()
 
 
 def recover_if_needed(model: str | os.PathLike[str]) -> str | None:

@@ -16,14 +16,19 @@ from __future__ import annotations
 import json
 import mmap
 import os
+import re
+import stat
 import struct
 from dataclasses import dataclass
 
 import blake3
 import numpy as np
 
+from .._json import loads_strict
 from ..atomic import fsync_dir
-from ..errors import IntegrityError, NnpatchIOError, TornJournal
+from ..errors import EXIT_INVALID, IntegrityError, NnpatchError, NnpatchIOError, TornJournal, UsageError, WeightsError
+from ..hashing import digests_equal
+from ..weights import parse_safetensors_header
 
 MAGIC = b"\x89NNJ\r\n\x1a\n"
 VERSION = (1, 0)
@@ -96,6 +101,9 @@ class JournalWriter:
         self.tmp = path + ".tmp"
         self.entries = entries
         header = encode_header(meta, entries)
+        if len(header) > MAX_HEADER_LEN:  # a reader would refuse it: never make a journal that cannot roll back
+            raise UsageError(f"{path}: the update touches too many tensors to journal ({len(header)}-byte journal "
+                             f"header, limit {MAX_HEADER_LEN}); write the result with -o instead of --in-place")
         self.h = blake3.blake3()
         try:
             self.f = open(self.tmp, "wb")
@@ -162,6 +170,38 @@ class Journal:
     def data(self, e: Entry) -> np.ndarray:
         return np.frombuffer(self.buf, dtype=np.uint8, count=e.unit * e.count, offset=e.data_at)
 
+    def check_model(self, model: str, size: int, head: bytes) -> None:
+        """Trust steps 3 and 4 of spec/JOURNAL.md: the journal names this model (``size``, and ``head``, its
+        real safetensors header: 8 + the u64 at offset 0 bytes), and every entry lies inside one tensor of it.
+
+        Raises IntegrityError (another file) or InvalidJournal; never writes."""
+        ident = self.meta["model"]
+        if ident["size"] != size or ident["header_len"] != len(head) or not digests_equal(
+                blake3.blake3(head).hexdigest(), ident["header_blake3"]):
+            raise IntegrityError(f"{model}: the undo journal {self.path} belongs to another file (it names a file "
+                                 f"of {ident['size']} bytes with a {ident['header_len']}-byte safetensors header; "
+                                 f"this one is {size} bytes with a {len(head)}-byte header, or its header differs); "
+                                 "not touching either")
+        try:
+            _, tensors = parse_safetensors_header(head, file_size=size, path=model)
+        except WeightsError as e:
+            raise InvalidJournal(f"{self.path}: the model it names is not a valid safetensors file ({e})") from e
+        for e in self.entries:
+            where = f"{self.path}: entry {e.name!r}"
+            t = tensors.get(e.name)
+            if t is None:
+                raise InvalidJournal(f"{where}: the model has no such tensor")
+            if (e.offset, e.nbytes) != (t.begin, t.nbytes):
+                raise InvalidJournal(f"{where}: bytes {e.offset}..{e.offset + e.nbytes} are not the tensor's "
+                                     f"{t.begin}..{t.end}")
+            # a row (op rows), an element (op elements) or the whole tensor: what _entries in inplace.py writes
+            units = {t.nbytes, t.itemsize} | ({t.nbytes // t.shape[0]} if t.shape and t.shape[0] else set())
+            if e.unit not in units or (e.unit and t.nbytes % e.unit):
+                raise InvalidJournal(f"{where}: unit {e.unit} is not a row, an element or the whole of the "
+                                     f"tensor (one of {sorted(units)})")
+            if e.count:
+                _check_indices(self.indices(e), e.nbytes // e.unit, where)
+
     def close(self) -> None:
         if self.buf is not None:
             try:
@@ -170,31 +210,203 @@ class Journal:
                 pass
 
 
-def read_journal(path: str) -> Journal:
+def _check_indices(idx: np.ndarray, bound: int, where: str) -> None:
+    # in slices, so that a journal with millions of units costs a few MB of temporaries, not GBs
+    step = 1 << 20
+    prev = None
+    for lo in range(0, len(idx), step):
+        part = idx[lo : lo + step]
+        if prev is not None and not part[0] > prev:
+            raise InvalidJournal(f"{where}: unit indices are not strictly increasing")
+        if int(part.max()) >= bound:
+            raise InvalidJournal(f"{where}: a unit index is >= {bound}, the tensor's number of units")
+        if len(part) > 1 and not bool(np.all(part[1:] > part[:-1])):
+            raise InvalidJournal(f"{where}: unit indices are not strictly increasing")
+        prev = part[-1]
+
+
+# --- trust (spec/JOURNAL.md, "Trust") ------------------------------------------------------------------
+
+class InvalidJournal(NnpatchError):
+    """A committed journal (its trailer hash matches) breaks spec/JOURNAL.md: it was crafted, or written by a
+    broken program. It is kept (it may be the only way back) and nothing is written."""
+
+    exit_code = EXIT_INVALID
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message + "; the journal is kept and the model was not written (remove the journal "
+                         "only if you know the model is intact)")
+
+
+MAX_HEADER_LEN = 64 << 20  # like a patch header (FORMAT.md): the writer refuses to write more
+MAX_JSON_DEPTH = 8  # a valid header nests 3 deep
+MAX_INT = (1 << 63) - 1
+_HEX = re.compile(r"[0-9a-f]{64}")
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_TOP_KEYS = ("created_by", "model", "base", "target", "patch", "entries")
+_MODEL_KEYS = {"size", "header_len", "header_blake3"}
+_REF_KEYS = {"blake3", "model_blake3"}
+_ENTRY_KEYS = {"name", "offset", "nbytes", "unit", "count", "base_blake3", "target_blake3", "index_at", "data_at"}
+
+
+def max_journal_size(model_size: int) -> int:
+    """No journal the writer makes for a model of ``model_size`` bytes is larger: old bytes <= the model,
+    indices <= 8 bytes per byte (one-byte elements), and the header and padding within 2 x MAX_HEADER_LEN."""
+    return 10 * model_size + 4 * MAX_HEADER_LEN
+
+
+def _json_depth(text: bytes) -> int:
+    """Deepest bracket nesting outside strings, found before parsing so that a hostile header cannot
+    exhaust the parser's recursion (as the patch header reader does)."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
+    step = np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64) - np.isin(skeleton, (ord("]"), ord("}")))
+    return int(np.cumsum(step).max()) if len(step) else 0
+
+
+def _int(obj: dict, key: str, where: str) -> int:
+    v = obj[key]
+    if type(v) is not int or not 0 <= v <= MAX_INT:  # type(): neither bool nor float passes
+        raise InvalidJournal(f"{where}: {key} must be an integer in 0..2^63-1, not {v!r:.40}")
+    return v
+
+
+def _hex(obj: dict, key: str, where: str) -> str:
+    v = obj[key]
+    if type(v) is not str or not _HEX.fullmatch(v):
+        raise InvalidJournal(f"{where}: {key} must be a 64-digit lowercase hex digest, not {v!r:.80}")
+    return v
+
+
+def _object(v, keys: set[str], where: str) -> dict:
+    if type(v) is not dict:
+        raise InvalidJournal(f"{where}: must be a JSON object")
+    if set(v) != keys:
+        missing, extra = sorted(keys - set(v)), sorted(set(v) - keys)
+        raise InvalidJournal(f"{where}: " + "; ".join(
+            ([f"missing {', '.join(missing)}"] if missing else []) + ([f"unknown {extra!r:.200}"] if extra else [])))
+    return v
+
+
+def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
+    """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
+    allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
+    writes, must have exactly their keys."""
+    if _json_depth(text) > MAX_JSON_DEPTH:
+        raise InvalidJournal(f"{path}: journal header nests deeper than {MAX_JSON_DEPTH}")
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            buf = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else None
+        meta = loads_strict(text)
+    except ValueError as e:
+        raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
+    if type(meta) is not dict:
+        raise InvalidJournal(f"{path}: journal header is not a JSON object")
+    missing = [k for k in _TOP_KEYS if k not in meta]
+    if missing:
+        raise InvalidJournal(f"{path}: journal header lacks {', '.join(missing)}")
+    if type(meta["created_by"]) is not str:
+        raise InvalidJournal(f"{path}: created_by must be a string")
+    model = _object(meta["model"], _MODEL_KEYS, f"{path}: model")
+    _int(model, "size", f"{path}: model")
+    _int(model, "header_len", f"{path}: model")
+    _hex(model, "header_blake3", f"{path}: model")
+    for side in ("base", "target"):
+        _hex(_object(meta[side], _REF_KEYS, f"{path}: {side}"), "blake3", f"{path}: {side}")
+        _hex(meta[side], "model_blake3", f"{path}: {side}")
+    _hex(meta, "patch", path)
+    raw = meta.pop("entries")
+    if type(raw) is not list:
+        raise InvalidJournal(f"{path}: entries must be a JSON array")
+    entries, names = [], set()
+    for i, o in enumerate(raw):
+        where = f"{path}: entry {i}"
+        o = _object(o, _ENTRY_KEYS, where)
+        if type(o["name"]) is not str:
+            raise InvalidJournal(f"{where}: name must be a string")
+        where = f"{path}: entry {o['name']!r:.300}"
+        if o["name"] in names:
+            raise InvalidJournal(f"{where}: a second entry for the same tensor")
+        names.add(o["name"])
+        e = Entry(o["name"], *(_int(o, k, where) for k in ("offset", "nbytes", "unit", "count")),
+                  _hex(o, "base_blake3", where), _hex(o, "target_blake3", where),
+                  _int(o, "index_at", where), _int(o, "data_at", where))
+        if e.count and (not e.unit or e.count * e.unit > e.nbytes):
+            raise InvalidJournal(f"{where}: {e.count} units of {e.unit} bytes do not fit its {e.nbytes} bytes")
+        entries.append(e)
+    return meta, entries
+
+
+def _check_layout(path: str, entries: list[Entry], header_len: int, size: int) -> None:
+    """Step 2 of Trust, continued: the entry data lies exactly where the writer puts it (_layout), and
+    ends at the trailer, so every index and old byte read is inside the file and in no other entry."""
+    pos = PREAMBLE.size + header_len
+    for e in entries:
+        if e.index_at != pos:
+            raise InvalidJournal(f"{path}: entry {e.name!r:.300}: index_at is {e.index_at}, its indices are at {pos}")
+        pos += 8 * e.count
+        pos += _pad(pos)
+        if e.data_at != pos:
+            raise InvalidJournal(f"{path}: entry {e.name!r:.300}: data_at is {e.data_at}, its old bytes are at {pos}")
+        pos += e.unit * e.count
+        pos += _pad(pos)
+        if pos > size - TRAILER:
+            raise InvalidJournal(f"{path}: entry {e.name!r:.300} runs past the end of the journal")
+    if pos != size - TRAILER:
+        raise InvalidJournal(f"{path}: {size - TRAILER - pos} bytes between the last entry and the trailer")
+
+
+def read_journal(path: str, *, model_size: int | None = None) -> Journal:
+    """A committed journal, checked by steps 1 and 2 of Trust (spec/JOURNAL.md) and nothing else:
+    ``Journal.check_model`` does the steps that need the model.
+
+    TornJournal: bad magic or trailer (discard it); IntegrityError: an unknown major version;
+    InvalidJournal: anything else; NnpatchIOError: unreadable."""
+    try:
+        # O_NONBLOCK: a FIFO planted under the journal's name must not hang recover
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except OSError as e:
         raise NnpatchIOError(f"{path}: cannot read the journal: {e.strerror or e}") from e
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InvalidJournal(f"{path}: the journal is not a regular file")
+        size = st.st_size
+        if model_size is not None and size > max_journal_size(model_size):
+            raise InvalidJournal(f"{path}: the journal is {size} bytes, more than any journal of a "
+                                 f"{model_size}-byte model ({max_journal_size(model_size)})")
+        buf = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if size else None
+    except OSError as e:
+        raise NnpatchIOError(f"{path}: cannot read the journal: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
+    try:
+        return _read(path, buf, size)
+    except BaseException:
+        if buf is not None:
+            buf.close()
+        raise
+
+
+def _read(path: str, buf: mmap.mmap | None, size: int) -> Journal:
     data = buf if buf is not None else b""
     if size < PREAMBLE.size + TRAILER:
         raise TornJournal(f"{path}: journal is torn ({size} bytes)")
-    magic, major, _minor, _flags, hlen = PREAMBLE.unpack_from(data, 0)
+    magic, major, _minor, flags, hlen = PREAMBLE.unpack_from(data, 0)
     if magic != MAGIC:
         raise TornJournal(f"{path}: not an nnpatch journal (bad magic)")
     if major != VERSION[0]:
-        raise IntegrityError(f"{path}: journal version {major} is not supported by this nnpatch")
+        raise IntegrityError(f"{path}: journal version {major} is not supported by this nnpatch; the journal "
+                             "is kept and the model was not written")
     h = blake3.blake3(max_threads=blake3.blake3.AUTO)
     h.update(memoryview(data)[: size - TRAILER])
     if h.digest() != bytes(data[size - TRAILER :]):
         raise TornJournal(f"{path}: journal is torn or damaged (trailer hash mismatch)")
-    try:
-        meta = json.loads(bytes(data[PREAMBLE.size : PREAMBLE.size + hlen]).decode())
-        entries = [Entry(**e) for e in meta.pop("entries")]
-    except (ValueError, TypeError, KeyError) as e:
-        raise TornJournal(f"{path}: journal header is invalid: {e}") from e
-    for e in entries:
-        if e.index_at + 8 * e.count > size or e.data_at + e.unit * e.count > size - TRAILER:
-            raise TornJournal(f"{path}: journal entry {e.name!r} runs past the end")
+    # committed and whole from here on: whatever is wrong now was written so, and is refused, not discarded
+    if flags:
+        raise InvalidJournal(f"{path}: unknown journal flags {flags:#x}")
+    if hlen > MAX_HEADER_LEN:
+        raise InvalidJournal(f"{path}: journal header of {hlen} bytes exceeds the {MAX_HEADER_LEN} limit")
+    if PREAMBLE.size + hlen > size - TRAILER or (PREAMBLE.size + hlen) % ALIGN:
+        raise InvalidJournal(f"{path}: journal header length {hlen} does not fit the journal or is not padded "
+                             f"to {ALIGN}")
+    meta, entries = _parse_header(path, bytes(data[PREAMBLE.size : PREAMBLE.size + hlen]))
+    _check_layout(path, entries, hlen, size)
     return Journal(path, meta, entries, buf)
