@@ -12,6 +12,7 @@ directory) before and after, and allows changes only where the case says.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import re
@@ -36,12 +37,7 @@ RSS_LIMIT_MB = 300  # peak resident memory of one nnpatch run on these inputs (a
 TIMEOUT_S = 20.0
 CONTROL = re.compile(r"[\x00-\x09\x0b-\x1f\x7f-\x9f]")  # C0 (except newline), DEL, C1
 
-try:
-    import onnx  # noqa: F401
-
-    HAVE_ONNX = True
-except ImportError:
-    HAVE_ONNX = False
+HAVE_ONNX = importlib.util.find_spec("onnx") is not None
 
 
 # --- running the CLI ---------------------------------------------------------------------------------
