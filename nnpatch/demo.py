@@ -96,7 +96,8 @@ def _apply_and_check(v1: str, patch: str, out: str, v2: str, echo: Callable[[str
     report = verify(patch, base=v1, target=out)
     same = _read(out) == _read(v2)
     echo(f"4. nnpatch verify -> {'OK' if report.ok else 'FAILED'}; rebuilt file identical to v2: {same}; "
-         f"BLAKE3 {a.blake3[:16]}... = {hash_file(v2)[:16]}...")
+         f"BLAKE3 {hash_file(out)[:16]}... = {hash_file(v2)[:16]}... (apply proved model BLAKE3 "
+         f"{(a.model_blake3 or '-')[:16]}...)")
     if not (report.ok and same):
         raise IntegrityError(f"demo: the rebuilt model does not match v2 ({report.failures()})")
     return t_apply

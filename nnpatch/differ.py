@@ -429,7 +429,7 @@ def _encode_changed(writer: PatchWriter, b: SafetensorsFile, t: SafetensorsFile,
     if len(shape) >= 2 and row > 1 and len(rows) < nrows:
         candidates.append(("rows", by_rows))
         estimates["rows"] = changed_bytes + (len(rows) * row - n_elems) * width * _ZERO_COST + len(rows)
-    if elems is not None and len(elems):
+    if elems is not None and len(elems) and 2 * len(elems) <= numel:  # the spec's bound on `elements`
         candidates.append(("elements", by_elements))
         estimates["elements"] = changed_bytes + n_elems * _INDEX_COST
 

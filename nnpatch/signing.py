@@ -114,7 +114,7 @@ def sign_patch(patch_path: str, private_path: str, output: str | None = None) ->
     signer = signer_from_file(private_path)
     with read_patch(patch_path) as p:  # validates the whole patch first
         end = p.trailer_offset
-        mv = memoryview(p._map)
+        mv = p.buffer
         _, major, minor, flags, header_len = PREAMBLE.unpack_from(mv, 0)
         pre = PREAMBLE.pack(mv[:8].tobytes(), major, minor, flags | FLAG_SIGNED, header_len)
         h = blake3.blake3(max_threads=blake3.blake3.AUTO)
@@ -131,27 +131,44 @@ def sign_patch(patch_path: str, private_path: str, output: str | None = None) ->
     return key_id(public)
 
 
-def verify_signature(patch, public_path: str) -> str:
-    """Raise IntegrityError unless ``patch`` (an open Patch) is signed by the key in ``public_path``."""
+def _require_signed_by(path: str, expected: bytes, trailer_digest: bytes, block: bytes | None) -> str:
+    """Raise IntegrityError unless ``block`` (public key and signature after the trailer) is
+    ``expected``'s signature of ``trailer_digest``; returns the key id."""
     _, _, InvalidSignature = _crypto()
-    expected = _raw_public(load_public_key(public_path))
-    sig = patch.signature
-    if sig is None:
-        raise IntegrityError(f"{patch.path}: patch is not signed (a key was given, so a signature is required)",
+    if block is None:
+        raise IntegrityError(f"{path}: patch is not signed (a key was given, so a signature is required)",
                              what="signature")
-    public, signature = sig
+    public, signature = block[:32], block[32:]
     if not hmac.compare_digest(public, expected):
-        raise IntegrityError(f"{patch.path}: signed by key {key_id(public)}, expected key {key_id(expected)}",
+        raise IntegrityError(f"{path}: signed by key {key_id(public)}, expected key {key_id(expected)}",
                              what="signature", expected=key_id(expected), actual=key_id(public))
     ed25519, _, _ = _crypto()
     try:
-        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(
-            signature, SIGNATURE_DOMAIN + bytes.fromhex(patch.trailer_hash))
+        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(signature, SIGNATURE_DOMAIN + trailer_digest)
     except InvalidSignature:
-        raise IntegrityError(f"{patch.path}: signature does not verify with key {key_id(public)}",
+        raise IntegrityError(f"{path}: signature does not verify with key {key_id(public)}",
                              what="signature") from None
     return key_id(public)
 
 
-__all__ = ["SIGNATURE_DOMAIN", "SIGNATURE_BLOCK_SIZE", "TRAILER_SIZE", "generate_keypair", "key_id",
+def authenticator(public_path: str | os.PathLike[str]):
+    """An ``authenticate`` callback for :func:`nnpatch.patchfile.read_patch`: the patch must be
+    signed by the key in ``public_path``, checked before its header is parsed."""
+    expected = _raw_public(load_public_key(os.fspath(public_path)))
+
+    def authenticate(path: str, trailer_digest: bytes, block: bytes | None) -> None:
+        _require_signed_by(path, expected, trailer_digest, block)
+
+    return authenticate
+
+
+def verify_signature(patch, public_path: str) -> str:
+    """Raise IntegrityError unless ``patch`` (an open Patch) is signed by the key in ``public_path``."""
+    expected = _raw_public(load_public_key(public_path))
+    sig = patch.signature
+    return _require_signed_by(patch.path, expected, bytes.fromhex(patch.trailer_hash),
+                              None if sig is None else sig[0] + sig[1])
+
+
+__all__ = ["SIGNATURE_DOMAIN", "SIGNATURE_BLOCK_SIZE", "TRAILER_SIZE", "authenticator", "generate_keypair", "key_id",
            "load_private_key", "load_public_key", "sign_patch", "signer_from_file", "verify_signature"]

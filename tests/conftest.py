@@ -15,6 +15,8 @@ from nnpatch.weights import write_safetensors
 
 # the spec's header-editing tools (spec/crafting.py) are importable as ``crafting``
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "spec"))
+# and so are this folder's helpers (``from conftest import assert_proven``)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 settings.register_profile("fast", max_examples=25, deadline=None,
                           suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
@@ -111,3 +113,20 @@ def backend(request):
 def read(path) -> bytes:
     with open(path, "rb") as f:
         return f.read()
+
+
+def assert_proven(result, target, mode: str = "default", *, file_digest: str | None = None) -> None:
+    """An apply reports only what it proved: the file (or directory) digest when
+    the output was hashed again (``full``), the model digest unless ``touched``."""
+    from nnpatch.hashing import hash_file
+    from nnpatch.weights import open_model
+
+    if mode == "full":
+        assert result.blake3 == (file_digest or hash_file(target))
+    else:
+        assert result.blake3 is None
+    if mode == "touched":
+        assert result.model_blake3 is None
+    else:
+        with open_model(target) as m:
+            assert result.model_blake3 == m.digest().hex()

@@ -19,9 +19,11 @@ from nnpatch.errors import BaseMismatchError, IntegrityError, PatchFormatError, 
 from crafting import header_json, with_header
 from nnpatch.patchfile import read_patch
 from nnpatch.weights.sharded import shard_name, write_sharded
+from nnpatch.weights import open_model
 from nnpatch.weights.source import open_source
 
 from .conftest import read
+from conftest import assert_proven
 
 
 def contents(d) -> dict[str, bytes]:
@@ -107,7 +109,8 @@ def test_directory_round_trip_is_exact(pair, tmp_path, verify, backend):
     out = tmp_path / "out"
     r = nnpatch.apply(a, tmp_path / "p.nnpatch", out, verify=verify)
     assert contents(out) == contents(b)
-    assert dir_digest(out) == dir_digest(b) == r.blake3
+    assert dir_digest(out) == dir_digest(b)
+    assert_proven(r, b, verify, file_digest=dir_digest(b))
     assert contents(a) == before
     assert sorted(os.listdir(tmp_path)) == ["out", "p.nnpatch", "v1", "v2"]  # no temporary directory left
     rep = nnpatch.verify(tmp_path / "p.nnpatch", base=a, target=out)
@@ -277,7 +280,9 @@ def test_cli_applies_verifies_and_shows_a_directory_patch(pair, tmp_path):
     p = subprocess.run(run + ["apply", str(a), str(tmp_path / "p.nnpatch"), "-o", str(tmp_path / "out"),
                               "--json"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["blake3"] == dir_digest(b)
+    assert json.loads(p.stdout)["blake3"] is None  # proven by its tensors, not hashed again: not reported
+    with open_model(b) as m:
+        assert json.loads(p.stdout)["model_blake3"] == m.digest().hex()
     assert contents(tmp_path / "out") == contents(b)
     p = subprocess.run(run + ["verify", str(tmp_path / "p.nnpatch"), "--base", str(a), "--target",
                               str(tmp_path / "out")], capture_output=True, text=True)

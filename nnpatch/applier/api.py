@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 from ..errors import IntegrityError, UsageError
 from ..patchfile import Patch, read_patch
-from ..signing import verify_signature
+from ..signing import authenticator, verify_signature
 from ..weights import SafetensorsFile
 from ..weights.source import open_source
 from . import inplace, targets
@@ -33,13 +33,15 @@ def _no_progress(n: int) -> None:
 
 def _open_patches(stack: contextlib.ExitStack, patches: Sequence, key: PathLike | None) -> list[Patch]:
     """Open every patch (paths are closed with ``stack``); with ``key``, each must be signed by it."""
+    authenticate = authenticator(key) if key is not None else None
     opened = []
     for p in patches:
-        q = p if isinstance(p, Patch) else stack.enter_context(read_patch(p))
-        opened.append(q)
-    if key is not None:
-        for q in opened:
-            verify_signature(q, os.fspath(key))
+        if isinstance(p, Patch):  # opened by the caller (a stream): checked now
+            if key is not None:
+                verify_signature(p, os.fspath(key))
+            opened.append(p)
+        else:  # checked before its header is parsed
+            opened.append(stack.enter_context(read_patch(p, authenticate=authenticate)))
     return opened
 
 

@@ -39,7 +39,7 @@ from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOE
 from ..hashing import digests_equal, hash_file
 from ..weights.model import SKIPPED_DIRS
 from ..weights.source import directory_digest
-from .engine import execute
+from .engine import execute, proven_model
 from .oscopy import allocate
 from .plan import OutFile, Plan
 from .policy import ApplyResult, ProgressFn, Verify
@@ -152,7 +152,8 @@ def build_directory(plan: Plan, inp, output: str, verify: Verify, progress: Prog
     if old is not None:  # committed: the old model directory is now under a temporary name
         _carry_over(old, output)
         shutil.rmtree(old, ignore_errors=True)
-    return ApplyResult(output, plan.size, digest, plan.ops, verify.mode, hashed, plan.links)
+    return ApplyResult(output, plan.size, digest, plan.ops, verify.mode, hashed, plan.links,
+                       proven_model(plan, verify))
 
 
 def _write_blob(f: OutFile, fd: int) -> str:

@@ -94,6 +94,11 @@ def require_target_model(plan: Plan, finals: dict[str, bytes], digests: dict[str
                              expected=plan.output_model, actual=got)
 
 
+def proven_model(plan: Plan, verify: Verify) -> str | None:
+    """The output's model digest where the policy had the engine check it, else None."""
+    return plan.output_model if verify.whole_base or plan.always_full else None
+
+
 def _input_locator(inp) -> Callable[[str], tuple[int, object, int]] | None:
     """Where an input tensor's bytes lie in a file, as (fd, map, offset), so
     unchanged tensors move by ``copy_file_range``; None for inputs whose
@@ -282,7 +287,7 @@ def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] 
                     f"{digest}, expected {f.blake3})", what=f.path or "target", expected=f.blake3, actual=digest)
         if not plan.directory:
             return rehashed[0], hashed[0], rehashed
-    return plan.output_file, hashed[0], rehashed
+    return None, hashed[0], rehashed
 
 
 def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: Verify, progress: ProgressFn,
@@ -305,4 +310,4 @@ def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: Verify, pr
         if isinstance(e, NnpatchError):
             raise
         raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    return ApplyResult(output, size, digest, plan.ops, verify.mode, hashed, plan.links)
+    return ApplyResult(output, size, digest, plan.ops, verify.mode, hashed, plan.links, proven_model(plan, verify))

@@ -49,7 +49,7 @@ from ..weights.safetensors_file import MAX_HEADER_SIZE
 from ..weights.source import open_source
 from .decode import decode_index, row_bytes, run_step, undo_esort
 from . import targets
-from .engine import require_target_model, workers
+from .engine import proven_model, require_target_model, workers
 from .journal import Entry, Journal, JournalWriter, journal_path, read_journal
 from .plan import Item, Plan, plan_forward
 from .policy import ApplyResult, ProgressFn, Verify
@@ -332,7 +332,7 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
                         expected=item.expect, actual=d.hex())
             if hash_all:
                 require_target_model(plan, finals, digests)
-            digest = plan.output_file
+            digest = None  # proven (and reported) only when the file is hashed again
             if verify.rehash_output:
                 h = blake3.blake3(max_threads=blake3.blake3.AUTO)
                 h.update(m)
@@ -358,7 +358,7 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
     os.unlink(jpath)
     fsync_dir(os.path.dirname(os.path.abspath(model)))
     hook("done")
-    return ApplyResult(model, st.size, digest, plan.ops, verify.mode, hashed)
+    return ApplyResult(model, st.size, digest, plan.ops, verify.mode, hashed, model_blake3=proven_model(plan, verify))
 
 
 def _write_rows(fd: int, m: mmap.mmap, item: Item) -> None:

@@ -57,16 +57,23 @@ class Verify:
 
 @dataclass
 class ApplyResult:
-    """What apply wrote. ``blake3`` is the output's file digest: re-hashed and
-    checked with ``verify="full"``; in the other modes it is the patch's
-    target digest, which the checked layout and tensor digests imply for a
-    well-formed patch (spec/FORMAT.md, section 9, step 8)."""
+    """What apply wrote, and what was proven about it.
+
+    ``blake3`` is the output's file digest (a directory's: its directory
+    digest) when it was computed from the bytes written: ``verify="full"``,
+    ``revert``, PyTorch and ONNX targets. Otherwise it is None: the patch's
+    claimed file digest is never reported as the output's, since only
+    ``full`` reads the output again to prove it. ``model_blake3`` is the
+    output's model digest when the engine proved it (every mode but
+    ``touched``), else None.
+    """
 
     output: str
     size: int
-    blake3: str
+    blake3: str | None
     ops: int
     verify: str = "default"
     #: base bytes that were hashed, and output bytes hashed again
     hashed: int = 0
     links: int = 1
+    model_blake3: str | None = None

@@ -82,7 +82,8 @@ def _build_torch(plan: Plan, b, output: str, verify: Verify, progress: ProgressF
             raise IntegrityError(f"{output}: the PyTorch file written does not hold the patch's target tensors "
                                  f"(model BLAKE3 {got}, expected {model_blake3})", what="target",
                                  expected=model_blake3, actual=got)
-    return ApplyResult(output, os.path.getsize(output), hash_file(output), r.ops, verify.mode, r.hashed, r.links)
+    return ApplyResult(output, os.path.getsize(output), hash_file(output), r.ops, verify.mode, r.hashed, r.links,
+                       model_blake3)
 
 
 def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch) -> ApplyResult:
@@ -121,4 +122,6 @@ def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn
         if isinstance(e, NnpatchError):
             raise
         raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links)
+    # every file written was hashed above and matched its digest: the model file's is proven
+    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links,
+                       r.model_blake3)

@@ -61,12 +61,21 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
             else:
                 r = apply_chain(old, opened, output, verify=verify_mode, progress=advance, key=key)
     if as_json:
-        emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops, "verify": r.verify,
-                   "links": len(opened), "in_place": in_place})
+        emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "model_blake3": r.model_blake3,
+                   "ops": r.ops, "verify": r.verify, "links": len(opened), "in_place": in_place})
     elif not quiet(ctx):
         how = "file re-hashed" if r.verify == "full" else (
             "base and every tensor written" if r.verify == "default" else "touched tensors only")
-        click.echo(f"wrote {r.output} ({human(r.size)}, BLAKE3 {r.blake3}), verified: {how}")
+        click.echo(f"wrote {r.output} ({human(r.size)}{_proven_digest(r)}), verified: {how}")
+
+
+def _proven_digest(r) -> str:
+    """The digest the apply proved, for the success line: never a patch's unchecked claim."""
+    if r.blake3 is not None:
+        return f", BLAKE3 {r.blake3}"
+    if r.model_blake3 is not None:
+        return f", model BLAKE3 {r.model_blake3}"
+    return ""
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -82,7 +91,8 @@ def revert(ctx, new, patch, output, as_json):
     with progress(ctx, "revert", total, not as_json) as advance:
         r = do_revert(new, patch, output, progress=advance)
     if as_json:
-        emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "ops": r.ops})
+        emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "model_blake3": r.model_blake3,
+                   "ops": r.ops})
     elif not quiet(ctx):
         click.echo(f"wrote {r.output} ({human(r.size)}, BLAKE3 {r.blake3}), verified")
 

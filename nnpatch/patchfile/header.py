@@ -43,6 +43,17 @@ MAX_HEADER_SIZE = 64 << 20
 MAX_RANK = 64
 MAX_NAME_BYTES = 1 << 16
 MAX_JSON_DEPTH = 16
+#: A zstd header may expand to at most this many times its frame's length
+#: (plus HEADER_EXPANSION_SLACK): a real header of digests and names
+#: compresses 2-5x, and a 10 KB frame must not become 64 MiB of JSON.
+MAX_HEADER_EXPANSION = 64
+HEADER_EXPANSION_SLACK = 1 << 16
+#: Most JSON values (counted as opening brackets and commas outside strings)
+#: a header may hold: about 40 per op, so 100,000 ops fit; parsing stays
+#: within a few hundred MB whatever the values are.
+MAX_JSON_VALUES = 1 << 22
+#: Most ops a patch may have (DeepSeek-V3 has about 91,000 tensors).
+MAX_OPS = 1 << 18
 #: A zstd frame cannot expand beyond this ratio (a 4-byte RLE block -> 128 KiB).
 MAX_ZSTD_EXPANSION = 32768
 
@@ -290,6 +301,10 @@ __all__ = [
     "MAX_RANK",
     "MAX_NAME_BYTES",
     "MAX_JSON_DEPTH",
+    "MAX_HEADER_EXPANSION",
+    "HEADER_EXPANSION_SLACK",
+    "MAX_JSON_VALUES",
+    "MAX_OPS",
     "MAX_ZSTD_EXPANSION",
     "KNOWN_FEATURES",
     "OPS",

@@ -9,6 +9,7 @@ import math
 import mmap
 import os
 import re
+from collections.abc import Callable
 
 import blake3
 import numpy as np
@@ -18,7 +19,8 @@ from .. import codecs, dtypes
 from .._json import reject_duplicates
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
-                     MAX_FILES, MAX_HEADER_SIZE, MAX_JSON_DEPTH, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RANK,
+                     HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
+                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RANK,
                      MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
                      SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
                      Section, TargetFile, TensorRef, align, delta_or_planes)
@@ -26,26 +28,38 @@ from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMA
 
 # --- reading ----------------------------------------------------------------
 
+#: ``authenticate(path, trailer_digest, signature_block or None)`` raises unless
+#: the patch is acceptable (nnpatch.signing.authenticator builds one from a key).
+Authenticator = Callable[[str, bytes, "bytes | None"], None]
+
 class Patch:
     """An open, fully validated patch file (memory-mapped, read-only)."""
 
-    def __init__(self, path: str | os.PathLike[str], *, check_trailer: bool = True) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, check_trailer: bool = True,
+                 authenticate: Authenticator | None = None, name: str | None = None) -> None:
         self.path = os.fspath(path)
         try:
             self._file = open(self.path, "rb")
         except OSError as e:
             raise NnpatchIOError(f"{self.path}: cannot open: {e.strerror or e}") from e
+        if name is not None:  # what errors call it (a spooled stream: "<stdin>")
+            self.path = name
         try:
             self.size = os.fstat(self._file.fileno()).st_size
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
             self.header = parse_patch(self._map if self._map is not None else b"", path=self.path,
-                                      check_trailer=check_trailer)
+                                      check_trailer=check_trailer, authenticate=authenticate)
         except BaseException:
             self.close()
             raise
 
     def section(self, s: Section) -> memoryview:
         return memoryview(self._map)[s.offset : s.offset + s.length]
+
+    @property
+    def buffer(self) -> memoryview:
+        """The whole file, read-only (empty for an empty file)."""
+        return memoryview(self._map) if self._map is not None else memoryview(b"")
 
     @property
     def trailer_offset(self) -> int:
@@ -89,12 +103,19 @@ class Patch:
         self.close()
 
 
-def read_patch(path: str | os.PathLike[str]) -> Patch:
-    return Patch(path)
+def read_patch(path: str | os.PathLike[str], *, authenticate: Authenticator | None = None) -> Patch:
+    """Open and validate the patch at ``path``; ``authenticate`` (see :data:`Authenticator`) runs
+    as soon as the trailer is proven, before the header is expanded or parsed."""
+    return Patch(path, authenticate=authenticate)
 
 
-def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> PatchHeader:
-    """Validate a whole patch held in ``buf`` and return its header."""
+def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True,
+                authenticate: Authenticator | None = None) -> PatchHeader:
+    """Validate a whole patch held in ``buf`` and return its header.
+
+    Order (spec/FORMAT.md section 9): preamble, trailer hash, ``authenticate``
+    (with a key: the signature), and only then the header, which is the first
+    thing a crafted patch can make expensive."""
     size = len(buf)
     if size < PREAMBLE_SIZE:
         if bytes(buf[: min(size, 8)]) != MAGIC[: min(size, 8)]:
@@ -114,6 +135,14 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
     if size < PREAMBLE_SIZE + TRAILER_SIZE + sig:
         raise PatchFormatError(f"truncated: {size} bytes, no room for the trailer", path=path)
     size -= sig  # from here on, the file as if unsigned: everything up to the trailer's end
+    if check_trailer:
+        h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size > 1 << 20 else blake3.blake3()
+        h.update(memoryview(buf)[: size - TRAILER_SIZE])
+        if h.digest() != bytes(buf[size - TRAILER_SIZE : size]):
+            raise PatchFormatError("trailer hash mismatch: the file is corrupt or truncated", path=path,
+                                   offset=size - TRAILER_SIZE)
+    if authenticate is not None:
+        authenticate(path, bytes(buf[size - TRAILER_SIZE : size]), bytes(buf[size : size + sig]) if sig else None)
     if header_len > MAX_HEADER_SIZE:
         raise PatchFormatError(f"header length {header_len} exceeds the {MAX_HEADER_SIZE} limit", path=path, offset=16)
     if PREAMBLE_SIZE + header_len > size - TRAILER_SIZE:
@@ -122,12 +151,6 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True) -> Pa
     if (PREAMBLE_SIZE + header_len) % ALIGNMENT:
         raise PatchFormatError(f"header length {header_len} does not end on a {ALIGNMENT}-byte boundary",
                                path=path, offset=16)
-    if check_trailer:
-        h = blake3.blake3(max_threads=blake3.blake3.AUTO) if size > 1 << 20 else blake3.blake3()
-        h.update(memoryview(buf)[: size - TRAILER_SIZE])
-        if h.digest() != bytes(buf[size - TRAILER_SIZE : size]):
-            raise PatchFormatError("trailer hash mismatch: the file is corrupt or truncated", path=path,
-                                   offset=size - TRAILER_SIZE)
     header = parse_header(bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]), flags, path=path)
     header.version = (major, minor)
     header.flags = flags
@@ -150,12 +173,22 @@ def _reject_constant(name):
 _JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 
-def _json_depth(text: str) -> int:
-    """Deepest bracket nesting outside strings, found before parsing so that a
-    hostile header cannot exhaust the parser's recursion."""
+def json_shape(text: str) -> tuple[int, int]:
+    """(deepest bracket nesting, number of values) outside strings, found before
+    parsing so that a hostile header can exhaust neither the parser's recursion
+    nor memory. Values are counted as opening brackets and commas; the scan
+    runs in pieces, so it needs a few MB whatever the text's size."""
     skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    step = (np.isin(skeleton, (ord("["), ord("{")))).astype(np.int64) - np.isin(skeleton, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max()) if len(step) else 0
+    depth = deepest = values = 0
+    for at in range(0, len(skeleton), 1 << 20):
+        part = skeleton[at : at + (1 << 20)]
+        opens = (part == ord("[")) | (part == ord("{"))
+        step = opens.astype(np.int32) - ((part == ord("]")) | (part == ord("}")))
+        level = np.cumsum(step, dtype=np.int64) + depth
+        deepest = max(deepest, int(level.max()))
+        depth = int(level[-1])
+        values += int(opens.sum()) + int(np.count_nonzero(part == ord(",")))
+    return deepest, values
 
 
 def unpack_header(raw: bytes, path: str) -> bytes:
@@ -169,6 +202,9 @@ def unpack_header(raw: bytes, path: str) -> bytes:
     if size < 0 or size > MAX_HEADER_SIZE:
         raise PatchFormatError(f"compressed header declares {size} bytes (limit {MAX_HEADER_SIZE})",
                                path=path, offset=PREAMBLE_SIZE)
+    if size > MAX_HEADER_EXPANSION * length + HEADER_EXPANSION_SLACK:
+        raise PatchFormatError(f"compressed header declares {size} bytes from a {length}-byte frame (at most "
+                               f"{MAX_HEADER_EXPANSION}x + {HEADER_EXPANSION_SLACK})", path=path, offset=PREAMBLE_SIZE)
     if any(raw[length:]):
         raise PatchFormatError("compressed header: padding after the zstd frame is not zero",
                                path=path, offset=PREAMBLE_SIZE + length)
@@ -185,8 +221,12 @@ def _load_json(raw: bytes, path: str) -> dict:
         raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + e.start})", path=path) from e
     if not text.startswith("{"):
         raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
-    if _json_depth(text) > MAX_JSON_DEPTH:
+    depth, values = json_shape(text)
+    if depth > MAX_JSON_DEPTH:
         raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
+    if values > MAX_JSON_VALUES:
+        raise PatchFormatError(f"header JSON holds more than {MAX_JSON_VALUES} values", path=path,
+                               offset=PREAMBLE_SIZE)
     try:
         obj = json.loads(text, object_pairs_hook=reject_duplicates, parse_constant=_reject_constant)
     except (ValueError, RecursionError) as e:
@@ -377,7 +417,9 @@ def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
 
 def _header_from_json(obj: dict, path: str) -> PatchHeader:
     r = _Reader(path)
-    features = obj.get("required_features", [])
+    if "required_features" not in obj:
+        r.fail("header", "missing required key 'required_features' (a list, empty when none)")
+    features = obj["required_features"]
     if not isinstance(features, list) or not all(isinstance(f, str) for f in features):
         r.fail("required_features", "must be a list of strings")
     unknown = [f for f in features if f not in KNOWN_FEATURES]
@@ -400,6 +442,8 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
     ops_json = obj.get("ops")
     if not isinstance(ops_json, list):
         r.fail("header", "missing required key 'ops' (a list)")
+    if len(ops_json) > MAX_OPS:
+        r.fail("ops", f"{len(ops_json)} ops, more than the {MAX_OPS} a patch may have")
     ops = []
     previous = None
     for i, oj in enumerate(ops_json):
@@ -484,6 +528,10 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         expected = t.nbytes if t is not None else None
     if bound is not None and op.count > bound:
         r.fail(w, f"count {op.count} exceeds the {bound} positions of the tensor")
+    if kind == "elements" and 2 * op.count > bound:
+        # more than half the tensor: a `whole` op with a delta stage is smaller, and the index would cost
+        # the reader 8 bytes an element
+        r.fail(w, f"count {op.count} is more than half the tensor's {bound} elements (use a 'whole' op)")
     if kind in ("rows", "elements") and op.count == 0:
         r.fail(w, "count must be at least 1 (an unchanged tensor has no op)")
     if op.values is not None and op.values.size != expected:

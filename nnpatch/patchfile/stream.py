@@ -31,7 +31,7 @@ from typing import BinaryIO
 import blake3
 
 from ..errors import NnpatchIOError, PatchFormatError
-from .reader import Patch, parse_header
+from .reader import Authenticator, Patch, parse_header
 from .header import (
     FLAG_SIGNED,
     MAGIC,
@@ -61,10 +61,14 @@ def _early_check(head: bytes) -> None:
                                path=STDIN_NAME, offset=16)
 
 
-def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = None) -> Patch:
+def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = None,
+                      authenticate: Authenticator | None = None) -> Patch:
     """Spool a patch from ``src`` (default: standard input) and return it opened.
 
     Raises :class:`PatchFormatError` when the stream is cut off or corrupt.
+    With ``authenticate`` (a key), nothing of the header is parsed before the
+    trailer has arrived and the signature checks out: the early header check
+    is skipped.
     """
     if src is None:
         src = sys.stdin.buffer
@@ -77,7 +81,7 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
         tail = b""  # the last _HELD bytes seen, not yet hashed
         pre = b""
         head = b""
-        header_checked = False
+        header_checked = authenticate is not None
         total = 0
         with os.fdopen(fd, "wb") as f:
             while True:
@@ -117,9 +121,7 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
         if h.digest() != tail[len(tail) - end : len(tail) - end + TRAILER_SIZE]:
             raise PatchFormatError(f"stream cut off or corrupt after {total} bytes: trailer hash mismatch",
                                    path=STDIN_NAME)
-        patch = Patch(tmp, check_trailer=False)
-        patch.path = STDIN_NAME
-        return patch
+        return Patch(tmp, check_trailer=False, authenticate=authenticate, name=STDIN_NAME)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # an open Patch keeps its map; nothing is left on disk

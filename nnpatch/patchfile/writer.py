@@ -11,7 +11,7 @@ import zstandard
 
 from ..atomic import atomic_write
 from ..errors import NnpatchIOError, PatchFormatError
-from .header import (FLAG_HEADER_ZSTD, FLAG_SIGNED, MAGIC, MAX_HEADER_SIZE, PREAMBLE, PREAMBLE_SIZE,
+from .header import (FLAG_HEADER_ZSTD, HEADER_EXPANSION_SLACK, MAX_HEADER_EXPANSION, FLAG_SIGNED, MAGIC, MAX_HEADER_SIZE, PREAMBLE, PREAMBLE_SIZE,
                      SIGNATURE_BLOCK_SIZE, TRAILER_SIZE, PatchHeader, Section, align, encode_header, header_text)
 
 
@@ -35,7 +35,7 @@ def _layout_header(header: PatchHeader, compress: bool) -> bytes:
         if compress:
             packed = _pad_zero(zstandard.ZstdCompressor(level=19, write_content_size=True,
                                                         write_checksum=False).compress(text))
-            if len(packed) < len(plain):
+            if len(packed) < len(plain) and len(text) <= MAX_HEADER_EXPANSION * len(packed) + HEADER_EXPANSION_SLACK:
                 body, zipped = packed, True
         if len(body) <= reserve:
             body += (b"\x00" if zipped else b" ") * (reserve - len(body))  # pad to the reserved length
