@@ -14,15 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
+import stat
 
 from .. import codecs
-from ..atomic import atomic_path, atomic_write, temporary_path
+from ..atomic import atomic_path, atomic_write, temporary_path, umask
 from ..errors import IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError, WeightsError
 from ..hashing import canonical_order, digest_bytes, digests_equal, hash_file
 from ..patchfile import Patch
 from ..weights import SafetensorsFile
-from ..weights.onnx_file import rebuild_external, rebuild_onnx
-from ..weights.sharded import safe_relative_path
+from ..patchfile.reader import check_relative_path
+from ..weights.onnx_file import (GAP_ALLOWANCE, MAX_ONNX_SIZE, Skeleton, check_skeleton_fits,
+                                  read_skeleton, rebuild_external, rebuild_onnx)
 from ..weights.sniff import open_model
 from ..weights.torch_file import save_torch_state
 from .directory import build_directory
@@ -45,7 +48,7 @@ def build(plan: Plan, src, output: str, verify: Verify, progress: ProgressFn, pa
     if kind == "pytorch":
         return _build_torch(plan, src, output, verify, progress, patch.header.target.model_blake3)
     if kind == "onnx":
-        return _build_onnx(plan, src, output, verify, progress, patch)
+        return _build_onnx(plan, src, output, verify, progress, patch, replace=replace)
     mode = _mode_of(output) if replace else None
     return build_file(plan, src, output, verify, progress, mode=mode)
 
@@ -86,42 +89,226 @@ def _build_torch(plan: Plan, b, output: str, verify: Verify, progress: ProgressF
                        model_blake3)
 
 
-def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch) -> ApplyResult:
-    """An ONNX target: build its tensors as safetensors, put them back into the
-    patch's skeleton, and check every file against the digest the patch gives
-    it before writing (external data files first, the model file last, each
-    atomically)."""
+#: NAME_MAX of the common file systems: a longer component fails there, so it is refused up front.
+_NAME_MAX = 255
+
+
+@contextlib.contextmanager
+def _skeleton_errors(patch: Patch):
+    """Whatever a malformed skeleton makes the ONNX code raise is the patch's fault: one line, exit 3."""
+    try:
+        yield
+    except NnpatchError as e:
+        if not isinstance(e, WeightsError):
+            raise
+        raise PatchFormatError(f"target skeleton: {e}", path=patch.path) from e
+    except (ValueError, TypeError, KeyError, IndexError, OverflowError, RecursionError) as e:
+        raise PatchFormatError(f"target skeleton: {type(e).__name__}: {e}", path=patch.path) from e
+
+
+def _onnx_skeleton(patch: Patch) -> Skeleton:
+    """The target's skeleton, its sizes bounded by the header before anything is decoded and its
+    contents checked against the header's ``outputs``, ``size`` and ``tensors`` before anything is built."""
     t = patch.header.target
     s = t.skeleton
-    skeleton = b"".join(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where="target.skeleton"))
+    model_size = t.outputs[0].size
+    external = sum(o.size for o in t.outputs[1:])
+
+    def refuse(why: str):
+        raise PatchFormatError(f"target: {why}", path=patch.path)
+
+    if model_size > MAX_ONNX_SIZE:
+        refuse(f"the ONNX model file is {model_size} bytes, over protobuf's 2 GiB limit")
+    # each external file is tensors of the target (at most target.size bytes) and gaps (at most as much again)
+    if external > 2 * t.size + GAP_ALLOWANCE:
+        refuse(f"the external data files add up to {external} bytes, more than twice the target's {t.size} "
+               f"plus {GAP_ALLOWANCE}")
+    # the stripped graph is smaller than the model file, and its JSON header names the model's tensors
+    # and carries the external files' gaps (base64): anything larger is not a skeleton of these outputs
+    limit = 12 + 8 * model_size + 2 * external + GAP_ALLOWANCE
+    if s.size > limit:
+        refuse(f"the skeleton is {s.size} bytes, more than {limit} for outputs of these sizes")
+    if s.codec not in ([], ["zstd"]):
+        refuse(f"the skeleton's codec must be raw or zstd, not {s.codec}")
+    raw = b"".join(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where="target.skeleton"))
+    with _skeleton_errors(patch):
+        sk = read_skeleton(raw)
+        check_skeleton_fits(sk, {o.path: o.size for o in t.outputs[1:]}, t.size)
+    if len(sk.stored) != t.tensors:
+        refuse(f"the skeleton stores {len(sk.stored)} tensors, the target has {t.tensors}")
+    return sk
+
+
+def _referenced_locations(model_path: str) -> set[str]:
+    """The external data locations the ONNX model now at ``model_path`` names (empty if there is
+    none, or it cannot be read as one): the files a re-apply over it may replace."""
+    import onnx
+
+    try:
+        st = os.stat(model_path)
+        if not stat.S_ISREG(st.st_mode) or st.st_size > MAX_ONNX_SIZE:
+            return set()
+        with open(model_path, "rb") as f:
+            model = onnx.ModelProto()
+            model.ParseFromString(f.read())
+    except Exception:  # an unreadable or foreign file owns nothing
+        return set()
+    found: set[str] = set()
+
+    def tensors(graph):
+        yield from graph.initializer
+        for node in graph.node:
+            for a in node.attribute:
+                if a.HasField("t"):
+                    yield a.t
+                yield from a.tensors
+                for g in ([a.g] if a.HasField("g") else []) + list(a.graphs):
+                    yield from tensors(g)
+
+    for t in tensors(model.graph):
+        if t.data_location == onnx.TensorProto.EXTERNAL:
+            found.update(e.value for e in t.external_data if e.key == "location")
+    return found
+
+
+def _protected(src, replace: bool) -> set[tuple[int, int]]:
+    """(device, inode) of the base file, and unless the base is being replaced, of every file of the base model."""
+    paths = [src.path]
+    model = getattr(src, "model", None)
+    if model is not None and not replace:
+        root = src.path if os.path.isdir(src.path) else os.path.dirname(os.path.abspath(src.path))
+        paths += [os.path.join(root, *f.path.split("/")) for f in model.files]
+    ids = set()
+    for p in paths:
+        with contextlib.suppress(OSError):
+            st = os.stat(p)
+            ids.add((st.st_dev, st.st_ino))
+    return ids
+
+
+def _check_external_paths(paths: list[str], output: str, src, replace: bool, patch: Patch) -> dict[str, int | None]:
+    """Check where each external data file would go, before anything is written; returns
+    path -> the mode of the file it replaces (None: a new file).
+
+    A path is relative and normalised, every component short enough and none ``.git``; it stays in
+    the output's directory, through directories that already exist and are not symlinks (nnpatch
+    creates no directory a patch names); it is neither the output nor, case-folded, another output;
+    and it is new, or a regular file, not the base, that the model now at the output names as its
+    own external data (re-applying over an earlier version).
+    """
+    directory = os.path.dirname(os.path.abspath(output))
+    taken = {os.path.basename(output).casefold()}
+    protected = _protected(src, replace)
+    owned: set[str] | None = None
+    modes: dict[str, int | None] = {}
+
+    def refuse(path: str, why: str):
+        raise PatchFormatError(f"target: external data file {path!r} {why}", path=patch.path)
+
+    for path in paths:
+        why = check_relative_path(path)
+        if why:
+            refuse(path, why)
+        parts = path.split("/")
+        if any(len(p.encode("utf-8", "surrogatepass")) > _NAME_MAX for p in parts):
+            refuse(path, f"has a component longer than {_NAME_MAX} bytes")
+        if any(p.casefold() == ".git" for p in parts):
+            refuse(path, "is inside .git")
+        if path.casefold() in taken:
+            refuse(path, "collides with the model file or another output (names compared case-insensitively)")
+        taken.add(path.casefold())
+        here = directory
+        for p in parts[:-1]:
+            here = os.path.join(here, p)
+            try:
+                st = os.lstat(here)
+            except FileNotFoundError:
+                refuse(path, f"needs directory {os.path.relpath(here, directory)!r}, which does not exist "
+                             "(nnpatch creates no directories a patch names)")
+            except OSError as e:
+                refuse(path, f"cannot be checked: {e.strerror or e}")
+            if stat.S_ISLNK(st.st_mode):
+                refuse(path, f"goes through the symlink {os.path.relpath(here, directory)!r}")
+            if not stat.S_ISDIR(st.st_mode):
+                refuse(path, f"goes through {os.path.relpath(here, directory)!r}, which is not a directory")
+        full = os.path.join(directory, *parts)
+        try:
+            st = os.lstat(full)
+        except FileNotFoundError:
+            modes[path] = None
+            continue
+        except OSError as e:
+            refuse(path, f"cannot be checked: {e.strerror or e}")
+        if not stat.S_ISREG(st.st_mode):
+            refuse(path, "exists and is not a regular file")
+        if (st.st_dev, st.st_ino) in protected or os.path.abspath(full) == os.path.abspath(src.path):
+            refuse(path, "is the base model")
+        if owned is None:
+            owned = _referenced_locations(output)
+        if path not in owned:
+            refuse(path, f"already exists and is not external data of {output}")
+        modes[path] = st.st_mode & 0o7777
+    return modes
+
+
+def _write_external(directory: str, path: str, data: bytes, mode: int | None) -> None:
+    """Write ``data`` at ``path`` under ``directory`` atomically, every directory opened with
+    O_NOFOLLOW relative to its parent, so a symlink swapped in after the checks is not followed."""
+    flags = os.O_RDONLY | getattr(os, "O_DIRECTORY", 0) | getattr(os, "O_CLOEXEC", 0)
+    parts = path.split("/")
+    fd = os.open(directory, flags)
+    try:
+        for p in parts[:-1]:
+            nfd = os.open(p, flags | os.O_NOFOLLOW, dir_fd=fd)
+            os.close(fd)
+            fd = nfd
+        tmp = f".nnpatch-{secrets.token_hex(8)}.tmp"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0),
+                      0o600, dir_fd=fd)
+        try:
+            with os.fdopen(out, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+                os.fchmod(f.fileno(), mode if mode is not None else 0o644 & ~umask())
+            os.replace(tmp, parts[-1], src_dir_fd=fd, dst_dir_fd=fd)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp, dir_fd=fd)
+            raise
+        with contextlib.suppress(OSError):
+            os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,
+                replace: bool = False) -> ApplyResult:
+    """An ONNX target: check the skeleton and every place a file will go, build the tensors as
+    safetensors, put them back into the skeleton, and check every file against the digest the patch
+    gives it before writing any (external data files first, the model file last, each atomically)."""
+    t = patch.header.target
+    sk = _onnx_skeleton(patch)
     directory = os.path.dirname(os.path.abspath(output))
     try:
+        modes = _check_external_paths([o.path for o in t.outputs[1:]], output, b, replace, patch)
         with _staged(plan, b, output, verify, progress) as (r, st):
             tensors = {n: (i.dtype, i.shape, st.raw(n).tobytes()) for n, i in st.tensors.items()}
-        try:
-            files = {t.outputs[0].path: rebuild_onnx(skeleton, tensors)}
-            files.update(rebuild_external(skeleton, tensors))
-        except WeightsError as e:
-            raise PatchFormatError(f"target skeleton: {e}", path=patch.path) from e
+        with _skeleton_errors(patch):
+            files = {t.outputs[0].path: rebuild_onnx(sk, tensors)}
+            files.update(rebuild_external(sk, tensors))
         del tensors
-        if sorted(files) != sorted(o.path for o in t.outputs):
-            raise PatchFormatError("target outputs do not list the files its skeleton makes", path=patch.path)
         for o in t.outputs:
             got = digest_bytes(files[o.path]).hex()
             if len(files[o.path]) != o.size or not digests_equal(got, o.blake3):
                 raise IntegrityError(f"{o.path}: the ONNX file rebuilt does not match the patch's target (BLAKE3 "
                                      f"{got}, expected {o.blake3})", what=o.path, expected=o.blake3, actual=got)
         for o in t.outputs[1:]:  # external data first, the model that points at it last
-            full = safe_relative_path(directory, o.path, what="external data location", source=patch.path)
-            os.makedirs(os.path.dirname(full), exist_ok=True)
-            with atomic_write(full) as f:
-                f.write(files[o.path])
+            _write_external(directory, o.path, files.pop(o.path), modes[o.path])
         with atomic_write(output) as f:
             f.write(files[t.outputs[0].path])
     except OSError as e:
         if isinstance(e, NnpatchError):
             raise
         raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    # every file written was hashed above and matched its digest: the model file's is proven
-    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links,
-                       r.model_blake3)
+    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links)

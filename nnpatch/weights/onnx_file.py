@@ -36,6 +36,7 @@ Skeleton layout: ``b"NNPONNX1"``, u32 little-endian length of a JSON header
 from __future__ import annotations
 
 import base64
+import collections
 import json
 import math
 import os
@@ -47,6 +48,7 @@ import numpy as np
 from .. import dtypes
 from ..atomic import atomic_write
 from ..errors import MissingDependencyError, NnpatchIOError, WeightsError
+from .._json import loads_strict
 from ..hashing import canonical_order
 from .model import Model, ModelFile, ModelTensor
 from .sharded import safe_relative_path
@@ -300,10 +302,19 @@ def load_onnx(path: str | os.PathLike[str], *, check: bool = True) -> tuple[byte
             t.ClearField(form)
         tensors[t.name] = OnnxTensor(dtype, shape, raw, form, location)
         forms[t.name] = form
+    names = collections.Counter(t.name for t in _initializers(model.graph, onnx))
+    if any(names[n] > 1 for n in tensors):
+        raise WeightsError("an initializer nnpatch carries shares its name with another one", path=path)
     externals = {}
     for location, info in sorted(ext_files.items()):
         blob = ext_cache[location]
         externals[location] = {"size": len(blob), "gaps": _gaps(blob, info["ranges"])}
+    # an applier refuses more padding than this (check_skeleton_fits): say so here, not there
+    padding = sum(n for e in externals.values() for _, n, _ in e["gaps"])
+    carried = sum(memoryview(t.data).nbytes for t in tensors.values())
+    if padding > carried + GAP_ALLOWANCE:
+        raise WeightsError(f"its external data files hold {padding} bytes that are not initializers nnpatch "
+                           f"carries (more than their {carried} bytes of tensors plus {GAP_ALLOWANCE})", path=path)
     header = {"canonical": canonical, "externals": externals, "storage": forms, "version": 1}
     hjson = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
     skeleton = SKELETON_MAGIC + struct.pack("<I", len(hjson)) + hjson + model.SerializeToString(deterministic=True)
@@ -322,8 +333,51 @@ def _gaps(blob: bytes, ranges: list[tuple[int, int]]) -> list[list]:
     return out
 
 
+#: Every way a skeleton may say a tensor's payload is stored.
+STORAGE_FORMS = frozenset(("raw_data", "float_data", "int32_data", "int64_data", "double_data", "uint64_data",
+                           "external", "empty"))
+#: Padding in external data files (alignment, free space between tensors) that a patch may ask an applier
+#: to write beyond the target's own bytes: onnx aligns tensors to 64 KiB at most, so this is generous.
+GAP_ALLOWANCE = 1 << 20
+_HEADER_KEYS = frozenset(("canonical", "externals", "storage", "version"))
+_MAX_TENSOR_BYTES = 1 << 62
+
+
+@dataclass
+class Skeleton:
+    """A skeleton whose header and graph were checked against each other (:func:`read_skeleton`).
+
+    ``externals``: location -> (size, [(offset, length, bytes or None for zeros)]);
+    ``stored``: name -> (safetensors dtype, shape, form, location or None, offset);
+    ``proto``: the serialized stripped ModelProto, parsed afresh by each rebuild.
+    """
+
+    header: dict
+    proto: bytes
+    externals: dict[str, tuple[int, list[tuple[int, int, bytes | None]]]]
+    stored: dict[str, tuple[str, tuple[int, ...], str, str | None, int]]
+
+    @property
+    def tensor_bytes(self) -> int:
+        return sum(math.prod(shape) * dtypes.ITEMSIZE[dtype] for dtype, shape, *_ in self.stored.values())
+
+    @property
+    def gap_bytes(self) -> int:
+        return sum(n for _, gaps in self.externals.values() for _, n, _ in gaps)
+
+
+def _is_int(v) -> bool:
+    return type(v) is int  # bool is an int to isinstance, and JSON true is no size
+
+
+def _plain_location(location) -> bool:
+    return (isinstance(location, str) and location != "" and "\\" not in location and "\x00" not in location
+            and not location.startswith("/") and not any(p in ("", ".", "..") for p in location.split("/")))
+
+
 def parse_skeleton(skeleton: bytes) -> tuple[dict, bytes]:
-    """(header, serialized stripped ModelProto)."""
+    """(header, serialized stripped ModelProto); the header's fields are checked, not the graph."""
+    skeleton = bytes(skeleton)
     if not skeleton.startswith(SKELETON_MAGIC) or len(skeleton) < len(SKELETON_MAGIC) + 4:
         raise WeightsError("not an nnpatch ONNX skeleton")
     (n,) = struct.unpack_from("<I", skeleton, len(SKELETON_MAGIC))
@@ -331,12 +385,203 @@ def parse_skeleton(skeleton: bytes) -> tuple[dict, bytes]:
     if start + n > len(skeleton):
         raise WeightsError("ONNX skeleton header truncated")
     try:
-        header = json.loads(bytes(skeleton[start:start + n]).decode("utf-8"))
-    except (UnicodeDecodeError, ValueError) as e:
+        header = loads_strict(skeleton[start:start + n])
+    except ValueError as e:  # loads_strict turns bad UTF-8 and nesting past the recursion limit into this
         raise WeightsError(f"invalid ONNX skeleton header: {e}") from e
-    if not isinstance(header, dict) or header.get("version") != 1 or not isinstance(header.get("storage"), dict):
-        raise WeightsError("invalid ONNX skeleton header")
-    return header, bytes(skeleton[start + n:])
+    if not isinstance(header, dict):
+        raise WeightsError("invalid ONNX skeleton header: not a JSON object")
+    unknown = sorted(set(header) - _HEADER_KEYS)
+    if unknown:
+        raise WeightsError(f"invalid ONNX skeleton header: unknown key {unknown[0]!r}")
+    if not _is_int(header.get("version")) or header["version"] != 1:
+        raise WeightsError(f"ONNX skeleton version {header.get('version')!r} is not 1")
+    if header.get("canonical") not in (True, False, None):
+        raise WeightsError("ONNX skeleton 'canonical' must be true, false or null")
+    storage = header.get("storage")
+    if not isinstance(storage, dict):
+        raise WeightsError("ONNX skeleton 'storage' must be an object")
+    for name, form in storage.items():
+        if not name or form not in STORAGE_FORMS:
+            raise WeightsError(f"ONNX skeleton 'storage' of {name!r}: {form!r} is not a storage form")
+    externals = header.setdefault("externals", {})
+    if not isinstance(externals, dict):
+        raise WeightsError("ONNX skeleton 'externals' must be an object")
+    for location, info in externals.items():
+        _check_external(location, info)
+    return header, skeleton[start + n:]
+
+
+def _check_external(location, info) -> None:
+    where = f"ONNX skeleton external {location!r}"
+    if not _plain_location(location):
+        raise WeightsError(f"{where}: not a plain relative path")
+    if not isinstance(info, dict) or set(info) != {"size", "gaps"}:
+        raise WeightsError(f"{where}: must be an object with exactly 'size' and 'gaps'")
+    size, gaps = info["size"], info["gaps"]
+    if not _is_int(size) or not 0 <= size < _MAX_TENSOR_BYTES:
+        raise WeightsError(f"{where}: size {size!r} is not an integer in [0, 2^62)")
+    if not isinstance(gaps, list):
+        raise WeightsError(f"{where}: 'gaps' must be a list")
+    cursor = 0
+    for g in gaps:
+        if not (isinstance(g, list) and len(g) == 3 and _is_int(g[0]) and _is_int(g[1]) and isinstance(g[2], str)):
+            raise WeightsError(f"{where}: a gap must be [offset, length, base64]")
+        off, n, b64 = g
+        if off < cursor or n < 1 or off + n > size:
+            raise WeightsError(f"{where}: gap [{off}, +{n}) is out of order, empty or past the file's {size} bytes")
+        # base64 is 4/3 of its bytes: a length that cannot match is refused before decoding anything
+        if b64 and len(b64) != 4 * ((n + 2) // 3):
+            raise WeightsError(f"{where}: gap at {off} carries {len(b64)} base64 characters, not {n} bytes")
+        cursor = off + n
+
+
+def _gap_bytes(location: str, off: int, n: int, b64: str) -> bytes | None:
+    if not b64:
+        return None
+    try:
+        data = base64.b64decode(b64, validate=True)
+    except ValueError as e:  # binascii.Error
+        raise WeightsError(f"ONNX skeleton external {location!r}: gap at {off}: invalid base64: {e}") from e
+    if len(data) != n:
+        raise WeightsError(f"ONNX skeleton external {location!r}: gap at {off} holds {len(data)} bytes, not {n}")
+    return data
+
+
+def _strict_ref(t) -> tuple[str, int, int | None]:
+    """(location, offset, length or None) of an external tensor, its numbers plain decimal digits."""
+    kv = {}
+    for e in t.external_data:
+        if e.key in kv:
+            raise WeightsError(f"external data key {e.key!r} given twice", tensor=t.name)
+        kv[e.key] = e.value
+    if set(kv) - {"location", "offset", "length", "checksum"} or "location" not in kv:
+        raise WeightsError("external data needs a location and allows only offset, length and checksum",
+                           tensor=t.name)
+    numbers = []
+    for key in ("offset", "length"):
+        v = kv.get(key)
+        if v is not None and not (v.isascii() and v.isdigit() and len(v) <= 19):
+            raise WeightsError(f"external data {key} {v!r} is not a decimal integer", tensor=t.name)
+        numbers.append(None if v is None else int(v))
+    return kv["location"], numbers[0] or 0, numbers[1]
+
+
+def read_skeleton(skeleton: bytes | Skeleton) -> Skeleton:
+    """Parse a skeleton and check it all before anything is built from it: the header's fields,
+    the graph, every stored initializer against its storage form, and every external file's
+    tensors and gaps, which must tile it exactly. Anything malformed is a WeightsError."""
+    if isinstance(skeleton, Skeleton):
+        return skeleton
+    onnx = _onnx()
+    header, proto = parse_skeleton(skeleton)
+    model = _parse_model(onnx, proto)
+    storage, externals = header["storage"], header["externals"]
+    stored: dict[str, tuple] = {}
+    ranges: dict[str, list[tuple[int, int]]] = {loc: [] for loc in externals}
+    referenced: set[str] = set()
+    for t in _initializers(model.graph, onnx):
+        form = storage.get(t.name)
+        if form is None:
+            continue
+        if t.name in stored:
+            raise WeightsError("stored initializer name is not unique across graphs", tensor=t.name)
+        dtype = _dtype_of(onnx, t.data_type)
+        if dtype is None or t.HasField("segment"):
+            raise WeightsError(f"storage form {form!r} given to an initializer nnpatch does not carry",
+                               tensor=t.name)
+        shape = tuple(t.dims)
+        if any(d < 0 or d >= _MAX_TENSOR_BYTES for d in shape) or \
+                math.prod(shape) * dtypes.ITEMSIZE[dtype] >= _MAX_TENSOR_BYTES:
+            raise WeightsError(f"dimensions {list(shape)} are negative or too large", tensor=t.name)
+        nbytes = math.prod(shape) * dtypes.ITEMSIZE[dtype]
+        left = [f for f in _DATA_FIELDS if (t.HasField(f) if f == "raw_data" else len(getattr(t, f)) > 0)]
+        if left:
+            raise WeightsError(f"the skeleton still holds its {left[0]}", tensor=t.name)
+        external = t.data_location == onnx.TensorProto.EXTERNAL
+        if external != (form == "external"):
+            raise WeightsError(f"storage form {form!r} disagrees with its data_location", tensor=t.name)
+        location, offset = None, 0
+        if form == "external":
+            location, offset, length = _strict_ref(t)
+            if location not in externals:
+                raise WeightsError(f"external data file {location!r} is not in the skeleton's externals",
+                                   tensor=t.name)
+            if length is not None and length != nbytes:
+                raise WeightsError(f"external data length {length} is not the tensor's {nbytes} bytes",
+                                   tensor=t.name)
+            if offset + nbytes > externals[location]["size"]:
+                raise WeightsError(f"external data [{offset}, +{nbytes}) is past the end of {location!r}",
+                                   tensor=t.name)
+            referenced.add(location)
+            if nbytes:
+                ranges[location].append((offset, nbytes))
+        elif form == "empty":
+            if nbytes:
+                raise WeightsError(f"storage form 'empty' for a tensor of {nbytes} bytes", tensor=t.name)
+        elif form != "raw_data" and _TYPED_FIELD[dtype] != form:
+            raise WeightsError(f"a {dtype} tensor cannot be stored in {form}", tensor=t.name)
+        stored[t.name] = (dtype, shape, form, location, offset)
+    missing = set(storage) - set(stored)
+    if missing:
+        raise WeightsError(f"skeleton lists {sorted(missing)[0]!r} but its graph does not")
+    files = {}
+    for location, info in externals.items():
+        gaps = [(off, n, _gap_bytes(location, off, n, b64)) for off, n, b64 in info["gaps"]]
+        if location not in referenced:
+            raise WeightsError(f"ONNX skeleton external {location!r} holds no tensor")
+        _check_tiling(location, info["size"], ranges[location], gaps)
+        files[location] = (info["size"], gaps)
+    return Skeleton(header, proto, files, stored)
+
+
+def _parse_model(onnx, proto: bytes):
+    model = onnx.ModelProto()
+    try:
+        model.ParseFromString(proto)
+    except Exception as e:  # google.protobuf.message.DecodeError, and whatever a hostile message raises
+        raise WeightsError(f"ONNX skeleton: not an ONNX model: {e}") from e
+    if not model.HasField("graph"):
+        raise WeightsError("ONNX skeleton: not an ONNX model: no graph")
+    return model
+
+
+def _check_tiling(location: str, size: int, tensors: list[tuple[int, int]], gaps: list) -> None:
+    """Tensors (which may share bytes) and gaps must cover [0, size) exactly, gaps overlapping nothing:
+    then the file's size is accounted for by bytes the applier has or the patch carries."""
+    merged: list[list[int]] = []
+    for off, n in sorted(tensors):
+        if merged and off <= merged[-1][1]:
+            merged[-1][1] = max(merged[-1][1], off + n)
+        else:
+            merged.append([off, off + n])
+    cursor = 0
+    for begin, end in sorted([(a, b) for a, b in merged] + [(off, off + n) for off, n, _ in gaps]):
+        if begin != cursor:
+            raise WeightsError(f"ONNX skeleton external {location!r}: bytes from {min(begin, cursor)} are "
+                               f"{'covered twice' if begin < cursor else 'neither a tensor nor a gap'}")
+        cursor = end
+    if cursor != size:
+        raise WeightsError(f"ONNX skeleton external {location!r}: tensors and gaps end at {cursor}, "
+                           f"the file is {size} bytes")
+
+
+def check_skeleton_fits(sk: Skeleton, outputs: dict[str, int], target_size: int) -> None:
+    """The skeleton against the patch header: its external files are exactly the patch's
+    ``outputs`` (path -> size) after the model file, the tensors it stores fit in the target's
+    safetensors rendering (``target.size``), and the gaps add at most that plus GAP_ALLOWANCE."""
+    if set(sk.externals) != set(outputs):
+        odd = sorted(set(sk.externals) ^ set(outputs))[0]
+        raise WeightsError(f"external data file {odd!r} is not both in the skeleton and in the target's outputs")
+    for location, (size, _) in sk.externals.items():
+        if size != outputs[location]:
+            raise WeightsError(f"external data file {location!r} is {size} bytes in the skeleton, "
+                               f"{outputs[location]} in the target's outputs")
+    if sk.tensor_bytes > target_size:
+        raise WeightsError(f"the skeleton stores {sk.tensor_bytes} bytes of tensors, more than the target's "
+                           f"{target_size}")
+    if sk.gap_bytes > target_size + GAP_ALLOWANCE:
+        raise WeightsError(f"the external data files hold {sk.gap_bytes} bytes besides tensors, more than the "
+                           f"target's size plus {GAP_ALLOWANCE}")
 
 
 def _payload(name: str, dtype: str, shape, value):
@@ -352,63 +597,45 @@ def _payload(name: str, dtype: str, shape, value):
     return data
 
 
-def rebuild_onnx(skeleton: bytes, tensors: dict) -> bytes:
+def rebuild_onnx(skeleton: bytes | Skeleton, tensors: dict) -> bytes:
     """The ``.onnx`` file's bytes: the skeleton with every payload back in its original form.
 
     ``tensors`` maps name -> ``(dtype, shape, bytes)``, an :class:`OnnxTensor`
     or plain bytes; each must fit the dtype and shape the graph declares.
     """
     onnx = _onnx()
-    header, proto = parse_skeleton(skeleton)
-    model = onnx.ModelProto()
-    model.ParseFromString(proto)
-    storage = header["storage"]
-    seen = set()
-    for t in _initializers(model.graph, onnx):
-        form = storage.get(t.name)
-        if form is None or t.name in seen:
-            continue
-        seen.add(t.name)
-        if t.name not in tensors:
-            raise WeightsError("missing from the tensors to rebuild", tensor=t.name)
-        dtype = _dtype_of(onnx, t.data_type)
-        _refill(onnx, t, form, dtype, _payload(t.name, dtype, tuple(t.dims), tensors[t.name]))
-    missing = set(storage) - seen
+    sk = read_skeleton(skeleton)
+    model = _parse_model(onnx, sk.proto)
+    missing = set(sk.stored) - set(tensors)
     if missing:
-        raise WeightsError(f"skeleton lists {sorted(missing)[0]!r} but its graph does not")
-    extra = set(tensors) - set(storage)
+        raise WeightsError("missing from the tensors to rebuild", tensor=sorted(missing)[0])
+    extra = set(tensors) - set(sk.stored)
     if extra:
         raise WeightsError(f"not an initializer of this graph: {sorted(extra)[0]!r}")
+    for t in _initializers(model.graph, onnx):
+        if t.name in sk.stored:
+            dtype, shape, form, _, _ = sk.stored[t.name]
+            _refill(onnx, t, form, dtype, _payload(t.name, dtype, shape, tensors[t.name]))
     return model.SerializeToString(deterministic=True)
 
 
-def rebuild_external(skeleton: bytes, tensors: dict) -> dict[str, bytes]:
+def rebuild_external(skeleton: bytes | Skeleton, tensors: dict) -> dict[str, bytes]:
     """Each external data file's bytes (location -> bytes), byte-identical to the original layout."""
-    onnx = _onnx()
-    header, proto = parse_skeleton(skeleton)
-    externals = header.get("externals") or {}
-    if not externals:
-        return {}
-    model = onnx.ModelProto()
-    model.ParseFromString(proto)
+    sk = read_skeleton(skeleton)
     files = {}
-    for location, info in externals.items():
-        buf = bytearray(info["size"])
-        for off, n, b64 in info["gaps"]:
-            if b64:
-                buf[off:off + n] = base64.b64decode(b64)
+    for location, (size, gaps) in sk.externals.items():
+        buf = bytearray(size)
+        for off, n, data in gaps:
+            if data is not None:
+                buf[off:off + n] = data
         files[location] = buf
-    for t in _initializers(model.graph, onnx):
-        if header["storage"].get(t.name) != "external":
+    for name, (dtype, shape, form, location, offset) in sk.stored.items():
+        if form != "external":
             continue
-        ref = _external_ref(t)
-        dtype = _dtype_of(onnx, t.data_type)
-        data = _payload(t.name, dtype, tuple(t.dims), tensors[t.name])
-        n = memoryview(data).nbytes
-        buf = files[ref["location"]]
-        if ref["offset"] + n > len(buf):
-            raise WeightsError(f"external data beyond the end of {ref['location']!r}", tensor=t.name)
-        buf[ref["offset"]:ref["offset"] + n] = memoryview(data).cast("B")
+        if name not in tensors:
+            raise WeightsError("missing from the tensors to rebuild", tensor=name)
+        data = memoryview(_payload(name, dtype, shape, tensors[name])).cast("B")
+        files[location][offset:offset + data.nbytes] = data  # in bounds: read_skeleton checked the tiling
     return {k: bytes(v) for k, v in files.items()}
 
 
@@ -419,8 +646,8 @@ def write_onnx(path: str | os.PathLike[str], skeleton: bytes, tensors: dict) -> 
     base_dir = os.path.dirname(os.path.abspath(path))
     model_bytes = rebuild_onnx(skeleton, tensors)
     for location, blob in rebuild_external(skeleton, tensors).items():
+        # directories a skeleton names are never created: they exist, or the write fails
         full = safe_relative_path(base_dir, location, what="external data location", source=path)
-        os.makedirs(os.path.dirname(full), exist_ok=True)
         with atomic_write(full) as f:
             f.write(blob)
     with atomic_write(path) as f:
