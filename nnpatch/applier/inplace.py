@@ -16,7 +16,8 @@ changed rows are written (``nnpatch apply --in-place MODEL PATCH``):
 
 A crash before step 3 ends leaves no journal (or a ``.tmp`` one, discarded)
 and an untouched model; a crash after it leaves a journal, and the next
-``nnpatch apply --in-place`` or ``nnpatch recover`` rolls back: the old bytes go back,
+``nnpatch apply --in-place`` or ``nnpatch recover`` rolls back, once the whole journal is
+validated (spec/JOURNAL.md, Trust; a journal that fails is kept and nothing is written): the old bytes go back,
 are fsynced, checked against the base digests, and the journal is removed.
 The model is then exactly OLD; after step 5 it is exactly NEW.
 

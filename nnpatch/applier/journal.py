@@ -8,7 +8,9 @@
 The journal is written to ``MODEL.nnpatch-journal.tmp``, fsynced, renamed to
 ``MODEL.nnpatch-journal`` and the directory fsynced, all before the first
 byte of the model is written; so a journal under the final name is complete
-unless storage corrupted it, which the trailer hash detects.
+unless storage corrupted it, which the trailer hash detects. Anyone who can write
+beside the model can also plant one with a valid trailer, so the reader checks
+everything else too (spec/JOURNAL.md, "Trust") before recover writes a byte.
 """
 
 from __future__ import annotations
@@ -329,7 +331,7 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
                   _hex(o, "base_blake3", where), _hex(o, "target_blake3", where),
                   _int(o, "index_at", where), _int(o, "data_at", where))
         if e.count and (not e.unit or e.count * e.unit > e.nbytes):
-            raise InvalidJournal(f"{where}: {e.count} units of {e.unit} bytes do not fit its {e.nbytes} bytes")
+            raise InvalidJournal(f"{where}: count {e.count} x unit {e.unit} bytes does not fit in nbytes {e.nbytes}")
         entries.append(e)
     return meta, entries
 
