@@ -139,3 +139,187 @@ def test_hostile_onnx_headers_are_refused(tmp_path, edit, error):
     with pytest.raises(PatchFormatError, match=error):
         nnpatch.apply(base, tmp_path / "bad.nnpatch", tmp_path / "out.onnx")
     assert not (tmp_path / "out.onnx").exists()
+
+
+# --- where external data may go (spec 5.7): re-applying, existing files, directories, symlinks ----------
+
+def _ext_patch(tmp_path):
+    base = save(_onnx_mlp(onnx), tmp_path / "a", external=True)
+    target = save(updated(), tmp_path / "b", external=True)
+    nnpatch.diff(base, target, tmp_path / "p.nnpatch")
+    return base, target
+
+
+def test_onnx_reapply_over_its_own_output_replaces_its_external_data(tmp_path):
+    base, target = _ext_patch(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    (out / "m.onnx.data").write_bytes(b"stale")  # the model at -o names it: the patch owns it
+    os.chmod(out / "m.onnx.data", 0o600)
+    nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    assert files(out) == files(tmp_path / "b")
+    assert os.stat(out / "m.onnx.data").st_mode & 0o777 == 0o600  # a replaced file keeps its permissions
+
+
+def test_onnx_existing_file_not_named_by_the_output_is_refused(tmp_path):
+    base, _ = _ext_patch(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "m.onnx.data").write_bytes(b"someone else's")
+    with pytest.raises(PatchFormatError, match="already exists"):
+        nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    assert files(out) == {"m.onnx.data": b"someone else's"}
+
+
+def test_onnx_external_data_is_never_the_base(tmp_path):
+    """Even where the model at -o names the base's own external data file, a fresh apply leaves it alone."""
+    import shutil
+
+    base, _ = _ext_patch(tmp_path)
+    shutil.copyfile(base, tmp_path / "a" / "copy.onnx")  # names m.onnx.data, the base's file
+    before = files(tmp_path / "a")
+    with pytest.raises(PatchFormatError, match="base model"):
+        nnpatch.apply(base, tmp_path / "p.nnpatch", tmp_path / "a" / "copy.onnx")
+    assert files(tmp_path / "a") == before
+
+
+def test_onnx_external_data_symlink_is_refused(tmp_path):
+    base, _ = _ext_patch(tmp_path)
+    out = tmp_path / "out"
+    out.mkdir()
+    (tmp_path / "victim").write_bytes(b"victim")
+    (out / "m.onnx.data").symlink_to(tmp_path / "victim")
+    with pytest.raises(PatchFormatError, match="not a regular file"):
+        nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    assert read(tmp_path / "victim") == b"victim" and sorted(os.listdir(out)) == ["m.onnx.data"]
+
+
+def _subdir_model(d):
+    m = updated()
+    onnx.save_model(m, os.path.join(d, "m.onnx"), save_as_external_data=True, all_tensors_to_one_file=True,
+                    location="w/m.data", size_threshold=64)
+
+
+def test_onnx_external_data_goes_only_into_existing_directories(tmp_path):
+    base = save(_onnx_mlp(onnx), tmp_path / "a", external=False)
+    (tmp_path / "b" / "w").mkdir(parents=True)
+    _subdir_model(tmp_path / "b")
+    nnpatch.diff(base, tmp_path / "b" / "m.onnx", tmp_path / "p.nnpatch")
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(PatchFormatError, match="does not exist"):
+        nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    assert os.listdir(out) == []
+    (out / "w").symlink_to(tmp_path / "a")
+    with pytest.raises(PatchFormatError, match="symlink"):
+        nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    (out / "w").unlink()
+    (out / "w").mkdir()
+    nnpatch.apply(base, tmp_path / "p.nnpatch", out / "m.onnx")
+    assert read(out / "w" / "m.data") == read(tmp_path / "b" / "w" / "m.data")
+    assert read(out / "m.onnx") == read(tmp_path / "b" / "m.onnx")
+
+
+# --- the skeleton itself: every field checked before anything is built ---------------------------------
+
+def _skeleton(tmp_path):
+    from nnpatch.weights.onnx_file import load_onnx
+
+    path = save(_onnx_mlp(onnx), tmp_path / "s", external=True)
+    return load_onnx(path)
+
+
+def _reencode(skeleton, edit_header=None, edit_model=None):
+    import json
+    import struct
+
+    from nnpatch.weights.onnx_file import SKELETON_MAGIC, parse_skeleton
+
+    header, proto = parse_skeleton(skeleton)
+    if edit_header:
+        edit_header(header)
+    if edit_model:
+        m = onnx.ModelProto()
+        m.ParseFromString(proto)
+        edit_model(m)
+        proto = m.SerializeToString()
+    text = json.dumps(header, sort_keys=True, separators=(",", ":")).encode()
+    return SKELETON_MAGIC + struct.pack("<I", len(text)) + text + proto
+
+
+def _ext_tensor(m, name="fc1.weight"):
+    return next(t for t in m.graph.initializer if t.name == name)
+
+
+def _set_ref(key, value):
+    def edit(m):
+        t = _ext_tensor(m)
+        for e in t.external_data:
+            if e.key == key:
+                e.value = value
+    return edit
+
+
+def _gaps(value):
+    return lambda h: next(iter(h["externals"].values())).update(gaps=value)
+
+
+@pytest.mark.parametrize("edit_header, edit_model, error", [
+    (None, _set_ref("offset", " 64"), "decimal"),
+    (None, _set_ref("offset", "1_0"), "decimal"),
+    (None, _set_ref("location", "other.bin"), "not in the skeleton's externals"),
+    (None, lambda m: _ext_tensor(m).dims.append(1 << 40), "past the end|too large|length"),
+    (None, lambda m: setattr(_ext_tensor(m), "raw_data", b"x"), "still holds"),
+    (None, lambda m: setattr(_ext_tensor(m), "data_location", 0), "data_location"),
+    (_gaps([[0, 3, ""]]), None, "covered twice|neither"),
+    (lambda h: next(iter(h["externals"].values())).update(size=10**6), None, "end at"),
+    (lambda h: h["externals"].update({"x.bin": {"size": 0, "gaps": []}}), None, "holds no tensor"),
+    (lambda h: h["storage"].update({"fc2.bias": "int64_data"}), None, "cannot be stored"),
+    (lambda h: h["storage"].update({"fc2.bias": "empty"}), None, "empty"),
+    (lambda h: h.update(extra=1), None, "unknown key"),
+    (lambda h: h.update(version=True), None, "version"),
+])
+def test_onnx_malformed_skeletons_are_weights_errors(tmp_path, edit_header, edit_model, error):
+    from nnpatch.errors import WeightsError
+    from nnpatch.weights.onnx_file import read_skeleton
+
+    skeleton, _ = _skeleton(tmp_path)
+    read_skeleton(skeleton)  # the real one passes
+    with pytest.raises(WeightsError, match=error):
+        read_skeleton(_reencode(skeleton, edit_header, edit_model))
+
+
+def test_onnx_skeleton_must_fit_the_header(tmp_path):
+    from nnpatch.errors import WeightsError
+    from nnpatch.weights.onnx_file import check_skeleton_fits, read_skeleton
+
+    skeleton, tensors = _skeleton(tmp_path)
+    sk = read_skeleton(skeleton)
+    size = sk.externals["m.onnx.data"][0]
+    check_skeleton_fits(sk, {"m.onnx.data": size}, sk.tensor_bytes)
+    with pytest.raises(WeightsError, match="not both"):
+        check_skeleton_fits(sk, {}, sk.tensor_bytes)
+    with pytest.raises(WeightsError, match="bytes in the skeleton"):
+        check_skeleton_fits(sk, {"m.onnx.data": size + 1}, sk.tensor_bytes)
+    with pytest.raises(WeightsError, match="more than the target"):
+        check_skeleton_fits(sk, {"m.onnx.data": size}, sk.tensor_bytes - 1)
+
+
+def test_onnx_writer_refuses_padding_an_applier_would_refuse(tmp_path):
+    from onnx import TensorProto, helper
+
+    from nnpatch.errors import WeightsError
+    from nnpatch.weights.onnx_file import GAP_ALLOWANCE, load_onnx
+
+    t = helper.make_tensor("w", TensorProto.FLOAT, [2], [0.0, 0.0])
+    t.ClearField("float_data")
+    t.data_location = TensorProto.EXTERNAL
+    for k, v in (("location", "w.bin"), ("offset", str(GAP_ALLOWANCE + 64)), ("length", "8")):
+        t.external_data.add(key=k, value=v)
+    g = helper.make_graph([helper.make_node("Identity", ["w"], ["y"])], "g", [],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2])], [t])
+    onnx.save(helper.make_model(g), tmp_path / "m.onnx")
+    (tmp_path / "w.bin").write_bytes(b"\0" * (GAP_ALLOWANCE + 64) + b"\1" * 8)
+    with pytest.raises(WeightsError, match="not initializers nnpatch"):
+        load_onnx(tmp_path / "m.onnx")
