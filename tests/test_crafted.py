@@ -819,12 +819,15 @@ def test_target_blake3_lie_never_prints_a_false_digest(world, verify):
     r = world.run("--quiet", "apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors",
                   f"--verify={verify}", "--json")
     if r.rc == 0:
+        # the output's file digest is reported only if it was computed from the bytes written; a mode that
+        # does not read the output again reports none (and may report the model digest it did prove)
         real = craft.digest(world.read("out.safetensors"))
-        assert json.loads(r.out)["blake3"] == real, f"the success report claims the header's digest: {r}"
+        assert json.loads(r.out)["blake3"] in (real, None), f"the success report claims the header's digest: {r}"
         assert "ab" * 32 not in r.out
         assert_untouched(before, world.snapshot(), allow=("work/out.safetensors",))
         r2 = world.run("apply", "base.safetensors", "lie.nnpatch", "-o", "out2.safetensors", f"--verify={verify}")
-        assert r2.rc == 0 and "ab" * 32 not in r2.out and real in r2.out, str(r2)
+        assert r2.rc == 0 and "ab" * 32 not in r2.out, str(r2)
+        assert json.loads(r.out)["blake3"] is None or real in r2.out, str(r2)
     else:
         assert_refused(r, 4)
         assert_untouched(before, world.snapshot())
@@ -889,8 +892,11 @@ def test_show_prints_names_inertly(world, name, created_by):
         return
     assert_bounded(r)
     for text in (name, created_by):
-        if "[" in text:
-            assert text in r.out, f"markup was interpreted, {text!r} not printed literally: {r}"
+        # printable text comes out literally; text with control characters comes out escaped (checked above),
+        # its markup-like parts still literal
+        for part in ([text] if text.isprintable() else [p for p in text.split("\x1b") if p.isprintable()]):
+            if "[" in part:
+                assert part in r.out, f"markup was interpreted, {part!r} not printed literally: {r}"
     rj = world.run("show", "n.nnpatch", "--json")
     assert rj.rc == 0, str(rj)
     _no_control(rj.out + rj.err)

@@ -29,6 +29,9 @@ from .model import Model, ModelFile, ModelTensor, read_only
 
 #: The safetensors reference implementation refuses headers above 100 MB.
 MAX_HEADER_SIZE = 100_000_000
+#: Most dimensions a tensor may have here (the patch format's limit too): a
+#: hostile header of rank 200,000 must not cost time that grows with its rank.
+MAX_RANK = 64
 METADATA_KEY = "__metadata__"
 
 
@@ -109,7 +112,9 @@ def _tensor_info(name: str, entry, data_start: int, path: str) -> TensorInfo:
     offsets = entry.get("data_offsets")
     if dtype not in dtypes.ITEMSIZE:
         raise WeightsError(f"unknown dtype {dtype!r}", path=path, tensor=name)
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
+    if not isinstance(shape, list) or len(shape) > MAX_RANK:
+        raise WeightsError(f"invalid shape (a list of at most {MAX_RANK} dimensions)", path=path, tensor=name)
+    if not all(type(d) is int and 0 <= d < 1 << 62 for d in shape):
         raise WeightsError(f"invalid shape {shape!r}", path=path, tensor=name)
     if (
         not isinstance(offsets, list)
@@ -119,6 +124,8 @@ def _tensor_info(name: str, entry, data_start: int, path: str) -> TensorInfo:
     ):
         raise WeightsError(f"invalid data_offsets {offsets!r}", path=path, tensor=name)
     expected = math.prod(shape) * dtypes.ITEMSIZE[dtype]
+    if expected >= 1 << 62:  # also keeps the number printable below
+        raise WeightsError(f"shape {shape!r} holds more than 2^62 bytes", path=path, tensor=name)
     if offsets[1] - offsets[0] != expected:
         raise WeightsError(
             f"data_offsets span {offsets[1] - offsets[0]} bytes, dtype and shape need {expected}",
