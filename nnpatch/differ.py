@@ -20,10 +20,12 @@ import numpy as np
 
 from . import __version__, codecs, dtypes
 from .errors import NnpatchIOError, UsageError
-from .hashing import ModelHasher, digest_bytes, hash_file
+from .hashing import ModelHasher, digest_bytes, directory_digest, hash_file
 from .patchfile import ModelRef, Op, OutputFile, PatchHeader, PatchWriter, Section, TargetFile, TensorRef
+from .signing import signer_from_file
 from .weights import SafetensorsFile
-from .weights.source import ModelSource, directory_digest, open_source
+from .weights.onnx_file import rebuild_external, rebuild_onnx
+from .weights.source import ModelSource, open_source
 
 #: Sections up to this size try every codec; larger ones choose on a sample.
 _TRY_ALL_BYTES = 256 << 10
@@ -100,8 +102,6 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
     """
     signer = None
     if sign_key is not None:
-        from .signing import signer_from_file
-
         signer = signer_from_file(os.fspath(sign_key))
     if not codecs.MIN_LEVEL <= level <= codecs.MAX_LEVEL:
         raise UsageError(f"--level must be between {codecs.MIN_LEVEL} and {codecs.MAX_LEVEL}, got {level}")
@@ -191,8 +191,6 @@ def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Se
 def _onnx_target(writer: PatchWriter, t: ModelSource, level: int) -> tuple[Section, list[OutputFile]]:
     """An ONNX target's skeleton, and the digests of the files apply will write from it: the
     rebuild is deterministic, and byte-identical to the target for every protobuf-serialized file."""
-    from .weights.onnx_file import rebuild_external, rebuild_onnx
-
     m = t.model
     skeleton = _encode_layout(writer, m.skeleton, level)
     model_bytes = rebuild_onnx(m.skeleton, m.initializers)

@@ -5,7 +5,11 @@ Three digests, defined byte for byte in spec/FORMAT.md section "Hashes":
 * file digest: BLAKE3 of the file's bytes (what ``b3sum`` prints);
 * tensor digest: BLAKE3 of the tensor's raw little-endian C-order bytes;
 * model digest: BLAKE3 over (name, dtype, shape, tensor digest) of every
-  tensor, sorted by name, so it ignores file layout and metadata.
+  tensor, sorted by name, so it ignores file layout and metadata;
+* directory digest: BLAKE3 over (relative path, file digest) of every file of
+  a model directory, sorted by path;
+
+and the canonical order (names by their UTF-8 bytes) all of them use.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from .errors import NnpatchIOError, PatchFormatError
 
 DIGEST_SIZE = 32
 MODEL_DIGEST_DOMAIN = b"nnpatch-model-v1\x00"
+DIRECTORY_DIGEST_DOMAIN = b"nnpatch-dir-v1\x00"
 #: Below this size the cost of starting threads outweighs their help.
 _THREADED_MIN = 1 << 20
 
@@ -105,6 +110,16 @@ def model_digest(weights) -> tuple[bytes, dict[str, bytes]]:
     """(model digest, {name: tensor digest}) of an open model (anything with ``tensors`` and ``raw``)."""
     per = {name: digest_bytes(weights.raw(name)) for name in weights.tensors}
     return model_digest_of(weights.tensors, per), per
+
+
+def directory_digest(files) -> str:
+    """The directory digest (spec section 8) of ``(relative path, file digest hex)`` pairs."""
+    h = blake3.blake3(DIRECTORY_DIGEST_DOMAIN)
+    for path, digest in sorted(files, key=lambda e: name_key(e[0])):
+        name = path.encode("utf-8", "surrogatepass")
+        h.update(len(name).to_bytes(4, "little") + name)
+        h.update(bytes.fromhex(digest))
+    return h.hexdigest()
 
 
 def digests_equal(a: bytes | str, b: bytes | str) -> bool:

@@ -17,6 +17,7 @@ from .applier.plan import check_base, check_ops_against_layout, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
+from .signing import verify_signature
 from .weights.source import open_source, path_digest
 
 
@@ -74,8 +75,6 @@ def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None
         check_sections(p)
         report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
         if key is not None:
-            from .signing import verify_signature
-
             try:
                 kid = verify_signature(p, os.fspath(key))
                 report.checks.append(Check("signature", True, f"signed by key {kid}"))

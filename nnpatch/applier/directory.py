@@ -38,7 +38,7 @@ from ..atomic import fsync_dir, umask
 from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..weights.model import SKIPPED_DIRS
-from ..weights.source import directory_digest
+from ..hashing import directory_digest
 from .engine import execute, proven_model
 from .oscopy import allocate
 from .plan import OutFile, Plan

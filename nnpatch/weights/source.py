@@ -16,22 +16,10 @@ import blake3
 import numpy as np
 
 from .. import dtypes
-from ..hashing import hash_file, name_key
+from ..hashing import directory_digest, hash_file
 from .model import Model
 from .safetensors_file import SafetensorsFile, TensorInfo, encode_safetensors_header
 from .sniff import open_model, sniff
-
-DIRECTORY_DIGEST_DOMAIN = b"nnpatch-dir-v1\x00"
-
-
-def directory_digest(files) -> str:
-    """The directory digest (spec section 8) of ``(relative path, file digest hex)`` pairs."""
-    h = blake3.blake3(DIRECTORY_DIGEST_DOMAIN)
-    for path, digest in sorted(files, key=lambda e: name_key(e[0])):
-        name = path.encode("utf-8", "surrogatepass")
-        h.update(len(name).to_bytes(4, "little") + name)
-        h.update(bytes.fromhex(digest))
-    return h.hexdigest()
 
 
 class ModelSource:
