@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
+
+import numpy as np
 
 from .errors import NnpatchIOError
 
@@ -31,6 +34,27 @@ def loads_strict(raw: bytes):
             raise ValueError("a string holds a lone surrogate (\\uD800-\\uDFFF escape), which is not "
                              "Unicode text") from e
     return obj
+
+
+_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+
+
+def json_shape(raw: bytes) -> tuple[int, int]:
+    """(deepest bracket nesting, number of values) of UTF-8 JSON outside its strings, found
+    before parsing so that hostile JSON can exhaust neither the parser's recursion nor memory.
+    Values are counted as opening brackets and commas; the scan runs in pieces, so it needs a
+    few MB whatever the input's size."""
+    skeleton = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
+    depth = deepest = values = 0
+    for at in range(0, len(skeleton), 1 << 20):
+        part = skeleton[at : at + (1 << 20)]
+        opens = (part == ord("[")) | (part == ord("{"))
+        step = opens.astype(np.int32) - ((part == ord("]")) | (part == ord("}")))
+        level = np.cumsum(step, dtype=np.int64) + depth
+        deepest = max(deepest, int(level.max()))
+        depth = int(level[-1])
+        values += int(opens.sum()) + int(np.count_nonzero(part == ord(",")))
+    return deepest, values
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:

@@ -92,6 +92,17 @@ class TornJournal(IntegrityError):
     """An undo journal is incomplete or damaged (its trailer hash does not match)."""
 
 
+class InvalidJournal(NnpatchError):
+    """A committed journal (its trailer hash matches) breaks spec/JOURNAL.md: it was crafted, or written by a
+    broken program. It is kept (it may be the only way back) and nothing is written."""
+
+    exit_code = EXIT_INVALID
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message + "; the journal is kept and the model was not written (remove the journal "
+                         "only if you know the model is intact)")
+
+
 class NoPatchError(WeightsError):
     """A release manifest has no patch for the local model's version."""
 
@@ -125,7 +136,7 @@ class UsageError(NnpatchError):
 __all__ = [
     "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE", "EXIT_INVALID", "EXIT_INTEGRITY", "EXIT_IO",
     "EXIT_INTERRUPTED", "NnpatchError", "PatchFormatError", "UnsupportedVersionError",
-    "WeightsError", "IntegrityError", "BaseMismatchError", "TornJournal", "NoPatchError", "TrainingError",
+    "WeightsError", "IntegrityError", "BaseMismatchError", "TornJournal", "InvalidJournal", "NoPatchError", "TrainingError",
     "MissingDependencyError",
     "NnpatchIOError", "UsageError",
 ]

@@ -22,7 +22,8 @@ from hypothesis import strategies as st
 import nnpatch
 from nnpatch.applier import apply_in_place, recover
 from nnpatch.applier import journal as jmod
-from nnpatch.applier.journal import InvalidJournal, journal_path, max_journal_size
+from nnpatch.applier.journal import journal_path, max_journal_size
+from nnpatch.errors import InvalidJournal
 from nnpatch.errors import IntegrityError, NnpatchError, NnpatchIOError, UsageError
 
 from .conftest import read, save

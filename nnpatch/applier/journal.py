@@ -26,9 +26,9 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .._json import loads_strict
+from .._json import json_shape, loads_strict
 from ..atomic import fsync_dir
-from ..errors import EXIT_INVALID, IntegrityError, NnpatchError, NnpatchIOError, TornJournal, UsageError, WeightsError
+from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal, UsageError, WeightsError
 from ..hashing import digests_equal
 from ..weights import parse_safetensors_header
 
@@ -229,22 +229,10 @@ def _check_indices(idx: np.ndarray, bound: int, where: str) -> None:
 
 # --- trust (spec/JOURNAL.md, "Trust") ------------------------------------------------------------------
 
-class InvalidJournal(NnpatchError):
-    """A committed journal (its trailer hash matches) breaks spec/JOURNAL.md: it was crafted, or written by a
-    broken program. It is kept (it may be the only way back) and nothing is written."""
-
-    exit_code = EXIT_INVALID
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message + "; the journal is kept and the model was not written (remove the journal "
-                         "only if you know the model is intact)")
-
-
 MAX_HEADER_LEN = 64 << 20  # like a patch header (FORMAT.md): the writer refuses to write more
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep
 MAX_INT = (1 << 63) - 1
 _HEX = re.compile(r"[0-9a-f]{64}")
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 _TOP_KEYS = ("created_by", "model", "base", "target", "patch", "entries")
 _MODEL_KEYS = {"size", "header_len", "header_blake3"}
 _REF_KEYS = {"blake3", "model_blake3"}
@@ -255,14 +243,6 @@ def max_journal_size(model_size: int) -> int:
     """No journal the writer makes for a model of ``model_size`` bytes is larger: old bytes <= the model,
     indices <= 8 bytes per byte (one-byte elements), and the header and padding within 2 x MAX_HEADER_LEN."""
     return 10 * model_size + 4 * MAX_HEADER_LEN
-
-
-def _json_depth(text: bytes) -> int:
-    """Deepest bracket nesting outside strings, found before parsing so that a hostile header cannot
-    exhaust the parser's recursion (as the patch header reader does)."""
-    skeleton = np.frombuffer(_JSON_STRING.sub(b"", text), dtype=np.uint8)
-    step = np.isin(skeleton, (ord("["), ord("{"))).astype(np.int64) - np.isin(skeleton, (ord("]"), ord("}")))
-    return int(np.cumsum(step).max()) if len(step) else 0
 
 
 def _int(obj: dict, key: str, where: str) -> int:
@@ -293,7 +273,7 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
     """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
     allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
     writes, must have exactly their keys."""
-    if _json_depth(text) > MAX_JSON_DEPTH:
+    if json_shape(text)[0] > MAX_JSON_DEPTH:
         raise InvalidJournal(f"{path}: journal header nests deeper than {MAX_JSON_DEPTH}")
     try:
         meta = loads_strict(text)

@@ -8,15 +8,13 @@ import json
 import math
 import mmap
 import os
-import re
 from collections.abc import Callable
 
 import blake3
-import numpy as np
 import zstandard
 
 from .. import codecs, dtypes
-from .._json import reject_duplicates
+from .._json import json_shape, reject_duplicates
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
@@ -170,27 +168,6 @@ def _reject_constant(name):
     raise ValueError(f"{name} is not allowed")
 
 
-_JSON_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
-
-
-def json_shape(text: str) -> tuple[int, int]:
-    """(deepest bracket nesting, number of values) outside strings, found before
-    parsing so that a hostile header can exhaust neither the parser's recursion
-    nor memory. Values are counted as opening brackets and commas; the scan
-    runs in pieces, so it needs a few MB whatever the text's size."""
-    skeleton = np.frombuffer(_JSON_STRING.sub("", text).encode("utf-8", "surrogatepass"), dtype=np.uint8)
-    depth = deepest = values = 0
-    for at in range(0, len(skeleton), 1 << 20):
-        part = skeleton[at : at + (1 << 20)]
-        opens = (part == ord("[")) | (part == ord("{"))
-        step = opens.astype(np.int32) - ((part == ord("]")) | (part == ord("}")))
-        level = np.cumsum(step, dtype=np.int64) + depth
-        deepest = max(deepest, int(level.max()))
-        depth = int(level[-1])
-        values += int(opens.sum()) + int(np.count_nonzero(part == ord(",")))
-    return deepest, values
-
-
 def unpack_header(raw: bytes, path: str) -> bytes:
     """The JSON of a zstd header: one frame declaring its size, then only zero bytes."""
     where = "header"
@@ -221,7 +198,7 @@ def _load_json(raw: bytes, path: str) -> dict:
         raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + e.start})", path=path) from e
     if not text.startswith("{"):
         raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
-    depth, values = json_shape(text)
+    depth, values = json_shape(raw)
     if depth > MAX_JSON_DEPTH:
         raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
     if values > MAX_JSON_VALUES:
@@ -361,6 +338,10 @@ def check_relative_path(path: str) -> str | None:
         return "must be a relative path with '/' separators, without NUL or backslash"
     if any(part in ("", ".", "..") for part in path.split("/")):
         return "must not have an empty, '.' or '..' component"
+    if any(part.casefold() == ".git" for part in path.split("/")):
+        # a model directory may be a git clone: its repository is never part of the model, and a patch that
+        # could write it could make `git status` run a command of its choosing
+        return "must not name or lie inside '.git'"
     return None
 
 
