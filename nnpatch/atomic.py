@@ -27,6 +27,14 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+def _temporary_beside(path: str, suffix: str) -> str:
+    """A new, empty temporary file in ``path``'s directory, named after it (hidden, so tools skip it)."""
+    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix,
+                               dir=os.path.dirname(os.path.abspath(path)))
+    os.close(fd)
+    return tmp
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp", mode: int | None = 0o644) -> Iterator[str]:
     """Yield the name of a temporary file beside ``path`` for a writer that
@@ -34,9 +42,7 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp", mode: int
     and renamed over ``path``, on any failure removed. ``mode=None`` keeps the
     temporary file's own mode (0600)."""
     path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix, dir=directory)
-    os.close(fd)
+    tmp = _temporary_beside(path, suffix)
     try:
         yield tmp
         fd = os.open(tmp, os.O_RDONLY)
@@ -51,17 +57,14 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp", mode: int
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
-    fsync_dir(directory)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @contextlib.contextmanager
 def temporary_path(near: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[str]:
     """A temporary file name beside ``near`` that is always removed on exit
     (staging files that are read back and never committed)."""
-    near = os.fspath(near)
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(near) + ".", suffix=suffix,
-                               dir=os.path.dirname(os.path.abspath(near)))
-    os.close(fd)
+    tmp = _temporary_beside(os.fspath(near), suffix)
     try:
         yield tmp
     finally:
@@ -72,21 +75,9 @@ def temporary_path(near: str | os.PathLike[str], *, suffix: str = ".tmp") -> Ite
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Yield a binary file object; on clean exit it replaces ``path`` atomically."""
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=".tmp", dir=directory)
-    try:
-        with os.fdopen(fd, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, mode & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(directory)
+    with atomic_path(path, mode=mode) as tmp, open(tmp, "r+b") as f:
+        yield f
+        f.flush()
 
 
 def umask() -> int:

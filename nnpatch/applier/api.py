@@ -76,16 +76,7 @@ def apply_chain(base: PathLike, patches: Sequence, output: PathLike, *, progress
     checked against the digest its first op expects. With ``key``, every link
     must be signed by it.
     """
-    policy = Verify.parse(verify)
-    if not patches:
-        raise UsageError("apply needs at least one patch")
-    output = os.fspath(output)
-    refuse_unfinished(base)
-    with contextlib.ExitStack() as stack:
-        opened = _open_patches(stack, patches, key)
-        b = stack.enter_context(open_source(base))
-        plan = plan_forward(b, opened)
-        return targets.build(plan, b, output, policy, progress or _no_progress, opened[-1])
+    return _build_chain(base, patches, output, verify, progress, key, replace=False)
 
 
 def apply_in_place(model: PathLike, patch, *, verify: str = "default", progress: ProgressFn | None = None,
@@ -105,15 +96,26 @@ def replace_model(model: PathLike, patches: Sequence, *, verify: str = "full", k
     ``patches``: the new version is built beside it, proven, and only then
     put in its place (a file renamed over it, keeping its permissions; a
     directory exchanged atomically), under the model's lock."""
+    return _build_chain(model, patches, model, verify, progress, key, replace=True)
+
+
+def _build_chain(base: PathLike, patches: Sequence, output: PathLike, verify: str, progress: ProgressFn | None,
+                 key: PathLike | None, *, replace: bool) -> ApplyResult:
+    """Plan ``base`` -> ``patches`` and write the result at ``output``; with ``replace``, ``output`` is
+    ``base`` itself, held under its lock while the new version is built beside it and swapped in."""
     policy = Verify.parse(verify)
-    model = os.fspath(model)
-    refuse_unfinished(model)
+    if not patches:
+        raise UsageError("apply needs at least one patch")
+    base = os.fspath(base)
+    refuse_unfinished(base)
     with contextlib.ExitStack() as stack:
         opened = _open_patches(stack, patches, key)
-        stack.enter_context(inplace.locked(model))
-        src = stack.enter_context(open_source(model))
+        if replace:
+            stack.enter_context(inplace.locked(base))
+        src = stack.enter_context(open_source(base))
         plan = plan_forward(src, opened)
-        return targets.build(plan, src, model, policy, progress or _no_progress, opened[-1], replace=True)
+        return targets.build(plan, src, os.fspath(output), policy, progress or _no_progress, opened[-1],
+                             replace=replace)
 
 
 def recover(model: PathLike) -> str | None:

@@ -48,8 +48,8 @@ from ..patchfile import Patch
 from ..weights import SafetensorsFile
 from ..weights.safetensors_file import MAX_HEADER_SIZE
 from ..weights.source import open_source
-from .decode import decode_index, row_bytes, run_step, undo_esort
 from . import targets
+from .decode import decode_index, row_bytes, run_step, undo_esort
 from .engine import proven_model, require_target_model, workers
 from .journal import Entry, Journal, JournalWriter, journal_path, read_journal
 from .plan import Item, Plan, plan_forward

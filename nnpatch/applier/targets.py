@@ -190,8 +190,8 @@ def _check_external_paths(paths: list[str], output: str, src, replace: bool, pat
     """Check where each external data file would go, before anything is written; returns
     path -> the mode of the file it replaces (None: a new file).
 
-    A path is relative and normalised, every component short enough and none ``.git``; it stays in
-    the output's directory, through directories that already exist and are not symlinks (nnpatch
+    A path is relative and normalised, none of it ``.git`` (check_relative_path), every component
+    short enough; it stays in the output's directory, through directories that already exist and are not symlinks (nnpatch
     creates no directory a patch names); it is neither the output nor, case-folded, another output;
     and it is new, or a regular file, not the base, that the model now at the output names as its
     own external data (re-applying over an earlier version).
@@ -212,8 +212,6 @@ def _check_external_paths(paths: list[str], output: str, src, replace: bool, pat
         parts = path.split("/")
         if any(len(p.encode("utf-8", "surrogatepass")) > _NAME_MAX for p in parts):
             refuse(path, f"has a component longer than {_NAME_MAX} bytes")
-        if any(p.casefold() == ".git" for p in parts):
-            refuse(path, "is inside .git")
         if path.casefold() in taken:
             refuse(path, "collides with the model file or another output (names compared case-insensitively)")
         taken.add(path.casefold())
@@ -311,4 +309,6 @@ def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn
         if isinstance(e, NnpatchError):
             raise
         raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
-    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links)
+    # every file written was hashed above and matched its digest: the model file's is proven
+    return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links,
+                       r.model_blake3)
