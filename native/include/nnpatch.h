@@ -1,0 +1,140 @@
+/*
+ * libnnpatch: apply nnpatch patches (spec/FORMAT.md, spec/JOURNAL.md) without Python.
+ *
+ * Scope: safetensors file targets, format 1.0 to 1.2 (every op, index format,
+ * delta stage, byte planes, zstd sections and zstd headers, Ed25519 signatures),
+ * chains of patches in one pass, patches read from a stream, in-place updates
+ * behind the undo journal of spec/JOURNAL.md and their recovery. Other target
+ * kinds (directory, PyTorch) are refused with NNP_EFORMAT / NNP_KIND_UNSUPPORTED.
+ *
+ * Rules every function follows:
+ *  - no global state: everything lives in an nnp_ctx; separate contexts may be
+ *    used from separate threads at the same time (one context, one thread);
+ *  - never exits, aborts or prints: a failure returns a status (equal to the
+ *    exit code of the `nnpatch` and `nnpatch-apply` commands) and leaves a
+ *    one-line message with the evidence in the context (nnp_message);
+ *  - nothing is made visible before it is proven: a new file is written to a
+ *    temporary file beside the destination, fsynced and renamed; the base is
+ *    never modified; on failure the destination is as it was.
+ */
+#ifndef NNPATCH_H
+#define NNPATCH_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define NNP_VERSION_STRING "0.5.0"
+/* The newest format version this library reads (it reads every 1.x file). */
+#define NNP_FORMAT_MAJOR 1
+#define NNP_FORMAT_MINOR 2
+
+/* Status codes: the exit codes of the command-line tools (README, "Exit codes"). */
+typedef enum nnp_status {
+    NNP_OK = 0,
+    NNP_EMISMATCH = 1,   /* a check ran and found a mismatch (nnp_check with a base that is not it) */
+    NNP_EUSAGE = 2,      /* bad arguments */
+    NNP_EFORMAT = 3,     /* invalid or corrupt input: patch, model, journal; unsupported version or kind */
+    NNP_EINTEGRITY = 4,  /* wrong base, failed digest or signature, journal of another file */
+    NNP_EIO = 5,         /* operating-system error: missing file, permission, disk full, locked */
+    NNP_ECANCELLED = 130 /* nnp_cancel was called (or the command got SIGINT/SIGTERM) */
+} nnp_status;
+
+/* Which rule failed: the error classes of the Python implementation (nnpatch/errors.py),
+ * so the two implementations can be compared error for error. */
+typedef enum nnp_error_kind {
+    NNP_KIND_NONE = 0,
+    NNP_KIND_PATCH_FORMAT,        /* PatchFormatError        (3) */
+    NNP_KIND_UNSUPPORTED_VERSION, /* UnsupportedVersionError (3) */
+    NNP_KIND_WEIGHTS,             /* WeightsError            (3) */
+    NNP_KIND_INVALID_JOURNAL,     /* InvalidJournal          (3 or 4, as spec/JOURNAL.md says) */
+    NNP_KIND_BASE_MISMATCH,       /* BaseMismatchError       (4) */
+    NNP_KIND_INTEGRITY,           /* IntegrityError          (4) */
+    NNP_KIND_IO,                  /* NnpatchIOError          (5) */
+    NNP_KIND_USAGE,               /* UsageError              (2) */
+    NNP_KIND_CANCELLED            /* interrupted             (130) */
+} nnp_error_kind;
+
+/* spec/FORMAT.md section 9, step 8, and README "--verify". */
+typedef enum nnp_verify {
+    NNP_VERIFY_DEFAULT = 0, /* hash the whole base and every tensor written; prove by model digest */
+    NNP_VERIFY_FULL = 1,    /* default, and re-hash the output file against target.blake3 */
+    NNP_VERIFY_TOUCHED = 2  /* hash only the tensors the patch touches */
+} nnp_verify;
+
+typedef struct nnp_ctx nnp_ctx;
+
+/* A new context with default settings, or NULL when out of memory. */
+nnp_ctx *nnp_ctx_new(void);
+void nnp_ctx_free(nnp_ctx *ctx);
+
+/* The last failure's one-line message ("" after success) and its kind. Valid until the next call on ctx. */
+const char *nnp_message(const nnp_ctx *ctx);
+nnp_error_kind nnp_error(const nnp_ctx *ctx);
+/* The Python class name of a kind ("PatchFormatError", ...), for messages and tests. */
+const char *nnp_error_name(nnp_error_kind kind);
+
+nnp_status nnp_set_verify(nnp_ctx *ctx, nnp_verify mode);
+
+/* Require every patch to be signed by this Ed25519 public key (32 raw bytes).
+ * An unsigned patch, or one signed by another key, is then refused (NNP_EINTEGRITY)
+ * before its header is parsed. */
+nnp_status nnp_set_trusted_key(nnp_ctx *ctx, const uint8_t public_key[32]);
+/* The same from a PEM file as `nnpatch keygen` writes (SubjectPublicKeyInfo, "PUBLIC KEY").
+ * A private key file is refused with a message saying the public one is meant. */
+nnp_status nnp_set_trusted_key_file(nnp_ctx *ctx, const char *pem_path);
+
+/* Progress: called now and then with the bytes done and the bytes expected in all
+ * (total may grow while a stream arrives). Return non-zero to cancel. */
+typedef int (*nnp_progress_fn)(void *user, uint64_t done, uint64_t total);
+void nnp_set_progress(nnp_ctx *ctx, nnp_progress_fn fn, void *user);
+
+/* Ask a running call on ctx to stop at the next safe point (returns NNP_ECANCELLED,
+ * everything rolled back). Safe to call from another thread or a signal handler. */
+void nnp_cancel(nnp_ctx *ctx);
+
+/* A patch read from a stream (a download, a pipe): read up to len bytes into buf and
+ * return how many (0 at the end), or -1 on an error (the stream's, reported as NNP_EIO). */
+typedef long long (*nnp_read_fn)(void *user, uint8_t *buf, size_t len);
+typedef struct nnp_source {
+    nnp_read_fn read;
+    void *user;
+    const char *name; /* for messages ("-" for standard input); may be NULL */
+} nnp_source;
+
+/* Apply a chain of n >= 1 patches (files) to the model at old_path, writing the result to
+ * out_path (temporary file beside it, fsync, rename). Link k's target is link k+1's base. */
+nnp_status nnp_apply(nnp_ctx *ctx, const char *old_path, const char *const *patch_paths, size_t n,
+                     const char *out_path);
+
+/* The same with patches read from streams, in order; each is read exactly once and may be
+ * applied while it arrives, but nothing appears under out_path before every trailer and
+ * (with a trusted key) signature has been checked. */
+nnp_status nnp_apply_streams(nnp_ctx *ctx, const char *old_path, const nnp_source *patches, size_t n,
+                             const char *out_path);
+
+/* Update model_path in place behind the undo journal (spec/JOURNAL.md): an exclusive lock,
+ * recover first if a journal is there, journal the old bytes, write the new ones, prove,
+ * delete the journal. A patch that changes the layout falls back to a new file renamed
+ * over the model. */
+nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model_path, const char *const *patch_paths,
+                              size_t n);
+
+/* Roll model_path back to its old version from a journal beside it (spec/JOURNAL.md,
+ * "Recover"). *recovered (may be NULL) is set to 1 when a journal was rolled back,
+ * 0 when there was none (or only an uncommitted .tmp one, which is deleted). */
+nnp_status nnp_recover(nnp_ctx *ctx, const char *model_path, int *recovered);
+
+/* Validate a patch (trailer, signature if a key is set, header, sections, every section
+ * decoded) and, with base_path, that it applies to that base. NNP_OK when it does. */
+nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path);
+
+const char *nnp_version(void);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,73 @@
+/*
+ * Strict JSON (RFC 8259) for untrusted headers: patch headers, safetensors headers,
+ * journals. The rules are the spec's (FORMAT.md section 5, JOURNAL.md "Trust"), and the
+ * verdicts match nnpatch/_json.py (loads_strict, json_shape):
+ *   - UTF-8 only (overlongs, surrogates encoded in UTF-8, > U+10FFFF refused);
+ *   - one value, surrounded only by JSON whitespace;
+ *   - duplicate keys in any object refused (compared after unescaping);
+ *   - lone surrogates in \u escapes refused; a valid pair decodes to one code point;
+ *   - NaN, Infinity, -Infinity, leading zeros, "+", trailing commas, comments refused;
+ *   - depth (brackets) and value count (opening brackets + commas outside strings)
+ *     measured BEFORE building anything, so a hostile text costs bounded memory.
+ * Parsed values live in one arena owned by the npj_doc.
+ */
+#ifndef NNP_JSON_H
+#define NNP_JSON_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+typedef enum npj_kind {
+    NPJ_NULL, NPJ_FALSE, NPJ_TRUE,
+    NPJ_INT,    /* an integer literal (no '.', no exponent) that fits in int64 (or uint64 when positive) */
+    NPJ_BIGINT, /* an integer literal too large for 64 bits: a type error wherever a caller wants a number */
+    NPJ_FLOAT,  /* a number with '.' or an exponent (16.0 is a FLOAT, never an INT) */
+    NPJ_STRING, NPJ_ARRAY, NPJ_OBJECT
+} npj_kind;
+
+typedef struct npj_value npj_value;
+typedef struct npj_member npj_member;
+
+struct npj_value {
+    npj_kind kind;
+    union {
+        struct { int negative; uint64_t magnitude; } i; /* NPJ_INT: value = negative ? -magnitude : magnitude */
+        double f;                                        /* NPJ_FLOAT */
+        struct { const char *s; size_t len; } str;       /* NPJ_STRING: unescaped UTF-8, NUL-terminated, may contain NUL */
+        struct { npj_value *items; size_t n; } arr;      /* NPJ_ARRAY */
+        struct { npj_member *members; size_t n; } obj;   /* NPJ_OBJECT: in document order */
+    } u;
+};
+
+struct npj_member {
+    const char *key; /* unescaped UTF-8, NUL-terminated */
+    size_t key_len;
+    npj_value value;
+};
+
+typedef struct npj_limits {
+    unsigned max_depth;  /* FORMAT.md: 16; JOURNAL.md: 8 */
+    uint64_t max_values; /* FORMAT.md: 4,194,304 */
+} npj_limits;
+
+typedef struct npj_doc npj_doc;
+
+/* Parse text[0..len). On success returns 0 and sets *out (free with npj_free). On failure
+ * returns -1 and writes a one-line reason into err (e.g. "duplicate key \"a\"",
+ * "nesting deeper than 16 levels", "invalid UTF-8 at byte 12", "a string holds a lone
+ * surrogate"); *out is NULL. Never reads outside text[0..len). */
+int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc **out,
+              char *err, size_t errlen);
+void npj_free(npj_doc *doc);
+const npj_value *npj_root(const npj_doc *doc);
+
+/* Depth and value count as nnpatch/_json.py json_shape measures them (strings skipped). */
+void npj_shape(const uint8_t *text, size_t len, unsigned *depth, uint64_t *values);
+
+/* Object lookup by key (NULL if absent or obj is not an object). Linear; headers are small per object. */
+const npj_value *npj_get(const npj_value *obj, const char *key);
+/* Helpers that return 0 and set *out only when the value has exactly that type and range. */
+int npj_as_u64(const npj_value *v, uint64_t max, uint64_t *out); /* NPJ_INT, 0 <= v <= max */
+int npj_as_string(const npj_value *v, const char **s, size_t *len);
+
+#endif
