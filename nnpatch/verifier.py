@@ -66,12 +66,15 @@ def check_sections(p: Patch) -> None:
                     pass
 
 
-def verify(patch: str | os.PathLike[str], *, base: str | os.PathLike[str] | None = None,
+def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str] | None = None,
            target: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None) -> VerifyReport:
     """Check the patch's integrity, that ``base`` / ``target`` are the files it
-    names, and with ``key`` (an Ed25519 public key, PEM) that it is signed by it."""
-    report = VerifyReport(os.fspath(patch))
-    with read_patch(patch) as p:
+    names, and with ``key`` (an Ed25519 public key, PEM) that it is signed by it.
+
+    ``patch`` is a path, or a :class:`Patch` the caller opened (a stream), which it also closes."""
+    opened = patch if isinstance(patch, Patch) else None
+    report = VerifyReport(opened.path if opened is not None else os.fspath(patch))
+    with opened if opened is not None else read_patch(patch) as p:
         check_sections(p)
         report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
         if key is not None:
