@@ -15,6 +15,8 @@ EXIT_USAGE = 2
 EXIT_INVALID = 3
 EXIT_INTEGRITY = 4
 EXIT_IO = 5
+#: ``train-sparse``: the code named by ``--model`` or ``--data`` raised, or broke its contract
+EXIT_USER_CODE = 6
 EXIT_INTERRUPTED = 130
 
 
@@ -115,6 +117,23 @@ class TrainingError(NnpatchError):
     exit_code = EXIT_MISMATCH
 
 
+class BudgetMissedError(TrainingError):
+    """``train-sparse --budget``: the patch written is larger than the budget.  The update and the
+    patch were written (the run's ``report`` is attached); the result does not qualify."""
+
+    def __init__(self, message: str, *, report: dict | None = None) -> None:
+        super().__init__(message)
+        self.report = report
+
+
+class UserCodeError(NnpatchError):
+    """Code the user named (``train-sparse --model/--data SPEC``) raised, or gave something other
+    than the contract asks.  The message names the SPEC and the exception; ``--debug`` shows the
+    traceback (the original exception is the ``__cause__``)."""
+
+    exit_code = EXIT_USER_CODE
+
+
 class MissingDependencyError(NnpatchError):
     """An optional dependency is needed for this operation (e.g. torch)."""
 
@@ -135,8 +154,8 @@ class UsageError(NnpatchError):
 
 __all__ = [
     "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE", "EXIT_INVALID", "EXIT_INTEGRITY", "EXIT_IO",
-    "EXIT_INTERRUPTED", "NnpatchError", "PatchFormatError", "UnsupportedVersionError",
+    "EXIT_USER_CODE", "EXIT_INTERRUPTED", "NnpatchError", "PatchFormatError", "UnsupportedVersionError",
     "WeightsError", "IntegrityError", "BaseMismatchError", "TornJournal", "InvalidJournal", "NoPatchError", "TrainingError",
-    "MissingDependencyError",
+    "BudgetMissedError", "UserCodeError", "MissingDependencyError",
     "NnpatchIOError", "UsageError",
 ]
