@@ -30,8 +30,8 @@ void np_blake3_init(np_blake3 *h);
 void np_blake3_update(np_blake3 *h, const void *data, size_t len);
 /* Does not modify h: more input may follow, and finalizing again gives the longer input's hash. */
 void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN]);
-/* One-shot convenience. */
-void np_blake3(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN]);
+/* One-shot convenience (named np_blake3_hash: C forbids a function named like the typedef np_blake3). */
+void np_blake3_hash(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN]);
 void np_hex(const uint8_t *bytes, size_t n, char *out /* 2n + 1 */);
 
 #endif

@@ -1,0 +1,333 @@
+/*
+ * BLAKE3, default hash mode, 32-byte output, portable C99 (no SIMD).
+ * Follows the reference implementation's structure (BLAKE3-team/BLAKE3, c/blake3.c and
+ * c/blake3_portable.c): a chunk state, a stack of chaining values merged lazily, and a
+ * fully unrolled compression function. Whole chunks are hashed straight from the input.
+ */
+#include "blake3.h"
+
+#include <string.h>
+
+enum {
+    CHUNK_START = 1u << 0,
+    CHUNK_END = 1u << 1,
+    PARENT = 1u << 2,
+    ROOT = 1u << 3,
+};
+
+static const uint32_t IV[8] = {
+    0x6A09E667u, 0xBB67AE85u, 0x3C6EF372u, 0xA54FF53Au,
+    0x510E527Fu, 0x9B05688Cu, 0x1F83D9ABu, 0x5BE0CD19u,
+};
+
+static inline uint32_t load32(const uint8_t *p)
+{
+    return (uint32_t)p[0] | ((uint32_t)p[1] << 8) | ((uint32_t)p[2] << 16) | ((uint32_t)p[3] << 24);
+}
+
+static inline void store32(uint8_t *p, uint32_t w)
+{
+    p[0] = (uint8_t)w;
+    p[1] = (uint8_t)(w >> 8);
+    p[2] = (uint8_t)(w >> 16);
+    p[3] = (uint8_t)(w >> 24);
+}
+
+static inline uint32_t rotr32(uint32_t w, unsigned c)
+{
+    return (w >> c) | (w << (32 - c));
+}
+
+#define G(a, b, c, d, x, y)                 \
+    do {                                    \
+        a = a + b + (x);                    \
+        d = rotr32(d ^ a, 16);              \
+        c = c + d;                          \
+        b = rotr32(b ^ c, 12);              \
+        a = a + b + (y);                    \
+        d = rotr32(d ^ a, 8);               \
+        c = c + d;                          \
+        b = rotr32(b ^ c, 7);               \
+    } while (0)
+
+/* One round with message words m[s0..s15] (the schedule of that round). */
+#define ROUND(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15) \
+    do {                                                                          \
+        G(v0, v4, v8, v12, m[s0], m[s1]);                                         \
+        G(v1, v5, v9, v13, m[s2], m[s3]);                                         \
+        G(v2, v6, v10, v14, m[s4], m[s5]);                                        \
+        G(v3, v7, v11, v15, m[s6], m[s7]);                                        \
+        G(v0, v5, v10, v15, m[s8], m[s9]);                                        \
+        G(v1, v6, v11, v12, m[s10], m[s11]);                                      \
+        G(v2, v7, v8, v13, m[s12], m[s13]);                                       \
+        G(v3, v4, v9, v14, m[s14], m[s15]);                                       \
+    } while (0)
+
+/* The seven rounds; row r is the message permutation applied r times. */
+#define ROUNDS()                                                   \
+    ROUND(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);   \
+    ROUND(2, 6, 3, 10, 7, 0, 4, 13, 1, 11, 12, 5, 9, 14, 15, 8);   \
+    ROUND(3, 4, 10, 12, 13, 2, 7, 14, 6, 5, 9, 0, 11, 15, 8, 1);   \
+    ROUND(10, 7, 12, 9, 14, 3, 13, 15, 4, 0, 11, 2, 5, 8, 1, 6);   \
+    ROUND(12, 13, 9, 11, 15, 10, 14, 8, 7, 2, 5, 3, 0, 1, 6, 4);   \
+    ROUND(9, 14, 11, 5, 8, 12, 15, 1, 13, 3, 0, 10, 2, 6, 4, 7);   \
+    ROUND(11, 15, 5, 0, 1, 9, 8, 6, 14, 10, 2, 12, 3, 4, 7, 13)
+
+/* cv = the first 8 words of compress(cv, block, counter, block_len, flags). */
+static void compress_in_place(uint32_t cv[8], const uint8_t block[NP_BLAKE3_BLOCK_LEN], uint8_t block_len,
+                              uint64_t counter, uint8_t flags)
+{
+    uint32_t m[16];
+    for (int i = 0; i < 16; i++)
+        m[i] = load32(block + 4 * i);
+    uint32_t v0 = cv[0], v1 = cv[1], v2 = cv[2], v3 = cv[3];
+    uint32_t v4 = cv[4], v5 = cv[5], v6 = cv[6], v7 = cv[7];
+    uint32_t v8 = IV[0], v9 = IV[1], v10 = IV[2], v11 = IV[3];
+    uint32_t v12 = (uint32_t)counter, v13 = (uint32_t)(counter >> 32), v14 = block_len, v15 = flags;
+    ROUNDS();
+    cv[0] = v0 ^ v8;
+    cv[1] = v1 ^ v9;
+    cv[2] = v2 ^ v10;
+    cv[3] = v3 ^ v11;
+    cv[4] = v4 ^ v12;
+    cv[5] = v5 ^ v13;
+    cv[6] = v6 ^ v14;
+    cv[7] = v7 ^ v15;
+}
+
+static void words_to_bytes(const uint32_t w[8], uint8_t out[32])
+{
+    for (int i = 0; i < 8; i++)
+        store32(out + 4 * i, w[i]);
+}
+
+/* An output node not yet compressed: what the final compression of a chunk or parent takes. */
+typedef struct output {
+    uint32_t cv[8];
+    uint8_t block[NP_BLAKE3_BLOCK_LEN];
+    uint8_t block_len;
+    uint64_t counter;
+    uint8_t flags;
+} output;
+
+static void output_cv(const output *o, uint8_t out[32])
+{
+    uint32_t cv[8];
+    memcpy(cv, o->cv, sizeof cv);
+    compress_in_place(cv, o->block, o->block_len, o->counter, o->flags);
+    words_to_bytes(cv, out);
+}
+
+static void output_root(const output *o, uint8_t out[32])
+{
+    uint32_t cv[8];
+    memcpy(cv, o->cv, sizeof cv);
+    compress_in_place(cv, o->block, o->block_len, 0, (uint8_t)(o->flags | ROOT));
+    words_to_bytes(cv, out);
+}
+
+static output parent_output(const uint8_t block[NP_BLAKE3_BLOCK_LEN], const uint32_t key[8], uint8_t flags)
+{
+    output o;
+    memcpy(o.cv, key, sizeof o.cv);
+    memcpy(o.block, block, NP_BLAKE3_BLOCK_LEN);
+    o.block_len = NP_BLAKE3_BLOCK_LEN;
+    o.counter = 0;
+    o.flags = (uint8_t)(flags | PARENT);
+    return o;
+}
+
+/* --- chunk state ---------------------------------------------------------------------------- */
+
+static void chunk_init(np_blake3_chunk *c, const uint32_t key[8], uint64_t counter, uint8_t flags)
+{
+    memcpy(c->cv, key, sizeof c->cv);
+    c->chunk_counter = counter;
+    memset(c->buf, 0, sizeof c->buf);
+    c->buf_len = 0;
+    c->blocks_compressed = 0;
+    c->flags = flags;
+}
+
+static size_t chunk_len(const np_blake3_chunk *c)
+{
+    return (size_t)NP_BLAKE3_BLOCK_LEN * c->blocks_compressed + c->buf_len;
+}
+
+static uint8_t chunk_start_flag(const np_blake3_chunk *c)
+{
+    return c->blocks_compressed == 0 ? CHUNK_START : 0;
+}
+
+/* Callers pass at most CHUNK_LEN - chunk_len(c) bytes. */
+static void chunk_update(np_blake3_chunk *c, const uint8_t *in, size_t len)
+{
+    if (c->buf_len > 0) {
+        size_t take = NP_BLAKE3_BLOCK_LEN - c->buf_len;
+        if (take > len)
+            take = len;
+        memcpy(c->buf + c->buf_len, in, take);
+        c->buf_len = (uint8_t)(c->buf_len + take);
+        in += take;
+        len -= take;
+        if (len == 0)
+            return;
+        /* the buffered block is full and more input follows: it is not the chunk's last */
+        compress_in_place(c->cv, c->buf, NP_BLAKE3_BLOCK_LEN, c->chunk_counter,
+                          (uint8_t)(c->flags | chunk_start_flag(c)));
+        c->blocks_compressed++;
+        c->buf_len = 0;
+        memset(c->buf, 0, sizeof c->buf);
+    }
+    while (len > NP_BLAKE3_BLOCK_LEN) {
+        compress_in_place(c->cv, in, NP_BLAKE3_BLOCK_LEN, c->chunk_counter,
+                          (uint8_t)(c->flags | chunk_start_flag(c)));
+        c->blocks_compressed++;
+        in += NP_BLAKE3_BLOCK_LEN;
+        len -= NP_BLAKE3_BLOCK_LEN;
+    }
+    memcpy(c->buf, in, len);
+    c->buf_len = (uint8_t)len;
+}
+
+static output chunk_output(const np_blake3_chunk *c)
+{
+    output o;
+    memcpy(o.cv, c->cv, sizeof o.cv);
+    memcpy(o.block, c->buf, NP_BLAKE3_BLOCK_LEN); /* bytes past buf_len are zero */
+    o.block_len = c->buf_len;
+    o.counter = c->chunk_counter;
+    o.flags = (uint8_t)(c->flags | chunk_start_flag(c) | CHUNK_END);
+    return o;
+}
+
+/* The chaining value of one whole chunk read straight from the input (not the root). */
+static void hash_whole_chunk(const uint8_t *in, const uint32_t key[8], uint64_t counter, uint8_t flags,
+                             uint8_t out[32])
+{
+    uint32_t cv[8];
+    memcpy(cv, key, sizeof cv);
+    compress_in_place(cv, in, NP_BLAKE3_BLOCK_LEN, counter, (uint8_t)(flags | CHUNK_START));
+    for (size_t b = 1; b < NP_BLAKE3_CHUNK_LEN / NP_BLAKE3_BLOCK_LEN - 1; b++)
+        compress_in_place(cv, in + b * NP_BLAKE3_BLOCK_LEN, NP_BLAKE3_BLOCK_LEN, counter, flags);
+    compress_in_place(cv, in + NP_BLAKE3_CHUNK_LEN - NP_BLAKE3_BLOCK_LEN, NP_BLAKE3_BLOCK_LEN, counter,
+                      (uint8_t)(flags | CHUNK_END));
+    words_to_bytes(cv, out);
+}
+
+/* --- hasher ------------------------------------------------------------------------------- */
+
+static unsigned popcount64(uint64_t x)
+{
+    unsigned n = 0;
+    while (x) {
+        x &= x - 1;
+        n++;
+    }
+    return n;
+}
+
+/* Merge completed subtrees so that the stack holds one CV per 1 bit of total_chunks. */
+static void merge_cv_stack(np_blake3 *h, uint64_t total_chunks)
+{
+    unsigned keep = popcount64(total_chunks);
+    while (h->cv_stack_len > keep) {
+        uint8_t *pair = &h->cv_stack[(size_t)(h->cv_stack_len - 2) * NP_BLAKE3_OUT_LEN];
+        output o = parent_output(pair, h->key, h->chunk.flags);
+        output_cv(&o, pair);
+        h->cv_stack_len--;
+    }
+}
+
+static void push_cv(np_blake3 *h, const uint8_t cv[32], uint64_t chunk_counter)
+{
+    merge_cv_stack(h, chunk_counter);
+    memcpy(&h->cv_stack[(size_t)h->cv_stack_len * NP_BLAKE3_OUT_LEN], cv, NP_BLAKE3_OUT_LEN);
+    h->cv_stack_len++;
+}
+
+void np_blake3_init(np_blake3 *h)
+{
+    memcpy(h->key, IV, sizeof h->key);
+    chunk_init(&h->chunk, h->key, 0, 0);
+    h->cv_stack_len = 0;
+    memset(h->cv_stack, 0, sizeof h->cv_stack);
+}
+
+void np_blake3_update(np_blake3 *h, const void *data, size_t len)
+{
+    const uint8_t *in = (const uint8_t *)data;
+    if (len == 0)
+        return;
+    if (chunk_len(&h->chunk) > 0) {
+        size_t take = NP_BLAKE3_CHUNK_LEN - chunk_len(&h->chunk);
+        if (take > len)
+            take = len;
+        chunk_update(&h->chunk, in, take);
+        in += take;
+        len -= take;
+        if (len == 0)
+            return;
+        /* the chunk is full and more input follows, so it is not the root */
+        uint8_t cv[32];
+        output o = chunk_output(&h->chunk);
+        output_cv(&o, cv);
+        push_cv(h, cv, h->chunk.chunk_counter);
+        chunk_init(&h->chunk, h->key, h->chunk.chunk_counter + 1, h->chunk.flags);
+    }
+    while (len > NP_BLAKE3_CHUNK_LEN) {
+        uint8_t cv[32];
+        hash_whole_chunk(in, h->key, h->chunk.chunk_counter, h->chunk.flags, cv);
+        push_cv(h, cv, h->chunk.chunk_counter);
+        h->chunk.chunk_counter++;
+        in += NP_BLAKE3_CHUNK_LEN;
+        len -= NP_BLAKE3_CHUNK_LEN;
+    }
+    chunk_update(&h->chunk, in, len);
+    merge_cv_stack(h, h->chunk.chunk_counter);
+}
+
+void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN])
+{
+    if (h->cv_stack_len == 0) {
+        output o = chunk_output(&h->chunk);
+        output_root(&o, out);
+        return;
+    }
+    output o;
+    size_t remaining;
+    if (chunk_len(&h->chunk) > 0) {
+        remaining = h->cv_stack_len;
+        o = chunk_output(&h->chunk);
+    } else {
+        /* never reached by np_blake3_update (it leaves the last input in the chunk), kept for safety */
+        remaining = (size_t)h->cv_stack_len - 2;
+        o = parent_output(&h->cv_stack[remaining * NP_BLAKE3_OUT_LEN], h->key, h->chunk.flags);
+    }
+    while (remaining > 0) {
+        remaining--;
+        uint8_t block[NP_BLAKE3_BLOCK_LEN];
+        memcpy(block, &h->cv_stack[remaining * NP_BLAKE3_OUT_LEN], NP_BLAKE3_OUT_LEN);
+        output_cv(&o, block + NP_BLAKE3_OUT_LEN);
+        o = parent_output(block, h->key, h->chunk.flags);
+    }
+    output_root(&o, out);
+}
+
+void np_blake3_hash(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN])
+{
+    np_blake3 h;
+    np_blake3_init(&h);
+    np_blake3_update(&h, data, len);
+    np_blake3_final(&h, out);
+}
+
+void np_hex(const uint8_t *bytes, size_t n, char *out)
+{
+    static const char digits[] = "0123456789abcdef";
+    for (size_t i = 0; i < n; i++) {
+        out[2 * i] = digits[bytes[i] >> 4];
+        out[2 * i + 1] = digits[bytes[i] & 15];
+    }
+    out[2 * n] = '\0';
+}
