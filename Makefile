@@ -4,9 +4,14 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast fuzz bench bench-real clean
+.PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-aarch64 fuzz-native
 
-setup: $(STAMP)
+setup: native-deps $(STAMP)
+
+# apt-get installs what the native applier's build and tests need, only when
+# something is missing (native/scripts/install-deps.sh)
+native-deps:
+	@sh native/scripts/install-deps.sh
 
 # torch is pinned and installed first: 2.13.0 is the CPU build on this
 # machine's disk; any looser spec would pull a multi-GB CUDA build.
@@ -46,3 +51,21 @@ fuzz: setup
 	# structure-aware: crafted headers and journals with valid trailers (fuzz/fuzz_structured.py)
 	$(BIN)/python fuzz/fuzz_structured.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ -print_final_stats=1
 	FUZZ_TARGET=journal $(BIN)/python fuzz/fuzz_structured.py -max_total_time=$(FUZZ_SECONDS) -artifact_prefix=fuzz/crashes/ -print_final_stats=1
+
+# The native applier (native/): libnnpatch and nnpatch-apply. The native tests
+# build these themselves (tests/native/conftest.py), so `make test` does not
+# depend on them: a broken native build fails those tests, not the whole run.
+native:
+	$(MAKE) -C native BUILD=$(CURDIR)/build/native all
+
+native-asan:
+	$(MAKE) -C native BUILD=$(CURDIR)/build/native-asan SANITIZE=1 all
+
+native-aarch64:
+	$(MAKE) -C native BUILD=$(CURDIR)/build/native-aarch64 CROSS=aarch64-linux-gnu- all
+
+# libFuzzer over the native parse, apply, journal recovery and JSON parser,
+# FUZZ_SECONDS in all (split between the harnesses); findings go to native/fuzz/crashes/
+fuzz-native:
+	$(MAKE) -C native BUILD=$(CURDIR)/build/native-fuzz FUZZ=1 fuzz
+	sh native/fuzz/run.sh $(CURDIR)/build/native-fuzz $(FUZZ_SECONDS)

@@ -23,6 +23,11 @@
 #include <stddef.h>
 #include <stdint.h>
 
+/* The library is compiled with -fvisibility=hidden: only what this header declares is exported. */
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC visibility push(default)
+#endif
+
 #ifdef __cplusplus
 extern "C" {
 #endif
@@ -136,5 +141,9 @@ const char *nnp_version(void);
 
 #ifdef __cplusplus
 }
+#endif
+
+#if defined(__GNUC__) || defined(__clang__)
+#pragma GCC visibility pop
 #endif
 #endif

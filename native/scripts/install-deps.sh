@@ -1,0 +1,45 @@
+#!/bin/sh
+# What the native applier's build and tests need on Debian 12, installed with
+# apt-get only when something is missing (a machine that has it all never
+# touches the network). Run by `make setup` (and so `make test`). Not root, or
+# no apt-get: say what is missing and go on; the native tests then fail one by one.
+set -u
+
+# host build, ASan/UBSan build, libFuzzer (clang + compiler-rt), JNI, aarch64
+PKGS="make gcc libc6-dev binutils pkg-config libzstd-dev libsodium-dev clang libclang-rt-14-dev \
+gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+ARM64_PKGS="libzstd-dev:arm64 libsodium-dev:arm64"
+
+# (with a foreign architecture added, Multi-Arch: same packages need the :arch suffix)
+have() {
+    dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'ok installed' ||
+        dpkg-query -W -f='${Status}' "$1:$(dpkg --print-architecture)" 2>/dev/null | grep -q 'ok installed'
+}
+
+command -v dpkg >/dev/null 2>&1 || { echo "native deps: not a Debian system (no dpkg); install a C99 compiler, libzstd, libsodium, clang, a JDK, gcc-aarch64-linux-gnu and qemu-user by hand"; exit 0; }
+
+missing=""
+for p in $PKGS; do have "$p" || missing="$missing $p"; done
+# a JDK (javac): any Debian OpenJDK will do; default-jdk-headless when none is there
+command -v javac >/dev/null 2>&1 || missing="$missing default-jdk-headless"
+arm64=""
+for p in $ARM64_PKGS; do have "$p" || arm64="$arm64 $p"; done
+
+if [ -z "$missing$arm64" ]; then
+    echo "native deps: all present"
+    exit 0
+fi
+echo "native deps: missing:$missing$arm64"
+if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "native deps: not root (or no apt-get): skipping apt; install them to run the native tests"
+    exit 0
+fi
+
+export DEBIAN_FRONTEND=noninteractive
+if [ -n "$arm64" ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then
+    dpkg --add-architecture arm64
+fi
+apt-get update -q || { echo "native deps: apt-get update failed" >&2; exit 1; }
+# shellcheck disable=SC2086
+apt-get install -y -q --no-install-recommends $missing $arm64 </dev/null || {
+    echo "native deps: apt-get install failed" >&2; exit 1; }
