@@ -17,6 +17,8 @@ EXIT_INTEGRITY = 4
 EXIT_IO = 5
 #: ``train-sparse``: the code named by ``--model`` or ``--data`` raised, or broke its contract
 EXIT_USER_CODE = 6
+#: ``update``: no patch in the release leads from the model's version (a full download is needed)
+EXIT_NO_PATCH = 7
 EXIT_INTERRUPTED = 130
 
 
@@ -109,6 +111,13 @@ class NoPatchError(WeightsError):
     """A release manifest has no patch for the local model's version."""
 
 
+class NoUpdatePathError(NoPatchError):
+    """``nnpatch update``: no patch in the release leads from this model's version, so only a
+    full download brings it to the release (exit 7, apart from a broken feed's 3)."""
+
+    exit_code = EXIT_NO_PATCH
+
+
 class TrainingError(NnpatchError):
     """A training run ended in an outcome its caller asked to refuse (a sparse
     update over its channel limit or size budget, frozen channels that moved,
@@ -153,9 +162,10 @@ class UsageError(NnpatchError):
 
 
 __all__ = [
-    "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE", "EXIT_INVALID", "EXIT_INTEGRITY", "EXIT_IO",
+    "EXIT_OK", "EXIT_MISMATCH", "EXIT_USAGE", "EXIT_INVALID", "EXIT_INTEGRITY", "EXIT_IO", "EXIT_NO_PATCH",
     "EXIT_USER_CODE", "EXIT_INTERRUPTED", "NnpatchError", "PatchFormatError", "UnsupportedVersionError",
-    "WeightsError", "IntegrityError", "BaseMismatchError", "TornJournal", "InvalidJournal", "NoPatchError", "TrainingError",
+    "WeightsError", "IntegrityError", "BaseMismatchError", "TornJournal", "InvalidJournal", "NoPatchError", "NoUpdatePathError",
+    "TrainingError",
     "BudgetMissedError", "UserCodeError", "MissingDependencyError",
     "NnpatchIOError", "UsageError",
 ]
