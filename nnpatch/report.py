@@ -78,14 +78,19 @@ class TensorShare:
     patch_bytes: int  # bytes its sections take in the patch
 
 
-def tensor_shares(header: PatchHeader) -> list[TensorShare]:
+def tensor_shares(header: PatchHeader, changed: dict[str, int] | None = None) -> list[TensorShare]:
+    """One row per op. ``changed`` gives, by tensor name, how many values an op really changes where the
+    header alone cannot say (a ``whole`` op sent relative to the old values: ``nnpatch show`` counts its
+    non-zero deltas); without it such an op counts as wholly changed."""
     out = []
     for op in header.ops:
         ref = op.target or op.base
         if op.kind == "rows":
-            share = op.count / ref.shape[0]
+            share = op.count / max(1, ref.shape[0])
         elif op.kind == "elements":
             share = op.count / max(1, math.prod(ref.shape))
+        elif changed is not None and op.name in changed:
+            share = changed[op.name] / max(1, math.prod(ref.shape))
         else:
             share = 1.0
         out.append(TensorShare(op.name, op.kind, share, sum(s.length for s in op.sections())))
@@ -110,13 +115,15 @@ def bar_glyphs_encodable(encoding: str) -> bool:
     return all(_encodable(c, encoding) for c in _BAR_GLYPHS)
 
 
-def plot(header: PatchHeader, path: str | os.PathLike[str], *, title: str = "") -> int:
+def plot(header: PatchHeader, path: str | os.PathLike[str], *, title: str = "",
+         shares: list[TensorShare] | None = None) -> int:
     """Draw per-tensor changed share and patch bytes to ``path`` (PNG, SVG, PDF by suffix).
 
     Tensor names are drawn through :func:`printable` and as plain text:
     matplotlib would otherwise read ``$...$`` in a name as mathtext (and fail
-    on a malformed one).  Returns the number of tensors drawn (the
-    ``MAX_PLOTTED`` biggest by patch bytes)."""
+    on a malformed one).  ``shares`` defaults to :func:`tensor_shares` of the
+    header.  Returns the number of tensors drawn (the ``MAX_PLOTTED`` biggest
+    by patch bytes); the figure's title says so when that is not all."""
     try:
         import matplotlib
 
@@ -124,7 +131,8 @@ def plot(header: PatchHeader, path: str | os.PathLike[str], *, title: str = "") 
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise MissingDependencyError(NEEDS_MATPLOTLIB) from e
-    rows = sorted(tensor_shares(header), key=lambda r: -r.patch_bytes)[:MAX_PLOTTED]
+    every = tensor_shares(header) if shares is None else shares
+    rows = sorted(every, key=lambda r: (-r.patch_bytes, r.name.encode("utf-8", "surrogatepass")))[:MAX_PLOTTED]
     rows.sort(key=lambda r: r.name.encode("utf-8", "surrogatepass"))
     # printable() doubles backslashes, so distinct names stay distinct categories on the axis
     names = [printable(r.name) for r in rows][::-1]
@@ -135,9 +143,16 @@ def plot(header: PatchHeader, path: str | os.PathLike[str], *, title: str = "") 
             a.barh(names, [100 * r.share for r in rows][::-1], color="#3b7dd8")
             a.set_xlabel("values changed (%)")
             a.set_xlim(0, 100)
-            b.barh(names, [r.patch_bytes / 1024 for r in rows][::-1], color="#d8843b")
+            kib = [r.patch_bytes / 1024 for r in rows][::-1]
+            b.barh(names, kib, color="#d8843b")
             b.set_xlabel("patch bytes (KiB)")
-            fig.suptitle(printable(title, backslash=False) if title else f"{len(header.ops)} tensors changed")
+            b.set_xlim(0, max(kib) * 1.05 if kib and max(kib) > 0 else 1)
+            if not rows:  # no bars: say so, and keep both axes at zero and up
+                a.set_yticks([])
+                a.text(50, 0, "no tensor changed", ha="center", va="center")
+            heading = f"{len(every)} tensors changed" if len(rows) == len(every) else \
+                f"the {len(rows)} largest of {len(every)} changed tensors, by patch bytes"
+            fig.suptitle(f"{printable(title, backslash=False)}: {heading}" if title else heading)
             fig.tight_layout()
             fig.savefig(os.fspath(path), dpi=120)
         except OSError as e:

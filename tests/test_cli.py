@@ -42,12 +42,15 @@ def _one_line_error(r, code):
 
 def test_diff_prints_stat(made, runner, tmp_path):
     base, target, _ = made
-    r = runner.invoke(cli, ["diff", base, target, "-o", str(tmp_path / "q.nnpatch")])
+    r = runner.invoke(cli, ["diff", base, target, "-o", str(tmp_path / "q.nnpatch"), "--stat"])
     assert "tensors changed (2 added, 1 removed)" in r.stdout
     assert "conv.weight" in r.stdout and "|" in r.stdout
+    # the default is a two-line summary (tests/test_cli_promises.py pins it)
+    r = runner.invoke(cli, ["diff", base, target, "-o", str(tmp_path / "q.nnpatch")])
+    assert "tensors changed (2 added, 1 removed)" in r.stdout and len(r.stdout.splitlines()) == 2
 
 
-def test_apply_then_hash_check(made, runner, tmp_path):
+def test_apply_then_hash_check(made, runner, tmp_path, monkeypatch):
     base, target, patch = made
     out = str(tmp_path / "out.safetensors")
     r = runner.invoke(cli, ["apply", base, patch, "-o", out])
@@ -56,6 +59,7 @@ def test_apply_then_hash_check(made, runner, tmp_path):
     sums = tmp_path / "SUMS"
     r = runner.invoke(cli, ["hash", target])
     sums.write_text(r.stdout.replace(target, os.path.basename(out)))
+    monkeypatch.chdir(tmp_path)  # names are relative to the current directory, as for b3sum -c
     r = runner.invoke(cli, ["hash", "--check", str(sums)])
     assert r.exit_code == 0 and r.stdout.strip().endswith(": OK")
 

@@ -11,7 +11,8 @@ from ..applier import apply_chain, apply_in_place
 from ..applier import recover as do_recover
 from ..applier import revert as do_revert
 from ..patchfile import read_patch_stream
-from ._common import EXIT_CODES_HELP, emit_json, human, quiet
+from ._common import InputPath, emit_json, human, json_option, quiet
+from ._inputs import check_order, check_public_key
 from ._progress import model_size, progress
 
 _VERIFY_HELP = ("default: hash the whole base and every touched tensor, which proves the output without reading it "
@@ -19,9 +20,9 @@ _VERIFY_HELP = ("default: hash the whole base and every touched tensor, which pr
                 "tensor that differs in the base goes undetected).")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("old", type=click.Path())
-@click.argument("patches", nargs=-1, required=True, type=click.Path(dir_okay=False, allow_dash=True))
+@click.command()
+@click.argument("old", type=InputPath())
+@click.argument("patches", nargs=-1, required=True, type=InputPath(dir_okay=False, allow_dash=True, what="patch file"))
 @click.option("-o", "--output", type=click.Path(),
               help="Model file to write (replaced atomically); a new directory for a patch whose target is a "
                    "model directory.")
@@ -29,9 +30,9 @@ _VERIFY_HELP = ("default: hash the whole base and every touched tensor, which pr
               help="Update OLD itself, writing only the changed rows, behind an undo journal (crash-safe).")
 @click.option("--verify", "verify_mode", type=click.Choice(["default", "full", "touched"]), default="default",
               show_default=True, help=_VERIFY_HELP)
-@click.option("--key", type=click.Path(dir_okay=False),
+@click.option("--key", type=InputPath(dir_okay=False, what="key file"),
               help="Refuse any patch not signed by this Ed25519 public key (PEM); exit 4.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@json_option()
 @click.pass_context
 def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
     """Rebuild the patched model from OLD and PATCH, checked by hash.
@@ -45,6 +46,9 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         raise click.UsageError("give either -o OUTPUT or --in-place")
     if list(patches).count("-") > 1:
         raise click.UsageError("standard input can hold only one patch")
+    check_order("nnpatch apply OLD PATCH... -o OUTPUT (or --in-place)",
+                models={"OLD": old}, patches={f"PATCH {i + 1}" if i else "PATCH": p for i, p in enumerate(patches)})
+    check_public_key(key)
     with contextlib.ExitStack() as stack:
         opened = []
         for p in patches:
@@ -78,15 +82,16 @@ def _proven_digest(r) -> str:
     return ""
 
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("new", type=click.Path(dir_okay=False))
-@click.argument("patch", type=click.Path(dir_okay=False))
+@click.command()
+@click.argument("new", type=InputPath(dir_okay=False, what="model file"))
+@click.argument("patch", type=InputPath(dir_okay=False, what="patch file"))
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False),
               help="Model file to write (replaced atomically).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@json_option()
 @click.pass_context
 def revert(ctx, new, patch, output, as_json):
     """Rebuild the old model from NEW and a reversible PATCH (made with diff --reversible)."""
+    check_order("nnpatch revert NEW PATCH -o OUTPUT", models={"NEW": new}, patches={"PATCH": patch})
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with progress(ctx, "revert", total, not as_json) as advance:
         r = do_revert(new, patch, output, progress=advance)
@@ -97,9 +102,9 @@ def revert(ctx, new, patch, output, as_json):
         click.echo(f"wrote {r.output} ({human(r.size)}, BLAKE3 {r.blake3}), verified")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("model", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.command()
+@click.argument("model", type=InputPath())
+@json_option()
 @click.pass_context
 def recover(ctx, model, as_json):
     """Finish off an interrupted in-place apply: roll MODEL back to exactly what it was."""

@@ -8,24 +8,33 @@ import click
 
 from .. import codecs
 from ..differ import diff as make_diff
-from ._common import EXIT_CODES_HELP, emit_json, human
+from ..report import printable
+from ._common import InputPath, emit_json, human, json_option, quiet
+from ._inputs import check_order
 from ._progress import progress
 
+#: Tensors the default summary names (the largest in the patch).
+SUMMARY_TENSORS = 3
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("old", type=click.Path())
-@click.argument("new", type=click.Path())
+
+@click.command()
+@click.argument("old", type=InputPath())
+@click.argument("new", type=InputPath())
 @click.option("-o", "--output", required=True, type=click.Path(dir_okay=False), help="Patch file to write.")
 @click.option("--level", type=click.IntRange(codecs.MIN_LEVEL, codecs.MAX_LEVEL), default=codecs.DEFAULT_LEVEL,
               show_default=True, help="zstd level: higher is smaller and slower.")
 @click.option("--reversible", is_flag=True,
               help="Also carry what `nnpatch revert` needs to take NEW back to OLD.")
-@click.option("--sign-key", type=click.Path(dir_okay=False), help="Sign with this Ed25519 private key (PEM).")
-@click.option("--stat/--no-stat", default=True, help="Print a per-tensor summary (default on).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.option("--sign-key", type=InputPath(dir_okay=False, what="key file"),
+              help="Sign with this Ed25519 private key (PEM).")
+@click.option("--stat/--no-stat", default=None,
+              help="--stat: a table of every changed tensor (as git diff --stat); --no-stat: print nothing. "
+                   "Default: a two-line summary.")
+@json_option()
 @click.pass_context
 def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
     """Write a patch that turns OLD into NEW exactly."""
+    check_order("nnpatch diff OLD NEW -o PATCH", models={"OLD": old, "NEW": new}, patches={})
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with progress(ctx, "diff", total, not as_json) as advance:
         result = make_diff(old, new, output, level=level, reversible=reversible, sign_key=sign_key,
@@ -34,6 +43,8 @@ def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
         emit_json(_diff_json(result))
     elif stat:
         _print_stat(result)
+    elif stat is None and not quiet(ctx):
+        _print_summary(result)
 
 
 def _diff_json(r) -> dict:
@@ -60,9 +71,27 @@ def _print_stat(r) -> None:
         else:
             frac, what = 1.0, c.op
         bar = "+" * max(1, round(frac * width)) if c.op != "remove" else "-" * width
-        name = c.name if len(c.name) <= name_w else "..." + c.name[-(name_w - 3):]
+        name = printable(c.name, backslash=False)
+        name = name if len(name) <= name_w else "..." + name[-(name_w - 3):]
         click.echo(f" {name:<{name_w}} | {what:>18} {human(c.patch_bytes):>10} {bar}")
+    click.echo(" " + _totals(r))
+
+
+def _totals(r) -> str:
     added = sum(c.op == "add" for c in r.changes)
     removed = sum(c.op == "remove" for c in r.changes)
-    click.echo(f" {len(r.changes)} of {r.tensors_total} tensors changed ({added} added, {removed} removed); "
-               f"patch {human(r.patch_size)} = {100 * r.ratio:.2f}% of the target ({human(r.target_size)})")
+    return (f"{len(r.changes)} of {r.tensors_total} tensors changed ({added} added, {removed} removed); "
+            f"patch {human(r.patch_size)} = {100 * r.ratio:.2f}% of the target ({human(r.target_size)})")
+
+
+def _print_summary(r) -> None:
+    """Two lines whatever the model's size: the totals, and the tensors that take most of the patch."""
+    click.echo(f"wrote {r.path}: {_totals(r)}")
+    if not r.changes:
+        return
+    top = sorted(r.changes, key=lambda c: (-c.patch_bytes, c.name.encode("utf-8", "surrogatepass")))
+    named = ", ".join(f"{printable(c.name, backslash=False)} ({c.op}, {human(c.patch_bytes)})"
+                      for c in top[:SUMMARY_TENSORS])
+    more = len(r.changes) - SUMMARY_TENSORS
+    tail = f", and {more} more; --stat lists every tensor" if more > 0 else ""
+    click.echo(f"largest: {named}{tail}")

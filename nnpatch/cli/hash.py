@@ -1,4 +1,5 @@
-"""``nnpatch hash``: as quick to start as b3sum's job allows, so it imports no numpy unless --tensors asks."""
+"""``nnpatch hash``: as quick to start as b3sum's job allows, so it imports no numpy unless
+--tensors or a model directory asks for the model readers."""
 
 from __future__ import annotations
 
@@ -9,20 +10,25 @@ import click
 
 from .. import errors, hashing
 from ..report import printable
-from ._common import EXIT_CODES_HELP, emit_json
+from ._common import InputPath, emit_json, json_option
 
 
-@click.command("hash", epilog=EXIT_CODES_HELP)
-@click.argument("files", nargs=-1, type=click.Path(dir_okay=False))
+@click.command("hash")
+@click.argument("files", nargs=-1, type=InputPath())
 @click.option("--tensors", is_flag=True, help="Per-tensor digests and the canonical model digest.")
-@click.option("-c", "--check", "check", type=click.Path(dir_okay=False, allow_dash=True),
-              help="Check the files listed in a b3sum manifest.")
+@click.option("-c", "--check", "check", type=InputPath(dir_okay=False, allow_dash=True, what="manifest file"),
+              help="Check the files listed in a b3sum manifest (names relative to the current directory, "
+                   "as b3sum -c reads them); '-' reads it from standard input.")
 @click.option("--expect-size", type=click.IntRange(min=0), metavar="BYTES",
               help="With one FILE: exit 1 unless it has exactly this many bytes (catches truncated downloads).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@json_option()
 @click.pass_context
 def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
-    """BLAKE3 of files (lines `b3sum -c` accepts), of tensors, or check a manifest."""
+    """BLAKE3 of files or model directories (lines `b3sum -c` accepts), of tensors, or check a manifest.
+
+    A model directory's line carries its directory digest (spec/FORMAT.md,
+    section 8): the digest patches, release manifests and `show` name it by.
+    """
     if expect_size is not None and (check or len(files) != 1):
         raise click.UsageError("--expect-size takes exactly one FILE")
     if check:
@@ -30,15 +36,16 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
             raise click.UsageError("--check takes no FILES and no --tensors")
         text = sys.stdin.read() if check == "-" else _read_text(check)
         entries = hashing.parse_manifest(text, source=check)
-        root = "." if check == "-" else os.path.dirname(check) or "."
-        results = hashing.check_manifest(entries, root=root)
+        # as b3sum -c: names are relative to the current directory, not to the manifest's
+        results = hashing.check_manifest(entries, root=".")
         if as_json:
             emit_json({"ok": all(r.ok for r in results),
                        "files": [{"path": r.path, "ok": r.ok, "expected": r.expected, "actual": r.actual,
                                   "error": r.error} for r in results]})
         else:
             for r in results:
-                click.echo(f"{r.path}: {'OK' if r.ok else 'FAILED' if r.actual else 'FAILED (' + r.error + ')'}")
+                status = "OK" if r.ok else "FAILED" if r.actual else f"FAILED ({r.error})"
+                click.echo(f"{_b3sum_name(r.path)}: {status}")
         if not all(r.ok for r in results):
             ctx.exit(errors.EXIT_MISMATCH)
         return
@@ -46,10 +53,18 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
         raise click.UsageError("give FILES to hash, or --check MANIFEST")
     out = []
     for path in files:
-        entry = {"path": path, "blake3": hashing.hash_file(path)}
+        directory = os.path.isdir(path)
+        if directory:
+            # Deferred, as for --tensors: the model readers pull numpy, which plain `nnpatch hash FILE`
+            # (a b3sum stand-in, run by scripts) must not pay for at start-up.
+            from ..weights.source import path_digest
+
+            digest, size = path_digest(path)
+            entry = {"path": path, "blake3": digest, "directory": True}
+        else:
+            entry = {"path": path, "blake3": hashing.hash_file(path)}
+            size = None
         if tensors:
-            # The one import kept inside a function: the model readers pull numpy, which plain
-            # `nnpatch hash FILE` (a b3sum stand-in, run by scripts) must not pay for at start-up.
             from ..weights import open_model
 
             with open_model(path) as w:
@@ -57,27 +72,36 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
                 entry["model_blake3"] = model.hex()
                 entry["tensors"] = [{"name": n, "dtype": w.tensors[n].dtype, "shape": list(w.tensors[n].shape),
                                      "blake3": per[n].hex()} for n in sorted(per)]
-        out.append(entry)
+        out.append((entry, size))
     size_ok = True
     if expect_size is not None:
-        actual = os.path.getsize(files[0])
+        entry, size = out[0]
+        actual = size if size is not None else os.path.getsize(files[0])
         size_ok = actual == expect_size
-        out[0]["size"] = actual
-        out[0]["size_ok"] = size_ok
+        entry["size"] = actual
+        entry["size_ok"] = size_ok
+    entries = [e for e, _ in out]
     if as_json:
-        emit_json({"files": out})
+        emit_json({"files": entries})
     if not size_ok:
-        click.echo(f"Error: {files[0]}: {out[0]['size']} bytes, expected {expect_size}", err=True)
+        click.echo(f"Error: {files[0]}: {entries[0]['size']} bytes, expected {expect_size}", err=True)
         ctx.exit(errors.EXIT_MISMATCH)
     if as_json:
         return
-    for e in out:
+    for e in entries:
         click.echo(hashing.manifest_line(e["blake3"], e["path"]))
         if tensors:
             for t in e["tensors"]:
                 # tensor names come from the model file: no terminal escapes through
                 click.echo(f"  {t['blake3']}  {t['dtype']}{t['shape']}  {printable(t['name'], backslash=False)}")
             click.echo(f"  {e['model_blake3']}  model")
+
+
+def _b3sum_name(path: str) -> str:
+    """A name as ``b3sum -c`` prints it: escaped, with a leading backslash, when it holds one, or a line break."""
+    if "\\" in path or "\n" in path or "\r" in path:
+        return "\\" + path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
+    return path
 
 
 def _read_text(path: str) -> str:

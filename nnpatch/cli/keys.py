@@ -5,13 +5,13 @@ from __future__ import annotations
 import click
 
 from ..signing import generate_keypair, sign_patch
-from ._common import EXIT_CODES_HELP, emit_json
+from ._common import InputPath, emit_json, json_option
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command()
 @click.option("-o", "--output", "prefix", required=True, type=click.Path(dir_okay=False),
               help="Writes PREFIX.pem (private, mode 0600) and PREFIX.pub.pem.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@json_option()
 def keygen(prefix, as_json):
     """Make an Ed25519 key pair for signing patches."""
     private, public = f"{prefix}.pem", f"{prefix}.pub.pem"
@@ -22,11 +22,11 @@ def keygen(prefix, as_json):
         click.echo(f"wrote {private} (keep it secret) and {public}; key id {kid}")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("--key", required=True, type=click.Path(dir_okay=False), help="Ed25519 private key (PEM).")
+@click.command()
+@click.argument("patch", type=InputPath(dir_okay=False, what="patch file"))
+@click.option("--key", required=True, type=InputPath(dir_okay=False, what="key file"), help="Ed25519 private key (PEM).")
 @click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the signed patch here (default: in place).")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@json_option()
 def sign(patch, key, output, as_json):
     """Sign a patch (its trailer hash, which covers every byte)."""
     kid = sign_patch(patch, key, output)

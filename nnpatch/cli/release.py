@@ -1,4 +1,4 @@
-"""``nnpatch release`` and ``update``: release sets and the updater's side of them."""
+"""``nnpatch release`` and ``update``: release feeds and the updater's side of them."""
 
 from __future__ import annotations
 
@@ -6,10 +6,34 @@ import os
 
 import click
 
-from .. import codecs
+from .. import codecs, errors
+from ..feed import MAX_RELEASE, parse_duration
 from ..release import make_release
 from ..release import update as do_update
 from ._common import EXIT_CODES_HELP, emit_json, human
+
+UPDATE_EXIT_CODES_HELP = EXIT_CODES_HELP.replace(
+    "  130 interrupted",
+    "  7  no patch leads from this model's version: download the full model\n  130 interrupted")
+
+
+def _names(ctx, param, values) -> dict[str, str]:
+    out = {}
+    for v in values:
+        path, eq, name = v.rpartition("=")
+        if not eq or not path or not name:
+            raise click.BadParameter(f"{v!r}: expected PATH=NAME")
+        out[path] = name
+    return out
+
+
+def _duration(ctx, param, value) -> int | None:
+    if value is None:
+        return None
+    try:
+        return parse_duration(value)
+    except errors.UsageError as e:
+        raise click.BadParameter(str(e)) from None
 
 
 @click.command(epilog=EXIT_CODES_HELP)
@@ -17,33 +41,70 @@ from ._common import EXIT_CODES_HELP, emit_json, human
 @click.option("--to", "new", required=True, type=click.Path(), help="The new version (a file or model directory).")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Directory for the patches and manifest.json.")
+@click.option("--sign-key", type=click.Path(dir_okay=False),
+              help="Ed25519 private key (nnpatch keygen): signs every patch and the manifest. Needs --version.")
+@click.option("--version", "release_number", type=click.IntRange(0, MAX_RELEASE), metavar="N",
+              help="The release number; it must grow from one release to the next (devices refuse older ones).")
+@click.option("--expires", callback=_duration, metavar="DURATION",
+              help="Updaters refuse the manifest this long after now: 90d, 12h, 30m, 45s, 2w.")
+@click.option("--name", "names", multiple=True, callback=_names, metavar="PATH=NAME",
+              help="Name a version (default: file stems, else the folders they sit in, else hash prefixes).")
+@click.option("--base-url", help="Where updaters fetch the patches (default: beside the manifest).")
 @click.option("--level", type=click.IntRange(codecs.MIN_LEVEL, codecs.MAX_LEVEL), default=codecs.DEFAULT_LEVEL,
               show_default=True, help="zstd level.")
 @click.option("--chain", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Also record a chain through intermediate versions: where smaller, always, or never.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
-def release(olds, new, outdir, level, chain, as_json):
+def release(olds, new, outdir, sign_key, release_number, expires, names, base_url, level, chain, as_json):
     """Patches from every old version to the new one, plus a manifest for updaters."""
-    manifest = make_release(list(olds), new, outdir, level=level, chain=chain)
+    manifest = make_release(list(olds), new, outdir, level=level, chain=chain, sign_key=sign_key,
+                            release=release_number, expires=expires, names=names, base_url=base_url)
+    if sign_key is not None and expires is None:
+        click.echo("warning: no --expires: a device cannot tell a frozen feed from a quiet one", err=True)
     if as_json:
         emit_json(manifest)
         return
-    click.echo(f"wrote {len(manifest.get('bases', []))} patches and {os.path.join(outdir, 'manifest.json')}")
+    how = "signed" if sign_key else "unsigned (for trusted networks only)"
+    number = f" release {manifest['release']}" if "release" in manifest else ""
+    click.echo(f"wrote {len(manifest.get('bases', []))} patches and {os.path.join(outdir, 'manifest.json')}: "
+               f"{how}{number}, target {manifest['target']['name']}")
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command(epilog=UPDATE_EXIT_CODES_HELP)
 @click.argument("model", type=click.Path())
-@click.option("--manifest", required=True, type=click.Path(dir_okay=False), help="manifest.json of a release.")
-@click.option("--patch-dir", type=click.Path(file_okay=False), help="Where the patches are (default: beside it).")
+@click.option("--manifest", required=True, metavar="URL|PATH",
+              help="The release's manifest.json: an http(s):// URL or a local path.")
+@click.option("--key", type=click.Path(dir_okay=False),
+              help="Ed25519 public key: require a manifest and patches it signed, unexpired, and no older than "
+                   "the last release this device accepted.")
+@click.option("--in-place", is_flag=True, help="Apply behind the undo journal: no second copy of the model.")
+@click.option("--dry-run", is_flag=True, help="Say which patch would be fetched and what it makes; change nothing.")
+@click.option("--patch-dir", type=click.Path(file_okay=False),
+              help="Where the patches are (default: the manifest's base URL, else beside it).")
 @click.option("--prefer", type=click.Choice(["direct", "smallest", "chain"]), default="direct", show_default=True)
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
-def update(model, manifest, patch_dir, prefer, as_json):
-    """Bring MODEL to a release's version with the right patch, checked by hash."""
-    r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer)
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout (on errors too).")
+def update(model, manifest, key, in_place, dry_run, patch_dir, prefer, as_json):
+    """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""
+    # errors: the one handler in nnpatch.cli prints the Error: line, and with --json the error object
+    r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run)
     if as_json:
-        emit_json({"path": r.path, "updated": r.updated, "from_blake3": r.from_blake3, "to_blake3": r.to_blake3,
-                   "patches": r.patches, "patch_bytes": r.patch_bytes})
-    elif r.updated:
-        click.echo(f"updated {r.path} with {', '.join(r.patches)} ({human(r.patch_bytes)}); BLAKE3 {r.to_blake3}")
+        emit_json(r.to_json())
+        return
+    release_text = f"release {r.release} ({r.to_name})" if r.release is not None else f"version {r.to_name}"
+    if not r.signed:
+        trust = ", unsigned feed"
+    elif r.key_id is None:
+        trust = ", signature not checked (no --key)"
     else:
-        click.echo(f"{r.path} is already the release's version")
+        trust = f", signed by {r.key_id}"
+    if r.status == "current":
+        click.echo(f"{r.path} is already {release_text}: nothing to do{trust}")
+    elif r.status == "would-update":
+        click.echo(f"would fetch {', '.join(r.patches)} ({human(r.patch_bytes)}) to bring {r.path} from "
+                   f"{r.from_name or r.from_blake3[:16]} to {release_text}{trust}")
+    else:
+        fetched = f", {human(r.downloaded_bytes)} downloaded" if r.downloaded_bytes or r.resumed_bytes else ""
+        if r.resumed_bytes:
+            fetched += f" (resumed after {human(r.resumed_bytes)})"
+        click.echo(f"updated {r.path} to {release_text} with {', '.join(r.patches)} ({human(r.patch_bytes)}"
+                   f"{fetched}); BLAKE3 {r.to_blake3}{trust}")

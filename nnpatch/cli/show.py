@@ -9,34 +9,50 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 
 import click
+import numpy as np
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from ..patchfile import read_patch
+from .. import codecs, dtypes
+from ..patchfile import Op, Patch, read_patch, read_patch_stream
 from ..report import bar, bar_glyphs_encodable, plot, printable, tensor_shares
-from ._common import EXIT_CODES_HELP, emit_json, human
+from ..signing import key_id
+from ._common import InputPath, emit_json, human, json_option
+from ._inputs import check_order
 
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("--json", "as_json", is_flag=True, help="Print the header as JSON to stdout.")
+@click.command()
+@click.argument("patch", type=InputPath(dir_okay=False, allow_dash=True, what="patch file"))
+@json_option(help="Print the header as JSON to stdout (and a JSON error object on failure).")
 @click.option("--plot", "plot_path", type=click.Path(dir_okay=False),
               help="Also draw per-tensor changed share and patch bytes to this image (PNG, SVG or PDF; needs "
-                   "matplotlib: pip install 'nnpatch[plot]').")
+                   "matplotlib: pip install 'nnpatch[plot]'); at most the 40 largest tensors by patch bytes.")
 def show(patch, as_json, plot_path):
-    """Print a patch's header and a per-tensor table."""
-    with read_patch(patch) as p:
+    """Print a patch's header and a per-tensor table.
+
+    PATCH '-' reads the patch from standard input. The changed share of a
+    `whole` op is counted from its values (those equal to the old ones are
+    unchanged), so it takes one pass over the patch's data.
+    """
+    check_order("nnpatch show PATCH", models={}, patches={"PATCH": patch})
+    opened = read_patch_stream(directory=tempfile.gettempdir()) if patch == "-" else read_patch(patch)
+    with opened as p:
         h = p.header
+        shares = tensor_shares(h, changed={op.name: n for op in h.ops if (n := changed_elements(p, op)) is not None})
+        signature = p.signature
         if plot_path:
-            plot(h, plot_path, title=os.path.basename(patch))
+            drawn = plot(h, plot_path, title=os.path.basename(patch) if patch != "-" else "", shares=shares)
         if as_json:
             obj = h.to_json()
             obj["version"] = f"{h.version[0]}.{h.version[1]}"
             obj["size"] = p.size
             obj["trailer_blake3"] = p.trailer_hash
+            obj["signed_by"] = key_id(signature[0]) if signature else None
+            obj["changed_share"] = {s.name: s.share for s in shares}
             emit_json(obj)
             return
         console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200,
@@ -54,6 +70,10 @@ def show(patch, as_json, plot_path):
         console.print(Text.assemble("target: ", safe(h.target.blake3),
                                     f"  {human(h.target.size)}, {h.target.tensors} tensors"))
         console.print(f"trailer BLAKE3: {p.trailer_hash}")
+        if signature:
+            console.print(f"signed: by key {key_id(signature[0])} (`nnpatch verify --key KEY.pub.pem` checks it)")
+        else:
+            console.print("signed: no")
         if h.target.files is not None:
             files = Table(box=None, title="target directory", title_justify="left")
             for col in ("file", "kind", "size", "stored", "from"):
@@ -65,7 +85,7 @@ def show(patch, as_json, plot_path):
         table = Table(box=None)
         for col in ("tensor", "op", "dtype", "shape", "count", "changed", "index codec", "values codec", "bytes"):
             table.add_column(col, justify="right" if col in ("count", "bytes") else "left")
-        for op, share in zip(h.ops, tensor_shares(h)):
+        for op, share in zip(h.ops, shares):
             ref = op.target or op.base
             table.add_row(safe(op.name), safe(op.kind), safe(ref.dtype), str(list(ref.shape)),
                           "" if op.count is None else str(op.count),
@@ -74,4 +94,24 @@ def show(patch, as_json, plot_path):
                           safe("+".join(op.values.codec) or "raw") if op.values else "", str(share.patch_bytes))
         console.print(table)
         if plot_path:
-            console.print(Text(f"plot: {printable(plot_path, backslash=False, encoding=encoding)}"))
+            note = "" if drawn == len(h.ops) else f" (the {drawn} largest of {len(h.ops)} changed tensors, by patch bytes)"
+            console.print(Text(f"plot: {printable(plot_path, backslash=False, encoding=encoding)}{note}"))
+
+
+def changed_elements(p: Patch, op: Op) -> int | None:
+    """How many values a ``whole`` op really changes, counted from its delta (a value whose delta
+    to the old one is zero is unchanged); None for an op whose share the header already gives,
+    or that carries values without a delta (every value is new)."""
+    if op.kind != "whole" or op.values is None or codecs.delta_stage(op.values.codec) is None:
+        return None
+    ref = op.target
+    width = dtypes.ITEMSIZE[ref.dtype]
+    planar = "planes" in op.values.codec
+    numel = op.values.size // width if width else 0
+    changed = 0
+    sizes = codecs.value_chunk_sizes(numel, width, 1)
+    for chunk in codecs.decoded_chunks(p.section(op.values), op.values.codec, op.values.size, sizes,
+                                       where=f"{op.name!r}.values"):
+        words = chunk.reshape(width, -1) if planar else chunk.reshape(-1, width)
+        changed += int(np.count_nonzero(words.any(axis=0 if planar else 1)))
+    return changed

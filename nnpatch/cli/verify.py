@@ -2,22 +2,35 @@
 
 from __future__ import annotations
 
+import tempfile
+
 import click
 
 from .. import errors
+from ..patchfile import read_patch_stream
 from ..verifier import verify as do_verify
-from ._common import EXIT_CODES_HELP, emit_json
+from ._common import InputPath, emit_json, json_option
+from ._inputs import check_order, check_public_key
 
 
-@click.command(epilog=EXIT_CODES_HELP)
-@click.argument("patch", type=click.Path(dir_okay=False))
-@click.option("--base", type=click.Path(), help="Check that this is the patch's base.")
-@click.option("--target", type=click.Path(), help="Check that this is the patch's target.")
-@click.option("--key", type=click.Path(dir_okay=False), help="Require a signature by this Ed25519 public key.")
-@click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout.")
+@click.command()
+@click.argument("patch", type=InputPath(dir_okay=False, allow_dash=True, what="patch file"))
+@click.option("--base", type=InputPath(), help="Check that this is the patch's base.")
+@click.option("--target", type=InputPath(), help="Check that this is the patch's target.")
+@click.option("--key", type=InputPath(dir_okay=False, what="key file"),
+              help="Require a signature by this Ed25519 public key (PEM).")
+@json_option()
 @click.pass_context
 def verify(ctx, patch, base, target, key, as_json):
-    """Check a patch's integrity, and optionally its base, target and signature."""
+    """Check a patch's integrity, and optionally its base, target and signature.
+
+    PATCH '-' reads the patch from standard input.
+    """
+    check_order("nnpatch verify PATCH [--base OLD] [--target NEW]", models={"--base": base, "--target": target},
+                patches={"PATCH": patch})
+    check_public_key(key)
+    if patch == "-":
+        patch = read_patch_stream(directory=tempfile.gettempdir())
     report = do_verify(patch, base=base, target=target, key=key)
     if as_json:
         emit_json({"patch": report.patch, "ok": report.ok,
