@@ -157,18 +157,38 @@ def test_manifest_validation(release):
             parse_manifest(bad)
 
 
-def test_release_names_fall_back_to_hashes(tmp_path):
+def test_release_names_come_from_folders_then_hashes(tmp_path):
+    """The CI layout old/model.safetensors, new/model.safetensors is named by its folders; names
+    that neither stems nor folders keep apart fall back to hash prefixes; --name wins."""
     paths = _versions(tmp_path, n=3)
-    a, b = tmp_path / "a", tmp_path / "b"
-    a.mkdir()
-    b.mkdir()
+    for d in ("old", "mid", "new"):
+        (tmp_path / d).mkdir()
+    for d, p in zip(("old", "mid", "new"), paths):
+        shutil.copyfile(p, tmp_path / d / "model.safetensors")
+    m = make_release([tmp_path / "old" / "model.safetensors", tmp_path / "mid" / "model.safetensors"],
+                     tmp_path / "new" / "model.safetensors", tmp_path / "dist", chain="never")
+    assert [b["name"] for b in m["bases"]] == ["old", "mid"] and m["target"]["name"] == "new"
+    assert [b["patch"] for b in m["bases"]] == ["old-to-new.nnpatch", "mid-to-new.nnpatch"]
+    # same stem, same folder name: hash prefixes
+    a, b = tmp_path / "x" / "m", tmp_path / "y" / "m"
+    a.mkdir(parents=True)
+    b.mkdir(parents=True)
     shutil.copyfile(paths[0], a / "model.safetensors")
     shutil.copyfile(paths[1], b / "model.safetensors")
-    m = make_release([a / "model.safetensors", b / "model.safetensors", paths[2]], paths[2], tmp_path / "dist",
+    m = make_release([a / "model.safetensors", b / "model.safetensors", paths[2]], paths[2], tmp_path / "dist2",
                      chain="never")
     assert len(m["bases"]) == 2  # the target itself is skipped
     for entry in m["bases"]:
-        assert entry["patch"] == f"{entry['base_blake3'][:16]}-to-{m['target']['blake3'][:16]}.nnpatch"
+        assert entry["patch"] == f"{entry['base_blake3'][:16]}-to-{m['target']['name']}.nnpatch"
+        assert entry["name"] == entry["base_blake3"][:16]
+    # --name
+    m = make_release([a / "model.safetensors", b / "model.safetensors"], paths[2], tmp_path / "dist3", chain="never",
+                     names={str(a / "model.safetensors"): "1.0", str(b / "model.safetensors"): "1.1"})
+    assert [e["name"] for e in m["bases"]] == ["1.0", "1.1"] and m["target"]["name"] == "v3"
+    for names, match in [({str(paths[0]): "../x"}, "a name is"), ({str(tmp_path / "nope"): "x"}, "not one of"),
+                         ({str(a / "model.safetensors"): "z", str(b / "model.safetensors"): "z"}, "same name")]:
+        with pytest.raises(UsageError, match=match):
+            make_release([a / "model.safetensors", b / "model.safetensors"], paths[2], tmp_path / "d4", names=names)
     with pytest.raises(UsageError):
         make_release([], paths[2], tmp_path / "x")
 

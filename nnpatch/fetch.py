@@ -1,0 +1,305 @@
+"""Fetching a release's files: local paths as they are, HTTP and HTTPS with resume.
+
+Why urllib3: it is small (pure Python, no dependencies of its own), well
+kept (it is the transport under ``requests`` and pip), verifies TLS with the
+system's CA store, pools connections, and hands back the raw body as a
+stream without buffering or decoding it, which is what a resumable
+download with byte ranges needs. It is an optional dependency
+(``pip install 'nnpatch[net]'``), imported only when a URL is fetched:
+updates from local paths need nothing new.
+
+A download goes into a *partial file* beside the model. When the
+connection drops, stalls or answers 5xx, the download goes on with an HTTP
+``Range: bytes=N-`` request from where the partial file ends, a few times
+with a growing pause; a partial file left by an earlier, interrupted run is
+continued the same way. Never more bytes than the manifest's size are
+written. The finished file must have the BLAKE3 the manifest gives; when a
+resumed file does not, it is fetched once more from byte 0 (a byte flipped
+in transit, or a server whose file changed under a resume), and only a
+whole fresh download that still does not match is refused.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from urllib.parse import urljoin, urlsplit
+
+from ._json import read_bounded
+from .errors import IntegrityError, MissingDependencyError, NnpatchIOError
+from .hashing import digests_equal, hash_file
+
+CHUNK = 1 << 16
+#: HTTP statuses worth another try: the server or a proxy in front of it is busy or broken for now.
+TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+def is_url(location: str) -> bool:
+    return location.startswith(("http://", "https://"))
+
+
+def resolve(base: str, name: str) -> str:
+    """``name`` (a plain file name) in the folder ``base`` (a directory, or a URL ending in /)."""
+    if is_url(base):
+        return urljoin(base if base.endswith("/") else base + "/", name)
+    return os.path.join(base, name)
+
+
+def parent(location: str) -> str:
+    """The folder a file is in: a URL up to its last ``/``, or a path's directory."""
+    if is_url(location):
+        return urljoin(location, ".")
+    return os.path.dirname(location) or "."
+
+
+def _shown(url: str) -> str:
+    """A URL without credentials or query, for messages."""
+    parts = urlsplit(url)
+    host = parts.hostname or ""
+    if parts.port:
+        host += f":{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+@dataclass
+class FetchOptions:
+    """How patient a fetch is. ``retries``: further tries of one file after the first;
+    ``backoff``: the first pause in seconds, doubled after each try."""
+
+    connect_timeout: float = 10.0
+    read_timeout: float = 30.0
+    retries: int = 5
+    backoff: float = 0.5
+
+
+@dataclass
+class Download:
+    """What one download took: ``received`` bytes over the network, of which ``resumed_from``
+    were already in the partial file when it started, and the number of requests made."""
+
+    path: str
+    size: int
+    received: int = 0
+    resumed_from: int = 0
+    requests: int = 0
+    restarts: int = 0
+
+
+class _Transient(Exception):
+    """A failure worth another try (cut connection, stall, 5xx)."""
+
+
+class Fetcher:
+    """One connection pool for the files of one update."""
+
+    def __init__(self, options: FetchOptions | None = None, *, sleep: Callable[[float], None] = time.sleep) -> None:
+        self.options = options or FetchOptions()
+        self._sleep = sleep
+        self._pool = None
+
+    def _http(self):
+        if self._pool is None:
+            try:
+                import urllib3
+            except ImportError as e:
+                raise MissingDependencyError("fetching over HTTP needs the 'urllib3' package: "
+                                             "pip install 'nnpatch[net]'") from e
+            self._urllib3 = urllib3
+            self._pool = urllib3.PoolManager(headers={"User-Agent": "nnpatch-update",
+                                                      "Accept-Encoding": "identity"})
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.clear()
+
+    def __enter__(self) -> Fetcher:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # --- one request ------------------------------------------------------------------------
+
+    def _request(self, url: str, headers: dict[str, str]):
+        pool = self._http()
+        u3 = self._urllib3
+        o = self.options
+        try:
+            r = pool.request("GET", url, headers=headers, preload_content=False, decode_content=False,
+                             timeout=u3.Timeout(connect=o.connect_timeout, read=o.read_timeout),
+                             retries=u3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
+                                              raise_on_redirect=True))
+        except u3.exceptions.MaxRetryError as e:
+            if isinstance(e.reason, u3.exceptions.ResponseError):  # too many redirects: not transient
+                raise NnpatchIOError(f"{_shown(url)}: too many redirects") from e
+            raise _Transient(f"{_shown(url)}: {_reason(e.reason)}") from e
+        except (u3.exceptions.HTTPError, OSError) as e:
+            raise _Transient(f"{_shown(url)}: {_reason(e)}") from e
+        if r.status in TRANSIENT_STATUS:
+            r.release_conn()
+            raise _Transient(f"{_shown(url)}: HTTP {r.status}")
+        return r
+
+    def _read_errors(self):
+        """The exceptions a body read raises when the connection drops or stalls."""
+        u3 = self._urllib3
+        return (u3.exceptions.HTTPError, OSError)
+
+    def _tries(self, url: str, attempt: Callable[[], object]):
+        """Call ``attempt`` until it returns, pausing after each transient failure."""
+        pause = self.options.backoff
+        last = None
+        for n in range(self.options.retries + 1):
+            if n:
+                self._sleep(pause)
+                pause *= 2
+            try:
+                return attempt()
+            except _Transient as e:
+                last = e
+        raise NnpatchIOError(f"{last} (gave up after {self.options.retries + 1} tries)")
+
+    # --- small files (the manifest) ------------------------------------------------------------
+
+    def read_small(self, location: str, limit: int) -> bytes:
+        """At most ``limit + 1`` bytes of a file or URL (the caller refuses a longer one)."""
+        if not is_url(location):
+            return read_bounded(location, limit)
+
+        def attempt() -> bytes:
+            r = self._request(location, {})
+            try:
+                if r.status != 200:
+                    raise NnpatchIOError(f"{_shown(location)}: HTTP {r.status}")
+                data = bytearray()
+                try:
+                    while len(data) <= limit:
+                        chunk = r.read(min(CHUNK, limit + 1 - len(data)))
+                        if not chunk:
+                            break
+                        data += chunk
+                except self._read_errors() as e:
+                    raise _Transient(f"{_shown(location)}: {_reason(e)}") from e
+                length = r.headers.get("Content-Length")
+                if len(data) <= limit and length is not None and length.isdigit() and int(length) != len(data):
+                    raise _Transient(f"{_shown(location)}: got {len(data)} of {length} bytes")
+                return bytes(data)
+            finally:
+                r.release_conn()
+
+        return self._tries(location, attempt)
+
+    # --- patches ----------------------------------------------------------------------------
+
+    def download(self, url: str, partial: str, size: int, blake3_hex: str,
+                 progress: Callable[[int], None] | None = None) -> Download:
+        """Bring ``partial`` to exactly the ``size`` bytes at ``url`` whose BLAKE3 is ``blake3_hex``.
+
+        Continues whatever ``partial`` already holds. On success the file is
+        complete and proven; on a network failure it is kept, for the next
+        run to continue; on a refused digest it is removed.
+        """
+        stats = Download(partial, size)
+        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            try:  # two updaters appending to one partial file would only make garbage
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as e:
+                raise NnpatchIOError(f"{partial}: another update is downloading this patch") from e
+            stats.resumed_from = os.fstat(fd).st_size
+            if stats.resumed_from > size:
+                os.ftruncate(fd, 0)
+                stats.resumed_from = 0
+            for fresh in (False, True):
+                if fresh:
+                    os.ftruncate(fd, 0)
+                    stats.restarts += 1
+                self._tries(url, lambda: self._fill(fd, url, size, stats, progress))
+                os.fsync(fd)
+                actual = hash_file(partial)
+                if digests_equal(actual, blake3_hex):
+                    return stats
+            with contextlib.suppress(OSError):
+                os.unlink(partial)
+            raise IntegrityError(f"{_shown(url)}: downloaded BLAKE3 {actual} does not match the manifest's "
+                                 f"{blake3_hex}", what="patch blake3", expected=blake3_hex, actual=actual)
+        finally:
+            os.close(fd)
+
+    def _fill(self, fd: int, url: str, size: int, stats: Download, progress) -> None:
+        have = os.fstat(fd).st_size
+        if have >= size:
+            return
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        stats.requests += 1
+        r = self._request(url, headers)
+        try:
+            if r.status == 206 and have:
+                start, total = _content_range(r.headers.get("Content-Range"))
+                if start != have or (total is not None and total != size):
+                    raise IntegrityError(f"{_shown(url)}: the server sent bytes {start}- of {total}, asked for "
+                                         f"{have}- of {size}", what="patch size")
+            elif r.status == 200:
+                length = r.headers.get("Content-Length")
+                if length is not None and length.isdigit() and int(length) != size:
+                    raise IntegrityError(f"{_shown(url)}: {length} bytes, the manifest says {size}",
+                                         what="patch size", expected=str(size), actual=length)
+                if have:  # the server ignores ranges: start over
+                    os.ftruncate(fd, 0)
+                    have = 0
+            elif r.status == 416:  # the partial file does not fit what the server has now
+                os.ftruncate(fd, 0)
+                raise _Transient(f"{_shown(url)}: HTTP 416 for a resumed download")
+            else:
+                raise NnpatchIOError(f"{_shown(url)}: HTTP {r.status}")
+            os.lseek(fd, have, os.SEEK_SET)
+            try:
+                while have < size:
+                    chunk = r.read(min(CHUNK, size - have))
+                    if not chunk:
+                        break
+                    os.write(fd, chunk)
+                    have += len(chunk)
+                    stats.received += len(chunk)
+                    if progress is not None:
+                        progress(len(chunk))
+            except self._read_errors() as e:
+                raise _Transient(f"{_shown(url)}: {_reason(e)} after {have} of {size} bytes") from e
+            if have < size:
+                raise _Transient(f"{_shown(url)}: the connection closed after {have} of {size} bytes")
+        finally:
+            r.release_conn()
+
+
+def _content_range(value: str | None) -> tuple[int | None, int | None]:
+    """(first byte, complete length) of ``Content-Range: bytes A-B/N``; None where absent."""
+    if not value or not value.startswith("bytes "):
+        return None, None
+    span, _, total = value[6:].partition("/")
+    first = span.partition("-")[0]
+    return (int(first) if first.isdigit() else None), (int(total) if total.isdigit() else None)
+
+
+def _reason(e: BaseException) -> str:
+    """One short line for a network error (urllib3's own texts carry object reprs)."""
+    name = type(e).__name__
+    text = str(e)
+    if "timed out" in text.lower() or "Timeout" in name:
+        return "timed out"
+    if "Connection refused" in text:
+        return "connection refused"
+    if "ProtocolError" in name or "IncompleteRead" in text or "Connection broken" in text:
+        return "connection broken"
+    if "NameResolution" in name or "Name or service not known" in text:
+        return "cannot resolve host"
+    if "SSL" in name or "CERTIFICATE" in text:
+        return "TLS error"
+    return text.splitlines()[0][:200] if text else name
+
+
+__all__ = ["CHUNK", "Download", "FetchOptions", "Fetcher", "is_url", "parent", "resolve"]
