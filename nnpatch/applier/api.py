@@ -12,11 +12,12 @@ import contextlib
 import os
 from collections.abc import Sequence
 
-from ..errors import IntegrityError, UsageError
+from ..errors import BaseMismatchError, IntegrityError, NnpatchError, UsageError
+from ..hashing import digest_bytes, digests_equal, model_digest, name_key
 from ..patchfile import Patch, read_patch
 from ..signing import authenticator, verify_signature
 from ..weights import SafetensorsFile
-from ..weights.source import open_source
+from ..weights.source import open_source, path_digest
 from . import inplace, targets
 from .engine import build_file
 from .inplace import HookFn
@@ -49,7 +50,9 @@ def refuse_unfinished(model: PathLike) -> None:
     """An input with an undo journal beside it is mid-way through an in-place update: refuse it.
 
     (An applier never writes its input; ``nnpatch recover`` or ``nnpatch apply --in-place`` rolls it back.)
+    A journal that was never committed is only a leftover, and is removed.
     """
+    inplace.discard_uncommitted(model)
     if os.path.exists(journal_path(model)):
         raise IntegrityError(f"{os.fspath(model)}: an in-place update of this model was interrupted (undo journal "
                              f"{journal_path(model)}); run `nnpatch recover {os.fspath(model)}` first")
@@ -86,8 +89,11 @@ def apply_in_place(model: PathLike, patch, *, verify: str = "default", progress:
     policy = Verify.parse(verify)
     with contextlib.ExitStack() as stack:
         (p,) = _open_patches(stack, [patch], key)
-        return inplace.update_in_place(os.fspath(model), p, policy, progress or _no_progress,
-                                       hook or (lambda step: None))
+        try:
+            return inplace.update_in_place(os.fspath(model), p, policy, progress or _no_progress,
+                                           hook or (lambda step: None))
+        except BaseMismatchError as e:
+            raise explain_wrong_base(os.fspath(model), p, e) from None
 
 
 def replace_model(model: PathLike, patches: Sequence, *, verify: str = "full", key: PathLike | None = None,
@@ -112,10 +118,61 @@ def _build_chain(base: PathLike, patches: Sequence, output: PathLike, verify: st
         opened = _open_patches(stack, patches, key)
         if replace:
             stack.enter_context(inplace.locked(base))
-        src = stack.enter_context(open_source(base))
-        plan = plan_forward(src, opened)
-        return targets.build(plan, src, os.fspath(output), policy, progress or _no_progress, opened[-1],
-                             replace=replace)
+        try:
+            src = stack.enter_context(open_source(base))
+            plan = plan_forward(src, opened)
+            return targets.build(plan, src, os.fspath(output), policy, progress or _no_progress, opened[-1],
+                                 replace=replace)
+        except BaseMismatchError as e:
+            raise explain_wrong_base(base, opened[0], e) from None
+
+
+def explain_wrong_base(path: str, patch: Patch, e: BaseMismatchError) -> BaseMismatchError:
+    """A wrong base, said the way a user can check it: the file BLAKE3 the patch was made for and the
+    one ``path`` has (what ``b3sum``, ``nnpatch hash`` and release manifests show), then the first
+    tensor that differs in the canonical order (the same one on every run, whichever thread saw
+    a difference first). ``e`` is returned as it is when ``path`` is the patch's base file after all
+    (a later link of a chain does not fit) or cannot be read again.
+
+    The error's ``expected`` and ``actual`` are the two file digests, for callers that know
+    version names by digest (a release manifest)."""
+    want = patch.header.base
+    try:
+        actual, size = path_digest(path)
+        if digests_equal(actual, want.blake3):
+            return e
+        detail = _first_difference(path, patch)
+    except NnpatchError:
+        return e
+    what = "directory" if os.path.isdir(path) else "file"
+    return BaseMismatchError(
+        f"{path}: wrong base: the patch was made for the {what} with BLAKE3 {want.blake3} ({want.size} bytes); "
+        f"this one has BLAKE3 {actual} ({size} bytes); {detail}", what="base", expected=want.blake3, actual=actual)
+
+
+def _first_difference(path: str, patch: Patch) -> str:
+    """The first tensor, in the canonical order, where ``path`` is not the patch's base."""
+    h = patch.header
+    with open_source(path) as src:
+        for op in sorted(h.ops, key=lambda o: name_key(o.name)):
+            info = src.tensors.get(op.name)
+            if op.base is None:
+                if info is not None:
+                    return f"tensor {op.name!r} already exists, the patch adds it"
+                continue
+            if info is None:
+                return f"tensor {op.name!r} is missing"
+            if info.dtype != op.base.dtype or tuple(info.shape) != tuple(op.base.shape):
+                return (f"tensor {op.name!r} is {info.dtype}{list(info.shape)}, the patch's base has "
+                        f"{op.base.dtype}{list(op.base.shape)}")
+            d = digest_bytes(src.raw(op.name)).hex()
+            if not digests_equal(d, op.base.blake3):
+                return f"first difference: tensor {op.name!r} (BLAKE3 {d}, the patch's base has {op.base.blake3})"
+        if len(src.tensors) != h.base.tensors:
+            return f"{len(src.tensors)} tensors, the patch's base has {h.base.tensors}"
+        got, _ = model_digest(src)
+        return (f"the tensors the patch changes match, but tensor contents differ elsewhere (model BLAKE3 "
+                f"{got.hex()}, the patch's base has {h.base.model_blake3})")
 
 
 def recover(model: PathLike) -> str | None:

@@ -35,7 +35,7 @@ import numpy as np
 
 from ..atomic import atomic_write
 from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError
-from ..hashing import digest_bytes, digests_equal, model_digest_of
+from ..hashing import digest_bytes, digests_equal, model_digest_of, name_key
 from ..weights import SafetensorsFile
 from .decode import run_step
 from .oscopy import allocate, copy_range, start_writeback
@@ -80,7 +80,8 @@ class _Errors:
             if isinstance(e, NnpatchError):
                 return 2
             return 3
-        raise min(self.items, key=rank)
+        # the same error on every run, whichever thread failed first: ties go to the first tensor by name
+        raise min(self.items, key=lambda e: (rank(e), name_key(str(getattr(e, "what", None) or ""))))
 
 
 def require_target_model(plan: Plan, finals: dict[str, bytes], digests: dict[str, bytes]) -> None:

@@ -203,6 +203,36 @@ def _rolled_back_digest(m: mmap.mmap, j: Journal, e: Entry) -> str:
     return h.hexdigest()
 
 
+def discard_uncommitted(model: str | os.PathLike[str]) -> bool:
+    """Remove the temporary journal (``*.nnpatch-journal.tmp``) of an in-place apply that was killed
+    before its journal was committed: the model was never written through it. Only when no other
+    process holds the model's lock (a running apply is still writing that journal); True when removed.
+
+    Every command that reads a model as a base calls it (through ``refuse_unfinished``), so a
+    model-sized leftover does not wait for ``nnpatch recover``."""
+    model = os.fspath(model)
+    tmp = journal_path(model) + ".tmp"
+    if not os.path.lexists(tmp):
+        return False
+    try:
+        fd = os.open(model, os.O_RDONLY)
+    except OSError:
+        return False
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            return False  # another nnpatch is updating this model: its journal is live
+        try:
+            os.unlink(tmp)
+        except OSError:
+            return False
+        fsync_dir(os.path.dirname(os.path.abspath(model)))
+        return True
+    finally:
+        os.close(fd)  # releases the lock
+
+
 def recover_if_needed(model: str | os.PathLike[str]) -> str | None:
     model = os.fspath(model)
     jp = journal_path(model)
