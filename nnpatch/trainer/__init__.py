@@ -23,9 +23,9 @@ _EXPORTS = {
     "kd_loss": "kd", "task_loss": "kd",
     "Trainer": "trainer", "TrainerConfig": "trainer", "set_seed": "trainer", "evaluate": "trainer",
     "init_distributed": "trainer",
-    "update": "tiny_updater", "train_sparse_run": "run", "load_spec": "run", "save_weights": "run",
+    "update": "tiny_updater", "train_sparse_run": "run", "load_spec": "usercode", "save_weights": "run",
     "load_weights": "run", "parse_bytes": "run",
-    "TrainSparseOptions": "options",
+    "TrainSparseOptions": "options", "Batches": "data", "Progress": "progress",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -14,17 +14,66 @@ import sys
 
 import click
 
-from nnpatch.errors import MissingDependencyError, UsageError
+from nnpatch.errors import BudgetMissedError, MissingDependencyError, UsageError
 from nnpatch.trainer.options import TrainSparseOptions, click_options
 
 __all__ = ["train_sparse"]
 
 
-@click.command("train-sparse")
+_EPILOG = """\b
+Bring your own model (docs/TRAIN-SPARSE.md has a complete example):
+  --model mymodel:build   build() returns a torch.nn.Module: the architecture,
+                          whose weights are replaced by --base.
+  --data mydata:loaders   loaders() returns (train_loader, eval_loader); each is
+                          a DataLoader or any re-iterable of (inputs, targets)
+                          batches, or a map-style Dataset of (input, target)
+                          samples (batched with --batch-size). Targets: class
+                          indices (classification) or tensors shaped like the
+                          output (regression).
+  A module name is looked up from the working directory first; a path such as
+  src/mymodel.py:build works from anywhere. A name that is not callable (or is
+  an nn.Module) is used as it is.
+
+\b
+Channels (the units --ratio and --budget count):
+  one output channel of Conv1d/2d/3d and ConvTranspose (groups=1), one output
+  row of Linear and Bilinear, one row of Embedding, one gate unit of RNN, LSTM
+  and GRU, one row of MultiheadAttention's input projection -- each with its
+  bias and with the BatchNorm, LayerNorm, GroupNorm, InstanceNorm or RMSNorm
+  right after it. A norm on its own: one channel per feature. Any other float
+  tensor (a position embedding, a scale) is one channel of its own.
+  Integer buffers (num_batches_tracked) never change.
+
+\b
+Progress (stderr): one line per epoch of the teacher (the full update) and of
+the student (the sparse update) with the loss, the metric on the eval data,
+the free channels (those still allowed to change: they ramp down to the
+target, then only those train) and the time left. --checkpoint FILE saves the
+run after every epoch; the same command with --resume goes on from there.
+
+\b
+Exit codes:
+  0  ok
+  1  the result does not qualify: over --ratio's channels, or the patch is
+     larger than --budget (the files are written, the report is printed)
+  2  usage error (bad options; a SPEC that names no module, file or function)
+  3  invalid input file (--base, --teacher or the checkpoint)
+  5  I/O error (a folder cannot be created, disk full)
+  6  the code behind --model or --data raised, or returned something other
+     than the above (one line; nnpatch --debug train-sparse ... shows the traceback)
+  130 interrupted (with --checkpoint, rerun with --resume)"""
+
+
+@click.command("train-sparse", epilog=_EPILOG)
 @click_options(TrainSparseOptions)
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON report on stdout.")
 def train_sparse(as_json: bool, **options) -> None:
-    """Update a model so that only a few channels change (Tiny Updater), and write the patch."""
+    """Update a model so that only a few channels change (Tiny Updater), and write the patch.
+
+    A teacher is fine-tuned with every parameter free; a student, starting from
+    the same base, distils from it while all but --ratio of its channels (or
+    what fits --budget) are reset to the base, step by step.  The student is
+    written to -o and the patch from --base to it to --patch."""
     opts = TrainSparseOptions(**options)
     if opts.base_out is not None and opts.recipe is None:
         raise UsageError("--base-out only goes with --recipe")
@@ -34,13 +83,26 @@ def train_sparse(as_json: bool, **options) -> None:
         raise MissingDependencyError("train-sparse needs PyTorch: pip install 'nnpatch[train]'") from None
     from nnpatch.trainer.run import train_sparse_run  # here, not on top: it imports torch
 
+    from nnpatch.cli._common import quiet  # the front's flags; not on top: nnpatch.cli imports this module
+
+    silent = as_json or quiet(click.get_current_context())
+
     def log(msg: str) -> None:
-        if not as_json:
+        if not silent:
             click.echo(msg, err=True)
 
-    report = train_sparse_run(opts, log=log)
+    try:
+        report = train_sparse_run(opts, log=log)
+    except BudgetMissedError as e:  # the files are written: show what they hold, then fail
+        if e.report is not None:
+            _show(e.report, as_json)
+        raise
     if report is None:  # a rank > 0 of a distributed run
         return
+    _show(report, as_json)
+
+
+def _show(report: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
     else:

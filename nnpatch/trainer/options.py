@@ -29,7 +29,7 @@ def _option(*flags: str, default: Any = MISSING, trainer: bool = False, **click_
 
 
 _WEIGHTS_FILE = click.Path(dir_okay=False)
-_SPEC_HELP = "module.path:callable or file.py:callable giving "
+_SPEC_HELP = "module.path:fn (from the working directory) or path/to/file.py:fn; fn() returns "
 
 
 @dataclass(kw_only=True)
@@ -41,19 +41,24 @@ class TrainSparseOptions:
         help="Built-in offline scenario (digits: sklearn's 8x8 digits, v1 on clean images, "
              "update on rotated+noisy ones). Also writes the base model.")
     model_spec: str | None = _option(
-        "--model", default=None, metavar="SPEC", help=_SPEC_HELP + "the nn.Module (architecture).")
+        "--model", default=None, metavar="SPEC",
+        help=_SPEC_HELP + "a torch.nn.Module (the architecture; its weights come from --base).")
     data_spec: str | None = _option(
-        "--data", default=None, metavar="SPEC", help=_SPEC_HELP + "(train_dataset, eval_dataset).")
+        "--data", default=None, metavar="SPEC",
+        help=_SPEC_HELP + "(train_loader, eval_loader): each a DataLoader or any re-iterable of "
+                          "(inputs, targets) batches, or a map-style Dataset of (input, target) samples.")
     base: str | None = _option(
         "--base", default=None, type=_WEIGHTS_FILE, help="Pre-update weights M0 (.safetensors).")
     base_out: str | None = _option(
         "--base-out", default=None, type=_WEIGHTS_FILE,
         help="With --recipe: where to write the base model (default <stem>.base.safetensors beside -o).")
     ratio: float | None = _option(
-        "--ratio", default=None, trainer=True, type=float, help="Share of channels allowed to change (default 0.1).")
+        "--ratio", default=None, trainer=True, type=float,
+        help="Share of channels allowed to change (default 0.1; see Channels below).")
     budget: str | None = _option(
         "--budget", default=None, metavar="BYTES",
-        help="Byte budget for the update instead of --ratio (e.g. 2MB, 512KiB).")
+        help="Byte budget for the patch instead of --ratio (e.g. 2MB, 512KiB); a patch over it "
+             "exits 1.")
     teacher_path: str | None = _option(
         "--teacher", default=None, type=_WEIGHTS_FILE, help="A fully-updated teacher (.safetensors) to distil from.")
     teacher_epochs: int | None = _option(
@@ -63,7 +68,8 @@ class TrainSparseOptions:
         "--lr", default=None, trainer=True, type=float,
         help="Learning rate (AdamW, cosine schedule; default 3e-3; recipe digits: 1e-2).")
     batch_size: int | None = _option(
-        "--batch-size", default=None, trainer=True, type=int, help="Batch size (default 64).")
+        "--batch-size", default=None, trainer=True, type=int,
+        help="Batch size for datasets (default 64); loaders keep their own.")
     task: str | None = _option(
         "--task", default=None, trainer=True, type=click.Choice(["classification", "regression"]),
         help="Loss and metric (default classification).")
@@ -81,8 +87,16 @@ class TrainSparseOptions:
     seed: int = _option("--seed", default=0, trainer=True, type=int, show_default=True)
     device: str = _option("--device", default="cpu", trainer=True, type=click.Choice(["cpu", "cuda"]),
                           show_default=True)
+    checkpoint: str | None = _option(
+        "--checkpoint", default=None, type=_WEIGHTS_FILE, metavar="FILE",
+        help="Save the run's state to FILE after every epoch (replaced atomically), to go on with --resume.")
+    resume: bool = _option(
+        "--resume", default=False, is_flag=True,
+        help="Go on from --checkpoint FILE (same options as the run that wrote it); the result is "
+             "the one the uninterrupted run gives.")
     output: str = _option("-o", "--output", required=True, type=_WEIGHTS_FILE,
-                          help="Where to write the updated weights (.safetensors).")
+                          help="Where to write the updated weights (.safetensors, with the base's metadata); "
+                               "missing folders are created.")
     patch: str = _option("--patch", required=True, type=_WEIGHTS_FILE,
                          help="Where to write the patch from the base to the updated weights.")
     #: estimated patch bytes per raw byte of a changed channel, when fitting ``--budget`` (no CLI option)

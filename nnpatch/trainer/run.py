@@ -1,12 +1,16 @@
 """The ``train-sparse`` plumbing around the Tiny Updater (``tiny_updater.update``): M0, files, ranks, patch.
 
-``--model`` / ``--data`` SPEC: ``module.path:name`` or ``path/to/file.py:name``.
-``name`` is looked up in the module; if it is callable (and not already an
-``nn.Module``) it is called with no arguments.  The model spec must give an
-``nn.Module`` (architecture; its weights are replaced by ``--base``); the data
-spec must give a ``(train_dataset, eval_dataset)`` pair of map-style datasets
-yielding ``(input, target)`` pairs (class indices for classification, tensors
-shaped like the output for regression).
+The plug-in contract (docs/TRAIN-SPARSE.md): ``--model SPEC`` gives an
+``nn.Module`` (the architecture; its weights are replaced by ``--base``);
+``--data SPEC`` gives ``(train, eval)``, each a DataLoader or any re-iterable of
+``(inputs, targets)`` batches, or a map-style dataset of ``(input, target)``
+samples (:mod:`nnpatch.trainer.data`); targets are class indices for
+classification, tensors shaped like the output for regression.  SPEC is
+``module.path:name`` (looked up from the working directory first) or
+``path/to/file.py:name``; a callable ``name`` is called with no arguments
+(:mod:`nnpatch.trainer.usercode`).  Whatever the user's code raises, or a
+result that breaks the contract, ends as one :class:`~nnpatch.errors.UserCodeError`
+line (exit 6) naming the SPEC.
 
 What the command does: (1) M0 = ``--base`` loaded into the ``--model`` architecture
 (with ``--recipe digits``: trained on the old digits and written to
@@ -15,25 +19,27 @@ M0 fine-tuned with every parameter free for ``--teacher-epochs`` (or ``--teacher
 (3) the student = M0 trained with task loss + ``--kd-weight`` x KD under a
 channel-sparse update (cubic schedule down to ``--ratio`` of the channels, or to
 what fits ``--budget`` bytes estimated as raw bytes x 0.9) -- (2) and (3) are
-``tiny_updater.update``; (4) the student is
-saved in the base file's dtypes (frozen channels round-trip bit-exactly), with
+``tiny_updater.update``, which writes ``--checkpoint`` after every epoch and goes
+on from it with ``--resume``; (4) the student is
+saved in the base file's dtypes (frozen channels round-trip bit-exactly) with the
+base file's safetensors metadata, and with
 ``num_batches_tracked`` and every other non-float tensor reset to M0's value so
 they never count as a change; (5) the changed channels are recounted from the
-bytes and checked against the target; (6) ``nnpatch.diff(base, -o, --patch)``.
+bytes and checked against the target; (6) ``nnpatch.diff(base, -o, --patch)``;
+(7) a patch larger than ``--budget`` raises :class:`~nnpatch.errors.BudgetMissedError`
+(exit 1) after both files are written.  Missing folders of the output files are created.
 Under ``torchrun`` every rank trains (DDP, gloo on CPU); the ranks' final weights
 are compared by digest and rank 0 writes the files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import hashlib
-import importlib
-import importlib.util
 import math
 import os
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -44,15 +50,18 @@ from torch import nn
 import nnpatch
 
 from ..atomic import atomic_path
-from ..errors import TrainingError, UsageError, WeightsError
+from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
 from ..hashing import canonical_order
+from .data import Batches
 from .options import TrainSparseOptions
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
-from .tiny_updater import update
+from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
+from .usercode import load_spec, user_code
 
-__all__ = ["load_spec", "load_weights", "save_weights", "train_sparse_run", "parse_bytes", "core_function"]
+__all__ = ["load_spec", "load_weights", "load_metadata", "save_weights", "train_sparse_run", "parse_bytes",
+           "core_function"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -76,42 +85,6 @@ def parse_bytes(text: str) -> int:
     return int(value)
 
 
-def load_spec(spec: str, what: str) -> Any:
-    """Resolve ``module:name`` or ``file.py:name`` (calling ``name`` if it is a plain callable)."""
-    if ":" not in spec:
-        raise UsageError(f"{what} {spec!r}: expected module.path:callable or file.py:callable")
-    mod_part, _, name = spec.rpartition(":")
-    if not mod_part or not name:
-        raise UsageError(f"{what} {spec!r}: expected module.path:callable or file.py:callable")
-    try:
-        if mod_part.endswith(".py") or os.sep in mod_part or "/" in mod_part:
-            path = Path(mod_part)
-            if not path.is_file():
-                raise UsageError(f"{what} {spec!r}: no such file {mod_part}")
-            mod_name = f"_nnpatch_spec_{hashlib.sha1(str(path.resolve()).encode()).hexdigest()[:12]}"
-            spec_obj = importlib.util.spec_from_file_location(mod_name, path)
-            if spec_obj is None or spec_obj.loader is None:
-                raise UsageError(f"{what} {spec!r}: cannot load {mod_part}")
-            module = importlib.util.module_from_spec(spec_obj)
-            sys.modules[mod_name] = module
-            spec_obj.loader.exec_module(module)
-        else:
-            module = importlib.import_module(mod_part)
-    except UsageError:
-        raise
-    except Exception as exc:  # noqa: BLE001 - user code: report in one line
-        raise UsageError(f"{what} {spec!r}: importing {mod_part} failed: {type(exc).__name__}: {exc}") from None
-    if not hasattr(module, name):
-        raise UsageError(f"{what} {spec!r}: {mod_part} has no attribute {name!r}")
-    obj = getattr(module, name)
-    if callable(obj) and not isinstance(obj, nn.Module):
-        try:
-            obj = obj()
-        except Exception as exc:  # noqa: BLE001
-            raise UsageError(f"{what} {spec!r}: calling {name}() failed: {type(exc).__name__}: {exc}") from None
-    return obj
-
-
 def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -120,6 +93,18 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WeightsError("no such file", path=str(path))
     try:
         return load_file(str(p))
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"not a readable safetensors file ({type(exc).__name__}: {exc})".splitlines()[0],
+                           path=str(path)) from None
+
+
+def load_metadata(path: str | os.PathLike) -> dict[str, str] | None:
+    """The ``__metadata__`` of a safetensors file (None when it has none)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return f.metadata()
     except Exception as exc:  # noqa: BLE001
         raise WeightsError(f"not a readable safetensors file ({type(exc).__name__}: {exc})".splitlines()[0],
                            path=str(path)) from None
@@ -184,13 +169,17 @@ DIGITS_TEACHER_LR = 3e-3
 DIGITS_M0 = {"epochs": 15, "batch_size": 64, "lr": 3e-3}
 #: The share of channels allowed to change when neither --ratio nor --budget is given.
 DEFAULT_RATIO = 0.1
+#: Samples per batch when the evaluation data is a dataset (a loader keeps its own batches).
+EVAL_BATCH_SIZE = 256
 
 
 def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
                      log: Callable[[str], None] | None = None, **fields: Any) -> dict | None:
     """Everything ``nnpatch train-sparse`` does; returns the report (None on ranks > 0).
 
-    Takes a :class:`TrainSparseOptions`, or its fields as keywords (with both, the keywords win)."""
+    Takes a :class:`TrainSparseOptions`, or its fields as keywords (with both, the keywords win).
+    Raises :class:`~nnpatch.errors.BudgetMissedError` (with the report) when the patch written
+    is larger than ``--budget``."""
     given = TrainSparseOptions(**fields) if options is None else dataclasses.replace(options, **fields)
     budget_bytes = _refuse_bad_options(given)
     opts = _with_defaults(given, budget_bytes)
@@ -206,16 +195,27 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     set_seed(opts.seed)
     t0 = time.time()
 
-    m0 = _digits_base(opts, rank, say) if opts.recipe is not None else _user_base(opts)
+    if opts.recipe is not None:
+        _make_folders(opts)  # the recipe writes its base model first
+        m0 = _digits_base(opts, rank, say)
+    else:
+        m0 = _user_base(opts)
     base_model, train_ds, eval_ds, base_path, base_file_state = m0
+    meta = _checkpoint_meta(opts, budget_bytes, base_file_state, world) if opts.checkpoint else None
+    resume = _read_checkpoint(opts.checkpoint, meta) if opts.resume and meta is not None else None
     teacher = None
     if opts.teacher_path:
         teacher = copy.deepcopy(base_model)
         load_into(teacher, load_weights(opts.teacher_path), opts.teacher_path)
+    _make_folders(opts)
+    if say and opts.checkpoint and resume is None:
+        say(f"checkpoint: {opts.checkpoint}, written after every epoch (add --resume to go on from it)")
     cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes)
     teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
-    res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
-                 teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say)
+    with _running_user_code(opts, "training"):
+        res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
+                     teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say,
+                     checkpoint=opts.checkpoint, resume=resume, meta=meta)
     student = res["student"].to("cpu")
     teacher = res["teacher"].to("cpu")
     # the student in the base file's dtypes (frozen channels round-trip exactly)
@@ -229,11 +229,12 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     if not agree:
         raise TrainingError("ranks ended with different weights")
     task = opts.task
+    with _running_user_code(opts, "evaluating"):
+        metrics = {f"{name}_metric": _metric(task, evaluate(model, eval_ds, task))
+                   for name, model in (("base", base_model.to("cpu")), ("teacher", teacher), ("student", student))}
     report: dict[str, Any] = {
         "recipe": opts.recipe, "task": task, "metric": "accuracy" if task == "classification" else "psnr",
-        "base_metric": _metric(task, evaluate(base_model.to("cpu"), eval_ds, task)),
-        "teacher_metric": _metric(task, evaluate(teacher, eval_ds, task)),
-        "student_metric": _metric(task, evaluate(student, eval_ds, task)),
+        **metrics,
         "ratio": opts.ratio, "budget_bytes": budget_bytes,
         "channels_total": check["channels_total"], "channels_kept": res["sparse"].num_kept,
         "channels_changed": check["channels_changed"],
@@ -241,10 +242,10 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         "params_total": check["params_total"], "params_changed": check["params_changed"],
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
         "norm_stats": opts.norm_stats, "norm_stats_changed": check["stats_changed"],
-        "world_size": world, "ranks_agree": agree,
+        "world_size": world, "ranks_agree": agree, "resumed": resume is not None,
     }
     _refuse_over_the_limit(check, opts.ratio)
-    save_weights(new_state, out_path)
+    save_weights(new_state, out_path, metadata=load_metadata(base_path))
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
     report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path)).patch_size
@@ -252,7 +253,83 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
         report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * opts.cost_factor)
     report["seconds"] = round(time.time() - t0, 2)
+    if budget_bytes is not None and not report["budget_met"]:
+        raise BudgetMissedError(
+            f"the patch is {report['patch_bytes']:,} bytes, over the --budget of {budget_bytes:,} "
+            f"({report['channels_changed']} changed channels, estimated at {report['estimated_update_bytes']:,} "
+            f"bytes); {out_path} and {patch_path} were written; try a smaller --budget or --ratio", report=report)
     return report
+
+
+@contextlib.contextmanager
+def _running_user_code(o: TrainSparseOptions, doing: str):
+    """Exceptions from the user's model or data, while ``doing``, as one line naming both SPECs."""
+    if o.recipe is not None:
+        yield
+        return
+    with user_code(f"{doing} --model {o.model_spec} on --data {o.data_spec}"):
+        yield
+
+
+def _make_folders(o: TrainSparseOptions) -> None:
+    """Create the missing folders of every file the run writes."""
+    for flag, path in (("-o", o.output), ("--patch", o.patch), ("--base-out", o.base_out),
+                       ("--checkpoint", o.checkpoint)):
+        if path is None:
+            continue
+        folder = Path(path).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except FileExistsError:
+            raise NnpatchIOError(f"{flag} {path}: cannot create folder {folder}: a file of that name is in the "
+                                 f"way") from None
+        except OSError as exc:
+            raise NnpatchIOError(f"{flag} {path}: cannot create folder {folder}: {exc.strerror or exc}") from None
+
+
+#: options that decide the result: a checkpoint is resumed only under the same values
+_RESULT_OPTIONS = ("recipe", "model_spec", "data_spec", "ratio", "teacher_epochs", "epochs", "lr", "batch_size",
+                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor")
+
+
+def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state: dict[str, torch.Tensor],
+                     world: int) -> dict[str, Any]:
+    meta: dict[str, Any] = {name: getattr(o, name) for name in _RESULT_OPTIONS}
+    meta.update(budget_bytes=budget_bytes, world_size=world, base_digest=_state_digest(base_state),
+                teacher_digest=_file_digest(o.teacher_path) if o.teacher_path else None)
+    return meta
+
+
+def _file_digest(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _read_checkpoint(path: str | None, meta: dict[str, Any]) -> dict:
+    """The checkpoint at ``path``, refused unless the run that wrote it had these ``meta`` values."""
+    assert path is not None  # _refuse_bad_options: --resume needs --checkpoint
+    if not Path(path).is_file():
+        raise UsageError(f"--resume: no checkpoint at {path} (leave --resume out to start afresh)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:  # noqa: BLE001
+        raise WeightsError(f"not a readable train-sparse checkpoint ({type(exc).__name__}: {exc})".splitlines()[0],
+                           path=path) from None
+    if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
+        raise WeightsError("not a train-sparse checkpoint", path=path)
+    old = state.get("meta") or {}
+    names = {"base_digest": "--base", "teacher_digest": "--teacher", "world_size": "ranks (torchrun)",
+             "budget_bytes": "--budget", "model_spec": "--model", "data_spec": "--data"}
+    for key, value in meta.items():
+        if old.get(key) != value:
+            flag = names.get(key, "--" + key.replace("_", "-"))
+            shown = "another file" if key.endswith("digest") else f"{old.get(key)!r}, this run has {value!r}"
+            raise UsageError(f"--resume: {path} was written by a run with other {flag} ({shown}); resume with "
+                             f"the options it was started with, or leave --resume out to start afresh")
+    return state
 
 
 def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
@@ -280,9 +357,10 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
         raise UsageError("--kd-temperature must be > 0")
     if o.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    for p in (Path(o.output), Path(o.patch)):
-        if not p.parent.exists() and str(p.parent) not in ("", "."):
-            raise UsageError(f"folder {p.parent} does not exist")
+    if o.resume and not o.checkpoint:
+        raise UsageError("--resume needs --checkpoint FILE (the file to go on from)")
+    if o.checkpoint and Path(o.checkpoint).resolve() in {Path(p).resolve() for p in (o.output, o.patch)}:
+        raise UsageError("--checkpoint must not name the output or the patch")
     if o.teacher_path and not Path(o.teacher_path).is_file():
         raise WeightsError("no such file", path=o.teacher_path)
     if o.recipe == "digits" and o.task not in (None, "classification"):
@@ -336,16 +414,20 @@ def _user_base(o: TrainSparseOptions) -> _M0:
     """M0 from ``--model``, ``--data`` and ``--base``."""
     base_model = load_spec(o.model_spec, "--model")
     if not isinstance(base_model, nn.Module):
-        raise UsageError(f"--model {o.model_spec!r} gave {type(base_model).__name__}, not a torch.nn.Module")
+        raise UserCodeError(f"--model {o.model_spec}: gave a {type(base_model).__name__}, not a torch.nn.Module")
     data = load_spec(o.data_spec, "--data")
-    if not (isinstance(data, (tuple, list)) and len(data) == 2):
-        raise UsageError(f"--data {o.data_spec!r} must give a (train_dataset, eval_dataset) pair")
+    if not (isinstance(data, tuple | list) and len(data) == 2):
+        shown = f"a {len(data)}-item {type(data).__name__}" if isinstance(data, tuple | list) else \
+            f"a {type(data).__name__}"
+        raise UserCodeError(f"--data {o.data_spec}: gave {shown}, expected a (train_loader, eval_loader) pair")
+    label = f"--data {o.data_spec}"
+    train = Batches(data[0], batch_size=o.batch_size, seed=o.seed, what="train", spec=label)
+    evaluation = Batches(data[1], batch_size=EVAL_BATCH_SIZE, seed=o.seed, what="eval", spec=label)
     base_path = Path(o.base)
     base_file_state = load_weights(base_path)
     load_into(base_model, base_file_state, str(base_path))
     base_model.eval()
-    train_ds, eval_ds = data
-    return _M0(base_model, train_ds, eval_ds, base_path, base_file_state)
+    return _M0(base_model, train, evaluation, base_path, base_file_state)
 
 
 def _refuse_over_the_limit(check: dict, ratio: float | None) -> None:

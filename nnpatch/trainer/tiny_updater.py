@@ -13,39 +13,85 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import os
 import time
-from typing import Callable
+from typing import Any, Callable
 
+import torch
 from torch import nn
 
-from .trainer import Trainer, TrainerConfig, set_seed
+from ..atomic import atomic_path
+from ..errors import UsageError
+from .progress import Progress
+from .trainer import Trainer, TrainerConfig, set_seed, world_info
 
-__all__ = ["update"]
+__all__ = ["update", "CHECKPOINT_FORMAT"]
+
+#: the ``format`` entry of a train-sparse checkpoint (see :func:`update`)
+CHECKPOINT_FORMAT = "nnpatch train-sparse checkpoint 1"
 
 
 def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
            teacher: nn.Module | None = None, teacher_epochs: int | None = None,
            teacher_lr: float | None = None, kd: bool = True,
-           log: Callable[[str], None] | None = None) -> dict:
+           log: Callable[[str], None] | None = None, checkpoint: str | os.PathLike | None = None,
+           resume: dict | None = None, meta: dict | None = None) -> dict:
     """Run the Tiny Updater on ``base_model`` (M0, left untouched).
 
     Trains a fully-updated teacher (unless given) for ``teacher_epochs``, then a
     student from M0 with task loss + KD (if ``kd``) under ``config``'s sparse
-    target.  Returns ``{"student", "teacher", "base_state", "sparse", "check",
-    "seconds"}``."""
+    target.  ``train_ds`` and ``eval_ds``: datasets or loaders (:mod:`nnpatch.trainer.data`).
+    With ``log``, one line per epoch (:class:`~nnpatch.trainer.progress.Progress`: loss,
+    the metric on ``eval_ds``, the free channels, the time left).
+
+    ``checkpoint``: a file written (atomically) after every epoch of either phase:
+    a dict loadable with ``torch.load(weights_only=True)`` holding ``format``
+    (:data:`CHECKPOINT_FORMAT`), ``meta`` (the caller's, e.g. the options that
+    decide the result), ``phase`` ("teacher" or "student"), ``trainer`` (that
+    phase's :meth:`Trainer.checkpoint`) and ``teacher`` (the finished teacher's
+    state dict, in the student phase).  ``resume``: such a dict; the run goes on
+    from it and ends exactly as the uninterrupted run would have.
+
+    Returns ``{"student", "teacher", "base_state", "sparse", "check", "seconds"}``."""
     t0 = time.time()
     base_state = {k: v.detach().clone() for k, v in base_model.state_dict().items()}
+    rank, _ = world_info()
+    device = str(next(iter(base_model.parameters())).device) if any(True for _ in base_model.parameters()) \
+        else "cpu"
+    phases = {"teacher": teacher_epochs or config.epochs, "student": config.epochs}
+    progress = Progress(log, phases, eval_data=eval_ds, task=config.task, device=device) if log else None
+    if resume is not None and resume.get("phase") not in ("teacher", "student"):
+        raise UsageError(f"checkpoint phase {resume.get('phase')!r} is neither teacher nor student")
+
+    def saver(phase: str, teacher_state: dict | None = None) -> Callable[[Trainer], None]:
+        def save(tr: Trainer) -> None:
+            if checkpoint is not None and rank == 0:
+                _save_checkpoint(checkpoint, {"format": CHECKPOINT_FORMAT, "meta": meta or {}, "phase": phase,
+                                              "trainer": tr.checkpoint(), "teacher": teacher_state})
+        return save
+
     if teacher is None and kd:
-        teacher = _train_teacher(base_model, train_ds, config, teacher_epochs, teacher_lr)
-        if log:
-            log(f"teacher trained ({time.time() - t0:.1f}s)")
+        if resume is not None and resume["phase"] == "student":
+            teacher = copy.deepcopy(base_model)
+            teacher.load_state_dict(resume["teacher"])
+            if progress:
+                progress.skip("teacher", f"finished before the checkpoint {os.fspath(checkpoint or '')}".rstrip())
+        else:
+            teacher = _train_teacher(base_model, train_ds, config, teacher_epochs, teacher_lr, progress=progress,
+                                     on_epoch_end=saver("teacher"), resume=resume, checkpoint=checkpoint)
+    elif progress:
+        progress.skip("teacher", "given (--teacher)" if teacher is not None else "none (no distillation)")
     set_seed(config.seed + 2)
     student = copy.deepcopy(base_model)
     tr = Trainer(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None)
-    if log:
-        tr.add_callback("on_epoch_end", lambda t: log(f"student epoch {t.history[-1]['epoch']}: "
-                                                      f"loss {t.history[-1]['mean_loss']:.4f}, kept "
-                                                      f"{t.sparse.num_kept if t.sparse else '-'}"))
+    student_resume = resume["trainer"] if resume is not None and resume["phase"] == "student" else None
+    if student_resume is not None:
+        tr.load_checkpoint(student_resume)
+    if progress:
+        progress.begin("student", tr, resumed_from=os.fspath(checkpoint) if student_resume is not None else None)
+    teacher_state = {k: v.detach().cpu().clone() for k, v in teacher.state_dict().items()} \
+        if teacher is not None and checkpoint is not None else None
+    tr.add_callback("on_epoch_end", saver("student", teacher_state))
     tr.run()
     check = None
     if tr.sparse is not None:
@@ -56,11 +102,25 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
 
 
 def _train_teacher(base_model: nn.Module, train_ds, config: TrainerConfig, epochs: int | None,
-                   lr: float | None) -> nn.Module:
+                   lr: float | None, *, progress: Progress | None = None,
+                   on_epoch_end: Callable[[Trainer], None] | None = None, resume: dict | None = None,
+                   checkpoint: Any = None) -> nn.Module:
     """M0 fine-tuned with every parameter free (the full update), under ``config`` otherwise."""
     set_seed(config.seed + 1)
     teacher = copy.deepcopy(base_model)
     full = dataclasses.replace(config, ratio=None, budget_bytes=None, epochs=epochs or config.epochs,
                                lr=lr or config.lr, checkpoint_path=None)
-    Trainer(full, teacher, train_ds).run()
+    tr = Trainer(full, teacher, train_ds)
+    if resume is not None:
+        tr.load_checkpoint(resume["trainer"])
+    if progress:
+        progress.begin("teacher", tr, resumed_from=os.fspath(checkpoint) if resume is not None else None)
+    if on_epoch_end is not None:
+        tr.add_callback("on_epoch_end", on_epoch_end)
+    tr.run()
     return teacher
+
+
+def _save_checkpoint(path: str | os.PathLike, payload: dict) -> None:
+    with atomic_path(path, mode=0o666) as tmp:  # the umask decides, as for torch.save alone
+        torch.save(payload, tmp)

@@ -8,12 +8,15 @@
     trainer.run()                       # or trainer.run(resume_from="ckpt.pt")
 
 With ``ratio=None`` and ``budget_bytes=None`` every parameter is free (the
-"full update", used to train a teacher).  Data order is a function of
-``(seed, epoch)`` only, so a run resumed from a checkpoint (``checkpoint_path``,
-written every ``checkpoint_every`` steps and at the end) reproduces the
-uninterrupted run exactly.  Under ``torch.distributed`` (initialised by the
-caller, e.g. via :func:`init_distributed`), the model is wrapped in DDP and each
-rank reads every ``world_size``-th sample of the epoch's permutation.
+"full update", used to train a teacher).  The training data is a map-style
+dataset of samples (batched with ``batch_size``) or any re-iterable of
+``(inputs, targets)`` batches such as a DataLoader (:mod:`nnpatch.trainer.data`).
+Data order is a function of ``(seed, epoch)`` only, so a run resumed from a
+checkpoint (``checkpoint_path``, written every ``checkpoint_every`` steps and at
+the end) reproduces the uninterrupted run exactly.  Under ``torch.distributed``
+(initialised by the caller, e.g. via :func:`init_distributed`), the model is
+wrapped in DDP and each rank reads every ``world_size``-th sample of the
+epoch's permutation (every ``world_size``-th batch of a loader).
 
 Callback events: ``on_batch_end``, ``on_prune``, ``on_epoch_end``, ``on_train_end``.
 
@@ -36,9 +39,8 @@ from typing import Any, Callable
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
-
 from ..atomic import atomic_path
+from .data import Batches, as_batches, to_device
 from .kd import kd_loss, task_loss
 from .sparse import PruneSchedule, SparseUpdate
 
@@ -112,25 +114,16 @@ class TrainerConfig:
         return cls(**{k: v for k, v in d.items() if k in names})
 
 
-class _Indexed(torch.utils.data.Sampler):
-    def __init__(self, indices: list[int]) -> None:
-        self.indices = indices
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-
 class Trainer:
-    def __init__(self, config: TrainerConfig, model: nn.Module, train_dataset: Dataset, *,
+    def __init__(self, config: TrainerConfig, model: nn.Module, train_dataset: Any, *,
                  base_state: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None,
                  loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
+        #: a map-style dataset of samples, or any re-iterable of (inputs, targets) batches (nnpatch.trainer.data)
         self.train_dataset = train_dataset
+        self.data: Batches = as_batches(train_dataset, batch_size=config.batch_size, seed=config.seed)
         self.teacher = teacher.to(self.device).eval() if teacher is not None else None
         if self.teacher is not None:
             for p in self.teacher.parameters():
@@ -172,8 +165,7 @@ class Trainer:
             fn(self)
 
     def steps_per_epoch(self) -> int:
-        per_rank = math.ceil(len(self.train_dataset) / self.world)
-        return max(1, math.ceil(per_rank / self.config.batch_size))
+        return self.data.num_batches(self.world)
 
     def total_steps(self) -> int:
         return self.steps_per_epoch() * self.config.epochs
@@ -186,14 +178,6 @@ class Trainer:
             return c.lr
         total = max(1, self.total_steps())
         return c.lr * 0.5 * (1.0 + math.cos(math.pi * min(step, total) / total))
-
-    def _epoch_indices(self, epoch: int) -> list[int]:
-        gen = torch.Generator().manual_seed(1_000_003 * self.config.seed + epoch)
-        perm = torch.randperm(len(self.train_dataset), generator=gen).tolist()
-        if self.world > 1:  # pad like DistributedSampler so every rank runs the same number of steps
-            size = math.ceil(len(perm) / self.world) * self.world
-            perm = (perm * 2)[:size] if size > len(perm) else perm
-        return perm[self.rank::self.world]
 
     # -------------------------------------------------------------- checkpoint
     def checkpoint(self) -> dict:
@@ -257,13 +241,9 @@ class Trainer:
         while self.step < stop:
             self.epoch = self.step // spe
             done_in_epoch = self.step - self.epoch * spe
-            idx = self._epoch_indices(self.epoch)[done_in_epoch * c.batch_size:]
-            # an own generator: the loader must not consume the global RNG (resumed runs replay exactly)
-            loader = DataLoader(self.train_dataset, batch_size=c.batch_size, sampler=_Indexed(idx),
-                                generator=torch.Generator().manual_seed(c.seed + self.epoch))
-            for x, y in loader:
-                x = x.to(self.device)
-                y = y.to(self.device)
+            for x, y in self.data.epoch(self.epoch, start=done_in_epoch, rank=self.rank, world=self.world):
+                x = to_device(x, self.device)
+                y = to_device(y, self.device)
                 for g in self.optimizer.param_groups:
                     g["lr"] = self._lr_at(self.step)
                 out = model(x)
@@ -327,18 +307,21 @@ class Trainer:
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, dataset: Dataset, task: str = "classification", batch_size: int = 256,
+def evaluate(model: nn.Module, dataset: Any, task: str = "classification", batch_size: int = 256,
              device: str = "cpu") -> dict:
-    """Accuracy (%) for classification; MSE and PSNR (dB, data range 1) for regression."""
+    """Accuracy (%) for classification; MSE and PSNR (dB, data range 1) for regression.
+
+    ``dataset``: a map-style dataset (batched by ``batch_size``, in order), or any re-iterable of
+    ``(inputs, targets)`` batches such as a DataLoader (nnpatch.trainer.data)."""
     was_training = model.training
     model.eval()
     n = 0
     correct = 0
     se = 0.0
     count = 0
-    for x, y in DataLoader(dataset, batch_size=batch_size):
-        out = model(x.to(device))
-        y = y.to(device)
+    for x, y in as_batches(dataset, batch_size=batch_size, what="eval").epoch(0, shuffle=False):
+        out = model(to_device(x, device))
+        y = to_device(y, device)
         if task == "classification":
             correct += int((out.argmax(-1) == y).sum())
             n += y.numel()
