@@ -8,10 +8,16 @@ point leaves no temporary file behind.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
+
+from .errors import NnpatchIOError
+
+#: The errors that mean "the file system is full" (EDQUOT: the user's quota is).
+_FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
 def fsync_dir(path: str) -> None:
@@ -78,6 +84,41 @@ def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator
     with atomic_path(path, mode=mode) as tmp, open(tmp, "r+b") as f:
         yield f
         f.flush()
+
+
+def free_space(path: str) -> int | None:
+    """Bytes an unprivileged writer may still use on the file system holding ``path`` (or its
+    nearest existing parent); None where that cannot be told."""
+    path = os.path.abspath(path)
+    while True:
+        try:
+            st = os.statvfs(path)
+            return st.f_bavail * st.f_frsize
+        except OSError:
+            parent = os.path.dirname(path)
+            if parent == path:
+                return None
+            path = parent
+
+
+def amount(n: int) -> str:
+    """Bytes for a message: exact, and in MiB or GiB once that reads better."""
+    if n >= 1 << 30:
+        return f"{n} bytes ({n / (1 << 30):.1f} GiB)"
+    if n >= 1 << 20:
+        return f"{n} bytes ({n / (1 << 20):.1f} MiB)"
+    return f"{n} bytes"
+
+
+def write_error(path: str, e: OSError, *, what: str, needed: int | None = None) -> NnpatchIOError:
+    """The one-line error for ``e``, raised while writing ``what`` at ``path``. On a full disk it
+    says what was being written, about how much it needs and how much is free (README, "Disk space")."""
+    if e.errno not in _FULL:
+        return NnpatchIOError(f"{path}: cannot write: {e.strerror or e}")
+    free = free_space(os.path.dirname(os.path.abspath(path)))
+    need = f"it needs about {amount(needed)}, " if needed is not None else ""
+    have = f"{amount(free)} free there" if free is not None else "the free space is unknown"
+    return NnpatchIOError(f"{path}: no space left on device writing {what}: {need}{have}")
 
 
 def umask() -> int:

@@ -34,7 +34,7 @@ import tempfile
 import blake3
 
 from .. import codecs
-from ..atomic import fsync_dir, umask
+from ..atomic import fsync_dir, umask, write_error
 from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..weights.model import SKIPPED_DIRS
@@ -147,7 +147,8 @@ def build_directory(plan: Plan, inp, output: str, verify: Verify, progress: Prog
     except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
         if isinstance(e, OSError) and not isinstance(e, NnpatchError):
-            raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
+            raise write_error(output, e, what="the new model directory (built beside it, then renamed into place)",
+                              needed=sum(f.size for f in plan.files)) from e
         raise
     if old is not None:  # committed: the old model directory is now under a temporary name
         _carry_over(old, output)

@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 import blake3
 import numpy as np
 
-from ..atomic import atomic_write
+from ..atomic import atomic_write, write_error
 from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError
 from ..hashing import digest_bytes, digests_equal, model_digest_of, name_key
 from ..weights import SafetensorsFile
@@ -310,5 +310,6 @@ def build_file(plan: Plan, inp: SafetensorsFile, output: str, verify: Verify, pr
     except OSError as e:
         if isinstance(e, NnpatchError):
             raise
-        raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
+        raise write_error(output, e, what="the new model (built beside it, then renamed into place)",
+                          needed=size) from e
     return ApplyResult(output, size, digest, plan.ops, verify.mode, hashed, plan.links, proven_model(plan, verify))

@@ -15,6 +15,8 @@ everything else too (spec/JOURNAL.md, "Trust") before recover writes a byte.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import mmap
 import os
@@ -27,7 +29,7 @@ import blake3
 import numpy as np
 
 from .._json import json_shape, loads_strict
-from ..atomic import fsync_dir
+from ..atomic import fsync_dir, write_error
 from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal, UsageError, WeightsError
 from ..hashing import digests_equal
 from ..weights import parse_safetensors_header
@@ -107,6 +109,8 @@ class JournalWriter:
             raise UsageError(f"{path}: the update touches too many tensors to journal ({len(header)}-byte journal "
                              f"header, limit {MAX_HEADER_LEN}); write the result with -o instead of --in-place")
         self.h = blake3.blake3()
+        #: about the size the journal will have: the old bytes of every entry, plus the header
+        self.expected = PREAMBLE.size + len(header) + sum(e.count * e.unit for e in entries) + 64 * len(entries) + 32
         try:
             self.f = open(self.tmp, "wb")
         except OSError as e:
@@ -117,9 +121,18 @@ class JournalWriter:
 
     def _write(self, data) -> None:
         mv = memoryview(data).cast("B")
-        self.f.write(mv)
+        try:
+            self.f.write(mv)
+        except OSError as e:
+            raise self._error(e) from e
         self.h.update(mv)
         self.pos += len(mv)
+
+    def _error(self, e: OSError) -> NnpatchIOError:
+        if isinstance(e, NnpatchIOError) or e.errno not in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+            return NnpatchIOError(f"{self.path}: cannot write the journal: {e.strerror or e}")
+        return write_error(self.path, e, what="the undo journal (the old bytes of every row the update changes)",
+                           needed=self.expected)
 
     def write(self, data) -> None:
         self._write(data)
@@ -137,7 +150,6 @@ class JournalWriter:
             self._write(b"\x00" * pad)
 
     def commit(self) -> None:
-
         try:
             self.f.write(self.h.digest())
             self.f.flush()
@@ -146,12 +158,15 @@ class JournalWriter:
             os.replace(self.tmp, self.path)
         except OSError as e:
             self.abort()
-            raise NnpatchIOError(f"{self.path}: cannot write the journal: {e.strerror or e}") from e
+            if isinstance(e, NnpatchIOError):
+                raise
+            raise self._error(e) from e
         fsync_dir(os.path.dirname(os.path.abspath(self.path)))
 
     def abort(self) -> None:
         try:
-            self.f.close()
+            with contextlib.suppress(OSError):  # buffered bytes a full disk refuses again
+                self.f.close()
         finally:
             try:
                 os.unlink(self.tmp)

@@ -18,7 +18,7 @@ import secrets
 import stat
 
 from .. import codecs
-from ..atomic import atomic_path, atomic_write, temporary_path, umask
+from ..atomic import atomic_path, atomic_write, temporary_path, umask, write_error
 from ..errors import IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError, WeightsError
 from ..hashing import canonical_order, digest_bytes, digests_equal, hash_file
 from ..patchfile import Patch
@@ -308,7 +308,8 @@ def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn
     except OSError as e:
         if isinstance(e, NnpatchError):
             raise
-        raise NnpatchIOError(f"{output}: cannot write: {e.strerror or e}") from e
+        raise write_error(output, e, what="the ONNX model and its external data",
+                          needed=sum(o.size for o in t.outputs)) from e
     # every file written was hashed above and matched its digest: the model file's is proven
     return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links,
                        r.model_blake3)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import errno
 import os
 
 import click
 
 from .. import codecs
+from ..atomic import write_error
+from ..errors import NnpatchIOError
 from ..differ import diff as make_diff
 from ..report import printable
 from ._common import InputPath, emit_json, human, json_option, quiet
@@ -37,8 +40,16 @@ def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
     check_order("nnpatch diff OLD NEW -o PATCH", models={"OLD": old, "NEW": new}, patches={})
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with progress(ctx, "diff", total, not as_json) as advance:
-        result = make_diff(old, new, output, level=level, reversible=reversible, sign_key=sign_key,
-                           progress=advance)
+        try:
+            result = make_diff(old, new, output, level=level, reversible=reversible, sign_key=sign_key,
+                               progress=advance)
+        except OSError as e:
+            cause = e.__cause__ if isinstance(e, NnpatchIOError) else e
+            if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
+                # a patch's size is known only once written: at most about NEW's size, usually far less
+                raise write_error(output, cause, what="the patch (at most about NEW's size, usually far less)",
+                                  needed=None) from e
+            raise
     if as_json:
         emit_json(_diff_json(result))
     elif stat:
