@@ -10,6 +10,7 @@ and -0.0 survive.
 
 from __future__ import annotations
 
+import contextvars
 import io
 import math
 import os
@@ -53,6 +54,39 @@ DELTA_CODECS = tuple(c for c in RELATIVE_CODECS if codecs.delta_stage(c) and "es
 REVERSIBLE_WHOLE_CODECS = tuple(c for c in RELATIVE_CODECS if "esort" not in c)
 
 ProgressFn = Callable[[int], None]
+
+
+class _TensorProgress:
+    """Progress inside one tensor: the final encoding of its values reports each chunk as it is
+    compressed (at a high --level one large tensor takes seconds), and whatever is left of the
+    tensor's bytes is reported when it is done; the total is the tensor's bytes either way."""
+
+    def __init__(self, progress: ProgressFn, nbytes: int) -> None:
+        self.progress, self.nbytes, self.done = progress, nbytes, 0
+
+    def part(self, fraction: float) -> None:
+        n = min(self.nbytes - self.done, int(self.nbytes * fraction))
+        if n > 0:
+            self.done += n
+            self.progress(n)
+
+    def finish(self) -> None:
+        if self.done < self.nbytes:
+            self.progress(self.nbytes - self.done)
+        self.done = self.nbytes
+
+
+#: The tensor being encoded, for ``_write_stream`` to report into (None outside a diff).
+_TENSOR: contextvars.ContextVar[_TensorProgress | None] = contextvars.ContextVar("nnpatch_diff_tensor", default=None)
+
+
+def _reporting(chunks, stream_size: int):
+    """``chunks`` of a value stream, reporting each one's share of the tensor once it is encoded."""
+    tensor = _TENSOR.get()
+    for new, old in chunks:
+        yield new, old
+        if tensor is not None and stream_size:
+            tensor.part(len(new) / stream_size)
 
 
 @dataclass
@@ -142,19 +176,24 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             bref = TensorRef(bi.dtype, bi.shape, bd.hex()) if bi else None
             tref = TensorRef(ti.dtype, ti.shape, td.hex()) if ti else None
             start = writer.stream.tell()
-            if ti is None:
-                op, change = Op(name, "remove", base=bref), TensorChange(name, "remove", bi.dtype, bi.shape)
-            elif bi is None or bref.dtype != tref.dtype or bref.shape != tref.shape:
-                op, change = _encode_absolute(writer, t, name, bref, tref, level)
-            else:
-                op, change = _encode_changed(writer, b, t, name, bref, tref, level, reversible)
+            tensor = _TensorProgress(progress, ti.nbytes if ti else 0)
+            token = _TENSOR.set(tensor)
+            try:
+                if ti is None:
+                    op, change = Op(name, "remove", base=bref), TensorChange(name, "remove", bi.dtype, bi.shape)
+                elif bi is None or bref.dtype != tref.dtype or bref.shape != tref.shape:
+                    op, change = _encode_absolute(writer, t, name, bref, tref, level)
+                else:
+                    op, change = _encode_changed(writer, b, t, name, bref, tref, level, reversible)
+            finally:
+                _TENSOR.reset(token)
             if reversible and op.needs_base_values:
                 old = _Stream(b.bits(name).reshape(-1, 1), None, None, 1, dtypes.ITEMSIZE[bi.dtype])
                 op.base_values = _write_stream(writer, old, False, level)
             change.patch_bytes = writer.stream.tell() - start
             ops.append(op)
             changes.append(change)
-            progress(ti.nbytes if ti else 0)
+            tensor.finish()
         header = PatchHeader(
             base=ModelRef(_kind(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
                           layout=base_layout),
@@ -338,8 +377,8 @@ def _write_stream(writer: PatchWriter, stream: _Stream, relative: bool | tuple, 
         out.write(encoded)
         length = len(encoded)
     else:
-        length = codecs.encode_value_stream(out, stream.chunks(), codec=codec, width=stream.width,
-                                            size=stream.size, level=level, dtype=stream.dtype)
+        length = codecs.encode_value_stream(out, _reporting(stream.chunks(), stream.size), codec=codec,
+                                            width=stream.width, size=stream.size, level=level, dtype=stream.dtype)
     if codec and codec[-1] == "zstd" and length > stream.size:  # compression lost: store raw instead
         out.seek(start)
         out.truncate()
