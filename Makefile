@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-aarch64 fuzz-native
+.PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-aarch64 native-fuzz fuzz-native
 
 setup: native-deps $(STAMP)
 
@@ -66,6 +66,8 @@ native-aarch64:
 
 # libFuzzer over the native parse, apply, journal recovery and JSON parser,
 # FUZZ_SECONDS in all (split between the harnesses); findings go to native/fuzz/crashes/
-fuzz-native:
+native-fuzz:
 	$(MAKE) -C native BUILD=$(CURDIR)/build/native-fuzz FUZZ=1 fuzz
+
+fuzz-native: native-fuzz
 	sh native/fuzz/run.sh $(CURDIR)/build/native-fuzz $(FUZZ_SECONDS)
