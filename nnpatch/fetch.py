@@ -89,6 +89,10 @@ class Download:
     restarts: int = 0
 
 
+#: The options a :class:`Fetcher` made without any uses (looked up when it is made).
+DEFAULT_OPTIONS = FetchOptions()
+
+
 class _Transient(Exception):
     """A failure worth another try (cut connection, stall, 5xx)."""
 
@@ -97,7 +101,7 @@ class Fetcher:
     """One connection pool for the files of one update."""
 
     def __init__(self, options: FetchOptions | None = None, *, sleep: Callable[[float], None] = time.sleep) -> None:
-        self.options = options or FetchOptions()
+        self.options = options or DEFAULT_OPTIONS
         self._sleep = sleep
         self._pool = None
 
@@ -141,7 +145,7 @@ class Fetcher:
         except (u3.exceptions.HTTPError, OSError) as e:
             raise _Transient(f"{_shown(url)}: {_reason(e)}") from e
         if r.status in TRANSIENT_STATUS:
-            r.release_conn()
+            _close(r)
             raise _Transient(f"{_shown(url)}: HTTP {r.status}")
         return r
 
@@ -190,7 +194,7 @@ class Fetcher:
                     raise _Transient(f"{_shown(location)}: got {len(data)} of {length} bytes")
                 return bytes(data)
             finally:
-                r.release_conn()
+                _close(r)
 
         return self._tries(location, attempt)
 
@@ -260,7 +264,8 @@ class Fetcher:
             os.lseek(fd, have, os.SEEK_SET)
             try:
                 while have < size:
-                    chunk = r.read(min(CHUNK, size - have))
+                    # read1: what has arrived, so that a connection cut mid-chunk loses nothing already received
+                    chunk = r.read1(min(CHUNK, size - have))
                     if not chunk:
                         break
                     os.write(fd, chunk)
@@ -273,7 +278,15 @@ class Fetcher:
             if have < size:
                 raise _Transient(f"{_shown(url)}: the connection closed after {have} of {size} bytes")
         finally:
-            r.release_conn()
+            _close(r)
+
+
+def _close(r) -> None:
+    """Close a response and its connection: one whose body was not read to the end (an error
+    page, a cut or a stalled transfer) must never go back to the pool, where the next request
+    would read its leftover bytes as a response."""
+    with contextlib.suppress(Exception):
+        r.close()
 
 
 def _content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -302,4 +315,4 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else name
 
 
-__all__ = ["CHUNK", "Download", "FetchOptions", "Fetcher", "is_url", "parent", "resolve"]
+__all__ = ["CHUNK", "DEFAULT_OPTIONS", "Download", "FetchOptions", "Fetcher", "is_url", "parent", "resolve"]

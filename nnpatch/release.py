@@ -494,9 +494,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
                              f"{state.release}, {state_path(model_path)}); pass --key to update it",
                              what="signature", expected=state.key_id)
     with Fetcher(fetch) as fetcher:
-        raw = fetcher.read_small(manifest_path, _MAX_ENVELOPE_SIZE)
-        opened = _payload(raw, key, manifest_path)
-        manifest = parse_manifest(opened.payload, source=manifest_path)
+        opened, manifest = _fetch_manifest(fetcher, manifest_path, key)
         check_fresh(manifest, now=now, source=manifest_path)
         if key is not None:
             check_not_older(manifest, opened.payload, state, source=manifest_path)
@@ -561,6 +559,21 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
             os.unlink(p)
     return UpdateResult(model_path, True, current, result, names, total, downloaded_bytes=downloaded,
                         resumed_bytes=resumed, **info)
+
+
+def _fetch_manifest(fetcher: Fetcher, location: str, key) -> tuple:
+    """Fetch, open (checking the signature with ``key``) and validate the manifest. One fetched
+    over the network that fails is fetched once more before it is refused: a byte damaged in
+    transit, or a manifest replaced while it was read, is no reason to give up."""
+    for again in (False, True) if is_url(location) else (True,):
+        raw = fetcher.read_small(location, _MAX_ENVELOPE_SIZE)
+        try:
+            opened = _payload(raw, key, location)
+            return opened, parse_manifest(opened.payload, source=location)
+        except (PatchFormatError, IntegrityError):
+            if again:
+                raise
+    raise AssertionError("unreachable")
 
 
 def _check_links(paths: list[str], links: list[dict], current: str) -> None:
