@@ -61,7 +61,9 @@ def make(target: str, timeout: int = 1200) -> tuple[bool, str]:
         with open(BUILD / ".native-build.lock", "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             try:
-                r = subprocess.run(["make", "--no-print-directory", "-j2", target], cwd=ROOT,
+                # a clean environment for make: `make test`'s own MAKEFLAGS (a jobserver) must not leak in
+                env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
+                r = subprocess.run(["make", "--no-print-directory", "-j2", target], cwd=ROOT, env=env,
                                    capture_output=True, text=True, timeout=timeout)
                 _results[target] = (r.returncode == 0, r.stdout + r.stderr)
             except (OSError, subprocess.TimeoutExpired) as e:
