@@ -163,7 +163,8 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
         e->name_len = t->name_len;
         e->offset = t->begin;
         e->nbytes = t->nbytes;
-        if (!it.has_fill && it.n_steps == 1 && (it.first_kind == NP_OP_ROWS || it.first_kind == NP_OP_ELEMENTS)) {
+        int rows_ok = it.first_kind == NP_OP_ROWS && t->rank && t->shape[0];
+        if (!it.has_fill && it.n_steps == 1 && (rows_ok || it.first_kind == NP_OP_ELEMENTS)) {
             e->unit = it.first_kind == NP_OP_ROWS ? t->nbytes / t->shape[0] : np_dtypes[t->dtype].size;
             e->count = it.count;
         } else {
@@ -361,7 +362,14 @@ static nnp_status fallback_new_file(nnp_ctx *ctx, const char *model, const char 
 {
     /* the layout changes: a new file beside the model, renamed over it (nnp_apply's own
      * temporary file, fsync and rename; the lock is held meanwhile) */
+    struct stat before;
+    int have = stat(model, &before) == 0;
     nnp_status s = nnp_apply(ctx, model, paths, n, model);
+    if (s == NNP_OK && have) { /* the model keeps its permissions, as Python's replace does */
+        struct stat now;
+        if (stat(model, &now) == 0 && (now.st_mode & 07777) != (before.st_mode & 07777))
+            (void)chmod(model, before.st_mode & 07777);
+    }
     return s;
 }
 

@@ -523,6 +523,10 @@ static nnp_status bad(nnp_ctx *ctx, const char *fmt, ...)
 static nnp_status get_int(nnp_ctx *ctx, const npj_value *obj, const char *key, const char *where, uint64_t *out)
 {
     const npj_value *v = get(obj, key);
+    if (v && v->kind == NPJ_INT && v->u.i.negative && v->u.i.magnitude == 0) { /* -0: Python reads 0 */
+        *out = 0;
+        return NNP_OK;
+    }
     if (!v || npj_as_u64(v, MAX_INT, out) != 0) {
         if (v && v->kind == NPJ_INT && !v->u.i.negative)
             return bad(ctx, "%s: %s must be an integer in 0..2^63-1, not %llu", where, key,
