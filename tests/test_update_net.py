@@ -554,3 +554,22 @@ def test_faulted_updates_end_old_or_new(served, capsys, monkeypatch):
     assert outcomes["NEW"] >= attempts // 4 and outcomes["OLD"] >= 1
     # a flip, an ignored range or a mismatch costs at most a whole patch; a cut or stall nothing sent twice
     assert sent - needed <= (counts.get("flip", 0) + counts.get("no_range", 0) + 2) * size
+
+
+def test_model_directories_over_http(tmp_path):
+    from .test_directory_target import contents
+    from .test_release import _dir_versions
+
+    v1, v2, v3 = _dir_versions(tmp_path)
+    key, pub = tmp_path / "k.pem", tmp_path / "k.pub.pem"
+    generate_keypair(str(key), str(pub))
+    r = run("release", v1, v2, "--to", v3, "-o", tmp_path / "dist", "--sign-key", key, "--version", "1")
+    assert r.exit_code == 0, r.output
+    local = tmp_path / "device" / "model"
+    shutil.copytree(v1, local)
+    with FeedServer(tmp_path / "dist") as srv:
+        r = run("update", local, "--manifest", srv.url("manifest.json"), "--key", pub, "--json")
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["from_name"] == "v1"
+    assert contents(local) == contents(v3)
+    assert sorted(os.listdir(local.parent)) == ["model", "model.nnpatch-state"]
