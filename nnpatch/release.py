@@ -441,6 +441,25 @@ def _remove_stale_partials(model: str, keep: set[str]) -> None:
                     os.unlink(path)
 
 
+def _check_room(model: str, links: list[dict]) -> None:
+    """Refuse, before the first byte, a download the model's file system has no room for."""
+    need = sum(max(0, link["patch_size"] - _size_or_zero(partial_path(model, link["patch_blake3"]))) for link in links)
+    try:
+        st = os.statvfs(os.path.dirname(os.path.abspath(model)))
+    except (OSError, AttributeError):
+        return
+    free = st.f_bavail * st.f_frsize
+    if need > free:
+        raise NnpatchIOError(f"{model}: the patches need {need} more bytes beside the model, {free} are free")
+
+
+def _size_or_zero(path: str) -> int:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return 0
+
+
 def _choose_links(entry: dict, target: dict, prefer: str, current: str) -> list[dict]:
     if "chain" in entry and len(entry["chain"]["links"]) <= MAX_CHAIN_LINKS and (
             prefer == "chain" or (prefer == "smallest" and entry["chain"]["size"] < entry["patch_size"])):
@@ -530,6 +549,8 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         remote = is_url(where)
         partials = {partial_path(model_path, link["patch_blake3"]) for link in links} if remote else set()
         _remove_stale_partials(model_path, partials)
+        if remote:
+            _check_room(model_path, links)
         paths = []
         downloaded = resumed = 0
         for link in links:

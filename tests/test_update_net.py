@@ -573,3 +573,14 @@ def test_model_directories_over_http(tmp_path):
         assert json.loads(r.stdout)["from_name"] == "v1"
     assert contents(local) == contents(v3)
     assert sorted(os.listdir(local.parent)) == ["model", "model.nnpatch-state"]
+
+
+def test_no_room_for_the_download_is_refused_first(served, monkeypatch):
+    import types
+
+    w = served
+    w.install(w.versions[0])
+    before = w.model.read_bytes()
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=1, f_frsize=4096))
+    refused(w, w.update(w.srv.url("manifest.json")), 5, before, "more bytes beside the model")
+    assert not any(e.path.endswith(".nnpatch") for e in w.srv.log)
