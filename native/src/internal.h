@@ -136,6 +136,9 @@ static inline int np_name_cmp(const char *a, size_t alen, const char *b, size_t 
     return alen < blen ? -1 : alen > blen;
 }
 
+/* Stable sort of an index array v[0..n) by cmp(cx, a, b) (merge sort; no globals). */
+void np_sort_indices(size_t *v, size_t n, int (*cmp)(const void *cx, size_t a, size_t b), const void *cx);
+
 /* Constant-time comparison of n bytes (0 when equal). */
 int np_ct_diff(const uint8_t *a, const uint8_t *b, size_t n);
 

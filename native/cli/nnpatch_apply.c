@@ -1,0 +1,327 @@
+/*
+ * nnpatch-apply: the command-line front end of libnnpatch.
+ *
+ *   nnpatch-apply OLD PATCH [PATCH...] -o NEW [--verify default|full|touched] [--key PUB.pem] [--quiet]
+ *   nnpatch-apply --in-place MODEL PATCH [PATCH...] [--key PUB.pem]
+ *   nnpatch-apply --recover MODEL
+ *   nnpatch-apply --check PATCH [--base OLD] [--key PUB.pem]
+ *   nnpatch-apply --version
+ *
+ * `-` as PATCH reads standard input. Errors: one line "Error: <message>" on stderr; the
+ * exit status is the library's status (0, 1, 2, 3, 4, 5, 130).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "nnpatch.h"
+
+nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const *paths, const nnp_source *srcs,
+                          size_t n, const char *out_path);
+
+static nnp_ctx *g_ctx; /* for the signal handler only */
+
+static void on_signal(int sig)
+{
+    (void)sig;
+    if (g_ctx)
+        nnp_cancel(g_ctx);
+}
+
+static const char USAGE[] =
+    "usage: nnpatch-apply OLD PATCH [PATCH...] -o NEW [--verify default|full|touched] [--key PUB.pem] [--quiet]\n"
+    "       nnpatch-apply --in-place MODEL PATCH [PATCH...] [--key PUB.pem]\n"
+    "       nnpatch-apply --recover MODEL\n"
+    "       nnpatch-apply --check PATCH [--base OLD] [--key PUB.pem]\n"
+    "       nnpatch-apply --version\n"
+    "PATCH '-' reads standard input. Exit codes: 0 ok, 1 mismatch (--check), 2 usage, 3 invalid input,\n"
+    "4 wrong base or integrity, 5 I/O error, 130 interrupted.\n";
+
+static int fail(int code, const char *fmt, const char *arg)
+{
+    fputs("Error: ", stderr);
+    fprintf(stderr, fmt, arg);
+    fputc('\n', stderr);
+    return code;
+}
+
+static int report(nnp_ctx *ctx, nnp_status st)
+{
+    if (st == NNP_OK)
+        return 0;
+    const char *m = nnp_message(ctx);
+    fprintf(stderr, "Error: %s\n", *m ? m : "failed");
+    return (int)st;
+}
+
+static long long read_fd(void *user, uint8_t *buf, size_t len)
+{
+    int fd = *(int *)user;
+    for (;;) {
+        ssize_t r = read(fd, buf, len);
+        if (r < 0 && errno == EINTR) {
+            if (g_ctx && 0)
+                return -1;
+            continue;
+        }
+        return r;
+    }
+}
+
+typedef struct prog {
+    int last;
+} prog;
+
+static int on_progress(void *user, uint64_t done, uint64_t total)
+{
+    prog *p = user;
+    int pct = total ? (int)(done * 100 / total) : 100;
+    if (pct != p->last) {
+        p->last = pct;
+        fprintf(stderr, "\rnnpatch-apply: %3d%%  %llu / %llu MB", pct, (unsigned long long)(done >> 20),
+                (unsigned long long)(total >> 20));
+    }
+    return 0;
+}
+
+/* Spool standard input to a file in dir (for --check and --in-place, which take paths). */
+static int spool_stdin(const char *dir, char *out, size_t outlen)
+{
+    snprintf(out, outlen, "%s/.nnpatch-stdin.XXXXXX", dir);
+    int fd = mkstemp(out);
+    if (fd < 0)
+        return -1;
+    char buf[1 << 16];
+    for (;;) {
+        ssize_t r = read(0, buf, sizeof buf);
+        if (r < 0 && errno == EINTR)
+            continue;
+        if (r < 0) {
+            close(fd);
+            unlink(out);
+            return -1;
+        }
+        if (r == 0)
+            break;
+        for (ssize_t o = 0; o < r;) {
+            ssize_t w = write(fd, buf + o, (size_t)(r - o));
+            if (w < 0 && errno == EINTR)
+                continue;
+            if (w < 0) {
+                close(fd);
+                unlink(out);
+                return -1;
+            }
+            o += w;
+        }
+    }
+    close(fd);
+    return 0;
+}
+
+static char *dir_of(const char *path)
+{
+    const char *s = strrchr(path, '/');
+    if (!s)
+        return strdup(".");
+    if (s == path)
+        return strdup("/");
+    char *d = strndup(path, (size_t)(s - path));
+    return d;
+}
+
+int main(int argc, char **argv)
+{
+    enum { APPLY, INPLACE, RECOVER, CHECK, VERSION } mode = APPLY;
+    int mode_set = 0, quiet = 0, dashdash = 0;
+    const char *out = NULL, *verify = NULL, *key = NULL, *base = NULL;
+    const char **pos = calloc((size_t)argc + 1, sizeof *pos);
+    int npos = 0;
+    if (!pos)
+        return fail(5, "%s", "out of memory");
+    for (int i = 1; i < argc; i++) {
+        const char *a = argv[i];
+        const char *val = NULL;
+#define TAKE(opt)                                                                                  \
+    do {                                                                                           \
+        size_t L = strlen(opt);                                                                    \
+        if (a[L] == '=')                                                                           \
+            val = a + L + 1;                                                                       \
+        else if (i + 1 < argc)                                                                     \
+            val = argv[++i];                                                                       \
+        else                                                                                       \
+            return fail(2, "option %s needs a value", opt);                                       \
+    } while (0)
+#define IS(opt) (!strcmp(a, opt) || (!strncmp(a, opt "=", strlen(opt) + 1)))
+        if (dashdash || a[0] != '-' || !strcmp(a, "-")) {
+            pos[npos++] = a;
+        } else if (!strcmp(a, "--")) {
+            dashdash = 1;
+        } else if (!strcmp(a, "-o") || IS("--output")) {
+            if (!strcmp(a, "-o")) {
+                if (i + 1 >= argc)
+                    return fail(2, "option %s needs a value", "-o");
+                val = argv[++i];
+            } else
+                TAKE("--output");
+            if (out)
+                return fail(2, "%s", "-o given twice");
+            out = val;
+        } else if (IS("--verify")) {
+            TAKE("--verify");
+            verify = val;
+        } else if (IS("--key")) {
+            TAKE("--key");
+            key = val;
+        } else if (IS("--base")) {
+            TAKE("--base");
+            base = val;
+        } else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) {
+            quiet = 1;
+        } else if (!strcmp(a, "--in-place") || !strcmp(a, "--recover") || !strcmp(a, "--check") ||
+                   !strcmp(a, "--version")) {
+            int m = a[2] == 'i' ? INPLACE : a[2] == 'r' ? RECOVER : a[2] == 'c' ? CHECK : VERSION;
+            if (mode_set && (int)mode != m)
+                return fail(2, "%s", "--in-place, --recover, --check and --version exclude each other");
+            mode = m;
+            mode_set = 1;
+        } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
+            fputs(USAGE, stdout);
+            return 0;
+        } else {
+            return fail(2, "unknown option %s (see nnpatch-apply --help)", a);
+        }
+    }
+    if (mode == VERSION) {
+        printf("nnpatch-apply %s (format %d.%d)\n", nnp_version(), NNP_FORMAT_MAJOR, NNP_FORMAT_MINOR);
+        return 0;
+    }
+    nnp_ctx *ctx = nnp_ctx_new();
+    if (!ctx)
+        return fail(5, "%s", "out of memory");
+    g_ctx = ctx;
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_signal;
+    sigemptyset(&sa.sa_mask);
+    sigaction(SIGINT, &sa, NULL);
+    sigaction(SIGTERM, &sa, NULL);
+    signal(SIGPIPE, SIG_IGN);
+
+    int dashes = 0;
+    for (int i = 0; i < npos; i++)
+        dashes += !strcmp(pos[i], "-");
+    if (dashes > 1)
+        return fail(2, "%s", "standard input ('-') can be read once: give '-' as one PATCH only");
+    if (mode != APPLY && out)
+        return fail(2, "%s", "-o is for applying to a new file");
+    if (mode != APPLY && verify)
+        return fail(2, "%s", "--verify is for applying to a new file");
+    if (mode != CHECK && base)
+        return fail(2, "%s", "--base is for --check");
+    if (mode == RECOVER && key)
+        return fail(2, "%s", "--key is not for --recover");
+    if (verify) {
+        nnp_verify v = !strcmp(verify, "default") ? NNP_VERIFY_DEFAULT
+                       : !strcmp(verify, "full")  ? NNP_VERIFY_FULL
+                       : !strcmp(verify, "touched") ? NNP_VERIFY_TOUCHED
+                                                  : (nnp_verify)-1;
+        if ((int)v < 0)
+            return fail(2, "--verify must be one of default, full, touched, got '%s'", verify);
+        nnp_set_verify(ctx, v);
+    }
+    prog pr = {-1};
+    int show = !quiet && isatty(2);
+    if (show)
+        nnp_set_progress(ctx, on_progress, &pr);
+    int rc = 0;
+    char tmp[4096];
+    tmp[0] = 0;
+    switch (mode) {
+    case APPLY: {
+        if (npos < 2 || !out)
+            return fail(2, "%s", "usage: nnpatch-apply OLD PATCH [PATCH...] -o NEW (see --help)");
+        if (!strcmp(pos[0], "-"))
+            return fail(2, "%s", "OLD cannot be standard input: give the base model's path");
+        if (key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, key))))
+            break;
+        size_t n = (size_t)npos - 1;
+        const char **paths = calloc(n, sizeof *paths);
+        nnp_source *srcs = calloc(n, sizeof *srcs);
+        static int zero = 0;
+        if (!paths || !srcs)
+            return fail(5, "%s", "out of memory");
+        for (size_t k = 0; k < n; k++) {
+            if (!strcmp(pos[k + 1], "-")) {
+                srcs[k].read = read_fd;
+                srcs[k].user = &zero;
+                srcs[k].name = "<stdin>";
+            } else {
+                paths[k] = pos[k + 1];
+            }
+        }
+        rc = report(ctx, np_apply_mixed(ctx, pos[0], paths, srcs, n, out));
+        free(paths);
+        free(srcs);
+        break;
+    }
+    case INPLACE: {
+        if (npos < 2)
+            return fail(2, "%s", "usage: nnpatch-apply --in-place MODEL PATCH [PATCH...] (see --help)");
+        if (key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, key))))
+            break;
+        for (int i = 1; i < npos; i++)
+            if (!strcmp(pos[i], "-")) {
+                char *d = dir_of(pos[0]);
+                if (!d || spool_stdin(d, tmp, sizeof tmp)) {
+                    free(d);
+                    return fail(5, "%s", "cannot spool standard input beside the model");
+                }
+                free(d);
+                pos[i] = tmp;
+            }
+        rc = report(ctx, nnp_apply_in_place(ctx, pos[0], (const char *const *)pos + 1, (size_t)npos - 1));
+        break;
+    }
+    case RECOVER: {
+        if (npos != 1)
+            return fail(2, "%s", "usage: nnpatch-apply --recover MODEL");
+        int recovered = 0;
+        rc = report(ctx, nnp_recover(ctx, pos[0], &recovered));
+        if (!rc && !quiet)
+            printf("%s: %s\n", pos[0], recovered ? "rolled back to its old version" : "nothing to recover");
+        break;
+    }
+    case CHECK: {
+        if (npos != 1)
+            return fail(2, "%s", "usage: nnpatch-apply --check PATCH [--base OLD] [--key PUB.pem]");
+        if (key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, key))))
+            break;
+        const char *patch = pos[0];
+        if (!strcmp(patch, "-")) {
+            const char *td = getenv("TMPDIR");
+            if (spool_stdin(td && *td ? td : "/tmp", tmp, sizeof tmp))
+                return fail(5, "%s", "cannot spool standard input");
+            patch = tmp;
+        }
+        rc = report(ctx, nnp_check(ctx, patch, base));
+        if (!rc && !quiet)
+            printf("%s: OK%s\n", pos[0], base ? " (applies to the base given)" : "");
+        break;
+    }
+    case VERSION:
+        break;
+    }
+    if (tmp[0])
+        unlink(tmp);
+    if (show && pr.last >= 0)
+        fputc('\n', stderr);
+    nnp_ctx_free(ctx);
+    g_ctx = NULL;
+    free(pos);
+    return rc;
+}

@@ -1,0 +1,747 @@
+/* Codecs: zstd frames, section readers, index formats, value stages (FORMAT.md section 7). */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#include "codec.h"
+
+#define CHUNK_ELEMENTS ((uint64_t)1 << 20)
+
+/* ---- zstd framing --------------------------------------------------------------------- */
+
+int np_zstd_frame_length(const uint8_t *buf, size_t len, uint64_t *out, const char **why, char *whybuf,
+                         size_t whylen)
+{
+    static const uint8_t ZM[4] = {0x28, 0xb5, 0x2f, 0xfd};
+    if (len < 4 || memcmp(buf, ZM, 4)) {
+        *why = "zstd section does not start with a zstd frame";
+        return -1;
+    }
+    if (len < 5) {
+        snprintf(whybuf, whylen, "invalid zstd frame header: Src size is incorrect");
+        *why = whybuf;
+        return -1;
+    }
+    /* RFC 8878 3.1.1.1: magic, descriptor, [window descriptor], [dictionary id], [content size] */
+    static const unsigned did[4] = {0, 1, 2, 4}, fcs[4] = {0, 2, 4, 8};
+    unsigned fhd = buf[4], single = (fhd >> 5) & 1;
+    size_t hs = 5 + !single + did[fhd & 3] + (fhd >> 6 == 0 ? single : fcs[fhd >> 6]);
+    uint64_t pos = hs;
+    uint8_t descriptor = buf[4];
+    for (;;) {
+        if (pos + 3 > len) {
+            *why = "zstd frame truncated";
+            return -1;
+        }
+        uint32_t b = (uint32_t)buf[pos] | (uint32_t)buf[pos + 1] << 8 | (uint32_t)buf[pos + 2] << 16;
+        uint32_t last = b & 1, btype = (b >> 1) & 3, bsize = b >> 3;
+        if (btype == 3) {
+            *why = "zstd frame uses a reserved block type";
+            return -1;
+        }
+        pos += 3 + (btype == 1 ? 1 : bsize);
+        if (last)
+            break;
+    }
+    if (descriptor & 0x04)
+        pos += 4;
+    if (pos > len) {
+        *why = "zstd frame truncated";
+        return -1;
+    }
+    *out = pos;
+    return 0;
+}
+
+/* ---- section reader -------------------------------------------------------------------- */
+
+#define SRFAIL(...) np_fail(ctx, NNP_KIND_PATCH_FORMAT, __VA_ARGS__)
+
+nnp_status np_secreader_open(nnp_ctx *ctx, np_secreader *r, const np_patch *p, const np_section *s,
+                             const char *where)
+{
+    memset(r, 0, sizeof *r);
+    r->src = np_sec_ptr(p, s);
+    r->srclen = s->length;
+    r->size = s->size;
+    r->zstd = np_sec_zstd(s);
+    r->pname = p->name;
+    snprintf(r->where, sizeof r->where, "%s", where);
+    if (!r->zstd) {
+        if (s->length != s->size)
+            return SRFAIL("%s: %s: section is %llu bytes, expected %llu", p->name, where, (unsigned long long)s->length,
+                          (unsigned long long)s->size);
+        return NNP_OK;
+    }
+    uint64_t flen;
+    const char *why;
+    char wb[160];
+    if (np_zstd_frame_length(r->src, (size_t)r->srclen, &flen, &why, wb, sizeof wb))
+        return SRFAIL("%s: %s: %s", p->name, where, why);
+    if (flen != r->srclen)
+        return SRFAIL("%s: %s: %llu bytes after the zstd frame", p->name, where, (unsigned long long)(r->srclen - flen));
+    unsigned long long cs = ZSTD_getFrameContentSize(r->src, (size_t)r->srclen);
+    if (cs == ZSTD_CONTENTSIZE_ERROR)
+        return SRFAIL("%s: %s: invalid zstd frame header", p->name, where);
+    if (cs == ZSTD_CONTENTSIZE_UNKNOWN)
+        return SRFAIL("%s: %s: zstd frame declares -1 bytes, section size is %llu", p->name, where,
+                      (unsigned long long)s->size);
+    if (cs != s->size)
+        return SRFAIL("%s: %s: zstd frame declares %llu bytes, section size is %llu", p->name, where, cs,
+                      (unsigned long long)s->size);
+    r->ds = ZSTD_createDStream();
+    if (!r->ds)
+        return np_fail(ctx, NNP_KIND_IO, "%s: %s: out of memory for a zstd decoder", p->name, where);
+    ZSTD_initDStream(r->ds);
+    r->in.src = r->src;
+    r->in.size = (size_t)r->srclen;
+    r->in.pos = 0;
+    return NNP_OK;
+}
+
+nnp_status np_secreader_read(nnp_ctx *ctx, np_secreader *r, uint8_t *buf, size_t n)
+{
+    if (n > r->size - r->produced)
+        return SRFAIL("%s: %s: zstd data ends early", r->pname, r->where);
+    if (!r->zstd) {
+        memcpy(buf, r->src + r->produced, n);
+        r->produced += n;
+        return NNP_OK;
+    }
+    ZSTD_outBuffer out = {buf, n, 0};
+    while (out.pos < n) {
+        size_t before_in = r->in.pos, before_out = out.pos;
+        size_t ret = ZSTD_decompressStream(r->ds, &out, &r->in);
+        if (ZSTD_isError(ret))
+            return SRFAIL("%s: %s: corrupt zstd data: %s", r->pname, r->where, ZSTD_getErrorName(ret));
+        r->frame_done = ret == 0;
+        if (out.pos < n && r->frame_done)
+            return SRFAIL("%s: %s: zstd data ends early", r->pname, r->where);
+        if (out.pos < n && r->in.pos == before_in && out.pos == before_out)
+            return SRFAIL("%s: %s: zstd data ends early", r->pname, r->where);
+        if (ret == 0 && out.pos < n && r->in.pos >= r->in.size)
+            return SRFAIL("%s: %s: zstd data ends early", r->pname, r->where);
+    }
+    r->produced += n;
+    return NNP_OK;
+}
+
+const uint8_t *np_secreader_view(np_secreader *r, size_t n)
+{
+    const uint8_t *p = r->src + r->produced;
+    r->produced += n;
+    return p;
+}
+
+nnp_status np_secreader_finish(nnp_ctx *ctx, np_secreader *r)
+{
+    if (!r->zstd || (r->frame_done && r->in.pos == r->in.size))
+        return NNP_OK;
+    uint8_t b[1];
+    ZSTD_outBuffer out = {b, 1, 0};
+    for (;;) {
+        size_t before = r->in.pos;
+        size_t ret = ZSTD_decompressStream(r->ds, &out, &r->in);
+        if (ZSTD_isError(ret))
+            return SRFAIL("%s: %s: corrupt zstd data: %s", r->pname, r->where, ZSTD_getErrorName(ret));
+        if (out.pos)
+            return SRFAIL("%s: %s: zstd data longer than expected", r->pname, r->where);
+        if (ret == 0)
+            return r->in.pos == r->in.size ? NNP_OK
+                                            : SRFAIL("%s: %s: zstd data longer than expected", r->pname, r->where);
+        if (r->in.pos == before && r->in.pos >= r->in.size)
+            return SRFAIL("%s: %s: corrupt zstd data: frame incomplete", r->pname, r->where);
+    }
+}
+
+void np_secreader_close(np_secreader *r)
+{
+    if (r->ds)
+        ZSTD_freeDStream(r->ds);
+    r->ds = NULL;
+}
+
+nnp_status np_section_decode_all(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
+                                 uint8_t **out)
+{
+    *out = NULL;
+    np_secreader r;
+    nnp_status st = np_secreader_open(ctx, &r, p, s, where);
+    if (st) {
+        np_secreader_close(&r);
+        return st;
+    }
+    if (s->size > ((uint64_t)1 << 40)) {
+        np_secreader_close(&r);
+        return SRFAIL("%s: %s: %llu bytes is too large", p->name, where, (unsigned long long)s->size);
+    }
+    uint8_t *buf = malloc(s->size ? (size_t)s->size : 1);
+    if (!buf) {
+        np_secreader_close(&r);
+        return np_fail(ctx, NNP_KIND_IO, "%s: %s: out of memory for %llu bytes", p->name, where,
+                       (unsigned long long)s->size);
+    }
+    st = np_secreader_read(ctx, &r, buf, (size_t)s->size);
+    if (!st)
+        st = np_secreader_finish(ctx, &r);
+    np_secreader_close(&r);
+    if (st) {
+        free(buf);
+        return st;
+    }
+    *out = buf;
+    return NNP_OK;
+}
+
+nnp_status np_section_drain(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where)
+{
+    np_secreader r;
+    nnp_status st = np_secreader_open(ctx, &r, p, s, where);
+    if (!st && r.zstd) {
+        uint8_t *buf = malloc(1 << 20);
+        if (!buf)
+            st = np_fail(ctx, NNP_KIND_IO, "out of memory");
+        uint64_t left = s->size;
+        while (!st && left) {
+            size_t k = left > (1u << 20) ? (1u << 20) : (size_t)left;
+            st = np_secreader_read(ctx, &r, buf, k);
+            left -= k;
+            if (!st)
+                st = np_check_cancel(ctx);
+        }
+        if (!st)
+            st = np_secreader_finish(ctx, &r);
+        free(buf);
+    }
+    np_secreader_close(&r);
+    return st;
+}
+
+/* ---- indices ----------------------------------------------------------------------------- */
+
+#define IXFAIL(...) np_fail(ctx, NNP_KIND_PATCH_FORMAT, __VA_ARGS__)
+
+nnp_status np_idx_open(nnp_ctx *ctx, np_idx *it, const np_patch *p, const np_op *op, uint64_t bound)
+{
+    memset(it, 0, sizeof *it);
+    char q[NP_QUOTE_MAX];
+    np_quote(q, sizeof q, op->name, op->name_len);
+    snprintf(it->where, sizeof it->where, "%s.index", q);
+    it->fmt = op->index.st[0];
+    it->count = op->count;
+    it->bound = bound;
+    const np_section *s = &op->index;
+    nnp_status st = np_secreader_open(ctx, &it->r, p, s, it->where);
+    if (st)
+        return st;
+    uint64_t need;
+    switch (it->fmt) {
+    case NP_S_U32:
+    case NP_S_U64: {
+        unsigned w = it->fmt == NP_S_U32 ? 4 : 8;
+        if (np_mul(op->count, w, &need) || need != s->size)
+            return IXFAIL("%s: %s: %llu index bytes, %llu %s indices need %llu", p->name, it->where,
+                          (unsigned long long)s->size, (unsigned long long)op->count, w == 4 ? "u32" : "u64",
+                          (unsigned long long)(op->count * w));
+        break;
+    }
+    case NP_S_BITMAP:
+        need = bound / 8 + (bound % 8 != 0);
+        if (need != s->size)
+            return IXFAIL("%s: %s: bitmap is %llu bytes, %llu positions need %llu", p->name, it->where,
+                          (unsigned long long)s->size, (unsigned long long)bound, (unsigned long long)need);
+        break;
+    case NP_S_VARINT:
+        break;
+    default:
+        return np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION, "%s: %s: unknown index encoding", p->name, it->where);
+    }
+    return NNP_OK;
+}
+
+static nnp_status idx_byte(nnp_ctx *ctx, np_idx *it, uint8_t *b, int *eof)
+{
+    if (it->bpos == it->blen) {
+        uint64_t left = it->r.size - it->r.produced;
+        if (!left) {
+            *eof = 1;
+            return NNP_OK;
+        }
+        size_t k = left > sizeof it->buf ? sizeof it->buf : (size_t)left;
+        nnp_status st = np_secreader_read(ctx, &it->r, it->buf, k);
+        if (st)
+            return st;
+        it->blen = k;
+        it->bpos = 0;
+    }
+    *eof = 0;
+    *b = it->buf[it->bpos++];
+    it->consumed++;
+    return NNP_OK;
+}
+
+nnp_status np_idx_next(nnp_ctx *ctx, np_idx *it, uint64_t *pos)
+{
+    nnp_status st;
+    uint64_t v = 0;
+    int eof = 0;
+    uint8_t b;
+    const char *pn = it->r.pname;
+    if (it->emitted >= it->count)
+        return IXFAIL("%s: %s: more than %llu indices", pn, it->where, (unsigned long long)it->count);
+    switch (it->fmt) {
+    case NP_S_U32:
+    case NP_S_U64: {
+        unsigned w = it->fmt == NP_S_U32 ? 4 : 8;
+        for (unsigned i = 0; i < w; i++) {
+            if ((st = idx_byte(ctx, it, &b, &eof)))
+                return st;
+            if (eof)
+                return IXFAIL("%s: %s: index data ends early", pn, it->where);
+            v |= (uint64_t)b << (8 * i);
+        }
+        break;
+    }
+    case NP_S_VARINT: {
+        uint64_t g = 0;
+        unsigned n = 0;
+        for (;;) {
+            if ((st = idx_byte(ctx, it, &b, &eof)))
+                return st;
+            if (eof)
+                return IXFAIL("%s: %s: varint stream holds fewer than %llu values", pn, it->where,
+                              (unsigned long long)it->count);
+            if (n == 9 && b > 1)
+                return IXFAIL("%s: %s: varint exceeds 64 bits", pn, it->where);
+            g |= (uint64_t)(b & 0x7f) << (7 * n);
+            n++;
+            if (!(b & 0x80))
+                break;
+            if (n == 10)
+                return IXFAIL("%s: %s: varint exceeds 64 bits", pn, it->where);
+        }
+        if (it->emitted == 0)
+            v = g;
+        else if (np_add(it->prev, 1, &v) || np_add(v, g, &v))
+            return IXFAIL("%s: %s: index out of range (bound %llu)", pn, it->where, (unsigned long long)it->bound);
+        if (v >= it->bound)
+            return IXFAIL("%s: %s: index out of range (bound %llu)", pn, it->where, (unsigned long long)it->bound);
+        break;
+    }
+    case NP_S_BITMAP:
+        for (;;) {
+            if (!it->have_cur || it->bit == 8) {
+                /* skip zero bytes quickly */
+                for (;;) {
+                    if ((st = idx_byte(ctx, it, &b, &eof)))
+                        return st;
+                    if (eof)
+                        return IXFAIL("%s: %s: bitmap holds %llu indices, expected %llu", pn, it->where,
+                                      (unsigned long long)it->emitted, (unsigned long long)it->count);
+                    it->bytepos = it->consumed - 1;
+                    if (b)
+                        break;
+                }
+                it->cur = b;
+                it->bit = 0;
+                it->have_cur = 1;
+            }
+            while (it->bit < 8 && !(it->cur >> it->bit & 1))
+                it->bit++;
+            if (it->bit < 8) {
+                v = it->bytepos * 8 + it->bit;
+                it->bit++;
+                break;
+            }
+        }
+        if (v >= it->bound)
+            return IXFAIL("%s: %s: bitmap has bits set past position %llu", pn, it->where,
+                          (unsigned long long)it->bound);
+        break;
+    }
+    if (v >= it->bound || (it->emitted && v <= it->prev))
+        return IXFAIL("%s: %s: indices must be strictly increasing and below %llu", pn, it->where,
+                      (unsigned long long)it->bound);
+    it->prev = v;
+    it->emitted++;
+    *pos = v;
+    return NNP_OK;
+}
+
+nnp_status np_idx_finish(nnp_ctx *ctx, np_idx *it)
+{
+    nnp_status st;
+    uint8_t b;
+    int eof = 0;
+    const char *pn = it->r.pname;
+    if (it->fmt == NP_S_BITMAP) {
+        /* no more bits: the rest of the current byte and every later byte are zero */
+        if (it->have_cur && it->bit < 8 && (it->cur >> it->bit))
+            return IXFAIL("%s: %s: bitmap holds more than %llu indices", pn, it->where, (unsigned long long)it->count);
+        for (;;) {
+            if ((st = idx_byte(ctx, it, &b, &eof)))
+                return st;
+            if (eof)
+                break;
+            if (b) {
+                uint64_t p = (it->consumed - 1) * 8;
+                if (p >= it->bound || (p + 8 > it->bound && (b >> (it->bound - p))))
+                    return IXFAIL("%s: %s: bitmap has bits set past position %llu", pn, it->where,
+                                  (unsigned long long)it->bound);
+                return IXFAIL("%s: %s: bitmap holds more than %llu indices", pn, it->where,
+                              (unsigned long long)it->count);
+            }
+        }
+    } else {
+        if ((st = idx_byte(ctx, it, &b, &eof)))
+            return st;
+        if (!eof)
+            return IXFAIL("%s: %s: varint stream holds more than %llu values", pn, it->where,
+                          (unsigned long long)it->count);
+    }
+    return np_secreader_finish(ctx, &it->r);
+}
+
+void np_idx_close(np_idx *it) { np_secreader_close(&it->r); }
+
+nnp_status np_idx_validate(nnp_ctx *ctx, const np_patch *p, const np_op *op, uint64_t bound, np_index_fn fn,
+                           void *user)
+{
+    np_idx it;
+    nnp_status st = np_idx_open(ctx, &it, p, op, bound);
+    uint64_t piece[1024];
+    size_t n = 0;
+    for (uint64_t i = 0; !st && i < op->count; i++) {
+        st = np_idx_next(ctx, &it, &piece[n++]);
+        if (!st && n == 1024) {
+            if (fn)
+                st = fn(user, piece, n);
+            n = 0;
+            if (!st && (i & 0xffff) == 0)
+                st = np_check_cancel(ctx);
+        }
+    }
+    if (!st)
+        st = np_idx_finish(ctx, &it);
+    if (!st && n && fn)
+        st = fn(user, piece, n);
+    np_idx_close(&it);
+    return st;
+}
+
+/* ---- value stages ---------------------------------------------------------------------------- */
+
+int np_mode_of(const np_section *s)
+{
+    switch (np_sec_delta(s)) {
+    case NP_S_XOR: return NP_M_XOR;
+    case NP_S_ADD: return NP_M_ADD;
+    case NP_S_ZADD: return NP_M_ZADD;
+    }
+    return NP_M_REPLACE;
+}
+
+static inline uint64_t ldw(const uint8_t *p, unsigned w)
+{
+    switch (w) {
+    case 1: return p[0];
+    case 2: return np_le16(p);
+    case 4: return np_le32(p);
+    default: return np_le64(p);
+    }
+}
+static inline void stw(uint8_t *p, unsigned w, uint64_t v)
+{
+    for (unsigned k = 0; k < w; k++)
+        p[k] = (uint8_t)(v >> (8 * k));
+}
+static inline uint64_t ldplanar(const uint8_t *v, size_t n, size_t j, unsigned w)
+{
+    uint64_t x = 0;
+    for (unsigned k = 0; k < w; k++)
+        x |= (uint64_t)v[(size_t)k * n + j] << (8 * k);
+    return x;
+}
+static inline uint64_t combine(uint64_t d, uint64_t v, int mode, unsigned w)
+{
+    uint64_t mask = w == 8 ? ~(uint64_t)0 : (((uint64_t)1 << (8 * w)) - 1);
+    switch (mode) {
+    case NP_M_XOR: return d ^ v;
+    case NP_M_ADD: return (d + v) & mask;
+    case NP_M_ZADD: return (d + ((v >> 1) ^ (0 - (v & 1)))) & mask;
+    default: return v;
+    }
+}
+
+/* Fast loops for the common layouts: plain (not planar, no esort) combine of k words. */
+#define DEF_PLAIN(W, T, LD)                                                                         \
+    static void plain##W(uint8_t *restrict d, const uint8_t *restrict v, size_t k, int mode)       \
+    {                                                                                               \
+        T a, b;                                                                                     \
+        switch (mode) {                                                                             \
+        case NP_M_REPLACE: memcpy(d, v, k * W); break;                                              \
+        case NP_M_XOR: for (size_t i = 0; i < k * W; i++) d[i] ^= v[i]; break;                      \
+        case NP_M_ADD:                                                                              \
+            for (size_t i = 0; i < k; i++) {                                                        \
+                memcpy(&a, d + i * W, W); memcpy(&b, v + i * W, W);                                 \
+                a = (T)(a + b); memcpy(d + i * W, &a, W);                                           \
+            }                                                                                       \
+            break;                                                                                  \
+        case NP_M_ZADD:                                                                             \
+            for (size_t i = 0; i < k; i++) {                                                        \
+                memcpy(&a, d + i * W, W); memcpy(&b, v + i * W, W);                                 \
+                a = (T)(a + (T)((T)(b >> 1) ^ (T)(0u - (T)(b & 1u)))); memcpy(d + i * W, &a, W);    \
+            }                                                                                       \
+            break;                                                                                  \
+        }                                                                                           \
+    }
+DEF_PLAIN(1, uint8_t, 0)
+DEF_PLAIN(2, uint16_t, 0)
+DEF_PLAIN(4, uint32_t, 0)
+DEF_PLAIN(8, uint64_t, 0)
+
+#if defined(__BYTE_ORDER__) && defined(__ORDER_BIG_ENDIAN__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+#define NP_BIG_ENDIAN 1
+#endif
+
+static void plain_combine(uint8_t *d, const uint8_t *v, size_t k, int mode, unsigned w)
+{
+#ifdef NP_BIG_ENDIAN
+    for (size_t i = 0; i < k; i++)
+        stw(d + i * w, w, combine(ldw(d + i * w, w), ldw(v + i * w, w), mode, w));
+#else
+    switch (w) {
+    case 1: plain1(d, v, k, mode); break;
+    case 2: plain2(d, v, k, mode); break;
+    case 4: plain4(d, v, k, mode); break;
+    default: plain8(d, v, k, mode); break;
+    }
+#endif
+}
+
+/* Planar, no esort: words j0..j0+k of a chunk of n words. */
+static void planar_combine(uint8_t *d, const uint8_t *v, size_t n, size_t j0, size_t k, int mode, unsigned w)
+{
+    if (mode == NP_M_REPLACE || mode == NP_M_XOR) { /* byte-wise */
+        for (unsigned b = 0; b < w; b++) {
+            const uint8_t *src = v + (size_t)b * n + j0;
+            uint8_t *dst = d + b;
+            if (mode == NP_M_REPLACE)
+                for (size_t i = 0; i < k; i++)
+                    dst[i * w] = src[i];
+            else
+                for (size_t i = 0; i < k; i++)
+                    dst[i * w] ^= src[i];
+        }
+        return;
+    }
+    for (size_t i = 0; i < k; i++)
+        stw(d + i * w, w, combine(ldw(d + i * w, w), ldplanar(v, n, j0 + i, w), mode, w));
+}
+
+typedef struct vctx {
+    nnp_ctx *ctx;
+    const np_step_job *job;
+    unsigned w;
+    int mode, planar, esort;
+    unsigned shift, mask;
+    size_t *start; /* esort counting array (mask + 1) */
+    uint8_t *dst;
+    uint64_t unit_bytes;
+} vctx;
+
+static inline unsigned key_of(const uint8_t *old, unsigned w, unsigned shift, unsigned mask)
+{
+    unsigned top = w > 1 ? ((unsigned)old[w - 1] << 8 | old[w - 2]) : old[0];
+    return (top >> shift) & mask;
+}
+
+/* The destination words of units u0..u0+nu: a callback per contiguous run. */
+typedef struct unit_src {
+    int kind; /* 0: contiguous from dst + pos; 1: indexed (rows/elements) */
+    uint64_t pos;
+    np_idx *it;
+} unit_src;
+
+/* Apply one chunk: n words of values at vals (plain or planar), to units of the chunk. */
+static nnp_status apply_chunk(vctx *c, const uint8_t *vals, size_t nunits, uint64_t *idxbuf, np_idx *pre,
+                              np_idx *it, uint64_t whole_pos)
+{
+    const unsigned w = c->w;
+    const size_t uw = (size_t)(c->unit_bytes / w); /* words per unit */
+    const size_t n = nunits * uw;
+    nnp_status st;
+    (void)idxbuf;
+    if (c->esort) {
+        /* histogram of the old words' keys, in position order */
+        memset(c->start, 0, ((size_t)c->mask + 1) * sizeof *c->start);
+        for (size_t u = 0; u < nunits; u++) {
+            uint8_t *d;
+            if (pre) {
+                uint64_t pos;
+                if ((st = np_idx_next(c->ctx, pre, &pos)))
+                    return st;
+                d = c->dst + pos * c->unit_bytes;
+            } else {
+                d = c->dst + whole_pos + u * c->unit_bytes;
+            }
+            for (size_t i = 0; i < uw; i++)
+                c->start[key_of(d + i * w, w, c->shift, c->mask)]++;
+        }
+        size_t sum = 0;
+        for (size_t k = 0; k <= c->mask; k++) {
+            size_t x = c->start[k];
+            c->start[k] = sum;
+            sum += x;
+        }
+    }
+    size_t j = 0; /* position in the chunk */
+    for (size_t u = 0; u < nunits; u++) {
+        uint8_t *d;
+        if (it) {
+            uint64_t pos;
+            if ((st = np_idx_next(c->ctx, it, &pos)))
+                return st;
+            d = c->dst + pos * c->unit_bytes;
+        } else {
+            d = c->dst + whole_pos + u * c->unit_bytes;
+        }
+        if (!c->esort) {
+            if (c->planar)
+                planar_combine(d, vals, n, j, uw, c->mode, w);
+            else
+                plain_combine(d, vals + j * w, uw, c->mode, w);
+        } else {
+            for (size_t i = 0; i < uw; i++) {
+                uint8_t *x = d + i * w;
+                size_t src = c->start[key_of(x, w, c->shift, c->mask)]++;
+                uint64_t v = c->planar ? ldplanar(vals, n, src, w) : ldw(vals + src * w, w);
+                stw(x, w, combine(ldw(x, w), v, c->mode, w));
+            }
+        }
+        j += uw;
+    }
+    return NNP_OK;
+}
+
+nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
+{
+    const np_op *op = job->op;
+    const np_section *s = job->s;
+    const np_patch *p = job->patch;
+    vctx c;
+    memset(&c, 0, sizeof c);
+    c.ctx = ctx;
+    c.job = job;
+    c.w = np_dtypes[job->dtype].size;
+    c.mode = job->mode;
+    c.planar = np_sec_has(s, NP_S_PLANES) && c.w > 1;
+    c.esort = np_sec_has(s, NP_S_ESORT);
+    c.dst = dst;
+    char q[NP_QUOTE_MAX], where[300];
+    np_quote(q, sizeof q, op->name, op->name_len);
+    snprintf(where, sizeof where, "%s.%s", q, s == &op->base_values ? "base_values" : "values");
+    if (c.esort) {
+        if (np_dtypes[job->dtype].esort_shift < 0)
+            return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: %s: stage 'esort' needs a floating-point dtype", p->name,
+                           where);
+        c.shift = (unsigned)np_dtypes[job->dtype].esort_shift;
+        c.mask = np_dtypes[job->dtype].esort_mask;
+    }
+    int indexed = s == &op->values && (op->kind == NP_OP_ROWS || op->kind == NP_OP_ELEMENTS);
+    uint64_t units, bound = 0;
+    if (indexed && op->kind == NP_OP_ROWS) {
+        bound = job->shape[0];
+        c.unit_bytes = bound ? job->nbytes / bound : 0;
+        units = op->count;
+    } else if (indexed) {
+        bound = job->numel;
+        c.unit_bytes = c.w;
+        units = op->count;
+    } else {
+        c.unit_bytes = c.w;
+        units = job->numel;
+    }
+    uint64_t total;
+    if (np_mul(units, c.unit_bytes, &total) || total != s->size)
+        return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: %s: section holds %llu bytes, the op needs %llu units of %llu",
+                       p->name, where, (unsigned long long)s->size, (unsigned long long)units,
+                       (unsigned long long)c.unit_bytes);
+    nnp_status st;
+    if (indexed && (st = np_idx_validate(ctx, p, op, bound, NULL, NULL)))
+        return st;
+    if (units == 0 || c.unit_bytes == 0) {
+        np_secreader r;
+        st = np_secreader_open(ctx, &r, p, s, where);
+        if (!st)
+            st = np_secreader_finish(ctx, &r);
+        np_secreader_close(&r);
+        return st;
+    }
+    uint64_t unit_elements = c.unit_bytes / c.w;
+    uint64_t per = CHUNK_ELEMENTS / (unit_elements ? unit_elements : 1);
+    if (per < 1)
+        per = 1;
+    np_secreader r;
+    np_idx it, pre;
+    int have_it = 0, have_pre = 0;
+    uint8_t *buf = NULL;
+    memset(&it, 0, sizeof it);
+    memset(&pre, 0, sizeof pre);
+    if ((st = np_secreader_open(ctx, &r, p, s, where)))
+        goto out;
+    if (indexed) {
+        if ((st = np_idx_open(ctx, &it, p, op, bound)))
+            goto out;
+        have_it = 1;
+        if (c.esort) {
+            if ((st = np_idx_open(ctx, &pre, p, op, bound)))
+                goto out;
+            have_pre = 1;
+        }
+    }
+    if (c.esort) {
+        c.start = malloc(((size_t)c.mask + 1) * sizeof *c.start);
+        if (!c.start) {
+            st = np_fail(ctx, NNP_KIND_IO, "out of memory");
+            goto out;
+        }
+    }
+    uint64_t chunk_cap = (per < units ? per : units) * c.unit_bytes;
+    if (r.zstd) {
+        if (chunk_cap > SIZE_MAX / 2 || !(buf = malloc((size_t)chunk_cap))) {
+            st = np_fail(ctx, NNP_KIND_IO, "%s: %s: out of memory for a %llu-byte chunk", p->name, where,
+                         (unsigned long long)chunk_cap);
+            goto out;
+        }
+    }
+    uint64_t done = 0, whole_pos = 0;
+    while (done < units) {
+        uint64_t nu = units - done < per ? units - done : per;
+        size_t nb = (size_t)(nu * c.unit_bytes);
+        const uint8_t *vals;
+        if (r.zstd) {
+            if ((st = np_secreader_read(ctx, &r, buf, nb)))
+                goto out;
+            vals = buf;
+        } else {
+            vals = np_secreader_view(&r, nb);
+        }
+        if ((st = apply_chunk(&c, vals, (size_t)nu, NULL, have_pre ? &pre : NULL, have_it ? &it : NULL, whole_pos)))
+            goto out;
+        done += nu;
+        whole_pos += nb;
+        if ((st = np_check_cancel(ctx)))
+            goto out;
+    }
+    st = np_secreader_finish(ctx, &r);
+out:
+    free(buf);
+    free(c.start);
+    np_secreader_close(&r);
+    if (have_it)
+        np_idx_close(&it);
+    if (have_pre)
+        np_idx_close(&pre);
+    return st;
+}
