@@ -74,14 +74,17 @@ def _escape(c: str) -> str:
 class TensorShare:
     name: str
     op: str
-    share: float  # fraction of the tensor's values the op rewrites (rows: rows changed / rows)
+    #: fraction of the tensor's values the op rewrites (rows: rows changed / rows); None where the patch
+    #: cannot tell (a ``whole`` op that carries the new values as they are, not relative to the old ones)
+    share: float | None
     patch_bytes: int  # bytes its sections take in the patch
 
 
-def tensor_shares(header: PatchHeader, changed: dict[str, int] | None = None) -> list[TensorShare]:
-    """One row per op. ``changed`` gives, by tensor name, how many values an op really changes where the
-    header alone cannot say (a ``whole`` op sent relative to the old values: ``nnpatch show`` counts its
-    non-zero deltas); without it such an op counts as wholly changed."""
+def tensor_shares(header: PatchHeader, changed: dict[str, int | None] | None = None) -> list[TensorShare]:
+    """One row per op. ``changed`` gives, by tensor name, how many values a ``whole`` op really changes,
+    which the header alone cannot say (``nnpatch show`` counts the non-zero deltas of one sent relative
+    to the old values), or None where the patch cannot tell (new values sent as they are); a whole op
+    it does not name counts as wholly changed."""
     out = []
     for op in header.ops:
         ref = op.target or op.base
@@ -90,7 +93,8 @@ def tensor_shares(header: PatchHeader, changed: dict[str, int] | None = None) ->
         elif op.kind == "elements":
             share = op.count / max(1, math.prod(ref.shape))
         elif changed is not None and op.name in changed:
-            share = changed[op.name] / max(1, math.prod(ref.shape))
+            n = changed[op.name]
+            share = None if n is None else n / max(1, math.prod(ref.shape))
         else:
             share = 1.0
         out.append(TensorShare(op.name, op.kind, share, sum(s.length for s in op.sections())))
@@ -140,7 +144,8 @@ def plot(header: PatchHeader, path: str | os.PathLike[str], *, title: str = "",
     with matplotlib.rc_context({"text.parse_math": False}):
         fig, (a, b) = plt.subplots(1, 2, sharey=True, figsize=(11, 1.2 + 0.28 * max(1, len(rows))))
         try:
-            a.barh(names, [100 * r.share for r in rows][::-1], color="#3b7dd8")
+            # a share the patch cannot tell (values sent whole) draws no bar rather than a made-up 100 %
+            a.barh(names, [math.nan if r.share is None else 100 * r.share for r in rows][::-1], color="#3b7dd8")
             a.set_xlabel("values changed (%)")
             a.set_xlim(0, 100)
             kib = [r.patch_bytes / 1024 for r in rows][::-1]

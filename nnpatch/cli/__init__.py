@@ -123,6 +123,8 @@ class _Group(click.Group):
             _fail(ctx, errors.EXIT_INTERRUPTED, "KeyboardInterrupt", "interrupted")
 
 
+_EXIT_CODES_HEADING = EXIT_CODES_HELP.split(":", 1)[0]
+
 #: ``ctx.meta`` key of the root's raw arguments.
 _ARGV = "nnpatch.argv"
 
@@ -183,7 +185,7 @@ def _set_flag(ctx: click.Context, param: click.Parameter, value: bool) -> None:
 def _adopt(cmd: click.Command) -> None:
     """Every command also takes ``--quiet`` and ``--debug`` after its name, and its help leaves
     the exit-code table to ``nnpatch --help``."""
-    if cmd.epilog == EXIT_CODES_HELP:
+    if cmd.epilog and cmd.epilog.startswith(_EXIT_CODES_HEADING):  # the table, or one built from it
         cmd.epilog = None
     taken = {o for p in cmd.params for o in getattr(p, "opts", [])} | {p.name for p in cmd.params}
     if "quiet" not in taken and "--quiet" not in taken:

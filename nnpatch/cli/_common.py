@@ -20,7 +20,9 @@ Exit codes:
   3  invalid or corrupt input file (patch, model or manifest)
   4  wrong base, or an integrity check failed
   5  I/O error (unreadable or missing file, disk full)
-  130 interrupted"""
+  6  train-sparse: the code named by --model or --data failed
+  7  update: no patch leads from the model's version (download it whole)
+  130 interrupted (143: terminated by SIGTERM)"""
 
 #: Where the root context keeps flags that may also be given after the subcommand.
 _FLAGS = "nnpatch.flags"

@@ -7,6 +7,7 @@ emoji codes."""
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import tempfile
@@ -23,6 +24,15 @@ from ..report import bar, bar_glyphs_encodable, plot, printable, tensor_shares
 from ..signing import key_id
 from ._common import InputPath, emit_json, human, json_option
 from ._inputs import check_order
+
+
+class _Console(Console):
+    """rich's console, except that a closed standard output (`| head`) goes to the command's one
+    handler (a quiet stop, exit 0) instead of rich's own exit 1."""
+
+    def on_broken_pipe(self) -> None:
+        self.quiet = True
+        raise BrokenPipeError(errno.EPIPE, os.strerror(errno.EPIPE))
 
 
 @click.command()
@@ -42,7 +52,7 @@ def show(patch, as_json, plot_path):
     opened = read_patch_stream(directory=tempfile.gettempdir()) if patch == "-" else read_patch(patch)
     with opened as p:
         h = p.header
-        shares = tensor_shares(h, changed={op.name: n for op in h.ops if (n := changed_elements(p, op)) is not None})
+        shares = tensor_shares(h, changed={op.name: changed_elements(p, op) for op in h.ops if op.kind == "whole"})
         signature = p.signature
         if plot_path:
             drawn = plot(h, plot_path, title=os.path.basename(patch) if patch != "-" else "", shares=shares)
@@ -55,7 +65,7 @@ def show(patch, as_json, plot_path):
             obj["changed_share"] = {s.name: s.share for s in shares}
             emit_json(obj)
             return
-        console = Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200,
+        console = _Console(highlight=False, soft_wrap=True, width=None if sys.stdout.isatty() else 200,
                           markup=False, emoji=False)
         encoding = console.encoding
 
@@ -89,6 +99,7 @@ def show(patch, as_json, plot_path):
             ref = op.target or op.base
             table.add_row(safe(op.name), safe(op.kind), safe(ref.dtype), str(list(ref.shape)),
                           "" if op.count is None else str(op.count),
+                          "values sent whole" if share.share is None else
                           f"{bar(share.share, ascii=ascii_bar)} {100 * share.share:5.1f}%",
                           safe("+".join(op.index.codec)) if op.index else "",
                           safe("+".join(op.values.codec) or "raw") if op.values else "", str(share.patch_bytes))
@@ -100,9 +111,9 @@ def show(patch, as_json, plot_path):
 
 def changed_elements(p: Patch, op: Op) -> int | None:
     """How many values a ``whole`` op really changes, counted from its delta (a value whose delta
-    to the old one is zero is unchanged); None for an op whose share the header already gives,
-    or that carries values without a delta (every value is new)."""
-    if op.kind != "whole" or op.values is None or codecs.delta_stage(op.values.codec) is None:
+    to the old one is zero is unchanged); None when its values are sent as they are, without the
+    old ones to compare with (the patch alone cannot tell which changed)."""
+    if op.values is None or codecs.delta_stage(op.values.codec) is None:
         return None
     ref = op.target
     width = dtypes.ITEMSIZE[ref.dtype]
