@@ -141,12 +141,16 @@ def assert_no_crash(r: Run) -> None:
 
 
 def assert_refused(r: Run, codes) -> None:
-    """Exit in ``codes`` with exactly one ``Error: ...`` line on stderr and nothing on stdout."""
+    """Exit in ``codes`` with exactly one ``Error: ...`` line on stderr (a usage error, exit 2, may show
+    the usage first)."""
     codes = (codes,) if isinstance(codes, int) else tuple(codes)
     assert_no_crash(r)
     assert r.rc in codes, f"expected exit {codes}: {r}"
     lines = r.err.strip("\n").splitlines()
-    assert len(lines) == 1 and lines[0].startswith("Error: "), f"stderr is not one Error: line: {r}"
+    if r.rc == 2:  # a usage error may show the usage before its Error line
+        assert lines and lines[-1].startswith("Error: "), f"stderr does not end in an Error: line: {r}"
+    else:
+        assert len(lines) == 1 and lines[0].startswith("Error: "), f"stderr is not one Error: line: {r}"
 
 
 def assert_ok(r: Run) -> None:
