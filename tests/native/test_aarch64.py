@@ -63,6 +63,8 @@ def test_stdin_chain(aarch64, tmp_path):
 @pytest.mark.parametrize("vec", INVALID, ids=[v["name"] for v in INVALID])
 def test_invalid_vector_as_x86(aarch64, native, vec, tmp_path):
     args = [VECTORS / vec["base"], VECTORS / vec["patch"], "-o", tmp_path / "out"]
+    if "verify" in vec["apply_options"]:
+        args += ["--verify", vec["apply_options"]["verify"]]
     arm, x86 = aarch64.run(*args), native.run(*args)
     assert arm.returncode != 0, "an invalid vector must fail"
     assert (arm.returncode, arm.stderr) == (x86.returncode, x86.stderr)
