@@ -54,8 +54,8 @@ run after every epoch; the same command with --resume goes on from there.
 \b
 Exit codes:
   0  ok
-  1  the result does not qualify: over --ratio's channels, or the patch is
-     larger than --budget (the files are written, the report is printed)
+  1  the result does not qualify: over --ratio's channels (nothing written), or
+     the patch is larger than --budget (both files written, the table printed)
   2  usage error (bad options; a SPEC that names no module, file or function)
   3  invalid input file (--base, --teacher or the checkpoint)
   5  I/O error (a folder cannot be created, disk full)
@@ -94,15 +94,11 @@ def train_sparse(as_json: bool, **options) -> None:
     try:
         report = train_sparse_run(opts, log=log)
     except BudgetMissedError as e:  # the files are written: show what they hold, then fail
-        if e.report is not None:
-            _show(e.report, as_json)
+        if e.report is not None and not as_json:  # with --json, stdout holds the error object alone
+            _table(e.report)
         raise
     if report is None:  # a rank > 0 of a distributed run
         return
-    _show(report, as_json)
-
-
-def _show(report: dict, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
     else:

@@ -78,12 +78,10 @@ class Batches:
         self.kind = "dataset" if _is_dataset(source) else "loader"
         self._count: int | None = None
         if self.kind == "loader":
-            try:
-                it = iter(source)
-            except TypeError:
+            if not (hasattr(source, "__iter__") or hasattr(source, "__getitem__")):
                 raise self._contract(f"is a {type(source).__name__}, which is neither iterable (a loader of "
-                                     f"batches) nor a dataset (__getitem__ and __len__)") from None
-            if it is source:
+                                     f"batches) nor a dataset (__getitem__ and __len__)")
+            if isinstance(source, Iterator):
                 raise self._contract(f"is a one-shot iterator ({type(source).__name__}); give something that "
                                      f"can be iterated once per epoch, such as a DataLoader or a list of batches")
 
@@ -97,7 +95,7 @@ class Batches:
                 self._count = len(self.source)
             except TypeError:  # no length: count one pass
                 with _seeded(self.seed, -1):
-                    self._count = sum(1 for _ in self._iterate(iter(self.source)))
+                    self._count = sum(1 for _ in self._iterate(self.source))
         return self._count
 
     def num_batches(self, world: int = 1) -> int:
@@ -121,7 +119,7 @@ class Batches:
             return
         steps = self.num_batches(world)
         with _seeded(self.seed, epoch):
-            it = self._iterate(iter(self.source))
+            it = self._iterate(self.source)
             # the loader draws its shuffling seed at the first batch: take it under the epoch's seed
             first = next(it, None)
         done = 0
@@ -150,11 +148,14 @@ class Batches:
         # an own generator: the loader must not consume the global RNG (resumed runs replay exactly)
         loader = DataLoader(self.source, batch_size=self.batch_size, sampler=_Indexed(idx),
                             generator=torch.Generator().manual_seed(self.seed + epoch))
-        yield from self._iterate(iter(loader))
+        yield from self._iterate(loader)
 
-    def _iterate(self, it: Iterator) -> Iterator[tuple[Any, Any]]:
+    def _iterate(self, iterable: Any) -> Iterator[tuple[Any, Any]]:
+        it = None
         while True:
             try:
+                if it is None:
+                    it = iter(iterable)
                 batch = next(it)
             except StopIteration:
                 return

@@ -39,6 +39,10 @@ def clock_text(seconds: float) -> str:
     return f"{h}:{m:02d}:{s:02d}" if h else f"{m}:{s:02d}"
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}{'es' if noun == 'batch' else 's'}"
+
+
 class Progress:
     """Logs the phases (``{"teacher": epochs, "student": epochs}``, in order) of one update."""
 
@@ -68,7 +72,7 @@ class Progress:
         self._since = self.clock()
         spe = tr.steps_per_epoch()
         self.done[phase] = min(self.total[phase], tr.step // spe)
-        shape = f"{self.total[phase]} epochs of {spe} batches"
+        shape = f"{_count(self.total[phase], 'epoch')} of {_count(spe, 'batch')}"
         if phase == "teacher":
             self.log(f"teacher: the full update (every parameter free), {shape}; the student learns from it")
         else:

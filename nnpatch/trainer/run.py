@@ -40,6 +40,7 @@ import dataclasses
 import hashlib
 import math
 import os
+import struct
 import time
 from pathlib import Path
 from typing import Any, Callable, NamedTuple
@@ -49,9 +50,10 @@ from torch import nn
 
 import nnpatch
 
-from ..atomic import atomic_path
+from ..atomic import atomic_write
 from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
 from ..hashing import canonical_order
+from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
 from .data import Batches
 from .options import TrainSparseOptions
 from .recipes import DigitsCNN, digits_scenario
@@ -99,26 +101,48 @@ def load_weights(path: str | os.PathLike) -> dict[str, torch.Tensor]:
 
 
 def load_metadata(path: str | os.PathLike) -> dict[str, str] | None:
-    """The ``__metadata__`` of a safetensors file (None when it has none)."""
-    from safetensors import safe_open
-
+    """The ``__metadata__`` of a safetensors file, in the file's own order (None when it has none)."""
     try:
-        with safe_open(str(path), framework="pt") as f:
-            return f.metadata()
-    except Exception as exc:  # noqa: BLE001
-        raise WeightsError(f"not a readable safetensors file ({type(exc).__name__}: {exc})".splitlines()[0],
-                           path=str(path)) from None
+        with open(path, "rb") as f:
+            raw = f.read(8)
+            if len(raw) == 8:
+                raw += f.read(min(struct.unpack("<Q", raw)[0], MAX_HEADER_SIZE + 1))
+    except OSError as exc:
+        raise WeightsError(f"cannot read it ({exc.strerror or exc})", path=str(path)) from None
+    metadata, _ = parse_safetensors_header(raw, path=str(path))
+    return metadata
+
+
+#: torch dtype -> safetensors dtype name
+_ST_DTYPES = {getattr(torch, name): st for name, st in (
+    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+    ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("complex64", "C64"),
+    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"))
+    if hasattr(torch, name)}
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
                  metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: readers see the old file or the new one."""
-    from safetensors.torch import save_file
+    """Write a safetensors file atomically: readers see the old file or the new one.
 
-    tensors = {k: v.detach().cpu().contiguous().clone() for k, v in state.items()}
-    # mode 0o666 less the umask, as any newly created file gets (atomic_path's default is 0o644)
-    with atomic_path(path, mode=0o666) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+    The layout is the safetensors reference writer's (``encode_safetensors_header``), with
+    ``metadata`` in the order given: the reference writer's own order of several metadata
+    entries changes from call to call, and the same weights must give the same bytes."""
+    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
+        raise WeightsError("safetensors metadata maps strings to strings", path=str(path))
+    raw: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
+    for name, t in state.items():
+        t = t.detach().cpu().contiguous()
+        if t.dtype not in _ST_DTYPES:
+            raise WeightsError(f"dtype {t.dtype} has no safetensors name", path=str(path), tensor=name)
+        raw[name] = (_ST_DTYPES[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    head, order = encode_safetensors_header({k: (d, s, len(b)) for k, (d, s, b) in raw.items()}, metadata)
+    # mode 0o666 less the umask, as any newly created file gets (atomic_write's default is 0o644)
+    with atomic_write(path, mode=0o666) as f:
+        f.write(head)
+        for name in order:
+            f.write(raw[name][2])
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
@@ -255,7 +279,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     report["seconds"] = round(time.time() - t0, 2)
     if budget_bytes is not None and not report["budget_met"]:
         raise BudgetMissedError(
-            f"the patch is {report['patch_bytes']:,} bytes, over the --budget of {budget_bytes:,} "
+            f"the patch is {report['patch_bytes']:,} bytes, over the --budget of {budget_bytes:,} bytes "
             f"({report['channels_changed']} changed channels, estimated at {report['estimated_update_bytes']:,} "
             f"bytes); {out_path} and {patch_path} were written; try a smaller --budget or --ratio", report=report)
     return report
