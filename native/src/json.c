@@ -83,15 +83,8 @@ static size_t utf8_invalid_at(const uint8_t *t, size_t len)
                 hi = 0x8F;
         } else
             return i;
-        if (len - i <= n) {
-            /* truncated sequence: still check the bytes that are there */
-            if (i + 1 < len && (t[i + 1] < lo || t[i + 1] > hi))
-                return i;
-            for (size_t k = 2; i + k < len; k++)
-                if ((t[i + k] & 0xC0) != 0x80)
-                    return i;
-            return i;
-        }
+        if (len - i <= n)
+            return i; /* truncated: Python reports the lead byte too */
         if (t[i + 1] < lo || t[i + 1] > hi)
             return i;
         for (size_t k = 2; k <= n; k++)

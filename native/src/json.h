@@ -20,7 +20,9 @@
 typedef enum npj_kind {
     NPJ_NULL, NPJ_FALSE, NPJ_TRUE,
     NPJ_INT,    /* an integer literal (no '.', no exponent) that fits in int64 (or uint64 when positive) */
-    NPJ_BIGINT, /* an integer literal too large for 64 bits: a type error wherever a caller wants a number */
+    NPJ_BIGINT, /* an integer literal too large for 64 bits: a type error wherever a caller wants a number
+                 * (only u.i.negative is set; literals of more than 4300 digits are refused, as
+                 * CPython's int() refuses them, so both readers accept the same texts) */
     NPJ_FLOAT,  /* a number with '.' or an exponent (16.0 is a FLOAT, never an INT) */
     NPJ_STRING, NPJ_ARRAY, NPJ_OBJECT
 } npj_kind;
@@ -52,10 +54,11 @@ typedef struct npj_limits {
 
 typedef struct npj_doc npj_doc;
 
-/* Parse text[0..len). On success returns 0 and sets *out (free with npj_free). On failure
- * returns -1 and writes a one-line reason into err (e.g. "duplicate key \"a\"",
- * "nesting deeper than 16 levels", "invalid UTF-8 at byte 12", "a string holds a lone
- * surrogate"); *out is NULL. Never reads outside text[0..len). */
+/* Parse text[0..len) under limits (NULL: FORMAT.md's, 16 levels and 4,194,304 values). On
+ * success returns 0 and sets *out (free with npj_free). On failure returns -1 and writes a
+ * one-line reason into err (e.g. "duplicate key \"a\"", "nesting deeper than 16 levels",
+ * "invalid UTF-8 at byte 12", "a string holds a lone surrogate"); *out is NULL. Never reads
+ * outside text[0..len). */
 int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc **out,
               char *err, size_t errlen);
 void npj_free(npj_doc *doc);

@@ -162,7 +162,7 @@ def py_parse(raw: bytes, depth: int = PATCH_LIMITS[0], values: int = PATCH_LIMIT
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
-        return False, f"UTF-8: {e}"
+        return False, f"invalid UTF-8 at byte {e.start}"
     d, v = json_shape(raw)
     if d > depth:
         return False, "depth"
@@ -206,6 +206,8 @@ def check_same(texts: list[bytes], lines: list[str], depth: int = PATCH_LIMITS[0
             assert line.startswith("error ") and len(line) > 6, line
             if ok:
                 bad.append(f"C refuses ({line}), Python accepts: {text[:300]!r}")
+            elif obj.startswith("invalid UTF-8") and line != f"error {obj}":  # both look at UTF-8 first
+                bad.append(f"C says {line!r}, Python {obj!r}: {text[:300]!r}")
     assert not bad, f"{len(bad)} of {len(texts)} differ:\n" + "\n".join(bad[:10])
 
 
