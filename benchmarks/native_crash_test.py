@@ -72,7 +72,7 @@ def run(apply_cmd: list[str], trials: int, mb: int, seed: int = 1, directory: st
         span = time.perf_counter() - t
         assert _read(model) == b_new, "an uninterrupted native apply did not give NEW"
         counts = {"trials": trials, "killed": 0, "journal_left": 0, "old": 0, "new": 0, "bad": 0,
-                  "by_native": 0, "by_python": 0, "by_next_apply": 0, "span_s": round(span, 4)}
+                  "mixed_before": 0, "new_before": 0, "by_native": 0, "by_python": 0, "by_next_apply": 0, "span_s": round(span, 4)}
         pause_ms = 40
         for i in range(trials):
             if _read(model) != b_old:
@@ -96,6 +96,9 @@ def run(apply_cmd: list[str], trials: int, mb: int, seed: int = 1, directory: st
             proc.wait()
             if os.path.exists(jp):
                 counts["journal_left"] += 1
+            before = _read(model)
+            counts["mixed_before"] += before not in (b_old, b_new)  # killed mid-write: recovery has work to do
+            counts["new_before"] += before == b_new
             how = (i // 3) % 3
             if how == 0:
                 r = subprocess.run(recover, env=env, capture_output=True)
@@ -134,7 +137,8 @@ def main() -> int:
     a = ap.parse_args()
     c = run([a.apply], a.trials, a.mb, a.seed)
     print(f"native crash test: {c['trials']} trials, {c['killed']} killed mid-apply ({c['journal_left']} left a "
-          f"journal), recovered by nnpatch-apply --recover {c['by_native']}, by Python {c['by_python']}, by the next "
+          f"journal; {c['mixed_before']} left the model neither OLD nor NEW, {c['new_before']} left it NEW), "
+          f"recovered by nnpatch-apply --recover {c['by_native']}, by Python {c['by_python']}, by the next "
           f"--in-place {c['by_next_apply']}; after recovery: {c['old']} OLD, {c['new']} NEW, {c['bad']} other; one "
           f"apply takes {c['span_s']} s")
     ok = c["bad"] == 0 and c["old"] + c["new"] == c["trials"]

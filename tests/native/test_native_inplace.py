@@ -19,6 +19,7 @@ sleep after its journal's commit point and after its writes, so a kill lands whe
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import json
 import os
@@ -138,18 +139,61 @@ def kill_native_after_journal(impl, model, patch, *, new: bytes | None = None, t
 
 # --- in place: results ------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("verify", ["default", "full", "touched"])
-def test_in_place_matches_python_and_the_target(native_impl, same_layout, tmp_path, verify):
+def lib_in_place(build, model, patches, verify: str) -> tuple[int, str]:
+    """nnp_apply_in_place through libnnpatch.so (the command has no --verify for --in-place)."""
+    lib = ctypes.CDLL(str(build.lib_so))
+    lib.nnp_ctx_new.restype = ctypes.c_void_p
+    lib.nnp_ctx_free.argtypes = [ctypes.c_void_p]
+    lib.nnp_set_verify.argtypes = [ctypes.c_void_p, ctypes.c_int]
+    lib.nnp_message.argtypes = [ctypes.c_void_p]
+    lib.nnp_message.restype = ctypes.c_char_p
+    lib.nnp_apply_in_place.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_char_p),
+                                       ctypes.c_size_t]
+    ctx = lib.nnp_ctx_new()
+    try:
+        assert lib.nnp_set_verify(ctx, {"default": 0, "full": 1, "touched": 2}[verify]) == 0
+        arr = (ctypes.c_char_p * len(patches))(*[os.fsencode(p) for p in patches])
+        rc = lib.nnp_apply_in_place(ctx, os.fsencode(model), arr, len(patches))
+        return rc, lib.nnp_message(ctx).decode()
+    finally:
+        lib.nnp_ctx_free(ctx)
+
+
+def test_in_place_matches_python_and_the_target(native_impl, same_layout, tmp_path):
     old, new, patch, model = same_layout
-    r = native_impl.run("--in-place", model, patch, "--verify", verify) if verify != "default" else \
-        native_impl.run("--in-place", model, patch)
+    r = native_impl.run("--in-place", model, patch)
     assert r.returncode == 0, r.stderr
     assert read(model) == read(new)
     assert no_journal(model)
     twin = str(tmp_path / "py.safetensors")
     shutil.copyfile(old, twin)
+    apply_in_place(twin, patch)
+    assert read(twin) == read(model)
+
+
+@pytest.mark.parametrize("verify", ["default", "full", "touched"])
+def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path, verify):
+    old, new, patch, model = same_layout
+    rc, msg = lib_in_place(native, model, [patch], verify)
+    assert rc == 0, msg
+    assert read(model) == read(new) and no_journal(model)
+    twin = str(tmp_path / "py.safetensors")
+    shutil.copyfile(old, twin)
     apply_in_place(twin, patch, verify=verify)
     assert read(twin) == read(model)
+    # a wrong base outside the touched tensors: refused by default and full, carried by touched
+    shutil.copyfile(old, model)
+    data = bytearray(read(model))
+    data[-1] ^= 0xFF  # tensor d, untouched by the patch
+    with open(model, "wb") as f:
+        f.write(data)
+    rc, msg = lib_in_place(native, model, [patch], verify)
+    if verify == "touched":
+        assert rc == 0, msg
+    else:
+        assert rc == 4 and "wrong base" in msg, msg
+        assert read(model) == bytes(data)
+    assert no_journal(model)
 
 
 def test_in_place_chain(native_impl, tmp_path):
@@ -188,8 +232,8 @@ def test_wrong_base_is_refused_and_nothing_written(native_impl, same_layout):
     data[-40] ^= 0xFF  # inside c (whole)
     with open(model, "wb") as f:
         f.write(data)
-    r = native_impl.run("--in-place", model, patch, "--verify", "touched")
-    assert r.returncode == 4, r.stderr
+    rc, msg = lib_in_place(native_impl, model, [patch], "touched")
+    assert rc == 4, msg
     assert read(model) == bytes(data) and no_journal(model)
 
 
