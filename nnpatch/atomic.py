@@ -118,7 +118,7 @@ def write_error(path: str, e: OSError, *, what: str, needed: int | None = None) 
     free = free_space(os.path.dirname(os.path.abspath(path)))
     need = f"it needs about {amount(needed)}, " if needed is not None else ""
     have = f"{amount(free)} free there" if free is not None else "the free space is unknown"
-    return NnpatchIOError(f"{path}: no space left on device writing {what}: {need}{have}")
+    return NnpatchIOError(f"{path}: {e.strerror or os.strerror(e.errno)} writing {what}: {need}{have}")
 
 
 def umask() -> int:

@@ -404,18 +404,18 @@ def test_disk_full_says_what_how_much_and_free(small_disk, tmp_path):
     _fill(small_disk, 4096)
     out = small_disk / "o.safetensors"
     line = one_error_line(run("apply", base, patch, "-o", out), 5)
-    assert line.startswith(f"Error: {out}: no space left on device writing the new model")
+    assert line.startswith(f"Error: {out}: No space left on device writing the new model")
     assert f"it needs about {os.path.getsize(target)} bytes" in line and "bytes free there" in line
     assert sorted(os.listdir(small_disk)) == ["filler"]
     line = one_error_line(run("diff", base, target, "-o", small_disk / "q.nnpatch"), 5)
-    assert line.startswith(f"Error: {small_disk / 'q.nnpatch'}: no space left on device writing the patch")
+    assert line.startswith(f"Error: {small_disk / 'q.nnpatch'}: No space left on device writing the patch")
     # in place: the model fits, its undo journal does not
     os.unlink(small_disk / "filler")
     model = small_disk / "m.safetensors"
     shutil.copy(base, model)
     _fill(small_disk, 8192)
     line = one_error_line(run("apply", "--in-place", model, patch), 5)
-    assert line.startswith(f"Error: {model}.nnpatch-journal: no space left on device writing the undo journal")
+    assert line.startswith(f"Error: {model}.nnpatch-journal: No space left on device writing the undo journal")
     assert read(model) == read(base)
     assert sorted(os.listdir(small_disk)) == ["filler", "m.safetensors"]
 

@@ -144,14 +144,19 @@ def explain_wrong_base(path: str, patch: Patch, e: BaseMismatchError) -> BaseMis
         detail = _first_difference(path, patch)
     except NnpatchError:
         return e
+    if detail is None:  # same tensors: what differs is elsewhere (a file of a model directory), as e says
+        detail = str(e)
+        for prefix in (f"{path}: ", "wrong base: "):
+            detail = detail[len(prefix):] if detail.startswith(prefix) else detail
     what = "directory" if os.path.isdir(path) else "file"
     return BaseMismatchError(
         f"{path}: wrong base: the patch was made for the {what} with BLAKE3 {want.blake3} ({want.size} bytes); "
         f"this one has BLAKE3 {actual} ({size} bytes); {detail}", what="base", expected=want.blake3, actual=actual)
 
 
-def _first_difference(path: str, patch: Patch) -> str:
-    """The first tensor, in the canonical order, where ``path`` is not the patch's base."""
+def _first_difference(path: str, patch: Patch) -> str | None:
+    """The first tensor, in the canonical order, where ``path`` is not the patch's base; None when
+    its tensors are the base's."""
     h = patch.header
     with open_source(path) as src:
         for op in sorted(h.ops, key=lambda o: name_key(o.name)):
@@ -171,6 +176,8 @@ def _first_difference(path: str, patch: Patch) -> str:
         if len(src.tensors) != h.base.tensors:
             return f"{len(src.tensors)} tensors, the patch's base has {h.base.tensors}"
         got, _ = model_digest(src)
+        if digests_equal(got.hex(), h.base.model_blake3):
+            return None
         return (f"the tensors the patch changes match, but tensor contents differ elsewhere (model BLAKE3 "
                 f"{got.hex()}, the patch's base has {h.base.model_blake3})")
 
