@@ -9,10 +9,8 @@ import json
 import os
 import shutil
 import signal
-import stat
 import subprocess
 import sys
-import tempfile
 import time
 
 import jsonschema
@@ -30,8 +28,9 @@ ENV = {**os.environ, "NNPATCH_KERNEL": "numpy", "COLUMNS": "100"}
 
 
 def run(*args, input=None, cwd=None, **kw) -> subprocess.CompletedProcess:
-    return subprocess.run([*NNPATCH, *map(str, args)], capture_output=True, text=input is None or isinstance(input, str),
-                          input=input, cwd=cwd, env=ENV, timeout=120, **kw)
+    text = input is None or isinstance(input, str)
+    return subprocess.run([*NNPATCH, *map(str, args)], capture_output=True, text=text, input=input, cwd=cwd, env=ENV,
+                          timeout=120, **kw)
 
 
 def error_schema() -> dict:

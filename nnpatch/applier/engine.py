@@ -34,7 +34,7 @@ import blake3
 import numpy as np
 
 from ..atomic import atomic_write, write_error
-from ..errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError
+from ..errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from ..hashing import digest_bytes, digests_equal, model_digest_of, name_key
 from ..weights import SafetensorsFile
 from .decode import run_step

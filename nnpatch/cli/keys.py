@@ -24,8 +24,10 @@ def keygen(prefix, as_json):
 
 @click.command()
 @click.argument("patch", type=InputPath(dir_okay=False, what="patch file"))
-@click.option("--key", required=True, type=InputPath(dir_okay=False, what="key file"), help="Ed25519 private key (PEM).")
-@click.option("-o", "--output", type=click.Path(dir_okay=False), help="Write the signed patch here (default: in place).")
+@click.option("--key", required=True, type=InputPath(dir_okay=False, what="key file"),
+              help="Ed25519 private key (PEM).")
+@click.option("-o", "--output", type=click.Path(dir_okay=False),
+              help="Write the signed patch here (default: in place).")
 @json_option()
 def sign(patch, key, output, as_json):
     """Sign a patch (its trailer hash, which covers every byte)."""

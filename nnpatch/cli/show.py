@@ -105,7 +105,8 @@ def show(patch, as_json, plot_path):
                           safe("+".join(op.values.codec) or "raw") if op.values else "", str(share.patch_bytes))
         console.print(table)
         if plot_path:
-            note = "" if drawn == len(h.ops) else f" (the {drawn} largest of {len(h.ops)} changed tensors, by patch bytes)"
+            note = "" if drawn == len(h.ops) else \
+                f" (the {drawn} largest of {len(h.ops)} changed tensors, by patch bytes)"
             console.print(Text(f"plot: {printable(plot_path, backslash=False, encoding=encoding)}{note}"))
 
 

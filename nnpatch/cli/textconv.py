@@ -53,7 +53,8 @@ def textconv(file, as_json):
         # names and metadata come from the model file: no terminal escapes through (a model's own
         # backslashes stay as they are, so that ordinary summaries do not change)
         for key in sorted(w.metadata or {}):
-            click.echo(f"metadata {printable(key, backslash=False)}: {printable(str(w.metadata[key]), backslash=False)}")
+            value = printable(str(w.metadata[key]), backslash=False)
+            click.echo(f"metadata {printable(key, backslash=False)}: {value}")
         for name in names:
             info = w.tensors[name]
             shape = "x".join(map(str, info.shape)) or "scalar"
