@@ -5,9 +5,11 @@
 # no apt-get: say what is missing and go on; the native tests then fail one by one.
 set -u
 
-# host build, ASan/UBSan build, libFuzzer (clang + compiler-rt), JNI, aarch64
-PKGS="make gcc libc6-dev binutils pkg-config libzstd-dev libsodium-dev clang libclang-rt-14-dev \
-gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user"
+# host build (g++ only checks that nnpatch.h compiles as C++), ASan/UBSan build, libFuzzer
+# (clang + compiler-rt), aarch64 cross build and qemu; the suites' tools: /usr/bin/time
+# (peak RSS), b3sum (BLAKE3 cross-check)
+PKGS="make gcc g++ libc6-dev binutils libzstd-dev libsodium-dev clang libclang-rt-14-dev \
+gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user time b3sum"
 ARM64_PKGS="libzstd-dev:arm64 libsodium-dev:arm64"
 
 # (with a foreign architecture added, Multi-Arch: same packages need the :arch suffix)
