@@ -302,6 +302,12 @@ def test_hash_prints_a_model_directory_digest(tmp_path):
     assert p.stdout == f"{header['base']['blake3']}  {a}\n{header['target']['blake3']}  {b}\n"
     obj = json.loads(run("hash", a, "--json").stdout)["files"][0]
     assert obj["directory"] is True and obj["blake3"] == header["base"]["blake3"]
+    sums = tmp_path / "SUMS"
+    sums.write_text(run("hash", "v1", "v2", cwd=tmp_path).stdout)
+    assert run("hash", "--check", sums, cwd=tmp_path).stdout == "v1: OK\nv2: OK\n"
+    (tmp_path / "v2" / "config.json").write_bytes(b"{}")
+    p = run("hash", "--check", sums, cwd=tmp_path)
+    assert (p.returncode, p.stdout) == (1, "v1: OK\nv2: FAILED\n")
 
 
 def test_hash_check_reads_names_from_the_current_directory_as_b3sum(tmp_path):

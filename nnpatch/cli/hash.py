@@ -37,7 +37,8 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
         text = sys.stdin.read() if check == "-" else _read_text(check)
         entries = hashing.parse_manifest(text, source=check)
         # as b3sum -c: names are relative to the current directory, not to the manifest's
-        results = hashing.check_manifest(entries, root=".")
+        results = [_check_directory(r) if r.actual is None and os.path.isdir(r.path) else r
+                   for r in hashing.check_manifest(entries, root=".")]
         if as_json:
             emit_json({"ok": all(r.ok for r in results),
                        "files": [{"path": r.path, "ok": r.ok, "expected": r.expected, "actual": r.actual,
@@ -95,6 +96,16 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
                 # tensor names come from the model file: no terminal escapes through
                 click.echo(f"  {t['blake3']}  {t['dtype']}{t['shape']}  {printable(t['name'], backslash=False)}")
             click.echo(f"  {e['model_blake3']}  model")
+
+
+def _check_directory(r: hashing.CheckResult) -> hashing.CheckResult:
+    """A manifest line that names a model directory (as `nnpatch hash DIR` writes): its directory digest."""
+    from ..weights.source import path_digest  # deferred: numpy only when a directory is checked
+
+    try:
+        return hashing.CheckResult(r.path, r.expected, path_digest(r.path)[0])
+    except errors.NnpatchError as e:
+        return hashing.CheckResult(r.path, r.expected, None, str(e))
 
 
 def _b3sum_name(path: str) -> str:
