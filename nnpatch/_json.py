@@ -21,13 +21,28 @@ def reject_duplicates(pairs):
     return obj
 
 
+def reject_constant(name):
+    """``parse_constant`` that refuses NaN and Infinity, which RFC 8259 does not define."""
+    raise ValueError(f"{name} is not allowed")
+
+
 def loads_strict(raw: bytes):
     """UTF-8 JSON without duplicate keys; every failure is a ValueError for the caller to name."""
     try:
-        obj = json.loads(raw.decode("utf-8"), object_pairs_hook=reject_duplicates)
-    except (UnicodeDecodeError, RecursionError) as e:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(str(e)) from e
+    return loads_text(text)
+
+
+def loads_text(text: str):
+    """Decoded JSON text under the rules of loads_strict: no duplicate keys, no NaN or Infinity,
+    no lone surrogate (``"\\ud800"``: valid JSON syntax, but not Unicode text)."""
+    try:
+        obj = json.loads(text, object_pairs_hook=reject_duplicates, parse_constant=reject_constant)
+    except RecursionError as e:
         raise ValueError(str(e) or type(e).__name__) from e
-    if b"\\u" in raw:  # only an escape can smuggle in a lone surrogate, which no UTF-8 text holds
+    if "\\u" in text:  # only an escape can smuggle in a lone surrogate, which no UTF-8 text holds
         try:
             json.dumps(obj, ensure_ascii=False).encode("utf-8")
         except UnicodeEncodeError as e:

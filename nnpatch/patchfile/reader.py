@@ -4,7 +4,6 @@ be checked without the models) before anything else looks at it."""
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import mmap
 import os
@@ -14,7 +13,7 @@ import blake3
 import zstandard
 
 from .. import codecs, dtypes
-from .._json import json_shape, reject_duplicates
+from .._json import json_shape, loads_text
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
@@ -164,10 +163,6 @@ def parse_header(raw: bytes, flags: int, *, path: str) -> PatchHeader:
     return _header_from_json(_load_json(raw, path), path)
 
 
-def _reject_constant(name):
-    raise ValueError(f"{name} is not allowed")
-
-
 def unpack_header(raw: bytes, path: str) -> bytes:
     """The JSON of a zstd header: one frame declaring its size, then only zero bytes."""
     where = "header"
@@ -205,7 +200,7 @@ def _load_json(raw: bytes, path: str) -> dict:
         raise PatchFormatError(f"header JSON holds more than {MAX_JSON_VALUES} values", path=path,
                                offset=PREAMBLE_SIZE)
     try:
-        obj = json.loads(text, object_pairs_hook=reject_duplicates, parse_constant=_reject_constant)
+        obj = loads_text(text)
     except (ValueError, RecursionError) as e:
         raise PatchFormatError(f"header is not valid JSON: {e}", path=path, offset=PREAMBLE_SIZE) from e
     if not isinstance(obj, dict):
