@@ -652,3 +652,12 @@ def test_large_tensors_roll_back(native_impl, tmp_path):
     r = native_impl.run("--recover", m)
     assert r.returncode == 0, r.stderr
     assert read(m) == read(o) and no_journal(m)
+
+
+def test_in_place_from_standard_input(native_impl, same_layout):
+    old, new, patch, model = same_layout
+    before = sorted(os.listdir(os.path.dirname(model)))
+    r = native_impl.run("--in-place", model, "-", input=read(patch))
+    assert r.returncode == 0, r.stderr
+    assert read(model) == read(new) and no_journal(model)
+    assert sorted(os.listdir(os.path.dirname(model))) == before
