@@ -230,6 +230,8 @@ def test_batches_reads_each_kind():
         Batches(iter([(x, y)]))
     with pytest.raises(errors.UserCodeError, match="not an \\(inputs, targets\\) pair"):
         list(Batches([(x, y, y)]).epoch(0))
+    with pytest.raises(errors.UserCodeError, match="yielded a single sample"):
+        list(Batches(list(ds)).epoch(0))  # a list of samples is not a list of batches
     with pytest.raises(errors.UserCodeError, match="neither iterable"):
         Batches(42)
     with pytest.raises(ZeroDivisionError):  # library use (no SPEC): the user's exception as it is

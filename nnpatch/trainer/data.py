@@ -169,7 +169,12 @@ class Batches:
                 raise self._contract(f"yielded a {type(batch).__name__}"
                                      f"{f' of {len(batch)}' if isinstance(batch, tuple | list) else ''}, "
                                      f"not an (inputs, targets) pair")
-            yield batch[0], batch[1]
+            target = batch[1]
+            if self.kind == "loader" and (isinstance(target, int) or
+                                          (isinstance(target, torch.Tensor) and target.dim() == 0)):
+                raise self._contract("yielded a single sample (its target has no batch dimension), not a batch; "
+                                     "a list of samples is a dataset: wrap it in a TensorDataset or a DataLoader")
+            yield batch[0], target
 
     # ----------------------------------------------------------------- errors
     def _name(self) -> str:
