@@ -384,11 +384,30 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
         if (!paths[i])
             return np_fail(ctx, NNP_KIND_USAGE, "patch %zu: no path", i + 1);
     struct stat sb;
-    if (stat(model, &sb) == 0 && S_ISDIR(sb.st_mode))
+    if (stat(model, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        /* a patch that makes a directory (or another kind): the native applier's refusal (3);
+         * a single-file patch on a directory: Python's usage error (2) */
+        for (size_t i = 0; i < n; i++) {
+            np_patch p;
+            nnp_status ps = np_patch_open(ctx, paths[i], NULL, &p);
+            if (ps)
+                return ps;
+            int fmt = p.target.format;
+            np_patch_close(&p);
+            if (fmt != NP_FMT_SAFETENSORS)
+                return np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
+                               "%s: target format '%s' (%s) is not supported by the native applier, which writes "
+                               "safetensors files; use `nnpatch apply`",
+                               paths[i], fmt == NP_FMT_DIR ? "safetensors-dir" : fmt == NP_FMT_ONNX ? "onnx" : "pytorch",
+                               fmt == NP_FMT_DIR    ? "a model directory"
+                               : fmt == NP_FMT_ONNX ? "an ONNX model"
+                                                    : "a PyTorch checkpoint");
+        }
         return np_fail(ctx, NNP_KIND_USAGE,
                        "%s: the patch makes a single file, so it cannot update this directory in place; write the "
                        "result with -o",
                        model);
+    }
     int fd;
     nnp_status s = np_lock_model(ctx, model, &fd);
     if (s)

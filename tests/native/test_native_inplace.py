@@ -661,3 +661,23 @@ def test_in_place_from_standard_input(native_impl, same_layout):
     assert r.returncode == 0, r.stderr
     assert read(model) == read(new) and no_journal(model)
     assert sorted(os.listdir(os.path.dirname(model))) == before
+
+
+def test_directory_models_are_refused(native_impl, tmp_path, same_layout):
+    """A patch that makes a model directory: the native applier's refusal (3); a single-file patch on a
+    directory: Python's usage error (2). Neither writes anything."""
+    old, new, patch, model = same_layout
+    base = tensors_base()
+    for name, t in (("v1", base), ("v2", tensors_target(base))):
+        (tmp_path / name).mkdir()
+        save(tmp_path / name / "model.safetensors", t, {"format": "pt"})
+        (tmp_path / name / "config.json").write_bytes(b'{"v": 1}\n' if name == "v1" else b'{"v": 2}\n')
+    pdir = str(tmp_path / "p-dir.nnpatch")
+    nnpatch.diff(str(tmp_path / "v1"), str(tmp_path / "v2"), pdir)
+    before = read(tmp_path / "v1" / "model.safetensors")
+    r = native_impl.run("--in-place", tmp_path / "v1", pdir)
+    assert r.returncode == 3 and b"model directory" in r.stderr, r.stderr
+    r = native_impl.run("--in-place", tmp_path / "v1", patch)
+    assert r.returncode == 2 and b"single file" in r.stderr, r.stderr
+    assert read(tmp_path / "v1" / "model.safetensors") == before
+    assert sorted(os.listdir(tmp_path / "v1")) == ["config.json", "model.safetensors"]
