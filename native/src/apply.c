@@ -665,8 +665,10 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
                     goto out;
                 }
             }
-            if (it->out->nbytes)
-                memcpy(dst, base_map + it->src->begin, (size_t)it->out->nbytes);
+            /* a kernel copy: only the pages the ops change are then written through the map */
+            if (it->out->nbytes && (st = np_copy_range(ctx, base_fd, it->src->begin, t.fd, it->out->begin,
+                                                       it->out->nbytes, base_map, m, out_path)))
+                goto out;
         }
         if ((st = np_chain_apply_item(ctx, c, i, dst)))
             goto out;

@@ -201,7 +201,32 @@ char *np_quote(char *out, size_t outlen, const char *s, size_t len)
             out[o++] = '.';
             break;
         }
-        if (c < 0x20 || c == 0x7f || c == '\'' || c == '\\') {
+        if (c >= 0x80) { /* a valid UTF-8 sequence is kept, any other byte escaped */
+            size_t k = c >= 0xf0 && c <= 0xf4 ? 4 : c >= 0xe0 ? 3 : c >= 0xc2 && c < 0xe0 ? 2 : 0;
+            int ok = k && i + k <= len && c < 0xf5;
+            for (size_t x = 1; ok && x < k; x++)
+                ok = ((unsigned char)s[i + x] & 0xc0) == 0x80;
+            if (ok && k == 3 && ((c == 0xe0 && (unsigned char)s[i + 1] < 0xa0) || (c == 0xed && (unsigned char)s[i + 1] >= 0xa0)))
+                ok = 0;
+            if (ok && k == 4 && ((c == 0xf0 && (unsigned char)s[i + 1] < 0x90) || (c == 0xf4 && (unsigned char)s[i + 1] >= 0x90)))
+                ok = 0;
+            if (ok) {
+                if (o + k + 8 >= outlen) {
+                    out[o++] = '.';
+                    out[o++] = '.';
+                    out[o++] = '.';
+                    break;
+                }
+                memcpy(out + o, s + i, k);
+                o += k;
+                i += k - 1;
+                continue;
+            }
+        }
+        if (c == '\n' || c == '\r' || c == '\t' || c == '\'' || c == '\\') {
+            out[o++] = '\\';
+            out[o++] = c == '\n' ? 'n' : c == '\r' ? 'r' : c == '\t' ? 't' : (char)c;
+        } else if (c < 0x20 || c >= 0x7f) {
             out[o++] = '\\';
             out[o++] = 'x';
             out[o++] = hex[c >> 4];
