@@ -1,18 +1,22 @@
 /*
- * BLAKE3, default hash mode, 32-byte output, portable C99 (no SIMD).
- * Follows the reference implementation's structure (BLAKE3-team/BLAKE3, c/blake3.c and
- * c/blake3_portable.c): a chunk state, a stack of chaining values merged lazily, and a
- * fully unrolled compression function. Whole chunks are hashed straight from the input.
+ * BLAKE3, default hash mode, 32-byte output, C99.
+ * A chunk state, a stack of chaining values merged lazily, and a fully unrolled compression
+ * function (after the BLAKE3 paper and spec). Whole chunks are hashed straight from the input,
+ * in power-of-two subtrees aligned to the chunk counter: the subtree's chunks go through a SIMD
+ * kernel several at a time (blake3_x86.c, blake3_neon.c; see blake3_impl.h), then its parent
+ * levels, each level's nodes several at a time too. The portable compression function below is
+ * the fallback and does the rest (a partial chunk, the root, fewer nodes than the lanes).
  */
 #include "blake3.h"
+#include "blake3_impl.h"
 
 #include <string.h>
 
 enum {
-    CHUNK_START = 1u << 0,
-    CHUNK_END = 1u << 1,
-    PARENT = 1u << 2,
-    ROOT = 1u << 3,
+    CHUNK_START = NP_B3_CHUNK_START,
+    CHUNK_END = NP_B3_CHUNK_END,
+    PARENT = NP_B3_PARENT,
+    ROOT = NP_B3_ROOT,
 };
 
 static const uint32_t IV[8] = {
@@ -201,18 +205,78 @@ static output chunk_output(const np_blake3_chunk *c)
     return o;
 }
 
-/* The chaining value of one whole chunk read straight from the input (not the root). */
-static void hash_whole_chunk(const uint8_t *in, const uint32_t key[8], uint64_t counter, uint8_t flags,
-                             uint8_t out[32])
+/* --- many inputs at once -------------------------------------------------------------------- */
+
+/* n inputs of `blocks` whole blocks each, input i at in + i * stride: their chaining values to
+ * out + 32 * i (the kernel contract in blake3_impl.h), one at a time. */
+static void hash_many_scalar(const uint8_t *in, size_t n, size_t stride, size_t blocks, const uint32_t key[8],
+                             uint64_t counter, int increment, uint8_t flags, uint8_t flags_start,
+                             uint8_t flags_end, uint8_t *out)
 {
-    uint32_t cv[8];
-    memcpy(cv, key, sizeof cv);
-    compress_in_place(cv, in, NP_BLAKE3_BLOCK_LEN, counter, (uint8_t)(flags | CHUNK_START));
-    for (size_t b = 1; b < NP_BLAKE3_CHUNK_LEN / NP_BLAKE3_BLOCK_LEN - 1; b++)
-        compress_in_place(cv, in + b * NP_BLAKE3_BLOCK_LEN, NP_BLAKE3_BLOCK_LEN, counter, flags);
-    compress_in_place(cv, in + NP_BLAKE3_CHUNK_LEN - NP_BLAKE3_BLOCK_LEN, NP_BLAKE3_BLOCK_LEN, counter,
-                      (uint8_t)(flags | CHUNK_END));
-    words_to_bytes(cv, out);
+    for (size_t i = 0; i < n; i++) {
+        uint32_t cv[8];
+        memcpy(cv, key, sizeof cv);
+        for (size_t b = 0; b < blocks; b++) {
+            unsigned f = flags;
+            if (b == 0)
+                f |= flags_start;
+            if (b + 1 == blocks)
+                f |= flags_end;
+            compress_in_place(cv, in + i * stride + b * NP_BLAKE3_BLOCK_LEN, NP_BLAKE3_BLOCK_LEN, counter,
+                              (uint8_t)f);
+        }
+        words_to_bytes(cv, out + 32 * i);
+        if (increment)
+            counter++;
+    }
+}
+
+/* hash_many_scalar's contract, through impl's widest kernel first. */
+static void hash_many(uint8_t impl, const uint8_t *in, size_t n, size_t stride, size_t blocks, const uint32_t key[8],
+                      uint64_t counter, int increment, uint8_t flags, uint8_t flags_start, uint8_t flags_end,
+                      uint8_t *out)
+{
+#ifdef NP_B3_X86
+    if (impl == NP_BLAKE3_IMPL_AVX2) {
+        for (; n >= 8; n -= 8, in += 8 * stride, out += 8 * 32, counter += increment ? 8 : 0)
+            np_b3_hash8_avx2(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
+    }
+    if (impl == NP_BLAKE3_IMPL_AVX2 || impl == NP_BLAKE3_IMPL_SSE41) {
+        for (; n >= 4; n -= 4, in += 4 * stride, out += 4 * 32, counter += increment ? 4 : 0)
+            np_b3_hash4_sse41(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
+    }
+#endif
+#ifdef NP_B3_NEON
+    if (impl == NP_BLAKE3_IMPL_NEON) {
+        for (; n >= 4; n -= 4, in += 4 * stride, out += 4 * 32, counter += increment ? 4 : 0)
+            np_b3_hash4_neon(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
+    }
+#endif
+    (void)impl;
+    hash_many_scalar(in, n, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
+}
+
+/* The largest subtree hashed in one go: 64 chunks (its chaining values fit in 2 KiB of stack). */
+#define MAX_SUBTREE_CHUNKS 64
+
+/* The chaining value (never the root) of the subtree of n whole chunks at in, n a power of two
+ * at most MAX_SUBTREE_CHUNKS, the first one chunk number counter. */
+static void hash_subtree(uint8_t impl, const uint8_t *in, size_t n, const uint32_t key[8], uint64_t counter,
+                         uint8_t flags, uint8_t out[32])
+{
+    uint8_t a[MAX_SUBTREE_CHUNKS * 32], b[MAX_SUBTREE_CHUNKS / 2 * 32];
+    hash_many(impl, in, n, NP_BLAKE3_CHUNK_LEN, NP_BLAKE3_CHUNK_LEN / NP_BLAKE3_BLOCK_LEN, key, counter, 1, flags,
+              CHUNK_START, CHUNK_END, a);
+    uint8_t *cur = a, *next = b;
+    while (n > 1) {
+        /* each adjacent pair of chaining values is one parent block */
+        n /= 2;
+        hash_many(impl, cur, n, NP_BLAKE3_BLOCK_LEN, 1, key, 0, 0, (uint8_t)(flags | PARENT), 0, 0, next);
+        uint8_t *t = cur;
+        cur = next;
+        next = t;
+    }
+    memcpy(out, cur, 32);
 }
 
 /* --- hasher ------------------------------------------------------------------------------- */
@@ -246,12 +310,68 @@ static void push_cv(np_blake3 *h, const uint8_t cv[32], uint64_t chunk_counter)
     h->cv_stack_len++;
 }
 
-void np_blake3_init(np_blake3 *h)
+int np_blake3_impl_available(int impl)
 {
+    switch (impl) {
+    case NP_BLAKE3_IMPL_SCALAR:
+        return 1;
+#ifdef NP_B3_X86
+    case NP_BLAKE3_IMPL_SSE41:
+        return np_b3_have_sse41();
+    case NP_BLAKE3_IMPL_AVX2:
+        return np_b3_have_avx2() && np_b3_have_sse41();
+#endif
+#ifdef NP_B3_NEON
+    case NP_BLAKE3_IMPL_NEON:
+        return 1;
+#endif
+    default:
+        return 0;
+    }
+}
+
+/* Asked of the CPU at each call (a few loads): no global state to initialize or race on. */
+int np_blake3_impl_best(void)
+{
+    static const int order[] = {NP_BLAKE3_IMPL_AVX2, NP_BLAKE3_IMPL_SSE41, NP_BLAKE3_IMPL_NEON};
+    for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
+        if (np_blake3_impl_available(order[i]))
+            return order[i];
+    return NP_BLAKE3_IMPL_SCALAR;
+}
+
+const char *np_blake3_impl_name(int impl)
+{
+    switch (impl) {
+    case NP_BLAKE3_IMPL_AUTO:
+        return "auto";
+    case NP_BLAKE3_IMPL_SCALAR:
+        return "scalar";
+    case NP_BLAKE3_IMPL_SSE41:
+        return "sse41";
+    case NP_BLAKE3_IMPL_AVX2:
+        return "avx2";
+    case NP_BLAKE3_IMPL_NEON:
+        return "neon";
+    default:
+        return NULL;
+    }
+}
+
+int np_blake3_init_impl(np_blake3 *h, int impl)
+{
+    int ok = impl == NP_BLAKE3_IMPL_AUTO || np_blake3_impl_available(impl);
     memcpy(h->key, IV, sizeof h->key);
     chunk_init(&h->chunk, h->key, 0, 0);
     h->cv_stack_len = 0;
     memset(h->cv_stack, 0, sizeof h->cv_stack);
+    h->impl = (uint8_t)(ok && impl != NP_BLAKE3_IMPL_AUTO ? impl : np_blake3_impl_best());
+    return ok ? 0 : -1;
+}
+
+void np_blake3_init(np_blake3 *h)
+{
+    (void)np_blake3_init_impl(h, NP_BLAKE3_IMPL_AUTO);
 }
 
 void np_blake3_update(np_blake3 *h, const void *data, size_t len)
@@ -275,16 +395,34 @@ void np_blake3_update(np_blake3 *h, const void *data, size_t len)
         push_cv(h, cv, h->chunk.chunk_counter);
         chunk_init(&h->chunk, h->key, h->chunk.chunk_counter + 1, h->chunk.flags);
     }
-    while (len > NP_BLAKE3_CHUNK_LEN) {
+    /*
+     * Whole chunks straight from the input, as power-of-two subtrees aligned to the chunk
+     * counter (a subtree of n chunks starts at a multiple of n), each pushed as one chaining
+     * value; push_cv merges lazily (before a push, never after), so the stack may end with two
+     * subtrees of equal size that np_blake3_final joins. The one chunk that must wait is the
+     * first chunk of the input when it is all there is so far: it may be the root.
+     */
+    while (len >= NP_BLAKE3_CHUNK_LEN) {
+        uint64_t counter = h->chunk.chunk_counter;
+        size_t whole = len / NP_BLAKE3_CHUNK_LEN;
+        size_t n = MAX_SUBTREE_CHUNKS;
+        while (n > whole || (counter & (n - 1)) != 0)
+            n /= 2;
+        if (counter == 0 && n * NP_BLAKE3_CHUNK_LEN == len)
+            n /= 2; /* it would be the whole tree, whose top node is the root */
+        if (n == 0)
+            break;
         uint8_t cv[32];
-        hash_whole_chunk(in, h->key, h->chunk.chunk_counter, h->chunk.flags, cv);
-        push_cv(h, cv, h->chunk.chunk_counter);
-        h->chunk.chunk_counter++;
-        in += NP_BLAKE3_CHUNK_LEN;
-        len -= NP_BLAKE3_CHUNK_LEN;
+        hash_subtree(h->impl, in, n, h->key, counter, h->chunk.flags, cv);
+        push_cv(h, cv, counter);
+        h->chunk.chunk_counter = counter + n;
+        in += n * NP_BLAKE3_CHUNK_LEN;
+        len -= n * NP_BLAKE3_CHUNK_LEN;
     }
     chunk_update(&h->chunk, in, len);
-    merge_cv_stack(h, h->chunk.chunk_counter);
+    /* more input follows the stack's subtrees (the chunk's), so they may merge as far as they go */
+    if (chunk_len(&h->chunk) > 0)
+        merge_cv_stack(h, h->chunk.chunk_counter);
 }
 
 void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN])
@@ -300,7 +438,7 @@ void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN])
         remaining = h->cv_stack_len;
         o = chunk_output(&h->chunk);
     } else {
-        /* never reached by np_blake3_update (it leaves the last input in the chunk), kept for safety */
+        /* the input ended with a whole subtree: the stack holds at least two (np_blake3_update) */
         remaining = (size_t)h->cv_stack_len - 2;
         o = parent_output(&h->cv_stack[remaining * NP_BLAKE3_OUT_LEN], h->key, h->chunk.flags);
     }

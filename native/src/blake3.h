@@ -24,9 +24,27 @@ typedef struct np_blake3 {
     np_blake3_chunk chunk;
     uint8_t cv_stack_len;
     uint8_t cv_stack[(NP_BLAKE3_MAX_DEPTH + 1) * NP_BLAKE3_OUT_LEN];
+    uint8_t impl; /* NP_BLAKE3_IMPL_*: the compression kernels this hasher uses, chosen at init */
 } np_blake3;
 
+/* Implementations (all give the same digests): np_blake3_init picks the fastest this CPU runs. */
+enum {
+    NP_BLAKE3_IMPL_AUTO = 0,
+    NP_BLAKE3_IMPL_SCALAR = 1, /* portable C */
+    NP_BLAKE3_IMPL_SSE41 = 2,  /* x86-64, 4 chunks at a time */
+    NP_BLAKE3_IMPL_AVX2 = 3,   /* x86-64, 8 chunks at a time (SSE4.1 for a 4-chunk rest) */
+    NP_BLAKE3_IMPL_NEON = 4,   /* aarch64, 4 chunks at a time */
+};
+
 void np_blake3_init(np_blake3 *h);
+/* np_blake3_init with a given implementation (tests, benchmarks): 0, or -1 when this build or CPU
+ * lacks it (h is then initialized with the automatic choice). */
+int np_blake3_init_impl(np_blake3 *h, int impl);
+/* The fastest implementation available here (never NP_BLAKE3_IMPL_AUTO). */
+int np_blake3_impl_best(void);
+/* Whether impl runs here; its name ("scalar", "sse41", "avx2", "neon"), or NULL for no such impl. */
+int np_blake3_impl_available(int impl);
+const char *np_blake3_impl_name(int impl);
 void np_blake3_update(np_blake3 *h, const void *data, size_t len);
 /* Does not modify h: more input may follow, and finalizing again gives the longer input's hash. */
 void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN]);

@@ -5,6 +5,13 @@
  *       those sizes (cycled; 0 means an empty update) and the digest of the input so far is
  *       printed after each piece (np_blake3_final leaves the hasher as it was), then the
  *       digest of the whole input.
+ *   prim_driver b3-impls
+ *       the BLAKE3 implementations this build runs on this CPU, one name a line, best first.
+ *   prim_driver b3-bench FILE [REPEAT]
+ *       hashes the mapped FILE REPEAT times (default 1) with one hasher each; prints the digest,
+ *       then "impl NAME bytes N user_s S mb_s R" (user CPU time of the hashing alone).
+ * NP_BLAKE3_FORCE=scalar|sse41|avx2|neon (or auto) picks the implementation b3 and b3-bench use
+ * (np_blake3_init_impl; the library reads no environment); exit 3 when it does not run here.
  *   prim_driver json [--depth N] [--values N] [--batch] FILE|-
  *       "ok CANONICAL" or "error REASON", exit 0 either way. CANONICAL is ASCII JSON:
  *       null/true/false; an integer as itself; a string with every byte outside printable ASCII
@@ -13,10 +20,15 @@
  *       IEEE-754 bits>"}; an integer beyond 64 bits as {"b": "-"} or {"b": "+"}.
  * Exit 2 on a usage error, 1 when the input cannot be read.
  */
+#include <fcntl.h>
 #include <inttypes.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include "blake3.h"
 #include "json.h"
@@ -24,6 +36,8 @@
 static int usage(void)
 {
     fprintf(stderr, "usage: prim_driver b3 [--updates N,M,...] FILE|-\n"
+                    "       prim_driver b3-impls\n"
+                    "       prim_driver b3-bench FILE [REPEAT]\n"
                     "       prim_driver json [--depth N] [--values N] [--batch] FILE|-\n"
                     "       prim_driver shape [--batch] FILE|-\n");
     return 2;
@@ -73,6 +87,84 @@ static int parse_u64(const char *s, uint64_t *out)
     return 0;
 }
 
+/* The implementation NP_BLAKE3_FORCE names (NP_BLAKE3_IMPL_AUTO when unset), or -1. */
+static int forced_impl(void)
+{
+    const char *want = getenv("NP_BLAKE3_FORCE");
+    if (want == NULL || *want == '\0')
+        return NP_BLAKE3_IMPL_AUTO;
+    for (int impl = 0; np_blake3_impl_name(impl) != NULL; impl++)
+        if (strcmp(np_blake3_impl_name(impl), want) == 0)
+            return impl;
+    return -1;
+}
+
+/* np_blake3_init with NP_BLAKE3_FORCE's implementation; -1 (said on stderr) when it is not here. */
+static int init_forced(np_blake3 *h)
+{
+    int impl = forced_impl();
+    if (impl < 0 || np_blake3_init_impl(h, impl) != 0) {
+        fprintf(stderr, "prim_driver: NP_BLAKE3_FORCE=%s does not run here\n", getenv("NP_BLAKE3_FORCE"));
+        return -1;
+    }
+    return 0;
+}
+
+static int cmd_b3_impls(void)
+{
+    int best = np_blake3_impl_best();
+    printf("%s\n", np_blake3_impl_name(best));
+    for (int impl = 1; np_blake3_impl_name(impl) != NULL; impl++)
+        if (impl != best && np_blake3_impl_available(impl))
+            printf("%s\n", np_blake3_impl_name(impl));
+    return 0;
+}
+
+static double user_seconds(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_SELF, &ru);
+    return (double)ru.ru_utime.tv_sec + (double)ru.ru_utime.tv_usec / 1e6;
+}
+
+static int cmd_b3_bench(int argc, char **argv)
+{
+    if (argc < 1 || argc > 2)
+        return usage();
+    uint64_t repeat = 1;
+    if (argc == 2 && (parse_u64(argv[1], &repeat) != 0 || repeat == 0))
+        return usage();
+    int fd = open(argv[0], O_RDONLY);
+    struct stat st;
+    if (fd < 0 || fstat(fd, &st) != 0 || st.st_size <= 0) {
+        fprintf(stderr, "prim_driver: cannot read %s (or it is empty)\n", argv[0]);
+        return 1;
+    }
+    size_t len = (size_t)st.st_size;
+    const uint8_t *m = mmap(NULL, len, PROT_READ, MAP_PRIVATE | MAP_POPULATE, fd, 0);
+    close(fd);
+    if (m == MAP_FAILED) {
+        fprintf(stderr, "prim_driver: cannot map %s\n", argv[0]);
+        return 1;
+    }
+    uint8_t out[NP_BLAKE3_OUT_LEN];
+    char hex[2 * NP_BLAKE3_OUT_LEN + 1];
+    np_blake3 h;
+    double t0 = user_seconds();
+    for (uint64_t r = 0; r < repeat; r++) {
+        if (init_forced(&h) != 0)
+            return 3;
+        np_blake3_update(&h, m, len);
+        np_blake3_final(&h, out);
+    }
+    double t = user_seconds() - t0;
+    np_hex(out, sizeof out, hex);
+    printf("%s\nimpl %s bytes %zu user_s %.3f mb_s %.0f\n", hex, np_blake3_impl_name(h.impl),
+           (size_t)(len * repeat), t, t > 0 ? (double)len * (double)repeat / t / 1e6 : 0.0);
+    munmap((void *)m, len);
+    return 0;
+}
+
 static int cmd_b3(int argc, char **argv)
 {
     const char *updates = NULL, *path = NULL;
@@ -95,7 +187,10 @@ static int cmd_b3(int argc, char **argv)
     uint8_t out[NP_BLAKE3_OUT_LEN];
     char hex[2 * NP_BLAKE3_OUT_LEN + 1];
     np_blake3 h;
-    np_blake3_init(&h);
+    if (init_forced(&h) != 0) {
+        free(data);
+        return 3;
+    }
     if (updates != NULL) {
         size_t sizes[256], nsizes = 0;
         const char *s = updates;
@@ -313,6 +408,10 @@ int main(int argc, char **argv)
         return usage();
     if (strcmp(argv[1], "b3") == 0)
         return cmd_b3(argc - 2, argv + 2);
+    if (strcmp(argv[1], "b3-impls") == 0)
+        return argc == 2 ? cmd_b3_impls() : usage();
+    if (strcmp(argv[1], "b3-bench") == 0)
+        return cmd_b3_bench(argc - 2, argv + 2);
     if (strcmp(argv[1], "json") == 0)
         return each_input(argc - 2, argv + 2, 1, json_one);
     if (strcmp(argv[1], "shape") == 0)
