@@ -1,6 +1,7 @@
 /* The apply engine: chain plan (plan.py plan_forward) and the one pass (engine.py). */
 #include <errno.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -584,6 +585,59 @@ static void hash_range(const uint8_t *p, uint64_t n, uint8_t out[32])
     np_blake3_hash(p, (size_t)n, out);
 }
 
+/* Base tensors hashed by worker threads while the main thread copies and patches: each
+ * entry of `list` is hashed exactly once (bd[k] written by one thread only). */
+typedef struct hpool {
+    pthread_mutex_t mu;
+    const size_t *list;
+    size_t n, next;
+    const uint8_t *map;
+    const np_st *base;
+    uint8_t (*bd)[32];
+    uint64_t hashed;
+    nnp_ctx *ctx;
+} hpool;
+
+static void *hworker(void *arg)
+{
+    hpool *h = arg;
+    for (;;) {
+        pthread_mutex_lock(&h->mu);
+        size_t i = h->next < h->n && !h->ctx->cancelled ? h->list[h->next++] : (size_t)-1;
+        pthread_mutex_unlock(&h->mu);
+        if (i == (size_t)-1)
+            return NULL;
+        const np_tensor *t = &h->base->tensors[i];
+        hash_range(h->map + t->begin, t->nbytes, h->bd[i]);
+        pthread_mutex_lock(&h->mu);
+        h->hashed += t->nbytes;
+        pthread_mutex_unlock(&h->mu);
+    }
+}
+
+static void hworker_one(hpool *h)
+{
+    pthread_mutex_lock(&h->mu);
+    size_t i = h->next < h->n ? h->list[h->next++] : (size_t)-1;
+    pthread_mutex_unlock(&h->mu);
+    if (i == (size_t)-1)
+        return;
+    const np_tensor *t = &h->base->tensors[i];
+    hash_range(h->map + t->begin, t->nbytes, h->bd[i]);
+    pthread_mutex_lock(&h->mu);
+    h->hashed += t->nbytes;
+    pthread_mutex_unlock(&h->mu);
+}
+
+static uint64_t hpool_take(hpool *h)
+{
+    pthread_mutex_lock(&h->mu);
+    uint64_t n = h->hashed;
+    h->hashed = 0;
+    pthread_mutex_unlock(&h->mu);
+    return n;
+}
+
 static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *base_map, const char *out_path)
 {
     const np_patch *last = &c->patches[c->n - 1], *first = &c->patches[0];
@@ -598,8 +652,19 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     uint8_t (*bd)[32] = calloc(base->n ? base->n : 1, 32);
     uint8_t *bh = calloc(base->n ? base->n : 1, 1);
     uint8_t (*od)[32] = calloc(c->nitems ? c->nitems : 1, 32);
+    size_t *hlist = malloc((base->n ? base->n : 1) * sizeof *hlist), nh = 0;
+    pthread_t threads[8];
+    int nthreads = 0;
+    hpool pool;
+    memset(&pool, 0, sizeof pool);
+    pthread_mutex_init(&pool.mu, NULL);
+    pool.list = hlist;
+    pool.map = base_map;
+    pool.base = base;
+    pool.bd = bd;
+    pool.ctx = ctx;
     char q[NP_QUOTE_MAX], a[65], b[65];
-    if (!bd || !bh || !od) {
+    if (!bd || !bh || !od || !hlist) {
         st = np_fail(ctx, NNP_KIND_IO, "out of memory");
         goto out;
     }
@@ -621,6 +686,21 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     }
     if (c->layout_len[c->n - 1])
         memcpy(m, c->layout_raw[c->n - 1], (size_t)c->layout_len[c->n - 1]);
+    /* every base tensor that no touched item starts from goes to the hashing threads */
+    if (hash_all) {
+        for (size_t i = 0; i < c->nitems; i++)
+            if (c->items[i].src && (c->items[i].has_fill || c->items[i].ns))
+                bh[c->items[i].src - base->tensors] = 2; /* the main thread's */
+        for (size_t k = 0; k < base->n; k++)
+            if (!bh[k])
+                hlist[nh++] = k;
+        pool.n = nh;
+        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+        int want = cpus > 1 ? (int)(cpus > 8 ? 7 : cpus - 1) : 0;
+        for (int w = 0; w < want && nh; w++)
+            if (pthread_create(&threads[nthreads], NULL, hworker, &pool) == 0)
+                nthreads++;
+    }
     for (size_t i = 0; i < c->nitems;) {
         const item *it = &c->items[i];
         if (!it->has_fill && !it->ns) {
@@ -635,16 +715,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
             if (n && (st = np_copy_range(ctx, base_fd, it->src->begin, t.fd, it->out->begin, n, base_map, m, out_path)))
                 goto out;
             np_writeback(t.fd, it->out->begin, n);
-            if (hash_all)
-                for (size_t k = i; k < j; k++) {
-                    const np_tensor *s = c->items[k].src;
-                    size_t bi = (size_t)(s - base->tensors);
-                    if (!bh[bi]) {
-                        hash_range(base_map + s->begin, s->nbytes, bd[bi]);
-                        bh[bi] = 1;
-                    }
-                }
-            if ((st = np_progress(ctx, n + (hash_all ? n : 0))))
+            if ((st = np_progress(ctx, n + (nthreads ? hpool_take(&pool) : 0))))
                 goto out;
             i = j;
             continue;
@@ -687,13 +758,22 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         i++;
     }
     if (hash_all) {
-        for (size_t k = 0; k < base->n; k++)
-            if (!bh[k]) {
-                hash_range(base_map + base->tensors[k].begin, base->tensors[k].nbytes, bd[k]);
-                bh[k] = 1;
-                if ((st = np_progress(ctx, base->tensors[k].nbytes)))
-                    goto out;
-            }
+        /* the main thread joins in, then waits for the workers */
+        while (!ctx->cancelled) {
+            pthread_mutex_lock(&pool.mu);
+            int more = pool.next < pool.n;
+            pthread_mutex_unlock(&pool.mu);
+            if (!more)
+                break;
+            hworker_one(&pool);
+            if ((st = np_progress(ctx, hpool_take(&pool))))
+                goto out;
+        }
+        for (int w = 0; w < nthreads; w++)
+            pthread_join(threads[w], NULL);
+        nthreads = 0;
+        if ((st = np_progress(ctx, hpool_take(&pool))))
+            goto out;
         uint8_t got[32];
         np_model_digest(base->tensors, base->by_name, base->n, (const uint8_t(*)[32])bd, got);
         if (memcmp(got, first->base.model_blake3, 32)) {
@@ -745,6 +825,15 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     }
     st = np_tmp_commit(ctx, &t, "new model");
 out:
+    if (nthreads) {
+        pthread_mutex_lock(&pool.mu);
+        pool.n = pool.next; /* nothing more to take */
+        pthread_mutex_unlock(&pool.mu);
+        for (int w = 0; w < nthreads; w++)
+            pthread_join(threads[w], NULL);
+    }
+    pthread_mutex_destroy(&pool.mu);
+    free(hlist);
     if (m)
         munmap(m, (size_t)size);
     if (st)
