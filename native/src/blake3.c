@@ -237,11 +237,17 @@ static void hash_many(uint8_t impl, const uint8_t *in, size_t n, size_t stride, 
                       uint8_t *out)
 {
 #ifdef NP_B3_X86
+    if (impl == NP_BLAKE3_IMPL_AVX512) {
+        for (; n >= 16; n -= 16, in += 16 * stride, out += 16 * 32, counter += increment ? 16 : 0)
+            np_b3_hash16_avx512(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
+        for (; n >= 8; n -= 8, in += 8 * stride, out += 8 * 32, counter += increment ? 8 : 0)
+            np_b3_hash8_avx512(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
+    }
     if (impl == NP_BLAKE3_IMPL_AVX2) {
         for (; n >= 8; n -= 8, in += 8 * stride, out += 8 * 32, counter += increment ? 8 : 0)
             np_b3_hash8_avx2(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
     }
-    if (impl == NP_BLAKE3_IMPL_AVX2 || impl == NP_BLAKE3_IMPL_SSE41) {
+    if (impl == NP_BLAKE3_IMPL_AVX512 || impl == NP_BLAKE3_IMPL_AVX2 || impl == NP_BLAKE3_IMPL_SSE41) {
         for (; n >= 4; n -= 4, in += 4 * stride, out += 4 * 32, counter += increment ? 4 : 0)
             np_b3_hash4_sse41(in, stride, blocks, key, counter, increment, flags, flags_start, flags_end, out);
     }
@@ -320,6 +326,8 @@ int np_blake3_impl_available(int impl)
         return np_b3_have_sse41();
     case NP_BLAKE3_IMPL_AVX2:
         return np_b3_have_avx2() && np_b3_have_sse41();
+    case NP_BLAKE3_IMPL_AVX512:
+        return np_b3_have_avx512() && np_b3_have_avx2() && np_b3_have_sse41();
 #endif
 #ifdef NP_B3_NEON
     case NP_BLAKE3_IMPL_NEON:
@@ -333,7 +341,7 @@ int np_blake3_impl_available(int impl)
 /* Asked of the CPU at each call (a few loads): no global state to initialize or race on. */
 int np_blake3_impl_best(void)
 {
-    static const int order[] = {NP_BLAKE3_IMPL_AVX2, NP_BLAKE3_IMPL_SSE41, NP_BLAKE3_IMPL_NEON};
+    static const int order[] = {NP_BLAKE3_IMPL_AVX512, NP_BLAKE3_IMPL_AVX2, NP_BLAKE3_IMPL_SSE41, NP_BLAKE3_IMPL_NEON};
     for (size_t i = 0; i < sizeof order / sizeof order[0]; i++)
         if (np_blake3_impl_available(order[i]))
             return order[i];
@@ -353,6 +361,8 @@ const char *np_blake3_impl_name(int impl)
         return "avx2";
     case NP_BLAKE3_IMPL_NEON:
         return "neon";
+    case NP_BLAKE3_IMPL_AVX512:
+        return "avx512";
     default:
         return NULL;
     }

@@ -44,8 +44,11 @@ typedef void np_b3_kernel(const uint8_t *in, size_t stride, size_t blocks, const
 #ifdef NP_B3_X86
 np_b3_kernel np_b3_hash4_sse41; /* 4 lanes */
 np_b3_kernel np_b3_hash8_avx2;  /* 8 lanes */
+np_b3_kernel np_b3_hash8_avx512; /* 8 lanes, AVX-512F + VL on 256-bit vectors */
+np_b3_kernel np_b3_hash16_avx512; /* 16 lanes, AVX-512F */
 int np_b3_have_sse41(void);
 int np_b3_have_avx2(void);
+int np_b3_have_avx512(void);
 #endif
 #ifdef NP_B3_NEON
 np_b3_kernel np_b3_hash4_neon; /* 4 lanes */
@@ -67,6 +70,44 @@ np_b3_kernel np_b3_hash4_neon; /* 4 lanes */
         b = VROT7(VXOR(b, c));        \
     } while (0)
 
+/* Four G functions side by side, step by step (the order the vector code is emitted in). */
+#define NP_B3V_G4(a0, b0, c0, d0, a1, b1, c1, d1, a2, b2, c2, d2, a3, b3, c3, d3, x0, y0, x1, y1, x2, y2, x3, y3) \
+    do {                                                                                                    \
+        a0 = VADD(VADD(a0, x0), b0);                                                                        \
+        a1 = VADD(VADD(a1, x1), b1);                                                                        \
+        a2 = VADD(VADD(a2, x2), b2);                                                                        \
+        a3 = VADD(VADD(a3, x3), b3);                                                                        \
+        d0 = VROT16(VXOR(d0, a0));                                                                          \
+        d1 = VROT16(VXOR(d1, a1));                                                                          \
+        d2 = VROT16(VXOR(d2, a2));                                                                          \
+        d3 = VROT16(VXOR(d3, a3));                                                                          \
+        c0 = VADD(c0, d0);                                                                                  \
+        c1 = VADD(c1, d1);                                                                                  \
+        c2 = VADD(c2, d2);                                                                                  \
+        c3 = VADD(c3, d3);                                                                                  \
+        b0 = VROT12(VXOR(b0, c0));                                                                          \
+        b1 = VROT12(VXOR(b1, c1));                                                                          \
+        b2 = VROT12(VXOR(b2, c2));                                                                          \
+        b3 = VROT12(VXOR(b3, c3));                                                                          \
+        a0 = VADD(VADD(a0, y0), b0);                                                                        \
+        a1 = VADD(VADD(a1, y1), b1);                                                                        \
+        a2 = VADD(VADD(a2, y2), b2);                                                                        \
+        a3 = VADD(VADD(a3, y3), b3);                                                                        \
+        d0 = VROT8(VXOR(d0, a0));                                                                           \
+        d1 = VROT8(VXOR(d1, a1));                                                                           \
+        d2 = VROT8(VXOR(d2, a2));                                                                           \
+        d3 = VROT8(VXOR(d3, a3));                                                                           \
+        c0 = VADD(c0, d0);                                                                                  \
+        c1 = VADD(c1, d1);                                                                                  \
+        c2 = VADD(c2, d2);                                                                                  \
+        c3 = VADD(c3, d3);                                                                                  \
+        b0 = VROT7(VXOR(b0, c0));                                                                           \
+        b1 = VROT7(VXOR(b1, c1));                                                                           \
+        b2 = VROT7(VXOR(b2, c2));                                                                           \
+        b3 = VROT7(VXOR(b3, c3));                                                                           \
+    } while (0)
+
+#ifndef NP_B3V_PHASED_G /* one G after another: GCC allocates registers better for it */
 #define NP_B3V_ROUND(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15) \
     do {                                                                                \
         NP_B3V_G(v0, v4, v8, v12, m[s0], m[s1]);                                        \
@@ -78,6 +119,15 @@ np_b3_kernel np_b3_hash4_neon; /* 4 lanes */
         NP_B3V_G(v2, v7, v8, v13, m[s12], m[s13]);                                      \
         NP_B3V_G(v3, v4, v9, v14, m[s14], m[s15]);                                      \
     } while (0)
+#else
+#define NP_B3V_ROUND(s0, s1, s2, s3, s4, s5, s6, s7, s8, s9, s10, s11, s12, s13, s14, s15)        \
+    do {                                                                                        \
+        NP_B3V_G4(v0, v4, v8, v12, v1, v5, v9, v13, v2, v6, v10, v14, v3, v7, v11, v15,          \
+                  m[s0], m[s1], m[s2], m[s3], m[s4], m[s5], m[s6], m[s7]);                      \
+        NP_B3V_G4(v0, v5, v10, v15, v1, v6, v11, v12, v2, v7, v8, v13, v3, v4, v9, v14,          \
+                  m[s8], m[s9], m[s10], m[s11], m[s12], m[s13], m[s14], m[s15]);                \
+    } while (0)
+#endif
 
 /* The seven rounds; row r is the message permutation (2,6,3,10,7,0,4,13,1,11,12,5,9,14,15,8)
  * applied r times. */
