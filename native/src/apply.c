@@ -45,7 +45,23 @@ struct np_chain {
     step *steps;
     size_t nsteps;
     const uint8_t **input_expect;
+    char *scratch_dir; /* for wide chunk buffers: the output's directory (the base's by default) */
 };
+
+static char *dir_of(const char *path)
+{
+    const char *sl = strrchr(path, '/');
+    if (!sl)
+        return strdup(".");
+    if (sl == path)
+        return strdup("/");
+    char *d = malloc((size_t)(sl - path) + 1);
+    if (d) {
+        memcpy(d, path, (size_t)(sl - path));
+        d[sl - path] = 0;
+    }
+    return d;
+}
 
 static const char *format_name(int f)
 {
@@ -107,6 +123,7 @@ void np_chain_free(np_chain *c)
     free(c->items);
     free(c->steps);
     free(c->input_expect);
+    free(c->scratch_dir);
     free(c);
 }
 
@@ -459,6 +476,7 @@ nnp_status np_chain_open_patches(nnp_ctx *ctx, np_patch *patches, size_t n, cons
     }
     memcpy(c->patches, patches, n * sizeof *patches);
     c->n = n;
+    c->scratch_dir = dir_of(base_path);
     c->base = base;
     c->base_size = base_size;
     nnp_status st = NNP_OK;
@@ -559,10 +577,10 @@ nnp_status np_chain_indices(nnp_ctx *ctx, np_chain *c, size_t i, np_index_fn fn,
     return np_idx_validate(ctx, s->p, s->op, bound, fn, user);
 }
 
-static nnp_status run(nnp_ctx *ctx, const item *it, const step *s, uint8_t *dst)
+static nnp_status run(nnp_ctx *ctx, const item *it, const step *s, uint8_t *dst, const char *scratch)
 {
     np_step_job j = {s->p, s->op, s->s, s->mode, it->out->dtype, it->out->rank, it->out->shape, it->out->numel,
-                     it->out->nbytes};
+                     it->out->nbytes, scratch};
     return np_run_step(ctx, &j, dst);
 }
 
@@ -570,10 +588,10 @@ nnp_status np_chain_apply_item(nnp_ctx *ctx, np_chain *c, size_t i, uint8_t *dst
 {
     const item *it = &c->items[i];
     nnp_status st;
-    if (it->has_fill && (st = run(ctx, it, &it->fill, dst)))
+    if (it->has_fill && (st = run(ctx, it, &it->fill, dst, c->scratch_dir)))
         return st;
     for (size_t k = 0; k < it->ns; k++)
-        if ((st = run(ctx, it, &c->steps[it->s0 + k], dst)))
+        if ((st = run(ctx, it, &c->steps[it->s0 + k], dst, c->scratch_dir)))
             return st;
     return NNP_OK;
 }
@@ -648,6 +666,11 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     nnp_status st = np_tmp_create(ctx, out_path, ".tmp", &t);
     if (st)
         return st;
+    char *sd = dir_of(out_path);
+    if (sd) {
+        free(c->scratch_dir);
+        c->scratch_dir = sd;
+    }
     uint8_t *m = NULL;
     uint8_t (*bd)[32] = calloc(base->n ? base->n : 1, 32);
     uint8_t *bh = calloc(base->n ? base->n : 1, 1);

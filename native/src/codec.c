@@ -1,7 +1,11 @@
 /* Codecs: zstd frames, section readers, index formats, value stages (FORMAT.md section 7). */
+#include <errno.h>
+#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mman.h>
+#include <unistd.h>
 
 #include "codec.h"
 
@@ -686,6 +690,7 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
     np_idx it, pre;
     int have_it = 0, have_pre = 0;
     uint8_t *buf = NULL;
+    size_t scratch = 0;
     memset(&it, 0, sizeof it);
     memset(&pre, 0, sizeof pre);
     if ((st = np_secreader_open(ctx, &r, p, s, where)))
@@ -708,7 +713,24 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
         }
     }
     uint64_t chunk_cap = (per < units ? per : units) * c.unit_bytes;
-    if (r.zstd) {
+    if (r.zstd && chunk_cap > NP_SCRATCH_MIN && job->scratch_dir && chunk_cap < SIZE_MAX / 2) {
+        /* a wide chunk (rows of more than 2^20 elements, F64): an unlinked file beside the output */
+        char path[4096];
+        snprintf(path, sizeof path, "%s/.nnpatch-scratch.XXXXXX", job->scratch_dir);
+        int fd = mkstemp(path);
+        if (fd >= 0) {
+            unlink(path);
+            if (ftruncate(fd, (off_t)chunk_cap) == 0) {
+                void *mm = mmap(NULL, (size_t)chunk_cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+                if (mm != MAP_FAILED) {
+                    buf = mm;
+                    scratch = (size_t)chunk_cap;
+                }
+            }
+            close(fd);
+        }
+    }
+    if (r.zstd && !buf) {
         if (chunk_cap > SIZE_MAX / 2 || !(buf = malloc((size_t)chunk_cap))) {
             st = np_fail(ctx, NNP_KIND_IO, "%s: %s: out of memory for a %llu-byte chunk", p->name, where,
                          (unsigned long long)chunk_cap);
@@ -736,7 +758,10 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
     }
     st = np_secreader_finish(ctx, &r);
 out:
-    free(buf);
+    if (scratch)
+        munmap(buf, scratch);
+    else
+        free(buf);
     free(c.start);
     np_secreader_close(&r);
     if (have_it)

@@ -87,7 +87,10 @@ typedef struct np_step_job {
     unsigned rank;
     const uint64_t *shape;
     uint64_t numel, nbytes;
+    const char *scratch_dir; /* where a chunk buffer above NP_SCRATCH_MIN goes (an unlinked file, mapped:
+                                page cache, not anonymous memory); NULL: the heap */
 } np_step_job;
+#define NP_SCRATCH_MIN ((uint64_t)4 << 20)
 nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst);
 
 /* Decode a section through (validation, nnp_check): every byte decoded, nothing kept. */
