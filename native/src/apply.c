@@ -892,6 +892,41 @@ static nnp_status open_base(nnp_ctx *ctx, const char *path, int *fd, np_st *st, 
     return s;
 }
 
+/* explain_wrong_base: a wrong base said the way a user can check it (the file digests), unless the
+ * file is the patch's base after all (a later link of a chain does not fit). */
+static void explain_wrong_base(nnp_ctx *ctx, const char *path, int fd, uint64_t size, const np_patch *first)
+{
+    if (ctx->kind != NNP_KIND_BASE_MISMATCH || fd < 0)
+        return;
+    uint8_t d[32];
+    const uint8_t *map = NULL;
+    if (size) {
+        void *mm = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
+        if (mm == MAP_FAILED)
+            return;
+        map = mm;
+    }
+    np_blake3_hash(map, (size_t)size, d);
+    if (map)
+        munmap((void *)map, (size_t)size);
+    if (!memcmp(d, first->base.blake3, 32))
+        return;
+    char detail[NP_MSG_MAX], a[65], b[65];
+    const char *m = ctx->msg;
+    size_t pl = strlen(path);
+    if (!strncmp(m, path, pl) && !strncmp(m + pl, ": ", 2))
+        m += pl + 2;
+    if (!strncmp(m, "wrong base: ", 12))
+        m += 12;
+    snprintf(detail, sizeof detail, "%s", m);
+    np_hex(first->base.blake3, 32, a);
+    np_hex(d, 32, b);
+    np_fail(ctx, NNP_KIND_BASE_MISMATCH,
+            "%s: wrong base: the patch was made for the file with BLAKE3 %s (%llu bytes); this one has BLAKE3 %s (%llu "
+            "bytes); %s",
+            path, a, (unsigned long long)first->base.size, b, (unsigned long long)size, detail);
+}
+
 /* The apply from opened patches (taken over). */
 static nnp_status apply_opened(nnp_ctx *ctx, const char *old_path, np_patch *ps, size_t n, const char *out_path)
 {
@@ -911,6 +946,9 @@ static nnp_status apply_opened(nnp_ctx *ctx, const char *old_path, np_patch *ps,
         return st;
     }
     np_chain *c = NULL;
+    uint8_t first_blake3[32]; /* for explain_wrong_base (the chain owns the patches) */
+    uint64_t first_size = ps[0].base.size;
+    memcpy(first_blake3, ps[0].base.blake3, 32);
     st = np_chain_open_patches(ctx, ps, n, &base, size, old_path, &c);
     const uint8_t *map = NULL;
     if (!st && size) {
@@ -924,6 +962,13 @@ static nnp_status apply_opened(nnp_ctx *ctx, const char *old_path, np_patch *ps,
         st = build(ctx, c, fd, map, out_path);
     if (map)
         munmap((void *)map, (size_t)size);
+    if (st == NNP_EINTEGRITY) {
+        np_patch fake;
+        memset(&fake, 0, sizeof fake);
+        memcpy(fake.base.blake3, first_blake3, 32);
+        fake.base.size = first_size;
+        explain_wrong_base(ctx, old_path, fd, size, &fake);
+    }
     np_chain_free(c);
     np_st_free(&base);
     close(fd);
