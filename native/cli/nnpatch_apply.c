@@ -24,10 +24,12 @@ nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const 
                           size_t n, const char *out_path);
 
 static nnp_ctx *g_ctx; /* for the signal handler only */
+static volatile sig_atomic_t g_signalled;
 
 static void on_signal(int sig)
 {
     (void)sig;
+    g_signalled = 1;
     if (g_ctx)
         nnp_cancel(g_ctx);
 }
@@ -64,8 +66,8 @@ static long long read_fd(void *user, uint8_t *buf, size_t len)
     for (;;) {
         ssize_t r = read(fd, buf, len);
         if (r < 0 && errno == EINTR) {
-            if (g_ctx && 0)
-                return -1;
+            if (g_signalled)
+                return -1; /* the library sees the cancel flag and stops (130) */
             continue;
         }
         return r;

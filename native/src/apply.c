@@ -1325,8 +1325,9 @@ nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path
             close(fd);
         np_patch_close(&p);
         if (fd >= 0)
-            return np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH,
-                              "%s: a directory: nnpatch-apply checks safetensors files only", base_path);
+            return np_fail(ctx, NNP_KIND_WEIGHTS,
+                           "%s: a model directory: nnpatch-apply checks safetensors files only (use `nnpatch verify`)",
+                           base_path);
         np_fail_errno(ctx, e, base_path, "cannot open");
         return np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
     }
