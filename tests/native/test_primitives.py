@@ -1,13 +1,15 @@
 """The native applier's primitives against their Python references (issue 13).
 
-native/src/blake3.c against blake3-py and b3sum; native/src/json.c (npj_parse, npj_shape)
+native/src/blake3*.c against blake3-py and b3sum, through every implementation the CPU runs
+(portable scalar, SSE4.1, AVX2, AVX-512; NEON in an aarch64 build under qemu), each forced with
+the driver's NP_BLAKE3_FORCE; native/src/json.c (npj_parse, npj_shape)
 against what nnpatch's readers decide: nnpatch/_json.py (loads_strict, json_shape) with the
 patch reader's limits (16 levels, 4,194,304 values) and its refusal of NaN/Infinity. The C
 verdict must equal the Python verdict on every text, and an accepted text must give the same
 tree (ints exact, floats bit for bit, strings, keys in document order).
 
 Each check runs against two builds of native/tests/prim_driver.c, made here with gcc from the
-three sources alone (so a half-built core never blocks them): -O2, and AddressSanitizer +
+primitives' sources alone (so a half-built core never blocks them): -O2, and AddressSanitizer +
 UndefinedBehaviorSanitizer. The driver's --batch mode checks thousands of texts per process,
 each in its own exact-size allocation, so a read past a text's end is an ASan failure.
 
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import random
 import shutil
 import struct
@@ -39,7 +42,7 @@ from nnpatch._json import json_shape, reject_duplicates
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "native" / "tests" / "prim_driver.c", ROOT / "native" / "src" / "json.c",
-           ROOT / "native" / "src" / "blake3.c"]
+           *sorted((ROOT / "native" / "src").glob("blake3*.c"))]
 CFLAGS = ["-std=c99", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
           "-I", str(ROOT / "native" / "src")]
 BUILDS = {
@@ -60,8 +63,10 @@ class Driver:
     path: Path
     env: dict
 
+    runner: tuple[str, ...] = ()  # e.g. ("qemu-aarch64",)
+
     def run(self, *args, input: bytes | None = None, timeout: float = 120) -> str:
-        r = subprocess.run([str(self.path), *map(str, args)], input=input, capture_output=True,
+        r = subprocess.run([*self.runner, str(self.path), *map(str, args)], input=input, capture_output=True,
                            timeout=timeout, env=self.env)
         assert r.returncode == 0 and not r.stderr, \
             f"{self.name} prim_driver {args[:3]} exited {r.returncode}:\n{r.stderr.decode(errors='replace')[-4000:]}"
@@ -72,6 +77,13 @@ class Driver:
         lines = self.run(command, *args, "--batch", "-", input=payload).split("\n")
         assert lines[-1] == "" and len(lines) == len(texts) + 1
         return lines[:-1]
+
+    def forced(self, impl: str) -> "Driver":
+        """This driver with BLAKE3 implementation impl (NP_BLAKE3_FORCE); a skip where it does not run."""
+        have = self.run("b3-impls").split()
+        if impl != "auto" and impl not in have:
+            pytest.skip(f"BLAKE3 {impl} does not run here ({' '.join(have)})")
+        return Driver(f"{self.name}/{impl}", self.path, {**self.env, "NP_BLAKE3_FORCE": impl}, self.runner)
 
 
 @pytest.fixture(scope="session", params=list(BUILDS))
@@ -91,6 +103,17 @@ def driver(request, tmp_path_factory) -> Driver:
 
 # --- BLAKE3 ---------------------------------------------------------------------------------------
 
+# every implementation np_blake3_init_impl knows for this machine's architecture; each test below
+# runs through each that this CPU runs (the others skip)
+B3_IMPLS = ["auto", "scalar", *{"x86_64": ["sse41", "avx2", "avx512"], "aarch64": ["neon"]}.get(platform.machine(), [])]
+B3_ALL = ["scalar", "sse41", "avx2", "avx512", "neon"]
+
+
+@pytest.fixture(params=B3_IMPLS)
+def b3(request, driver) -> Driver:
+    return driver.forced(request.param)
+
+
 def pattern(n: int) -> bytes:
     """The official test vectors' input: byte i is i % 251."""
     return bytes(i % 251 for i in range(n))
@@ -102,26 +125,26 @@ OFFICIAL_LENGTHS = [0, 1, 2, 3, 4, 5, 6, 7, 8, 63, 64, 65, 127, 128, 129, 1023, 
 BOUNDARY_LENGTHS = [1023, 1024, 1025, 2048, 3073, 65535, 65536, 65537, (1 << 20) + 1]
 
 
-def test_blake3_empty_is_the_published_digest(driver):
-    assert driver.run("b3", "-", input=b"").strip() == \
+def test_blake3_empty_is_the_published_digest(b3):
+    assert b3.run("b3", "-", input=b"").strip() == \
         "af1349b9f5f9a1a6a0404dea36dcc9499bcb25c9adc112b7cc9a93cae41f3262"
 
 
 @pytest.mark.parametrize("n", OFFICIAL_LENGTHS)
-def test_blake3_official_pattern(driver, n):
+def test_blake3_official_pattern(b3, n):
     data = pattern(n)
-    assert driver.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest()
+    assert b3.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest()
 
 
-def test_blake3_random_lengths_and_chunk_boundaries(driver):
+def test_blake3_random_lengths_and_chunk_boundaries(b3):
     rng = random.Random(1)
     lengths = BOUNDARY_LENGTHS + [rng.randrange(0, 70_000) for _ in range(30)] + [rng.randrange(0, 300) for _ in range(10)]
     for n in lengths:
         data = rng.randbytes(n)
-        assert driver.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest(), n
+        assert b3.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest(), n
 
 
-def test_blake3_incremental_updates_and_final_leaves_the_hasher(driver):
+def test_blake3_incremental_updates_and_final_leaves_the_hasher(b3):
     """Pieces of random sizes (empty ones too); the digest after each piece is the prefix's."""
     rng = random.Random(2)
     for n in [0, 1, 1024, 1025, 5000, 66_000, 70_000]:
@@ -129,14 +152,14 @@ def test_blake3_incremental_updates_and_final_leaves_the_hasher(driver):
         sizes = [rng.choice([0, 1, 63, 64, 65, 1023, 1024, 1025, rng.randrange(1, 4096)]) for _ in range(12)]
         if not any(sizes):
             sizes[0] = 1
-        lines = driver.run("b3", "--updates", ",".join(map(str, sizes)), "-", input=data).split()
+        lines = b3.run("b3", "--updates", ",".join(map(str, sizes)), "-", input=data).split()
         *pairs, whole = lines
         assert whole == blake3.blake3(data).hexdigest()
         for at, digest in zip(pairs[::2], pairs[1::2]):
             assert digest == blake3.blake3(data[:int(at)]).hexdigest(), (n, sizes, at)
 
 
-def test_blake3_matches_b3sum_on_files(driver, tmp_path):
+def test_blake3_matches_b3sum_on_files(b3, tmp_path):
     b3sum = shutil.which("b3sum")
     if b3sum is None:
         pytest.skip("b3sum is not installed")
@@ -146,7 +169,81 @@ def test_blake3_matches_b3sum_on_files(driver, tmp_path):
         f.write_bytes(rng.randbytes(n))
         want = subprocess.run([b3sum, "--num-threads", "1", "--no-names", str(f)], capture_output=True,
                               text=True, check=True).stdout.strip()
-        assert driver.run("b3", f).strip() == want, n
+        assert b3.run("b3", f).strip() == want, n
+
+
+def test_blake3_impls_listed(driver):
+    """b3-impls names the automatic choice first; the portable one always runs; an unknown or
+    absent implementation is exit 3, not a silent fallback."""
+    have = driver.run("b3-impls").split()
+    assert have[0] in B3_ALL and "scalar" in have and len(set(have)) == len(have) and set(have) <= set(B3_ALL)
+    absent = next((i for i in B3_ALL if i not in have), "nonsense")
+    r = subprocess.run([str(driver.path), "b3", "-"], input=b"x", capture_output=True, timeout=60,
+                       env={**driver.env, "NP_BLAKE3_FORCE": absent})
+    assert r.returncode == 3 and b"does not run here" in r.stderr
+
+
+# lengths where the subtree logic turns: 16 chunks (one AVX-512 group), 64 (the largest subtree)
+SUBTREE_LENGTHS = [n * 1024 + d for n in (3, 4, 5, 7, 8, 9, 15, 16, 17, 31, 32, 33, 63, 64, 65, 127, 128, 129, 200)
+                   for d in (-1, 0, 1)]
+
+
+def test_blake3_subtree_boundaries(b3):
+    rng = random.Random(4)
+    for n in SUBTREE_LENGTHS:
+        data = rng.randbytes(n)
+        assert b3.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest(), n
+
+
+def test_blake3_large_random_lengths_and_split_points(b3):
+    """Inputs up to 5 MB in one update, then fed in random pieces (whole-chunk multiples, odd
+    sizes, tiny and empty ones): the digest after each piece is the prefix's."""
+    rng = random.Random(5)
+    lengths = [rng.randrange(1 << 20, 5 << 20) for _ in range(3)] + [(4 << 20), (4 << 20) + 1, (5 << 20) - 1024]
+    for n in lengths:
+        data = rng.randbytes(n)
+        assert b3.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest(), n
+    for n in lengths[:4]:
+        data = rng.randbytes(n)
+        sizes = [rng.choice([0, 1, 1023, 1024, 1025, 16 << 10, 64 << 10, (64 << 10) + 1, 3 << 20,
+                             rng.randrange(1, 1 << 20), rng.randrange(1, 300) * 1024])
+                 for _ in range(rng.randrange(2, 9))]
+        if not any(sizes):
+            sizes[0] = 1024
+        lines = b3.run("b3", "--updates", ",".join(map(str, sizes)), "-", input=data).split()
+        *pairs, whole = lines
+        assert whole == blake3.blake3(data).hexdigest(), (n, sizes)
+        for at, digest in zip(pairs[::2], pairs[1::2]):
+            assert digest == blake3.blake3(data[:int(at)]).hexdigest(), (n, sizes, at)
+
+
+@pytest.fixture(scope="session")
+def aarch64_driver(tmp_path_factory) -> Driver:
+    """prim_driver cross-built for aarch64 (static) and run under qemu-aarch64: the NEON kernel."""
+    cc, qemu = shutil.which("aarch64-linux-gnu-gcc"), shutil.which("qemu-aarch64")
+    if cc is None or qemu is None:
+        pytest.skip("no aarch64-linux-gnu-gcc or qemu-aarch64")
+    out = tmp_path_factory.mktemp("prim-aarch64") / "prim_driver"
+    r = subprocess.run([cc, *CFLAGS, "-O2", "-static", "-o", str(out), *map(str, SOURCES)],
+                       capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, f"building prim_driver (aarch64) failed:\n{r.stderr[-6000:]}"
+    return Driver("aarch64", out, dict(os.environ), (qemu,))
+
+
+@pytest.mark.parametrize("impl", ["scalar", "neon"])
+def test_blake3_aarch64(aarch64_driver, impl):
+    b3 = aarch64_driver.forced(impl)
+    assert b3.run("b3-impls").split()[0] == "neon"
+    rng = random.Random(6)
+    for n in [0, 1, 64, 1024, 1025, 4096, 4097, 16384 + 1, 65536, 65537, 300_000, (1 << 20) + 5]:
+        data = rng.randbytes(n)
+        assert b3.run("b3", "-", input=data).strip() == blake3.blake3(data).hexdigest(), n
+    data = rng.randbytes(700_000)
+    lines = b3.run("b3", "--updates", "1,1023,65536,4097,0,200000", "-", input=data).split()
+    *pairs, whole = lines
+    assert whole == blake3.blake3(data).hexdigest()
+    for at, digest in zip(pairs[::2], pairs[1::2]):
+        assert digest == blake3.blake3(data[:int(at)]).hexdigest(), at
 
 
 # --- the Python reference for JSON ------------------------------------------------------------------
