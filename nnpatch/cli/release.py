@@ -10,7 +10,7 @@ from .. import codecs, errors
 from ..feed import MAX_RELEASE, parse_duration
 from ..release import make_release
 from ..release import update as do_update
-from ._common import EXIT_CODES_HELP, emit_json, human
+from ._common import EXIT_CODES_HELP, InputPath, emit_json, human
 
 UPDATE_EXIT_CODES_HELP = EXIT_CODES_HELP.replace(
     "  130 interrupted",
@@ -41,7 +41,7 @@ def _duration(ctx, param, value) -> int | None:
 @click.option("--to", "new", required=True, type=click.Path(), help="The new version (a file or model directory).")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
               help="Directory for the patches and manifest.json.")
-@click.option("--sign-key", type=click.Path(dir_okay=False),
+@click.option("--sign-key", type=InputPath(dir_okay=False, what="key file"),
               help="Ed25519 private key (nnpatch keygen): signs every patch and the manifest. Needs --version.")
 @click.option("--version", "release_number", type=click.IntRange(0, MAX_RELEASE), metavar="N",
               help="The release number; it must grow from one release to the next (devices refuse older ones).")
@@ -74,14 +74,16 @@ def release(olds, new, outdir, sign_key, release_number, expires, names, base_ur
 @click.argument("model", type=click.Path())
 @click.option("--manifest", required=True, metavar="URL|PATH",
               help="The release's manifest.json: an http(s):// URL or a local path.")
-@click.option("--key", type=click.Path(dir_okay=False),
+@click.option("--key", type=InputPath(dir_okay=False, what="key file"),
               help="Ed25519 public key: require a manifest and patches it signed, unexpired, and no older than "
                    "the last release this device accepted.")
 @click.option("--in-place", is_flag=True, help="Apply behind the undo journal: no second copy of the model.")
 @click.option("--dry-run", is_flag=True, help="Say which patch would be fetched and what it makes; change nothing.")
 @click.option("--patch-dir", type=click.Path(file_okay=False),
               help="Where the patches are (default: the manifest's base URL, else beside it).")
-@click.option("--prefer", type=click.Choice(["direct", "smallest", "chain"]), default="direct", show_default=True)
+@click.option("--prefer", type=click.Choice(["direct", "smallest", "chain"]), default="direct", show_default=True,
+              help="Which patch to take when several lead to the target: the one made from this version, the "
+                   "fewest bytes to download, or a chain through intermediate versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout (on errors too).")
 def update(model, manifest, key, in_place, dry_run, patch_dir, prefer, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""

@@ -84,9 +84,11 @@ class TrainSparseOptions:
         help="BatchNorm running statistics of frozen channels: kept as in the base (the channel rule), "
              "or adapted to the new data in every channel (2 numbers per channel; helps after an input "
              "shift such as noise).")
-    seed: int = _option("--seed", default=0, trainer=True, type=int, show_default=True)
+    seed: int = _option("--seed", default=0, trainer=True, type=int, show_default=True,
+                             help="Seed of every random choice (initialisation, shuffling, channel ties): "
+                                  "the same seed and data give the same model and patch.")
     device: str = _option("--device", default="cpu", trainer=True, type=click.Choice(["cpu", "cuda"]),
-                          show_default=True)
+                          show_default=True, help="Where to train (cuda needs a CUDA build of torch).")
     checkpoint: str | None = _option(
         "--checkpoint", default=None, type=_WEIGHTS_FILE, metavar="FILE",
         help="Save the run's state to FILE after every epoch (replaced atomically), to go on with --resume.")
