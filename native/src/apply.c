@@ -710,12 +710,15 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     if (c->layout_len[c->n - 1])
         memcpy(m, c->layout_raw[c->n - 1], (size_t)c->layout_len[c->n - 1]);
     /* every base tensor that no touched item starts from goes to the hashing threads */
-    if (hash_all) {
+    /* every base tensor that no touched item starts from goes to the hashing threads: all of them
+     * (default, full), or those an op names (touched: removed tensors, and tensors an absolute op
+     * replaces, must still be the patch's base) */
+    {
         for (size_t i = 0; i < c->nitems; i++)
             if (c->items[i].src && (c->items[i].has_fill || c->items[i].ns))
                 bh[c->items[i].src - base->tensors] = 2; /* the main thread's */
         for (size_t k = 0; k < base->n; k++)
-            if (!bh[k])
+            if (!bh[k] && (hash_all || c->input_expect[k]))
                 hlist[nh++] = k;
         pool.n = nh;
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
@@ -780,7 +783,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
             goto out;
         i++;
     }
-    if (hash_all) {
+    {
         /* the main thread joins in, then waits for the workers */
         while (!ctx->cancelled) {
             pthread_mutex_lock(&pool.mu);
@@ -797,6 +800,21 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         nthreads = 0;
         if ((st = np_progress(ctx, hpool_take(&pool))))
             goto out;
+        for (size_t x = 0; x < nh; x++) {
+            size_t k = hlist[x];
+            const uint8_t *want = c->input_expect[k];
+            if (want && memcmp(bd[k], want, 32)) {
+                np_hex(bd[k], 32, a);
+                np_hex(want, 32, b);
+                st = np_fail(ctx, NNP_KIND_BASE_MISMATCH,
+                             "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)",
+                             c->base_path, np_quote(q, sizeof q, base->tensors[k].name, base->tensors[k].name_len), a,
+                             b);
+                goto out;
+            }
+        }
+    }
+    if (hash_all) {
         uint8_t got[32];
         np_model_digest(base->tensors, base->by_name, base->n, (const uint8_t(*)[32])bd, got);
         if (memcmp(got, first->base.model_blake3, 32)) {
