@@ -20,6 +20,7 @@
 
 #include "nnpatch.h"
 
+nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_dir, const char *base_path);
 nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const *paths, const nnp_source *srcs,
                           size_t n, const char *out_path);
 
@@ -306,11 +307,12 @@ int main(int argc, char **argv)
         const char *patch = pos[0];
         if (!strcmp(patch, "-")) {
             const char *td = getenv("TMPDIR");
-            if (spool_stdin(td && *td ? td : "/tmp", tmp, sizeof tmp))
-                return fail(5, "%s", "cannot spool standard input");
-            patch = tmp;
+            static int zero = 0;
+            nnp_source src = {read_fd, &zero, "<stdin>"};
+            rc = report(ctx, np_check_stream(ctx, &src, td && *td ? td : "/tmp", base));
+        } else {
+            rc = report(ctx, nnp_check(ctx, patch, base));
         }
-        rc = report(ctx, nnp_check(ctx, patch, base));
         if (!rc && !quiet)
             printf("%s: OK%s\n", pos[0], base ? " (applies to the base given)" : "");
         break;

@@ -1319,6 +1319,8 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
     return NNP_OK;
 }
 
+static nnp_status check_opened(nnp_ctx *ctx, np_patch p, const char *base_path);
+
 nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path)
 {
     if (!ctx)
@@ -1330,6 +1332,26 @@ nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path
     nnp_status st = np_patch_open(ctx, patch_path, NULL, &p);
     if (st)
         return st;
+    return check_opened(ctx, p, base_path);
+}
+
+/* nnp_check of a patch read from a stream (spooled in tmp_dir, named src->name or "<stdin>"). */
+nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_dir, const char *base_path);
+nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_dir, const char *base_path)
+{
+    np_clear(ctx);
+    char where[4096];
+    snprintf(where, sizeof where, "%s/stdin", tmp_dir);
+    np_patch p;
+    nnp_status st = spool(ctx, src, where, &p);
+    if (st)
+        return st;
+    return check_opened(ctx, p, base_path);
+}
+
+static nnp_status check_opened(nnp_ctx *ctx, np_patch p, const char *base_path)
+{
+    nnp_status st;
     if ((st = check_sections(ctx, &p)) || !base_path) {
         np_patch_close(&p);
         return st;
