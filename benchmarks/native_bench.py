@@ -13,7 +13,8 @@ bench-out/native-<MB>-*.
 In one run, interleaved, best (and median) of --reps: `cp`, `cp` + `sync`, the Python
 `nnpatch apply` (default verify), `nnpatch-apply --verify default` and `--verify full`. Every
 time is the wall time of the whole command (start-up included: the native command has none to
-speak of, Python's is part of what a user waits for). Peak VmRSS and RssAnon are sampled from
+speak of, Python's is part of what a user waits for), started after a `sync` so that no step
+pays for the write-back of the one before. Peak VmRSS and RssAnon are sampled from
 /proc/PID/status every 2 ms by a thread of this process. Every output is checked against the
 target (BLAKE3) after it is timed. Then: the stripped size of nnpatch-apply (shared libzstd and
 libsodium aside) and the start-up time of `nnpatch-apply --version` against `nnpatch --version`
@@ -203,6 +204,7 @@ def main() -> int:
         for name, (cmd, check) in steps.items():
             if os.path.exists(out):
                 os.unlink(out)
+            os.sync()  # every step starts with no write-back pending from the one before
             r = measure(cmd)
             if check is not None and digest(out) != check:
                 raise SystemExit(f"{name}: the output is not the target")
@@ -214,7 +216,8 @@ def main() -> int:
     cp = min(r["time"] for r in runs["cp"])
     lines = [f"Model: {size / 1e9:.2f} GB fp32 (GPT-2-medium shapes, 10 % of the rows of every matrix changed), "
              f"patch {os.path.getsize(patch) / 1e6:.1f} MB; {os.cpu_count()} CPUs, best of {a.reps} interleaved "
-             f"rounds, warm page cache; wall time of the whole command (start-up included).",
+             f"rounds, warm page cache, `sync` before each step; wall time of the whole command (start-up "
+             f"included).",
              "",
              "| step | best s | median s | / cp | peak VmRSS MiB | peak RssAnon MiB |",
              "|---|---:|---:|---:|---:|---:|"]

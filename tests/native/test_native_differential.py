@@ -38,6 +38,7 @@ from nnpatch.signing import generate_keypair
 from nnpatch.weights import write_safetensors
 
 from .. import craft
+from .conftest import _impls
 from .native_run import assert_no_crash, assert_refused, leftovers
 from .native_run import native as run_native
 
@@ -395,18 +396,31 @@ def fresh(tmp_path, name: str):
 
 # --- the properties -----------------------------------------------------------------------------------
 
+def check_pair(build, tmp_path, data, opts, verify, name: str) -> None:
+    m0 = data.draw(model(), label="base")
+    m1 = data.draw(mutation(m0), label="target")
+    d = fresh(tmp_path, name)
+    base, target = write_model(d / "base.safetensors", m0), write_model(d / "target.safetensors", m1)
+    patch = make_patch(base, target, d / "p.nnpatch", opts)
+    rc = same_as_python(build, d, base, [patch], verify=verify, expect=read(target))
+    assert rc == 0, "a patch made by nnpatch.diff did not apply to its own base"
+    r = run_native(build, "--check", patch, "--base", base)
+    assert r.rc == 0, str(r)
+
+
 @settings(suppress_health_check=HEALTH, deadline=None)
 @given(data=st.data(), opts=diff_options, verify=st.sampled_from(VERIFY))
 def test_pair_applies_identically(native, tmp_path, data, opts, verify):
-    m0 = data.draw(model(), label="base")
-    m1 = data.draw(mutation(m0), label="target")
-    d = fresh(tmp_path, "pair")
-    base, target = write_model(d / "base.safetensors", m0), write_model(d / "target.safetensors", m1)
-    patch = make_patch(base, target, d / "p.nnpatch", opts)
-    rc = same_as_python(native, d, base, [patch], verify=verify, expect=read(target))
-    assert rc == 0, "a patch made by nnpatch.diff did not apply to its own base"
-    r = run_native(native, "--check", patch, "--base", base)
-    assert r.rc == 0, str(r)
+    check_pair(native, tmp_path, data, opts, verify, "pair")
+
+
+@settings(suppress_health_check=HEALTH, deadline=None, max_examples=8)
+@given(data=st.data(), opts=diff_options, verify=st.sampled_from(VERIFY))
+def test_pair_under_sanitizers(request, tmp_path, data, opts, verify):
+    """A sample of the pair property against the AddressSanitizer + UBSan build."""
+    if "asan" not in _impls():
+        pytest.skip("NNPATCH_NATIVE_IMPLS leaves the sanitizer build out")
+    check_pair(request.getfixturevalue("asan"), tmp_path, data, opts, verify, "pair-asan")
 
 
 @settings(suppress_health_check=HEALTH, deadline=None)
