@@ -858,7 +858,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
             goto out;
         }
     }
-    if ((st = np_check_cancel(ctx)))
+    if (ctx->progress_total > ctx->progress_done && (st = np_progress(ctx, ctx->progress_total - ctx->progress_done)))
         goto out;
     if (m) {
         munmap(m, (size_t)size);

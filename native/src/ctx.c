@@ -108,6 +108,7 @@ void np_clear(nnp_ctx *ctx)
 {
     ctx->msg[0] = 0;
     ctx->kind = NNP_KIND_NONE;
+    ctx->progress_done = ctx->progress_total = 0;
 }
 
 /* One line: control characters (newlines included) become '?'. */
