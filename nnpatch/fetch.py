@@ -34,12 +34,21 @@ from .errors import IntegrityError, MissingDependencyError, NnpatchIOError
 from .hashing import digests_equal, hash_file
 
 CHUNK = 1 << 16
+#: Redirects followed for one request.
+MAX_REDIRECTS = 5
 #: HTTP statuses worth another try: the server or a proxy in front of it is busy or broken for now.
 TRANSIENT_STATUS = frozenset({408, 425, 429, 500, 502, 503, 504})
 
 
 def is_url(location: str) -> bool:
     return location.startswith(("http://", "https://"))
+
+
+def redirect_allowed(origin: str, target: str) -> bool:
+    """Whether a response from ``origin`` may send the download on to ``target``: only to http(s),
+    and never from https:// down to plain http:// (a man in the middle could then answer)."""
+    was, now = urlsplit(origin).scheme.lower(), urlsplit(target).scheme.lower()
+    return now == "https" or (now == "http" and was == "http")
 
 
 def resolve(base: str, name: str) -> str:
@@ -130,24 +139,40 @@ class Fetcher:
     # --- one request ------------------------------------------------------------------------
 
     def _request(self, url: str, headers: dict[str, str]):
-        pool = self._http()
-        u3 = self._urllib3
-        o = self.options
-        try:
-            r = pool.request("GET", url, headers=headers, preload_content=False, decode_content=False,
-                             timeout=u3.Timeout(connect=o.connect_timeout, read=o.read_timeout),
-                             retries=u3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=5,
-                                              raise_on_redirect=True))
-        except u3.exceptions.MaxRetryError as e:
-            if isinstance(e.reason, u3.exceptions.ResponseError):  # too many redirects: not transient
-                raise NnpatchIOError(f"{_shown(url)}: too many redirects") from e
-            raise _Transient(f"{_shown(url)}: {_reason(e.reason)}") from e
-        except (u3.exceptions.HTTPError, OSError) as e:
-            raise _Transient(f"{_shown(url)}: {_reason(e)}") from e
+        """One GET of ``url``, following at most ``MAX_REDIRECTS`` redirects that :func:`redirect_allowed`."""
+        location = url
+        for _ in range(MAX_REDIRECTS + 1):
+            r = self._get(location, headers)
+            target = r.get_redirect_location()
+            if not target:
+                break
+            _close(r)
+            target = urljoin(location, target)
+            if not redirect_allowed(location, target):
+                raise NnpatchIOError(f"{_shown(url)}: redirected to {_shown(target)}, refused (a download may "
+                                     "only be redirected to https://, or from http:// to http://)")
+            location = target
+        else:
+            raise NnpatchIOError(f"{_shown(url)}: more than {MAX_REDIRECTS} redirects")
         if r.status in TRANSIENT_STATUS:
             _close(r)
             raise _Transient(f"{_shown(url)}: HTTP {r.status}")
         return r
+
+    def _get(self, url: str, headers: dict[str, str]):
+        pool = self._http()
+        u3 = self._urllib3
+        o = self.options
+        try:
+            # headers given to request() replace the pool's own (User-Agent, Accept-Encoding): merge them
+            return pool.request("GET", url, headers={**pool.headers, **headers}, preload_content=False,
+                                decode_content=False, redirect=False,
+                                timeout=u3.Timeout(connect=o.connect_timeout, read=o.read_timeout),
+                                retries=u3.Retry(total=None, connect=0, read=0, status=0, other=0, redirect=0))
+        except u3.exceptions.MaxRetryError as e:
+            raise _Transient(f"{_shown(url)}: {_reason(e.reason)}") from e
+        except (u3.exceptions.HTTPError, OSError) as e:
+            raise _Transient(f"{_shown(url)}: {_reason(e)}") from e
 
     def _read_errors(self):
         """The exceptions a body read raises when the connection drops or stalls."""
@@ -206,7 +231,8 @@ class Fetcher:
 
         Continues whatever ``partial`` already holds. On success the file is
         complete and proven; on a network failure it is kept, for the next
-        run to continue; on a refused digest it is removed.
+        run to continue (unless it is still empty); on a refused size or
+        digest it is removed.
         """
         stats = Download(partial, size)
         fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
@@ -214,26 +240,39 @@ class Fetcher:
             try:  # two updaters appending to one partial file would only make garbage
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except OSError as e:
+                os.close(fd)
+                fd = -1
                 raise NnpatchIOError(f"{partial}: another update is downloading this patch") from e
-            stats.resumed_from = os.fstat(fd).st_size
-            if stats.resumed_from > size:
-                os.ftruncate(fd, 0)
-                stats.resumed_from = 0
-            for fresh in (False, True):
-                if fresh:
-                    os.ftruncate(fd, 0)
-                    stats.restarts += 1
-                self._tries(url, lambda: self._fill(fd, url, size, stats, progress))
-                os.fsync(fd)
-                actual = hash_file(partial)
-                if digests_equal(actual, blake3_hex):
-                    return stats
-            with contextlib.suppress(OSError):
-                os.unlink(partial)
-            raise IntegrityError(f"{_shown(url)}: downloaded BLAKE3 {actual} does not match the manifest's "
-                                 f"{blake3_hex}", what="patch blake3", expected=blake3_hex, actual=actual)
+            return self._download(fd, url, partial, size, blake3_hex, stats, progress)
+        except IntegrityError:  # the server's file is not the manifest's: nothing in it is worth resuming
+            if fd >= 0:
+                _unlink(partial)
+            raise
+        except BaseException:  # kept for the next run to continue, unless there is nothing in it
+            if fd >= 0 and os.fstat(fd).st_size == 0:
+                _unlink(partial)
+            raise
         finally:
-            os.close(fd)
+            if fd >= 0:
+                os.close(fd)
+
+    def _download(self, fd: int, url: str, partial: str, size: int, blake3_hex: str, stats: Download,
+                  progress) -> Download:
+        stats.resumed_from = os.fstat(fd).st_size
+        if stats.resumed_from > size:
+            os.ftruncate(fd, 0)
+            stats.resumed_from = 0
+        for fresh in (False, True):
+            if fresh:
+                os.ftruncate(fd, 0)
+                stats.restarts += 1
+            self._tries(url, lambda: self._fill(fd, url, size, stats, progress))
+            os.fsync(fd)
+            actual = hash_file(partial)
+            if digests_equal(actual, blake3_hex):
+                return stats
+        raise IntegrityError(f"{_shown(url)}: downloaded BLAKE3 {actual} does not match the manifest's "
+                             f"{blake3_hex}", what="patch blake3", expected=blake3_hex, actual=actual)
 
     def _fill(self, fd: int, url: str, size: int, stats: Download, progress) -> None:
         have = os.fstat(fd).st_size
@@ -246,8 +285,11 @@ class Fetcher:
             if r.status == 206 and have:
                 start, total = _content_range(r.headers.get("Content-Range"))
                 if start != have or (total is not None and total != size):
-                    raise IntegrityError(f"{_shown(url)}: the server sent bytes {start}- of {total}, asked for "
-                                         f"{have}- of {size}", what="patch size")
+                    # not the range asked for, or the file changed size under the resume: start over, and
+                    # let a whole response (200, its Content-Length) say whether the file is the manifest's
+                    os.ftruncate(fd, 0)
+                    raise _Transient(f"{_shown(url)}: the server sent bytes {start}- of {total} where bytes "
+                                     f"{have}- of {size} were asked for")
             elif r.status == 200:
                 length = r.headers.get("Content-Length")
                 if length is not None and length.isdigit() and int(length) != size:
@@ -262,23 +304,34 @@ class Fetcher:
             else:
                 raise NnpatchIOError(f"{_shown(url)}: HTTP {r.status}")
             os.lseek(fd, have, os.SEEK_SET)
-            try:
-                while have < size:
+            while have < size:
+                try:
                     # read1: what has arrived, so that a connection cut mid-chunk loses nothing already received
                     chunk = r.read1(min(CHUNK, size - have))
-                    if not chunk:
-                        break
-                    os.write(fd, chunk)
-                    have += len(chunk)
-                    stats.received += len(chunk)
-                    if progress is not None:
-                        progress(len(chunk))
-            except self._read_errors() as e:
-                raise _Transient(f"{_shown(url)}: {_reason(e)} after {have} of {size} bytes") from e
+                except self._read_errors() as e:
+                    raise _Transient(f"{_shown(url)}: {_reason(e)} after {have} of {size} bytes") from e
+                if not chunk:
+                    break
+                _write_all(fd, chunk)  # outside the network's errors: a full disk is no reason to try again
+                have += len(chunk)
+                stats.received += len(chunk)
+                if progress is not None:
+                    progress(len(chunk))
             if have < size:
                 raise _Transient(f"{_shown(url)}: the connection closed after {have} of {size} bytes")
         finally:
             _close(r)
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
+def _unlink(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.unlink(path)
 
 
 def _close(r) -> None:
@@ -315,4 +368,5 @@ def _reason(e: BaseException) -> str:
     return text.splitlines()[0][:200] if text else name
 
 
-__all__ = ["CHUNK", "DEFAULT_OPTIONS", "Download", "FetchOptions", "Fetcher", "is_url", "parent", "resolve"]
+__all__ = ["CHUNK", "DEFAULT_OPTIONS", "Download", "FetchOptions", "Fetcher", "is_url", "parent",
+           "redirect_allowed", "resolve"]

@@ -9,7 +9,9 @@ goes wrong: a callable ``(path, range header or None) -> Fault | None``. A fault
   timeout) and drop the connection;
 - ``status``: answer with an HTTP error (503, 404, ...) and no body;
 - ``flip``: send the whole body with the byte at ``at`` inverted;
-- ``no_range``: ignore the Range header and send the whole file with 200.
+- ``no_range``: ignore the Range header and send the whole file with 200;
+- ``redirect``: answer 302 with ``Location: location``;
+- ``bad_range``: answer a Range request with 206 and the whole file, labelled ``bytes 0-``.
 
 Every request is logged (path, Range header, status, body bytes sent) for the tests to read.
 """
@@ -30,10 +32,11 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclass
 class Fault:
-    kind: str  # cut, stall, status, flip, no_range
+    kind: str  # cut, stall, status, flip, no_range, redirect, bad_range
     at: int = 0
     status: int = 503
     seconds: float = 1.0
+    location: str = ""
 
 
 @dataclass
@@ -43,6 +46,7 @@ class Logged:
     status: int
     sent: int
     fault: str | None
+    agent: str | None = None
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -65,6 +69,12 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         start, end = 0, len(data)
         status = 200
         fault = srv.faults(rel, rng) if srv.faults else None
+        if fault and fault.kind == "redirect":
+            self._plain(302, rel, extra={"Location": fault.location}, fault="redirect")
+            return
+        if rng and fault and fault.kind == "bad_range":
+            rng = None
+            status = 206
         if rng and not (fault and fault.kind == "no_range"):
             m = _RANGE.match(rng)
             if not m or int(m.group(1)) >= len(data):
@@ -91,7 +101,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if fault and fault.kind in ("cut", "stall"):
             sent = min(fault.at, len(body))
             body = body[:sent]
-        srv.record(Logged(rel, rng, status, sent, fault.kind if fault else None))
+        srv.record(Logged(rel, self.headers.get("Range"), status, sent, fault.kind if fault else None,
+                          self.headers.get("User-Agent")))
         try:
             self.wfile.write(body)
             self.wfile.flush()
@@ -113,7 +124,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
-        self.server.record(Logged(rel, self.headers.get("Range"), status, 0, fault))
+        self.server.record(Logged(rel, self.headers.get("Range"), status, 0, fault, self.headers.get("User-Agent")))
 
 
 class _Server(http.server.ThreadingHTTPServer):

@@ -584,3 +584,97 @@ def test_no_room_for_the_download_is_refused_first(served, monkeypatch):
     monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=1, f_frsize=4096))
     refused(w, w.update(w.srv.url("manifest.json")), 5, before, "more bytes beside the model")
     assert not any(e.path.endswith(".nnpatch") for e in w.srv.log)
+
+
+# --- review fixes: leftovers, redirects, headers, ranges ---------------------------------------------
+
+def test_a_refused_download_leaves_no_partial_file(served):
+    """A patch the server does not have (404) or has at another size leaves nothing to resume: no
+    empty or refused partial file stays beside the model."""
+    w = served
+    w.install(w.versions[0])
+    before = w.model.read_bytes()
+    w.srv.set_faults(lambda path, rng: Fault("status", status=404) if path.endswith(".nnpatch") else None)
+    refused(w, w.update(w.srv.url("manifest.json")), 5, before, "HTTP 404")
+    assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
+    w.srv.set_faults(None)
+    entry = w.manifest["bases"][0]
+    (w.dist / entry["patch"]).write_bytes(b"x" * (entry["patch_size"] + 1))  # the server's file is another
+    refused(w, w.update(w.srv.url("manifest.json")), 4, before, "the manifest says")
+    assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
+
+
+def test_a_resume_answered_with_the_wrong_range_starts_over(served, monkeypatch):
+    """206 with bytes other than those asked for: the partial file is not continued with them, the
+    download starts again from byte 0."""
+    w = served
+    monkeypatch.setattr(fetch, "DEFAULT_OPTIONS", fetch.FetchOptions(read_timeout=0.2, retries=2, backoff=0.0))
+    size = w.manifest["bases"][0]["patch_size"]
+    w.install(w.versions[0])
+    w.srv.set_faults(_patch_faults(Fault("cut", at=size // 2), Fault("bad_range")))
+    r = w.update(w.srv.url("manifest.json"))
+    assert r.exit_code == 0, r.output
+    assert [(e.range, e.status) for e in w.srv.log if e.path.endswith(".nnpatch")] == [
+        (None, 200), (f"bytes={size // 2}-", 206), (None, 200)]
+    assert w.model.read_bytes() == w.versions[2].read_bytes()
+    assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
+
+
+def test_redirects_are_followed_within_http_and_refused_elsewhere(served):
+    w = served
+    w.install(w.versions[0])
+    before = w.model.read_bytes()
+    name = w.manifest["bases"][0]["patch"]
+    (w.dist / "moved").mkdir()
+    shutil.copyfile(w.dist / name, w.dist / "moved" / name)
+    w.srv.set_faults(lambda path, rng: Fault("redirect", location=f"/moved/{name}") if path == name else None)
+    r = w.update(w.srv.url("manifest.json"))
+    assert r.exit_code == 0, r.output
+    assert [e.path for e in w.srv.log if e.path.endswith(".nnpatch")] == [name, f"moved/{name}"]
+    assert w.model.read_bytes() == w.versions[2].read_bytes()
+    shutil.copyfile(before_path := w.versions[0], w.model)
+    for location in ("file:///etc/passwd", "ftp://127.0.0.1/x.nnpatch"):
+        w.srv.clear_log()
+        w.srv.set_faults(lambda path, rng, loc=location: Fault("redirect", location=loc) if path == name else None)
+        refused(w, w.update(w.srv.url("manifest.json")), 5, before_path.read_bytes(), "refused")
+        assert len([e for e in w.srv.log if e.path == name]) == 1  # not retried: it will not change
+        assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
+    w.srv.set_faults(lambda path, rng: Fault("redirect", location=f"/{path}"))  # a loop
+    refused(w, w.update(w.srv.url("manifest.json")), 5, before, "more than 5 redirects")
+
+
+def test_redirect_policy_never_leaves_https():
+    assert fetch.redirect_allowed("https://a/m.json", "https://b/m.json")
+    assert fetch.redirect_allowed("http://a/m.json", "https://b/m.json")
+    assert fetch.redirect_allowed("http://a/m.json", "http://b/m.json")
+    assert not fetch.redirect_allowed("https://a/m.json", "http://a/m.json")
+    assert not fetch.redirect_allowed("https://a/m.json", "file:///etc/passwd")
+    assert not fetch.redirect_allowed("http://a/m.json", "ftp://a/m.json")
+
+
+def test_requests_carry_the_updaters_own_headers(served):
+    """Headers given for one request (Range) are added to the pool's, not put in their place."""
+    w = served
+    size = w.manifest["bases"][0]["patch_size"]
+    w.install(w.versions[0])
+    w.srv.set_faults(_patch_faults(Fault("cut", at=size // 2)))
+    r = w.update(w.srv.url("manifest.json"))
+    assert r.exit_code == 0, r.output
+    assert [e.range for e in w.srv.log if e.path.endswith(".nnpatch")] == [None, f"bytes={size // 2}-"]
+    assert {e.agent for e in w.srv.log} == {"nnpatch-update"}
+
+
+def test_a_full_disk_while_downloading_is_not_retried(served, monkeypatch):
+    import errno
+
+    w = served
+    w.install(w.versions[0])
+    before = w.model.read_bytes()
+
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(fetch, "_write_all", full)
+    refused(w, w.update(w.srv.url("manifest.json")), 5, before, "No space left on device")
+    assert len([e for e in w.srv.log if e.path.endswith(".nnpatch")]) == 1
+    assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
