@@ -432,11 +432,14 @@ def partial_path(model: str | os.PathLike[str], patch_blake3: str) -> str:
 def _remove_stale_partials(model: str, keep: set[str]) -> None:
     """Remove partial downloads of this model that this update does not continue."""
     folder = os.path.dirname(os.path.abspath(model))
-    prefix = os.path.basename(os.path.normpath(model)) + "."
+    # exactly partial_path's names: another model whose name starts with this one's keeps its downloads
+    mine = re.compile(re.escape(os.path.basename(os.path.normpath(model))) + r"\.[0-9a-f]{32}"
+                      + re.escape(PARTIAL_SUFFIX))
+    keep = {os.path.abspath(p) for p in keep}
     with contextlib.suppress(OSError):
         for name in os.listdir(folder):
             path = os.path.join(folder, name)
-            if name.startswith(prefix) and name.endswith(PARTIAL_SUFFIX) and path not in keep:
+            if mine.fullmatch(name) and path not in keep:
                 with contextlib.suppress(OSError):
                     os.unlink(path)
 
@@ -491,7 +494,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     a second copy. ``dry_run``: decide, report, and fetch, write or
     download nothing but the manifest.
 
-    Raises :class:`~nnpatch.errors.NoUpdatePathError` (exit 6) when no
+    Raises :class:`~nnpatch.errors.NoUpdatePathError` (exit 7) when no
     patch leads from this model's version; IntegrityError (4) for every
     refused signature, release, expiry or digest; NnpatchIOError (5) for
     network and file errors.

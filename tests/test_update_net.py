@@ -678,3 +678,29 @@ def test_a_full_disk_while_downloading_is_not_retried(served, monkeypatch):
     refused(w, w.update(w.srv.url("manifest.json")), 5, before, "No space left on device")
     assert len([e for e in w.srv.log if e.path.endswith(".nnpatch")]) == 1
     assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
+
+
+def test_a_download_resumes_with_a_relative_model_path(served, monkeypatch):
+    """The partial file of this update is kept whatever the model's path looks like (a relative
+    path once made the stale-partials sweep remove it before the resume), and only this model's
+    partial files are swept: not those of a model whose name starts with this one's."""
+    w = served
+    monkeypatch.setattr(fetch, "DEFAULT_OPTIONS", fetch.FetchOptions(read_timeout=0.2, retries=0, backoff=0.0))
+    monkeypatch.chdir(w.dev)
+    entry = w.manifest["bases"][0]
+    size = entry["patch_size"]
+    w.install(w.versions[0])
+    other = w.dev / f"model.safetensors.v2.{'0' * 32}{'.nnpatch-part'}"
+    other.write_bytes(b"another model's download")
+    stale = w.dev / f"model.safetensors.{'1' * 32}.nnpatch-part"
+    stale.write_bytes(b"an old download of this model")
+    w.srv.set_faults(_patch_faults(Fault("cut", at=size - 100)))
+    args = ["update", "model.safetensors", "--manifest", w.srv.url("manifest.json"), "--key", w.pub, "--json"]
+    assert run(*args).exit_code == 5
+    assert os.path.getsize(partial_path(w.model, entry["patch_blake3"])) == size - 100
+    r = run(*args)
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["resumed_bytes"] == size - 100 and out["downloaded_bytes"] == 100
+    assert w.model.read_bytes() == w.versions[2].read_bytes()
+    assert w.files() == sorted(["model.safetensors", "model.safetensors.nnpatch-state", other.name])
