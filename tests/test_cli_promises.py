@@ -645,3 +645,23 @@ def test_git_diff_with_textconv_on_an_lfs_pointer(tmp_path, made):
     out = git("diff")
     assert "+new_only" in out and "-old_only" in out
     assert "model blake3" in git("log", "-p", "-n", "1")
+
+
+def test_exit_codes_agree_in_readme_help_and_errors():
+    """One table, three places: every exit code errors.py defines (and 143, SIGTERM) is in the
+    README's table and in `nnpatch --help`, and neither lists a code that does not exist."""
+    import re
+
+    from nnpatch import errors
+
+    codes = {v for k, v in vars(errors).items() if k.startswith("EXIT_") and isinstance(v, int)}
+    with open(os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "README.md"), encoding="utf-8") as f:
+        readme = f.read()
+    table = readme.split("### Exit codes", 1)[1].split("\n\n", 2)[1]
+    in_readme = {int(m) for m in re.findall(r"^\| (\d+) \|", table, re.M)}
+    assert in_readme == codes, (in_readme, codes)
+    assert "143" in table
+    top = run("--help").stdout.split("Exit codes:", 1)[1]
+    in_help = {int(m) for m in re.findall(r"^\s+(\d+) ", top, re.M)}
+    assert in_help == codes, (in_help, codes)
+    assert "143" in top

@@ -10,11 +10,7 @@ from .. import codecs, errors
 from ..feed import MAX_RELEASE, parse_duration
 from ..release import make_release
 from ..release import update as do_update
-from ._common import EXIT_CODES_HELP, InputPath, emit_json, human
-
-UPDATE_EXIT_CODES_HELP = EXIT_CODES_HELP.replace(
-    "  130 interrupted",
-    "  7  no patch leads from this model's version: download the full model\n  130 interrupted")
+from ._common import InputPath, emit_json, human
 
 
 def _names(ctx, param, values) -> dict[str, str]:
@@ -36,7 +32,7 @@ def _duration(ctx, param, value) -> int | None:
         raise click.BadParameter(str(e)) from None
 
 
-@click.command(epilog=EXIT_CODES_HELP)
+@click.command()
 @click.argument("olds", nargs=-1, required=True, type=click.Path())
 @click.option("--to", "new", required=True, type=click.Path(), help="The new version (a file or model directory).")
 @click.option("-o", "--output", "outdir", required=True, type=click.Path(file_okay=False),
@@ -70,7 +66,7 @@ def release(olds, new, outdir, sign_key, release_number, expires, names, base_ur
                f"{how}{number}, target {manifest['target']['name']}")
 
 
-@click.command(epilog=UPDATE_EXIT_CODES_HELP)
+@click.command()
 @click.argument("model", type=click.Path())
 @click.option("--manifest", required=True, metavar="URL|PATH",
               help="The release's manifest.json: an http(s):// URL or a local path.")
