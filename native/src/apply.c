@@ -691,6 +691,11 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         st = np_fail(ctx, NNP_KIND_IO, "out of memory");
         goto out;
     }
+    if (size > (uint64_t)SIZE_MAX / 2) {
+        st = np_fail(ctx, NNP_KIND_IO, "%s: the new model (%llu bytes) is too large for this platform's address space",
+                     out_path, (unsigned long long)size);
+        goto out;
+    }
     if ((st = np_reserve(ctx, t.fd, size, out_path)))
         goto out;
     if (size) {
@@ -903,6 +908,12 @@ static nnp_status open_base(nnp_ctx *ctx, const char *path, int *fd, np_st *st, 
         return s;
     }
     *size = (uint64_t)sb.st_size;
+    if (*size > (uint64_t)SIZE_MAX / 2) {
+        close(*fd);
+        *fd = -1;
+        return np_fail(ctx, NNP_KIND_IO, "%s: %llu bytes is too large for this platform's address space", path,
+                       (unsigned long long)*size);
+    }
     if ((s = np_st_read_fd(ctx, *fd, path, st))) {
         close(*fd);
         *fd = -1;
@@ -1373,6 +1384,11 @@ static nnp_status check_opened(nnp_ctx *ctx, np_patch p, const char *base_path)
     }
     uint64_t size = (uint64_t)sb.st_size;
     const uint8_t *map = NULL;
+    if (size > (uint64_t)SIZE_MAX / 2) {
+        close(fd);
+        np_patch_close(&p);
+        return np_fail(ctx, NNP_KIND_IO, "%s: too large for this platform's address space", base_path);
+    }
     if (size) {
         void *mm = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
         if (mm == MAP_FAILED) {

@@ -619,6 +619,8 @@ static nnp_status apply_chunk(vctx *c, const uint8_t *vals, size_t nunits, uint6
             for (size_t i = 0; i < uw; i++) {
                 uint8_t *x = d + i * w;
                 size_t src = c->start[key_of(x, w, c->shift, c->mask)]++;
+                if (src >= n) /* cannot happen: the same keys were counted above */
+                    return np_fail(c->ctx, NNP_KIND_PATCH_FORMAT, "esort: inconsistent keys");
                 uint64_t v = c->planar ? ldplanar(vals, n, src, w) : ldw(vals + src * w, w);
                 stw(x, w, combine(ldw(x, w), v, c->mode, w));
             }

@@ -1010,6 +1010,10 @@ nnp_status np_patch_open_fd(nnp_ctx *ctx, int fd, const char *name, int trailer_
         return np_fail(ctx, NNP_KIND_IO, "%s: cannot open: not a regular file", name);
     }
     p->file_size = (uint64_t)sb.st_size;
+    if (p->file_size > (uint64_t)SIZE_MAX / 2) {
+        np_patch_close(p);
+        return np_fail(ctx, NNP_KIND_IO, "%s: too large for this platform's address space", name);
+    }
     if (p->file_size) {
         void *m = mmap(NULL, (size_t)p->file_size, PROT_READ, MAP_SHARED, fd, 0);
         if (m == MAP_FAILED) {
