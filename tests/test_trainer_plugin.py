@@ -472,3 +472,20 @@ def test_the_console_script_finds_a_module_in_the_working_directory(plug, tmp_pa
                           capture_output=True, text=True, cwd=tmp_path, env=env)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert (tmp_path / "out" / "new.safetensors").is_file()
+
+
+def test_a_dataset_smaller_than_the_ranks_gives_every_rank_the_same_steps():
+    """A dataset is padded like DistributedSampler pads it, however few its samples: every rank
+    runs num_batches(world) steps (a rank with fewer would hang the others' all-reduce). An
+    empty dataset is refused rather than promising a step it cannot give."""
+    from torch.utils.data import TensorDataset
+
+    from nnpatch.trainer.data import Batches
+
+    ds = Batches(TensorDataset(torch.zeros(1, 4), torch.zeros(1, dtype=torch.long)), batch_size=2)
+    for world in (1, 2, 3, 4, 8):
+        steps = ds.num_batches(world)
+        assert [len(list(ds.epoch(0, rank=r, world=world))) for r in range(world)] == [steps] * world, world
+    empty = Batches(TensorDataset(torch.zeros(0, 4), torch.zeros(0, dtype=torch.long)), spec="--data d:f")
+    with pytest.raises(errors.UserCodeError, match="^--data d:f: the training data has no samples"):
+        empty.num_batches()

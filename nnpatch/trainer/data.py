@@ -102,8 +102,9 @@ class Batches:
         """Batches per epoch on each of ``world`` ranks."""
         n = len(self)
         if self.kind == "dataset":
-            per_rank = math.ceil(n / world)
-            return max(1, math.ceil(per_rank / self.batch_size))
+            if n == 0:
+                raise self._contract("has no samples (len() is 0)")
+            return math.ceil(math.ceil(n / world) / self.batch_size)
         if n == 0:
             raise self._contract("gave no batches")
         if n < world:
@@ -143,7 +144,7 @@ class Batches:
             perm = list(range(n))
         if world > 1:  # pad like DistributedSampler so every rank runs the same number of steps
             size = math.ceil(len(perm) / world) * world
-            perm = (perm * 2)[:size] if size > len(perm) else perm
+            perm = (perm * math.ceil(size / len(perm)))[:size]  # as often as it takes: n may be < world / 2
         idx = perm[rank::world][start * self.batch_size:]
         # an own generator: the loader must not consume the global RNG (resumed runs replay exactly)
         loader = DataLoader(self.source, batch_size=self.batch_size, sampler=_Indexed(idx),
