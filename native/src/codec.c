@@ -686,6 +686,8 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
     }
     uint64_t unit_elements = c.unit_bytes / c.w;
     uint64_t per = CHUNK_ELEMENTS / (unit_elements ? unit_elements : 1);
+    if (!c.planar && !c.esort) /* chunks matter only to planes and esort: decode in small pieces */
+        per = ((uint64_t)256 << 10) / c.unit_bytes;
     if (per < 1)
         per = 1;
     np_secreader r;
