@@ -84,7 +84,8 @@ MAX_MANIFEST_SIZE = 16 << 20
 MAX_CHAIN_LINKS = 32
 PARTIAL_SUFFIX = ".nnpatch-part"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
-_SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+#: A version name: at most 94 characters, so that a patch name "A-to-B.nnpatch" fits _PATCH_NAME's 200.
+_SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,93}$")
 _PATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 _BASE_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
 
@@ -116,7 +117,7 @@ def _name_versions(versions: list[_Version], names: dict[str, str]) -> None:
     given: dict[str, str] = {}
     for path, name in names.items():
         if not _SAFE_STEM.match(name):
-            raise UsageError(f"--name {path}={name}: a name is 1 to 100 of [A-Za-z0-9._-], starting with a "
+            raise UsageError(f"--name {path}={name}: a name is 1 to 94 of [A-Za-z0-9._-], starting with a "
                              "letter or digit")
         given[os.path.realpath(path)] = name
     unknown = set(given) - {os.path.realpath(v.path) for v in versions}
@@ -276,6 +277,7 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     if base_url is not None:
         manifest["base_url"] = base_url
     raw = (json.dumps(manifest, indent=2, sort_keys=True) + "\n").encode("utf-8")
+    parse_manifest(raw)  # never publish what an updater would refuse
     if sign_key is not None:
         raw, _ = sign_manifest(raw, sign_key)
     with atomic_write(os.path.join(outdir, MANIFEST_NAME)) as f:

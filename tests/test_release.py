@@ -269,3 +269,22 @@ def test_release_cli_takes_directories(tmp_path):
     assert contents(v1) == contents(v3)
     r = runner.invoke(cli, ["release", str(tmp_path / "missing"), "--to", str(v3), "-o", str(tmp_path / "d2")])
     assert r.exit_code == 2 and "not a file or model directory" in r.output
+
+
+def test_long_version_names_make_patch_names_an_updater_takes(tmp_path):
+    """Two long stems once made a patch name over the 200 characters a manifest's `patch` may have:
+    the release was written and every updater refused it. Names are at most 94 characters now, a
+    longer stem falls back to the next rule, and the release updates as published."""
+    paths = _versions(tmp_path, n=2)
+    long_old, long_new = tmp_path / ("o" * 99 + ".safetensors"), tmp_path / ("n" * 99 + ".safetensors")
+    shutil.copyfile(paths[0], long_old)
+    shutil.copyfile(paths[1], long_new)
+    m = make_release([long_old], long_new, tmp_path / "dist", chain="never")
+    assert all(len(b["patch"]) <= 200 for b in m["bases"])
+    load_manifest(tmp_path / "dist" / "manifest.json")
+    model = tmp_path / "device.safetensors"
+    shutil.copyfile(long_old, model)
+    assert update(model, tmp_path / "dist" / "manifest.json").updated
+    assert hash_file(model) == hash_file(long_new)
+    with pytest.raises(UsageError, match="1 to 94"):
+        make_release([long_old], long_new, tmp_path / "d2", names={str(long_old): "x" * 95})
