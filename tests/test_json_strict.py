@@ -30,7 +30,7 @@ def _with_raw_note(raw_value: bytes) -> bytes:
 
 
 def test_the_placeholder_patch_itself_is_valid():
-    parse_patch(_with_raw_note(b'"abcdef"'), path="p")
+    assert parse_patch(_with_raw_note(b'"abcdef"'), path="p").extra["x-note"] == "abcdef"
 
 
 @pytest.mark.parametrize("raw", [b'"\\ud800"', b'"\\udfff"', b'"a\\udc00b"', b'"\\ud800\\u0041"'])
@@ -40,7 +40,7 @@ def test_lone_surrogate_escapes_are_refused(raw):
 
 
 def test_a_surrogate_pair_is_one_code_point_and_accepted():
-    parse_patch(_with_raw_note(b'"\\ud83d\\ude00"'), path="p")
+    assert parse_patch(_with_raw_note(b'"\\ud83d\\ude00"'), path="p").extra["x-note"] == "\U0001F600"
 
 
 @pytest.mark.parametrize("raw", [b"NaN", b"Infinity", b"-Infinity"])
