@@ -1161,7 +1161,9 @@ static nnp_status spool(nnp_ctx *ctx, const nnp_source *src, const char *out_pat
                 tail_len = HELD;
             }
         }
-        np_progress_total(ctx, 0);
+        np_progress_total(ctx, k); /* the total grows while the stream arrives */
+        if ((st = np_progress(ctx, k)))
+            goto fail;
     }
     {
         int signed_ = pre_len == NP_PREAMBLE && (np_le32(pre + 12) & NP_FLAG_SIGNED);
