@@ -153,7 +153,7 @@ nnp_status np_secreader_finish(nnp_ctx *ctx, np_secreader *r)
         if (ret == 0)
             return r->in.pos == r->in.size ? NNP_OK
                                             : SRFAIL("%s: %s: zstd data longer than expected", r->pname, r->where);
-        if (r->in.pos == before && r->in.pos >= r->in.size)
+        if (r->in.pos == before)
             return SRFAIL("%s: %s: corrupt zstd data: frame incomplete", r->pname, r->where);
     }
 }
