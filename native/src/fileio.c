@@ -134,12 +134,20 @@ nnp_status np_reserve(nnp_ctx *ctx, int fd, uint64_t size, const char *path)
         return np_fail(ctx, NNP_KIND_IO, "%s: cannot write the new model (%llu bytes): %s", path,
                        (unsigned long long)size, strerror(errno));
 #endif
+#if defined(__APPLE__)
+    /* macOS and iOS: no posix_fallocate; F_PREALLOCATE reserves the blocks */
+    fstore_t fs = {F_ALLOCATEALL, F_PEOFPOSMODE, 0, (off_t)size, 0};
+    if (fcntl(fd, F_PREALLOCATE, &fs) != 0 && (errno == ENOSPC || errno == EDQUOT))
+        return np_fail(ctx, NNP_KIND_IO, "%s: cannot write the new model (%llu bytes): %s", path,
+                       (unsigned long long)size, strerror(errno));
+#else
     int e = posix_fallocate(fd, 0, (off_t)size);
     if (e == 0)
         return NNP_OK;
     if (e == ENOSPC || e == EFBIG || e == EDQUOT)
         return np_fail(ctx, NNP_KIND_IO, "%s: cannot write the new model (%llu bytes): %s", path,
                        (unsigned long long)size, strerror(e));
+#endif
     if (ftruncate(fd, (off_t)size) != 0)
         return np_fail_errno(ctx, errno, path, "cannot write");
     return NNP_OK;
