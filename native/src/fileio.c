@@ -5,6 +5,9 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#ifdef __linux__
+#include <sys/syscall.h>
+#endif
 #include <time.h>
 #include <unistd.h>
 
@@ -156,11 +159,12 @@ nnp_status np_reserve(nnp_ctx *ctx, int fd, uint64_t size, const char *path)
 nnp_status np_copy_range(nnp_ctx *ctx, int in_fd, uint64_t in_off, int out_fd, uint64_t out_off, uint64_t n,
                          const uint8_t *in_map, uint8_t *out_map, const char *out_path)
 {
-#ifdef __linux__
-    loff_t a = (loff_t)in_off, b = (loff_t)out_off;
+#if defined(__linux__) && defined(SYS_copy_file_range)
+    /* the system call itself: older C libraries (Android before API 34) have no wrapper */
+    int64_t a = (int64_t)in_off, b = (int64_t)out_off;
     while (n) {
         size_t k = n > ((uint64_t)1 << 30) ? (size_t)1 << 30 : (size_t)n;
-        ssize_t r = copy_file_range(in_fd, &a, out_fd, &b, k, 0);
+        ssize_t r = (ssize_t)syscall(SYS_copy_file_range, in_fd, &a, out_fd, &b, k, 0u);
         if (r < 0 && errno == EINTR)
             continue;
         if (r <= 0)
