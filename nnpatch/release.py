@@ -26,7 +26,10 @@ its entry, fetches the patches (resuming interrupted downloads,
 will use against the manifest *before* applying, builds the new version
 beside the model (or, ``in_place``, behind the undo journal), proves its
 BLAKE3 against the manifest's target, and only then commits it: the model
-is the old version or the verified new one, never anything else.
+is the old version or the verified new one, never anything else. (A chain
+applied ``in_place`` commits link by link: a crash or a full disk between
+links leaves the model at an intermediate version of the manifest, a known
+and verified one, from which the next ``update`` continues.)
 
 Versions may also be Hugging Face model directories (format 1.1 targets):
 a directory is identified by its directory digest (spec/FORMAT.md, section
