@@ -6,6 +6,12 @@ Ops (spec/FORMAT.md, "Ops"): ``rows`` (changed output channels along dim 0),
 to the old one when dtype and shape allow), ``add`` and ``remove``.
 Everything is compared as bit patterns, never as numbers, so NaN payloads
 and -0.0 survive.
+
+``qrows`` (format 1.3, exact quantized deltas) is written only for the
+tensors a caller names in ``quantized``, with the rows, scales and codes that
+made the target (:class:`nnpatch.quantdelta.QuantDelta`): recovering them from
+two arbitrary tensors is not attempted. The differ checks that they rebuild
+the target exactly before it writes them.
 """
 
 from __future__ import annotations
@@ -14,17 +20,19 @@ import contextvars
 import io
 import math
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
+import zstandard
 
-from . import __version__, codecs, dtypes
-from .errors import NnpatchIOError, UsageError
+from . import __version__, codecs, dtypes, quantdelta
+from .errors import NnpatchIOError, UsageError, WeightsError
 from .hashing import ModelHasher, digest_bytes, directory_digest, hash_file
 from .patchfile import ModelRef, Op, OutputFile, PatchHeader, PatchWriter, Section, TargetFile, TensorRef
 from .signing import signer_from_file
-from .weights import SafetensorsFile
+from .quantdelta import QuantDelta
+from .weights import SafetensorsFile, write_safetensors
 from .weights.onnx_file import rebuild_external, rebuild_onnx
 from .weights.source import ModelSource, open_source
 
@@ -126,13 +134,19 @@ def _utf8_key(name: str) -> bytes:
 
 def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: str | os.PathLike[str], *,
          level: int = codecs.DEFAULT_LEVEL, reversible: bool = False, sign_key: str | None = None,
-         progress: ProgressFn | None = None) -> DiffResult:
+         progress: ProgressFn | None = None,
+         quantized: Mapping[str, QuantDelta] | str | os.PathLike[str] | None = None) -> DiffResult:
     """Write a patch that turns ``base`` into ``target``, byte for byte.
 
     With ``reversible`` the patch also carries what it takes to go back
     (the base's layout, and the old bytes of removed or retyped tensors), so
     ``nnpatch revert`` can rebuild the base from the target. ``sign_key``
     (an Ed25519 private key, PEM) signs the patch.
+
+    ``quantized`` maps tensor names to the quantized update that made them
+    (or names a file of them, :func:`save_quant_deltas`): those tensors get a
+    ``qrows`` op (format 1.3), after a check that the update rebuilds the
+    target's bytes exactly. Such a patch cannot be reversible.
     """
     signer = None
     if sign_key is not None:
@@ -144,11 +158,19 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
             raise UsageError("--reversible needs a safetensors base (revert writes the base back byte for byte)")
         if reversible and _kind(t) != "safetensors":
             raise UsageError("--reversible needs a safetensors target file (revert reads it back)")
-        return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None))
+        if isinstance(quantized, (str, os.PathLike)):
+            quantized = load_quant_deltas(quantized)
+        quantized = dict(quantized or {})
+        if quantized and reversible:
+            raise UsageError("quantized deltas (op 'qrows') cannot be reverted: drop --reversible or the deltas")
+        for name in sorted(quantized, key=_utf8_key):
+            _check_quantized(b, t, name, quantized[name])
+        return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None),
+                          quantized)
 
 
 def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, reversible: bool, signer,
-               progress: ProgressFn) -> DiffResult:
+               progress: ProgressFn, quantized: dict[str, QuantDelta] | None = None) -> DiffResult:
     writer = PatchWriter(output)
     try:
         base_model, target_model = ModelHasher(), ModelHasher()
@@ -183,6 +205,8 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
                     op, change = Op(name, "remove", base=bref), TensorChange(name, "remove", bi.dtype, bi.shape)
                 elif bi is None or bref.dtype != tref.dtype or bref.shape != tref.shape:
                     op, change = _encode_absolute(writer, t, name, bref, tref, level)
+                elif quantized and name in quantized:
+                    op, change = _encode_quantized(writer, b, t, name, bref, tref, quantized[name], level)
                 else:
                     op, change = _encode_changed(writer, b, t, name, bref, tref, level, reversible)
             finally:
@@ -523,3 +547,95 @@ class _ScratchWriter:
 def _write_index(writer, indices: np.ndarray, bound: int, level: int) -> Section:
     codec, payload, size = codecs.best_index_encoding(indices, bound, level)
     return writer.add_bytes(payload, size, codec)
+
+
+
+# --- quantized deltas (qrows, format 1.3) -----------------------------------------------------
+
+def _check_quantized(b, t, name: str, qd: QuantDelta) -> None:
+    """``qd`` applied to the base's tensor ``name`` gives the target's, bit for bit."""
+    bi, ti = b.tensors.get(name), t.tensors.get(name)
+    if bi is None or ti is None:
+        raise UsageError(f"quantized delta for {name!r}: the {'base' if bi is None else 'target'} has no such "
+                         "tensor")
+    if bi.dtype != ti.dtype or bi.shape != ti.shape:
+        raise UsageError(f"quantized delta for {name!r}: base and target differ in dtype or shape")
+    if ti.dtype not in quantdelta.DTYPES or not ti.shape:
+        raise UsageError(f"quantized delta for {name!r}: op 'qrows' changes tensors of rank 1 or more of "
+                         f"{', '.join(quantdelta.DTYPES)}, not {ti.dtype}{list(ti.shape)}")
+    nrows = ti.shape[0]
+    row = math.prod(ti.shape) // nrows if nrows else 0
+    if qd.codes.shape[1] != row or (len(qd.rows) and int(qd.rows[-1]) >= nrows):
+        raise UsageError(f"quantized delta for {name!r}: codes {list(qd.codes.shape)} and rows up to "
+                         f"{int(qd.rows[-1]) if len(qd.rows) else '-'} do not fit {nrows} rows of {row} elements")
+    made = qd.apply(_units(b.bits(name), row), ti.dtype)
+    want = _units(t.bits(name), row)
+    bad = np.flatnonzero((made != want).any(axis=1)) if made.size else np.empty(0, np.intp)
+    if len(bad):
+        raise UsageError(f"quantized delta for {name!r}: it does not rebuild the target (row {int(bad[0])} "
+                         "differs); the target must be made with nnpatch.quantdelta's arithmetic")
+
+
+def _encode_quantized(writer, b: SafetensorsFile, t: SafetensorsFile, name: str, bref, tref, qd: QuantDelta,
+                      level: int):
+    shape = tref.shape
+    nrows = shape[0]
+    row = math.prod(shape) // nrows if nrows else 0
+    op = Op(name, "qrows", base=bref, target=tref, count=len(qd.rows), bits=qd.bits)
+    op.index = _write_index(writer, qd.rows, nrows, level)
+    op.scales = _write_packed(writer, qd.scales.astype("<f4").tobytes(), level)
+    op.values = _write_packed(writer, quantdelta.pack_codes(qd.codes, qd.bits).tobytes(), level)
+    sel = qd.rows.astype(np.intp)
+    n_elems = int(np.count_nonzero(_units(b.bits(name), row)[sel] != _units(t.bits(name), row)[sel]))
+    change = TensorChange(name, "qrows", tref.dtype, shape, rows_changed=len(qd.rows), rows_total=nrows,
+                          elements_changed=n_elems, elements_total=math.prod(shape), codec=op.values.codec)
+    return op, change
+
+
+def _write_packed(writer, data: bytes, level: int) -> Section:
+    """Bytes stored as zstd where that is smaller, else raw (the codecs a ``qrows`` op allows)."""
+    if data:
+        packed = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(data)
+        if len(packed) < len(data):
+            return writer.add_bytes(packed, len(data), ["zstd"])
+    return writer.add_bytes(data, len(data), [])
+
+
+#: Parts of a quantized delta in a deltas file: tensor ``NAME.PART`` for each.
+_DELTA_PARTS = {"rows": "U64", "scales": "F32", "codes": "I8", "bits": "U8"}
+
+
+def save_quant_deltas(path: str | os.PathLike[str], deltas: Mapping[str, QuantDelta]) -> None:
+    """Write quantized deltas as a safetensors file (what ``diff(quantized=PATH)`` reads): for each tensor
+    NAME, ``NAME.rows`` (U64), ``NAME.scales`` (F32), ``NAME.codes`` (I8, rows x row elements) and
+    ``NAME.bits`` (U8 scalar)."""
+    out = {}
+    for name, qd in deltas.items():
+        out[f"{name}.rows"] = ("U64", (len(qd.rows),), qd.rows.astype("<u8").tobytes())
+        out[f"{name}.scales"] = ("F32", (len(qd.scales),), qd.scales.astype("<f4").tobytes())
+        out[f"{name}.codes"] = ("I8", tuple(qd.codes.shape), qd.codes.astype(np.int8).tobytes())
+        out[f"{name}.bits"] = ("U8", (), bytes([qd.bits]))
+    write_safetensors(path, out, {"format": "nnpatch-quant-deltas-1"})
+
+
+def load_quant_deltas(path: str | os.PathLike[str]) -> dict[str, QuantDelta]:
+    """Read a file written by :func:`save_quant_deltas`."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    with SafetensorsFile(path) as f:
+        for key, info in f.tensors.items():
+            name, _, part = key.rpartition(".")
+            if part not in _DELTA_PARTS or info.dtype != _DELTA_PARTS[part] or not name:
+                raise WeightsError(f"{f.path}: tensor {key!r} is not part of a quantized delta")
+            parts.setdefault(name, {})[part] = np.array(f.raw(key), dtype=np.uint8).reshape(
+                info.shape if part == "codes" else -1)
+    out = {}
+    for name, p in parts.items():
+        if set(p) != set(_DELTA_PARTS):
+            raise WeightsError(f"{os.fspath(path)}: quantized delta {name!r} lacks "
+                               f"{sorted(set(_DELTA_PARTS) - set(p))[0]!r}")
+        try:
+            out[name] = QuantDelta(p["rows"].view("<u8"), p["scales"].view("<f4"), p["codes"].view(np.int8),
+                                   int(p["bits"][0]))
+        except ValueError as e:
+            raise WeightsError(f"{os.fspath(path)}: quantized delta {name!r}: {e}") from e
+    return out

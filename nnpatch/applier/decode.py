@@ -1,11 +1,12 @@
 """Decode a patch's sections into a tensor's bytes: index arrays, value
-chunks, the ``esort`` order, and the kernel's scatter and combine."""
+chunks, the ``esort`` order, the kernel's scatter and combine, and the
+arithmetic of quantized rows (``qrows``, :mod:`nnpatch.quantdelta`)."""
 
 from __future__ import annotations
 
 import numpy as np
 
-from .. import codecs, dtypes, kernel
+from .. import codecs, dtypes, kernel, quantdelta
 from ..errors import PatchFormatError
 from ..patchfile import Op
 from ..weights import TensorInfo
@@ -32,7 +33,7 @@ def run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.n
 
 def decode_index(step: Step, info: TensorInfo) -> np.ndarray:
     op = step.op
-    bound = info.shape[0] if op.kind == "rows" else info.numel
+    bound = info.shape[0] if op.kind in ("rows", "qrows") else info.numel
     try:
         return codecs.decode_indices(step.patch.section(op.index), op.index.codec, count=op.count, bound=bound,
                                      size=op.index.size, where=f"{op.name!r}.index")
@@ -43,7 +44,7 @@ def decode_index(step: Step, info: TensorInfo) -> np.ndarray:
 
 
 def row_bytes(op: Op, info: TensorInfo) -> int:
-    return info.nbytes // info.shape[0] if op.kind == "rows" else info.itemsize
+    return info.nbytes // info.shape[0] if op.kind in ("rows", "qrows") else info.itemsize
 
 
 def undo_esort(chunk: np.ndarray, old: np.ndarray, info: TensorInfo, planar: bool) -> np.ndarray:
@@ -61,6 +62,9 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
     planar = "planes" in s.codec
     esort = "esort" in s.codec
     buf = step.patch.section(s)
+    if op.kind == "qrows" and s is op.values:
+        _run_qrows(step, info, dst, indices)
+        return
     if op.kind in ("rows", "elements") and s is op.values:
         unit = row_bytes(op, info)
         idx = decode_index(step, info) if indices is None else indices
@@ -90,3 +94,37 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
         else:
             kernel.combine(part, chunk, width, mode, planar=planar)
         pos += len(chunk)
+
+
+def decode_scales(step: Step) -> np.ndarray:
+    op = step.op
+    s = op.scales
+    where = f"{op.name!r}.scales"
+    raw = next(iter(codecs.decoded_chunks(step.patch.section(s), s.codec, s.size, [s.size], where=where)))
+    return quantdelta.decode_scales(raw, where=where)
+
+
+def _run_qrows(step: Step, info: TensorInfo, dst: np.ndarray, indices: np.ndarray | None) -> None:
+    """Rebuild the changed rows from their old values, scales and codes (spec section 7.5), a chunk of
+    rows at a time."""
+    op = step.op
+    unit = row_bytes(op, info)
+    n = unit // info.itemsize
+    code_bytes = quantdelta.row_code_bytes(n, op.bits)
+    idx = decode_index(step, info) if indices is None else indices
+    scales = decode_scales(step)
+    if n == 0:  # rows without elements: nothing to change
+        return
+    per = codecs.chunk_units(n)
+    sizes = codecs.value_chunk_sizes(op.count, code_bytes, n)
+    words = quantdelta.word_dtype(info.dtype)
+    where = f"{op.name!r}.values"
+    s = op.values
+    for i, chunk in enumerate(codecs.decoded_chunks(step.patch.section(s), s.codec, s.size, sizes, where=where)):
+        sel = idx[i * per : (i + 1) * per]
+        codes = quantdelta.unpack_codes(chunk, len(sel), n, op.bits, where=where)
+        old = kernel.gather_rows(dst, unit, sel).view(words).reshape(len(sel), n)
+        scale = scales if len(scales) == 1 else scales[i * per : (i + 1) * per]
+        new = quantdelta.apply_codes(old, scale, codes, info.dtype)
+        kernel.scatter_rows(dst, unit, sel, np.ascontiguousarray(new).view(np.uint8).reshape(-1), info.itemsize,
+                            "replace", planar=False)

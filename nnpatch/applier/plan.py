@@ -192,6 +192,8 @@ class Plan:
 
 
 def delta_mode(op: Op, section: Section) -> str:
+    if op.kind == "qrows":  # its own arithmetic on the old rows (decode._run_qrows); never undone
+        return "qrows"
     return _MODE_OF_STAGE[codecs.delta_stage(section.codec)]
 
 

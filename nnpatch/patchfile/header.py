@@ -19,13 +19,15 @@ from .. import codecs, dtypes
 MAGIC = b"\x89NNP\r\n\x1a\n"
 #: The newest version this module reads and writes. A writer stamps the
 #: lowest version whose features the patch uses (1.0; 1.1 for a model
-#: directory or ONNX target; 1.2 where a section uses ``esort``), so older
-#: readers take every patch they can apply.
-FORMAT_VERSION = (1, 2)
+#: directory or ONNX target; 1.2 where a section uses ``esort``; 1.3 where an
+#: op is ``qrows``), so older readers take every patch they can apply.
+FORMAT_VERSION = (1, 3)
 #: The version that added directory and ONNX targets.
 DIRECTORY_TARGET_VERSION = (1, 1)
 #: The version that added the ``esort`` value stage.
 ESORT_VERSION = (1, 2)
+#: The version that added the ``qrows`` op (exact quantized deltas).
+QROWS_VERSION = (1, 3)
 PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
@@ -58,7 +60,7 @@ MAX_OPS = 1 << 18
 MAX_ZSTD_EXPANSION = 32768
 
 KNOWN_FEATURES: frozenset[str] = frozenset()
-OPS = ("rows", "elements", "whole", "add", "remove")
+OPS = ("rows", "elements", "whole", "add", "remove", "qrows")
 #: Formats a base may have.
 MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
 #: Formats a target may have (spec section 5.2; "safetensors-dir" since 1.1).
@@ -111,9 +113,13 @@ class Op:
     #: the old bytes, in reversible patches, where the op cannot be undone
     #: without them ("remove", and "whole" without a delta stage)
     base_values: Section | None = None
+    #: "qrows" (1.3): the width of a code (8 or 4) and the binary32 scales, one per row or one
+    bits: int | None = None
+    scales: Section | None = None
 
     def sections(self) -> list[Section]:
-        return [s for s in (self.index, self.values, self.base_values) if s is not None]
+        """Its sections in file order: index, scales, values (codes for "qrows"), base_values."""
+        return [s for s in (self.index, self.scales, self.values, self.base_values) if s is not None]
 
     @property
     def needs_base_values(self) -> bool:
@@ -130,6 +136,10 @@ class Op:
             out["target"] = self.target.to_json()
         if self.count is not None:
             out["count"] = self.count
+        if self.bits is not None:
+            out["bits"] = self.bits
+        if self.scales is not None:
+            out["scales"] = self.scales.to_json(base)
         if self.index is not None:
             out["index"] = self.index.to_json(base)
         if self.values is not None:
@@ -240,13 +250,16 @@ class PatchHeader:
         return self.base.layout is not None and self.target.layout is not None and self.target.format == \
             "safetensors" and all(
             op.base_values is not None if op.needs_base_values
-            else (op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None)
+            else op.kind != "qrows"  # its arithmetic rounds: the old values cannot be recovered
+            and (op.kind not in ("rows", "elements") or codecs.delta_stage(op.values.codec) is not None)
             and (op.values is None or "esort" not in op.values.codec)  # its order comes from the old values
             for op in self.ops)
 
     @property
     def min_version(self) -> tuple[int, int]:
         """The lowest format version that has every feature this header uses."""
+        if any(op.kind == "qrows" for op in self.ops):
+            return QROWS_VERSION
         if any(op.values is not None and "esort" in op.values.codec for op in self.ops):
             return ESORT_VERSION
         return DIRECTORY_TARGET_VERSION if self.target.format in ("safetensors-dir", "onnx") else (1, 0)
@@ -289,6 +302,7 @@ __all__ = [
     "FORMAT_VERSION",
     "DIRECTORY_TARGET_VERSION",
     "ESORT_VERSION",
+    "QROWS_VERSION",
     "PREAMBLE",
     "PREAMBLE_SIZE",
     "ALIGNMENT",

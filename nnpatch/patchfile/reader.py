@@ -12,7 +12,7 @@ from collections.abc import Callable
 import blake3
 import zstandard
 
-from .. import codecs, dtypes
+from .. import codecs, dtypes, quantdelta
 from .._json import json_shape, loads_text
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
@@ -456,6 +456,7 @@ _OP_FIELDS = {
     "whole": (True, True, False, True),
     "add": (False, True, False, True),
     "remove": (True, False, False, False),
+    "qrows": (True, True, True, True),
 }
 
 
@@ -475,16 +476,21 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         op.index = r.section(oj, "index", where)
     if has_values:
         op.values = r.section(oj, "values", where)
+    if kind == "qrows":
+        op.bits = r.int(oj, "bits", where)
+        op.scales = r.section(oj, "scales", where)
     op.base_values = r.section(oj, "base_values", where, optional=True)
     if kind == "remove" and op.base_values is None and "values" in oj:
         r.fail(where, "op 'remove' stores the old bytes under 'base_values'")
     w = f"{where} ({name!r})"
     b, t = op.base, op.target
     same = b is not None and t is not None and b.dtype == t.dtype and b.shape == t.shape
-    if kind in ("rows", "elements") and not same:
+    if kind in ("rows", "elements", "qrows") and not same:
         r.fail(w, f"op {kind!r} needs the same dtype and shape before and after")
-    if kind == "rows" and len(t.shape) == 0:
-        r.fail(w, "op 'rows' needs a tensor of rank 1 or more")
+    if kind in ("rows", "qrows") and len(t.shape) == 0:
+        r.fail(w, f"op {kind!r} needs a tensor of rank 1 or more")
+    if kind == "qrows":
+        _check_qrows(r, op, w)
     with _in_header(r.path):
         if op.values is not None:
             codecs.check_value_codec(op.values.codec, relative_allowed=same, where=f"{w}.values",
@@ -496,6 +502,10 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         bound = t.shape[0]
         row_bytes = t.nbytes // bound if bound else 0
         expected = op.count * row_bytes
+    elif kind == "qrows":
+        bound = t.shape[0]
+        row_elements = math.prod(t.shape) // bound if bound else 0
+        expected = op.count * quantdelta.row_code_bytes(row_elements, op.bits)
     elif kind == "elements":
         bound = math.prod(t.shape)
         expected = op.count * dtypes.ITEMSIZE[t.dtype]
@@ -508,10 +518,14 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         # more than half the tensor: a `whole` op with a delta stage is smaller, and the index would cost
         # the reader 8 bytes an element
         r.fail(w, f"count {op.count} is more than half the tensor's {bound} elements (use a 'whole' op)")
-    if kind in ("rows", "elements") and op.count == 0:
+    if kind in ("rows", "elements", "qrows") and op.count == 0:
         r.fail(w, "count must be at least 1 (an unchanged tensor has no op)")
     if op.values is not None and op.values.size != expected:
         r.fail(f"{w}.values", f"size {op.values.size} does not match the {expected} bytes the op writes")
+    if op.scales is not None and op.scales.size not in (quantdelta.SCALE_BYTES,
+                                                        quantdelta.SCALE_BYTES * op.count):
+        r.fail(f"{w}.scales", f"size {op.scales.size} is neither {quantdelta.SCALE_BYTES} (one scale) nor "
+                              f"{quantdelta.SCALE_BYTES * op.count} (one per row)")
     if op.base_values is not None:
         if not op.needs_base_values:
             r.fail(f"{w}.base_values", "only 'remove' and 'whole' without a delta stage carry the old bytes")
@@ -520,6 +534,20 @@ def _op_from_json(r: _Reader, oj: dict, where: str, name: str) -> Op:
         if op.base_values.size != b.nbytes:
             r.fail(f"{w}.base_values", f"size {op.base_values.size} does not match the {b.nbytes} old bytes")
     return op
+
+
+def _check_qrows(r: _Reader, op: Op, w: str) -> None:
+    """What a ``qrows`` op (1.3) needs beyond a ``rows`` op's keys: a float dtype its arithmetic is
+    defined for, a code width of 8 or 4 bits, scales and codes stored raw or as zstd."""
+    if op.target.dtype not in quantdelta.DTYPES:
+        r.fail(w, f"op 'qrows' changes {', '.join(quantdelta.DTYPES)} tensors, not {op.target.dtype}")
+    if op.bits not in quantdelta.BITS:
+        r.fail(f"{w}.bits", f"must be 8 or 4, found {op.bits}")
+    for name, s in (("scales", op.scales), ("values", op.values)):
+        with _in_header(r.path):
+            codecs.check_value_codec(s.codec, relative_allowed=False, where=f"{w}.{name}")
+        if delta_or_planes(s.codec) or "esort" in s.codec:
+            r.fail(f"{w}.{name}.codec", "a 'qrows' op stores its scales and codes raw or as zstd only")
 
 
 def _check_layout(header: PatchHeader, buf, data_start: int, size: int, path: str) -> None:
