@@ -307,9 +307,11 @@ int main(int argc, char **argv)
         const char *patch = pos[0];
         if (!strcmp(patch, "-")) {
             const char *td = getenv("TMPDIR");
+            if (!td || !*td)
+                td = access("/tmp", W_OK) == 0 ? "/tmp" : "."; /* Android has no /tmp */
             static int zero = 0;
             nnp_source src = {read_fd, &zero, "<stdin>"};
-            rc = report(ctx, np_check_stream(ctx, &src, td && *td ? td : "/tmp", base));
+            rc = report(ctx, np_check_stream(ctx, &src, td, base));
         } else {
             rc = report(ctx, nnp_check(ctx, patch, base));
         }

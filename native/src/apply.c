@@ -728,9 +728,15 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         pool.n = nh;
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         int want = cpus > 1 ? (int)(cpus > 8 ? 7 : cpus - 1) : 0;
+        pthread_attr_t attr;
+        int have_attr = pthread_attr_init(&attr) == 0;
+        if (have_attr)
+            pthread_attr_setstacksize(&attr, (size_t)1 << 20); /* a hasher needs a few KiB */
         for (int w = 0; w < want && nh; w++)
-            if (pthread_create(&threads[nthreads], NULL, hworker, &pool) == 0)
+            if (pthread_create(&threads[nthreads], have_attr ? &attr : NULL, hworker, &pool) == 0)
                 nthreads++;
+        if (have_attr)
+            pthread_attr_destroy(&attr);
     }
     for (size_t i = 0; i < c->nitems;) {
         const item *it = &c->items[i];
