@@ -1265,7 +1265,7 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
 {
     nnp_status st;
     char where[300], q[NP_QUOTE_MAX];
-    if (p->target.format == NP_FMT_SAFETENSORS) {
+    if (p->target.format != NP_FMT_DIR) { /* a file's tensors as safetensors (PyTorch and ONNX targets too) */
         np_st lay;
         uint8_t *raw = NULL;
         uint64_t len = 0;
@@ -1276,6 +1276,8 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
         np_st_free(&lay);
         free(raw);
         if (st)
+            return st;
+        if (p->target.skeleton.present && (st = np_section_drain(ctx, p, &p->target.skeleton, "target.skeleton")))
             return st;
     } else {
         const np_section *ss[] = {&p->target.layout, &p->target.skeleton};
@@ -1420,7 +1422,7 @@ static nnp_status check_opened(nnp_ctx *ctx, np_patch p, const char *base_path)
         np_st_free(&base);
         goto done;
     }
-    if (p.target.format == NP_FMT_SAFETENSORS) {
+    if (p.target.format != NP_FMT_DIR) {
         np_st lay;
         uint8_t *raw = NULL;
         uint64_t len;
