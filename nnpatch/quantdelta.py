@@ -155,7 +155,7 @@ def decode_scales(data: np.ndarray, *, where: str) -> np.ndarray:
     scales = np.asarray(data, np.uint8).view("<f4")
     bad = np.flatnonzero(~np.isfinite(scales))
     if len(bad):
-        raise PatchFormatError(f"{where}: scale {int(bad[0])} is not finite ({scales[bad[0]]!r})")
+        raise PatchFormatError(f"{where}: scale {int(bad[0])} is not finite ({float(scales[bad[0]])})")
     return scales
 
 

@@ -88,7 +88,7 @@ def tensor_shares(header: PatchHeader, changed: dict[str, int | None] | None = N
     out = []
     for op in header.ops:
         ref = op.target or op.base
-        if op.kind == "rows":
+        if op.kind in ("rows", "qrows"):
             share = op.count / max(1, ref.shape[0])
         elif op.kind == "elements":
             share = op.count / max(1, math.prod(ref.shape))

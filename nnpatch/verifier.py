@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 import blake3
 
 from . import codecs
+from .applier.decode import check_qrows
 from .applier.plan import check_base, check_ops_against_layout, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
@@ -56,9 +57,11 @@ def check_sections(p: Patch) -> None:
                                        f"(BLAKE3 {h.hexdigest()}, expected {f.blake3})", path=p.path)
     for op in p.ops:
         if op.index is not None:
-            bound = op.target.shape[0] if op.kind == "rows" else math.prod(op.target.shape)
+            bound = op.target.shape[0] if op.kind in ("rows", "qrows") else math.prod(op.target.shape)
             codecs.decode_indices(p.section(op.index), op.index.codec, count=op.count, bound=bound,
                                   size=op.index.size, where=f"{op.name!r}.index")
+        if op.kind == "qrows":  # scales finite, codes' padding zero (spec 7.5)
+            check_qrows(p, op)
         for key, s in (("values", op.values), ("base_values", op.base_values)):
             if s is not None:
                 where = f"{op.name!r}.{key}"

@@ -65,6 +65,6 @@ def shift_offsets(obj, delta: int):
                     move(f.get("content"))
     for op in obj.get("ops", []) if isinstance(obj.get("ops"), list) else []:
         if isinstance(op, dict):
-            for key in ("index", "values", "base_values"):
+            for key in ("index", "scales", "values", "base_values"):
                 move(op.get(key))
     return obj

@@ -25,7 +25,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import nnpatch  # noqa: E402
-from nnpatch import dtypes  # noqa: E402
+from nnpatch import dtypes, quantdelta  # noqa: E402
+from nnpatch.differ import save_quant_deltas  # noqa: E402
 from crafting import header_json, with_header  # noqa: E402
 from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
@@ -42,7 +43,11 @@ COMMENT = (
     "from default_rng(seed).standard_normal(n) * 0.05 cast to the dtype for floats (bf16: the high 16 bits "
     "of the float32). Invalid vectors are the 'rows-f32' patch with one rule broken (and the trailer "
     "recomputed unless the rule is the trailer itself); apply each to the named base and expect the error "
-    "class and message given. Byte-identical regeneration of patches depends on the zstd library version "
+    "class and message given. The qrows-* vectors (format 1.3, 'since': '1.3') test the qrows op of "
+    "FORMAT.md section 7.5: options.quantized names the file of rows, scales and codes (spec/vectors-relative) "
+    "that made the target; special rows put NaN, infinities, -0, subnormals, rounding ties, overflow and an "
+    "FMA-sensitive product in the arithmetic (listed in generate_vectors.QROWS_SPECIAL); the invalid qrows-* "
+    "vectors break one qrows rule of the qrows-f32 patch. Byte-identical regeneration of patches depends on the zstd library version "
     "recorded in zstd_version."
 )
 
@@ -138,6 +143,186 @@ def vector_inputs():
                     "magnitudes exp(U(-6, 0)) * N(0, 1): the values are stored in exponent order (esort, 1.2)",
                     base, target, {})
     return out
+
+
+# --- qrows (format 1.3) ------------------------------------------------------------------
+
+def _b(bits: int) -> tuple[str, int]:
+    return ("bits", bits)
+
+
+#: Rows of 9 elements whose old values, codes and scale exercise the arithmetic of FORMAT.md 7.5, per
+#: dtype: (scale, [(old, code), ...]); old is a float (exact in the dtype) or ("bits", word). The comment
+#: gives the result the spec demands.
+QROWS_SPECIAL = {
+    "F32": [
+        (2.0 ** -24, [(_b(0x7FC12345), 5),     # NaN with a payload: kept
+                      (_b(0x7F800001), -3),    # signalling NaN: kept
+                      (float("inf"), 7), (float("-inf"), -128),  # kept
+                      (-0.0, 0),               # code 0: -0 kept
+                      (-0.0, 1),               # 2^-24
+                      (1.0, 1),                # 1 + 2^-24, a tie: 1.0 (even)
+                      (_b(0x3F800001), 1),     # a tie: 0x3F800002 (even)
+                      (0.5, -1)]),             # 0.5 - 2^-24, exact
+        (2.0 ** -149, [(3 * 2.0 ** -149, -1),  # subnormal result 2^-148
+                       (2.0 ** -126, -1),      # largest subnormal
+                       (5 * 2.0 ** -149, -5),  # exactly zero: +0
+                       (-2 * 2.0 ** -149, 2),  # exactly zero from a negative: +0
+                       (2.0 ** -149, 127), (-(2.0 ** -149), -128),
+                       (1.0, 100),             # too small to move 1.0
+                       (0.0, -1), (-0.0, -1)]),  # -2^-149
+        (2.0 ** 104, [(_b(0x7F7FFFFF), 1),     # max + 2^104 = 2^128: overflow to +inf
+                      (_b(0xFF7FFFFF), -1),    # -inf
+                      (_b(0x7F7FFFFF), -1),    # 2^128 - 2^105, exact
+                      (1.0, 127), (0.0, -128), (2.0 ** 127, 127), (2.0 ** 127, -128),
+                      (_b(0x7F7FFFFF), 0), (-1.0, 1)]),
+        (1 + 2.0 ** -23, [(-127.0, 127),       # t = RN(127 + 127 * 2^-23) = 127 + 2^-16; y = 2^-16 (a fused
+                                               # multiply-add would give 127 * 2^-23)
+                          (-1.0, 1),           # 2^-23
+                          (3.0, -3), (-0.0, 1), (0.25, 2), (100.0, -100), (7.0, -7), (1e-3, 1), (-5.0, 5)]),
+    ],
+    "BF16": [
+        (2.0 ** -8, [(_b(0x7FC1), 3), (_b(0x7F81), 1),  # NaNs: kept
+                     (float("inf"), -8), (float("-inf"), 2),  # kept
+                     (-0.0, 0),                # kept
+                     (1.0, 1),                 # 1 + 2^-8, a tie in bf16: 1.0
+                     (_b(0x3F81), 1),          # a tie: 0x3F82
+                     (-0.0, 1),                # 2^-8
+                     (0.5, -1)]),              # 0.5 - 2^-8, exact
+        (2.0 ** -8 + 2.0 ** -30, [(1.0, 1),    # y = RN32(1 + 2^-8 + 2^-30) = 1 + 2^-8, then a tie: 1.0 (one
+                                               # rounding of the exact sum would give 1 + 2^-7)
+                                  (1.0, -1),   # 1 - 2^-8
+                                  (2.0, 1), (0.75, -1), (-1.0, 1), (3.0, 2), (-0.0, 1), (0.0, 0), (0.125, 5)]),
+        (2.0 ** 119, [(_b(0x7F7F), 1),         # 2^128 - 2^119: a tie at the top, rounds to +inf
+                      (_b(0xFF7F), -1),        # -inf
+                      (_b(0x7F7F), -1),        # 2^128 - 2^120 - 2^119, a tie: 0x7F7E (even)
+                      (1.0, 1), (0.0, -1), (2.0 ** 126, 64), (-(2.0 ** 126), -64), (_b(0x7F7F), 0), (1.0, 0)]),
+        (2.0 ** -134, [(0.0, 1),               # 2^-134: half the least subnormal, a tie: +0
+                       (2.0 ** -133, 1),       # 1.5 * 2^-133: a tie: 2 * 2^-133
+                       (-0.0, 1),              # +0
+                       (-(2.0 ** -133), -1),   # -2 * 2^-133
+                       (3 * 2.0 ** -133, -2),  # 2^-132
+                       (2.0 ** -126, -2),      # largest subnormal
+                       (-(2.0 ** -133), 2),    # exactly zero: +0
+                       (0.0, -1),              # -2^-134, a tie: -0
+                       (2.0 ** -133, 0)]),
+    ],
+    "F16": [
+        (2.0 ** -11, [(_b(0x7E01), 3), (_b(0x7C01), 1),  # NaNs: kept
+                      (float("inf"), -1), (float("-inf"), 1),  # kept
+                      (-0.0, 0),               # kept
+                      (1.0, 1),                # 1 + 2^-11, a tie: 1.0
+                      (1 + 2.0 ** -10, 1),     # a tie: 1 + 2^-9
+                      (-0.0, 1),               # 2^-11
+                      (0.5, -1)]),             # 0.5 - 2^-11, exact
+        (2.0 ** -11 + 2.0 ** -35, [(1.0, 1),   # y = RN32(...) = 1 + 2^-11, then a tie: 1.0
+                                   (1.0, -1), (2.0, 1), (-1.0, 1), (0.0, 0), (-0.0, 2), (3.0, 3), (0.25, -4),
+                                   (10.0, 100)]),
+        (16.0, [(65504.0, 1),                  # 65520: overflow to +inf
+                (-65504.0, -1),                # -inf
+                (65504.0, -1),                 # 65488, a tie: 65472 (even)
+                (60000.0, 127), (0.0, 127), (0.0, -128), (1.0, 1), (65504.0, 0), (-2.0, -2)]),
+        (2.0 ** -25, [(3 * 2.0 ** -24, 1),     # 3.5 * 2^-24, a tie: 4 * 2^-24
+                      (2.0 ** -24, -2),        # exactly zero: +0
+                      (-(2.0 ** -24), 2),      # +0
+                      (0.0, 1),                # 2^-25, a tie: +0
+                      (-0.0, -1),              # -2^-25, a tie: -0
+                      (2.0 ** -14, -1),        # 2^-14 - 2^-25, a tie: 2^-14 (even)
+                      (0.0, 3),                # 1.5 * 2^-24, a tie: 2 * 2^-24
+                      (1.0, 5), (-(2.0 ** -14), 1)]),
+    ],
+}
+
+
+def _word(dtype: str, v) -> int:
+    if isinstance(v, tuple):
+        return v[1]
+    if dtype == "F32":
+        return int(np.array(v, "<f4").view("<u4"))
+    if dtype == "BF16":
+        bits = int(np.array(v, "<f4").view("<u4"))
+        assert bits & 0xFFFF == 0, v
+        return bits >> 16
+    h = np.array(v, "<f2")
+    assert float(h) == v or v != v, v
+    return int(h.view("<u2"))
+
+
+def qrows_inputs():
+    """name -> (description, base tensors, target tensors, {tensor: QuantDelta}) for the qrows vectors.
+
+    Per dtype: "w8" (16 x 9, 8-bit codes, a scale per row) changes its four special rows (QROWS_SPECIAL)
+    and four random ones; "w4" (8 x 3 x 3, 4-bit codes, one scale) changes three rows whose old values
+    include NaN, infinities, -0 and subnormals; "bias" does not change."""
+    out = {}
+    for seed, dtype in ((11, "F32"), (12, "BF16"), (13, "F16")):
+        rng = np.random.default_rng(seed)
+        word = quantdelta.word_dtype(dtype)
+        w8 = np.frombuffer(_tensor(rng, dtype, (16, 9))[2], word).reshape(16, 9).copy()
+        special = QROWS_SPECIAL[dtype]
+        rows8 = [1, 4, 6, 9, 10, 12, 13, 15]
+        codes8 = rng.integers(-128, 128, (8, 9)).astype(np.int8)
+        scales8 = (rng.uniform(0.5, 2.0, 8) * 1e-3).astype(np.float32)
+        for k, (scale, items) in zip((1, 3, 4, 7), special):
+            scales8[k] = scale
+            for j, (old, code) in enumerate(items):
+                w8[rows8[k], j] = _word(dtype, old)
+                codes8[k, j] = code
+        q8 = quantdelta.QuantDelta(np.array(rows8), scales8, codes8, 8)
+        w4 = np.frombuffer(_tensor(rng, dtype, (8, 3, 3))[2], word).reshape(8, 9).copy()
+        rows4 = [0, 5, 7]
+        codes4 = rng.integers(-8, 8, (3, 9)).astype(np.int8)
+        olds = [float("nan"), float("inf"), float("-inf"), -0.0, -0.0, 0.0]
+        tiny = {"F32": 2.0 ** -149, "BF16": 2.0 ** -133, "F16": 2.0 ** -24}[dtype]
+        for j, old in enumerate(olds + [tiny, -tiny, 3 * tiny]):
+            w4[5, j] = _word(dtype, old) if old == old else {"F32": 0x7FC00000, "BF16": 0x7FC0, "F16": 0x7E00}[dtype]
+        codes4[1, :6] = [3, -8, 7, 0, 2, -1]
+        q4 = quantdelta.QuantDelta(np.array(rows4), np.array([2.0 ** -7], np.float32), codes4, 4)
+        bias = _tensor(rng, dtype, (16,))
+        base = {"w8": (dtype, (16, 9), w8.tobytes()), "w4": (dtype, (8, 3, 3), w4.tobytes()), "bias": bias}
+        target = {"w8": (dtype, (16, 9), q8.apply(w8, dtype).tobytes()),
+                  "w4": (dtype, (8, 3, 3), q4.apply(w4, dtype).reshape(8, 9).tobytes()), "bias": bias}
+        name = f"qrows-{dtype.lower()}"
+        desc = (f"qrows (format 1.3) on {dtype}: 8 of 16 rows of w8 (8-bit codes, a scale per row; 4 special rows "
+                "with NaN, infinities, -0, subnormal results, ties, overflow and an FMA-sensitive product) and 3 "
+                "of 8 rows of w4 (4-bit codes, one scale, rows of 9 codes: a padding nibble; old NaN, infinities, "
+                "-0 and subnormals)")
+        out[name] = (desc, base, target, {"w4": q4, "w8": q8})
+    return out
+
+
+def invalid_qrows_patches(good: bytes):
+    """name -> (description, patch bytes), from the qrows-f32 patch (plain header)."""
+    h = header_json(good)
+    ops = {op["name"]: i for i, op in enumerate(h["ops"])}
+    i4, i8 = ops["w4"], ops["w8"]
+    assert h["ops"][i8]["scales"]["codec"] == [] and h["ops"][i4]["values"]["codec"] == []
+
+    def patch_byte(data: bytes, pos: int, value: int) -> bytes:
+        b = bytearray(data)
+        b[pos] = value
+        return _reseal(bytes(b))
+
+    s8 = h["ops"][i8]["scales"]["offset"]
+    v4 = h["ops"][i4]["values"]["offset"]
+    nan_scale = _reseal(good[:s8] + struct.pack("<I", 0x7FC00000) + good[s8 + 4:])
+    return {
+        "qrows-bad-bits": ("a qrows op with bits 5",
+                           _edit_header(good, lambda h: h["ops"][i8].update(bits=5))),
+        "qrows-codes-size": ("a qrows op whose values size is one byte short of count x row code bytes",
+                             _edit_header(good, lambda h: h["ops"][i8]["values"].update(
+                                 size=h["ops"][i8]["values"]["size"] - 1))),
+        "qrows-scales-size": ("a qrows op whose scales size is 8 bytes: neither one scale nor one per row",
+                              _edit_header(good, lambda h: h["ops"][i8]["scales"].update(size=8))),
+        "qrows-bad-dtype": ("a qrows op on an I32 tensor",
+                            _edit_header(good, lambda h: (h["ops"][i8]["base"].update(dtype="I32"),
+                                                          h["ops"][i8]["target"].update(dtype="I32")))),
+        "qrows-planes": ("a qrows op whose codes are stored with the planes stage",
+                         _edit_header(good, lambda h: h["ops"][i8]["values"].update(codec=["planes"]))),
+        "qrows-nan-scale": ("the first scale of a qrows op replaced by a NaN", nan_scale),
+        "qrows-padding-nibble": ("the padding nibble after the first row's 9th 4-bit code set",
+                                 patch_byte(good, v4 + 4, good[v4 + 4] | 0x10)),
+    }
 
 
 def _reseal(data: bytes) -> bytes:
@@ -317,6 +502,26 @@ def build(directory: str) -> dict:
             "base_blake3": nnpatch.hash_file(bp), "target_blake3": nnpatch.hash_file(tp),
             "patch_blake3": nnpatch.hash_file(pp),
         })
+    for name, (desc, base, target, deltas) in qrows_inputs().items():
+        d = os.path.join(directory, "valid", name)
+        os.makedirs(d, exist_ok=True)
+        bp, tp, pp, qp = (os.path.join(d, f) for f in ("base.safetensors", "target.safetensors", "patch.nnpatch",
+                                                       "deltas.safetensors"))
+        write_safetensors(bp, base, {"version": "1"})
+        write_safetensors(tp, target, {"version": "2"})
+        save_quant_deltas(qp, deltas)
+        nnpatch.diff(bp, tp, pp, level=LEVEL, quantized=qp)
+        with nnpatch.read_patch(pp) as p:
+            if sorted(op.kind for op in p.ops) != ["qrows", "qrows"] or p.header.version != (1, 3):
+                raise SystemExit(f"the {name} vector does not use qrows")
+        manifest["valid"].append({
+            "name": name, "description": desc, "options": {"quantized": os.path.relpath(qp, directory)},
+            "since": "1.3",
+            "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
+            "patch": os.path.relpath(pp, directory),
+            "base_blake3": nnpatch.hash_file(bp), "target_blake3": nnpatch.hash_file(tp),
+            "patch_blake3": nnpatch.hash_file(pp),
+        })
     d = os.path.join(directory, "valid", "directory")
     desc, options, bp, tp = directory_vector(d)
     pp = os.path.join(d, "patch.nnpatch")
@@ -367,6 +572,21 @@ def build(directory: str) -> dict:
         wrong.update(error=type(e).__name__,
                      message=str(e).replace(os.path.join(directory, wrong["base"]), "{base}"))
     manifest["invalid"].append(wrong)
+    qbase = os.path.join(directory, "valid", "qrows-f32", "base.safetensors")
+    with open(os.path.join(directory, "valid", "qrows-f32", "patch.nnpatch"), "rb") as f:
+        written = f.read()
+    for name, (desc, data) in invalid_qrows_patches(with_header(written, header_json(written))).items():
+        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            nnpatch.apply(qbase, path, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
+            raise SystemExit(f"invalid vector {name} was accepted")
+        except nnpatch.NnpatchError as e:
+            manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
+                                        "base": os.path.relpath(qbase, directory), "apply_options": {},
+                                        "since": "1.3", "error": type(e).__name__,
+                                        "message": str(e).replace(path, "{patch}")})
     dir_base = os.path.join(directory, "valid", "directory", "base")
     with open(os.path.join(directory, "valid", "directory", "patch.nnpatch"), "rb") as f:
         written = f.read()

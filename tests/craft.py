@@ -90,7 +90,7 @@ def section_slots(h: dict) -> list[dict]:
             if isinstance(f, dict) and isinstance(f.get(key), dict):
                 out.append(f[key])
     for op in h.get("ops") or []:
-        for key in ("index", "values", "base_values"):
+        for key in ("index", "scales", "values", "base_values"):
             if isinstance(op, dict) and isinstance(op.get(key), dict):
                 out.append(op[key])
     return out

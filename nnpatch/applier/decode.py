@@ -4,11 +4,13 @@ arithmetic of quantized rows (``qrows``, :mod:`nnpatch.quantdelta`)."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 
 from .. import codecs, dtypes, kernel, quantdelta
 from ..errors import PatchFormatError
-from ..patchfile import Op
+from ..patchfile import Op, Patch
 from ..weights import TensorInfo
 from .plan import Step
 
@@ -97,11 +99,35 @@ def _run_step(step: Step, info: TensorInfo, dst: np.ndarray | None, indices: np.
 
 
 def decode_scales(step: Step) -> np.ndarray:
-    op = step.op
+    return _scales(step.patch, step.op)
+
+
+def _scales(patch: Patch, op: Op) -> np.ndarray:
     s = op.scales
     where = f"{op.name!r}.scales"
-    raw = next(iter(codecs.decoded_chunks(step.patch.section(s), s.codec, s.size, [s.size], where=where)))
+    raw = next(iter(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where=where)))
     return quantdelta.decode_scales(raw, where=where)
+
+
+def check_qrows(patch: Patch, op: Op) -> None:
+    """What a ``qrows`` op's sections must hold, checked without a base: finite scales, zero padding
+    nibbles (``nnpatch verify``)."""
+    try:
+        _scales(patch, op)
+        n = math.prod(op.target.shape) // op.target.shape[0]
+        code_bytes = quantdelta.row_code_bytes(n, op.bits)
+        if not code_bytes:
+            return
+        per = codecs.chunk_units(n)
+        s = op.values
+        where = f"{op.name!r}.values"
+        sizes = codecs.value_chunk_sizes(op.count, code_bytes, n)
+        for i, chunk in enumerate(codecs.decoded_chunks(patch.section(s), s.codec, s.size, sizes, where=where)):
+            quantdelta.unpack_codes(chunk, min(per, op.count - i * per), n, op.bits, where=where)
+    except PatchFormatError as e:
+        if e.path is None:
+            raise PatchFormatError(str(e), path=patch.path) from e
+        raise
 
 
 def _run_qrows(step: Step, info: TensorInfo, dst: np.ndarray, indices: np.ndarray | None) -> None:
