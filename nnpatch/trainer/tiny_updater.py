@@ -7,12 +7,20 @@ whose parameters moved least from M0 (L1 distance) are reset to M0's values and
 frozen, until only the target share (10-20 % of the output channels) or what
 fits a byte budget is left free.  A patch from M0 to the student then carries
 the changed channels only.
+
+Two choices differ from the paper, both measured (benchmarks/RESULTS-tinyupdater.md,
+"Closing the gap"): channels are ranked by Fisher-weighted movement per layer
+(``selection="fisher_layer"``, see :mod:`nnpatch.trainer.sparse`) rather than by L1
+distance, and the student's cosine learning rate restarts from its peak when the
+prune ramp ends (``lr_restart``), so the channels left free re-adapt at full speed
+after their neighbours were reset.
 """
 
 from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 import os
 import time
 from typing import Any, Callable
@@ -25,7 +33,7 @@ from ..errors import UsageError
 from .progress import Progress
 from .trainer import Trainer, TrainerConfig, set_seed, world_info
 
-__all__ = ["update", "CHECKPOINT_FORMAT"]
+__all__ = ["update", "StudentTrainer", "CHECKPOINT_FORMAT"]
 
 #: the ``format`` entry of a train-sparse checkpoint (see :func:`update`)
 CHECKPOINT_FORMAT = "nnpatch train-sparse checkpoint 1"
@@ -35,7 +43,7 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
            teacher: nn.Module | None = None, teacher_epochs: int | None = None,
            teacher_lr: float | None = None, kd: bool = True,
            log: Callable[[str], None] | None = None, checkpoint: str | os.PathLike | None = None,
-           resume: dict | None = None, meta: dict | None = None) -> dict:
+           resume: dict | None = None, meta: dict | None = None, lr_restart: bool = True) -> dict:
     """Run the Tiny Updater on ``base_model`` (M0, left untouched).
 
     Trains a fully-updated teacher (unless given) for ``teacher_epochs``, then a
@@ -51,6 +59,10 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
     phase's :meth:`Trainer.checkpoint`) and ``teacher`` (the finished teacher's
     state dict, in the student phase).  ``resume``: such a dict; the run goes on
     from it and ends exactly as the uninterrupted run would have.
+
+    ``lr_restart``: the student's cosine learning rate starts again from ``config.lr`` at the
+    last prune event and decays to 0 over the steps left (:class:`StudentTrainer`); False keeps
+    one cosine over the whole run.
 
     Returns ``{"student", "teacher", "base_state", "sparse", "check", "seconds"}``."""
     t0 = time.time()
@@ -83,7 +95,8 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
         progress.skip("teacher", "given (--teacher)" if teacher is not None else "none (no distillation)")
     set_seed(config.seed + 2)
     student = copy.deepcopy(base_model)
-    tr = Trainer(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None)
+    trainer_cls = StudentTrainer if lr_restart else Trainer
+    tr = trainer_cls(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None)
     student_resume = resume["trainer"] if resume is not None and resume["phase"] == "student" else None
     if student_resume is not None:
         tr.load_checkpoint(student_resume)
@@ -99,6 +112,25 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
         check = tr.sparse.verify(base_state)
     return {"student": student, "teacher": teacher, "base_state": base_state, "sparse": tr.sparse,
             "check": check, "seconds": time.time() - t0}
+
+
+class StudentTrainer(Trainer):
+    """A :class:`Trainer` whose cosine learning rate restarts at the end of the prune ramp.
+
+    Up to the last prune event the learning rate is the Trainer's (cosine over the whole
+    run); from there it is ``lr * (1 + cos(pi * (step - end) / (total - end))) / 2``.  With no
+    ramp (a full update, ``schedule="start"``) or ``lr_schedule="constant"`` it is the
+    Trainer's.  A function of the step only, so resumed runs stay exact."""
+
+    def _lr_at(self, step: int) -> float:
+        c = self.config
+        total = max(1, self.total_steps())
+        if self.sparse is None or c.lr_schedule == "constant" or (c.warmup_steps and step < c.warmup_steps):
+            return super()._lr_at(step)
+        end = self.sparse.plan(total)[-1][0]
+        if step < end or end <= 0 or end >= total:
+            return super()._lr_at(step)
+        return c.lr * 0.5 * (1.0 + math.cos(math.pi * (step - end) / (total - end)))
 
 
 def _train_teacher(base_model: nn.Module, train_ds, config: TrainerConfig, epochs: int | None,
