@@ -84,6 +84,11 @@ class TrainSparseOptions:
         help="BatchNorm running statistics of frozen channels: kept as in the base (the channel rule), "
              "or adapted to the new data in every channel (2 numbers per channel; helps after an input "
              "shift such as noise).")
+    delta_bits: int | None = _option(
+        "--delta-bits", default=None, type=click.Choice(["8", "4"]),
+        help="Quantize the kept channels' deltas to 8- or 4-bit codes with a scale per channel "
+             "(a short quantization-aware phase after the sparse update); the patch uses the qrows op "
+             "(format 1.3), and -o is exactly what it rebuilds.")
     seed: int = _option("--seed", default=0, trainer=True, type=int, show_default=True,
                              help="Seed of every random choice (initialisation, shuffling, channel ties): "
                                   "the same seed and data give the same model and patch.")

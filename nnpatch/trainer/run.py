@@ -56,6 +56,7 @@ from ..hashing import canonical_order
 from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
 from .data import Batches
 from .options import TrainSparseOptions
+from .quant import exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
 from .tiny_updater import CHECKPOINT_FORMAT, update
@@ -240,10 +241,18 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
                      teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say,
                      checkpoint=opts.checkpoint, resume=resume, meta=meta)
+    if opts.delta_bits is not None:  # quantization-aware deltas for the kept channels (trainer/quant.py)
+        with _running_user_code(opts, "training"):
+            finetune(res["student"], res["teacher"], res["base_state"], train_ds, cfg, opts.delta_bits, log=say)
     student = res["student"].to("cpu")
     teacher = res["teacher"].to("cpu")
     # the student in the base file's dtypes (frozen channels round-trip exactly)
     new_state = {k: v.detach().to(base_file_state[k].dtype) for k, v in student.state_dict().items()}
+    deltas = None
+    if opts.delta_bits is not None:  # the final weights by the qrows arithmetic, as the patch rebuilds them
+        exact, deltas = exact_update(dict(student.named_parameters()), base_file_state, opts.delta_bits)
+        new_state.update(exact)
+        student.load_state_dict(new_state)
     check = changed_channels(new_state, base_file_state, res["sparse"].groups, ignore=res["sparse"].free_stats)
     changed = check.pop("changed_vector")
     agree = _ranks_agree(new_state) if distributed else True
@@ -267,12 +276,13 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
         "norm_stats": opts.norm_stats, "norm_stats_changed": check["stats_changed"],
         "world_size": world, "ranks_agree": agree, "resumed": resume is not None,
+        "delta_bits": opts.delta_bits,
     }
     _refuse_over_the_limit(check, opts.ratio)
     save_weights(new_state, out_path, metadata=load_metadata(base_path))
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
-    report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path)).patch_size
+    report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
     if budget_bytes is not None:
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
         report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * opts.cost_factor)
@@ -381,6 +391,8 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
         raise UsageError("--kd-temperature must be > 0")
     if o.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
+    if o.delta_bits is not None and str(o.delta_bits) not in ("8", "4"):
+        raise UsageError(f"--delta-bits must be 8 or 4, got {o.delta_bits}")
     if o.resume and not o.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE (the file to go on from)")
     if o.checkpoint and Path(o.checkpoint).resolve() in {Path(p).resolve() for p in (o.output, o.patch)}:
@@ -402,7 +414,8 @@ def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSpar
     o = dataclasses.replace(o, **filled)
     teacher_epochs = o.teacher_epochs if o.teacher_epochs is not None else tuned.get("teacher_epochs", o.epochs)
     ratio = o.ratio if o.ratio is not None or budget_bytes is not None else DEFAULT_RATIO
-    return dataclasses.replace(o, teacher_epochs=teacher_epochs, ratio=ratio)
+    bits = int(o.delta_bits) if o.delta_bits is not None else None  # "8" from the command line
+    return dataclasses.replace(o, teacher_epochs=teacher_epochs, ratio=ratio, delta_bits=bits)
 
 
 class _M0(NamedTuple):
