@@ -77,13 +77,14 @@ def test_version(native):
     assert out.count("\n") == 1, "one line"
 
 
-def test_format_version_matches_python():
-    """The newest format the native library reads is the one the Python writer writes."""
+def test_format_version_known_to_python():
+    """The newest format the native library reads is one the Python implementation knows (the
+    native applier may lag behind a newer minor version whose features it refuses by name)."""
     from nnpatch.patchfile.header import FORMAT_VERSION
     text = HEADER.read_text()
     major = int(re.search(r"#define NNP_FORMAT_MAJOR (\d+)", text).group(1))
     minor = int(re.search(r"#define NNP_FORMAT_MINOR (\d+)", text).group(1))
-    assert (major, minor) == FORMAT_VERSION
+    assert major == FORMAT_VERSION[0] and minor <= FORMAT_VERSION[1]
 
 
 def test_exports_only_api(native):
