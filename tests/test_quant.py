@@ -382,3 +382,38 @@ def test_vector_targets_are_the_reference(vec):
             assert np.isnan(x).any() and np.isinf(x).any()
         y = quantdelta.to_f32(t.bits("w8"), t.tensors["w8"].dtype)
         assert np.isinf(y).any()  # an overflow made an infinity
+
+
+def test_revert_refuses_qrows(tmp_path):
+    vec = QROWS[0]
+    with pytest.raises(PatchFormatError, match="is qrows"):
+        nnpatch.revert(os.path.join(VECTORS, vec["target"]), os.path.join(VECTORS, vec["patch"]),
+                       tmp_path / "back.safetensors")
+
+
+@pytest.mark.parametrize("vec", QROWS, ids=lambda v: v["name"])
+@given(data=st.data())
+def test_corrupt_sections_are_refused_by_name(vec, data, tmp_path_factory):
+    """Any byte of a qrows patch's sections changed, the trailer recomputed: apply fails with a named
+    error (a non-finite scale or a padding nibble: PatchFormatError; other codes or indices: the
+    target digest), never another exception, and writes nothing; or, where the change cannot show
+    (a scale one unit in the last place off that rounds to the same bf16 values), it writes the target."""
+    import blake3
+
+    raw = bytearray(read(os.path.join(VECTORS, vec["patch"])))
+    with nnpatch.read_patch(os.path.join(VECTORS, vec["patch"])) as p:
+        spans = [(s.offset, s.offset + s.length) for op in p.ops for s in op.sections() if s.length]
+    lo, hi = data.draw(st.sampled_from(spans))
+    pos = data.draw(st.integers(lo, hi - 1))
+    raw[pos] ^= data.draw(st.integers(1, 255))
+    raw[-32:] = blake3.blake3(bytes(raw[:-32])).digest()
+    tmp = tmp_path_factory.mktemp("c")
+    bad = tmp / "bad.nnpatch"
+    bad.write_bytes(bytes(raw))
+    out = tmp / "out.safetensors"
+    try:
+        nnpatch.apply(os.path.join(VECTORS, vec["base"]), bad, out)
+    except nnpatch.NnpatchError:
+        assert not out.exists()
+    else:
+        assert read(out) == read(os.path.join(VECTORS, vec["target"]))

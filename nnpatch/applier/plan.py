@@ -322,6 +322,10 @@ def _resolve_copies(base, patches: Sequence[Patch], layouts: list[TargetLayout])
 def plan_revert(new: SafetensorsFile, patch: Patch) -> Plan:
     """The plan that takes the patch's target back to its base."""
     h = patch.header
+    quantized = next((op for op in h.ops if op.kind == "qrows"), None)
+    if quantized is not None:
+        raise PatchFormatError(f"patch is not reversible: op {quantized.name!r} is qrows (quantized deltas; their "
+                               "rounding loses the old values)", path=patch.path)
     if not h.reversible:
         raise PatchFormatError("patch is not reversible (it lacks the base layout or old bytes, or orders values by "
                                "the old ones); "

@@ -75,7 +75,7 @@ def _print_stat(r) -> None:
     width = 30
     name_w = min(48, max([len(c.name) for c in r.changes] + [4]))
     for c in r.changes:
-        if c.op in ("rows",):
+        if c.op in ("rows", "qrows"):
             frac, what = c.rows_changed / max(1, c.rows_total), f"{c.rows_changed}/{c.rows_total} rows"
         elif c.op == "elements":
             frac, what = c.elements_changed / max(1, c.elements_total), f"{c.elements_changed}/{c.elements_total} el"

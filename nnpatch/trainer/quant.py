@@ -118,10 +118,14 @@ class DeltaQuantizer:
 
 def finetune(student: nn.Module, teacher: nn.Module | None, base_state: dict[str, torch.Tensor], train_ds,
              config: TrainerConfig, bits: int, *, epochs: int | None = None,
-             log: Callable[[str], None] | None = None) -> Trainer:
+             log: Callable[[str], None] | None = None) -> Trainer | None:
     """Train ``student`` for a few epochs with quantized deltas in every forward pass (straight-through),
-    moving only the elements that already differ from ``base_state``; returns the Trainer."""
-    epochs = epochs if epochs is not None else max(1, round(config.epochs * FINETUNE_SHARE))
+    moving only the elements that already differ from ``base_state``; returns the Trainer (None for
+    0 epochs: nothing to do)."""
+    if epochs is None:
+        epochs = max(1, round(config.epochs * FINETUNE_SHARE)) if FINETUNE_SHARE > 0 else 0
+    if epochs == 0:  # quantized after training only (exact_update)
+        return None
     set_seed(config.seed + 3)
     buffers = {k: v.detach().clone() for k, v in student.named_buffers()}
     masks = {name: (p.detach() != base_state[name].to(p.device, p.dtype))

@@ -20,7 +20,9 @@ M0 fine-tuned with every parameter free for ``--teacher-epochs`` (or ``--teacher
 channel-sparse update (cubic schedule down to ``--ratio`` of the channels, or to
 what fits ``--budget`` bytes estimated as raw bytes x 0.9) -- (2) and (3) are
 ``tiny_updater.update``, which writes ``--checkpoint`` after every epoch and goes
-on from it with ``--resume``; (4) the student is
+on from it with ``--resume``; (3b) with ``--delta-bits 8|4``, a short quantization-aware
+phase and the final weights computed by the ``qrows`` arithmetic (:mod:`nnpatch.trainer.quant`),
+so that the patch's ``qrows`` ops rebuild them exactly; (4) the student is
 saved in the base file's dtypes (frozen channels round-trip bit-exactly) with the
 base file's safetensors metadata, and with
 ``num_batches_tracked`` and every other non-float tensor reset to M0's value so
