@@ -19,7 +19,10 @@ Variants (each a set of overrides over ``tiny``, the benchmark's Tiny Updater se
 * ``featkd``: also distil the features (every BatchNorm output; MSE over the teacher's variance);
 * BatchNorm statistics: ``adapt`` (``norm_stats="adapt"``), ``adapt-recal`` (and a final pass over the
   training data that recomputes the statistics as exact averages);
-* combinations, named by joining with ``+`` (e.g. ``adapt+ep2x``).
+* ``randkd``: random channels fixed before training, with KD;
+* ``lib``: the library's defaults after this study, through ``tiny_updater.update``
+  (``selection="fisher_layer"``, learning-rate restart at the end of the ramp);
+* combinations, named by joining with ``+`` (e.g. ``lib+adapt``, ``random+adapt``).
 
 Usage::
 
@@ -63,6 +66,7 @@ ATOMS = {
     "tiny": {},
     "random": {"kd": False, "selection": "random", "schedule": "start"},
     "l1": {"kd": False},
+    "randkd": {"selection": "random", "schedule": "start"},  # random channels, with KD
     "end10": {"prune_end": 0.10},
     "ep2x": {"epochs_mult": 2.0},
     "ep3x": {"epochs_mult": 3.0},
@@ -264,7 +268,16 @@ def run(args) -> None:
 
 # ------------------------------------------------------------------- report
 def report(args) -> str:
-    rows = [json.loads(s) for s in Path(args.rows).read_text().splitlines()]
+    rows, seen = [], set()
+    for path in args.rows.split(","):
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            key = (r["scenario"], r["width"], r["epochs"], r["seed"], r["variant"])
+            if key not in seen:  # none/full are written once per process
+                seen.add(key)
+                rows.append(r)
+    first = ["none", "full", "random", "l1", "random+adapt", "l1+restart+adapt", "tiny", "lib", "lib+adapt"]
+    rows.sort(key=lambda r: (first.index(r["variant"]) if r["variant"] in first else len(first)))
     out = []
     for scen in dict.fromkeys((r["scenario"], r["width"], r["epochs"]) for r in rows):
         sel = [r for r in rows if (r["scenario"], r["width"], r["epochs"]) == scen]
@@ -273,15 +286,20 @@ def report(args) -> str:
             by.setdefault(r["variant"], []).append(r)
         full = statistics.mean(r["acc"] for r in by.get("full", [{"acc": math.nan}]))
         out.append(f"#### mnist5k/{scen[0]}, width {scen[1]}, {scen[2]} teacher / student epochs (k = 10 %)\n")
-        out.append("| variant | seeds | accuracy % (mean ± sd) | gap to full | % channels | patch bytes | s/run |")
-        out.append("|---|---|---|---|---|---|---|")
+        out.append("| variant | seeds | accuracy % (mean ± sd) | gap to full | vs tiny, same seed: mean (min, max) "
+                   "| % channels | patch bytes | s/run |")
+        out.append("|---|---|---|---|---|---|---|---|")
+        tiny = {r["seed"]: r["acc"] for r in by.get("tiny", [])}
         for name, rs in by.items():
             accs = [r["acc"] for r in rs]
             sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
             pbs = [r["patch"] for r in rs if r["patch"] is not None]
             pb = f"{statistics.mean(pbs):,.0f}" if pbs else "-"
             gap = "-" if name == "full" else f"{full - statistics.mean(accs):+.2f}"
-            out.append(f"| {name} | {len(rs)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {gap} | "
+            d = [r["acc"] - tiny[r["seed"]] for r in rs if r["seed"] in tiny]
+            paired = "-" if name in ("none", "full", "tiny") or not d else \
+                f"{statistics.mean(d):+.2f} ({min(d):+.2f}, {max(d):+.2f})"
+            out.append(f"| {name} | {len(rs)} | {statistics.mean(accs):.2f} ± {sd:.2f} | {gap} | {paired} | "
                        f"{statistics.mean(r['ch'] for r in rs):.1f} | {pb} | "
                        f"{statistics.mean(r['sec'] for r in rs):.1f} |")
         out.append("")
@@ -295,7 +313,7 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default="random,l1,tiny")
     ap.add_argument("--width", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=8, help="teacher and (before ep2x/ep3x) student epochs")
-    ap.add_argument("--rows", default="tinyupdater_gap.jsonl")
+    ap.add_argument("--rows", default="tinyupdater_gap.jsonl", help="JSON lines file (--report: a comma list)")
     ap.add_argument("--cache", default=str(Path(tempfile.gettempdir()) / "nnpatch-gap-cache"))
     ap.add_argument("--report", action="store_true", help="print the table of the rows so far")
     ap.add_argument("--out", default=None)
