@@ -9,8 +9,9 @@ spec/FORMAT.md 7.5: ``new = old + scale * code``, a binary32 scale per row, 8- o
    codes rounded to nearest); the gradient of those weights is applied to the full-precision
    ("latent") weights, a straight-through estimator, by swapping the latent weights back in
    before each optimizer step. Only the elements the sparse update changed may move; the rest
-   are reset to M0 after every step, so the channel rule still holds. BatchNorm statistics are
-   left as the sparse update made them.
+   are reset to M0 after every step, so the channel rule still holds. Normalization layers run in
+   evaluation mode: their running statistics stay as the sparse update left them and are the ones
+   the forward pass normalizes with, as after training.
 2. :func:`exact_update`: the final weights computed by the spec's arithmetic
    (:mod:`nnpatch.quantdelta`, numpy, bit-exact), not by torch, from the base file's bits; and the
    :class:`~nnpatch.quantdelta.QuantDelta` of each tensor, for ``nnpatch.diff(quantized=...)``.
@@ -147,6 +148,8 @@ def finetune(student: nn.Module, teacher: nn.Module | None, base_state: dict[str
             p.copy_(torch.where(m, p, base_state[name].to(p.device, p.dtype)))
 
     handles.append(tr.optimizer.register_step_post_hook(reset_unchanged))
+    norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
+    handles.append(student.register_forward_pre_hook(lambda m, args: [n.eval() for n in norms] and None))
     quantizer = DeltaQuantizer(student, base_state, bits).attach(tr.optimizer)
     if log:
         log(f"quantization-aware deltas ({bits} bits): {epochs} epoch(s) at lr {cfg.lr:g}")
