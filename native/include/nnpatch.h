@@ -1,8 +1,9 @@
 /*
  * libnnpatch: apply nnpatch patches (spec/FORMAT.md, spec/JOURNAL.md) without Python.
  *
- * Scope: safetensors file targets, format 1.0 to 1.2 (every op, index format,
- * delta stage, byte planes, zstd sections and zstd headers, Ed25519 signatures),
+ * Scope: safetensors file targets, format 1.0 to 1.3 (every op, qrows included:
+ * its binary32 arithmetic to the bit; every index format, delta stage, byte
+ * planes, zstd sections and zstd headers, Ed25519 signatures),
  * chains of patches in one pass, patches read from a stream, in-place updates
  * behind the undo journal of spec/JOURNAL.md and their recovery. Other target
  * kinds (directory, PyTorch) are refused with NNP_EFORMAT / NNP_KIND_UNSUPPORTED.
@@ -35,7 +36,7 @@ extern "C" {
 #define NNP_VERSION_STRING "0.5.0"
 /* The newest format version this library reads (it reads every 1.x file). */
 #define NNP_FORMAT_MAJOR 1
-#define NNP_FORMAT_MINOR 2
+#define NNP_FORMAT_MINOR 3
 
 /* Status codes: the exit codes of the command-line tools (README, "Exit codes"). */
 typedef enum nnp_status {

@@ -571,9 +571,9 @@ nnp_status np_chain_indices(nnp_ctx *ctx, np_chain *c, size_t i, np_index_fn fn,
 {
     const item *it = &c->items[i];
     const step *s = it->has_fill ? &it->fill : it->ns ? &c->steps[it->s0] : NULL;
-    if (!s || !(s->op->kind == NP_OP_ROWS || s->op->kind == NP_OP_ELEMENTS))
+    if (!s || !(s->op->kind == NP_OP_ROWS || s->op->kind == NP_OP_ELEMENTS || s->op->kind == NP_OP_QROWS))
         return np_fail(ctx, NNP_KIND_USAGE, "item %zu has no index", i);
-    uint64_t bound = s->op->kind == NP_OP_ROWS ? it->out->shape[0] : it->out->numel;
+    uint64_t bound = s->op->kind == NP_OP_ELEMENTS ? it->out->numel : it->out->shape[0];
     return np_idx_validate(ctx, s->p, s->op, bound, fn, user);
 }
 
@@ -1326,10 +1326,12 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
         const np_op *op = &p->ops[i];
         np_quote(q, sizeof q, op->name, op->name_len);
         if (op->index.present) {
-            uint64_t bound = op->kind == NP_OP_ROWS ? op->target.shape[0] : op->target.numel;
+            uint64_t bound = op->kind == NP_OP_ELEMENTS ? op->target.numel : op->target.shape[0];
             if ((st = np_idx_validate(ctx, p, op, bound, NULL, NULL)))
                 return st;
         }
+        if (op->kind == NP_OP_QROWS && (st = np_qrows_check(ctx, p, op))) /* verifier.check_sections */
+            return st;
         snprintf(where, sizeof where, "%s.values", q);
         if (op->values.present && (st = np_section_drain(ctx, p, &op->values, where)))
             return st;

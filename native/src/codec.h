@@ -93,6 +93,15 @@ typedef struct np_step_job {
 #define NP_SCRATCH_MIN ((uint64_t)4 << 20)
 nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst);
 
+/* qrows (format 1.3, FORMAT.md 7.5; qrows.c). np_run_step runs a qrows op's values through
+ * np_run_qrows: index validated, every scale finite, then the changed rows rebuilt in place from
+ * their old words, a piece at a time. */
+nnp_status np_run_qrows(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst);
+/* What nnp_check checks of a qrows op without a base: finite scales, zero padding nibbles. */
+nnp_status np_qrows_check(nnp_ctx *ctx, const np_patch *p, const np_op *op);
+/* The arithmetic on n words of dtype (F32, BF16 or F16, little-endian) with one scale and n codes. */
+void np_qrows_apply_words(int dtype, uint8_t *words, size_t n, float scale, const int8_t *codes);
+
 /* Decode a section through (validation, nnp_check): every byte decoded, nothing kept. */
 nnp_status np_section_drain(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where);
 

@@ -163,9 +163,11 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
         e->name_len = t->name_len;
         e->offset = t->begin;
         e->nbytes = t->nbytes;
-        int rows_ok = it.first_kind == NP_OP_ROWS && t->rank && t->shape[0];
+        /* a qrows op changes rows as a rows op does: the journal keeps the same units, the old rows */
+        int by_rows = it.first_kind == NP_OP_ROWS || it.first_kind == NP_OP_QROWS;
+        int rows_ok = by_rows && t->rank && t->shape[0];
         if (!it.has_fill && it.n_steps == 1 && (rows_ok || it.first_kind == NP_OP_ELEMENTS)) {
-            e->unit = it.first_kind == NP_OP_ROWS ? t->nbytes / t->shape[0] : np_dtypes[t->dtype].size;
+            e->unit = by_rows ? t->nbytes / t->shape[0] : np_dtypes[t->dtype].size;
             e->count = it.count;
         } else {
             e->unit = t->nbytes;

@@ -80,6 +80,8 @@ typedef struct np_dtype {
 } np_dtype;
 
 #define NP_NDTYPES 17
+/* Indices in np_dtypes of the dtypes a qrows op changes (ctx.c keeps the table in this order). */
+enum { NP_DT_F16 = 8, NP_DT_BF16 = 9, NP_DT_F32 = 12 };
 extern const np_dtype np_dtypes[NP_NDTYPES];
 /* Index in np_dtypes of the dtype named s[0..len), or -1. */
 int np_dtype_find(const char *s, size_t len);

@@ -603,9 +603,9 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
     char q[NP_QUOTE_MAX];
     if ((st = get_str(r, oj, "op", where, 0, &kv)))
         return st;
-    static const char *kinds[] = {NULL, "rows", "elements", "whole", "add", "remove"};
+    static const char *kinds[] = {NULL, "rows", "elements", "whole", "add", "remove", "qrows"};
     op->kind = 0;
-    for (int k = 1; k <= 5; k++)
+    for (int k = 1; k <= NP_OP_QROWS; k++)
         if (strlen(kinds[k]) == kv->u.str.len && !memcmp(kinds[k], kv->u.str.s, kv->u.str.len))
             op->kind = k;
     if (!op->kind) {
@@ -613,9 +613,9 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
         return UV("%s: header: %s.op: unknown operation %s", r->p->name, where, q);
     }
     int k = op->kind;
-    int has_base = k != NP_OP_ADD, has_target = k != NP_OP_REMOVE, has_index = k == NP_OP_ROWS || k == NP_OP_ELEMENTS,
-        has_values = k != NP_OP_REMOVE;
-    const npj_value *vcodec = NULL, *icodec = NULL, *bcodec = NULL;
+    int has_base = k != NP_OP_ADD, has_target = k != NP_OP_REMOVE,
+        has_index = k == NP_OP_ROWS || k == NP_OP_ELEMENTS || k == NP_OP_QROWS, has_values = k != NP_OP_REMOVE;
+    const npj_value *vcodec = NULL, *icodec = NULL, *bcodec = NULL, *scodec = NULL;
     if (has_base && (st = get_tensor(r, oj, "base", where, &op->base)))
         return st;
     if (has_target && (st = get_tensor(r, oj, "target", where, &op->target)))
@@ -627,6 +627,13 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
     }
     if (has_values && (st = get_section(r, oj, "values", where, 0, &op->values, &vcodec)))
         return st;
+    uint64_t bits = 0;
+    if (k == NP_OP_QROWS) {
+        if ((st = get_int(r, oj, "bits", where, 0, NULL, &bits)) ||
+            (st = get_section(r, oj, "scales", where, 0, &op->scales, &scodec)))
+            return st;
+        op->bits = bits == 8 || bits == 4 ? (unsigned)bits : 0;
+    }
     if ((st = get_section(r, oj, "base_values", where, 1, &op->base_values, &bcodec)))
         return st;
     if (k == NP_OP_REMOVE && !op->base_values.present && npj_get(oj, "values"))
@@ -636,11 +643,31 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
     const np_tref *b = &op->base, *t = &op->target;
     int same = b->present && t->present && b->dtype == t->dtype && b->rank == t->rank &&
                (b->rank == 0 || !memcmp(b->shape, t->shape, b->rank * sizeof(uint64_t)));
-    if ((k == NP_OP_ROWS || k == NP_OP_ELEMENTS) && !same)
+    if ((k == NP_OP_ROWS || k == NP_OP_ELEMENTS || k == NP_OP_QROWS) && !same)
         return PF("%s: header: %s: op '%s' needs the same dtype and shape before and after", r->p->name, w, kinds[k]);
-    if (k == NP_OP_ROWS && t->rank == 0)
-        return PF("%s: header: %s: op 'rows' needs a tensor of rank 1 or more", r->p->name, w);
+    if ((k == NP_OP_ROWS || k == NP_OP_QROWS) && t->rank == 0)
+        return PF("%s: header: %s: op '%s' needs a tensor of rank 1 or more", r->p->name, w, kinds[k]);
     char w2[600];
+    if (k == NP_OP_QROWS) {
+        /* reader._check_qrows: a dtype the arithmetic of section 7.5 is defined for, 8- or 4-bit codes,
+         * scales and codes stored raw or as zstd */
+        if (t->dtype != NP_DT_F32 && t->dtype != NP_DT_BF16 && t->dtype != NP_DT_F16)
+            return PF("%s: header: %s: op 'qrows' changes F32, BF16, F16 tensors, not %s", r->p->name, w,
+                      np_dtypes[t->dtype].name);
+        if (!op->bits)
+            return PF("%s: header: %s.bits: must be 8 or 4, found %llu", r->p->name, w, (unsigned long long)bits);
+        const np_section *qs[2] = {&op->scales, &op->values};
+        const npj_value *qc[2] = {scodec, vcodec};
+        static const char *qn[2] = {"scales", "values"};
+        for (int i = 0; i < 2; i++) {
+            snprintf(w2, sizeof w2, "%s.%s", w, qn[i]);
+            if ((st = check_value_codec(r, qs[i], qc[i], 0, w2, -1)))
+                return st;
+            if (delta_or_planes(qs[i]) || np_sec_has(qs[i], NP_S_ESORT))
+                return PF("%s: header: %s.codec: a 'qrows' op stores its scales and codes raw or as zstd only",
+                          r->p->name, w2);
+        }
+    }
     if (op->values.present) {
         snprintf(w2, sizeof w2, "%s.values", w);
         if ((st = check_value_codec(r, &op->values, vcodec, same, w2, t->present ? t->dtype : -1)))
@@ -659,6 +686,12 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
         has_bound = 1;
         if (np_mul(op->count, row_bytes, &expected))
             expected = UINT64_MAX; /* cannot equal a size < 2^63 */
+    } else if (k == NP_OP_QROWS) {
+        bound = t->shape[0];
+        uint64_t row_elements = bound ? t->numel / bound : 0;
+        has_bound = 1;
+        if (np_mul(op->count, np_qrows_row_bytes(row_elements, op->bits), &expected))
+            expected = UINT64_MAX;
     } else if (k == NP_OP_ELEMENTS) {
         bound = t->numel;
         has_bound = 1;
@@ -678,6 +711,9 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
     if (op->values.present && op->values.size != expected)
         return PF("%s: header: %s.values: size %llu does not match the %llu bytes the op writes", r->p->name, w,
                   (unsigned long long)op->values.size, (unsigned long long)expected);
+    if (op->scales.present && op->scales.size != 4 && op->scales.size != 4 * op->count) /* count <= bound < 2^62 */
+        return PF("%s: header: %s.scales: size %llu is neither 4 (one scale) nor %llu (one per row)", r->p->name, w,
+                  (unsigned long long)op->scales.size, (unsigned long long)(4 * op->count));
     if (op->base_values.present) {
         int needs = k == NP_OP_REMOVE || (k == NP_OP_WHOLE && !np_sec_delta(&op->values));
         snprintf(w2, sizeof w2, "%s.base_values", w);
@@ -905,7 +941,8 @@ static nnp_status check_placement(nnp_ctx *ctx, np_patch *p)
             (st = check_one(ctx, p, &p->target.files[i].content, &cursor)))
             return st;
     for (size_t i = 0; i < p->nops; i++)
-        if ((st = check_one(ctx, p, &p->ops[i].index, &cursor)) || (st = check_one(ctx, p, &p->ops[i].values, &cursor)) ||
+        if ((st = check_one(ctx, p, &p->ops[i].index, &cursor)) || (st = check_one(ctx, p, &p->ops[i].scales, &cursor)) ||
+            (st = check_one(ctx, p, &p->ops[i].values, &cursor)) ||
             (st = check_one(ctx, p, &p->ops[i].base_values, &cursor)))
             return st;
     uint64_t end = np_align64(cursor);

@@ -64,7 +64,10 @@ typedef struct np_tref {
     uint8_t blake3[32];
 } np_tref;
 
-enum { NP_OP_ROWS = 1, NP_OP_ELEMENTS, NP_OP_WHOLE, NP_OP_ADD, NP_OP_REMOVE };
+enum { NP_OP_ROWS = 1, NP_OP_ELEMENTS, NP_OP_WHOLE, NP_OP_ADD, NP_OP_REMOVE, NP_OP_QROWS };
+
+/* Bytes of one row's codes in a qrows op: ceil(n * bits / 8), without overflow. */
+static inline uint64_t np_qrows_row_bytes(uint64_t n, unsigned bits) { return bits == 8 ? n : n / 2 + (n & 1); }
 
 typedef struct np_op {
     const char *name;
@@ -72,7 +75,9 @@ typedef struct np_op {
     int kind;
     np_tref base, target;
     uint64_t count;
+    unsigned bits;        /* qrows (1.3): 8 or 4 */
     np_section index, values, base_values;
+    np_section scales;    /* qrows: binary32 scales, one per changed row or one */
 } np_op;
 
 enum { NP_FMT_SAFETENSORS = 1, NP_FMT_DIR, NP_FMT_PYTORCH, NP_FMT_ONNX };
