@@ -16,6 +16,7 @@ import nnpatch
 from nnpatch.weights import write_safetensors
 
 from .conftest import VECTORS
+from .qrows_cases import make_pair, second_link
 
 INDEX = json.loads((VECTORS / "vectors.json").read_text())
 # directory and ONNX targets are outside the native applier's scope (it refuses them, exit 3)
@@ -32,7 +33,13 @@ def test_is_aarch64(aarch64):
 def test_version(aarch64):
     r = aarch64.run("--version")
     assert r.returncode == 0, r.stderr
-    assert r.stdout.decode().strip()
+    assert "(format 1.3)" in r.stdout.decode()
+
+
+def test_the_qrows_vectors_are_here():
+    """Format 1.3's qrows vectors run below like every other one (the arithmetic on ARM)."""
+    assert {"qrows-f32", "qrows-bf16", "qrows-f16"} <= {v["name"] for v in VALID}
+    assert sum(1 for v in INVALID if v["name"].startswith("qrows-")) >= 7
 
 
 @pytest.mark.parametrize("verify", ["default", "full", "touched"])
@@ -40,8 +47,6 @@ def test_version(aarch64):
 def test_valid_vector(aarch64, vec, verify, tmp_path):
     out = tmp_path / "out.safetensors"
     r = aarch64.run(VECTORS / vec["base"], VECTORS / vec["patch"], "-o", out, "--verify", verify, "--quiet")
-    if vec.get("since") and r.returncode == 3 and b"qrows" in r.stderr:
-        return  # a newer format's op, refused by name until the native applier implements it (FORMAT.md 13)
     assert r.returncode == 0, r.stderr.decode()
     assert out.read_bytes() == (VECTORS / vec["target"]).read_bytes()
 
@@ -125,3 +130,36 @@ def test_differential_sample(aarch64, seed, tmp_path):
     r = aarch64.run(o, p, "-o", out, "--verify", "full")
     assert r.returncode == 0, r.stderr.decode()
     assert out.read_bytes() == n.read_bytes()
+
+
+# qrows (format 1.3): the binary32 arithmetic of FORMAT.md 7.5 with specials (NaN payloads,
+# infinities, subnormals, signed zeros, overflow) in F32, BF16 and F16, 8- and 4-bit codes: the
+# aarch64 build must write exactly the bytes numpy's reference wrote on x86 (tests/native/qrows_cases.py).
+@pytest.mark.parametrize("seed", range(6))
+def test_qrows_differential_sample(aarch64, native, seed, tmp_path):
+    o, n, deltas = make_pair(seed, tmp_path, big=seed == 1)
+    p = tmp_path / "q.nnpatch"
+    nnpatch.diff(o, n, p, level=3, quantized=deltas)
+    out = tmp_path / "out.safetensors"
+    r = aarch64.run(o, p, "-o", out, "--verify", "full")
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == n.read_bytes()
+
+
+def test_qrows_in_place_and_chain(aarch64, tmp_path):
+    vec = next(v for v in VALID if v["name"] == "qrows-bf16")
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(VECTORS / vec["base"], model)
+    r = aarch64.run("--in-place", model, VECTORS / vec["patch"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert model.read_bytes() == (VECTORS / vec["target"]).read_bytes()
+    # two qrows links applied as a chain in one pass
+    o, n, d1 = make_pair(3, tmp_path)
+    new2, d2 = second_link(3, n, tmp_path)
+    p1, p2 = tmp_path / "p1.nnpatch", tmp_path / "p2.nnpatch"
+    nnpatch.diff(o, n, p1, quantized=d1)
+    nnpatch.diff(n, new2, p2, quantized=d2)
+    out = tmp_path / "chain.safetensors"
+    r = aarch64.run(o, p1, p2, "-o", out, "--verify", "full")
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == new2.read_bytes()

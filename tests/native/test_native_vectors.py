@@ -4,9 +4,9 @@ Python implementation and one ``Error:`` line, leaving nothing at -o; through li
 (ctypes) the error class is the one vectors.json names.
 
 Directory and ONNX vectors are refused with exit 3 by an applier that does not implement those
-kinds; one that does must rebuild them exactly. Likewise a vector marked ``since`` (a format version
-newer than the native applier may read, FORMAT.md section 13: "1.3", the qrows op) may be refused by
-name, exit 3 and UnsupportedVersionError, until the applier implements it; then it must be exact.
+kinds; one that does must rebuild them exactly. The vectors marked ``since`` (FORMAT.md section 13:
+"1.3", the qrows op) are no exception: the native applier reads 1.3 (NNP_FORMAT_MINOR 3), so each
+valid one is rebuilt exactly and each invalid one fails with Python's class and message.
 """
 
 from __future__ import annotations
@@ -69,13 +69,7 @@ def tree(p) -> dict:
 SAFETENSORS = [v for v in MANIFEST["valid"] if kind(v) == "safetensors"]
 
 
-def refused_as_newer(vec, r) -> bool:
-    """A ``since`` vector the applier refuses by name (exit 3, one Error line naming the op)."""
-    if not vec.get("since") or r.rc == 0:
-        return False
-    assert_refused(r, 3)
-    assert "qrows" in r.err, f"{vec['name']}: refused without naming the feature: {r}"
-    return True
+SINCE = [v for v in MANIFEST["valid"] + MANIFEST["invalid"] if v.get("since")]
 OTHER_KINDS = [v for v in MANIFEST["valid"] if kind(v) != "safetensors"]
 
 
@@ -85,6 +79,18 @@ def test_the_vectors_cover_what_the_native_applier_must_do():
     assert {"rows-f32", "elements-bf16", "every-dtype", "all-ops", "all-ops-reversible", "identical",
             "esort"} <= names
     assert len(MANIFEST["invalid"]) >= 15
+    # format 1.3: the qrows op on each dtype it is defined for, and one vector per rule it adds
+    assert {"qrows-f32", "qrows-bf16", "qrows-f16"} <= names
+    assert {v["name"] for v in SINCE if v in MANIFEST["invalid"]} >= {
+        "qrows-bad-bits", "qrows-bad-dtype", "qrows-codes-size", "qrows-nan-scale", "qrows-padding-nibble",
+        "qrows-planes", "qrows-scales-size"}
+
+
+def test_the_native_applier_reads_format_1_3(native):
+    """--version names the newest format it reads: 1.3, the one that added qrows."""
+    r = run_native(native, "--version")
+    assert_ok(r)
+    assert "(format 1.3)" in r.out, r
 
 
 @pytest.mark.parametrize("verify", VERIFY)
@@ -93,9 +99,6 @@ def test_valid_vector_rebuilds_the_target(native_impl, vec, verify, tmp_path):
     assert file_digest(vpath(vec["patch"])) == vec["patch_blake3"]
     out = tmp_path / "out.safetensors"
     r = run_native(native_impl, vpath(vec["base"]), vpath(vec["patch"]), "-o", out, "--verify", verify, "--quiet")
-    if refused_as_newer(vec, r):
-        assert leftovers(tmp_path) == []
-        return
     assert_ok(r)
     assert r.err == "", f"--quiet printed on stderr: {r}"
     assert filecmp.cmp(out, vpath(vec["target"]), shallow=False), f"{vec['name']}: output differs from the target"
@@ -108,8 +111,7 @@ def test_valid_vector_checks(native, vec):
     """--check PATCH, and --check PATCH --base OLD: exit 0 for every valid vector."""
     for r in (run_native(native, "--check", vpath(vec["patch"])),
               run_native(native, "--check", vpath(vec["patch"]), "--base", vpath(vec["base"]))):
-        if not refused_as_newer(vec, r):
-            assert_ok(r)
+        assert_ok(r)
 
 
 def test_valid_vector_without_quiet_says_something(native, tmp_path):
@@ -170,8 +172,6 @@ def test_invalid_vector_check_agrees_with_python_verify(native, vec):
     is not the patch's; 0 for the target-digest lie, which only writing the output can find)."""
     want = python_check(vpath(vec["patch"]), "--base", vpath(vec["base"]))
     r = run_native(native, "--check", vpath(vec["patch"]), "--base", vpath(vec["base"]))
-    if vec.get("since") and r.rc == 3 and want in (0, 3):
-        return  # refused by the op's name: a reader of an older version
     if want == 0:
         assert_ok(r)
     elif want == 1:  # a check that ran and found a mismatch: a report, not necessarily an Error line
@@ -232,9 +232,6 @@ def lib(native):
 def test_library_applies_valid_vectors(lib, vec, tmp_path):
     out = tmp_path / "out.safetensors"
     status, name, message = lib.apply(vpath(vec["base"]), [vpath(vec["patch"])], out)
-    if vec.get("since") and (status, name) == (3, "UnsupportedVersionError"):
-        assert "qrows" in message and not out.exists()
-        return
     assert status == 0, f"{name}: {message}"
     assert message == "" and name in ("", "None", "NONE", "ok"), (name, message)
     assert file_digest(out) == vec["target_blake3"]
@@ -247,10 +244,9 @@ def test_library_reports_the_error_class(lib, vec, tmp_path):
                                       vec["apply_options"].get("verify", "default"))
     if is_directory_vector(vec) and status == 3 and name in ("PatchFormatError", "UnsupportedVersionError"):
         return  # the kind is refused
-    if vec.get("since") and (status, name) == (3, "UnsupportedVersionError") and "qrows" in message:
-        assert not out.exists()
-        return  # the op is refused by name
     assert (status, name) == (expected_exit(vec), vec["error"]), f"message: {message}"
+    if vec.get("since"):  # the qrows rules: Python's message, word for word
+        assert message == vec["message"].format(patch=vpath(vec["patch"])), message
     assert message and "\n" not in message
     assert not out.exists()
     assert leftovers(tmp_path) == []

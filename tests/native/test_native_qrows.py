@@ -1,0 +1,171 @@
+"""The qrows op (format 1.3, FORMAT.md sections 5.5 and 7.5) in the native applier, against the
+Python reference: pairs made by tests/native/qrows_cases.py (specials in F32, BF16 and F16; 8- and
+4-bit codes; one scale or one per row; raw and zstd sections; rows wider than the applier's piece),
+diffed by ``nnpatch.diff(..., quantized=...)`` and applied by ``nnpatch-apply``: identical bytes,
+through a file, a pipe, a chain of two qrows patches and an in-place update. A qrows op changes
+rows, so the native journal saves the old rows as for a ``rows`` op, and journals cross between the
+implementations. The vectors are in test_native_vectors.py; the sample under qemu-aarch64 (the
+proof that the arithmetic is the same on ARM) in test_aarch64.py.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import numpy as np
+import pytest
+
+import nnpatch
+from nnpatch.applier import recover
+from nnpatch.applier.journal import journal_path, read_journal
+from nnpatch.patchfile import read_patch
+from nnpatch.quantdelta import QuantDelta
+from nnpatch.weights import SafetensorsFile
+
+from .conftest import VECTORS
+from .native_run import assert_ok, assert_refused, leftovers
+from .native_run import native as run_native
+from .qrows_cases import FORMATS, make_pair, quant_delta, second_link
+from .test_native_inplace import kill_native_after_journal, py_crash_at
+
+SEEDS = range(16)
+
+
+def read(path) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def diffed(seed: int, tmp_path, *, big: bool | None = None):
+    o, n, deltas = make_pair(seed, tmp_path, big=seed % 4 == 1 if big is None else big)
+    p = tmp_path / f"p{seed}.nnpatch"
+    nnpatch.diff(o, n, p, level=3, quantized=deltas)
+    return o, n, p, deltas
+
+
+def test_the_cases_reach_every_rounding_outcome(tmp_path):
+    """A guard on the generator: over the seeds, each dtype has changed elements that overflow to
+    infinity, land on a subnormal, cancel to zero, and start from a subnormal; NaNs and infinities are
+    kept."""
+    seen = {}
+    for seed in range(8):
+        o, n, deltas = make_pair(seed, tmp_path)
+        with SafetensorsFile(o) as a, SafetensorsFile(n) as b:
+            for name in deltas:
+                dt = a.tensors[name].dtype
+                e, m, w = FORMATS[dt]
+                emax, mmask = (1 << e) - 1, (1 << m) - 1
+                ow = np.frombuffer(a.bits(name), w).astype(np.int64)
+                nw = np.frombuffer(b.bits(name), w).astype(np.int64)
+                ex_o, ex_n = (ow >> m) & emax, (nw >> m) & emax
+                ch = ow != nw
+                got = seen.setdefault(dt, dict.fromkeys(("inf", "sub", "zero", "from_sub", "special_kept"), 0))
+                got["inf"] += int((ch & (ex_n == emax)).sum())
+                got["sub"] += int((ch & (ex_n == 0) & ((nw & mmask) != 0)).sum())
+                got["zero"] += int((ch & ((nw & ((1 << (e + m)) - 1)) == 0)).sum())
+                got["from_sub"] += int((ch & (ex_o == 0)).sum())
+                got["special_kept"] += int(((ex_o == emax) & ~ch).sum())
+                assert not (ch & (ex_o == emax)).any(), "a NaN or an infinity changed"
+    for dt, got in seen.items():
+        assert all(got.values()), (dt, got)
+
+
+@pytest.mark.parametrize("seed", SEEDS)
+def test_qrows_differential(native_impl, seed, tmp_path):
+    o, n, p, _ = diffed(seed, tmp_path)
+    with read_patch(p) as patch:
+        assert any(op.kind == "qrows" for op in patch.ops)
+    out = tmp_path / "out.safetensors"
+    r = run_native(native_impl, o, p, "-o", out, "--verify", "full", "--quiet")
+    assert_ok(r)
+    assert read(out) == read(n), f"seed {seed}: the native qrows result differs from Python's"
+    assert_ok(run_native(native_impl, "--check", p, "--base", o))
+
+
+@pytest.mark.parametrize("seed", [0, 5])
+def test_qrows_through_a_pipe(native_impl, seed, tmp_path):
+    o, n, p, _ = diffed(seed, tmp_path, big=True)
+    out = tmp_path / "out.safetensors"
+    r = run_native(native_impl, o, "-", "-o", out, "--quiet", stdin=read(p), chunk=4096)
+    assert_ok(r)
+    assert read(out) == read(n)
+
+
+@pytest.mark.parametrize("seed", [2, 3])
+def test_qrows_chain_in_one_pass(native_impl, seed, tmp_path):
+    o, n, p1, _ = diffed(seed, tmp_path)
+    new2, d2 = second_link(seed, n, tmp_path)
+    p2 = tmp_path / "link2.nnpatch"
+    nnpatch.diff(n, new2, p2, quantized=d2)
+    out = tmp_path / "out.safetensors"
+    assert_ok(run_native(native_impl, o, p1, p2, "-o", out, "--verify", "full", "--quiet"))
+    assert read(out) == read(new2)
+    # the second link from a pipe
+    out.unlink()
+    assert_ok(run_native(native_impl, o, p1, "-", "-o", out, "--quiet", stdin=read(p2)))
+    assert read(out) == read(new2)
+
+
+@pytest.mark.parametrize("seed", [4, 9])
+def test_qrows_in_place(native_impl, seed, tmp_path):
+    o, n, p, _ = diffed(seed, tmp_path)
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(o, model)
+    assert_ok(run_native(native_impl, "--in-place", model, p))
+    assert read(model) == read(n)
+    assert not os.path.lexists(journal_path(model))
+
+
+@pytest.mark.parametrize("name", ["qrows-nan-scale", "qrows-padding-nibble"])
+def test_bad_qrows_in_place_leaves_the_model_as_it_was(native_impl, name, tmp_path):
+    """Rules checked while decoding (a scale, a padding nibble): refused, the model exactly OLD (rolled
+    back from the journal if anything was written), no journal left."""
+    vec = next(v for v in nnpatch_vectors()["invalid"] if v["name"] == name)
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(VECTORS / vec["base"], model)
+    r = run_native(native_impl, "--in-place", model, VECTORS / vec["patch"])
+    assert_refused(r, 3)
+    assert vec["message"].split(": ", 1)[1] in r.err, r
+    assert read(model) == read(VECTORS / vec["base"])
+    assert not os.path.lexists(journal_path(model)) and leftovers(tmp_path, "model.safetensors") == []
+
+
+def nnpatch_vectors() -> dict:
+    import json
+
+    return json.loads((VECTORS / "vectors.json").read_text())
+
+
+def test_native_journal_saves_rows_and_python_recovers_it(native, tmp_path):
+    """Killed after its journal: the native journal holds the old rows of each qrows tensor (unit = a
+    row, count = the op's rows), and Python's recover rolls the model back to exactly OLD."""
+    o, n, p, deltas = diffed(6, tmp_path, big=False)
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(o, model)
+    kill_native_after_journal(native, model, p)
+    j = read_journal(journal_path(model))
+    with SafetensorsFile(o) as st:
+        units = {e.name: (e.unit, e.count) for e in j.entries}
+        for name, qd in deltas.items():
+            info = st.tensors[name]
+            assert name in units, name
+            assert units[name] == (info.nbytes // info.shape[0], len(qd.rows)), name
+    assert recover(model) is not None
+    assert read(model) == read(o) and not os.path.lexists(journal_path(model))
+
+
+@pytest.mark.parametrize("step", ["journal", "synced"])
+def test_python_qrows_journal_recovered_by_native(native_impl, step, tmp_path):
+    o, n, p, _ = diffed(7, tmp_path, big=False)
+    model = tmp_path / "model.safetensors"
+    shutil.copyfile(o, model)
+    py_crash_at(step, str(model), str(p))
+    assert_ok(run_native(native_impl, "--recover", model))
+    assert read(model) == read(o) and not os.path.lexists(journal_path(model))
+
+
+def test_quant_delta_shapes_are_the_writers():
+    """The generator's deltas are what nnpatch's writer takes (a guard against API drift)."""
+    qd = quant_delta(np.random.default_rng(0), "F16", 4, 5, 7)
+    assert isinstance(qd, QuantDelta) and qd.codes.shape[1] == 7 and qd.bits == 4
