@@ -109,3 +109,22 @@ def test_quantdelta_quantize_matches_fake_quant_on_f16():
     s, c = quantdelta.quantize(words, latent.double().numpy(), "F16", 8)
     assert np.array_equal(deltas["w"].codes, c[deltas["w"].rows.astype(int)])
     assert np.array_equal(deltas["w"].apply(words, "F16"), state["w"].view(torch.int16).numpy().view("<u2"))
+
+
+def test_budget_counts_codes_not_floats(tiny, tmp_path):
+    """With --delta-bits, --budget counts a changed channel at the cost of its codes: a budget the plain
+    update misses (or meets with fewer channels) holds every channel quantized."""
+    spec, base = tiny
+    runs = {}
+    for bits in (None, "8"):
+        d = tmp_path / str(bits)
+        args = ["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(base), "--epochs", "3",
+                "--teacher-epochs", "1", "--budget", "4000", "-o", str(d / "n.safetensors"),
+                "--patch", str(d / "p.nnpatch"), "--json"] + (["--delta-bits", bits] if bits else [])
+        runs[bits] = invoke(args)
+    quant = runs["8"]
+    assert quant.exit_code == 0, quant.output + repr(quant.exception)
+    rep = json.loads(quant.stdout)
+    assert rep["budget_met"] and rep["channels_changed"] == rep["channels_total"]
+    plain = runs[None]
+    assert plain.exit_code == 1 or json.loads(plain.stdout)["channels_changed"] < rep["channels_changed"]

@@ -36,7 +36,7 @@ from .. import quantdelta
 from ..quantdelta import QuantDelta
 from .trainer import Trainer, TrainerConfig, set_seed
 
-__all__ = ["DeltaQuantizer", "exact_update", "fake_quant", "finetune", "quantized", "FINETUNE_SHARE",
+__all__ = ["DeltaQuantizer", "code_cost_factor", "exact_update", "fake_quant", "finetune", "quantized", "FINETUNE_SHARE",
            "FINETUNE_LR_SCALE", "MIN_RANK"]
 
 #: The quantization-aware phase runs this share of the student's epochs (at least one) ...
@@ -165,6 +165,16 @@ def finetune(student: nn.Module, teacher: nn.Module | None, base_state: dict[str
             for k, v in student.named_buffers():
                 v.copy_(buffers[k])
     return tr
+
+
+def code_cost_factor(base_state: dict[str, torch.Tensor], bits: int) -> float:
+    """Patch bytes per raw byte of a changed channel when its deltas are ``bits``-bit codes (for
+    ``--budget``): a code's bytes over the mean item size of the quantized tensors (codes hardly compress;
+    a row's scale is left out)."""
+    sizes = [(t.numel(), t.element_size()) for t in base_state.values() if quantized(t)]
+    elements = sum(n for n, _ in sizes)
+    itemsize = sum(n * w for n, w in sizes) / elements if elements else 4.0
+    return bits / 8 / itemsize
 
 
 def exact_update(latent: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor],

@@ -58,7 +58,7 @@ from ..hashing import canonical_order
 from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
 from .data import Batches
 from .options import TrainSparseOptions
-from .quant import exact_update, finetune
+from .quant import code_cost_factor, exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
 from .sparse import changed_channels
 from .tiny_updater import CHECKPOINT_FORMAT, update
@@ -238,6 +238,8 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     if say and opts.checkpoint and resume is None:
         say(f"checkpoint: {opts.checkpoint}, written after every epoch (add --resume to go on from it)")
     cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes)
+    if opts.delta_bits is not None:  # --budget: a changed element will cost a code, not its dtype's bytes
+        cfg = dataclasses.replace(cfg, cost_factor=code_cost_factor(base_file_state, opts.delta_bits))
     teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
     with _running_user_code(opts, "training"):
         res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
@@ -287,7 +289,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
     if budget_bytes is not None:
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
-        report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * opts.cost_factor)
+        report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * cfg.cost_factor)
     report["seconds"] = round(time.time() - t0, 2)
     if budget_bytes is not None and not report["budget_met"]:
         raise BudgetMissedError(
@@ -325,7 +327,7 @@ def _make_folders(o: TrainSparseOptions) -> None:
 
 #: options that decide the result: a checkpoint is resumed only under the same values
 _RESULT_OPTIONS = ("recipe", "model_spec", "data_spec", "ratio", "teacher_epochs", "epochs", "lr", "batch_size",
-                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor")
+                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor", "delta_bits")
 
 
 def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state: dict[str, torch.Tensor],
