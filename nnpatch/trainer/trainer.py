@@ -100,7 +100,7 @@ class TrainerConfig:
     schedule: str = "cubic"           # cubic | linear | oneshot | start
     prune_end: float = 0.25
     prune_events: int = 10
-    selection: str = "l1_layer"       # l1 | l1_mean | l1_layer | random | teacher | teacher_layer
+    selection: str = "fisher_layer"   # fisher | fisher_layer | l1 | l1_mean | l1_layer | random | teacher | teacher_layer
     norm_stats: str = "frozen"        # frozen | adapt: BatchNorm running statistics of frozen channels
     seed: int = 0
     device: str = "cpu"
