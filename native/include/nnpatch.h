@@ -2,7 +2,9 @@
  * libnnpatch: apply nnpatch patches (spec/FORMAT.md, spec/JOURNAL.md) without Python.
  *
  * Scope: safetensors file targets, format 1.0 to 1.3 (every op, qrows included:
- * its binary32 arithmetic to the bit; every index format, delta stage, byte
+ * its binary32 arithmetic to the bit, which needs the default floating-point
+ * environment, round to nearest without flush-to-zero: a thread that changed
+ * it gets NNP_KIND_IO rather than wrong bytes; every index format, delta stage, byte
  * planes, zstd sections and zstd headers, Ed25519 signatures),
  * chains of patches in one pass, patches read from a stream, in-place updates
  * behind the undo journal of spec/JOURNAL.md and their recovery. Other target

@@ -318,9 +318,9 @@ static nnp_status codes_pass(nnp_ctx *ctx, const np_patch *p, const np_op *op, u
             if (dst)
                 np_qrows_apply_words(dtype, row + j0 * w, ne, s, cv);
             b0 += got;
+            if ((got >= 4096 || (r & 0x3ff) == 0x3ff) && (st = np_check_cancel(ctx))) /* a wide piece, or 1024 rows */
+                goto out;
         }
-        if ((r & 0x3ff) == 0x3ff && (st = np_check_cancel(ctx)))
-            goto out;
     }
     if (have_it && (st = np_idx_finish(ctx, &it)))
         goto out;
