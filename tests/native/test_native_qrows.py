@@ -169,3 +169,44 @@ def test_quant_delta_shapes_are_the_writers():
     """The generator's deltas are what nnpatch's writer takes (a guard against API drift)."""
     qd = quant_delta(np.random.default_rng(0), "F16", 4, 5, 7)
     assert isinstance(qd, QuantDelta) and qd.codes.shape[1] == 7 and qd.bits == 4
+
+
+QROWS_VECTORS = [v for v in nnpatch_vectors()["valid"] if v["name"].startswith("qrows-")]
+
+
+@pytest.mark.parametrize("vec", QROWS_VECTORS, ids=lambda v: v["name"])
+def test_corrupt_qrows_sections_same_verdict_as_python(native_impl, vec, tmp_path):
+    """Bytes of a qrows vector's sections changed (about 60 positions across index, scales and codes),
+    the trailer recomputed: the native applier and Python's both write the same bytes, or both refuse
+    with the same exit code (a non-finite scale or a padding nibble: 3; other codes: the target
+    digest, 4), and the native one leaves nothing behind."""
+    import blake3
+
+    raw = read(VECTORS / vec["patch"])
+    with read_patch(VECTORS / vec["patch"]) as p:
+        positions = [i for op in p.ops for s in op.sections() for i in range(s.offset, s.offset + s.length)]
+    rng = np.random.default_rng(len(raw))
+    base = VECTORS / vec["base"]
+    verdicts = set()
+    for k, pos in enumerate(positions[:: max(1, len(positions) // 60)]):
+        bad = bytearray(raw)
+        bad[pos] ^= int(rng.integers(1, 256))
+        bad[-32:] = blake3.blake3(bytes(bad[:-32])).digest()
+        patch = tmp_path / f"bad{k}.nnpatch"
+        patch.write_bytes(bytes(bad))
+        py_out, c_dir = tmp_path / f"py{k}.safetensors", tmp_path / f"c{k}"
+        c_dir.mkdir()
+        try:
+            nnpatch.apply(base, patch, py_out)
+            py_rc = 0
+        except nnpatch.NnpatchError as e:
+            py_rc = e.exit_code
+        r = run_native(native_impl, base, patch, "-o", c_dir / "out.safetensors", "--quiet")
+        if py_rc == 0:
+            assert_ok(r)
+            assert read(c_dir / "out.safetensors") == read(py_out), f"byte {pos}"
+        else:
+            assert_refused(r, py_rc)
+            assert leftovers(c_dir) == [], f"byte {pos}: a refused apply left a file behind"
+        verdicts.add(py_rc)
+    assert 3 in verdicts and 4 in verdicts, verdicts
