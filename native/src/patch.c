@@ -90,6 +90,24 @@ static const char *kind_name(const npj_value *v)
     return "?";
 }
 
+/* ", found V" with V as Python's repr would show it (reader._Reader.int), for the values whose repr
+ * is plain to reproduce; "" for the others (floats, integers beyond 64 bits, lists, objects). */
+static const char *found_text(const npj_value *v, char *buf, size_t n)
+{
+    char q[NP_QUOTE_MAX];
+    switch (v->kind) {
+    case NPJ_NULL: snprintf(buf, n, ", found None"); break;
+    case NPJ_FALSE: snprintf(buf, n, ", found False"); break;
+    case NPJ_TRUE: snprintf(buf, n, ", found True"); break;
+    case NPJ_INT:
+        snprintf(buf, n, ", found %s%llu", v->u.i.negative ? "-" : "", (unsigned long long)v->u.i.magnitude);
+        break;
+    case NPJ_STRING: snprintf(buf, n, ", found %s", np_quote(q, sizeof q, v->u.str.s, v->u.str.len)); break;
+    default: buf[0] = 0;
+    }
+    return buf;
+}
+
 static nnp_status get_obj(rd *r, const npj_value *parent, const char *key, const char *where, int optional,
                           const npj_value **out)
 {
@@ -115,9 +133,9 @@ static nnp_status get_int(rd *r, const npj_value *parent, const char *key, const
     if (!v)
         return optional ? NNP_OK : missing(r, where, key);
     if (v->kind != NPJ_INT || v->u.i.negative || v->u.i.magnitude >= ((uint64_t)1 << 63)) {
-        char w[512];
+        char w[512], found[NP_QUOTE_MAX + 16];
         snprintf(w, sizeof w, "%s.%s", where, key);
-        return PF("%s: header: %s: must be an integer in [0, 2^63)", r->p->name, w);
+        return PF("%s: header: %s: must be an integer in [0, 2^63)%s", r->p->name, w, found_text(v, found, sizeof found));
     }
     *out = v->u.i.magnitude;
     return NNP_OK;

@@ -23,6 +23,7 @@ from nnpatch.patchfile import read_patch
 from nnpatch.quantdelta import QuantDelta
 from nnpatch.weights import SafetensorsFile
 
+from .. import craft
 from .conftest import VECTORS
 from .native_run import assert_ok, assert_refused, leftovers
 from .native_run import native as run_native
@@ -210,3 +211,57 @@ def test_corrupt_qrows_sections_same_verdict_as_python(native_impl, vec, tmp_pat
             assert leftovers(c_dir) == [], f"byte {pos}: a refused apply left a file behind"
         verdicts.add(py_rc)
     assert 3 in verdicts and 4 in verdicts, verdicts
+
+
+def _sec(data: bytes, codec) -> dict:
+    return {"codec": list(codec), "size": len(data), "_data": data}
+
+
+# one rule of FORMAT.md 5.5 / 7.5 broken in the header of qrows-f32's op `op` (0: w4, 1: w8)
+HEADER_EDITS = {
+    "bits-missing": lambda op: op.pop("bits"),
+    "bits-string": lambda op: op.update(bits="8"),
+    "bits-0": lambda op: op.update(bits=0),
+    "bits-16": lambda op: op.update(bits=16),
+    "bits-huge": lambda op: op.update(bits=1 << 63),
+    "scales-missing": lambda op: op.pop("scales"),
+    "scales-xor": lambda op: op["scales"].update(codec=["xor"]),
+    "scales-esort": lambda op: op["scales"].update(codec=["esort"]),
+    "scales-planes": lambda op: op["scales"].update(codec=["planes"]),
+    "scales-zstd-twice": lambda op: op["scales"].update(codec=["zstd", "zstd"]),
+    "scales-unknown": lambda op: op["scales"].update(codec=["lz4"]),
+    "scales-empty": lambda op: op.update(scales=_sec(b"", [])),
+    "scales-one-too-many": lambda op: op.update(scales=_sec(b"\0" * (4 * op["count"] + 4), [])),
+    "scales-zstd": lambda op: op.update(scales=_sec(craft.zstd(craft.section_bytes(op["scales"])), ["zstd"])),
+    "values-zadd": lambda op: op["values"].update(codec=["zadd"]),
+    "values-esort-zstd": lambda op: op["values"].update(codec=["xor", "esort", "zstd"]),
+    "base-values": lambda op: op.update(base_values=_sec(b"\0" * 4, [])),
+    "count-0": lambda op: op.update(count=0),
+    "count-over": lambda op: op.update(count=op["target"]["shape"][0] + 1),
+    "dtype-f64": lambda op: (op["base"].update(dtype="F64"), op["target"].update(dtype="F64")),
+    "dtype-i8": lambda op: (op["base"].update(dtype="I8"), op["target"].update(dtype="I8")),
+    "shape-differs": lambda op: op["target"].update(shape=[op["target"]["shape"][0] * 2] + op["target"]["shape"][1:]),
+    "rank-0": lambda op: (op["base"].update(shape=[]), op["target"].update(shape=[])),
+    "op-unknown": lambda op: op.update(op="qrows2"),
+}
+
+
+@pytest.mark.parametrize("which", [0, 1], ids=["w4", "w8"])
+@pytest.mark.parametrize("edit", list(HEADER_EDITS))
+def test_qrows_header_rules_same_error_as_python(native, edit, which, tmp_path):
+    """Each header rule of a qrows op, broken on purpose (sections re-laid out, trailer recomputed):
+    the native applier refuses with Python's exit code and, word for word, its message."""
+    h = craft.decode_patch(read(VECTORS / "valid/qrows-f32/patch.nnpatch"))
+    HEADER_EDITS[edit](h["ops"][which])
+    patch = tmp_path / "bad.nnpatch"
+    patch.write_bytes(craft.encode_patch(h))
+    base = VECTORS / "valid/qrows-f32/base.safetensors"
+    try:
+        nnpatch.apply(base, patch, tmp_path / "py.safetensors")
+        pytest.fail(f"{edit}: Python applied it")
+    except nnpatch.NnpatchError as e:
+        py_rc, py_msg = e.exit_code, str(e)
+    r = run_native(native, base, patch, "-o", tmp_path / "c.safetensors")
+    assert_refused(r, py_rc)
+    assert r.err.strip() == f"Error: {py_msg}", edit
+    assert leftovers(tmp_path, "bad.nnpatch") == []
