@@ -121,10 +121,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         for k, v in (extra or {}).items():
             self.send_header(k, v)
+        # recorded before the answer goes out: a client that has its answer finds the request in the log
+        self.server.record(Logged(rel, self.headers.get("Range"), status, 0, fault, self.headers.get("User-Agent")))
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)
-        self.server.record(Logged(rel, self.headers.get("Range"), status, 0, fault, self.headers.get("User-Agent")))
 
 
 class _Server(http.server.ThreadingHTTPServer):
