@@ -256,7 +256,7 @@ def _entries(plan: Plan, st: SafetensorsFile) -> list[tuple[Entry, Item]]:
         step = item.fill or item.steps[0]
         op = step.op
         info = item.info
-        if op.kind in ("rows", "elements") and item.fill is None:
+        if op.kind in ("rows", "qrows", "elements") and item.fill is None:  # qrows journals its rows, as the native applier does
             unit, count = row_bytes(op, info), op.count
         else:
             unit, count = info.nbytes, 1 if info.nbytes else 0

@@ -156,6 +156,19 @@ def test_native_journal_saves_rows_and_python_recovers_it(native, tmp_path):
     assert read(model) == read(o) and not os.path.lexists(journal_path(model))
 
 
+def test_native_and_python_qrows_journals_are_byte_identical(native, tmp_path):
+    """Both implementations journal a qrows tensor by its rows (JOURNAL.md: `unit` a row), so the
+    journals committed for the same model and patch are the same bytes."""
+    o, n, p, _ = diffed(6, tmp_path, big=False)
+    model, twin = tmp_path / "model.safetensors", tmp_path / "twin" / "model.safetensors"
+    twin.parent.mkdir()
+    shutil.copyfile(o, model)
+    shutil.copyfile(o, twin)
+    kill_native_after_journal(native, model, p)
+    py_crash_at("journal", str(twin), str(p))
+    assert read(journal_path(twin)) == read(journal_path(model))
+
+
 @pytest.mark.parametrize("step", ["journal", "synced"])
 def test_python_qrows_journal_recovered_by_native(native_impl, step, tmp_path):
     o, n, p, _ = diffed(7, tmp_path, big=False)
