@@ -118,9 +118,11 @@ typedef struct nnp_source {
 nnp_status nnp_apply(nnp_ctx *ctx, const char *old_path, const char *const *patch_paths, size_t n,
                      const char *out_path);
 
-/* The same with patches read from streams, in order; each is read exactly once and may be
- * applied while it arrives, but nothing appears under out_path before every trailer and
- * (with a trusted key) signature has been checked. */
+/* The same with patches read from streams, in order; each is read exactly once. A stream is
+ * hashed as it arrives (without a trusted key its header is also checked early, so a wrong
+ * patch fails before the download ends), spooled to an unlinked file beside out_path, and
+ * applied once its trailer (and, with a key, its signature) has checked out: nothing appears
+ * under out_path before. */
 nnp_status nnp_apply_streams(nnp_ctx *ctx, const char *old_path, const nnp_source *patches, size_t n,
                              const char *out_path);
 
