@@ -603,48 +603,89 @@ static void hash_range(const uint8_t *p, uint64_t n, uint8_t out[32])
     np_blake3_hash(p, (size_t)n, out);
 }
 
-/* Base tensors hashed by worker threads while the main thread copies and patches: each
- * entry of `list` is hashed exactly once (bd[k] written by one thread only). */
+/* Hashing threads: a queue of (range, digest) jobs, each hashed exactly once (its digest
+ * written by one thread only). build() queues the base tensors no touched item starts from,
+ * then, item by item, the base tensor a touched item starts from (before it is copied) and the
+ * output tensor (once its ops have run); the main thread only copies and patches, then joins in.
+ * Every digest is compared on the main thread, after hpool_settle, in the order a serial pass
+ * would have met it, so the first error reported stays the same. The queue is sized up front:
+ * one job per base tensor and two per item at most. */
+typedef struct hjob {
+    const uint8_t *p;
+    uint64_t n, count; /* count: the bytes it adds to progress */
+    uint8_t *out;
+    int fd; /* >= 0: a range of the new file (mapped at p, at offset off of fd), released once hashed */
+    uint64_t off;
+} hjob;
+
+/* A range of the new file is done with: its pages leave this process's map, then their write-back
+ * starts. In that order: cleaning a page that is still mapped writable costs a TLB shootdown of
+ * its own (an interrupt to every CPU running a thread of this process, here the hashers); the
+ * map's range is dropped with one. The data stays in the page cache (a shared file map). */
+static void release_range(uint8_t *p, uint64_t n, int fd, uint64_t off)
+{
+    if (!n)
+        return;
+#if defined(__linux__) && defined(MADV_DONTNEED) /* there, dropping a shared file map's pages keeps their data */
+    long pg = sysconf(_SC_PAGESIZE);
+    uintptr_t ps = pg > 0 ? (uintptr_t)pg : 4096, a = (uintptr_t)p & ~(ps - 1);
+    uintptr_t e = ((uintptr_t)p + (uintptr_t)n + ps - 1) & ~(ps - 1);
+    madvise((void *)a, e - a, MADV_DONTNEED);
+#else
+    (void)p;
+#endif
+    np_writeback(fd, off, n);
+}
+
 typedef struct hpool {
     pthread_mutex_t mu;
-    const size_t *list;
-    size_t n, next;
-    const uint8_t *map;
-    const np_st *base;
-    uint8_t (*bd)[32];
+    pthread_cond_t more, idle; /* a job was queued (or the queue closed); no job is being hashed */
+    hjob *jobs;
+    size_t n, next, busy;
+    int closed;
     uint64_t hashed;
     nnp_ctx *ctx;
 } hpool;
 
+static void hpool_push(hpool *h, const uint8_t *p, uint64_t n, uint64_t count, uint8_t *out, int fd, uint64_t off)
+{
+    pthread_mutex_lock(&h->mu);
+    h->jobs[h->n++] = (hjob){p, n, count, out, fd, off};
+    pthread_cond_signal(&h->more);
+    pthread_mutex_unlock(&h->mu);
+}
+
+/* Take and hash one job; the lock is held on entry and on return. 0 when none is left. */
+static int hpool_run_one(hpool *h)
+{
+    if (h->next >= h->n || h->ctx->cancelled)
+        return 0;
+    hjob j = h->jobs[h->next++];
+    h->busy++;
+    pthread_mutex_unlock(&h->mu);
+    hash_range(j.p, j.n, j.out);
+    if (j.fd >= 0)
+        release_range((uint8_t *)(uintptr_t)j.p, j.n, j.fd, j.off);
+    pthread_mutex_lock(&h->mu);
+    h->hashed += j.count;
+    if (!--h->busy)
+        pthread_cond_broadcast(&h->idle);
+    return 1;
+}
+
 static void *hworker(void *arg)
 {
     hpool *h = arg;
+    pthread_mutex_lock(&h->mu);
     for (;;) {
-        pthread_mutex_lock(&h->mu);
-        size_t i = h->next < h->n && !h->ctx->cancelled ? h->list[h->next++] : (size_t)-1;
-        pthread_mutex_unlock(&h->mu);
-        if (i == (size_t)-1)
-            return NULL;
-        const np_tensor *t = &h->base->tensors[i];
-        hash_range(h->map + t->begin, t->nbytes, h->bd[i]);
-        pthread_mutex_lock(&h->mu);
-        h->hashed += t->nbytes;
-        pthread_mutex_unlock(&h->mu);
+        if (hpool_run_one(h))
+            continue;
+        if (h->closed || h->ctx->cancelled)
+            break;
+        pthread_cond_wait(&h->more, &h->mu);
     }
-}
-
-static void hworker_one(hpool *h)
-{
-    pthread_mutex_lock(&h->mu);
-    size_t i = h->next < h->n ? h->list[h->next++] : (size_t)-1;
     pthread_mutex_unlock(&h->mu);
-    if (i == (size_t)-1)
-        return;
-    const np_tensor *t = &h->base->tensors[i];
-    hash_range(h->map + t->begin, t->nbytes, h->bd[i]);
-    pthread_mutex_lock(&h->mu);
-    h->hashed += t->nbytes;
-    pthread_mutex_unlock(&h->mu);
+    return NULL;
 }
 
 static uint64_t hpool_take(hpool *h)
@@ -654,6 +695,75 @@ static uint64_t hpool_take(hpool *h)
     h->hashed = 0;
     pthread_mutex_unlock(&h->mu);
     return n;
+}
+
+/* The main thread joins in until every queued job is hashed (progress reported as it goes). */
+static nnp_status hpool_settle(nnp_ctx *ctx, hpool *h)
+{
+    nnp_status st;
+    pthread_mutex_lock(&h->mu);
+    for (;;) {
+        int ran = hpool_run_one(h);
+        uint64_t done = h->hashed;
+        h->hashed = 0;
+        if (!ran && (ctx->cancelled || !h->busy)) {
+            pthread_mutex_unlock(&h->mu);
+            if ((st = np_progress(ctx, done)))
+                return st;
+            if (h->next < h->n || h->busy) /* cancelled, with jobs unhashed */
+                return np_check_cancel(ctx);
+            return NNP_OK;
+        }
+        if (!ran)
+            pthread_cond_wait(&h->idle, &h->mu);
+        if (done) {
+            pthread_mutex_unlock(&h->mu);
+            if ((st = np_progress(ctx, done)))
+                return st;
+            pthread_mutex_lock(&h->mu);
+        }
+    }
+}
+
+/* Stop the workers: nothing more is taken; what is being hashed is finished. */
+static void hpool_close(hpool *h, pthread_t *threads, int *nthreads)
+{
+    pthread_mutex_lock(&h->mu);
+    h->closed = 1;
+    h->n = h->next;
+    pthread_cond_broadcast(&h->more);
+    pthread_mutex_unlock(&h->mu);
+    for (int w = 0; w < *nthreads; w++)
+        pthread_join(threads[w], NULL);
+    *nthreads = 0;
+}
+
+/* The digests of item i (base tensor, then result), compared as a serial pass would have: the
+ * base's only when it was hashed (hb), the result's only when `result` (its job was queued). */
+static nnp_status check_item(nnp_ctx *ctx, const np_chain *c, size_t i, const uint8_t (*bd)[32],
+                             const uint8_t (*od)[32], const uint8_t *hb, int result)
+{
+    const item *it = &c->items[i];
+    char q[NP_QUOTE_MAX], a[65], b[65];
+    if (it->src && (it->has_fill || it->ns)) {
+        size_t bi = (size_t)(it->src - c->base->tensors);
+        const uint8_t *want = c->input_expect[bi];
+        if (hb[bi] == 1 && want && memcmp(bd[bi], want, 32)) {
+            np_hex(bd[bi], 32, a);
+            np_hex(want, 32, b);
+            return np_fail(ctx, NNP_KIND_BASE_MISMATCH,
+                           "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)",
+                           c->base_path, np_quote(q, sizeof q, it->src->name, it->src->name_len), a, b);
+        }
+    }
+    if (result && (it->has_fill || it->ns) && it->expect && memcmp(od[i], it->expect, 32)) {
+        np_hex(od[i], 32, a);
+        np_hex(it->expect, 32, b);
+        return np_fail(ctx, NNP_KIND_INTEGRITY,
+                       "tensor %s: result does not match the patch's target (BLAKE3 %s, expected %s)",
+                       np_quote(q, sizeof q, it->out->name, it->out->name_len), a, b);
+    }
+    return NNP_OK;
 }
 
 static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *base_map, const char *out_path)
@@ -676,18 +786,19 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     uint8_t *bh = calloc(base->n ? base->n : 1, 1);
     uint8_t (*od)[32] = calloc(c->nitems ? c->nitems : 1, 32);
     size_t *hlist = malloc((base->n ? base->n : 1) * sizeof *hlist), nh = 0;
+    hjob *jobs = malloc((base->n + 2 * c->nitems + 1) * sizeof *jobs);
     pthread_t threads[8];
     int nthreads = 0;
     hpool pool;
     memset(&pool, 0, sizeof pool);
     pthread_mutex_init(&pool.mu, NULL);
-    pool.list = hlist;
-    pool.map = base_map;
-    pool.base = base;
-    pool.bd = bd;
+    pthread_cond_init(&pool.more, NULL);
+    pthread_cond_init(&pool.idle, NULL);
+    pool.jobs = jobs;
     pool.ctx = ctx;
-    char q[NP_QUOTE_MAX], a[65], b[65];
-    if (!bd || !bh || !od || !hlist) {
+    size_t i = 0; /* the item being built (for the digests to compare when it fails) */
+    char a[65], b[65], q[NP_QUOTE_MAX];
+    if (!bd || !bh || !od || !hlist || !jobs) {
         st = np_fail(ctx, NNP_KIND_IO, "out of memory");
         goto out;
     }
@@ -714,31 +825,32 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     }
     if (c->layout_len[c->n - 1])
         memcpy(m, c->layout_raw[c->n - 1], (size_t)c->layout_len[c->n - 1]);
-    /* every base tensor that no touched item starts from goes to the hashing threads */
-    /* every base tensor that no touched item starts from goes to the hashing threads: all of them
+    /* first in the queue, every base tensor that no touched item starts from: all of them
      * (default, full), or those an op names (touched: removed tensors, and tensors an absolute op
      * replaces, must still be the patch's base) */
     {
-        for (size_t i = 0; i < c->nitems; i++)
-            if (c->items[i].src && (c->items[i].has_fill || c->items[i].ns))
-                bh[c->items[i].src - base->tensors] = 2; /* the main thread's */
+        for (size_t k = 0; k < c->nitems; k++)
+            if (c->items[k].src && (c->items[k].has_fill || c->items[k].ns))
+                bh[c->items[k].src - base->tensors] = 2; /* queued with its item */
         for (size_t k = 0; k < base->n; k++)
-            if (!bh[k] && (hash_all || c->input_expect[k]))
+            if (!bh[k] && (hash_all || c->input_expect[k])) {
                 hlist[nh++] = k;
-        pool.n = nh;
+                jobs[pool.n++] = (hjob){base_map + base->tensors[k].begin, base->tensors[k].nbytes,
+                                        base->tensors[k].nbytes, bd[k], -1, 0};
+            }
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         int want = cpus > 1 ? (int)(cpus > 8 ? 7 : cpus - 1) : 0;
         pthread_attr_t attr;
         int have_attr = pthread_attr_init(&attr) == 0;
         if (have_attr)
             pthread_attr_setstacksize(&attr, (size_t)1 << 20); /* a hasher needs a few KiB */
-        for (int w = 0; w < want && nh; w++)
+        for (int w = 0; w < want; w++)
             if (pthread_create(&threads[nthreads], have_attr ? &attr : NULL, hworker, &pool) == 0)
                 nthreads++;
         if (have_attr)
             pthread_attr_destroy(&attr);
     }
-    for (size_t i = 0; i < c->nitems;) {
+    while (i < c->nitems) {
         const item *it = &c->items[i];
         if (!it->has_fill && !it->ns) {
             /* a run of unchanged tensors, contiguous in base and output */
@@ -752,7 +864,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
             if (n && (st = np_copy_range(ctx, base_fd, it->src->begin, t.fd, it->out->begin, n, base_map, m, out_path)))
                 goto out;
             np_writeback(t.fd, it->out->begin, n);
-            if ((st = np_progress(ctx, n + (nthreads ? hpool_take(&pool) : 0))))
+            if ((st = np_progress(ctx, n + hpool_take(&pool))))
                 goto out;
             i = j;
             continue;
@@ -760,18 +872,10 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         uint8_t *dst = m + it->out->begin;
         if (it->src) {
             size_t bi = (size_t)(it->src - base->tensors);
-            const uint8_t *want = c->input_expect[bi];
-            if (hash_all || want) {
-                hash_range(base_map + it->src->begin, it->src->nbytes, bd[bi]);
+            if (bh[bi] != 1 && (hash_all || c->input_expect[bi])) { /* once, if two items start from it */
                 bh[bi] = 1;
-                if (want && memcmp(bd[bi], want, 32)) {
-                    np_hex(bd[bi], 32, a);
-                    np_hex(want, 32, b);
-                    st = np_fail(ctx, NNP_KIND_BASE_MISMATCH,
-                                 "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)",
-                                 c->base_path, np_quote(q, sizeof q, it->src->name, it->src->name_len), a, b);
-                    goto out;
-                }
+                hpool_push(&pool, base_map + it->src->begin, it->src->nbytes, hash_all ? it->src->nbytes : 0, bd[bi], -1,
+                            0);
             }
             /* a kernel copy: only the pages the ops change are then written through the map */
             if (it->out->nbytes && (st = np_copy_range(ctx, base_fd, it->src->begin, t.fd, it->out->begin,
@@ -780,51 +884,35 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         }
         if ((st = np_chain_apply_item(ctx, c, i, dst)))
             goto out;
-        hash_range(dst, it->out->nbytes, od[i]);
-        if (it->expect && memcmp(od[i], it->expect, 32)) {
-            np_hex(od[i], 32, a);
-            np_hex(it->expect, 32, b);
-            st = np_fail(ctx, NNP_KIND_INTEGRITY,
-                         "tensor %s: result does not match the patch's target (BLAKE3 %s, expected %s)",
-                         np_quote(q, sizeof q, it->out->name, it->out->name_len), a, b);
-            goto out;
-        }
-        np_writeback(t.fd, it->out->begin, it->out->nbytes);
-        if ((st = np_progress(ctx, it->out->nbytes + (hash_all && it->src ? it->src->nbytes : 0))))
+        if (hash_all || it->expect) /* hashed, then released, by whichever thread takes it */
+            hpool_push(&pool, dst, it->out->nbytes, 0, od[i], t.fd, it->out->begin);
+        else
+            release_range(dst, it->out->nbytes, t.fd, it->out->begin);
+        if ((st = np_progress(ctx, it->out->nbytes + hpool_take(&pool))))
             goto out;
         i++;
     }
-    {
-        /* the main thread joins in, then waits for the workers */
-        while (!ctx->cancelled) {
-            pthread_mutex_lock(&pool.mu);
-            int more = pool.next < pool.n;
-            pthread_mutex_unlock(&pool.mu);
-            if (!more)
-                break;
-            hworker_one(&pool);
-            if ((st = np_progress(ctx, hpool_take(&pool))))
-                goto out;
-        }
-        for (int w = 0; w < nthreads; w++)
-            pthread_join(threads[w], NULL);
-        nthreads = 0;
-        if ((st = np_progress(ctx, hpool_take(&pool))))
+    /* every digest is in once the main thread has joined in and the queue is empty */
+    if ((st = hpool_settle(ctx, &pool)))
+        goto out;
+    hpool_close(&pool, threads, &nthreads);
+    for (size_t k = 0; k < c->nitems; k++)
+        if ((st = check_item(ctx, c, k, (const uint8_t(*)[32])bd, (const uint8_t(*)[32])od, bh,
+                             hash_all || c->items[k].expect)))
             goto out;
-        for (size_t x = 0; x < nh; x++) {
-            size_t k = hlist[x];
-            const uint8_t *want = c->input_expect[k];
-            if (want && memcmp(bd[k], want, 32)) {
-                np_hex(bd[k], 32, a);
-                np_hex(want, 32, b);
-                st = np_fail(ctx, NNP_KIND_BASE_MISMATCH,
-                             "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)",
-                             c->base_path, np_quote(q, sizeof q, base->tensors[k].name, base->tensors[k].name_len), a,
-                             b);
-                goto out;
-            }
+    for (size_t x = 0; x < nh; x++) {
+        size_t k = hlist[x];
+        const uint8_t *want = c->input_expect[k];
+        if (want && memcmp(bd[k], want, 32)) {
+            np_hex(bd[k], 32, a);
+            np_hex(want, 32, b);
+            st = np_fail(ctx, NNP_KIND_BASE_MISMATCH,
+                         "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)",
+                         c->base_path, np_quote(q, sizeof q, base->tensors[k].name, base->tensors[k].name_len), a, b);
+            goto out;
         }
     }
+    i = c->nitems;
     if (hash_all) {
         uint8_t got[32];
         np_model_digest(base->tensors, base->by_name, base->n, (const uint8_t(*)[32])bd, got);
@@ -836,9 +924,9 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
                          c->base_path, a, b);
             goto out;
         }
-        for (size_t i = 0; i < c->nitems; i++)
-            if (!c->items[i].has_fill && !c->items[i].ns)
-                memcpy(od[i], bd[c->items[i].src - base->tensors], 32);
+        for (size_t k = 0; k < c->nitems; k++)
+            if (!c->items[k].has_fill && !c->items[k].ns)
+                memcpy(od[k], bd[c->items[k].src - base->tensors], 32);
         /* od is indexed like final->tensors (items are in that order) */
         np_model_digest(final->tensors, final->by_name, final->n, (const uint8_t(*)[32])od, got);
         if (memcmp(got, last->target.model_blake3, 32)) {
@@ -877,14 +965,29 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     }
     st = np_tmp_commit(ctx, &t, "new model");
 out:
-    if (nthreads) {
-        pthread_mutex_lock(&pool.mu);
-        pool.n = pool.next; /* nothing more to take */
-        pthread_mutex_unlock(&pool.mu);
-        for (int w = 0; w < nthreads; w++)
-            pthread_join(threads[w], NULL);
+    if (st && st != NNP_ECANCELLED && i < c->nitems && jobs) {
+        /* item i failed: what a serial pass would have found first (a base or result digest of
+         * an earlier item, or item i's base) is the error, once the hashing of them is done */
+        nnp_status failed = st;
+        char msg[NP_MSG_MAX];
+        nnp_error_kind kind = ctx->kind;
+        memcpy(msg, ctx->msg, sizeof msg);
+        if ((st = hpool_settle(ctx, &pool)) == NNP_OK) {
+            for (size_t k = 0; k <= i && !st; k++)
+                st = check_item(ctx, c, k, (const uint8_t(*)[32])bd, (const uint8_t(*)[32])od, bh,
+                                k < i && (hash_all || c->items[k].expect));
+            if (!st) {
+                st = failed;
+                ctx->kind = kind;
+                memcpy(ctx->msg, msg, sizeof msg);
+            }
+        }
     }
+    hpool_close(&pool, threads, &nthreads);
+    pthread_cond_destroy(&pool.more);
+    pthread_cond_destroy(&pool.idle);
     pthread_mutex_destroy(&pool.mu);
+    free(jobs);
     free(hlist);
     if (m)
         munmap(m, (size_t)size);
