@@ -658,7 +658,7 @@ static void hpool_push(hpool *h, const uint8_t *p, uint64_t n, uint64_t count, u
 /* Take and hash one job; the lock is held on entry and on return. 0 when none is left. */
 static int hpool_run_one(hpool *h)
 {
-    if (h->next >= h->n || h->ctx->cancelled)
+    if (h->next >= h->n || np_cancelled(h->ctx))
         return 0;
     hjob j = h->jobs[h->next++];
     h->busy++;
@@ -680,7 +680,7 @@ static void *hworker(void *arg)
     for (;;) {
         if (hpool_run_one(h))
             continue;
-        if (h->closed || h->ctx->cancelled)
+        if (h->closed || np_cancelled(h->ctx))
             break;
         pthread_cond_wait(&h->more, &h->mu);
     }
@@ -706,7 +706,7 @@ static nnp_status hpool_settle(nnp_ctx *ctx, hpool *h)
         int ran = hpool_run_one(h);
         uint64_t done = h->hashed;
         h->hashed = 0;
-        if (!ran && (ctx->cancelled || !h->busy)) {
+        if (!ran && (np_cancelled(ctx) || !h->busy)) {
             pthread_mutex_unlock(&h->mu);
             if ((st = np_progress(ctx, done)))
                 return st;

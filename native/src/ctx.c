@@ -82,7 +82,7 @@ void nnp_set_progress(nnp_ctx *ctx, nnp_progress_fn fn, void *user)
 void nnp_cancel(nnp_ctx *ctx)
 {
     if (ctx)
-        ctx->cancelled = 1;
+        np_set_cancelled(ctx);
 }
 
 const char *nnp_version(void) { return NNP_VERSION_STRING; }
@@ -163,7 +163,7 @@ void np_prefix(nnp_ctx *ctx, const char *prefix)
 
 nnp_status np_check_cancel(nnp_ctx *ctx)
 {
-    if (ctx->cancelled)
+    if (np_cancelled(ctx))
         return np_fail(ctx, NNP_KIND_CANCELLED, "interrupted");
     return NNP_OK;
 }
@@ -174,7 +174,7 @@ nnp_status np_progress(nnp_ctx *ctx, uint64_t done)
     if (ctx->progress_done > ctx->progress_total)
         ctx->progress_total = ctx->progress_done;
     if (ctx->progress && ctx->progress(ctx->progress_user, ctx->progress_done, ctx->progress_total))
-        ctx->cancelled = 1;
+        np_set_cancelled(ctx);
     return np_check_cancel(ctx);
 }
 

@@ -130,7 +130,7 @@ typedef struct hset {
 static int hset_one(hset *h)
 {
     pthread_mutex_lock(&h->mu);
-    if (h->next >= h->n || h->ctx->cancelled) {
+    if (h->next >= h->n || np_cancelled(h->ctx)) {
         pthread_mutex_unlock(&h->mu);
         return 0;
     }

@@ -33,8 +33,19 @@ struct nnp_ctx {
     nnp_progress_fn progress;
     void *progress_user;
     uint64_t progress_done, progress_total;
-    volatile sig_atomic_t cancelled; /* set by nnp_cancel (any thread, signal handler) */
+    volatile sig_atomic_t cancelled; /* set by nnp_cancel (any thread, signal handler): np_cancelled() */
 };
+
+/* The cancel flag is written by another thread or a signal handler and read by the workers:
+ * relaxed atomics where the compiler has them (lock-free on an int, so async-signal-safe),
+ * the volatile sig_atomic_t that C99 guarantees for signal handlers elsewhere. */
+#if defined(__GNUC__) || defined(__clang__)
+#define np_cancelled(ctx) __atomic_load_n(&(ctx)->cancelled, __ATOMIC_RELAXED)
+#define np_set_cancelled(ctx) __atomic_store_n(&(ctx)->cancelled, 1, __ATOMIC_RELAXED)
+#else
+#define np_cancelled(ctx) ((ctx)->cancelled)
+#define np_set_cancelled(ctx) ((void)((ctx)->cancelled = 1))
+#endif
 
 /* ---- errors -------------------------------------------------------------------- */
 
