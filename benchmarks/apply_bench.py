@@ -345,15 +345,18 @@ def main() -> int:
 
 def _write_results(scale: int, text: str, command: str) -> None:
     sections = {}
+    others: dict[str, list[str]] = {}  # sections other benchmarks own (native_bench.py's): kept as they are
     if os.path.exists(RESULTS):
         with open(RESULTS) as f:
             cur = None
             for line in f:
                 if line.startswith("## scale "):
-                    cur = int(line.split()[2])
-                    sections[cur] = []
+                    cur = sections.setdefault(int(line.split()[2]), [])
+                    cur.clear()
+                elif line.startswith("## "):
+                    cur = others.setdefault(line, [])
                 elif cur is not None:
-                    sections[cur].append(line)
+                    cur.append(line)
     sections[scale] = [f"\nReproduce: `{command}` ({time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())})\n\n",
                        text + "\n\n"]
     with open(RESULTS, "w") as f:
@@ -373,6 +376,9 @@ def _write_results(scale: int, text: str, command: str) -> None:
         for k in sorted(sections):
             f.write(f"## scale {k}\n")
             f.writelines(sections[k])
+        for heading, lines in others.items():
+            f.write(heading)
+            f.writelines(lines)
 
 
 if __name__ == "__main__":
