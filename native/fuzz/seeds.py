@@ -49,6 +49,10 @@ def main(out: str) -> int:
         if h:
             with open(os.path.join(dirs["json"], name + ".json"), "wb") as f:
                 f.write(b"\x00" + h)  # first byte: the patch header's limits
+    adir = os.path.join(HERE, "seeds", "apply")  # patches for the harnesses' base that no vector makes
+    for n in sorted(os.listdir(adir)) if os.path.isdir(adir) else []:
+        shutil.copyfile(os.path.join(adir, n), os.path.join(dirs["check"], "seed_" + n))
+        shutil.copyfile(os.path.join(adir, n), os.path.join(dirs["apply"], "seed_" + n))
     jdir = os.path.join(HERE, "seeds", "journal")
     for n in sorted(os.listdir(jdir)):
         data = open(os.path.join(jdir, n), "rb").read()
