@@ -101,9 +101,9 @@ static int spool_stdin(const char *dir, char *out, size_t outlen)
     char buf[1 << 16];
     for (;;) {
         ssize_t r = read(0, buf, sizeof buf);
-        if (r < 0 && errno == EINTR)
+        if (r < 0 && errno == EINTR && !g_signalled)
             continue;
-        if (r < 0) {
+        if (r < 0 || g_signalled) { /* an error, or interrupted (SIGINT/SIGTERM): stop, remove the spool */
             close(fd);
             unlink(out);
             return -1;
@@ -282,6 +282,11 @@ int main(int argc, char **argv)
                 char *d = dir_of(pos[0]);
                 if (!d || spool_stdin(d, tmp, sizeof tmp)) {
                     free(d);
+                    g_ctx = NULL;
+                    nnp_ctx_free(ctx);
+                    free(pos);
+                    if (g_signalled)
+                        return fail(130, "%s", "interrupted");
                     return fail(5, "%s", "cannot spool standard input beside the model");
                 }
                 free(d);
@@ -326,8 +331,8 @@ int main(int argc, char **argv)
         unlink(tmp);
     if (show && pr.last >= 0)
         fputc('\n', stderr);
+    g_ctx = NULL; /* before the free: a signal now must not reach a freed context */
     nnp_ctx_free(ctx);
-    g_ctx = NULL;
     free(pos);
     return rc;
 }

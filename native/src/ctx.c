@@ -211,6 +211,17 @@ char *np_quote(char *out, size_t outlen, const char *s, size_t len)
                 ok = 0;
             if (ok && k == 4 && ((c == 0xf0 && (unsigned char)s[i + 1] < 0x90) || (c == 0xf4 && (unsigned char)s[i + 1] >= 0x90)))
                 ok = 0;
+            if (ok && c == 0xc2 && ((unsigned char)s[i + 1] <= 0xa0 || (unsigned char)s[i + 1] == 0xad)) {
+                /* U+0080..U+00A0 (the C1 controls: U+009B is a terminal's CSI) and U+00AD: escaped as
+                 * Python's repr escapes them, never written raw to a terminal */
+                unsigned char cp = (unsigned char)s[i + 1];
+                out[o++] = '\\';
+                out[o++] = 'x';
+                out[o++] = hex[cp >> 4];
+                out[o++] = hex[cp & 15];
+                i += 1;
+                continue;
+            }
             if (ok) {
                 if (o + k + 8 >= outlen) {
                     out[o++] = '.';
