@@ -463,9 +463,15 @@ static nnp_status fallback_new_file(nnp_ctx *ctx, const char *model, const char 
     int have = stat(model, &before) == 0;
     nnp_status s = nnp_apply(ctx, model, paths, n, model);
     if (s == NNP_OK && have) { /* the model keeps its permissions, as Python's replace does */
+        /* through a descriptor opened without following links: a symbolic link swapped in under
+         * the model's name never passes the mode on to its target */
+        int fd = open(model, O_RDONLY | O_CLOEXEC | O_NOFOLLOW);
         struct stat now;
-        if (stat(model, &now) == 0 && (now.st_mode & 07777) != (before.st_mode & 07777))
-            (void)chmod(model, before.st_mode & 07777);
+        if (fd >= 0 && fstat(fd, &now) == 0 && S_ISREG(now.st_mode) &&
+            (now.st_mode & 07777) != (before.st_mode & 07777))
+            (void)fchmod(fd, before.st_mode & 07777);
+        if (fd >= 0)
+            close(fd);
     }
     return s;
 }

@@ -397,7 +397,9 @@ nnp_status np_jw_open(nnp_ctx *ctx, np_jwriter *w, const char *jpath, const np_j
         return np_fail(ctx, NNP_KIND_IO, "%s: out of memory", jpath);
     }
     np_blake3_init((np_blake3 *)w->hash);
-    w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC | O_NOFOLLOW, 0666);
+    /* recovery removed any .tmp journal under the lock: one there now was planted (a hard link to
+     * another file would be truncated), so it is refused rather than reused */
+    w->fd = open(w->tmp, O_WRONLY | O_CREAT | O_EXCL | O_CLOEXEC | O_NOFOLLOW, 0666);
     if (w->fd < 0) {
         int e = errno;
         free(header);
