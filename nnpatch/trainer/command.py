@@ -10,6 +10,7 @@ ARGS``: the main CLI's error handling included.
 from __future__ import annotations
 
 import json
+import os
 import sys
 
 import click
@@ -97,8 +98,13 @@ def train_sparse(as_json: bool, **options) -> None:
         if e.report is not None and not as_json:  # with --json, stdout holds the error object alone
             _table(e.report)
         raise
-    if report is None:  # a rank > 0 of a distributed run
-        return
+    if report is None:  # a rank > 0 of a distributed run: its part is done, and rank 0 writes the files
+        # Leave without the interpreter's teardown: torch's C++ side (gloo's threads, after
+        # destroy_process_group) intermittently aborts there ("terminate called without an active
+        # exception", SIGABRT), and torchrun then kills rank 0 while it writes the output.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
     if as_json:
         click.echo(json.dumps(report, sort_keys=True))
     else:
