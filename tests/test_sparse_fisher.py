@@ -7,35 +7,15 @@ import math
 import pytest
 
 torch = pytest.importorskip("torch")
-from torch import nn  # noqa: E402
-from torch.utils.data import TensorDataset  # noqa: E402
 
 from nnpatch.trainer import SparseUpdate, Trainer, TrainerConfig, changed_channels, set_seed  # noqa: E402
 from nnpatch.trainer.tiny_updater import StudentTrainer, update  # noqa: E402
 
+from .test_trainer_sparse import Tiny, data  # noqa: E402  (the same tiny CNN and task)
+
 pytestmark = pytest.mark.torch
 
 
-class Tiny(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv1 = nn.Conv2d(1, 6, 3, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(6)
-        self.conv2 = nn.Conv2d(6, 8, 3, padding=1)
-        self.bn2 = nn.BatchNorm2d(8)
-        self.fc = nn.Linear(8, 4)
-
-    def forward(self, x):
-        x = torch.relu(self.bn1(self.conv1(x)))
-        x = torch.relu(self.bn2(self.conv2(x)))
-        return self.fc(x.mean((2, 3)))
-
-
-def data(n=96, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(n, 1, 6, 6, generator=g)
-    y = (x[:, 0, :3].sum((1, 2)) > 0).long() + 2 * (x[:, 0, :, :3].sum((1, 2)) > 0).long()
-    return TensorDataset(x, y)
 
 
 def test_fisher_scores_weigh_movement_by_the_second_moment():

@@ -1122,6 +1122,34 @@ static nnp_status check_args(nnp_ctx *ctx, const char *old_path, const void *pat
     return NNP_OK;
 }
 
+static nnp_status spool(nnp_ctx *ctx, const nnp_source *src, const char *out_path, np_patch *p);
+
+/* Open patch k from paths[k] when there is one, else spool the stream srcs[k] (the command
+ * mixes both), then apply the chain; every patch opened so far is closed on a failure. */
+static nnp_status open_and_apply(nnp_ctx *ctx, const char *old_path, const char *const *paths,
+                                 const nnp_source *srcs, size_t n, const char *out_path)
+{
+    np_patch *ps = calloc(n, sizeof *ps);
+    if (!ps)
+        return np_fail(ctx, NNP_KIND_IO, "out of memory");
+    nnp_status st = NNP_OK;
+    for (size_t k = 0; k < n && !st; k++) {
+        if (paths && paths[k])
+            st = np_patch_open(ctx, paths[k], NULL, &ps[k]);
+        else if (srcs)
+            st = spool(ctx, &srcs[k], out_path, &ps[k]);
+        else
+            st = np_fail(ctx, NNP_KIND_USAGE, "patch %zu is NULL", k + 1);
+        if (st)
+            for (size_t j = 0; j < k; j++)
+                np_patch_close(&ps[j]);
+    }
+    if (!st)
+        st = apply_opened(ctx, old_path, ps, n, out_path);
+    free(ps);
+    return st;
+}
+
 nnp_status nnp_apply(nnp_ctx *ctx, const char *old_path, const char *const *patch_paths, size_t n,
                      const char *out_path)
 {
@@ -1131,25 +1159,7 @@ nnp_status nnp_apply(nnp_ctx *ctx, const char *old_path, const char *const *patc
     nnp_status st = check_args(ctx, old_path, patch_paths, n, out_path);
     if (st || (st = np_journal_refuse_unfinished(ctx, old_path)))
         return st;
-    np_patch *ps = calloc(n, sizeof *ps);
-    if (!ps)
-        return np_fail(ctx, NNP_KIND_IO, "out of memory");
-    for (size_t k = 0; k < n; k++) {
-        if (!patch_paths[k]) {
-            st = np_fail(ctx, NNP_KIND_USAGE, "patch %zu is NULL", k + 1);
-        } else {
-            st = np_patch_open(ctx, patch_paths[k], NULL, &ps[k]);
-        }
-        if (st) {
-            for (size_t j = 0; j < k; j++)
-                np_patch_close(&ps[j]);
-            free(ps);
-            return st;
-        }
-    }
-    st = apply_opened(ctx, old_path, ps, n, out_path);
-    free(ps);
-    return st;
+    return open_and_apply(ctx, old_path, patch_paths, NULL, n, out_path);
 }
 
 /* ---- streams ----------------------------------------------------------------------------- */
@@ -1318,21 +1328,7 @@ nnp_status nnp_apply_streams(nnp_ctx *ctx, const char *old_path, const nnp_sourc
     for (size_t k = 0; k < n; k++)
         if (!patches[k].read)
             return np_fail(ctx, NNP_KIND_USAGE, "stream %zu has no read function", k + 1);
-    np_patch *ps = calloc(n, sizeof *ps);
-    if (!ps)
-        return np_fail(ctx, NNP_KIND_IO, "out of memory");
-    for (size_t k = 0; k < n; k++) {
-        st = spool(ctx, &patches[k], out_path, &ps[k]);
-        if (st) {
-            for (size_t j = 0; j < k; j++)
-                np_patch_close(&ps[j]);
-            free(ps);
-            return st;
-        }
-    }
-    st = apply_opened(ctx, old_path, ps, n, out_path);
-    free(ps);
-    return st;
+    return open_and_apply(ctx, old_path, NULL, patches, n, out_path);
 }
 
 /* Mixed inputs for the command: path, or NULL for a stream (srcs[k]). Not public. */
@@ -1345,21 +1341,7 @@ nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const 
     nnp_status st = check_args(ctx, old_path, paths, n, out_path);
     if (st || (st = np_journal_refuse_unfinished(ctx, old_path)))
         return st;
-    np_patch *ps = calloc(n, sizeof *ps);
-    if (!ps)
-        return np_fail(ctx, NNP_KIND_IO, "out of memory");
-    for (size_t k = 0; k < n; k++) {
-        st = paths[k] ? np_patch_open(ctx, paths[k], NULL, &ps[k]) : spool(ctx, &srcs[k], out_path, &ps[k]);
-        if (st) {
-            for (size_t j = 0; j < k; j++)
-                np_patch_close(&ps[j]);
-            free(ps);
-            return st;
-        }
-    }
-    st = apply_opened(ctx, old_path, ps, n, out_path);
-    free(ps);
-    return st;
+    return open_and_apply(ctx, old_path, paths, srcs, n, out_path);
 }
 
 /* ---- check ----------------------------------------------------------------------------------- */

@@ -43,7 +43,7 @@ from nnpatch.applier.journal import journal_path, max_journal_size
 from nnpatch.errors import NnpatchError
 from nnpatch.weights import write_safetensors
 
-from .. import craft
+from .. import craft, test_inplace
 from ..test_crafted import JOURNAL_CASES, _journal, tensors_base, tensors_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -62,30 +62,8 @@ def save(path, tensors: dict, metadata=None) -> str:
     return os.fspath(path)
 
 
-@pytest.fixture
-def same_layout(tmp_path):
-    """OLD, NEW (rows, elements and a whole tensor changed; same layout), the patch, and MODEL = OLD
-    (tests/test_inplace.py's pair)."""
-    rng = np.random.default_rng(7)
-    a = (rng.standard_normal((128, 64)) * 0.05).astype("<f4")
-    b = (rng.standard_normal((40, 24)) * 0.05).astype("<f2")
-    c = (rng.standard_normal(50) * 0.05).astype("<f4")
-    d = rng.integers(0, 256, 33, dtype=np.uint8)
-    old = {"a": ("F32", a.shape, a.tobytes()), "b": ("F16", b.shape, b.tobytes()),
-           "c": ("F32", c.shape, c.tobytes()), "d": ("U8", d.shape, d.tobytes())}
-    a2, b2, c2 = a.copy(), b.copy(), c.copy()
-    a2[rng.choice(128, 13, replace=False)] += np.float32(1e-3)
-    b2[3, 4] = np.float16(1.5)
-    c2[:] = rng.standard_normal(50).astype("<f4")
-    new = dict(old, a=("F32", a.shape, a2.tobytes()), b=("F16", b.shape, b2.tobytes()),
-               c=("F32", c.shape, c2.tobytes()))
-    o = save(tmp_path / "old.safetensors", old, {"v": "1"})
-    n = save(tmp_path / "new.safetensors", new, {"v": "1"})
-    p = str(tmp_path / "p.nnpatch")
-    nnpatch.diff(o, n, p)
-    m = str(tmp_path / "model.safetensors")
-    shutil.copyfile(o, m)
-    return o, n, p, m
+# OLD, NEW (rows, elements and a whole tensor changed; same layout), the patch, and MODEL = OLD
+same_layout = test_inplace.same_layout
 
 
 def state(model, old, new) -> str:
