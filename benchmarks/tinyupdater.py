@@ -29,6 +29,16 @@ for sigma 0.3 on new images; KD by output MSE) and video recognition (clips of a
 moving left or right; 20 classes = digit x direction; small 3-D conv net; update: noisy,
 clips from a noisier camera, Gaussian noise sigma 0.3).
 
+Patch-bytes study (issue 17, ``--study bytes``; code in ``benchmarks/tinyupdater_bytes.py``): accuracy
+against patch bytes on mnist5k ``shift`` and ``more`` (width 16, 8 teacher and 8 student epochs) and
+digits ``shift`` (width 16), k = 10 %, for ``none``, ``full``, ``random``, ``l1``, ``tiny`` (the library's
+current defaults for channel selection and the learning-rate restart: nothing passed) and ``tiny8`` /
+``tiny4`` (``train-sparse --delta-bits 8|4``: the same sparse update, then the library's
+quantization-aware finetune and exact qrows weights; the patch is format 1.3 with ``qrows`` ops, and
+``nnpatch.apply`` of it is checked to rebuild the evaluated weights byte for byte).  It writes only its
+own section of ``--out`` (between ``<!-- bytes-study:begin -->`` and ``<!-- bytes-study:end -->``,
+appended when missing) and, with ``--plot``, a PNG (matplotlib, Agg; skipped with a note without it).
+
 Usage::
 
     python benchmarks/tinyupdater.py --quick              # 1 seed, k=10 %
@@ -38,6 +48,11 @@ Usage::
     python benchmarks/tinyupdater.py --width 32           # every model at base width 32 (slow)
     python benchmarks/tinyupdater.py --norm-stats adapt   # sparse updates adapt BatchNorm statistics
     python benchmarks/tinyupdater.py --out benchmarks/RESULTS-tinyupdater.md
+    python benchmarks/tinyupdater.py --study bytes --plot benchmarks/tinyupdater-bytes.png   # 3 seeds
+    python benchmarks/tinyupdater.py --study bytes --quick --out /tmp/r.md --plot /tmp/b.png  # seed 0 only
+
+``--out`` keeps what follows the generated tables: from the first ``## `` heading (the hand-written
+sections) or the bytes-study section on, the file is left as it is.
 
 Measured on 2 CPU cores with torch.set_num_threads(1).
 """
@@ -79,6 +94,8 @@ from nnpatch.trainer.sparse import changed_channels  # noqa: E402
 from nnpatch.trainer.tiny_updater import update  # noqa: E402
 
 SPARSE_METHODS = ("random", "l1", "tiny", "tiny-global")
+#: the --study bytes section of --out lies between these (tinyupdater_bytes.put_section)
+BYTES_BEGIN, BYTES_END = "<!-- bytes-study:begin -->", "<!-- bytes-study:end -->"
 
 
 # --------------------------------------------------------------------- data
@@ -287,11 +304,21 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write raw rows as JSON here")
     ap.add_argument("--width", type=int, default=None,
                     help="base width of every model (default: 16 for digits, 8 for mnist5k, denoising, video)")
-    ap.add_argument("--norm-stats", choices=("frozen", "adapt"), default="frozen",
+    ap.add_argument("--norm-stats", choices=("frozen", "adapt"), default=None,
                     help="BatchNorm running statistics of frozen channels in every sparse method "
-                         "(TrainerConfig.norm_stats; default: frozen, the channel rule)")
+                         "(TrainerConfig.norm_stats; default: frozen, the channel rule; --study bytes: the "
+                         "library's default)")
+    ap.add_argument("--study", choices=("tasks", "bytes"), default="tasks",
+                    help="tasks: the reproduction tables (default); bytes: accuracy against patch bytes with "
+                         "8-/4-bit deltas (issue 17), written to its own section of --out")
+    ap.add_argument("--methods", default=None,
+                    help="--study bytes: comma list (default none,full,random,l1,tiny,tiny8,tiny4)")
+    ap.add_argument("--plot", default=None, help="--study bytes: also write the plot (PNG) here")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
+    if args.study == "bytes":
+        return bytes_study(args, argv)
+    args.norm_stats = args.norm_stats or "frozen"
     seeds = args.seeds or (1 if args.quick else 3)
     ratios = [float(r) / 100 for r in (args.ratios or ("10" if args.quick else "5,10,20")).split(",")]
     ep = {"m0": 15 if args.quick else 20, "upd": 15 if args.quick else 25, "upd_more": 12 if args.quick else 15,
@@ -387,10 +414,53 @@ def main(argv=None) -> int:
     if notes:
         header += "\nNotes: " + "; ".join(notes) + "\n"
     text = header + "\n" + "\n".join(sections)
-    Path(args.out).write_text(text)
+    tail = hand_written_tail(Path(args.out))
+    Path(args.out).write_text(text + ("\n" + tail if tail else ""))
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
     print(text)
+    return 0
+
+
+def hand_written_tail(path: Path) -> str:
+    """What follows the generated tables in ``path`` (the hand-written sections from the first ``## ``
+    heading on, and the bytes-study section): a re-run must not lose it."""
+    if not path.exists():
+        return ""
+    text = path.read_text()
+    starts = [i for i in (text.find("\n## ") + 1 if "\n## " in text else -1, text.find(BYTES_BEGIN)) if i >= 0]
+    return text[min(starts):] if starts else ""
+
+
+def bytes_study(args, argv) -> int:
+    """``--study bytes``: run, then rewrite only the study's section of ``--out`` (and the plot)."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import tinyupdater_bytes as tb
+
+    seeds = args.seeds or (1 if args.quick else 3)
+    ratios = (args.ratios or "10").split(",")
+    if len(ratios) != 1:
+        raise SystemExit("--study bytes runs one k (e.g. --ratios 10)")
+    methods = tuple((args.methods or ",".join(tb.METHODS)).split(","))
+    unknown = set(methods) - set(tb.METHODS)
+    if unknown:
+        raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: {', '.join(tb.METHODS)}")
+    norm_stats = args.norm_stats or tb.library_defaults()["norm_stats"]
+    t0 = time.time()
+    with tempfile.TemporaryDirectory() as td:
+        raw, notes = tb.run_study(seeds=seeds, k=float(ratios[0]) / 100, datasets=args.datasets.split(","),
+                                  scenarios=args.scenarios.split(","), methods=methods, norm_stats=norm_stats,
+                                  tmp=Path(td), log=lambda msg: print(msg, file=sys.stderr, flush=True))
+    image = None
+    if args.plot and raw and tb.plot({n: tb.summarize(r) for n, r in raw.items()}, Path(args.plot), seeds):
+        image = os.path.relpath(Path(args.plot).resolve(), Path(args.out).resolve().parent)
+    cmd = "python benchmarks/tinyupdater.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    body = tb.section(raw, cmd=cmd.strip(), seeds=seeds, k=float(ratios[0]) / 100, norm_stats=norm_stats,
+                      seconds=time.time() - t0, notes=notes, image=image)
+    tb.put_section(Path(args.out), body)
+    if args.json:
+        Path(args.json).write_text(json.dumps(raw, indent=1))
+    print(body)
     return 0
 
 
