@@ -61,7 +61,7 @@ from nnpatch.trainer.tiny_updater import update  # noqa: E402
 
 BASE = {"kd": True, "selection": "l1_layer", "schedule": "cubic", "prune_end": 0.25, "norm_stats": "frozen",
         "epochs_mult": 1.0, "restart": False, "feat_kd": 0.0, "recal": False, "fisher": False, "lib": False,
-        "lr": 1e-2, "kd_weight": 3.0, "kd_temperature": 2.0}
+        "lr": 1e-2, "kd_weight": 3.0, "kd_temperature": 2.0, "force": (), "fglobal": False, "ratio": 0.1}
 ATOMS = {
     "tiny": {},
     "random": {"kd": False, "selection": "random", "schedule": "start"},
@@ -79,6 +79,12 @@ ATOMS = {
     "adapt-recal": {"norm_stats": "adapt", "recal": True},
     "recal": {"recal": True},
     "lr3e-3": {"lr": 3e-3},
+    # where the kept channels go: every channel of one layer kept, the rest by the ranking
+    "conv1": {"force": ("features.0",)},
+    "head": {"force": ("classifier",)},
+    "fglobal": {"fglobal": True},  # Fisher scores not normalised per layer (library: selection="fisher")
+    # BatchNorm statistics adapt and every norm channel's scale and shift train too
+    "affine": {"norm_stats": "affine"},
     # the library's defaults after this study, through nnpatch.trainer.tiny_updater.update
     "lib": {"lib": True, "selection": "fisher_layer", "restart": True},
 }
@@ -87,7 +93,13 @@ ATOMS = {
 def variant(name: str) -> dict:
     out = dict(BASE)
     for part in name.split("+"):
-        out.update(ATOMS[part])
+        if "=" in part:  # a numeric override, e.g. lr=2e-2, kd_weight=10, prune_end=0.4
+            key, val = part.split("=", 1)
+            if key not in BASE or isinstance(BASE[key], (bool, str, tuple)):
+                raise SystemExit(f"cannot override {key!r}")
+            out[key] = float(val)
+        else:
+            out.update(ATOMS[part])
     return out
 
 
@@ -95,8 +107,18 @@ def variant(name: str) -> dict:
 class GapTrainer(Trainer):
     """The library's Trainer plus the candidates not (yet) in it: LR restart, feature KD, Fisher scores."""
 
-    def __init__(self, *a, restart: bool = False, feat_kd: float = 0.0, fisher: bool = False, **kw):
+    def __init__(self, *a, restart: bool = False, feat_kd: float = 0.0, fisher: bool = False,
+                 force: tuple = (), **kw):
         super().__init__(*a, **kw)
+        if force:
+            forced = torch.cat([torch.full((g.size,), g.name in force, dtype=torch.bool) for g in self.sparse.groups])
+            raw_select = self.sparse._select
+
+            def select(scores, **kw):
+                scores = scores.clone()
+                scores[forced] = 1e30
+                return raw_select(scores, **kw)
+            self.sparse._select = select
         self.restart = restart
         self.feat_kd = feat_kd
         self._s_feats: list[torch.Tensor] = []
@@ -129,7 +151,7 @@ class GapTrainer(Trainer):
         for g in su.groups:
             s = torch.zeros(g.size, dtype=torch.float64)
             for m in g.members:
-                if m.key not in self.fisher:
+                if m.key not in self.fisher or m.key in su.free_stats:
                     continue
                 d = self.fisher[m.key].double() * (su.tensors[m.key].double() - su.base[m.key].double()) ** 2
                 if m.axis is None:
@@ -181,9 +203,12 @@ def recalibrate(model: nn.Module, data, batch_size: int = 256) -> None:
 
 def train_student(m0, teacher, data, v: dict, *, seed: int, epochs: int):
     base_state = {k: t.detach().clone() for k, t in m0.state_dict().items()}
-    cfg = TrainerConfig(epochs=max(1, round(epochs * v["epochs_mult"])), lr=v["lr"], seed=seed, ratio=0.1,
+    selection = v["selection"]
+    if v["fglobal"]:  # the prototype ranks by its own Fisher scores under "l1" (no per-layer normalisation)
+        selection = "fisher" if v["lib"] else "l1"
+    cfg = TrainerConfig(epochs=max(1, round(epochs * v["epochs_mult"])), lr=v["lr"], seed=seed, ratio=v["ratio"],
                         kd_weight=v["kd_weight"], kd_temperature=v["kd_temperature"], prune_end=v["prune_end"],
-                        selection=v["selection"], norm_stats=v["norm_stats"], schedule=v["schedule"])
+                        selection=selection, norm_stats=v["norm_stats"], schedule=v["schedule"])
     if v["lib"]:
         res = update(m0, data["upd_train"], data["test"], config=cfg, teacher=teacher, kd=v["kd"],
                      lr_restart=v["restart"])
@@ -191,7 +216,8 @@ def train_student(m0, teacher, data, v: dict, *, seed: int, epochs: int):
     set_seed(seed + 2)  # as nnpatch.trainer.tiny_updater.update
     student = copy.deepcopy(m0)
     tr = GapTrainer(cfg, student, data["upd_train"], base_state=base_state, teacher=teacher if v["kd"] else None,
-                    restart=v["restart"], feat_kd=v["feat_kd"], fisher=v["fisher"])
+                    restart=v["restart"], feat_kd=v["feat_kd"], fisher=v["fisher"],
+                    force=v["force"])
     tr.run()
     tr.sparse.remove_hooks()
     for h in tr.handles:

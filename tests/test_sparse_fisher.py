@@ -43,6 +43,23 @@ def test_fisher_scores_weigh_movement_by_the_second_moment():
     assert torch.allclose(su.fisher_scores()[off:off + 4], (v.double() * d).sum(1))
 
 
+@pytest.mark.parametrize("mode, counted", [("adapt", True), ("affine", False)])
+def test_norm_scale_and_shift_rank_channels_only_while_they_are_per_channel(mode, counted):
+    """Under norm_stats="affine" every channel's scale and shift train, so their movement says
+    nothing about which channels to keep and must not weigh in the ranking."""
+    set_seed(0)
+    model = Tiny()
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    su = SparseUpdate(model, base, ratio=0.5, selection="fisher", norm_stats=mode)
+    with torch.no_grad():
+        model.bn1.weight[2] += 1.0
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    model.bn1.weight.grad[2] = 10.0
+    su.after_backward()
+    assert float(su.fisher_scores()[2]) > 0.0 if counted else float(su.fisher_scores().abs().sum()) == 0.0
+
+
 @pytest.mark.parametrize("selection", ["fisher", "fisher_layer"])
 def test_trainer_with_fisher_selection_keeps_the_channel_rule(selection):
     set_seed(0)

@@ -235,15 +235,16 @@ def test_save_weights_replaces_the_file_whole_or_not_at_all(tmp_path):
     assert os.listdir(tmp_path) == ["w.safetensors"]
 
 
-def test_recipe_with_adapted_norm_stats(tmp_path):
+@pytest.mark.parametrize("mode", ["adapt", "affine"])
+def test_recipe_with_adapted_norm_stats(tmp_path, mode):
     pytest.importorskip("torch")
     pytest.importorskip("sklearn")
     new, patch = tmp_path / "new.safetensors", tmp_path / "u.nnpatch"
     res = invoke(["--recipe", "digits", "--ratio", "0.1", "--epochs", "3", "--teacher-epochs", "3",
-                  "--norm-stats", "adapt", "-o", str(new), "--patch", str(patch), "--json"])
+                  "--norm-stats", mode, "-o", str(new), "--patch", str(patch), "--json"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     rep = json.loads(res.stdout)
-    assert rep["norm_stats"] == "adapt" and rep["norm_stats_changed"] > 0
+    assert rep["norm_stats"] == mode and rep["norm_stats_changed"] > 0
     assert rep["channels_changed"] <= math.floor(0.1 * rep["channels_total"])
     out = tmp_path / "applied.safetensors"
     _apply()(str(tmp_path / "new.base.safetensors"), str(patch), str(out))

@@ -274,12 +274,14 @@ def test_kd_loss_by_hand():
         task_loss(s, t, "ranking")
 
 
-def test_adapted_norm_stats_move_in_every_channel_and_nothing_else_does():
+@pytest.mark.parametrize("mode, free", [("adapt", ("running_mean", "running_var")),
+                                        ("affine", ("running_mean", "running_var", "weight", "bias"))])
+def test_adapted_norm_stats_move_in_every_channel_and_nothing_else_does(mode, free):
     set_seed(2)
     model = Tiny()
     base = {k: v.clone() for k, v in model.state_dict().items()}
-    su = SparseUpdate(model, base, ratio=0.25, schedule="start", norm_stats="adapt")
-    assert su.free_stats == {"bn1.running_mean", "bn1.running_var", "bn2.running_mean", "bn2.running_var"}
+    su = SparseUpdate(model, base, ratio=0.25, schedule="start", norm_stats=mode)
+    assert su.free_stats == {f"{bn}.{t}" for bn in ("bn1", "bn2") for t in free}
     opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
     ds = data()
     model.train()
@@ -294,7 +296,7 @@ def test_adapted_norm_stats_move_in_every_channel_and_nothing_else_does():
     su.finalize()
     frozen = ~su.mask_vector()
     assert int(frozen.sum()) > 0
-    # every statistic followed the shifted data, frozen channels' included ...
+    # every free norm value followed the shifted data, frozen channels' included ...
     for key in su.free_stats:
         assert bool(_differs(model.state_dict()[key], base[key]).all()), key
     # ... while every frozen channel's parameters are bit-identical to the base

@@ -80,10 +80,12 @@ class TrainSparseOptions:
         "--kd-weight", default=None, trainer=True, type=float,
         help="loss = task + W * KD (default 1; recipe digits: 3).")
     norm_stats: str = _option(
-        "--norm-stats", default="frozen", trainer=True, type=click.Choice(["frozen", "adapt"]), show_default=True,
-        help="BatchNorm running statistics of frozen channels: kept as in the base (the channel rule), "
-             "or adapted to the new data in every channel (2 numbers per channel; helps after an input "
-             "shift such as noise).")
+        "--norm-stats", default="frozen", trainer=True, type=click.Choice(["frozen", "adapt", "affine"]),
+        show_default=True,
+        help="Normalization layers of frozen channels: kept as in the base (the channel rule); 'adapt': "
+             "BatchNorm running statistics follow the new data in every channel (2 numbers per channel; "
+             "helps after an input shift such as noise); 'affine': also train every channel's scale and "
+             "shift (2 more). Neither makes a channel count as changed; the report counts them apart.")
     delta_bits: int | None = _option(
         "--delta-bits", default=None, type=click.Choice(["8", "4"]),
         help="Quantize the kept channels' deltas to 8- or 4-bit codes with a scale per channel "

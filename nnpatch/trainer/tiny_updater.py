@@ -3,14 +3,14 @@
 From the old model M0, (1) a teacher is fine-tuned with every parameter free;
 (2) a student, also starting from M0, is trained with the task loss plus a
 distillation term towards the teacher; (3) on a schedule, the student's channels
-whose parameters moved least from M0 (L1 distance) are reset to M0's values and
+whose parameters moved least from M0 (the paper: by L1 distance) are reset to M0's values and
 frozen, until only the target share (10-20 % of the output channels) or what
 fits a byte budget is left free.  A patch from M0 to the student then carries
 the changed channels only.
 
 Two choices differ from the paper, both measured (benchmarks/RESULTS-tinyupdater.md,
-"Closing the gap"): channels are ranked by Fisher-weighted movement per layer
-(``selection="fisher_layer"``, see :mod:`nnpatch.trainer.sparse`) rather than by L1
+"Closing the gap"): channels are ranked by Fisher-weighted movement
+(``selection="fisher"``, see :mod:`nnpatch.trainer.sparse`) rather than by L1
 distance, and the student's cosine learning rate restarts from its peak when the
 prune ramp ends (``lr_restart``), so the channels left free re-adapt at full speed
 after their neighbours were reset.

@@ -100,8 +100,8 @@ class TrainerConfig:
     schedule: str = "cubic"           # cubic | linear | oneshot | start
     prune_end: float = 0.25
     prune_events: int = 10
-    selection: str = "fisher_layer"   # fisher | fisher_layer | l1 | l1_mean | l1_layer | random | teacher | teacher_layer
-    norm_stats: str = "frozen"        # frozen | adapt: BatchNorm running statistics of frozen channels
+    selection: str = "fisher"         # fisher | fisher_layer | l1 | l1_mean | l1_layer | random | teacher | teacher_layer
+    norm_stats: str = "frozen"        # frozen | adapt | affine: norm layers of frozen channels (sparse.py)
     seed: int = 0
     device: str = "cpu"
     checkpoint_path: str | None = None
