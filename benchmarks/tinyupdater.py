@@ -38,6 +38,8 @@ quantization-aware finetune and exact qrows weights; the patch is format 1.3 wit
 ``nnpatch.apply`` of it is checked to rebuild the evaluated weights byte for byte).  It writes only its
 own section of ``--out`` (between ``<!-- bytes-study:begin -->`` and ``<!-- bytes-study:end -->``,
 appended when missing) and, with ``--plot``, a PNG (matplotlib, Agg; skipped with a note without it).
+With ``--width N`` (N != 16) every model of the study has that width and the section has its own markers
+(``bytes-study-wN``), so studies at several widths live side by side.
 
 Usage::
 
@@ -50,6 +52,7 @@ Usage::
     python benchmarks/tinyupdater.py --out benchmarks/RESULTS-tinyupdater.md
     python benchmarks/tinyupdater.py --study bytes --plot benchmarks/tinyupdater-bytes.png   # 3 seeds
     python benchmarks/tinyupdater.py --study bytes --quick --out /tmp/r.md --plot /tmp/b.png  # seed 0 only
+    python benchmarks/tinyupdater.py --study bytes --width 32 --datasets mnist5k --plot benchmarks/tinyupdater-bytes-w32.png
 
 ``--out`` keeps what follows the generated tables: from the first ``## `` heading (the hand-written
 sections) or the bytes-study section on, the file is left as it is.
@@ -446,6 +449,7 @@ def bytes_study(args, argv) -> int:
     if unknown:
         raise SystemExit(f"--methods: unknown {sorted(unknown)}; known: {', '.join(tb.METHODS)}")
     norm_stats = args.norm_stats or tb.library_defaults()["norm_stats"]
+    tb.WIDTH = args.width or 16  # every model of the study; each width has its own section of --out
     t0 = time.time()
     with tempfile.TemporaryDirectory() as td:
         raw, notes = tb.run_study(seeds=seeds, k=float(ratios[0]) / 100, datasets=args.datasets.split(","),
@@ -457,7 +461,7 @@ def bytes_study(args, argv) -> int:
     cmd = "python benchmarks/tinyupdater.py " + " ".join(argv if argv is not None else sys.argv[1:])
     body = tb.section(raw, cmd=cmd.strip(), seeds=seeds, k=float(ratios[0]) / 100, norm_stats=norm_stats,
                       seconds=time.time() - t0, notes=notes, image=image)
-    tb.put_section(Path(args.out), body)
+    tb.put_section(Path(args.out), body, tb.WIDTH)
     if args.json:
         Path(args.json).write_text(json.dumps(raw, indent=1))
     print(body)
