@@ -128,8 +128,8 @@ def _table(r: dict) -> None:
     t.add_row("parameters changed", f"{r['params_changed']} / {r['params_total']} "
                                     f"({r['percent_params_changed']:.1f}%)")
     if r.get("norm_stats") in ("adapt", "affine"):
-        what = "statistics" if r["norm_stats"] == "adapt" else "statistics, scales and shifts"
-        t.add_row(f"norm {what} changed", f"{r['norm_stats_changed']} values")
+        what = "statistics" if r["norm_stats"] == "adapt" else "statistics, scales, shifts"
+        t.add_row("norm values changed", f"{r['norm_stats_changed']} ({what})")
     t.add_row("model bytes", f"{r['model_bytes']:,}")
     t.add_row("patch bytes", f"{r['patch_bytes']:,}")
     if r.get("budget_bytes") is not None:
