@@ -633,6 +633,9 @@ def load_quant_deltas(path: str | os.PathLike[str]) -> dict[str, QuantDelta]:
         if set(p) != set(_DELTA_PARTS):
             raise WeightsError(f"{os.fspath(path)}: quantized delta {name!r} lacks "
                                f"{sorted(set(_DELTA_PARTS) - set(p))[0]!r}")
+        if p["bits"].size != 1:
+            raise WeightsError(f"{os.fspath(path)}: quantized delta {name!r}: 'bits' holds {p['bits'].size} "
+                               "values, expected 1")
         try:
             out[name] = QuantDelta(p["rows"].view("<u8"), p["scales"].view("<f4"), p["codes"].view(np.int8),
                                    int(p["bits"][0]))

@@ -9,9 +9,10 @@ import click
 
 from .. import codecs
 from ..atomic import write_error
-from ..errors import NnpatchIOError
+from ..errors import NnpatchIOError, UsageError, WeightsError
 from ..differ import diff as make_diff
 from ..report import printable
+from ..weights.sniff import sniff
 from ._common import InputPath, emit_json, human, json_option, quiet
 from ._inputs import check_order
 from ._progress import progress
@@ -30,19 +31,31 @@ SUMMARY_TENSORS = 3
               help="Also carry what `nnpatch revert` needs to take NEW back to OLD.")
 @click.option("--sign-key", type=InputPath(dir_okay=False, what="key file"),
               help="Sign with this Ed25519 private key (PEM).")
+@click.option("--quantized", "deltas", metavar="DELTAS", type=InputPath(dir_okay=False, what="deltas file"),
+              help="Write the tensors DELTAS names as exact quantized deltas (op qrows). DELTAS: a safetensors "
+                   "file with, per tensor NAME, NAME.rows U64, NAME.scales F32, NAME.codes I8 and NAME.bits U8, "
+                   "as nnpatch.differ.save_quant_deltas writes it (e.g. after your own quantization-aware "
+                   "training; train-sparse --delta-bits makes such deltas itself). The patch then needs a format "
+                   "1.3 reader and cannot be --reversible; a delta that does not rebuild NEW exactly is refused.")
 @click.option("--stat/--no-stat", default=None,
               help="--stat: a table of every changed tensor (as git diff --stat); --no-stat: print nothing. "
                    "Default: a two-line summary.")
 @json_option()
 @click.pass_context
-def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
+def diff(ctx, old, new, output, level, reversible, sign_key, deltas, stat, as_json):
     """Write a patch that turns OLD into NEW exactly."""
     check_order("nnpatch diff OLD NEW -o PATCH", models={"OLD": old, "NEW": new}, patches={})
+    if deltas is not None:
+        if reversible:
+            raise UsageError("--quantized and --reversible exclude each other: a qrows op cannot be undone "
+                             "(its rounding loses the old values); drop one of them")
+        check_order("nnpatch diff OLD NEW -o PATCH --quantized DELTAS", models={"--quantized": deltas}, patches={})
+        _check_deltas_file(deltas)
     total = os.path.getsize(new) if os.path.exists(new) else 0
     with progress(ctx, "diff", total, not as_json) as advance:
         try:
             result = make_diff(old, new, output, level=level, reversible=reversible, sign_key=sign_key,
-                               progress=advance)
+                               progress=advance, quantized=deltas)
         except OSError as e:
             cause = e.__cause__ if isinstance(e, NnpatchIOError) else e
             if isinstance(cause, OSError) and cause.errno in (errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)):
@@ -56,6 +69,22 @@ def diff(ctx, old, new, output, level, reversible, sign_key, stat, as_json):
         _print_stat(result)
     elif stat is None and not quiet(ctx):
         _print_summary(result)
+
+
+def _check_deltas_file(path: str) -> None:
+    """A --quantized file that is not safetensors is named for what it is (exit 3), before any model is read;
+    a safetensors file of something else (a model) is refused by ``load_quant_deltas``, which names its first
+    tensor that is not a NAME.rows/scales/codes/bits part."""
+    if not os.path.isfile(path):
+        return  # missing: the reader names it (exit 5)
+    try:
+        kind = sniff(path)
+    except WeightsError:
+        kind = None
+    if kind != "safetensors":
+        what = {"pytorch": "a PyTorch checkpoint", "onnx": "an ONNX model"}.get(kind, "not a safetensors file")
+        raise WeightsError(f"{path}: {what}; --quantized takes a deltas file (safetensors, as "
+                           "nnpatch.differ.save_quant_deltas writes it)")
 
 
 def _diff_json(r) -> dict:
