@@ -603,6 +603,98 @@ static void hash_range(const uint8_t *p, uint64_t n, uint8_t out[32])
     np_blake3_hash(p, (size_t)n, out);
 }
 
+/*
+ * Chaining-value reuse (blake3.h np_blake3_hash_keep / np_blake3_hash_reuse). A tensor that only
+ * rows, elements or qrows ops change keeps most of its bytes: the result's bytes outside the
+ * units the ops write are the base's bytes, copied, at the same offsets (the digest is of the
+ * tensor's bytes alone, chunk counters from 0). So when its base tensor is hashed anyway (it is
+ * checked against the patch), the hasher keeps the chaining values of its 64 KiB subtrees (and,
+ * in those the ops write into, of their 4 KiB subtrees); the result is then hashed from those
+ * and from the bytes of the 4 KiB subtrees the ops write (as written), which gives exactly the
+ * digest of the result's bytes when the base is the one checked. The marks come from the ops'
+ * indices, decoded before the base job is queued. Memory: 34 bytes per 64 KiB of such a tensor,
+ * 512 more per 64 KiB subtree with a change; freed once the result is hashed.
+ */
+typedef struct reuse {
+    size_t nsub;            /* np_blake3_subtrees(nbytes) >= 1 */
+    uint16_t *dirty;        /* nsub masks of 16 fine subtrees */
+    uint8_t *sub_cv, *fine_cv;
+    int done;               /* the base job has written sub_cv and fine_cv (under the pool's lock) */
+} reuse;
+
+static void reuse_free(reuse *r)
+{
+    free(r->dirty);
+    free(r->sub_cv);
+    free(r->fine_cv);
+    memset(r, 0, sizeof *r);
+}
+
+typedef struct marker {
+    uint16_t *dirty;
+    uint64_t nfine, unit;
+} marker;
+
+static nnp_status mark_units(void *user, const uint64_t *idx, size_t n)
+{
+    marker *m = user;
+    for (size_t i = 0; i < n; i++) {
+        /* the validated position is below the op's bound: its unit lies in the tensor */
+        uint64_t f = idx[i] * m->unit / NP_BLAKE3_FINE_LEN, e = (idx[i] * m->unit + m->unit - 1) / NP_BLAKE3_FINE_LEN;
+        for (; f <= e && f < m->nfine; f++)
+            m->dirty[f / 16] |= (uint16_t)(1u << (f % 16));
+    }
+    return NNP_OK;
+}
+
+/* Item i's reuse state, filled with the marks of every unit its steps write; 0 when it does not
+ * qualify (a fill, a step of another kind, a tensor of one subtree or less: hashed in full). */
+static int reuse_prepare(np_chain *c, size_t i, reuse *r)
+{
+    const item *it = &c->items[i];
+    memset(r, 0, sizeof *r);
+    if (it->has_fill || !it->ns || !it->src || it->src->nbytes != it->out->nbytes)
+        return 0;
+    size_t nsub = np_blake3_subtrees((size_t)it->out->nbytes), ndirty = 0;
+    if (!nsub)
+        return 0;
+    for (size_t k = 0; k < it->ns; k++) {
+        int kind = c->steps[it->s0 + k].op->kind;
+        if (kind != NP_OP_ROWS && kind != NP_OP_ELEMENTS && kind != NP_OP_QROWS)
+            return 0;
+        if (kind != NP_OP_ELEMENTS && (!it->out->rank || !it->out->shape[0]))
+            return 0;
+    }
+    r->dirty = calloc(nsub, sizeof *r->dirty);
+    r->sub_cv = malloc(nsub * 32);
+    if (!r->dirty || !r->sub_cv)
+        goto no;
+    /* a context of its own: a failure here is no error (the step meets it again and reports it) */
+    nnp_ctx *quiet = nnp_ctx_new();
+    if (!quiet)
+        goto no;
+    for (size_t k = 0; k < it->ns; k++) {
+        const step *s = &c->steps[it->s0 + k];
+        int elements = s->op->kind == NP_OP_ELEMENTS;
+        uint64_t bound = elements ? it->out->numel : it->out->shape[0];
+        marker m = {r->dirty, (uint64_t)nsub * 16, elements ? np_dtypes[it->out->dtype].size : it->out->nbytes / bound};
+        if (!m.unit || np_idx_validate(quiet, s->p, s->op, bound, mark_units, &m)) {
+            nnp_ctx_free(quiet);
+            goto no;
+        }
+    }
+    nnp_ctx_free(quiet);
+    for (size_t b = 0; b < nsub; b++)
+        ndirty += r->dirty[b] != 0;
+    if (ndirty && !(r->fine_cv = malloc(ndirty * 16 * 32)))
+        goto no;
+    r->nsub = nsub;
+    return 1;
+no:
+    reuse_free(r);
+    return 0;
+}
+
 /* Hashing threads: a queue of (range, digest) jobs, each hashed exactly once (its digest
  * written by one thread only). build() queues the base tensors no touched item starts from,
  * then, item by item, the base tensor a touched item starts from (before it is copied) and the
@@ -616,6 +708,7 @@ typedef struct hjob {
     uint8_t *out;
     int fd; /* >= 0: a range of the new file (mapped at p, at offset off of fd), released once hashed */
     uint64_t off;
+    reuse *r; /* a base job keeps chaining values in it, a result job (fd >= 0) hashes from them */
 } hjob;
 
 /* A range of the new file is done with: its pages leave this process's map, then their write-back
@@ -640,6 +733,7 @@ static void release_range(uint8_t *p, uint64_t n, int fd, uint64_t off)
 typedef struct hpool {
     pthread_mutex_t mu;
     pthread_cond_t more, idle; /* a job was queued (or the queue closed); no job is being hashed */
+    pthread_cond_t kept;       /* a base job's chaining values are in (reuse.done) */
     hjob *jobs;
     size_t n, next, busy;
     int closed;
@@ -647,10 +741,11 @@ typedef struct hpool {
     nnp_ctx *ctx;
 } hpool;
 
-static void hpool_push(hpool *h, const uint8_t *p, uint64_t n, uint64_t count, uint8_t *out, int fd, uint64_t off)
+static void hpool_push(hpool *h, const uint8_t *p, uint64_t n, uint64_t count, uint8_t *out, int fd, uint64_t off,
+                       reuse *r)
 {
     pthread_mutex_lock(&h->mu);
-    h->jobs[h->n++] = (hjob){p, n, count, out, fd, off};
+    h->jobs[h->n++] = (hjob){p, n, count, out, fd, off, r};
     pthread_cond_signal(&h->more);
     pthread_mutex_unlock(&h->mu);
 }
@@ -662,11 +757,26 @@ static int hpool_run_one(hpool *h)
         return 0;
     hjob j = h->jobs[h->next++];
     h->busy++;
+    /* a result job waits for its base job's chaining values: that job was queued before it, so it
+     * has been taken, and it finishes without waiting for anything */
+    while (j.r && j.fd >= 0 && !j.r->done)
+        pthread_cond_wait(&h->kept, &h->mu);
     pthread_mutex_unlock(&h->mu);
-    hash_range(j.p, j.n, j.out);
+    if (!j.r) {
+        hash_range(j.p, j.n, j.out);
+    } else if (j.fd < 0) {
+        np_blake3_hash_keep(NP_BLAKE3_IMPL_AUTO, j.p, (size_t)j.n, j.r->dirty, j.r->sub_cv, j.r->fine_cv, j.out);
+    } else {
+        np_blake3_hash_reuse(NP_BLAKE3_IMPL_AUTO, j.p, (size_t)j.n, j.r->dirty, j.r->sub_cv, j.r->fine_cv, j.out);
+        reuse_free(j.r); /* its last use */
+    }
     if (j.fd >= 0)
         release_range((uint8_t *)(uintptr_t)j.p, j.n, j.fd, j.off);
     pthread_mutex_lock(&h->mu);
+    if (j.r && j.fd < 0) {
+        j.r->done = 1;
+        pthread_cond_broadcast(&h->kept);
+    }
     h->hashed += j.count;
     if (!--h->busy)
         pthread_cond_broadcast(&h->idle);
@@ -787,6 +897,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     uint8_t (*od)[32] = calloc(c->nitems ? c->nitems : 1, 32);
     size_t *hlist = malloc((base->n ? base->n : 1) * sizeof *hlist), nh = 0;
     hjob *jobs = malloc((base->n + 2 * c->nitems + 1) * sizeof *jobs);
+    reuse *rs = calloc(c->nitems ? c->nitems : 1, sizeof *rs);
     pthread_t threads[8];
     int nthreads = 0;
     hpool pool;
@@ -794,11 +905,12 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     pthread_mutex_init(&pool.mu, NULL);
     pthread_cond_init(&pool.more, NULL);
     pthread_cond_init(&pool.idle, NULL);
+    pthread_cond_init(&pool.kept, NULL);
     pool.jobs = jobs;
     pool.ctx = ctx;
     size_t i = 0; /* the item being built (for the digests to compare when it fails) */
     char a[65], b[65], q[NP_QUOTE_MAX];
-    if (!bd || !bh || !od || !hlist || !jobs) {
+    if (!bd || !bh || !od || !hlist || !jobs || !rs) {
         st = np_fail(ctx, NNP_KIND_IO, "out of memory");
         goto out;
     }
@@ -836,7 +948,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
             if (!bh[k] && (hash_all || c->input_expect[k])) {
                 hlist[nh++] = k;
                 jobs[pool.n++] = (hjob){base_map + base->tensors[k].begin, base->tensors[k].nbytes,
-                                        base->tensors[k].nbytes, bd[k], -1, 0};
+                                        base->tensors[k].nbytes, bd[k], -1, 0, NULL};
             }
         long cpus = sysconf(_SC_NPROCESSORS_ONLN);
         int want = cpus > 1 ? (int)(cpus > 8 ? 7 : cpus - 1) : 0;
@@ -870,12 +982,17 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
             continue;
         }
         uint8_t *dst = m + it->out->begin;
+        reuse *r = NULL;
         if (it->src) {
             size_t bi = (size_t)(it->src - base->tensors);
             if (bh[bi] != 1 && (hash_all || c->input_expect[bi])) { /* once, if two items start from it */
                 bh[bi] = 1;
+                /* the base's chaining values for the result's digest, when that is taken too
+                 * (--verify full re-hashes every tensor as written: not there) */
+                if (!full && (hash_all || it->expect) && reuse_prepare(c, i, &rs[i]))
+                    r = &rs[i];
                 hpool_push(&pool, base_map + it->src->begin, it->src->nbytes, hash_all ? it->src->nbytes : 0, bd[bi], -1,
-                            0);
+                           0, r);
             }
             /* a kernel copy: only the pages the ops change are then written through the map */
             if (it->out->nbytes && (st = np_copy_range(ctx, base_fd, it->src->begin, t.fd, it->out->begin,
@@ -885,7 +1002,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
         if ((st = np_chain_apply_item(ctx, c, i, dst)))
             goto out;
         if (hash_all || it->expect) /* hashed, then released, by whichever thread takes it */
-            hpool_push(&pool, dst, it->out->nbytes, 0, od[i], t.fd, it->out->begin);
+            hpool_push(&pool, dst, it->out->nbytes, 0, od[i], t.fd, it->out->begin, r);
         else
             release_range(dst, it->out->nbytes, t.fd, it->out->begin);
         if ((st = np_progress(ctx, it->out->nbytes + hpool_take(&pool))))
@@ -984,8 +1101,12 @@ out:
         }
     }
     hpool_close(&pool, threads, &nthreads);
+    for (size_t k = 0; rs && k < c->nitems; k++) /* those whose result job never ran */
+        reuse_free(&rs[k]);
+    free(rs);
     pthread_cond_destroy(&pool.more);
     pthread_cond_destroy(&pool.idle);
+    pthread_cond_destroy(&pool.kept);
     pthread_mutex_destroy(&pool.mu);
     free(jobs);
     free(hlist);

@@ -265,24 +265,47 @@ static void hash_many(uint8_t impl, const uint8_t *in, size_t n, size_t stride, 
 /* The largest subtree hashed in one go: 64 chunks (its chaining values fit in 2 KiB of stack). */
 #define MAX_SUBTREE_CHUNKS 64
 
+/* n chaining values at cv (at most MAX_SUBTREE_CHUNKS, a multiple of 2^levels), the nodes of one
+ * level of aligned subtrees side by side: reduced `levels` levels up (each adjacent pair of
+ * chaining values is one parent block), the n >> levels results to out (which may be cv). */
+static void reduce_levels(uint8_t impl, const uint8_t *cv, size_t n, unsigned levels, const uint32_t key[8],
+                          uint8_t flags, uint8_t *out)
+{
+    uint8_t a[MAX_SUBTREE_CHUNKS / 2 * 32], b[MAX_SUBTREE_CHUNKS / 4 * 32 + 32];
+    const uint8_t *cur = cv;
+    uint8_t *next = a;
+    if (!levels) {
+        memmove(out, cv, n * 32);
+        return;
+    }
+    for (unsigned l = 0; l < levels; l++) {
+        n /= 2;
+        hash_many(impl, cur, n, NP_BLAKE3_BLOCK_LEN, 1, key, 0, 0, (uint8_t)(flags | PARENT), 0, 0, next);
+        cur = next;
+        next = next == a ? b : a;
+    }
+    memcpy(out, cur, n * 32);
+}
+
+static unsigned log2_pow2(size_t n)
+{
+    unsigned l = 0;
+    while (n > 1) {
+        n /= 2;
+        l++;
+    }
+    return l;
+}
+
 /* The chaining value (never the root) of the subtree of n whole chunks at in, n a power of two
  * at most MAX_SUBTREE_CHUNKS, the first one chunk number counter. */
 static void hash_subtree(uint8_t impl, const uint8_t *in, size_t n, const uint32_t key[8], uint64_t counter,
                          uint8_t flags, uint8_t out[32])
 {
-    uint8_t a[MAX_SUBTREE_CHUNKS * 32], b[MAX_SUBTREE_CHUNKS / 2 * 32];
+    uint8_t a[MAX_SUBTREE_CHUNKS * 32];
     hash_many(impl, in, n, NP_BLAKE3_CHUNK_LEN, NP_BLAKE3_CHUNK_LEN / NP_BLAKE3_BLOCK_LEN, key, counter, 1, flags,
               CHUNK_START, CHUNK_END, a);
-    uint8_t *cur = a, *next = b;
-    while (n > 1) {
-        /* each adjacent pair of chaining values is one parent block */
-        n /= 2;
-        hash_many(impl, cur, n, NP_BLAKE3_BLOCK_LEN, 1, key, 0, 0, (uint8_t)(flags | PARENT), 0, 0, next);
-        uint8_t *t = cur;
-        cur = next;
-        next = t;
-    }
-    memcpy(out, cur, 32);
+    reduce_levels(impl, a, n, log2_pow2(n), key, flags, out);
 }
 
 /* --- hasher ------------------------------------------------------------------------------- */
@@ -467,6 +490,101 @@ void np_blake3_hash(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN]
     np_blake3 h;
     np_blake3_init(&h);
     np_blake3_update(&h, data, len);
+    np_blake3_final(&h, out);
+}
+
+/* --- a tensor's digest again, from the chaining values of its unchanged subtrees -------------- */
+
+/* Whole coarse subtrees (NP_BLAKE3_SUB_LEN bytes, aligned) and their fine ones (NP_BLAKE3_FINE_LEN). */
+#define SUB_CHUNKS (NP_BLAKE3_SUB_LEN / NP_BLAKE3_CHUNK_LEN)
+#define FINE_CHUNKS (NP_BLAKE3_FINE_LEN / NP_BLAKE3_CHUNK_LEN)
+#define FINE_PER_SUB (NP_BLAKE3_SUB_LEN / NP_BLAKE3_FINE_LEN)
+
+size_t np_blake3_subtrees(size_t len)
+{
+    return len > NP_BLAKE3_SUB_LEN ? len / NP_BLAKE3_SUB_LEN : 0;
+}
+
+/*
+ * Both functions below hash as np_blake3_update does with the whole input at once: coarse
+ * subtree b (chunks 64 b .. 64 b + 63) is pushed as one chaining value at chunk counter 64 b,
+ * then the rest (less than a subtree) goes through np_blake3_update, then np_blake3_final. The
+ * hasher's stack thus goes through the same states, so the digest is np_blake3_hash's. That
+ * needs len > NP_BLAKE3_SUB_LEN: a subtree that is the whole input is the root, not a node
+ * (np_blake3_subtrees is then 0 and the input is hashed as it is).
+ */
+static void push_subtree(np_blake3 *h, const uint8_t cv[32], size_t b)
+{
+    push_cv(h, cv, (uint64_t)b * SUB_CHUNKS);
+    h->chunk.chunk_counter = (uint64_t)(b + 1) * SUB_CHUNKS;
+}
+
+void np_blake3_hash_keep(int impl, const void *data, size_t len, const uint16_t *dirty, uint8_t *sub_cv,
+                         uint8_t *fine_cv, uint8_t out[NP_BLAKE3_OUT_LEN])
+{
+    const uint8_t *in = (const uint8_t *)data;
+    np_blake3 h;
+    (void)np_blake3_init_impl(&h, impl);
+    size_t nsub = np_blake3_subtrees(len), k = 0;
+    for (size_t b = 0; b < nsub; b++) {
+        const uint8_t *p = in + b * NP_BLAKE3_SUB_LEN;
+        uint8_t *cv = sub_cv + 32 * b;
+        if (dirty[b]) {
+            /* the fine subtrees' chaining values are one level of the coarse subtree */
+            uint8_t a[SUB_CHUNKS * 32];
+            uint8_t *fine = fine_cv + (size_t)32 * FINE_PER_SUB * k++;
+            hash_many(h.impl, p, SUB_CHUNKS, NP_BLAKE3_CHUNK_LEN, NP_BLAKE3_CHUNK_LEN / NP_BLAKE3_BLOCK_LEN, h.key,
+                      (uint64_t)b * SUB_CHUNKS, 1, h.chunk.flags, CHUNK_START, CHUNK_END, a);
+            reduce_levels(h.impl, a, SUB_CHUNKS, log2_pow2(FINE_CHUNKS), h.key, h.chunk.flags, fine);
+            reduce_levels(h.impl, fine, FINE_PER_SUB, log2_pow2(FINE_PER_SUB), h.key, h.chunk.flags, cv);
+        } else {
+            hash_subtree(h.impl, p, SUB_CHUNKS, h.key, (uint64_t)b * SUB_CHUNKS, h.chunk.flags, cv);
+        }
+        push_subtree(&h, cv, b);
+    }
+    np_blake3_update(&h, in + nsub * NP_BLAKE3_SUB_LEN, len - nsub * NP_BLAKE3_SUB_LEN);
+    np_blake3_final(&h, out);
+}
+
+void np_blake3_hash_reuse(int impl, const void *data, size_t len, const uint16_t *dirty, const uint8_t *sub_cv,
+                          const uint8_t *fine_cv, uint8_t out[NP_BLAKE3_OUT_LEN])
+{
+    const uint8_t *in = (const uint8_t *)data;
+    np_blake3 h;
+    (void)np_blake3_init_impl(&h, impl);
+    size_t nsub = np_blake3_subtrees(len), k = 0;
+    for (size_t b = 0; b < nsub; b++) {
+        const uint8_t *p = in + b * NP_BLAKE3_SUB_LEN;
+        uint64_t counter = (uint64_t)b * SUB_CHUNKS;
+        uint8_t cv[32];
+        if (!dirty[b]) {
+            memcpy(cv, sub_cv + 32 * b, 32);
+        } else {
+            uint8_t fine[FINE_PER_SUB * 32], a[SUB_CHUNKS * 32];
+            memcpy(fine, fine_cv + (size_t)32 * FINE_PER_SUB * k++, sizeof fine);
+            /* each run of dirty fine subtrees, its chunks through the kernels at once */
+            for (unsigned j = 0; j < FINE_PER_SUB;) {
+                if (!(dirty[b] >> j & 1)) {
+                    j++;
+                    continue;
+                }
+                unsigned e = j;
+                while (e < FINE_PER_SUB && (dirty[b] >> e & 1))
+                    e++;
+                size_t nch = (size_t)(e - j) * FINE_CHUNKS;
+                hash_many(h.impl, p + (size_t)j * NP_BLAKE3_FINE_LEN, nch, NP_BLAKE3_CHUNK_LEN,
+                          NP_BLAKE3_CHUNK_LEN / NP_BLAKE3_BLOCK_LEN, h.key, counter + (uint64_t)j * FINE_CHUNKS, 1,
+                          h.chunk.flags, CHUNK_START, CHUNK_END, a);
+                /* fine subtrees are aligned in the run, so pairing the run's nodes level by level stays
+                 * inside each of them */
+                reduce_levels(h.impl, a, nch, log2_pow2(FINE_CHUNKS), h.key, h.chunk.flags, fine + 32 * j);
+                j = e;
+            }
+            reduce_levels(h.impl, fine, FINE_PER_SUB, log2_pow2(FINE_PER_SUB), h.key, h.chunk.flags, cv);
+        }
+        push_subtree(&h, cv, b);
+    }
+    np_blake3_update(&h, in + nsub * NP_BLAKE3_SUB_LEN, len - nsub * NP_BLAKE3_SUB_LEN);
     np_blake3_final(&h, out);
 }
 

@@ -51,6 +51,28 @@ void np_blake3_update(np_blake3 *h, const void *data, size_t len);
 void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN]);
 /* One-shot convenience (named np_blake3_hash: C forbids a function named like the typedef np_blake3). */
 void np_blake3_hash(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN]);
+/*
+ * A tensor's digest again after a few of its bytes changed (apply.c): the chaining values of its
+ * whole aligned subtrees of NP_BLAKE3_SUB_LEN bytes (64 chunks: 32 bytes kept per 64 KiB), and
+ * inside the subtrees marked dirty those of their NP_BLAKE3_FINE_LEN-byte subtrees (4 chunks).
+ * dirty[b], for each of the np_blake3_subtrees(len) subtrees: bit j set when bytes of fine
+ * subtree j of subtree b may differ. Both functions give exactly np_blake3_hash(data, len).
+ *   np_blake3_hash_keep: hashes all of data; writes sub_cv (32 bytes per subtree) and, for each
+ *     subtree with dirty[b] != 0 in order of b, its 16 fine chaining values to fine_cv (512 bytes each).
+ *   np_blake3_hash_reuse: with what hash_keep wrote for the old bytes and the same dirty marks,
+ *     the digest of the new bytes, reading only the dirty fine subtrees and the bytes after the
+ *     last whole subtree. Exact when every byte that differs lies in a dirty fine subtree.
+ * impl: NP_BLAKE3_IMPL_* (AUTO: the best here).
+ */
+#define NP_BLAKE3_SUB_LEN (64 * 1024)
+#define NP_BLAKE3_FINE_LEN (4 * 1024)
+/* Whole subtrees whose chaining values the two functions keep: len / SUB_LEN, or 0 when len <= SUB_LEN
+ * (a subtree that is the whole input is the root). */
+size_t np_blake3_subtrees(size_t len);
+void np_blake3_hash_keep(int impl, const void *data, size_t len, const uint16_t *dirty, uint8_t *sub_cv,
+                         uint8_t *fine_cv, uint8_t out[NP_BLAKE3_OUT_LEN]);
+void np_blake3_hash_reuse(int impl, const void *data, size_t len, const uint16_t *dirty, const uint8_t *sub_cv,
+                          const uint8_t *fine_cv, uint8_t out[NP_BLAKE3_OUT_LEN]);
 void np_hex(const uint8_t *bytes, size_t n, char *out /* 2n + 1 */);
 
 #endif
