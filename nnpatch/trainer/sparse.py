@@ -599,8 +599,9 @@ def changed_channels(model: nn.Module | dict[str, torch.Tensor], base_state: dic
                      groups: list[ChannelGroup] | None = None, ignore: set[str] | frozenset[str] = frozenset()) -> dict:
     """Compare raw bytes, channel by channel, between ``model`` (or a state dict) and ``base_state``.
 
-    Tensors named in ``ignore`` (running statistics under ``norm_stats="adapt"``) do not make a
-    channel count as changed; ``stats_changed`` counts their changed values.
+    Tensors named in ``ignore`` (the norm tensors free in every channel: running statistics under
+    ``norm_stats="adapt"``, and scale and shift too under ``"affine"``) do not make a channel count as
+    changed; ``stats_changed`` counts their changed values.
     Returns counts of changed channels/parameters and ``changed_vector`` (bool per channel)."""
     if isinstance(model, nn.Module):
         if groups is None:
