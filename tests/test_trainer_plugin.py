@@ -372,6 +372,15 @@ def test_resume_refuses_another_run_or_no_checkpoint(plug, tmp_path):
     assert "was written by a run with other --seed (0, this run has 1)" in line
     line = one_error_line(run(*args, "--ratio", "0.5", "--resume"), 2)
     assert "other --ratio (0.25, this run has 0.5)" in line
+    # a checkpoint of an nnpatch whose default channel ranking differed: resuming it would not continue that run
+    state = torch.load(ckpt, weights_only=True)
+    for older in ({**state, "meta": {k: v for k, v in state["meta"].items() if k != "selection"},
+                   "trainer": {**state["trainer"], "config": {**state["trainer"]["config"],
+                                                              "selection": "fisher_layer"}}},
+                  {**state, "meta": {**state["meta"], "selection": "l1_layer"}}):
+        torch.save(older, ckpt)
+        line = one_error_line(run(*args, "--resume"), 2)
+        assert "other channel ranking (an earlier nnpatch's default)" in line and "this run has 'fisher'" in line
     ckpt.write_bytes(b"not a checkpoint")
     assert "not a readable train-sparse checkpoint" in one_error_line(run(*args, "--resume"), 3)
     torch.save({"something": "else"}, ckpt)

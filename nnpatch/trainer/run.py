@@ -334,7 +334,10 @@ def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state
                      world: int) -> dict[str, Any]:
     meta: dict[str, Any] = {name: getattr(o, name) for name in _RESULT_OPTIONS}
     meta.update(budget_bytes=budget_bytes, world_size=world, base_digest=_state_digest(base_state),
-                teacher_digest=_file_digest(o.teacher_path) if o.teacher_path else None)
+                teacher_digest=_file_digest(o.teacher_path) if o.teacher_path else None,
+                # not an option, but a default that has changed between versions: a run resumed under
+                # another ranking would not be the run that was started
+                selection=TrainerConfig().selection)
     return meta
 
 
@@ -358,9 +361,14 @@ def _read_checkpoint(path: str | None, meta: dict[str, Any]) -> dict:
                            path=path) from None
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError("not a train-sparse checkpoint", path=path)
-    old = state.get("meta") or {}
+    old = dict(state.get("meta") or {})
+    if "selection" not in old:  # written before the ranking was recorded: its trainer config has it
+        trainer = state.get("trainer")
+        config = trainer.get("config") if isinstance(trainer, dict) else None
+        old["selection"] = config.get("selection") if isinstance(config, dict) else None
     names = {"base_digest": "--base", "teacher_digest": "--teacher", "world_size": "ranks (torchrun)",
-             "budget_bytes": "--budget", "model_spec": "--model", "data_spec": "--data"}
+             "budget_bytes": "--budget", "model_spec": "--model", "data_spec": "--data",
+             "selection": "channel ranking (an earlier nnpatch's default)"}
     for key, value in meta.items():
         if old.get(key) != value:
             flag = names.get(key, "--" + key.replace("_", "-"))
