@@ -307,7 +307,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", default=None, help="also write raw rows as JSON here")
     ap.add_argument("--width", type=int, default=None,
                     help="base width of every model (default: 16 for digits, 8 for mnist5k, denoising, video)")
-    ap.add_argument("--norm-stats", choices=("frozen", "adapt"), default=None,
+    ap.add_argument("--norm-stats", choices=("frozen", "adapt", "affine"), default=None,
                     help="BatchNorm running statistics of frozen channels in every sparse method "
                          "(TrainerConfig.norm_stats; default: frozen, the channel rule; --study bytes: the "
                          "library's default)")
