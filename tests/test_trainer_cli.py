@@ -127,6 +127,20 @@ def test_user_spec_budget_and_teacher_file(tiny, tmp_path):
     assert "channels changed" in res.stderr and res.stdout == ""
 
 
+@pytest.mark.parametrize("mode", ["adapt", "affine"])
+def test_a_budget_the_norm_values_use_up_is_refused_before_training(tiny, tmp_path, mode):
+    """Under --norm-stats adapt/affine the norm values of every channel are in the patch whatever the
+    selection: they are paid from --budget first, and a budget they use up is a usage error at once."""
+    pytest.importorskip("torch")
+    spec, base = tiny
+    res = invoke(["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(base), "--budget", "20",
+                  "--norm-stats", mode, "-o", str(tmp_path / "n.safetensors"), "--patch", str(tmp_path / "p.nnpatch")])
+    assert isinstance(res.exception, UsageError), res.output + repr(res.exception)  # exit 2 through the main CLI
+    assert str(res.exception).startswith(f"a budget of 20 bytes leaves nothing for channels: with --norm-stats {mode}")
+    assert "teacher" not in res.stderr
+    assert not (tmp_path / "n.safetensors").exists() and not (tmp_path / "p.nnpatch").exists()
+
+
 @pytest.mark.parametrize("args, error, text", [
     (["--recipe", "digits", "--model", "x:y"], UsageError, "cannot be combined"),
     (["--model", "x:y"], UsageError, "all of --model"),

@@ -11,7 +11,7 @@ torch = pytest.importorskip("torch")
 from torch import nn  # noqa: E402
 from torch.utils.data import TensorDataset  # noqa: E402
 
-from nnpatch.errors import TrainingError  # noqa: E402
+from nnpatch.errors import TrainingError, UsageError  # noqa: E402
 from nnpatch.trainer import (  # noqa: E402
     PruneSchedule,
     SparseUpdate,
@@ -214,6 +214,22 @@ def test_budget_and_random_selection():
     rep = tr.sparse.report()
     assert 0 < rep["bytes_kept_estimate"] <= 400
     tr.sparse.verify(base)
+
+    # norm values that change in every channel are paid from the budget first, and no channel's cost counts them
+    tr, base = run_trainer(budget_bytes=400, ratio=None, norm_stats="affine")
+    su = tr.sparse
+    assert su.free_bytes == sum(base[f"{bn}.{t}"].numel() * 4 for bn in ("bn1", "bn2")
+                                for t in ("running_mean", "running_var", "weight", "bias")) == 4 * 4 * (6 + 8)
+    frozen_costs = SparseUpdate(Tiny(), base, budget_bytes=400).channel_bytes
+    assert torch.equal(frozen_costs - su.channel_bytes, torch.tensor([16] * 6 + [16] * 8 + [0] * 4))
+    assert su.target_for(1.0) == {"budget": 400.0 - su.free_bytes}
+    tr.run()
+    rep = su.report()
+    assert su.free_bytes < rep["bytes_kept_estimate"] <= 400
+    su.verify(base)
+    with pytest.raises(UsageError, match="a budget of 200 bytes leaves nothing for channels: with --norm-stats "
+                                         "affine the norm values of every channel take 224 bytes"):
+        SparseUpdate(Tiny(), base, budget_bytes=200, norm_stats="affine")
 
     tr, base = run_trainer(selection="random", schedule="start")
     kept_before = tr.sparse.mask_vector().clone()

@@ -95,10 +95,13 @@ class ChannelGroup:
                 out[m.start:m.stop] += t.numel() // max(1, t.shape[m.axis])
         return out
 
-    def bytes_per_channel(self, state: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Raw bytes of each channel (int64 vector of ``size``)."""
+    def bytes_per_channel(self, state: dict[str, torch.Tensor], skip: frozenset[str] | set[str] = frozenset()) \
+            -> torch.Tensor:
+        """Raw bytes of each channel (int64 vector of ``size``), leaving out the tensors in ``skip``."""
         out = torch.zeros(self.size, dtype=torch.int64)
         for m in self.members:
+            if m.key in skip:
+                continue
             t = state[m.key]
             es = t.element_size()
             if m.axis is None:

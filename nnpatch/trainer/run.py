@@ -60,7 +60,8 @@ from .data import Batches
 from .options import TrainSparseOptions
 from .quant import code_cost_factor, exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
-from .sparse import changed_channels
+from .channels import group_channels
+from .sparse import changed_channels, check_budget, free_norm_bytes, free_norm_keys
 from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
 from .usercode import load_spec, user_code
@@ -228,6 +229,9 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     else:
         m0 = _user_base(opts)
     base_model, train_ds, eval_ds, base_path, base_file_state = m0
+    if budget_bytes is not None:  # refused now, not after the teacher has trained
+        free = free_norm_keys(group_channels(base_model), opts.norm_stats, base_file_state)
+        check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats)
     meta = _checkpoint_meta(opts, budget_bytes, base_file_state, world) if opts.checkpoint else None
     resume = _read_checkpoint(opts.checkpoint, meta) if opts.resume and meta is not None else None
     teacher = None
@@ -289,7 +293,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
     if budget_bytes is not None:
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
-        report["estimated_update_bytes"] = int(res["sparse"].channel_bytes[changed].sum() * cfg.cost_factor)
+        report["estimated_update_bytes"] = res["sparse"].estimated_bytes(changed)
     report["seconds"] = round(time.time() - t0, 2)
     if budget_bytes is not None and not report["budget_met"]:
         raise BudgetMissedError(

@@ -81,7 +81,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import TrainingError
+from ..errors import TrainingError, UsageError
 from .channels import ChannelGroup, group_channels, unwrap_model
 
 __all__ = ["PruneSchedule", "SparseUpdate", "changed_channels", "NORM_STATS", "SELECTIONS"]
@@ -210,10 +210,14 @@ class SparseUpdate:
         self._norm_groups = [g for g in self.groups if g.norm is not None]
         #: norm-layer tensors that may change in every channel: the running statistics under
         #: norm_stats="adapt", and the scale and shift too under "affine"
-        free = {"frozen": (), "adapt": ("running_mean", "running_var"),
-                "affine": ("running_mean", "running_var", "weight", "bias")}[norm_stats]
-        self.free_stats: set[str] = {f"{g.norm}.{s}" for g in self._norm_groups for s in free
-                                     if f"{g.norm}.{s}" in self.tensors}
+        self.free_stats: set[str] = free_norm_keys(self.groups, norm_stats, self.tensors)
+        #: raw bytes of those tensors: in the patch whatever the selection, so a byte budget is spent on
+        #: them first (at their raw size: they are never quantized) and no channel's cost counts them
+        self.free_bytes = free_norm_bytes(self.free_stats, base_state)
+        if self.free_stats:
+            self.channel_bytes = torch.cat([g.bytes_per_channel(base_state, self.free_stats) for g in self.groups])
+        if budget_bytes is not None:
+            check_budget(budget_bytes, self.free_bytes, norm_stats)
         if norm_stats == "frozen":
             self._install_norm_hooks()
         self._refresh()
@@ -453,9 +457,9 @@ class SparseUpdate:
         """Arguments of :meth:`prune` for a schedule progress in (0, 1]."""
         if self.budget_bytes is not None:
             total = float(self.channel_bytes.sum()) * self.cost_factor
+            budget = self.channel_budget
             frac = self.schedule.share(progress, 0.0)  # 1 -> 0 ramp
-            return {"budget": float(self.budget_bytes) + (total - float(self.budget_bytes)) * frac
-                    if progress < 1.0 else float(self.budget_bytes)}
+            return {"budget": budget + (total - budget) * frac if progress < 1.0 else budget}
         share = self.schedule.share(progress, float(self.ratio))
         return {"k": int(math.floor(share * self.num_channels + 1e-9))}
 
@@ -543,6 +547,17 @@ class SparseUpdate:
         self.events_done = int(state.get("events_done", 0))
         self._refresh()
 
+    @property
+    def channel_budget(self) -> float:
+        """What ``budget_bytes`` leaves for the kept channels, after the norm values free in every channel."""
+        assert self.budget_bytes is not None
+        return float(self.budget_bytes - self.free_bytes)
+
+    def estimated_bytes(self, channels: torch.Tensor) -> int:
+        """Estimated patch bytes of the update that changes ``channels`` (bool per channel): their raw
+        bytes times ``cost_factor``, plus the norm values free in every channel."""
+        return int(float(self.channel_bytes[channels].sum()) * self.cost_factor + self.free_bytes)
+
     def report(self) -> dict:
         """Channel and parameter counts of the current mask."""
         mask = self.mask_vector()
@@ -551,7 +566,7 @@ class SparseUpdate:
             "channels_kept": int(mask.sum()),
             "params_total": int(self.channel_params.sum()),
             "params_kept": int(self.channel_params[mask].sum()),
-            "bytes_kept_estimate": int(self.channel_bytes[mask].sum() * self.cost_factor),
+            "bytes_kept_estimate": self.estimated_bytes(mask),
         }
 
     def verify(self, base_state: dict[str, torch.Tensor] | None = None) -> dict:
@@ -570,8 +585,9 @@ class SparseUpdate:
                                  f"{self.ratio:.2%} of {self.num_channels}")
         if self.budget_bytes is not None:
             est = float(self.channel_bytes[changed].sum()) * self.cost_factor
-            if est > self.budget_bytes + 1e-6:
-                raise TrainingError(f"estimated update size {est:.0f} B exceeds budget {self.budget_bytes} B")
+            if est > self.channel_budget + 1e-6:
+                raise TrainingError(f"estimated update size {est + self.free_bytes:.0f} B exceeds budget "
+                                    f"{self.budget_bytes} B")
         return rep
 
     def _channel_name(self, i: int) -> str:
@@ -581,6 +597,26 @@ class SparseUpdate:
                 return f"{g.name}[{i - off}]"
             off += g.size
         return str(i)
+
+
+def free_norm_keys(groups: list[ChannelGroup], norm_stats: str, keys) -> set[str]:
+    """The norm-layer tensors (among ``keys``) that may change in every channel: the running statistics
+    under ``norm_stats="adapt"``, and the scale and shift too under ``"affine"``."""
+    free = {"frozen": (), "adapt": ("running_mean", "running_var"),
+            "affine": ("running_mean", "running_var", "weight", "bias")}[norm_stats]
+    return {f"{g.norm}.{s}" for g in groups if g.norm is not None for s in free if f"{g.norm}.{s}" in keys}
+
+
+def free_norm_bytes(free: set[str], base_state: dict[str, torch.Tensor]) -> int:
+    return sum(base_state[k].numel() * base_state[k].element_size() for k in free)
+
+
+def check_budget(budget_bytes: int, free_bytes: int, norm_stats: str) -> None:
+    """Refuse a byte budget that the norm values free in every channel use up on their own."""
+    if free_bytes >= budget_bytes:
+        raise UsageError(f"a budget of {budget_bytes:,} bytes leaves nothing for channels: with --norm-stats "
+                         f"{norm_stats} the norm values of every channel take {free_bytes:,} bytes of it; give a "
+                         f"larger budget or --norm-stats frozen")
 
 
 def _broadcast_from_rank0(t: torch.Tensor) -> torch.Tensor:
