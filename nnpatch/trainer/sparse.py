@@ -47,7 +47,8 @@ into the widest layers, but puts them where the loss is most sensitive -- the fi
 classifier after an input shift, whose channels have few parameters.  With ``ratio`` the top
 ``floor(share * N)`` channels are kept (N = channel count); with ``budget_bytes``
 channels are taken in rank order while their estimated encoded size (raw bytes
-times ``cost_factor``) fits the byte target of the event.
+times ``cost_factor``) fits the byte target of the event, less the raw bytes of the
+norm values that change in every channel under ``norm_stats`` adapt or affine.
 
 Frozen BatchNorm channels behave as on the device: in training mode their output
 uses the stored running statistics (eval-mode normalization), and their running
