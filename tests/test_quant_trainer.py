@@ -74,16 +74,17 @@ def test_straight_through_swaps_latent_weights():
     qz.detach()
 
 
-@pytest.mark.parametrize("bits", ["8", "4"])
-def test_train_sparse_delta_bits_end_to_end(tiny, tmp_path, bits):
+@pytest.mark.parametrize("bits, norm", [("8", "frozen"), ("4", "frozen"), ("8", "affine")])
+def test_train_sparse_delta_bits_end_to_end(tiny, tmp_path, bits, norm):
     spec, base = tiny
     new, patch = tmp_path / "new.safetensors", tmp_path / "u.nnpatch"
     res = invoke(["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(base), "--epochs", "4",
-                  "--teacher-epochs", "2", "--ratio", "0.5", "--delta-bits", bits, "-o", str(new),
-                  "--patch", str(patch), "--json"])
+                  "--teacher-epochs", "2", "--ratio", "0.5", "--delta-bits", bits, "--norm-stats", norm,
+                  "-o", str(new), "--patch", str(patch), "--json"])
     assert res.exit_code == 0, res.output + repr(res.exception)
     rep = json.loads(res.stdout)
     assert rep["delta_bits"] == int(bits)
+    assert (rep["norm_stats_changed"] > 0) == (norm == "affine")  # the norms' values: ordinary ops, not qrows
     assert rep["channels_changed"] <= math.floor(0.5 * rep["channels_total"])
     with nnpatch.read_patch(patch) as p:
         kinds = {op.kind for op in p.ops}
