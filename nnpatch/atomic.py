@@ -20,15 +20,25 @@ from .errors import NnpatchIOError
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
 
 
-def fsync_dir(path: str) -> None:
+#: fsync of a directory failing with these means the file system cannot sync directories at all
+#: (its entries are as durable as it makes them): nothing to report
+_DIR_SYNC_UNSUPPORTED = {errno.EINVAL, errno.EBADF, getattr(errno, "ENOTSUP", errno.EINVAL),
+                         getattr(errno, "EOPNOTSUPP", errno.EINVAL)}
+
+
+def fsync_dir(path: str, *, strict: bool = False) -> None:
+    """Make the entries of directory ``path`` durable (a rename into it, an unlink).  Best effort, unless
+    ``strict``: then a failure other than a file system that cannot sync directories is raised (an
+    ``OSError``), for a commit point that later writes rely on."""
     try:
         fd = os.open(path or ".", os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return  # some file systems cannot open directories; nothing to sync then
     try:
         os.fsync(fd)
-    except OSError:
-        pass
+    except OSError as e:
+        if strict and e.errno not in _DIR_SYNC_UNSUPPORTED:
+            raise
     finally:
         os.close(fd)
 

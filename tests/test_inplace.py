@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import importlib.util
 import os
 import shutil
+import stat
 
 import numpy as np
 import pytest
@@ -81,6 +83,32 @@ def test_wrong_base_in_place_leaves_the_file(same_layout, tmp_path):
     r = CliRunner().invoke(cli, ["apply", "--in-place", model, patch])
     assert r.exit_code == 4 and "wrong base" in r.stderr
     assert read(model) == read(new)
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "new.safetensors", "old.safetensors", "p.nnpatch"]
+
+
+@pytest.mark.parametrize("err, stops", [(errno.EIO, True), (errno.EINVAL, False)])
+def test_a_journal_that_cannot_be_made_durable_stops_before_the_model_is_written(same_layout, tmp_path,
+                                                                                 monkeypatch, err, stops):
+    """The journal's commit point is the fsync of its folder: when that fails (EIO), the model must not be
+    written, since after a crash it could be half new with no journal to undo it. A file system that cannot
+    sync directories at all (EINVAL) is no failure: the update goes on as before."""
+    old, new, patch, model = same_layout
+    real_fsync = os.fsync
+
+    def fsync(fd):
+        if stat.S_ISDIR(os.fstat(fd).st_mode):
+            raise OSError(err, os.strerror(err))
+        return real_fsync(fd)
+    monkeypatch.setattr(os, "fsync", fsync)
+    r = CliRunner().invoke(cli, ["apply", "--in-place", model, patch])
+    if not stops:
+        assert r.exit_code == 0, r.output
+        assert read(model) == read(new) and not os.path.exists(journal_path(model))
+        return
+    assert r.exit_code == 5, r.output
+    line = r.stderr.strip()
+    assert "\n" not in line and "cannot make the journal durable" in line and "the model was not written" in line
+    assert read(model) == read(old) and hash_file(model) == hash_file(old)
     assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "new.safetensors", "old.safetensors", "p.nnpatch"]
 
 

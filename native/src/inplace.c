@@ -427,7 +427,7 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
         s = np_fail_errno(ctx, errno, jpath, "cannot remove");
         goto out;
     }
-    np_fsync_dir_of(model);
+    (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
 out:
     if (!committed)
         np_jw_abort(&w); /* removes the .tmp journal (also on cancel) */

@@ -36,11 +36,11 @@ char *np_journal_path(const char *model, const char *suffix)
     return p;
 }
 
-void np_fsync_dir_of(const char *path)
+int np_fsync_dir_of(const char *path)
 {
     char *copy = strdup(path);
     if (!copy)
-        return;
+        return 0;
     char *slash = strrchr(copy, '/');
     const char *dir = ".";
     if (slash == copy)
@@ -49,12 +49,18 @@ void np_fsync_dir_of(const char *path)
         *slash = 0;
         dir = copy;
     }
+    int err = 0;
     int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        (void)fsync(fd);
+    if (fd >= 0) { /* some file systems cannot open directories: nothing to sync then */
+        if (fsync(fd) != 0)
+            err = errno;
         close(fd);
     }
     free(copy);
+    /* a file system that cannot sync directories at all: its entries are as durable as it makes them */
+    if (err == EINVAL || err == EBADF || err == ENOTSUP || err == EOPNOTSUPP)
+        err = 0;
+    return err;
 }
 
 static int lexists(const char *path)
@@ -446,7 +452,18 @@ nnp_status np_jw_commit(nnp_ctx *ctx, np_jwriter *w)
         np_jw_abort(w);
         return s;
     }
-    np_fsync_dir_of(w->path);
+    /* the commit point of the journal: the model is written only once its entry is durable; if it
+     * cannot be made so, it is as if never committed (the model is untouched) */
+    int err = np_fsync_dir_of(w->path);
+    if (err) {
+        (void)unlink(w->path);
+        s = np_fail(ctx, NNP_KIND_IO, "%s: cannot make the journal durable (fsync of its folder: %s); the model "
+                    "was not written", w->path, strerror(err));
+        free(w->tmp);
+        w->tmp = NULL; /* renamed: no .tmp left to remove */
+        np_jw_abort(w);
+        return s;
+    }
     free(w->tmp);
     w->tmp = NULL; /* committed: nothing to remove */
     np_jw_abort(w);
@@ -944,7 +961,7 @@ nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recov
     if (lexists(tpath)) { /* never committed: the model was not written */
         if ((s = unlink_or_fail(ctx, tpath)))
             goto out;
-        np_fsync_dir_of(model);
+        (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
     }
     if (!lexists(jpath))
         goto out;
@@ -968,7 +985,7 @@ nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recov
         np_clear(ctx);
         if ((s = unlink_or_fail(ctx, jpath)))
             goto out;
-        np_fsync_dir_of(model);
+        (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
         goto out;
     }
     if ((s = check_model(ctx, model, jpath, &j, fd, msize)))
@@ -1034,7 +1051,7 @@ nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recov
     }
     if ((s = unlink_or_fail(ctx, jpath)))
         goto out;
-    np_fsync_dir_of(model);
+    (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
     if (recovered)
         *recovered = 1;
 out:

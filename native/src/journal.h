@@ -89,7 +89,9 @@ nnp_status np_lock_model(nnp_ctx *ctx, const char *model, int *fd);
  * input: `nnpatch recover` first), else NNP_OK. */
 nnp_status np_journal_refuse_unfinished(nnp_ctx *ctx, const char *model);
 
-/* fsync the directory holding `path` (errors ignored, as Python's fsync_dir). */
-void np_fsync_dir_of(const char *path);
+/* fsync the directory holding `path`: 0, or the errno of a failure other than a file system that
+ * cannot sync directories (as Python's fsync_dir; callers that want it best effort ignore it, the
+ * journal's commit point does not). */
+int np_fsync_dir_of(const char *path);
 
 #endif

@@ -161,7 +161,13 @@ class JournalWriter:
             if isinstance(e, NnpatchIOError):
                 raise
             raise self._error(e) from e
-        fsync_dir(os.path.dirname(os.path.abspath(self.path)))
+        try:  # the commit point of the journal: the model is written only once its entry is durable
+            fsync_dir(os.path.dirname(os.path.abspath(self.path)), strict=True)
+        except OSError as e:
+            with contextlib.suppress(OSError):  # not durable: as if never committed (the model is untouched)
+                os.unlink(self.path)
+            raise NnpatchIOError(f"{self.path}: cannot make the journal durable (fsync of its folder: "
+                                 f"{e.strerror or e}); the model was not written") from e
 
     def abort(self) -> None:
         try:

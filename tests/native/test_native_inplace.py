@@ -659,3 +659,56 @@ def test_directory_models_are_refused(native_impl, tmp_path, same_layout):
     assert r.returncode == 2 and b"single file" in r.stderr, r.stderr
     assert read(tmp_path / "v1" / "model.safetensors") == before
     assert sorted(os.listdir(tmp_path / "v1")) == ["config.json", "model.safetensors"]
+
+
+# --- the journal's commit point: the fsync of its folder -------------------------------------------
+
+DIR_FSYNC_SHIM = r"""
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <errno.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+int fsync(int fd)
+{
+    static int (*real)(int);
+    const char *e = getenv("NNP_TEST_DIR_FSYNC_ERRNO");
+    struct stat st;
+    if (e && fstat(fd, &st) == 0 && S_ISDIR(st.st_mode)) {
+        errno = atoi(e);
+        return -1;
+    }
+    if (!real)
+        real = (int (*)(int))dlsym(RTLD_NEXT, "fsync");
+    return real(fd);
+}
+"""
+
+
+@pytest.fixture(scope="module")
+def dir_fsync_shim(tmp_path_factory):
+    """An LD_PRELOAD library whose fsync fails on directories with the errno NNP_TEST_DIR_FSYNC_ERRNO names."""
+    d = tmp_path_factory.mktemp("shim")
+    (d / "shim.c").write_text(DIR_FSYNC_SHIM)
+    subprocess.run(["cc", "-shared", "-fPIC", "-O2", "-o", str(d / "shim.so"), str(d / "shim.c"), "-ldl"],
+                   check=True)
+    return d / "shim.so"
+
+
+@pytest.mark.parametrize("err, stops", [(5, True), (22, False)])  # EIO; EINVAL: cannot sync directories
+def test_a_journal_that_cannot_be_made_durable_stops_before_the_model_is_written(native, same_layout, tmp_path,
+                                                                                 dir_fsync_shim, err, stops):
+    """As Python (tests/test_inplace.py): when the fsync of the journal's folder fails, the model is not
+    written and no journal is left; a file system that cannot sync directories is no failure."""
+    old, new, patch, model = same_layout
+    env = dict(os.environ, LD_PRELOAD=str(dir_fsync_shim), NNP_TEST_DIR_FSYNC_ERRNO=str(err))
+    r = subprocess.run([str(native.apply), "--in-place", model, patch], env=env, capture_output=True, text=True)
+    if not stops:
+        assert r.returncode == 0, r.stderr
+        assert read(model) == read(new) and no_journal(model)
+        return
+    assert r.returncode == 5, r.stderr
+    line = r.stderr.strip()
+    assert "\n" not in line and "cannot make the journal durable" in line and "the model was not written" in line
+    assert read(model) == read(old)
+    assert sorted(os.listdir(tmp_path)) == ["model.safetensors", "new.safetensors", "old.safetensors", "p.nnpatch"]
