@@ -848,6 +848,64 @@ static void hpool_close(hpool *h, pthread_t *threads, int *nthreads)
     *nthreads = 0;
 }
 
+static void hpool_init(hpool *h, nnp_ctx *ctx, hjob *jobs)
+{
+    memset(h, 0, sizeof *h);
+    pthread_mutex_init(&h->mu, NULL);
+    pthread_cond_init(&h->more, NULL);
+    pthread_cond_init(&h->idle, NULL);
+    pthread_cond_init(&h->kept, NULL);
+    h->jobs = jobs;
+    h->ctx = ctx;
+}
+
+static void hpool_destroy(hpool *h)
+{
+    pthread_cond_destroy(&h->more);
+    pthread_cond_destroy(&h->idle);
+    pthread_cond_destroy(&h->kept);
+    pthread_mutex_destroy(&h->mu);
+}
+
+/* Helper threads for the pool: cpus-1 of them, at most `most` (<= NP_HASHERS_MAX); the count started. */
+#define NP_HASHERS_MAX 7
+static int hpool_start(hpool *h, pthread_t threads[NP_HASHERS_MAX], size_t most)
+{
+    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
+    size_t want = cpus > 1 ? (size_t)(cpus > NP_HASHERS_MAX + 1 ? NP_HASHERS_MAX : cpus - 1) : 0;
+    if (want > most)
+        want = most;
+    int started = 0;
+    pthread_attr_t attr;
+    int have_attr = pthread_attr_init(&attr) == 0;
+    if (have_attr)
+        pthread_attr_setstacksize(&attr, (size_t)1 << 20); /* a hasher needs a few KiB */
+    for (size_t w = 0; w < want; w++)
+        if (pthread_create(&threads[started], have_attr ? &attr : NULL, hworker, h) == 0)
+            started++;
+    if (have_attr)
+        pthread_attr_destroy(&attr);
+    return started;
+}
+
+nnp_status np_hash_ranges(nnp_ctx *ctx, const np_hash_range *ranges, size_t n)
+{
+    hjob *jobs = malloc((n ? n : 1) * sizeof *jobs);
+    if (!jobs)
+        return np_fail(ctx, NNP_KIND_IO, "out of memory");
+    hpool pool;
+    hpool_init(&pool, ctx, jobs);
+    for (size_t k = 0; k < n; k++)
+        jobs[pool.n++] = (hjob){ranges[k].p, ranges[k].n, ranges[k].count, ranges[k].out, -1, 0, NULL};
+    pthread_t threads[NP_HASHERS_MAX];
+    int nthreads = n > 1 ? hpool_start(&pool, threads, n - 1) : 0;
+    nnp_status st = hpool_settle(ctx, &pool);
+    hpool_close(&pool, threads, &nthreads);
+    hpool_destroy(&pool);
+    free(jobs);
+    return st;
+}
+
 /* The digests of item i (base tensor, then result), compared as a serial pass would have: the
  * base's only when it was hashed (hb), the result's only when `result` (its job was queued). */
 static nnp_status check_item(nnp_ctx *ctx, const np_chain *c, size_t i, const uint8_t (*bd)[32],
@@ -898,16 +956,10 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
     size_t *hlist = malloc((base->n ? base->n : 1) * sizeof *hlist), nh = 0;
     hjob *jobs = malloc((base->n + 2 * c->nitems + 1) * sizeof *jobs);
     reuse *rs = calloc(c->nitems ? c->nitems : 1, sizeof *rs);
-    pthread_t threads[8];
+    pthread_t threads[NP_HASHERS_MAX];
     int nthreads = 0;
     hpool pool;
-    memset(&pool, 0, sizeof pool);
-    pthread_mutex_init(&pool.mu, NULL);
-    pthread_cond_init(&pool.more, NULL);
-    pthread_cond_init(&pool.idle, NULL);
-    pthread_cond_init(&pool.kept, NULL);
-    pool.jobs = jobs;
-    pool.ctx = ctx;
+    hpool_init(&pool, ctx, jobs);
     size_t i = 0; /* the item being built (for the digests to compare when it fails) */
     char a[65], b[65], q[NP_QUOTE_MAX];
     if (!bd || !bh || !od || !hlist || !jobs || !rs) {
@@ -950,17 +1002,7 @@ static nnp_status build(nnp_ctx *ctx, np_chain *c, int base_fd, const uint8_t *b
                 jobs[pool.n++] = (hjob){base_map + base->tensors[k].begin, base->tensors[k].nbytes,
                                         base->tensors[k].nbytes, bd[k], -1, 0, NULL};
             }
-        long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-        int want = cpus > 1 ? (int)(cpus > 8 ? 7 : cpus - 1) : 0;
-        pthread_attr_t attr;
-        int have_attr = pthread_attr_init(&attr) == 0;
-        if (have_attr)
-            pthread_attr_setstacksize(&attr, (size_t)1 << 20); /* a hasher needs a few KiB */
-        for (int w = 0; w < want; w++)
-            if (pthread_create(&threads[nthreads], have_attr ? &attr : NULL, hworker, &pool) == 0)
-                nthreads++;
-        if (have_attr)
-            pthread_attr_destroy(&attr);
+        nthreads = hpool_start(&pool, threads, NP_HASHERS_MAX);
     }
     while (i < c->nitems) {
         const item *it = &c->items[i];
@@ -1104,10 +1146,7 @@ out:
     for (size_t k = 0; rs && k < c->nitems; k++) /* those whose result job never ran */
         reuse_free(&rs[k]);
     free(rs);
-    pthread_cond_destroy(&pool.more);
-    pthread_cond_destroy(&pool.idle);
-    pthread_cond_destroy(&pool.kept);
-    pthread_mutex_destroy(&pool.mu);
+    hpool_destroy(&pool);
     free(jobs);
     free(hlist);
     if (m)

@@ -16,7 +16,6 @@
 
 #include <errno.h>
 #include <fcntl.h>
-#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -110,94 +109,6 @@ static nnp_status put_units(void *user, const uint64_t *idx, size_t n)
 
 static void hexd(const uint8_t d[32], char out[65]) { np_hex(d, 32, out); }
 
-/* Digests of many ranges at once: helper threads (cpus-1 of them, at most 7) and the calling
- * thread take the jobs one by one; only the calling thread reports progress (`count` bytes a
- * job). Every digest is in when it returns NNP_OK; the caller compares them, in its own order. */
-typedef struct hjob {
-    const uint8_t *p;
-    uint64_t n, count;
-    uint8_t *out;
-} hjob;
-
-typedef struct hset {
-    pthread_mutex_t mu;
-    hjob *jobs;
-    size_t n, next;
-    uint64_t done;
-    nnp_ctx *ctx;
-} hset;
-
-static int hset_one(hset *h)
-{
-    pthread_mutex_lock(&h->mu);
-    if (h->next >= h->n || np_cancelled(h->ctx)) {
-        pthread_mutex_unlock(&h->mu);
-        return 0;
-    }
-    hjob j = h->jobs[h->next++];
-    pthread_mutex_unlock(&h->mu);
-    np_blake3_hash(j.p, (size_t)j.n, j.out);
-    pthread_mutex_lock(&h->mu);
-    h->done += j.count;
-    pthread_mutex_unlock(&h->mu);
-    return 1;
-}
-
-static void *hset_worker(void *arg)
-{
-    while (hset_one(arg))
-        ;
-    return NULL;
-}
-
-static uint64_t hset_take(hset *h)
-{
-    pthread_mutex_lock(&h->mu);
-    uint64_t d = h->done;
-    h->done = 0;
-    pthread_mutex_unlock(&h->mu);
-    return d;
-}
-
-static nnp_status hash_jobs(nnp_ctx *ctx, hjob *jobs, size_t n)
-{
-    hset h;
-    memset(&h, 0, sizeof h);
-    pthread_mutex_init(&h.mu, NULL);
-    h.jobs = jobs;
-    h.n = n;
-    h.ctx = ctx;
-    pthread_t threads[7];
-    int nthreads = 0;
-    long cpus = sysconf(_SC_NPROCESSORS_ONLN);
-    int want = cpus > 1 ? (int)(cpus > 8 ? 7 : cpus - 1) : 0;
-    if (n > 1 && want) {
-        pthread_attr_t attr;
-        int have_attr = pthread_attr_init(&attr) == 0;
-        if (have_attr)
-            pthread_attr_setstacksize(&attr, (size_t)1 << 20); /* a hasher needs a few KiB */
-        for (int i = 0; i < want && (size_t)i + 1 < n; i++)
-            if (pthread_create(&threads[nthreads], have_attr ? &attr : NULL, hset_worker, &h) == 0)
-                nthreads++;
-        if (have_attr)
-            pthread_attr_destroy(&attr);
-    }
-    nnp_status s = NNP_OK;
-    while (!s && hset_one(&h))
-        s = np_progress(ctx, hset_take(&h));
-    if (s) { /* cancelled: nothing more is taken */
-        pthread_mutex_lock(&h.mu);
-        h.n = h.next;
-        pthread_mutex_unlock(&h.mu);
-    }
-    for (int i = 0; i < nthreads; i++)
-        pthread_join(threads[i], NULL);
-    if (!s && !(s = np_progress(ctx, hset_take(&h))) && h.next < n)
-        s = np_check_cancel(ctx); /* cancelled with jobs left (np_progress said so already) */
-    pthread_mutex_destroy(&h.mu);
-    return s;
-}
-
 /* Everything after the plan, under the lock, for a same-layout update. */
 static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np_st *st, const uint8_t *head,
                                uint64_t size, np_chain *chain, const np_chain_info *info)
@@ -211,7 +122,7 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
     uint8_t(*fin)[32] = calloc(nt ? nt : 1, 32);      /* output digests, indexed as st->tensors */
     unsigned char *hashed = calloc(nt ? nt : 1, 1);
     size_t *base_of = calloc(ni ? ni : 1, sizeof *base_of); /* item -> index in st->tensors */
-    hjob *jobs = calloc((nt > ni ? nt : ni) + 1, sizeof *jobs); /* ranges to hash (steps 1 and 4) */
+    np_hash_range *jobs = calloc((nt > ni ? nt : ni) + 1, sizeof *jobs); /* ranges to hash (steps 1 and 4) */
     char *jpath = np_journal_path(model, NP_JOURNAL_SUFFIX);
     uint8_t *m = NULL;
     np_jwriter w;
@@ -276,10 +187,10 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
         if (!whole_base && !want)
             continue;
         const np_tensor *t = &st->tensors[k];
-        jobs[nj++] = (hjob){m ? m + t->begin : (const uint8_t *)"", t->nbytes, t->nbytes, dig[k]};
+        jobs[nj++] = (np_hash_range){m ? m + t->begin : (const uint8_t *)"", t->nbytes, t->nbytes, dig[k]};
         hashed[k] = 1;
     }
-    if ((s = hash_jobs(ctx, jobs, nj)))
+    if ((s = np_hash_ranges(ctx, jobs, nj)))
         goto out;
     for (size_t x = 0; x < ne; x++) { /* what a rollback must give: the tensor as it is now */
         size_t k = base_of[item_of[x]];
@@ -377,8 +288,8 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
     /* 4. proof: the written tensors hashed at once, then compared in order */
     memcpy(fin, dig, (size_t)nt * 32);
     for (size_t x = 0; x < ne; x++)
-        jobs[x] = (hjob){m + entries[x].offset, entries[x].nbytes, 0, fin[base_of[item_of[x]]]};
-    if ((s = hash_jobs(ctx, jobs, ne)))
+        jobs[x] = (np_hash_range){m + entries[x].offset, entries[x].nbytes, 0, fin[base_of[item_of[x]]]};
+    if ((s = np_hash_ranges(ctx, jobs, ne)))
         goto out;
     for (size_t x = 0; x < ne; x++) {
         np_item it;
