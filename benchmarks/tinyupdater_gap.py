@@ -147,20 +147,12 @@ class GapTrainer(Trainer):
     @torch.no_grad()
     def _fisher_scores(self, state=None):
         su = self.sparse
-        out = []
-        for g in su.groups:
-            s = torch.zeros(g.size, dtype=torch.float64)
-            for m in g.members:
-                if m.key not in self.fisher or m.key in su.free_stats:
-                    continue
-                d = self.fisher[m.key].double() * (su.tensors[m.key].double() - su.base[m.key].double()) ** 2
-                if m.axis is None:
-                    s += d.sum()
-                else:
-                    dims = [i for i in range(d.dim()) if i != m.axis]
-                    s[m.start:m.stop] += d.sum(dim=dims) if dims else d
-            out.append(s)
-        return torch.cat(out)
+
+        def term(key):  # the prototype's own moving average of squared gradients as F
+            if key not in self.fisher:
+                return None
+            return self.fisher[key].double() * (su.tensors[key].double() - su.base[key].double()) ** 2
+        return su._per_channel(term)
 
     def _lr_at(self, step: int) -> float:
         if not self.restart or self.sparse is None:

@@ -319,15 +319,24 @@ class SparseUpdate:
     def scores(self, state: dict[str, torch.Tensor] | None = None) -> torch.Tensor:
         """L1 distance to the base of every channel (float64, concatenated over groups), of the
         model's current weights or of ``state`` (e.g. a teacher's)."""
-        out = []
         src = self.tensors if state is None else state
+
+        def l1(key: str) -> torch.Tensor:
+            cur = src[key].detach().to(device=self.base[key].device, dtype=torch.float64)
+            return (cur - self.base[key].to(torch.float64)).abs()
+        return self._per_channel(l1)
+
+    def _per_channel(self, term) -> torch.Tensor:
+        """``term(key)`` (a float64 tensor shaped like that member, or None: nothing) summed per channel,
+        over every member of every group but the tensors free in every channel (their movement is no
+        signal for the ranking); float64, concatenated over groups."""
+        out = []
         for g in self.groups:
             s = torch.zeros(g.size, dtype=torch.float64)
             for m in g.members:
-                if m.key in self.free_stats:  # they move in every channel: no signal for the ranking
+                d = term(m.key) if m.key not in self.free_stats else None
+                if d is None:
                     continue
-                cur = src[m.key].detach().to(device=self.base[m.key].device, dtype=torch.float64)
-                d = (cur - self.base[m.key].to(torch.float64)).abs()
                 if m.axis is None:
                     s += d.sum().cpu()
                 else:
@@ -365,25 +374,16 @@ class SparseUpdate:
         """``sum(F * (w - w0) ** 2)`` per channel (float64, concatenated over groups), ``F`` the running
         mean of squared gradients (the optimizer's ``exp_avg_sq``, else an own moving average).
         Tensors without gradients (running statistics) add nothing."""
-        out = []
-        for g in self.groups:
-            s = torch.zeros(g.size, dtype=torch.float64)
-            for m in g.members:
-                f = self._second_moment(m.key) if m.key not in self.free_stats else None
-                if f is None:  # no gradient, or free in every channel: no signal for the ranking
-                    continue
-                d = f.to(torch.float64) * (self.tensors[m.key].detach().to(torch.float64)
-                                           - self.base[m.key].to(torch.float64)) ** 2
-                if m.axis is None:
-                    s += d.sum().cpu()
-                else:
-                    dims = [i for i in range(d.dim()) if i != m.axis]
-                    s[m.start:m.stop] += (d.sum(dim=dims) if dims else d).cpu()
-            out.append(s)
-        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+        def fisher(key: str) -> torch.Tensor | None:
+            f = self._second_moment(key)
+            if f is None:  # no gradient (running statistics)
+                return None
+            return f.to(torch.float64) * (self.tensors[key].detach().to(torch.float64)
+                                          - self.base[key].to(torch.float64)) ** 2
+        return self._per_channel(fisher)
 
     def _layer_normalized(self, scores: torch.Tensor) -> torch.Tensor:
-        """Each channel's L1 distance divided by the mean over the live channels of its group."""
+        """Each channel's score divided by the mean score of the live channels of its group."""
         out = scores.clone()
         alive = self.mask_vector()
         off = 0
