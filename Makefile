@@ -6,10 +6,13 @@ STAMP  := $(VENV)/.installed
 
 .PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-aarch64 native-fuzz fuzz-native
 
-setup: native-deps $(STAMP)
+# The Python side only: what `make demo` needs. The native toolchain is for the
+# native suites, so only `make test` (and test-fast) installs it.
+setup: $(STAMP)
 
 # apt-get installs what the native applier's build and tests need, only when
-# something is missing (native/scripts/install-deps.sh)
+# something is missing, and says what and why before it does
+# (native/scripts/install-deps.sh)
 native-deps:
 	@sh native/scripts/install-deps.sh
 
@@ -28,10 +31,10 @@ $(STAMP): pyproject.toml setup.py
 demo: setup
 	$(BIN)/nnpatch demo
 
-test: setup
+test: native-deps setup
 	$(BIN)/python -m pytest
 
-test-fast: setup
+test-fast: native-deps setup
 	$(BIN)/python -m pytest -m "not slow and not torch"
 
 bench: setup

@@ -18,6 +18,7 @@ import hmac
 import mmap
 import os
 import struct
+import sys
 from dataclasses import dataclass
 
 import blake3
@@ -29,6 +30,11 @@ MODEL_DIGEST_DOMAIN = b"nnpatch-model-v1\x00"
 DIRECTORY_DIGEST_DOMAIN = b"nnpatch-dir-v1\x00"
 #: Below this size the cost of starting threads outweighs their help.
 _THREADED_MIN = 1 << 20
+#: The largest checksum list ``hash --check`` reads: about 400,000 lines of 64-hex digests and
+#: paths, so a list of every file of a large model tree fits, and an endless stream
+#: (``< /dev/zero``) is refused after this many bytes instead of filling memory.
+MAX_CHECKSUM_LIST_SIZE = 64 << 20
+_READ_PIECE = 1 << 20
 
 
 def _hasher_for(n: int) -> blake3.blake3:
@@ -138,6 +144,45 @@ def manifest_line(hexdigest: str, path: str) -> str:
         escaped = path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
         return f"\\{hexdigest}  {escaped}"
     return f"{hexdigest}  {path}"
+
+
+def read_checksum_list(source: str, *, limit: int = MAX_CHECKSUM_LIST_SIZE) -> str:
+    """A b3sum checksum list from a file, or from standard input when ``source`` is ``-``.
+
+    Read in pieces, so the list is refused once it passes ``limit`` bytes, and a
+    signal (Ctrl-C, SIGTERM) is handled between pieces: one ``read()`` of an endless pipe would
+    neither stop nor let the handler run."""
+    if source == "-":
+        stream = getattr(sys.stdin, "buffer", sys.stdin)
+        return _decode_list(_read_pieces(stream.read, source, limit), source)
+    try:
+        fd = os.open(source, os.O_RDONLY)
+    except OSError as e:
+        raise NnpatchIOError(f"{source}: cannot read: {e.strerror or e}") from e
+    try:
+        return _decode_list(_read_pieces(lambda n: os.read(fd, n), source, limit), source)
+    finally:
+        os.close(fd)
+
+
+def _read_pieces(read, source: str, limit: int) -> bytes:
+    pieces, size = [], 0
+    try:
+        while piece := read(_READ_PIECE):
+            size += len(piece)
+            if size > limit:
+                raise PatchFormatError(f"checksum list exceeds the {limit}-byte limit", path=source)
+            pieces.append(piece)
+    except OSError as e:
+        raise NnpatchIOError(f"{source}: cannot read: {e.strerror or e}") from e
+    return b"".join(pieces)
+
+
+def _decode_list(raw: bytes, source: str) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise PatchFormatError("checksum list is not UTF-8 text", path=source) from e
 
 
 def parse_manifest(text: str, *, source: str = "<manifest>") -> list[tuple[str, str]]:

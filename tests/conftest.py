@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
 import sys
 
 import numpy as np
@@ -27,6 +28,15 @@ settings.register_profile("long", max_examples=1000, deadline=None,
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci" if os.environ.get("CI") else "fast"))
 
 ALL_DTYPES = sorted(dtypes.ITEMSIZE)
+
+
+def pytest_configure(config):
+    """Tests that send SIGINT to a child expect it to be caught. A shell starts a background job
+    (`make test &`) with SIGINT ignored, and an ignored signal stays ignored across exec, so
+    every child would ignore it too: give this process Python's own handler, which exec resets
+    to the default in each child."""
+    if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def random_bytes(rng: np.random.Generator, n: int) -> bytes:

@@ -186,6 +186,43 @@ def test_ctrl_c_is_an_error_line_with_130(tmp_path):
             assert out == ""
 
 
+def test_endless_checksum_list_on_stdin_is_refused(tmp_path):
+    """`hash --check -` < /dev/zero: refused at the list's size limit with one line (exit 3),
+    not read until memory runs out."""
+    with open("/dev/zero", "rb") as zero:
+        p = subprocess.run([*NNPATCH, "hash", "--check", "-"], stdin=zero, capture_output=True, text=True,
+                           env=ENV, timeout=60)
+    assert p.returncode == 3, p.stderr
+    assert one_error_line(p, 3) == "Error: -: checksum list exceeds the 67108864-byte limit"
+
+
+def test_sigterm_stops_a_checksum_list_being_read(tmp_path):
+    """SIGTERM while `hash --check -` reads a list that keeps coming: exit 143, one line."""
+    proc = subprocess.Popen([*NNPATCH, "hash", "--check", "-"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, env=ENV)
+    try:
+        line = b"0" * 64 + b"  f\n"
+        for _ in range(200):  # well past start-up, still under the size limit
+            proc.stdin.write(line * 256)
+            proc.stdin.flush()
+            time.sleep(0.01)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        proc.kill()
+    assert proc.returncode == 143, err
+    assert err.decode().strip() == "Error: terminated (SIGTERM)"
+
+
+def test_sigint_tests_hold_when_started_in_the_background(tmp_path):
+    """`make test &` starts pytest with SIGINT ignored; the suite's own SIGINT tests still pass."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    p = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                        f"{__file__}::test_ctrl_c_is_an_error_line_with_130"], cwd=root, capture_output=True,
+                       text=True, timeout=300, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    assert p.returncode == 0, p.stdout[-3000:]
+
+
 # --- help ------------------------------------------------------------------------------------
 
 COMMANDS = ["apply", "demo", "diff", "hash", "keygen", "recover", "release", "revert", "show", "sign",

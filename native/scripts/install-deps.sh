@@ -1,7 +1,7 @@
 #!/bin/sh
 # What the native applier's build and tests need on Debian 12, installed with
 # apt-get only when something is missing (a machine that has it all never
-# touches the network). Run by `make setup` (and so `make test`). Not root, or
+# touches the network). Run by `make test`, never by `make demo`. Not root, or
 # no apt-get: say what is missing and go on; the native tests then fail one by one.
 set -u
 
@@ -31,11 +31,34 @@ if [ -z "$missing$arm64" ]; then
     echo "native deps: all present"
     exit 0
 fi
-echo "native deps: missing:$missing$arm64"
+
+# What each missing package is for, said before anything is installed (issue 27: set-up asks first).
+why() {
+    case "$1" in
+        make|gcc|libc6-dev|binutils|libzstd-dev|libsodium-dev) echo "build libnnpatch and nnpatch-apply" ;;
+        g++) echo "check that nnpatch.h compiles as C++" ;;
+        clang|libclang-rt-14-dev) echo "the AddressSanitizer/UBSan build and the libFuzzer harnesses" ;;
+        gcc-aarch64-linux-gnu|libc6-dev-arm64-cross|qemu-user|*:arm64) echo "the aarch64 build, run under qemu-user" ;;
+        default-jdk-headless) echo "the JNI binding's tests (javac, java)" ;;
+        time) echo "peak-memory checks (/usr/bin/time)" ;;
+        b3sum) echo "the BLAKE3 cross-check against b3sum" ;;
+        *) echo "the native suites" ;;
+    esac
+}
+echo "native deps: make test needs these Debian packages for the native applier's suites:"
+for p in $missing $arm64; do echo "  $p: $(why "$p")"; done
+if [ -n "$arm64" ] && ! dpkg --print-foreign-architectures 2>/dev/null | grep -qx arm64; then
+    echo "  (and adds arm64 as a dpkg architecture, for the arm64 libraries above)"
+fi
+if [ -n "${NNPATCH_DEPS_DRY_RUN:-}" ]; then
+    echo "native deps: NNPATCH_DEPS_DRY_RUN is set: nothing installed"
+    exit 0
+fi
 if [ "$(id -u)" != 0 ] || ! command -v apt-get >/dev/null 2>&1; then
     echo "native deps: not root (or no apt-get): skipping apt; install them to run the native tests"
     exit 0
 fi
+echo "native deps: installing them with apt-get (and what they depend on)"
 
 export DEBIAN_FRONTEND=noninteractive
 if [ -n "$arm64" ] && ! dpkg --print-foreign-architectures | grep -qx arm64; then

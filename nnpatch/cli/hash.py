@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import os
-import sys
 
 import click
 
@@ -34,8 +33,7 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
     if check:
         if files or tensors:
             raise click.UsageError("--check takes no FILES and no --tensors")
-        text = sys.stdin.read() if check == "-" else _read_text(check)
-        entries = hashing.parse_manifest(text, source=check)
+        entries = hashing.parse_manifest(hashing.read_checksum_list(check), source=check)
         # as b3sum -c: names are relative to the current directory, not to the manifest's
         results = [_check_directory(r) if r.actual is None and os.path.isdir(r.path) else r
                    for r in hashing.check_manifest(entries, root=".")]
@@ -114,12 +112,3 @@ def _b3sum_name(path: str) -> str:
         return "\\" + path.replace("\\", "\\\\").replace("\n", "\\n").replace("\r", "\\r")
     return path
 
-
-def _read_text(path: str) -> str:
-    try:
-        with open(path, encoding="utf-8") as f:
-            return f.read()
-    except UnicodeDecodeError as e:
-        raise errors.PatchFormatError("manifest is not UTF-8 text", path=path) from e
-    except OSError as e:
-        raise errors.NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
