@@ -702,3 +702,26 @@ def test_exit_codes_agree_in_readme_help_and_errors():
     in_help = {int(m) for m in re.findall(r"^\s+(\d+) ", top, re.M)}
     assert in_help == codes, (in_help, codes)
     assert "143" in top
+
+
+def test_quiet_leaves_stdout_empty_on_success(tmp_path, made):
+    """-q: nothing on stdout when a command succeeds, for every command that has a success line
+    (issue 27, item 3: release -q and keygen -q printed theirs)."""
+    pytest.importorskip("cryptography")
+    base, target, patch = made
+    key = tmp_path / "k"
+    model = tmp_path / "m.safetensors"
+    shutil.copy(base, model)
+    steps = [("keygen", "-o", key, "-q"),
+             ("sign", patch, "--key", f"{key}.pem", "-o", tmp_path / "s.nnpatch", "-q"),
+             ("diff", base, target, "-o", tmp_path / "d.nnpatch", "-q"),
+             ("apply", base, patch, "-o", tmp_path / "o.safetensors", "-q"),
+             ("verify", patch, "--base", base, "--target", target, "-q"),
+             ("recover", tmp_path / "o.safetensors", "-q"),
+             ("release", base, "--to", target, "-o", tmp_path / "dist", "-q"),
+             ("update", model, "--manifest", tmp_path / "dist" / "manifest.json", "-q")]
+    for argv in steps:
+        p = run(*argv)
+        assert p.returncode == 0, (argv, p.stderr)
+        assert p.stdout == "", (argv, p.stdout)
+    assert read(model) == read(target)

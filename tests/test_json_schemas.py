@@ -23,8 +23,9 @@ def _load(rel):
 def check(name: str, stdout: str) -> dict:
     obj = json.loads(stdout)
     schema = _load(f"json/{name}.schema.json")
-    registry = Registry().with_resource("../header.schema.json",
-                                        Resource.from_contents(_load("header.schema.json")))
+    registry = Registry().with_resources([
+        ("../header.schema.json", Resource.from_contents(_load("header.schema.json"))),
+        ("release-manifest.schema.json", Resource.from_contents(_load("json/release-manifest.schema.json")))])
     jsonschema.Draft202012Validator(schema, registry=registry).validate(obj)
     return obj
 
@@ -51,7 +52,7 @@ def test_json_outputs(files):
     check("hash-check", run(cli, ["hash", "--check", str(tmp / "SUMS"), "--json"]).stdout)
     check("show", run(cli, ["show", patch, "--json"]).stdout)
     rel = tmp / "dist"
-    check("release-manifest", run(cli, ["release", base, "--to", target, "-o", str(rel), "--json"]).stdout)
+    check("release", run(cli, ["release", base, "--to", target, "-o", str(rel), "--json"]).stdout)
     model = tmp / "model.safetensors"
     model.write_bytes((tmp / "base.safetensors").read_bytes())
     r = run(cli, ["update", str(model), "--manifest", str(rel / "manifest.json"), "--json"])
@@ -60,6 +61,24 @@ def test_json_outputs(files):
     pytest.importorskip("cryptography")
     check("keygen", run(cli, ["keygen", "-o", str(tmp / "k"), "--json"]).stdout)
     check("sign", run(cli, ["sign", patch, "--key", str(tmp / "k.pem"), "--json"]).stdout)
+    check("textconv", run(cli, ["textconv", base, "--json"]).stdout)
+
+
+def test_every_success_object_says_ok(files):
+    """`nnpatch CMD --json | jq -e .ok` holds on success for every command (issue 27, item 3)."""
+    tmp, base, target = files
+    run = CliRunner().invoke
+    patch = str(tmp / "p.nnpatch")
+    outputs = [run(cli, ["diff", base, target, "-o", patch, "--json"]),
+               run(cli, ["apply", base, patch, "-o", str(tmp / "o.safetensors"), "--json"]),
+               run(cli, ["recover", str(tmp / "o.safetensors"), "--json"]),
+               run(cli, ["hash", base, "--json"]),
+               run(cli, ["show", patch, "--json"]),
+               run(cli, ["textconv", patch, "--json"]),
+               run(cli, ["release", base, "--to", target, "-o", str(tmp / "dist"), "--json"])]
+    for r in outputs:
+        assert r.exit_code == 0, r.output
+        assert json.loads(r.stdout)["ok"] is True, r.stdout
 
 
 def test_demo_json(tmp_path):

@@ -45,7 +45,17 @@ def set_flag(ctx: click.Context, name: str) -> None:
     ctx.find_root().meta.setdefault(_FLAGS, set()).add(name)
 
 
+def say(ctx: click.Context, text: str) -> None:
+    """A success or status line: stdout, unless --quiet (which leaves stdout empty on success)."""
+    if not quiet(ctx):
+        click.echo(text)
+
+
 def emit_json(obj) -> None:
+    """A command's JSON object. Every object says whether the command succeeded: ``ok`` is true
+    unless the object gives its own verdict (verify, hash --check, update, the error object)."""
+    if "ok" not in obj:
+        obj = {"ok": True, **obj}
     # ensure_ascii (json's default) on purpose: names from a patch may hold lone surrogates, which
     # only an escape can carry, and the output then fits any stdout encoding.
     click.echo(json.dumps(obj, indent=2, sort_keys=True))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import click
 
 from ..demo import run_demo
-from ._common import emit_json, json_option
+from ._common import emit_json, json_option, quiet
 
 
 @click.command()
@@ -16,6 +16,6 @@ from ._common import emit_json, json_option
 @click.pass_context
 def demo(ctx, directory, synthetic, as_json):
     """Train, update with train-sparse, diff, apply and verify on built-in data."""
-    result = run_demo(directory, echo=(lambda s: None) if as_json else click.echo, synthetic=synthetic or None)
+    result = run_demo(directory, echo=(lambda s: None) if as_json or quiet(ctx) else click.echo, synthetic=synthetic or None)
     if as_json:
         emit_json(result)

@@ -10,7 +10,7 @@ from .. import codecs, errors
 from ..feed import MAX_RELEASE, parse_duration
 from ..release import make_release
 from ..release import update as do_update
-from ._common import InputPath, emit_json, human
+from ._common import InputPath, emit_json, human, say
 
 
 def _names(ctx, param, values) -> dict[str, str]:
@@ -51,7 +51,8 @@ def _duration(ctx, param, value) -> int | None:
 @click.option("--chain", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Also record a chain through intermediate versions: where smaller, always, or never.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
-def release(olds, new, outdir, sign_key, release_number, expires, names, base_url, level, chain, as_json):
+@click.pass_context
+def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, base_url, level, chain, as_json):
     """Patches from every old version to the new one, plus a manifest for updaters."""
     manifest = make_release(list(olds), new, outdir, level=level, chain=chain, sign_key=sign_key,
                             release=release_number, expires=expires, names=names, base_url=base_url)
@@ -62,7 +63,7 @@ def release(olds, new, outdir, sign_key, release_number, expires, names, base_ur
         return
     how = "signed" if sign_key else "unsigned (for trusted networks only)"
     number = f" release {manifest['release']}" if "release" in manifest else ""
-    click.echo(f"wrote {len(manifest.get('bases', []))} patches and {os.path.join(outdir, 'manifest.json')}: "
+    say(ctx, f"wrote {len(manifest.get('bases', []))} patches and {os.path.join(outdir, 'manifest.json')}: "
                f"{how}{number}, target {manifest['target']['name']}")
 
 
@@ -81,7 +82,8 @@ def release(olds, new, outdir, sign_key, release_number, expires, names, base_ur
               help="Which patch to take when several lead to the target: the one made from this version, the "
                    "fewest bytes to download, or a chain through intermediate versions.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout (on errors too).")
-def update(model, manifest, key, in_place, dry_run, patch_dir, prefer, as_json):
+@click.pass_context
+def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""
     # errors: the one handler in nnpatch.cli prints the Error: line, and with --json the error object
     r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run)
@@ -96,13 +98,13 @@ def update(model, manifest, key, in_place, dry_run, patch_dir, prefer, as_json):
     else:
         trust = f", signed by {r.key_id}"
     if r.status == "current":
-        click.echo(f"{r.path} is already {release_text}: nothing to do{trust}")
+        say(ctx, f"{r.path} is already {release_text}: nothing to do{trust}")
     elif r.status == "would-update":
-        click.echo(f"would fetch {', '.join(r.patches)} ({human(r.patch_bytes)}) to bring {r.path} from "
+        say(ctx, f"would fetch {', '.join(r.patches)} ({human(r.patch_bytes)}) to bring {r.path} from "
                    f"{r.from_name or r.from_blake3[:16]} to {release_text}{trust}")
     else:
         fetched = f", {human(r.downloaded_bytes)} downloaded" if r.downloaded_bytes or r.resumed_bytes else ""
         if r.resumed_bytes:
             fetched += f" (resumed after {human(r.resumed_bytes)})"
-        click.echo(f"updated {r.path} to {release_text} with {', '.join(r.patches)} ({human(r.patch_bytes)}"
+        say(ctx, f"updated {r.path} to {release_text} with {', '.join(r.patches)} ({human(r.patch_bytes)}"
                    f"{fetched}); BLAKE3 {r.to_blake3}{trust}")

@@ -9,7 +9,7 @@ import click
 from .. import errors
 from ..patchfile import read_patch_stream
 from ..verifier import verify as do_verify
-from ._common import InputPath, emit_json, json_option
+from ._common import InputPath, emit_json, json_option, quiet
 from ._inputs import check_order, check_public_key
 
 
@@ -37,6 +37,7 @@ def verify(ctx, patch, base, target, key, as_json):
                    "checks": [{"what": c.what, "ok": c.ok, "detail": c.detail} for c in report.checks]})
     else:
         for c in report.checks:
-            click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {c.detail}")
+            if not (c.ok and quiet(ctx)):  # --quiet: only what failed
+                click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {c.detail}")
     if not report.ok:
         ctx.exit(errors.EXIT_MISMATCH)
