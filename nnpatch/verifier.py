@@ -18,7 +18,7 @@ from .applier.plan import check_base, check_ops_against_layout, target_layout
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
-from .signing import verify_signature
+from .signing import TrustedKey, verify_signature
 from .weights.source import open_source, path_digest
 
 
@@ -70,7 +70,8 @@ def check_sections(p: Patch) -> None:
 
 
 def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str] | None = None,
-           target: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None) -> VerifyReport:
+           target: str | os.PathLike[str] | None = None,
+           key: TrustedKey | str | os.PathLike[str] | None = None) -> VerifyReport:
     """Check the patch's integrity, that ``base`` / ``target`` are the files it
     names, and with ``key`` (an Ed25519 public key, PEM) that it is signed by it.
 
@@ -82,7 +83,7 @@ def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str
         report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
         if key is not None:
             try:
-                kid = verify_signature(p, os.fspath(key))
+                kid = verify_signature(p, key)
                 report.checks.append(Check("signature", True, f"signed by key {kid}"))
             except IntegrityError as e:
                 report.checks.append(Check("signature", False, str(e)))

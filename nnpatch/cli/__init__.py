@@ -21,7 +21,8 @@ import sys
 
 import click
 
-from .. import __version__, errors
+from .. import errors
+from .._version import __version__
 from ..report import printable
 from ._common import EXIT_CODES_HELP, debug, emit_json, set_flag
 
