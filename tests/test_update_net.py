@@ -81,7 +81,9 @@ class World:
         dist = dist or self.dist
         r = run("release", *olds, "--to", new, "-o", dist, "--sign-key", self.key, *extra, "--json")
         assert r.exit_code == 0, r.output
-        return json.loads(r.stdout)
+        out = json.loads(r.stdout)
+        assert out.pop("ok") is True  # the command's verdict; the rest is the manifest it wrote
+        return out
 
     def install(self, version_path):
         shutil.copyfile(version_path, self.model)
