@@ -29,13 +29,15 @@ a directory is identified by its directory digest (spec/FORMAT.md, section
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
+import shutil
 import time
 from dataclasses import dataclass
 
 from ._version import __version__
-from .atomic import atomic_write
+from .atomic import atomic_path, atomic_write
 from .delivery.manifest import (
     BASE_URL,
     MANIFEST_FORMAT,
@@ -43,6 +45,7 @@ from .delivery.manifest import (
     MANIFEST_VERSION,
     MAX_CHAIN_LINKS,
     MAX_RELEASE,
+    PATCH_NAME,
     encode_manifest,
     format_time,
     parse_manifest,
@@ -61,7 +64,7 @@ _SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,93}$")
 # the updater's names (update, UpdateResult, load_manifest, ...) are public here too: nnpatch.release
 # was their home before nnpatch.delivery, and docs/WORKFLOWS.md imports them from here
 __all__ = ["MANIFEST_NAME", "MAX_CHAIN_LINKS", "NoPatchError", "NoUpdatePathError", "UpdateResult", "load_manifest",
-           "make_release", "parse_manifest", "partial_path", "update"]
+           "make_release", "parse_manifest", "partial_path", "published_files", "update"]
 
 
 @dataclass
@@ -128,7 +131,8 @@ def _patch_info(path: str) -> dict:
 def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str], outdir: str | os.PathLike[str], *,
                  level: int | None = None, chain: str = "auto", sign_key: str | os.PathLike[str] | None = None,
                  release: int | None = None, expires: int | None = None, names: dict[str, str] | None = None,
-                 base_url: str | None = None, now: float | None = None) -> dict:
+                 base_url: str | None = None, full: bool = False, full_url: str | None = None, force: bool = False,
+                 now: float | None = None) -> dict:
     """Write the patches and ``manifest.json`` into ``outdir``; return the manifest.
 
     ``olds`` are the versions users may have, oldest first. ``chain``:
@@ -140,6 +144,12 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     to the next). ``expires``: seconds from ``now`` after which updaters
     refuse the manifest. ``names``: path -> version name. ``base_url``:
     where updaters fetch the patches (default: beside the manifest).
+    ``full``: also publish the target file itself beside the patches and list
+    it as the manifest's ``full`` entry (the fallback of a device no patch
+    leads from); ``full_url``: list a copy of it hosted at that http(s) URL
+    instead. ``outdir`` must be empty (or missing) unless ``force``: then the
+    files of an earlier release that the new manifest does not name are
+    removed, so the folder holds exactly this release.
     """
 
     if chain not in ("auto", "always", "never"):
@@ -152,12 +162,18 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
         raise UsageError(f"the release number must be 0 to {MAX_RELEASE}, got {release}")
     if expires is not None and expires <= 0:
         raise UsageError("expires must be a positive number of seconds")
+    if full and full_url is not None:
+        raise UsageError("--full publishes the target beside the patches, --full-url lists a copy elsewhere: "
+                         "give one")
+    if full_url is not None and not BASE_URL.match(full_url):
+        raise UsageError(f"--full-url {full_url!r}: not an http:// or https:// URL")
     if base_url is not None:
         if not BASE_URL.match(base_url):
             raise UsageError(f"--base-url {base_url!r}: not an http:// or https:// URL")
         base_url = base_url if base_url.endswith("/") else base_url + "/"
     now = time.time() if now is None else now
     outdir = os.fspath(outdir)
+    earlier = _earlier_files(outdir, force)
     os.makedirs(outdir, exist_ok=True)
     diff_kw: dict = {} if level is None else {"level": level}
     if sign_key is not None:
@@ -170,6 +186,8 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
         return _Version(p, "", *path_digest(p))
 
     target = version(new)
+    if (full or full_url is not None) and os.path.isdir(target.path):
+        raise UsageError(f"{target.path}: --full and --full-url list a target file; a model directory is not one")
     versions: list[_Version] = []
     seen = {target.blake3}
     for p in olds:
@@ -247,9 +265,56 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
         manifest["expires"] = format_time(now + expires)
     if base_url is not None:
         manifest["base_url"] = base_url
+    if full:
+        manifest["full"] = {"url": _publish_full(target, outdir), "size": target.size, "blake3": target.blake3}
+    elif full_url is not None:
+        manifest["full"] = {"url": full_url, "size": target.size, "blake3": target.blake3}
     raw = encode_manifest(manifest)  # never publishes what an updater would refuse
     if sign_key is not None:
         raw, _ = sign_manifest(raw, sign_key)
     with atomic_write(os.path.join(outdir, MANIFEST_NAME)) as f:
         f.write(raw)
+    named = published_files(manifest) | {MANIFEST_NAME}
+    inputs = {os.path.realpath(os.fspath(p)) for p in [*olds, new]}
+    for name in earlier - named:
+        path = os.path.join(outdir, name)
+        if os.path.realpath(path) not in inputs:  # `-o . --force` beside the models keeps the models
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
     return manifest
+
+
+def published_files(manifest: dict) -> set[str]:
+    """The files of ``outdir`` a release's manifest names, besides manifest.json itself: every
+    direct and chained patch, and the full model when it is published beside them."""
+    names = {b["patch"] for b in manifest["bases"]}
+    names.update(link["patch"] for b in manifest["bases"] for link in b.get("chain", {}).get("links", ()))
+    full = manifest.get("full")
+    if full is not None and not BASE_URL.match(full["url"]):
+        names.add(full["url"])
+    return names
+
+
+def _earlier_files(outdir: str, force: bool) -> set[str]:
+    """The files an earlier release left in ``outdir``; refused unless ``force``, because a
+    manifest replaced beside patches it no longer names is a folder that is synced to a CDN as is."""
+    try:
+        entries = list(os.scandir(outdir))
+    except FileNotFoundError:
+        return set()
+    except NotADirectoryError as e:
+        raise UsageError(f"-o {outdir}: not a directory") from e
+    if entries and not force:
+        raise UsageError(f"-o {outdir}: the folder is not empty (an earlier release?); give an empty folder, or "
+                         "--force to replace its release (files the new manifest does not name are removed)")
+    return {e.name for e in entries if e.is_file(follow_symlinks=False) or e.is_symlink()}
+
+
+def _publish_full(target: _Version, outdir: str) -> str:
+    """Copy the target file into ``outdir`` as ``NAME.EXT`` (its version name and its file's
+    extension); return that name."""
+    ext = os.path.splitext(target.path)[1]
+    name = f"{target.name}{ext}" if PATCH_NAME.match(f"{target.name}{ext}") else f"{target.name}.model"
+    with atomic_path(os.path.join(outdir, name)) as tmp:
+        shutil.copyfile(target.path, tmp)
+    return name

@@ -584,8 +584,8 @@ def test_no_room_for_the_download_is_refused_first(served, monkeypatch):
     w = served
     w.install(w.versions[0])
     before = w.model.read_bytes()
-    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=1, f_frsize=4096))
-    refused(w, w.update(w.srv.url("manifest.json")), 5, before, "more bytes beside the model")
+    monkeypatch.setattr(os, "statvfs", lambda p: types.SimpleNamespace(f_bavail=0, f_frsize=4096))
+    refused(w, w.update(w.srv.url("manifest.json")), 5, before, "0 bytes were free")
     assert not any(e.path.endswith(".nnpatch") for e in w.srv.log)
 
 

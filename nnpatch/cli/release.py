@@ -8,7 +8,7 @@ import click
 
 from .. import codecs, errors
 from ..delivery.manifest import MAX_RELEASE, parse_duration
-from ..release import make_release
+from ..release import make_release, published_files
 from ..delivery.updater import update as do_update
 from ._common import InputPath, emit_json, human, say
 
@@ -50,12 +50,20 @@ def _duration(ctx, param, value) -> int | None:
               show_default=True, help="zstd level.")
 @click.option("--chain", type=click.Choice(["auto", "always", "never"]), default="auto", show_default=True,
               help="Also record a chain through intermediate versions: where smaller, always, or never.")
+@click.option("--full", is_flag=True,
+              help="Also publish the new model itself beside the patches, listed in the manifest for devices no "
+                   "patch leads from (update --fallback full).")
+@click.option("--full-url", metavar="URL", help="List a copy of the new model hosted at this http(s) URL instead.")
+@click.option("--force", is_flag=True,
+              help="Write into a folder that is not empty, removing the files the new manifest does not name.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
 @click.pass_context
-def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, base_url, level, chain, as_json):
+def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, base_url, level, chain, full, full_url,
+            force, as_json):
     """Patches from every old version to the new one, plus a manifest for updaters."""
     manifest = make_release(list(olds), new, outdir, level=level, chain=chain, sign_key=sign_key,
-                            release=release_number, expires=expires, names=names, base_url=base_url)
+                            release=release_number, expires=expires, names=names, base_url=base_url, full=full,
+                            full_url=full_url, force=force)
     if sign_key is not None and expires is None:
         click.echo("warning: no --expires: a device cannot tell a frozen feed from a quiet one", err=True)
     if as_json:
@@ -63,8 +71,11 @@ def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, ba
         return
     how = "signed" if sign_key else "unsigned (for trusted networks only)"
     number = f" release {manifest['release']}" if "release" in manifest else ""
-    say(ctx, f"wrote {len(manifest.get('bases', []))} patches and {os.path.join(outdir, 'manifest.json')}: "
-               f"{how}{number}, target {manifest['target']['name']}")
+    files = published_files(manifest)
+    patches = len(files) - (1 if full else 0)
+    whole = ", the full model" if full else ""
+    say(ctx, f"wrote {patches} patch{'' if patches == 1 else 'es'}{whole} and {os.path.join(outdir, 'manifest.json')}: "
+             f"{how}{number}, target {manifest['target']['name']}")
 
 
 @click.command()
@@ -74,19 +85,25 @@ def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, ba
 @click.option("--key", type=InputPath(dir_okay=False, what="key file"),
               help="Ed25519 public key: require a manifest and patches it signed, unexpired, and no older than "
                    "the last release this device accepted.")
-@click.option("--in-place", is_flag=True, help="Apply behind the undo journal: no second copy of the model.")
+@click.option("--in-place/--no-in-place", default=None,
+              help="Apply behind the undo journal: no second copy of the model. Default: a second copy when the "
+                   "disk has room for one, else in place (and it says so); --no-in-place forbids in place.")
 @click.option("--dry-run", is_flag=True, help="Say which patch would be fetched and what it makes; change nothing.")
 @click.option("--patch-dir", type=click.Path(file_okay=False),
               help="Where the patches are (default: the manifest's base URL, else beside it).")
 @click.option("--prefer", type=click.Choice(["direct", "smallest", "chain"]), default="direct", show_default=True,
               help="Which patch to take when several lead to the target: the one made from this version, the "
                    "fewest bytes to download, or a chain through intermediate versions.")
+@click.option("--fallback", type=click.Choice(["none", "full"]), default="none", show_default=True,
+              help="When no patch leads from the model's version: 'full' downloads the whole new model the signed "
+                   "manifest lists (release --full), checked by size and BLAKE3, and swaps it in.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout (on errors too).")
 @click.pass_context
-def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, as_json):
+def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fallback, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""
     # errors: the one handler in nnpatch.cli prints the Error: line, and with --json the error object
-    r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run)
+    r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run,
+                  fallback=fallback)
     if as_json:
         emit_json(r.to_json())
         return
@@ -97,14 +114,16 @@ def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, as_j
         trust = ", signature not checked (no --key)"
     else:
         trust = f", signed by {r.key_id}"
+    how = (" in place (no room beside the model for a second copy)" if r.in_place_for_room else
+           " by downloading the full model (no patch leads from this version)" if r.mode == "full" else "")
     if r.status == "current":
         say(ctx, f"{r.path} is already {release_text}: nothing to do{trust}")
     elif r.status == "would-update":
         say(ctx, f"would fetch {', '.join(r.patches)} ({human(r.patch_bytes)}) to bring {r.path} from "
-                   f"{r.from_name or r.from_blake3[:16]} to {release_text}{trust}")
+                 f"{r.from_name or r.from_blake3[:16]} to {release_text}{how}{trust}")
     else:
         fetched = f", {human(r.downloaded_bytes)} downloaded" if r.downloaded_bytes or r.resumed_bytes else ""
         if r.resumed_bytes:
             fetched += f" (resumed after {human(r.resumed_bytes)})"
-        say(ctx, f"updated {r.path} to {release_text} with {', '.join(r.patches)} ({human(r.patch_bytes)}"
-                   f"{fetched}); BLAKE3 {r.to_blake3}{trust}")
+        say(ctx, f"updated {r.path} to {release_text}{how} with {', '.join(r.patches)} ({human(r.patch_bytes)}"
+                 f"{fetched}); BLAKE3 {r.to_blake3}{trust}")

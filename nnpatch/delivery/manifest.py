@@ -134,7 +134,21 @@ def parse_manifest(raw: bytes, *, source: str = MANIFEST_NAME) -> dict:
             raise PatchFormatError(f"manifest: '{k}' is not a UTC time like 2025-01-31T12:00:00Z", path=source)
     if "base_url" in m and not (isinstance(m["base_url"], str) and BASE_URL.match(m["base_url"])):
         raise PatchFormatError("manifest: 'base_url' is not an http:// or https:// URL", path=source)
+    if "full" in m:
+        _check_full(_req(m, "full", dict, "manifest", source), t, source)
     return m
+
+
+def _check_full(full: dict, target: dict, source: str) -> None:
+    """The full model a device falls back to: the target file itself, so its size and BLAKE3 are
+    the target's; at a plain name (beside the patches) or an absolute http(s) URL."""
+    url = _req(full, "url", str, "full", source)
+    if not (PATCH_NAME.match(url) or BASE_URL.match(url)):
+        raise PatchFormatError(f"full: url {url!r} is neither a plain file name nor an http(s) URL", path=source)
+    if _req(full, "size", int, "full", source) != target["size"]:
+        raise PatchFormatError("full: 'size' is not the target's size", path=source)
+    if _req(full, "blake3", str, "full", source) != target["blake3"]:
+        raise PatchFormatError("full: 'blake3' is not the target's BLAKE3", path=source)
 
 
 

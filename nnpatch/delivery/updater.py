@@ -24,11 +24,14 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import shutil
+import stat
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from ..applier import apply_in_place, replace_model
+from ..atomic import amount, free_space, fsync_dir
 from ..errors import IntegrityError, NnpatchIOError, NoUpdatePathError, PatchFormatError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..patchfile import read_patch
@@ -65,6 +68,10 @@ class UpdateResult:
     in_place: bool = False
     dry_run: bool = False
     expires: str | None = None
+    #: ``"new-file"``, ``"in-place"`` or ``"full"`` (the whole target downloaded: no patch led from the model)
+    mode: str = "new-file"
+    #: in place although not asked for: only that fits the free space beside the model
+    in_place_for_room: bool = False
 
     def to_json(self) -> dict:
         return {"ok": True, "path": self.path, "status": self.status, "updated": self.updated,
@@ -72,7 +79,8 @@ class UpdateResult:
                 "to_name": self.to_name, "release": self.release, "expires": self.expires, "signed": self.signed,
                 "key_id": self.key_id, "patches": self.patches, "patch_bytes": self.patch_bytes,
                 "downloaded_bytes": self.downloaded_bytes, "resumed_bytes": self.resumed_bytes,
-                "in_place": self.in_place, "dry_run": self.dry_run}
+                "in_place": self.in_place, "dry_run": self.dry_run, "mode": self.mode,
+                "in_place_for_room": self.in_place_for_room}
 
 
 def _check_patch_file(path: str, link: dict) -> None:
@@ -111,16 +119,37 @@ def _remove_stale_partials(model: str, keep: set[str]) -> None:
                     os.unlink(path)
 
 
-def _check_room(model: str, links: list[dict]) -> None:
-    """Refuse, before the first byte, a download the model's file system has no room for."""
-    need = sum(max(0, link["patch_size"] - _size_or_zero(partial_path(model, link["patch_blake3"]))) for link in links)
-    try:
-        st = os.statvfs(os.path.dirname(os.path.abspath(model)))
-    except (OSError, AttributeError):
-        return
-    free = st.f_bavail * st.f_frsize
-    if need > free:
-        raise NnpatchIOError(f"{model}: the patches need {need} more bytes beside the model, {free} are free")
+def _download_need(model: str, links: list[dict]) -> int:
+    """Bytes still to download beside the model: what the partial files do not hold yet."""
+    return sum(max(0, link["patch_size"] - _size_or_zero(partial_path(model, link["patch_blake3"])))
+               for link in links)
+
+
+def _choose_in_place(model: str, in_place: bool | None, download: int, target_size: int,
+                     free: int | None) -> tuple[bool, bool]:
+    """(apply in place, because only that fits). A new file needs the downloads and a whole copy
+    of the target beside the model; in place needs the downloads (and the journal: the old bytes of
+    what changes, refused cleanly while it is written if even that does not fit). ``in_place``
+    None chooses: a new file when it fits, else in place. ``free`` was measured before this update
+    wrote anything."""
+    directory = os.path.isdir(model)
+    new_file, only_patches = download + target_size, download
+    if free is None:  # the free space cannot be told: do as asked, the writes themselves will say
+        return bool(in_place), False
+    if in_place:
+        if only_patches > free:
+            raise NnpatchIOError(f"{model}: the patches need about {amount(only_patches)} beside the model, "
+                                 f"{amount(free)} were free")
+        return True, False
+    if new_file <= free:
+        return False, False
+    hint = ""
+    if in_place is None and not directory and only_patches <= free:
+        return True, True
+    if in_place is False and not directory and only_patches <= free:
+        hint = f"; in place (--in-place) needs only about {amount(only_patches)}"
+    raise NnpatchIOError(f"{model}: a new copy beside the model needs about {amount(new_file)} (the patches and "
+                         f"the new version), {amount(free)} were free{hint}")
 
 
 def _size_or_zero(path: str) -> int:
@@ -139,9 +168,9 @@ def _choose_links(entry: dict, target: dict, prefer: str, current: str) -> list[
 
 def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[str], *,
            patch_dir: str | os.PathLike[str] | None = None, prefer: str = "direct",
-           key: TrustedKey | str | os.PathLike[str] | None = None, in_place: bool = False,
-           dry_run: bool = False, fetch: FetchOptions | None = None, now: float | None = None,
-           progress: Callable[[int], None] | None = None) -> UpdateResult:
+           key: TrustedKey | str | os.PathLike[str] | None = None, in_place: bool | None = None,
+           dry_run: bool = False, fallback: str = "none", fetch: FetchOptions | None = None,
+           now: float | None = None, progress: Callable[[int], None] | None = None) -> UpdateResult:
     """Bring ``model_path`` to the manifest's target version, in place.
 
     ``manifest_path`` is a path or an ``http://``/``https://`` URL. Patch
@@ -157,9 +186,15 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     the one this device last accepted (kept in the state file beside the
     model, :func:`nnpatch.delivery.state.state_path`), and it must not have expired.
     A device that once accepted a signed feed refuses to update without a
-    key. ``in_place``: apply behind the undo journal instead of building
-    a second copy. ``dry_run``: decide, report, and fetch, write or
-    download nothing but the manifest.
+    key. ``in_place``: True applies behind the undo journal instead of
+    building a second copy; False never does; None (the default) builds a
+    second copy when the file system has room for it and otherwise applies
+    in place (``UpdateResult.in_place_for_room`` says so). ``dry_run``:
+    decide (the mode included, against the free space), report, and fetch,
+    write or download nothing but the manifest. ``fallback="full"``: when no
+    patch leads from the model's version and the manifest lists the full
+    target (``full``), download it (resumable, size and BLAKE3 checked) and
+    swap it in atomically.
 
     Raises :class:`~nnpatch.errors.NoUpdatePathError` (exit 7) when no
     patch leads from this model's version; IntegrityError (4) for every
@@ -171,11 +206,14 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     """
     if prefer not in ("direct", "smallest", "chain"):
         raise UsageError(f"prefer must be direct, smallest or chain, got {prefer!r}")
+    if fallback not in ("none", "full"):
+        raise UsageError(f"fallback must be none or full, got {fallback!r}")
     model_path = os.fspath(model_path)
     manifest_path = os.fspath(manifest_path)
     now = time.time() if now is None else now
     if not os.path.exists(model_path):
         raise NnpatchIOError(f"{model_path}: no such file or directory")
+    free = free_space(os.path.dirname(os.path.abspath(model_path)))  # before this update writes anything
     state = read_state(model_path)
     if state is not None and key is None:
         raise IntegrityError(f"{model_path}: this device follows a signed feed (key {state.key_id}, release "
@@ -193,14 +231,21 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         target = manifest["target"]
         current, size = path_digest(model_path)
         info = {"release": manifest.get("release"), "to_name": target.get("name"), "signed": opened.signed,
-                "key_id": opened.key_id, "in_place": in_place, "dry_run": dry_run, "expires": manifest.get("expires")}
+                "key_id": opened.key_id, "in_place": bool(in_place), "dry_run": dry_run,
+                "expires": manifest.get("expires")}
         if digests_equal(current, target["blake3"]):
             return UpdateResult(model_path, False, current, current, status="current", from_name=target.get("name"),
                                 **info)
         entry = next((b for b in manifest["bases"] if digests_equal(b["base_blake3"], current)), None)
         if entry is None:
+            if fallback == "full" and "full" in manifest:
+                where = _patch_location(manifest, manifest_path, patch_dir)
+                return _fall_back_to_full(fetcher, model_path, manifest["full"], where, current, free, dry_run,
+                                          progress, info)
+            listed = (" and the manifest lists no full model" if fallback == "full" else
+                      "; --fallback full downloads it" if "full" in manifest else "")
             raise NoUpdatePathError(f"no patch for this model version (BLAKE3 {current}) in {manifest_path}: "
-                                    "a full download is needed", path=model_path)
+                                    f"a full download is needed{listed}", path=model_path)
         if size != entry["base_size"]:
             raise IntegrityError(f"{model_path}: {size} bytes, the manifest says {entry['base_size']} for BLAKE3 "
                                  f"{current}", what="base size")
@@ -210,18 +255,16 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         info["from_name"] = entry.get("name")
         names = [link["patch"] for link in links]
         total = sum(link["patch_size"] for link in links)
+        where = _patch_location(manifest, manifest_path, patch_dir)
+        remote = is_url(where)
+        in_place, for_room = _choose_in_place(model_path, in_place, _download_need(model_path, links) if remote else 0,
+                                              target["size"], free)
+        info.update(in_place=in_place, in_place_for_room=for_room, mode="in-place" if in_place else "new-file")
         if dry_run:
             return UpdateResult(model_path, False, current, target["blake3"], names, total, status="would-update",
                                 **info)
-        if patch_dir is not None:
-            where = os.fspath(patch_dir)
-        else:
-            where = manifest.get("base_url") or parent(manifest_path)
-        remote = is_url(where)
         partials = {partial_path(model_path, link["patch_blake3"]) for link in links} if remote else set()
         _remove_stale_partials(model_path, partials)
-        if remote:
-            _check_room(model_path, links)
         paths = []
         downloaded = resumed = 0
         for link in links:
@@ -251,6 +294,56 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
             os.unlink(p)
     return UpdateResult(model_path, True, current, result, names, total, downloaded_bytes=downloaded,
                         resumed_bytes=resumed, **info)
+
+
+def _patch_location(manifest: dict, manifest_path: str, patch_dir) -> str:
+    """Where the release's files are: ``patch_dir``, else the manifest's base_url, else beside it."""
+    if patch_dir is not None:
+        return os.fspath(patch_dir)
+    return manifest.get("base_url") or parent(manifest_path)
+
+
+def _fall_back_to_full(fetcher: Fetcher, model: str, full: dict, where: str, current: str, free: int | None,
+                       dry_run: bool, progress, info: dict) -> UpdateResult:
+    """No patch leads from the model's version: fetch the whole target the manifest lists (its
+    size and BLAKE3 are the target's, checked as a patch's are) and rename it over the model."""
+    if os.path.isdir(model):
+        raise NoUpdatePathError(f"{model}: no patch leads from this model directory's version, and a full "
+                                "download replaces a model file only", path=model)
+    location = full["url"] if is_url(full["url"]) else resolve(where, full["url"])
+    partial = partial_path(model, full["blake3"])
+    need = max(0, full["size"] - _size_or_zero(partial))
+    if free is not None and need > free:
+        raise NnpatchIOError(f"{model}: the full model needs about {amount(need)} beside it, {amount(free)} were free")
+    info.update(in_place=False, in_place_for_room=False, mode="full")
+    name = os.path.basename(full["url"].rstrip("/")) or full["url"]
+    if dry_run:
+        return UpdateResult(model, False, current, full["blake3"], [name], full["size"], status="would-update", **info)
+    _remove_stale_partials(model, {partial})
+    downloaded = resumed = 0
+    if is_url(location):
+        got = fetcher.download(location, partial, full["size"], full["blake3"], progress)
+        downloaded, resumed = got.received, got.resumed_from
+    else:
+        _check_patch_file(location, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
+        shutil.copyfile(location, partial)
+        _check_patch_file(partial, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
+    _commit_file(partial, model)
+    return UpdateResult(model, True, current, full["blake3"], [name], full["size"], downloaded_bytes=downloaded,
+                        resumed_bytes=resumed, **info)
+
+
+def _commit_file(done: str, model: str) -> None:
+    """Rename a finished, proven file over the model (same folder: atomic), keeping the model's mode."""
+    with contextlib.suppress(OSError):
+        os.chmod(done, stat.S_IMODE(os.stat(model).st_mode))
+    fd = os.open(done, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(done, model)
+    fsync_dir(os.path.dirname(os.path.abspath(model)))
 
 
 def _fetch_manifest(fetcher: Fetcher, location: str, key) -> tuple:
