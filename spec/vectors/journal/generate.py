@@ -33,7 +33,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
 import nnpatch  # noqa: E402
 from nnpatch.applier import apply_in_place  # noqa: E402
 from nnpatch.applier.inplace import SimulatedCrash  # noqa: E402
-from nnpatch.weights import write_safetensors  # noqa: E402
+from nnpatch.weights import parse_safetensors_header, write_safetensors  # noqa: E402
 
 SEED = 22
 MODEL = "model.safetensors"
@@ -404,6 +404,37 @@ def build(directory: str) -> dict:
          {".nnpatch-journal": written}, trust="5")
     craft("base-digest-wrong", "entry c's base_blake3 is its target_blake3",
           edit=lambda o: ent(o, "c").update(base_blake3=ent(o, "c")["target_blake3"]), trust="5")
+
+    # entries that save nothing (count 0: JOURNAL.md allows them) and journals with no entry
+    head = old[:8 + struct.unpack_from("<Q", old, 0)[0]]
+    d = parse_safetensors_header(head, file_size=len(old))[1]["d"]
+    d_bytes = old[d.begin:d.end]
+
+    def with_d(unit: int, base: bytes) -> list[dict]:
+        e = {"name": "d", "offset": d.begin, "nbytes": d.nbytes, "unit": unit, "count": 0,
+             "base_blake3": blake3.blake3(base).hexdigest(), "target_blake3": blake3.blake3(d_bytes).hexdigest()}
+        return [*parts, {"entry": e, "indices": b"", "data": b""}]
+
+    case("count-zero-entry", "a fourth entry, for tensor d, with count 0 (nothing to put back; d is already "
+         "its base)", mix, {".nnpatch-journal": encode(meta, with_d(1, d_bytes))}, valid=True, trust="protocol")
+    case("no-entries", "a journal with no entries (nothing to put back; the model is left as it is)", old,
+         {".nnpatch-journal": encode(meta, [])}, valid=True, trust="protocol")
+    case("count-zero-entry-unit-zero", "the count-0 entry for d with unit 0: not a row, an element or the "
+         "whole tensor", mix, {".nnpatch-journal": encode(meta, with_d(0, d_bytes))}, trust="4")
+    case("count-zero-entry-not-base", "the count-0 entry for d names a base_blake3 that d is not: nothing to "
+         "put back would make it so", mix, {".nnpatch-journal": encode(meta, with_d(1, b"another d"))}, trust="5")
+
+    # the model's own header, as the journal names it
+    garbled = bytearray(mix)
+    garbled[8] = ord("[")  # its JSON no longer an object; same size, same length prefix
+    ghead = bytes(garbled[:len(head)])
+    case("model-header-not-safetensors", "the journal names the model's header exactly, but that header is not "
+         "a safetensors header (its JSON starts with '[')", bytes(garbled), {".nnpatch-journal": encode(
+             meta, parts, edit=lambda o: o["model"].update(header_blake3=blake3.blake3(ghead).hexdigest()))},
+         trust="4")
+    huge = struct.pack("<Q", 1 << 62) + mix[8:]
+    case("model-header-length-huge", "the model's first 8 bytes say its header is 2^62 bytes long (the journal "
+         "is the writer's)", huge, {".nnpatch-journal": written}, trust="3")
 
     return write(directory, cases, old, new)
 
