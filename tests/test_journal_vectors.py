@@ -74,6 +74,20 @@ def test_cli_recover(case, tmp_path):
     check_after(case, tmp_path)
 
 
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_apply_in_place_recovers_first(case, tmp_path):
+    """`apply --in-place` recovers first (JOURNAL.md, Protocol step 1): where recovery succeeds the update then
+    makes the new model; where it refuses, the apply refuses the same way and writes nothing."""
+    model = lay_out(case, tmp_path)
+    r = CliRunner().invoke(cli, ["apply", "--in-place", model, os.path.join(HERE, INDEX["patch"])])
+    assert r.exit_code == case["exit"], r.output
+    if case["exit"]:
+        check_after(case, tmp_path)
+    else:
+        assert read(model) == read(os.path.join(HERE, INDEX["model_updated"]))
+        assert os.listdir(tmp_path) == [case["model"]]
+
+
 def test_the_cases_cover_what_journal_md_names():
     """A guard against a shrinking set: each moment of a crash, each torn kind, each Trust step."""
     names = {c["name"] for c in CASES}

@@ -1,7 +1,8 @@
 """spec/vectors/journal against the native applier: ``nnpatch-apply --recover`` on a copy of each case
 gives journal.json's exit code (one ``Error:`` line when refused), leaves the model byte for byte as the
 case says and the journals it says; through libnnpatch.so (ctypes, nnp_recover) the error class is the
-one journal.json names. tests/test_journal_vectors.py runs the same cases through Python."""
+one journal.json names; ``--in-place`` recovers first, then updates or refuses the same way.
+tests/test_journal_vectors.py runs the same cases through Python."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import os
 
 import pytest
 
-from ..test_journal_vectors import CASES, check_after, lay_out
+from ..test_journal_vectors import CASES, HERE, INDEX, check_after, lay_out
 from .native_run import assert_ok, assert_refused
 from .native_run import native as run_native
 
@@ -26,6 +27,21 @@ def test_recover(native_impl, case, tmp_path):
         said = "rolled back" if case["outcome"] == "recovered" else "nothing to recover"
         assert said in r.out, r
     check_after(case, tmp_path)
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_apply_in_place_recovers_first(native_impl, case, tmp_path):
+    """--in-place recovers first: then makes the new model, or refuses as --recover does, writing nothing."""
+    model = lay_out(case, tmp_path)
+    r = run_native(native_impl, "--in-place", model, os.path.join(HERE, INDEX["patch"]))
+    if case["exit"]:
+        assert_refused(r, case["exit"])
+        check_after(case, tmp_path)
+    else:
+        assert_ok(r)
+        with open(model, "rb") as f, open(os.path.join(HERE, INDEX["model_updated"]), "rb") as g:
+            assert f.read() == g.read()
+        assert os.listdir(tmp_path) == [case["model"]]
 
 
 class Lib:
