@@ -16,6 +16,8 @@ from click.testing import CliRunner
 
 from nnpatch.cli import cli
 
+pytest.importorskip("cryptography")  # signed feeds (the nnpatch[sign] extra)
+
 HERE = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "spec", "vectors", "manifest")
 with open(os.path.join(HERE, "manifest-vectors.json"), encoding="utf-8") as _f:
     INDEX = json.load(_f)

@@ -1,7 +1,8 @@
 """spec/vectors/journal against the native applier: ``nnpatch-apply --recover`` on a copy of each case
 gives journal.json's exit code (one ``Error:`` line when refused), leaves the model byte for byte as the
 case says and the journals it says; through libnnpatch.so (ctypes, nnp_recover) the error class is the
-one journal.json names; ``--in-place`` recovers first, then updates or refuses the same way.
+one journal.json names; ``--in-place`` recovers first, then updates or refuses the same way; the
+aarch64 build (under qemu) gives the same verdicts.
 tests/test_journal_vectors.py runs the same cases through Python."""
 
 from __future__ import annotations
@@ -42,6 +43,18 @@ def test_apply_in_place_recovers_first(native_impl, case, tmp_path):
         with open(model, "rb") as f, open(os.path.join(HERE, INDEX["model_updated"]), "rb") as g:
             assert f.read() == g.read()
         assert os.listdir(tmp_path) == [case["model"]]
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
+def test_recover_aarch64(aarch64, case, tmp_path):
+    """The aarch64 build under qemu, as a phone or a board runs it: the same verdicts."""
+    model = lay_out(case, tmp_path)
+    r = aarch64.run("--recover", model)
+    err = r.stderr.decode("utf-8", "replace").strip("\n").splitlines()
+    assert r.returncode == case["exit"], r
+    if case["exit"]:
+        assert len(err) == 1 and err[0].startswith("Error: "), err
+    check_after(case, tmp_path)
 
 
 class Lib:
