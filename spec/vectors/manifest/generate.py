@@ -204,6 +204,9 @@ def build(directory: str) -> dict:
     case("signed-same-release-again", f"release {RELEASE} again, its target the one the state records (the same "
          "release replayed, or an update that stopped after accepting it): accepted", envl, step="5",
          state_bytes=state(RELEASE), state_after=accepted(good))
+    case("state-with-more-fields", "the state has a field this version does not know, and expires null: "
+         "both fine", envl, step="state", state_bytes=state(RELEASE - 1, expires=None, **{"x-note": "later"}),
+         state_after=accepted(good))
     case("signed-no-keyid", "the signature has no keyid (it is only a hint): tried, verified", envelope(
         good, [sig(the_key, good, keyid=False)]), step="2", state_after=accepted(good))
     case("signed-two-signatures", "two signatures, the first by another key: the second verifies", envelope(
