@@ -170,8 +170,9 @@ def build(directory: str) -> dict:
                 obj[field] = v
         return dumps(m)
 
-    def accepted(payload: bytes, release: int = RELEASE) -> dict:
-        return {"release": release, "target_blake3": target, "key_id": key_id(the_key),
+    def accepted(payload: bytes) -> dict:
+        """The state a signed manifest of ``payload`` leaves once accepted (its 'accepted' time aside)."""
+        return {"release": RELEASE, "target_blake3": target, "key_id": key_id(the_key),
                 "manifest_blake3": blake3.blake3(payload).hexdigest(), "expires": FUTURE}
 
     cases = []
@@ -179,11 +180,8 @@ def build(directory: str) -> dict:
     def case(name, description, manifest_bytes, *, step, exit=0, error=None, model="old", key_file=KEY,
              state_bytes=None, state_after=None, feed=(PATCH,)):
         verdict = "refused" if exit else ("current" if model == "new" else "updated")
-        if verdict == "refused":
-            after = model
-        else:
-            after = "new"
-        if state_after is None and state_bytes is not None:
+        after = model if exit else "new"
+        if state_after is None and state_bytes is not None:  # refused before the state is written
             state_after = "unchanged"
         cases.append({"name": name, "description": description, "manifest": manifest_bytes, "step": step,
                       "exit": exit, "error": error, "verdict": verdict, "model": model, "model_after": after,
