@@ -31,6 +31,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
 
 import nnpatch  # noqa: E402
+from nnpatch import differ  # noqa: E402
 from nnpatch.applier import apply_in_place  # noqa: E402
 from nnpatch.applier.inplace import SimulatedCrash  # noqa: E402
 from nnpatch.weights import parse_safetensors_header, write_safetensors  # noqa: E402
@@ -210,6 +211,8 @@ def build(directory: str) -> dict:
     patch_path = os.path.join(directory, "patch.nnpatch")
     write_safetensors(old_path, old_t, metadata)
     write_safetensors(new_path, new_t, metadata)
+    # created_by names the writer's version; pinned, so that the vectors do not change with each release
+    differ.__version__ = "vectors"
     nnpatch.diff(old_path, new_path, patch_path, level=9)
     old, new = open(old_path, "rb").read(), open(new_path, "rb").read()
     written = writer_journal(old_path, patch_path)
