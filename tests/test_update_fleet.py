@@ -182,3 +182,13 @@ def test_force_never_removes_the_release_inputs(world, tmp_path):
     assert r.exit_code == 0, r.output
     assert sorted(os.listdir(here)) == ["manifest.json", "v1-to-v2.nnpatch", "v1.safetensors", "v2.safetensors"]
     assert read(old) == read(w.versions[0]) and read(new) == read(w.versions[1])
+
+
+def test_update_refuses_a_private_key(world):
+    """`update --key release.pem` (the private key): exit 2, as apply does (it was accepted silently)."""
+    w = world
+    w.publish([w.versions[0]], w.versions[1], "--version", "2")
+    w.install(w.versions[0])
+    r = run("update", w.model, "--manifest", w.dist / "manifest.json", "--key", w.key)
+    assert r.exit_code == 2 and "is a private key" in r.output, r.output
+    assert read(w.model) == read(w.versions[0])

@@ -32,6 +32,7 @@ from .._json import json_shape, loads_strict
 from ..atomic import fsync_dir, write_error
 from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal, UsageError, WeightsError
 from ..hashing import digests_equal
+from ..sidefiles import JOURNAL_SUFFIX, journal_path
 from ..weights import parse_safetensors_header
 
 MAGIC = b"\x89NNJ\r\n\x1a\n"
@@ -39,11 +40,7 @@ VERSION = (1, 0)
 PREAMBLE = struct.Struct("<8sHHIQ")
 ALIGN = 64
 TRAILER = 32
-SUFFIX = ".nnpatch-journal"
-
-
-def journal_path(model: str | os.PathLike[str]) -> str:
-    return os.fspath(model) + SUFFIX
+SUFFIX = JOURNAL_SUFFIX  # the name rule lives in nnpatch.sidefiles, for commands that must not load numpy
 
 
 def _pad(n: int) -> int:

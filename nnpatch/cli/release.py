@@ -11,6 +11,7 @@ from ..delivery.manifest import MAX_RELEASE, parse_duration
 from ..release import make_release, published_files
 from ..delivery.updater import update as do_update
 from ._common import InputPath, emit_json, human, say
+from ._inputs import check_public_key
 
 
 def _names(ctx, param, values) -> dict[str, str]:
@@ -102,6 +103,7 @@ def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, ba
 def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fallback, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""
     # errors: the one handler in nnpatch.cli prints the Error: line, and with --json the error object
+    check_public_key(key)
     r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run,
                   fallback=fallback)
     if as_json:

@@ -30,11 +30,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from ..applier import apply_in_place, replace_model
+from ..applier import apply_in_place, recover, replace_model
 from ..atomic import amount, free_space, fsync_dir
 from ..errors import IntegrityError, NnpatchIOError, NoUpdatePathError, PatchFormatError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..patchfile import read_patch
+from ..sidefiles import interrupted, journal_path
 from ..signing import TrustedKey
 from ..weights.source import path_digest
 from .fetch import FetchOptions, Fetcher, is_url, parent, resolve
@@ -72,6 +73,8 @@ class UpdateResult:
     mode: str = "new-file"
     #: in place although not asked for: only that fits the free space beside the model
     in_place_for_room: bool = False
+    #: an interrupted in-place update was rolled back first (its journal lay beside the model)
+    recovered: bool = False
 
     def to_json(self) -> dict:
         return {"ok": True, "path": self.path, "status": self.status, "updated": self.updated,
@@ -80,7 +83,7 @@ class UpdateResult:
                 "key_id": self.key_id, "patches": self.patches, "patch_bytes": self.patch_bytes,
                 "downloaded_bytes": self.downloaded_bytes, "resumed_bytes": self.resumed_bytes,
                 "in_place": self.in_place, "dry_run": self.dry_run, "mode": self.mode,
-                "in_place_for_room": self.in_place_for_room}
+                "in_place_for_room": self.in_place_for_room, "recovered": self.recovered}
 
 
 def _check_patch_file(path: str, link: dict) -> None:
@@ -186,7 +189,9 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     the one this device last accepted (kept in the state file beside the
     model, :func:`nnpatch.delivery.state.state_path`), and it must not have expired.
     A device that once accepted a signed feed refuses to update without a
-    key. ``in_place``: True applies behind the undo journal instead of
+    key. An in-place update of the model that was interrupted (its undo journal
+    lies beside it) is rolled back first (``UpdateResult.recovered``), so the
+    same command run again continues it. ``in_place``: True applies behind the undo journal instead of
     building a second copy; False never does; None (the default) builds a
     second copy when the file system has room for it and otherwise applies
     in place (``UpdateResult.in_place_for_room`` says so). ``dry_run``:
@@ -213,6 +218,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     now = time.time() if now is None else now
     if not os.path.exists(model_path):
         raise NnpatchIOError(f"{model_path}: no such file or directory")
+    recovered = _recover_first(model_path, dry_run)
     free = free_space(os.path.dirname(os.path.abspath(model_path)))  # before this update writes anything
     state = read_state(model_path)
     if state is not None and key is None:
@@ -232,7 +238,7 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         current, size = path_digest(model_path)
         info = {"release": manifest.get("release"), "to_name": target.get("name"), "signed": opened.signed,
                 "key_id": opened.key_id, "in_place": bool(in_place), "dry_run": dry_run,
-                "expires": manifest.get("expires")}
+                "expires": manifest.get("expires"), "recovered": recovered}
         if digests_equal(current, target["blake3"]):
             return UpdateResult(model_path, False, current, current, status="current", from_name=target.get("name"),
                                 **info)
@@ -294,6 +300,21 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
             os.unlink(p)
     return UpdateResult(model_path, True, current, result, names, total, downloaded_bytes=downloaded,
                         resumed_bytes=resumed, **info)
+
+
+def _recover_first(model: str, dry_run: bool) -> bool:
+    """An in-place update of ``model`` that was killed leaves its undo journal beside it, and the
+    model half-written: neither version's digest, so no manifest entry would match it. Roll it
+    back to the version it was (spec/JOURNAL.md) before anything else; True when that was done.
+    A dry run changes nothing, so it refuses instead."""
+    if not interrupted(model):
+        return False
+    if dry_run:
+        raise IntegrityError(f"{model}: an in-place update of it was interrupted (undo journal "
+                             f"{journal_path(model)}); update without --dry-run recovers it first, or run "
+                             f"`nnpatch recover {model}`", what="journal")
+    recover(model)
+    return True
 
 
 def _patch_location(manifest: dict, manifest_path: str, patch_dir) -> str:
