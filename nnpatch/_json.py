@@ -51,6 +51,22 @@ def loads_text(text: str):
     return obj
 
 
+def load_object(raw: bytes, *, limit: int, what: str) -> dict:
+    """``raw`` as one JSON object: at most ``limit`` bytes, strict JSON (:func:`loads_strict`), and
+    an object at the top. The one rule for every small JSON document nnpatch reads whole (release
+    manifests and their envelopes, the update state, shard indexes). Every failure is a
+    ValueError whose message names ``what``, for the caller to raise as its own error."""
+    if len(raw) > limit:
+        raise ValueError(f"{what} of {len(raw)} bytes exceeds the {limit} limit")
+    try:
+        obj = loads_strict(raw)
+    except ValueError as e:
+        raise ValueError(f"invalid {what} JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"invalid {what}: not a JSON object")
+    return obj
+
+
 _JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
 
 

@@ -133,7 +133,7 @@ def test_one_handler_for_every_command(tmp_path):
 
 
 def test_missing_trainer_leaves_train_sparse_out(monkeypatch):
-    """As before the lazy group: where nnpatch.trainer.command does not import, there is no such command."""
+    """As before the lazy group: where nnpatch.trainer does not import, there is no such command."""
     import builtins
 
     from click.testing import CliRunner
@@ -149,7 +149,24 @@ def test_missing_trainer_leaves_train_sparse_out(monkeypatch):
 
     group = cli_module.cli
     monkeypatch.setattr(group, "commands", {})
+    # an install without the trainer never had the command's module: an earlier test may have loaded it
+    monkeypatch.delitem(sys.modules, "nnpatch.cli.train_sparse", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_trainer)
     assert "train-sparse" not in group.list_commands(None)
     r = CliRunner().invoke(group, ["train-sparse", "--help"])
     assert r.exit_code == 2 and "No such command 'train-sparse'" in r.output
+
+
+def test_the_public_api_is_listed_once():
+    """``nnpatch._EXPORTS`` is the list; ``__all__`` is made from it and the TYPE_CHECKING imports
+    (what type checkers see) name exactly its names, each from its module."""
+    import ast
+
+    import nnpatch
+
+    assert nnpatch.__all__ == ["__version__", *nnpatch._EXPORTS]
+    with open(nnpatch.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.dump(n.test))
+    typed = {a.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert typed == nnpatch._EXPORTS

@@ -207,7 +207,7 @@ def _one_line(message: str) -> str:
 def _load(name: str) -> click.Command | None:
     if name == "train-sparse":
         try:
-            from nnpatch.trainer.command import train_sparse
+            from .train_sparse import train_sparse
         except ImportError:
             return None
         return train_sparse
