@@ -17,6 +17,8 @@ pytest.importorskip("torch")
 from nnpatch.errors import BudgetMissedError, UsageError, UserCodeError, WeightsError  # noqa: E402
 from nnpatch.cli.train_sparse import train_sparse  # noqa: E402
 
+from .test_json_schemas import check as check_schema  # noqa: E402
+
 pytestmark = pytest.mark.torch
 
 TINY_SPEC = textwrap.dedent('''
@@ -77,7 +79,8 @@ def test_recipe_digits_end_to_end(tmp_path):
     res = invoke(["--recipe", "digits", "--ratio", "0.1", "--epochs", "4", "--teacher-epochs", "4",
                   "-o", str(new), "--patch", str(patch), "--json"])
     assert res.exit_code == 0, res.output + repr(res.exception)
-    rep = json.loads(res.stdout)
+    rep = check_schema("train-sparse", res.stdout)
+    assert rep["ok"] is True
     base = tmp_path / "new.base.safetensors"
     assert rep["base"] == str(base) and base.is_file() and new.is_file() and patch.is_file()
     assert rep["channels_changed"] <= math.floor(0.1 * rep["channels_total"])

@@ -11,7 +11,6 @@ The trainer's modules are imported by absolute name, so that an install without
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 
@@ -20,7 +19,7 @@ import click
 from nnpatch.errors import BudgetMissedError, MissingDependencyError, UsageError
 from nnpatch.trainer.options import TrainSparseOptions, click_options
 
-from ._common import quiet
+from ._common import emit_json, quiet
 
 __all__ = ["train_sparse"]
 
@@ -108,7 +107,7 @@ def train_sparse(as_json: bool, **options) -> None:
         sys.stderr.flush()
         os._exit(0)
     if as_json:
-        click.echo(json.dumps(report, sort_keys=True))
+        emit_json(report)
     else:
         _table(report)
 
