@@ -1,5 +1,6 @@
 /*
- * Strict JSON (see json.h). The text is read in four linear passes, none recursive:
+ * Strict JSON (see json.h). Python twin: nnpatch/_json.py. The text is read in four linear passes,
+ * none recursive:
  *   1. UTF-8: the whole text, as Python's strict decoder checks it;
  *   2. shape: depth and value count outside strings (npj_shape), checked against the limits;
  *   3. validate: the full grammar, counting each container's children and the bytes the
@@ -850,5 +851,46 @@ int npj_as_string(const npj_value *v, const char **s, size_t *len)
         *s = v->u.str.s;
     if (len != NULL)
         *len = v->u.str.len;
+    return 0;
+}
+
+const char *npj_type_name(const npj_value *v)
+{
+    switch (v->kind) {
+    case NPJ_NULL: return "NoneType";
+    case NPJ_FALSE:
+    case NPJ_TRUE: return "bool";
+    case NPJ_INT:
+    case NPJ_BIGINT: return "int";
+    case NPJ_FLOAT: return "float";
+    case NPJ_STRING: return "str";
+    case NPJ_ARRAY: return "list";
+    case NPJ_OBJECT: return "dict";
+    }
+    return "?";
+}
+
+static int lower_hex(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+int npj_as_digest(const npj_value *v, uint8_t out[32])
+{
+    if (v == NULL || v->kind != NPJ_STRING || v->u.str.len != 64)
+        return -1;
+    uint8_t d[32];
+    for (size_t i = 0; i < 32; i++) {
+        int a = lower_hex(v->u.str.s[2 * i]), b = lower_hex(v->u.str.s[2 * i + 1]);
+        if (a < 0 || b < 0)
+            return -1;
+        d[i] = (uint8_t)(a << 4 | b);
+    }
+    if (out != NULL)
+        memcpy(out, d, 32);
     return 0;
 }

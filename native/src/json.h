@@ -72,5 +72,11 @@ const npj_value *npj_get(const npj_value *obj, const char *key);
 /* Helpers that return 0 and set *out only when the value has exactly that type and range. */
 int npj_as_u64(const npj_value *v, uint64_t max, uint64_t *out); /* NPJ_INT, 0 <= v <= max */
 int npj_as_string(const npj_value *v, const char **s, size_t *len);
+/* A digest: a string of exactly 64 lowercase hex digits (FORMAT.md and JOURNAL.md spell digests
+ * so), its 32 bytes into out (may be NULL: checked only). */
+int npj_as_digest(const npj_value *v, uint8_t out[32]);
+/* The name of the Python type json.loads gives this value ("NoneType", "bool", "int", "float",
+ * "str", "list", "dict"), for messages that match the Python reader's word for word. */
+const char *npj_type_name(const npj_value *v);
 
 #endif

@@ -1,4 +1,4 @@
-/* safetensors headers, parsed as nnpatch/weights/safetensors_file.py does. */
+/* safetensors headers. Python twin: nnpatch/weights/safetensors_file.py (the same checks, in order). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
