@@ -210,6 +210,42 @@ static nnp_status apply_chunk(vctx *c, const uint8_t *vals, size_t nunits, uint6
     return NNP_OK;
 }
 
+/* A wide chunk's buffer (rows of more than 2^20 elements, F64): an unlinked file in dir, mapped,
+ * so it lives in the page cache rather than anonymous memory; NULL when that cannot be had. */
+static uint8_t *map_scratch(const char *dir, size_t n)
+{
+    char path[4096];
+    uint8_t *buf = NULL;
+    snprintf(path, sizeof path, "%s/.nnpatch-scratch.XXXXXX", dir);
+    int fd = mkstemp(path);
+    if (fd < 0)
+        return NULL;
+    unlink(path);
+    if (ftruncate(fd, (off_t)n) == 0) {
+        void *mm = mmap(NULL, n, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (mm != MAP_FAILED)
+            buf = mm;
+    }
+    close(fd);
+    return buf;
+}
+
+/* What a step's section holds: units of unit_bytes each (rows, elements, or every element of the
+ * tensor), and the bound of its index positions (0 when it has no index). */
+static void step_units(const np_step_job *job, int indexed, unsigned w, uint64_t *units, uint64_t *unit_bytes,
+                       uint64_t *bound)
+{
+    *bound = 0;
+    *unit_bytes = w;
+    *units = indexed ? job->op->count : job->numel;
+    if (indexed && job->op->kind == NP_OP_ROWS) {
+        *bound = job->shape[0];
+        *unit_bytes = *bound ? job->nbytes / *bound : 0;
+    } else if (indexed) {
+        *bound = job->numel;
+    }
+}
+
 nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
 {
     const np_op *op = job->op;
@@ -237,19 +273,8 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
         c.mask = np_dtypes[job->dtype].esort_mask;
     }
     int indexed = s == &op->values && (op->kind == NP_OP_ROWS || op->kind == NP_OP_ELEMENTS);
-    uint64_t units, bound = 0;
-    if (indexed && op->kind == NP_OP_ROWS) {
-        bound = job->shape[0];
-        c.unit_bytes = bound ? job->nbytes / bound : 0;
-        units = op->count;
-    } else if (indexed) {
-        bound = job->numel;
-        c.unit_bytes = c.w;
-        units = op->count;
-    } else {
-        c.unit_bytes = c.w;
-        units = job->numel;
-    }
+    uint64_t units, bound;
+    step_units(job, indexed, c.w, &units, &c.unit_bytes, &bound);
     uint64_t total;
     if (np_mul(units, c.unit_bytes, &total) || total != s->size)
         return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: %s: section holds %llu bytes, the op needs %llu units of %llu",
@@ -273,12 +298,10 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
     if (per < 1)
         per = 1;
     np_secreader r;
-    np_idx it, pre;
+    np_idx it = {0}, pre = {0};
     int have_it = 0, have_pre = 0;
     uint8_t *buf = NULL;
     size_t scratch = 0;
-    memset(&it, 0, sizeof it);
-    memset(&pre, 0, sizeof pre);
     if ((st = np_secreader_open(ctx, &r, p, s, where)))
         goto out;
     if (indexed) {
@@ -299,23 +322,9 @@ nnp_status np_run_step(nnp_ctx *ctx, const np_step_job *job, uint8_t *dst)
         }
     }
     uint64_t chunk_cap = (per < units ? per : units) * c.unit_bytes;
-    if (r.zstd && chunk_cap > NP_SCRATCH_MIN && job->scratch_dir && chunk_cap < SIZE_MAX / 2) {
-        /* a wide chunk (rows of more than 2^20 elements, F64): an unlinked file beside the output */
-        char path[4096];
-        snprintf(path, sizeof path, "%s/.nnpatch-scratch.XXXXXX", job->scratch_dir);
-        int fd = mkstemp(path);
-        if (fd >= 0) {
-            unlink(path);
-            if (ftruncate(fd, (off_t)chunk_cap) == 0) {
-                void *mm = mmap(NULL, (size_t)chunk_cap, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-                if (mm != MAP_FAILED) {
-                    buf = mm;
-                    scratch = (size_t)chunk_cap;
-                }
-            }
-            close(fd);
-        }
-    }
+    if (r.zstd && chunk_cap > NP_SCRATCH_MIN && job->scratch_dir && chunk_cap < SIZE_MAX / 2 &&
+        (buf = map_scratch(job->scratch_dir, (size_t)chunk_cap)))
+        scratch = (size_t)chunk_cap;
     if (r.zstd && !buf) {
         if (chunk_cap > SIZE_MAX / 2 || !(buf = malloc((size_t)chunk_cap))) {
             st = np_fail(ctx, NNP_KIND_IO, "%s: %s: out of memory for a %llu-byte chunk", p->name, where,

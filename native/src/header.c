@@ -583,6 +583,51 @@ static nnp_status layout_codec(rd *r, const npj_value *root, const char *role, c
     return NNP_OK;
 }
 
+/* An op's count against its tensor (1 to the positions there are, at most half the elements of an
+ * 'elements' op) and its values and scales sections against the bytes the op writes. */
+static nnp_status check_op_sizes(rd *r, const np_op *op, const char *w)
+{
+    int k = op->kind;
+    const np_tref *t = &op->target;
+    uint64_t bound = 0, expected = 0;
+    int has_bound = 0;
+    if (k == NP_OP_ROWS) {
+        bound = t->shape[0];
+        uint64_t row_bytes = bound ? t->nbytes / bound : 0;
+        has_bound = 1;
+        if (np_mul(op->count, row_bytes, &expected))
+            expected = UINT64_MAX; /* cannot equal a size < 2^63 */
+    } else if (k == NP_OP_QROWS) {
+        bound = t->shape[0];
+        uint64_t row_elements = bound ? t->numel / bound : 0;
+        has_bound = 1;
+        if (np_mul(op->count, np_qrows_row_bytes(row_elements, op->bits), &expected))
+            expected = UINT64_MAX;
+    } else if (k == NP_OP_ELEMENTS) {
+        bound = t->numel;
+        has_bound = 1;
+        if (np_mul(op->count, np_dtypes[t->dtype].size, &expected))
+            expected = UINT64_MAX;
+    } else if (t->present) {
+        expected = t->nbytes;
+    }
+    if (has_bound && op->count > bound)
+        return PF("%s: header: %s: count %llu exceeds the %llu positions of the tensor", r->p->name, w,
+                  (unsigned long long)op->count, (unsigned long long)bound);
+    if (k == NP_OP_ELEMENTS && op->count > bound / 2)
+        return PF("%s: header: %s: count %llu is more than half the tensor's %llu elements (use a 'whole' op)",
+                  r->p->name, w, (unsigned long long)op->count, (unsigned long long)bound);
+    if (has_bound && op->count == 0)
+        return PF("%s: header: %s: count must be at least 1 (an unchanged tensor has no op)", r->p->name, w);
+    if (op->values.present && op->values.size != expected)
+        return PF("%s: header: %s.values: size %llu does not match the %llu bytes the op writes", r->p->name, w,
+                  (unsigned long long)op->values.size, (unsigned long long)expected);
+    if (op->scales.present && op->scales.size != 4 && op->scales.size != 4 * op->count) /* count <= bound < 2^62 */
+        return PF("%s: header: %s.scales: size %llu is neither 4 (one scale) nor %llu (one per row)", r->p->name, w,
+                  (unsigned long long)op->scales.size, (unsigned long long)(4 * op->count));
+    return NNP_OK;
+}
+
 static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np_op *op)
 {
     const npj_value *kv;
@@ -665,42 +710,8 @@ static nnp_status op_from_json(rd *r, const npj_value *oj, const char *where, np
         if ((st = check_index_codec(r, &op->index, icodec, w2)))
             return st;
     }
-    uint64_t bound = 0, expected = 0;
-    int has_bound = 0;
-    if (k == NP_OP_ROWS) {
-        bound = t->shape[0];
-        uint64_t row_bytes = bound ? t->nbytes / bound : 0;
-        has_bound = 1;
-        if (np_mul(op->count, row_bytes, &expected))
-            expected = UINT64_MAX; /* cannot equal a size < 2^63 */
-    } else if (k == NP_OP_QROWS) {
-        bound = t->shape[0];
-        uint64_t row_elements = bound ? t->numel / bound : 0;
-        has_bound = 1;
-        if (np_mul(op->count, np_qrows_row_bytes(row_elements, op->bits), &expected))
-            expected = UINT64_MAX;
-    } else if (k == NP_OP_ELEMENTS) {
-        bound = t->numel;
-        has_bound = 1;
-        if (np_mul(op->count, np_dtypes[t->dtype].size, &expected))
-            expected = UINT64_MAX;
-    } else if (t->present) {
-        expected = t->nbytes;
-    }
-    if (has_bound && op->count > bound)
-        return PF("%s: header: %s: count %llu exceeds the %llu positions of the tensor", r->p->name, w,
-                  (unsigned long long)op->count, (unsigned long long)bound);
-    if (k == NP_OP_ELEMENTS && op->count > bound / 2)
-        return PF("%s: header: %s: count %llu is more than half the tensor's %llu elements (use a 'whole' op)",
-                  r->p->name, w, (unsigned long long)op->count, (unsigned long long)bound);
-    if (has_bound && op->count == 0)
-        return PF("%s: header: %s: count must be at least 1 (an unchanged tensor has no op)", r->p->name, w);
-    if (op->values.present && op->values.size != expected)
-        return PF("%s: header: %s.values: size %llu does not match the %llu bytes the op writes", r->p->name, w,
-                  (unsigned long long)op->values.size, (unsigned long long)expected);
-    if (op->scales.present && op->scales.size != 4 && op->scales.size != 4 * op->count) /* count <= bound < 2^62 */
-        return PF("%s: header: %s.scales: size %llu is neither 4 (one scale) nor %llu (one per row)", r->p->name, w,
-                  (unsigned long long)op->scales.size, (unsigned long long)(4 * op->count));
+    if ((st = check_op_sizes(r, op, w)))
+        return st;
     if (op->base_values.present) {
         int needs = k == NP_OP_REMOVE || (k == NP_OP_WHOLE && !np_sec_delta(&op->values));
         snprintf(w2, sizeof w2, "%s.base_values", w);

@@ -1,6 +1,6 @@
 /*
  * Strict JSON (see json.h). Python twin: nnpatch/_json.py. The text is read in four linear passes,
- * none recursive:
+ * none recursive (the first two are jsonscan.c's):
  *   1. UTF-8: the whole text, as Python's strict decoder checks it;
  *   2. shape: depth and value count outside strings (npj_shape), checked against the limits;
  *   3. validate: the full grammar, counting each container's children and the bytes the
@@ -51,98 +51,6 @@ static void fail(char *err, size_t errlen, const char *fmt, ...)
     va_start(ap, fmt);
     vsnprintf(err, errlen, fmt, ap);
     va_end(ap);
-}
-
-/* --- pass 1: UTF-8 ------------------------------------------------------------------------ */
-
-/* Offset of the first byte that is not valid UTF-8 (as Python's strict "utf-8" codec reports
- * it), or len. Overlongs, surrogates (U+D800-DFFF) and code points above U+10FFFF are invalid. */
-static size_t utf8_invalid_at(const uint8_t *t, size_t len)
-{
-    size_t i = 0;
-    while (i < len) {
-        uint8_t c = t[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        uint8_t lo = 0x80, hi = 0xBF;
-        if (c >= 0xC2 && c <= 0xDF)
-            n = 1;
-        else if (c >= 0xE0 && c <= 0xEF) {
-            n = 2;
-            if (c == 0xE0)
-                lo = 0xA0;
-            else if (c == 0xED)
-                hi = 0x9F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            n = 3;
-            if (c == 0xF0)
-                lo = 0x90;
-            else if (c == 0xF4)
-                hi = 0x8F;
-        } else
-            return i;
-        if (len - i <= n)
-            return i; /* truncated: Python reports the lead byte too */
-        if (t[i + 1] < lo || t[i + 1] > hi)
-            return i;
-        for (size_t k = 2; k <= n; k++)
-            if ((t[i + k] & 0xC0) != 0x80)
-                return i;
-        i += n + 1;
-    }
-    return len;
-}
-
-/* --- pass 2: shape -------------------------------------------------------------------------- */
-
-static void shape(const uint8_t *t, size_t len, unsigned *depth_out, uint64_t *opens_out, uint64_t *commas_out)
-{
-    int64_t level = 0, deepest = 0;
-    uint64_t opens = 0, commas = 0;
-    int strings = 1; /* cleared once a '"' has no closing quote: then no later one has either */
-    size_t i = 0;
-    while (i < len) {
-        uint8_t c = t[i];
-        if (c == '"' && strings) {
-            /* the pattern "(?:[^"\\]|\\.)*" of json_shape */
-            size_t j = i + 1;
-            while (j < len && t[j] != '"')
-                j += t[j] == '\\' ? 2 : 1;
-            if (j < len) {
-                i = j + 1;
-                continue;
-            }
-            strings = 0;
-            i++;
-            continue;
-        }
-        if (c == '[' || c == '{') {
-            opens++;
-            if (++level > deepest)
-                deepest = level;
-        } else if (c == ']' || c == '}')
-            level--;
-        else if (c == ',')
-            commas++;
-        i++;
-    }
-    *depth_out = deepest > (int64_t)~0u ? ~0u : (unsigned)deepest;
-    *opens_out = opens;
-    *commas_out = commas;
-}
-
-void npj_shape(const uint8_t *text, size_t len, unsigned *depth, uint64_t *values)
-{
-    uint64_t opens, commas;
-    unsigned d;
-    shape(text, len, &d, &opens, &commas);
-    if (depth)
-        *depth = d;
-    if (values)
-        *values = opens + commas;
 }
 
 /* --- passes 3 and 4: the parser ---------------------------------------------------------------- */
@@ -548,7 +456,10 @@ static int check_duplicates(parser *p, const npj_value *obj)
     return perr(p, "duplicate key \"%s\"", shown);
 }
 
-/* One walk over the text: validates (p->build == 0) or builds into root. */
+/* One walk over the text: validates (p->build == 0) or builds into root.
+ * Long (136 lines), on purpose: the whole grammar is one loop over an explicit stack (no recursion,
+ * so no depth can overflow the C stack), and each case is a few lines of that one state machine;
+ * cut into functions, the state would travel through every call. */
 static int walk(parser *p, npj_value *root)
 {
     npj_value *dst = root; /* where the next value goes (build) */
@@ -686,6 +597,23 @@ static int walk(parser *p, npj_value *root)
     }
 }
 
+/* The arena bytes of every container's nodes (bounded by members, the larger node: a second look
+ * at each container's kind is not kept) into p->node_bytes, the largest object's size into max_obj. */
+static int count_nodes(parser *p, size_t *max_obj)
+{
+    size_t nodes = 0;
+    for (size_t i = 0; i < p->next_container; i++) {
+        size_t n = p->counts[i];
+        if (n > *max_obj)
+            *max_obj = n;
+        if (n > SIZE_MAX / sizeof(npj_member) || round_node(n * sizeof(npj_member)) > SIZE_MAX - nodes)
+            return perr(p, "text too large");
+        nodes += round_node(n * sizeof(npj_member));
+    }
+    p->node_bytes = nodes;
+    return 0;
+}
+
 int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc **out, char *err, size_t errlen)
 {
     static const npj_limits defaults = {16, 4194304};
@@ -699,14 +627,14 @@ int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc
     }
     if (limits == NULL)
         limits = &defaults;
-    size_t bad = utf8_invalid_at(text, len);
+    size_t bad = npj_utf8_invalid_at(text, len);
     if (bad < len) {
         fail(err, errlen, "invalid UTF-8 at byte %zu", bad);
         return -1;
     }
     unsigned depth;
     uint64_t opens, commas;
-    shape(text, len, &depth, &opens, &commas);
+    npj_shape_counts(text, len, &depth, &opens, &commas);
     if (depth > limits->max_depth) {
         fail(err, errlen, "nesting deeper than %u levels", limits->max_depth);
         return -1;
@@ -740,21 +668,8 @@ int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc
     if (walk(&p, &scratch_root) != 0)
         goto done;
     size_t max_obj = 0;
-    {
-        /* node bytes: a second look at each container's kind is not kept, so bound by members */
-        size_t nodes = 0;
-        for (size_t i = 0; i < p.next_container; i++) {
-            size_t n = p.counts[i];
-            if (n > max_obj)
-                max_obj = n;
-            if (n > SIZE_MAX / sizeof(npj_member) || round_node(n * sizeof(npj_member)) > SIZE_MAX - nodes) {
-                perr(&p, "text too large");
-                goto done;
-            }
-            nodes += round_node(n * sizeof(npj_member));
-        }
-        p.node_bytes = nodes;
-    }
+    if (count_nodes(&p, &max_obj) != 0)
+        goto done;
 
     /* pass 4: build */
     doc = malloc(sizeof *doc);

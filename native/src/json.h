@@ -66,6 +66,11 @@ const npj_value *npj_root(const npj_doc *doc);
 
 /* Depth and value count as nnpatch/_json.py json_shape measures them (strings skipped). */
 void npj_shape(const uint8_t *text, size_t len, unsigned *depth, uint64_t *values);
+/* The same with the value count in its parts: opening brackets and commas (jsonscan.c). */
+void npj_shape_counts(const uint8_t *text, size_t len, unsigned *depth, uint64_t *opens, uint64_t *commas);
+/* Offset of the first byte that is not valid UTF-8 (as Python's strict "utf-8" codec reports it),
+ * or len (jsonscan.c). */
+size_t npj_utf8_invalid_at(const uint8_t *text, size_t len);
 
 /* Object lookup by key (NULL if absent or obj is not an object). Linear; headers are small per object. */
 const npj_value *npj_get(const npj_value *obj, const char *key);

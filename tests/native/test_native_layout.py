@@ -21,6 +21,7 @@ from .conftest import ROOT
 SRC = ROOT / "native" / "src"
 HEADER = ROOT / "native" / "include" / "nnpatch.h"
 MAX_FILE_LINES = 900
+MAX_FUNCTION_LINES = 120
 # BLAKE3's own SIMD dispatch: blake3.c picks a kernel in blake3_<isa>.c, which calls back into
 # blake3.c's portable helpers; its layout is upstream BLAKE3's, kept so merges stay mechanical.
 BLAKE3 = re.compile(r"blake3(_\w+)?$")
@@ -104,6 +105,39 @@ def test_no_file_over_the_limit():
     long = {p.name: n for p in library_sources() + sorted(SRC.glob("*.h"))
             if not BLAKE3_KERNEL.search(p.name) and (n := len(p.read_text().splitlines())) > MAX_FILE_LINES}
     assert not long, f"files over {MAX_FILE_LINES} lines: {long}"
+
+
+def functions(path) -> list[tuple[str, int, int, str]]:
+    """(name, first line, lines, the comment just above) of each function defined in a C file: a body
+    opens with '{' alone in column 0 and closes with '}' alone in column 0 (the project's layout)."""
+    lines = path.read_text().splitlines()
+    found = []
+    for i, line in enumerate(lines):
+        if line != "{":
+            continue
+        start = i - 1
+        while start > 0 and "(" not in lines[start]:
+            start -= 1
+        while start > 0 and lines[start].startswith((" ", "\t")):  # a wrapped parameter list
+            start -= 1
+        end = next(j for j in range(i + 1, len(lines)) if lines[j] == "}")
+        above = start - 1
+        comment = []
+        while above >= 0 and lines[above].lstrip().startswith(("/*", "*", "//")):
+            comment.insert(0, lines[above])
+            above -= 1
+        name = re.findall(r"(\w+)\s*\(", lines[start])
+        found.append((name[0] if name else "?", start + 1, end - start + 1, "\n".join(comment)))
+    return found
+
+
+def test_functions_are_short_or_say_why():
+    """No function over 120 lines unless the comment above it says why ("Long ...: reason")."""
+    sources = library_sources() + sorted((ROOT / "native" / "cli").glob("*.c")) + sorted((ROOT / "native" / "jni").glob("*.c"))
+    long = [f"{p.relative_to(ROOT)}:{first} {name} ({n} lines)" for p in sources
+            for name, first, n, comment in functions(p)
+            if n > MAX_FUNCTION_LINES and not re.search(r"\bLong\b[^:]*:\s*\S", comment)]
+    assert not long, "functions over 120 lines without a written reason:\n" + "\n".join(long)
 
 
 def test_no_getenv_in_the_library():
