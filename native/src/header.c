@@ -866,7 +866,7 @@ nnp_status np_parse_header(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint32_
                      NP_PREAMBLE, (unsigned long long)NP_MAX_JSON_VALUES);
         goto out;
     }
-    npj_limits lim = {NP_MAX_JSON_DEPTH, NP_MAX_JSON_VALUES};
+    npj_limits lim = {NP_MAX_JSON_DEPTH, NP_MAX_JSON_VALUES, NPJ_MAX_STRING};
     char err[256];
     if (npj_parse(raw, len, &lim, &doc, err, sizeof err) != 0) {
         st = np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: byte %d: header is not valid JSON: %s", p->name, NP_PREAMBLE, err);

@@ -403,7 +403,7 @@ static nnp_status parse_header(nnp_ctx *ctx, np_journal *j, const uint8_t *text,
     npj_shape(text, len, &depth, &values);
     if (depth > NP_JOURNAL_MAX_DEPTH)
         return np_journal_invalid(ctx, "%s: journal header nests deeper than %d", path, NP_JOURNAL_MAX_DEPTH);
-    npj_limits lim = {NP_JOURNAL_MAX_DEPTH, UINT64_MAX};
+    npj_limits lim = {NP_JOURNAL_MAX_DEPTH, UINT64_MAX, NPJ_MAX_STRING};
     char err[256];
     if (npj_parse(text, len, &lim, &j->doc, err, sizeof err) != 0)
         return np_journal_invalid(ctx, "%s: journal header is not valid JSON: %s", path, err);

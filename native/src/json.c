@@ -4,7 +4,7 @@
  *   1. UTF-8: the whole text, as Python's strict decoder checks it;
  *   2. shape: depth and value count outside strings (npj_shape), checked against the limits;
  *   3. validate: the full grammar, counting each container's children and the bytes the
- *      parsed values will need, without allocating anything but those counts;
+ *      parsed values will need (no string over the limit), allocating nothing but those counts;
  *   4. build: the same walk again, writing values into one exactly-sized arena, and refusing
  *      duplicate keys as each object closes (sorted, so a huge object costs n log n).
  * Verdicts match nnpatch/_json.py loads_strict with the patch reader's limits, NaN/Infinity
@@ -76,6 +76,7 @@ typedef struct parser {
     size_t node_bytes, string_bytes, max_float_len;
     unsigned char *nodes, *strings;
     size_t nodes_used, strings_used;
+    uint64_t max_string; /* decoded bytes of one string (npj_limits.max_string) */
     char *scratch; /* build: room for one float's digits */
     size_t *sort_a, *sort_b; /* build: duplicate-key check */
     size_t sort_cap;
@@ -179,6 +180,8 @@ static int parse_string(parser *p, const char **s, size_t *n)
         }
         w += run - p->pos;
         p->pos = run;
+        if (w > p->max_string)
+            return perr(p, "a string longer than %llu bytes at byte %zu", (unsigned long long)p->max_string, start);
         if (p->pos >= p->len)
             return perr(p, "unterminated string starting at byte %zu", start);
         uint8_t c = p->t[p->pos];
@@ -231,7 +234,7 @@ static int parse_string(parser *p, const char **s, size_t *n)
                 return perr(p, "internal: string arena exhausted");
             memcpy(out + w, tmp, k);
         }
-        w += k;
+        w += k; /* checked against max_string at the top of the loop, which every escape goes back to */
     }
     if (out != NULL) {
         out[w] = '\0';
@@ -616,7 +619,7 @@ static int count_nodes(parser *p, size_t *max_obj)
 
 int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc **out, char *err, size_t errlen)
 {
-    static const npj_limits defaults = {16, 4194304};
+    static const npj_limits defaults = {16, 4194304, NPJ_MAX_STRING};
     if (out != NULL)
         *out = NULL;
     if (err != NULL && errlen > 0)
@@ -651,6 +654,7 @@ int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc
     p.len = len;
     p.err = err;
     p.errlen = errlen;
+    p.max_string = limits->max_string ? limits->max_string : NPJ_MAX_STRING;
     npj_doc *doc = NULL;
     /* opens <= len and depth <= len, so these sizes fit */
     p.stack_cap = (size_t)depth + 1;

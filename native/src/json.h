@@ -7,6 +7,7 @@
  *   - duplicate keys in any object refused (compared after unescaping);
  *   - lone surrogates in \u escapes refused; a valid pair decodes to one code point;
  *   - NaN, Infinity, -Infinity, leading zeros, "+", trailing commas, comments refused;
+ *   - no string (key or value) longer than 1 MiB decoded (NPJ_MAX_STRING);
  *   - depth (brackets) and value count (opening brackets + commas outside strings)
  *     measured BEFORE building anything, so a hostile text costs bounded memory.
  * Parsed values live in one arena owned by the npj_doc.
@@ -47,9 +48,15 @@ struct npj_member {
     npj_value value;
 };
 
+/* The longest string (key or value) a text may hold, in decoded UTF-8 bytes: FORMAT.md section 12,
+ * JOURNAL.md "Limits", and nnpatch/_json.py alike. Nothing the formats define comes near it (names
+ * and paths are short); the cap keeps what a hostile header costs in memory near its own size. */
+#define NPJ_MAX_STRING ((uint64_t)1 << 20)
+
 typedef struct npj_limits {
     unsigned max_depth;  /* FORMAT.md: 16; JOURNAL.md: 8 */
     uint64_t max_values; /* FORMAT.md: 4,194,304 */
+    uint64_t max_string; /* decoded bytes of one string; 0: NPJ_MAX_STRING (1 MiB) */
 } npj_limits;
 
 typedef struct npj_doc npj_doc;

@@ -215,7 +215,7 @@ nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t fi
     const uint8_t *text = raw + 8;
     if (n == 0 || text[0] != '{')
         return WFAIL("%s: not a safetensors file: header does not start with '{'", what);
-    npj_limits lim = {64, (uint64_t)1 << 40};
+    npj_limits lim = {64, (uint64_t)1 << 40, NPJ_MAX_STRING};
     npj_doc *doc = NULL;
     char err[256];
     if (npj_parse(text, (size_t)n, &lim, &doc, err, sizeof err) != 0)
