@@ -133,3 +133,20 @@ def test_peak_rss_probe_measures_the_child(native, tmp_path):
                        dict(os.environ))
     assert r.returncode == 0, r.stderr
     assert peak >= 64 << 20
+
+
+@pytest.mark.parametrize("zstd_header", [False, True], ids=["raw", "zstd"])
+def test_with_a_key_the_signature_comes_before_the_big_header(native, tmp_path, zstd_header):
+    """With --key, an unsigned patch holding a 60 MiB string is refused for its signature (4)
+    before its header is expanded or parsed: no JSON verdict, and little memory."""
+    pytest.importorskip("cryptography")
+    _, pem = craft.new_key()
+    key = tmp_path / "release.pub.pem"
+    key.write_bytes(pem)
+    text = b'{"x-big":"' + (os.urandom(30 * MIB).hex().encode() if zstd_header else b"a" * (60 * MIB)) + b'"}'
+    path = tmp_path / "p.nnpatch"
+    path.write_bytes(craft.with_raw_header(text, zstd_header=zstd_header))
+    r, peak = peak_rss([*native.cmd, "--check", str(path), "--key", str(key)], native.full_env())
+    assert r.returncode == 4, r.stderr
+    assert b"string longer" not in r.stderr and b"signature" in r.stderr.lower(), r.stderr
+    assert peak < PEAK_LIMIT, f"peak RSS {peak >> 20} MiB"
