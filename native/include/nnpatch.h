@@ -34,8 +34,8 @@
  *    NNP_EUSAGE, never read past. Always initialize with the macro.
  *  - Static-only API: what sits behind `#define NNP_STATIC_LINKING_ONLY` (before the
  *    include) is experimental: it may change or go in any release, is not exported by
- *    libnnpatch.so, and is for programs that link libnnpatch.a and are rebuilt with it.
- *    It is empty in this release.
+ *    libnnpatch.so (its names start with nnpx_, outside the map's nnp_*), and is for programs
+ *    that link libnnpatch.a and are rebuilt with it. It is empty in this release.
  *  - Until 1.0.0 the library is pre-release, but the rules above are already kept; an
  *    incompatible change bumps the soname, never silently.
  *  - Format versions (NNP_FORMAT_*) are independent of the library's version: a library
