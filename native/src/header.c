@@ -5,18 +5,13 @@
  * structures) with the header half of nnpatch/patchfile/reader.py (_Reader, _header_from_json,
  * unpack_header).
  */
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <sys/stat.h>
-#include <unistd.h>
 
-#include "zstdframe.h"
 #include "json.h"
 #include "patch.h"
+#include "zstdframe.h"
 
 /* ---- arena ------------------------------------------------------------------------- */
 

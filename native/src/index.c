@@ -2,7 +2,6 @@
  * (spec/FORMAT.md section 7.4). Python twin: nnpatch/codecs.py (decode_indices, _varint_decode),
  * called the way nnpatch/applier/decode.py's decode_index calls it. */
 #include <stdio.h>
-#include <stdlib.h>
 #include <string.h>
 
 #include "index.h"

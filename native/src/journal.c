@@ -10,7 +10,6 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/file.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
 #include <unistd.h>
@@ -18,7 +17,6 @@
 #include "blake3.h"
 #include "json.h"
 #include "jsonw.h"
-#include "safetensors.h"
 
 static const uint8_t MAGIC[8] = {0x89, 'N', 'N', 'J', '\r', '\n', 0x1a, '\n'};
 #define MAX_INT ((uint64_t)INT64_MAX)

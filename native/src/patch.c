@@ -13,8 +13,6 @@
 #include <unistd.h>
 
 #include "blake3.h"
-#include "zstdframe.h"
-#include "json.h"
 #include "patch.h"
 #include "sign.h"
 

@@ -1,12 +1,8 @@
 /* zstd frames and section readers (spec/FORMAT.md section 7.3). Python twin: nnpatch/codecs.py
  * (zstd_frame_length, _check_zstd, decoded_chunks). */
-#include <errno.h>
-#include <fcntl.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include <sys/mman.h>
-#include <unistd.h>
 
 #include "zstdframe.h"
 
