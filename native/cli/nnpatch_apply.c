@@ -137,15 +137,21 @@ static char *dir_of(const char *path)
     return d;
 }
 
-int main(int argc, char **argv)
+enum mode { APPLY, INPLACE, RECOVER, CHECK, VERSION };
+
+/* The command line, parsed. pos points into argv; the array itself is main's to free. */
+typedef struct args {
+    enum mode mode;
+    int quiet;
+    const char *out, *verify, *key, *base;
+    const char **pos;
+    int npos;
+} args;
+
+/* -1 to go on, else the exit status (0 after --help, 2 for a bad command line). */
+static int parse_args(int argc, char **argv, args *A)
 {
-    enum { APPLY, INPLACE, RECOVER, CHECK, VERSION } mode = APPLY;
-    int mode_set = 0, quiet = 0, dashdash = 0;
-    const char *out = NULL, *verify = NULL, *key = NULL, *base = NULL;
-    const char **pos = calloc((size_t)argc + 1, sizeof *pos);
-    int npos = 0;
-    if (!pos)
-        return fail(5, "%s", "out of memory");
+    int mode_set = 0, dashdash = 0;
     for (int i = 1; i < argc; i++) {
         const char *a = argv[i];
         const char *val = NULL;
@@ -161,7 +167,7 @@ int main(int argc, char **argv)
     } while (0)
 #define IS(opt) (!strcmp(a, opt) || (!strncmp(a, opt "=", strlen(opt) + 1)))
         if (dashdash || a[0] != '-' || !strcmp(a, "-")) {
-            pos[npos++] = a;
+            A->pos[A->npos++] = a;
         } else if (!strcmp(a, "--")) {
             dashdash = 1;
         } else if (!strcmp(a, "-o") || IS("--output")) {
@@ -171,26 +177,26 @@ int main(int argc, char **argv)
                 val = argv[++i];
             } else
                 TAKE("--output");
-            if (out)
+            if (A->out)
                 return fail(2, "%s", "-o given twice");
-            out = val;
+            A->out = val;
         } else if (IS("--verify")) {
             TAKE("--verify");
-            verify = val;
+            A->verify = val;
         } else if (IS("--key")) {
             TAKE("--key");
-            key = val;
+            A->key = val;
         } else if (IS("--base")) {
             TAKE("--base");
-            base = val;
+            A->base = val;
         } else if (!strcmp(a, "--quiet") || !strcmp(a, "-q")) {
-            quiet = 1;
+            A->quiet = 1;
         } else if (!strcmp(a, "--in-place") || !strcmp(a, "--recover") || !strcmp(a, "--check") ||
                    !strcmp(a, "--version")) {
-            int m = a[2] == 'i' ? INPLACE : a[2] == 'r' ? RECOVER : a[2] == 'c' ? CHECK : VERSION;
-            if (mode_set && (int)mode != m)
+            enum mode m = a[2] == 'i' ? INPLACE : a[2] == 'r' ? RECOVER : a[2] == 'c' ? CHECK : VERSION;
+            if (mode_set && A->mode != m)
                 return fail(2, "%s", "--in-place, --recover, --check and --version exclude each other");
-            mode = m;
+            A->mode = m;
             mode_set = 1;
         } else if (!strcmp(a, "--help") || !strcmp(a, "-h")) {
             fputs(USAGE, stdout);
@@ -198,11 +204,125 @@ int main(int argc, char **argv)
         } else {
             return fail(2, "unknown option %s (see nnpatch-apply --help)", a);
         }
+#undef TAKE
+#undef IS
     }
-    if (mode == VERSION) {
+    return -1;
+}
+
+/* The options that do not go together, and the verify mode's name: -1 to go on, else 2. */
+static int check_args(const args *A, nnp_verify *verify)
+{
+    int dashes = 0;
+    for (int i = 0; i < A->npos; i++)
+        dashes += !strcmp(A->pos[i], "-");
+    if (dashes > 1)
+        return fail(2, "%s", "standard input ('-') can be read once: give '-' as one PATCH only");
+    if (A->mode != APPLY && A->out)
+        return fail(2, "%s", "-o is for applying to a new file");
+    if (A->mode != APPLY && A->verify)
+        return fail(2, "%s", "--verify is for applying to a new file");
+    if (A->mode != CHECK && A->base)
+        return fail(2, "%s", "--base is for --check");
+    if (A->mode == RECOVER && A->key)
+        return fail(2, "%s", "--key is not for --recover");
+    if (A->verify && nnp_verify_from_name(A->verify, verify) != NNP_OK)
+        return fail(2, "--verify must be one of default, full, touched, got '%s'", A->verify);
+    return -1;
+}
+
+static int run_apply(nnp_ctx *ctx, const args *A)
+{
+    if (A->npos < 2 || !A->out)
+        return fail(2, "%s", "usage: nnpatch-apply OLD PATCH [PATCH...] -o NEW (see --help)");
+    if (!strcmp(A->pos[0], "-"))
+        return fail(2, "%s", "OLD cannot be standard input: give the base model's path");
+    int rc;
+    if (A->key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, A->key))))
+        return rc;
+    size_t n = (size_t)A->npos - 1;
+    const char **paths = calloc(n, sizeof *paths);
+    nnp_source *srcs = calloc(n, sizeof *srcs);
+    static int zero = 0;
+    if (!paths || !srcs) {
+        free(paths);
+        free(srcs);
+        return fail(5, "%s", "out of memory");
+    }
+    for (size_t k = 0; k < n; k++) {
+        if (!strcmp(A->pos[k + 1], "-"))
+            srcs[k] = (nnp_source)NNP_SOURCE_INIT(read_fd, &zero, "<stdin>");
+        else
+            paths[k] = A->pos[k + 1];
+    }
+    rc = report(ctx, np_apply_mixed(ctx, A->pos[0], paths, srcs, n, A->out));
+    free(paths);
+    free(srcs);
+    return rc;
+}
+
+/* Standard input is spooled beside the model first (the in-place update reads its patches as
+ * files); the spool's name goes into tmp, for main to remove. */
+static int run_in_place(nnp_ctx *ctx, const args *A, char *tmp, size_t tmplen)
+{
+    if (A->npos < 2)
+        return fail(2, "%s", "usage: nnpatch-apply --in-place MODEL PATCH [PATCH...] (see --help)");
+    int rc;
+    if (A->key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, A->key))))
+        return rc;
+    for (int i = 1; i < A->npos; i++)
+        if (!strcmp(A->pos[i], "-")) {
+            char *d = dir_of(A->pos[0]);
+            int bad = !d || spool_stdin(d, tmp, tmplen);
+            free(d);
+            if (bad) {
+                if (g_signalled)
+                    return fail(130, "%s", "interrupted");
+                return fail(5, "%s", "cannot spool standard input beside the model");
+            }
+            A->pos[i] = tmp;
+        }
+    return report(ctx, nnp_apply_in_place(ctx, A->pos[0], (const char *const *)A->pos + 1, (size_t)A->npos - 1));
+}
+
+static int run_check(nnp_ctx *ctx, const args *A)
+{
+    if (A->npos != 1)
+        return fail(2, "%s", "usage: nnpatch-apply --check PATCH [--base OLD] [--key PUB.pem]");
+    int rc;
+    if (A->key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, A->key))))
+        return rc;
+    const char *patch = A->pos[0];
+    if (!strcmp(patch, "-")) {
+        const char *td = getenv("TMPDIR");
+        if (!td || !*td)
+            td = access("/tmp", W_OK) == 0 ? "/tmp" : "."; /* Android has no /tmp */
+        static int zero = 0;
+        nnp_source src = NNP_SOURCE_INIT(read_fd, &zero, "<stdin>");
+        rc = report(ctx, np_check_stream(ctx, &src, td, A->base));
+    } else {
+        rc = report(ctx, nnp_check(ctx, patch, A->base));
+    }
+    if (!rc && !A->quiet)
+        printf("%s: OK%s\n", A->pos[0], A->base ? " (applies to the base given)" : "");
+    return rc;
+}
+
+/* Everything but what main owns (the argument array, the context, the spool): every return,
+ * usage errors included, leaves those to main, so none of them leaks. */
+static int run(int argc, char **argv, const char **pos, char *tmp, size_t tmplen)
+{
+    args A = {APPLY, 0, NULL, NULL, NULL, NULL, pos, 0};
+    int rc = parse_args(argc, argv, &A);
+    if (rc >= 0)
+        return rc;
+    if (A.mode == VERSION) {
         printf("nnpatch-apply %s (format %d.%d)\n", nnp_version(), NNP_FORMAT_MAJOR, NNP_FORMAT_MINOR);
         return 0;
     }
+    nnp_verify verify = NNP_VERIFY_DEFAULT;
+    if ((rc = check_args(&A, &verify)) >= 0)
+        return rc;
     nnp_ctx *ctx = nnp_ctx_new();
     if (!ctx)
         return fail(5, "%s", "out of memory");
@@ -214,123 +334,43 @@ int main(int argc, char **argv)
     sigaction(SIGINT, &sa, NULL);
     sigaction(SIGTERM, &sa, NULL);
     signal(SIGPIPE, SIG_IGN);
-
-    int dashes = 0;
-    for (int i = 0; i < npos; i++)
-        dashes += !strcmp(pos[i], "-");
-    if (dashes > 1)
-        return fail(2, "%s", "standard input ('-') can be read once: give '-' as one PATCH only");
-    if (mode != APPLY && out)
-        return fail(2, "%s", "-o is for applying to a new file");
-    if (mode != APPLY && verify)
-        return fail(2, "%s", "--verify is for applying to a new file");
-    if (mode != CHECK && base)
-        return fail(2, "%s", "--base is for --check");
-    if (mode == RECOVER && key)
-        return fail(2, "%s", "--key is not for --recover");
-    if (verify) {
-        nnp_verify v = !strcmp(verify, "default") ? NNP_VERIFY_DEFAULT
-                       : !strcmp(verify, "full")  ? NNP_VERIFY_FULL
-                       : !strcmp(verify, "touched") ? NNP_VERIFY_TOUCHED
-                                                  : (nnp_verify)-1;
-        if ((int)v < 0)
-            return fail(2, "--verify must be one of default, full, touched, got '%s'", verify);
-        nnp_set_verify(ctx, v);
-    }
+    if (A.verify)
+        nnp_set_verify(ctx, verify);
     prog pr = {-1};
-    int show = !quiet && isatty(2);
+    int show = !A.quiet && isatty(2);
     if (show)
         nnp_set_progress(ctx, on_progress, &pr);
-    int rc = 0;
-    char tmp[4096];
-    tmp[0] = 0;
-    switch (mode) {
-    case APPLY: {
-        if (npos < 2 || !out)
-            return fail(2, "%s", "usage: nnpatch-apply OLD PATCH [PATCH...] -o NEW (see --help)");
-        if (!strcmp(pos[0], "-"))
-            return fail(2, "%s", "OLD cannot be standard input: give the base model's path");
-        if (key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, key))))
-            break;
-        size_t n = (size_t)npos - 1;
-        const char **paths = calloc(n, sizeof *paths);
-        nnp_source *srcs = calloc(n, sizeof *srcs);
-        static int zero = 0;
-        if (!paths || !srcs)
-            return fail(5, "%s", "out of memory");
-        for (size_t k = 0; k < n; k++) {
-            if (!strcmp(pos[k + 1], "-")) {
-                srcs[k].read = read_fd;
-                srcs[k].user = &zero;
-                srcs[k].name = "<stdin>";
-            } else {
-                paths[k] = pos[k + 1];
-            }
-        }
-        rc = report(ctx, np_apply_mixed(ctx, pos[0], paths, srcs, n, out));
-        free(paths);
-        free(srcs);
-        break;
-    }
-    case INPLACE: {
-        if (npos < 2)
-            return fail(2, "%s", "usage: nnpatch-apply --in-place MODEL PATCH [PATCH...] (see --help)");
-        if (key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, key))))
-            break;
-        for (int i = 1; i < npos; i++)
-            if (!strcmp(pos[i], "-")) {
-                char *d = dir_of(pos[0]);
-                if (!d || spool_stdin(d, tmp, sizeof tmp)) {
-                    free(d);
-                    g_ctx = NULL;
-                    nnp_ctx_free(ctx);
-                    free(pos);
-                    if (g_signalled)
-                        return fail(130, "%s", "interrupted");
-                    return fail(5, "%s", "cannot spool standard input beside the model");
-                }
-                free(d);
-                pos[i] = tmp;
-            }
-        rc = report(ctx, nnp_apply_in_place(ctx, pos[0], (const char *const *)pos + 1, (size_t)npos - 1));
-        break;
-    }
+    switch (A.mode) {
+    case APPLY: rc = run_apply(ctx, &A); break;
+    case INPLACE: rc = run_in_place(ctx, &A, tmp, tmplen); break;
     case RECOVER: {
-        if (npos != 1)
+        if (A.npos != 1)
             return fail(2, "%s", "usage: nnpatch-apply --recover MODEL");
         int recovered = 0;
-        rc = report(ctx, nnp_recover(ctx, pos[0], &recovered));
-        if (!rc && !quiet)
-            printf("%s: %s\n", pos[0], recovered ? "rolled back to its old version" : "nothing to recover");
+        rc = report(ctx, nnp_recover(ctx, A.pos[0], &recovered));
+        if (!rc && !A.quiet)
+            printf("%s: %s\n", A.pos[0], recovered ? "rolled back to its old version" : "nothing to recover");
         break;
     }
-    case CHECK: {
-        if (npos != 1)
-            return fail(2, "%s", "usage: nnpatch-apply --check PATCH [--base OLD] [--key PUB.pem]");
-        if (key && (rc = report(ctx, nnp_set_trusted_key_file(ctx, key))))
-            break;
-        const char *patch = pos[0];
-        if (!strcmp(patch, "-")) {
-            const char *td = getenv("TMPDIR");
-            if (!td || !*td)
-                td = access("/tmp", W_OK) == 0 ? "/tmp" : "."; /* Android has no /tmp */
-            static int zero = 0;
-            nnp_source src = {read_fd, &zero, "<stdin>"};
-            rc = report(ctx, np_check_stream(ctx, &src, td, base));
-        } else {
-            rc = report(ctx, nnp_check(ctx, patch, base));
-        }
-        if (!rc && !quiet)
-            printf("%s: OK%s\n", pos[0], base ? " (applies to the base given)" : "");
-        break;
+    case CHECK: rc = run_check(ctx, &A); break;
+    case VERSION: break;
     }
-    case VERSION:
-        break;
-    }
-    if (tmp[0])
-        unlink(tmp);
     if (show && pr.last >= 0)
         fputc('\n', stderr);
+    return rc;
+}
+
+int main(int argc, char **argv)
+{
+    const char **pos = calloc((size_t)argc + 1, sizeof *pos);
+    if (!pos)
+        return fail(5, "%s", "out of memory");
+    char tmp[4096];
+    tmp[0] = 0;
+    int rc = run(argc, argv, pos, tmp, sizeof tmp);
+    if (tmp[0])
+        unlink(tmp);
+    nnp_ctx *ctx = g_ctx;
     g_ctx = NULL; /* before the free: a signal now must not reach a freed context */
     nnp_ctx_free(ctx);
     free(pos);

@@ -57,7 +57,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
         st = nnp_apply(ctx, base, patches, 1, out);
     } else if (mode == 1) {
         struct stream s = {buf, size, 1 + size / 7 % 4093};
-        nnp_source src = {read_chunk, &s, "-"};
+        nnp_source src = NNP_SOURCE_INIT(read_chunk, &s, "-");
         st = nnp_apply_streams(ctx, base, &src, 1, out);
     } else {
         fz_write(model, base_bytes, base_len);

@@ -39,7 +39,7 @@ static uint64_t walk(const npj_value *v, unsigned depth) {
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size) {
     /* the first byte picks the limits: a patch header's or a journal's */
     if (size < 1) return 0;
-    npj_limits lim = {data[0] & 1 ? 8u : 16u, data[0] & 2 ? 64u : 4194304u};
+    npj_limits lim = {data[0] & 1 ? 8u : 16u, data[0] & 2 ? 64u : 4194304u, data[0] & 4 ? 16u : NPJ_MAX_STRING};
     data++, size--;
     npj_doc *doc = NULL;
     char err[256];

@@ -19,6 +19,28 @@
  *  - nothing is made visible before it is proven: a new file is written to a
  *    temporary file beside the destination, fsynced and renamed; the base is
  *    never modified; on failure the destination is as it was.
+ *
+ * Stability (the split zstd makes between zstd.h's stable and static-only API):
+ *  - Stable API: everything in this header outside NNP_STATIC_LINKING_ONLY. Within one
+ *    major version of the library (the soname libnnpatch.so.0 now; .so.1 for the next),
+ *    a program built against an older header keeps working with a newer library:
+ *    functions are never removed and keep their signatures and meaning; enums only gain
+ *    values at their end (so a switch should have a default); a status code keeps its
+ *    number (they are the commands' exit codes); the one-line messages are for people and
+ *    may be reworded (match on nnp_error(), not on text).
+ *  - Public structs carry their own size as their first member (`size`, set by the
+ *    matching NNP_*_INIT macro). A newer library reads an older, shorter struct and treats
+ *    the missing members as zero; a struct whose size it does not know is refused with
+ *    NNP_EUSAGE, never read past. Always initialize with the macro.
+ *  - Static-only API: what sits behind `#define NNP_STATIC_LINKING_ONLY` (before the
+ *    include) is experimental: it may change or go in any release, is not exported by
+ *    libnnpatch.so (its names start with nnpx_, outside the map's nnp_*), and is for programs
+ *    that link libnnpatch.a and are rebuilt with it. It is empty in this release.
+ *  - Until 1.0.0 the library is pre-release, but the rules above are already kept; an
+ *    incompatible change bumps the soname, never silently.
+ *  - Format versions (NNP_FORMAT_*) are independent of the library's version: a library
+ *    reads every 1.x file up to NNP_FORMAT_MINOR and refuses a newer minor with
+ *    NNP_EFORMAT (UnsupportedVersionError).
  */
 #ifndef NNPATCH_H
 #define NNPATCH_H
@@ -35,7 +57,16 @@
 extern "C" {
 #endif
 
-#define NNP_VERSION_STRING "0.5.0"
+/* The library's version: one number for the whole project (nnpatch/_version.py says the same).
+ * NNP_VERSION_NUMBER is MAJOR*100*100 + MINOR*100 + RELEASE (0.5.0 is 500), as in zstd. */
+#define NNP_VERSION_MAJOR 0
+#define NNP_VERSION_MINOR 5
+#define NNP_VERSION_RELEASE 0
+#define NNP_VERSION_NUMBER (NNP_VERSION_MAJOR * 100 * 100 + NNP_VERSION_MINOR * 100 + NNP_VERSION_RELEASE)
+#define NNP_VERSION_QUOTE_(x) #x
+#define NNP_VERSION_QUOTE(x) NNP_VERSION_QUOTE_(x)
+#define NNP_VERSION_STRING                                                                               \
+    NNP_VERSION_QUOTE(NNP_VERSION_MAJOR) "." NNP_VERSION_QUOTE(NNP_VERSION_MINOR) "." NNP_VERSION_QUOTE(NNP_VERSION_RELEASE)
 /* The newest format version this library reads (it reads every 1.x file). */
 #define NNP_FORMAT_MAJOR 1
 #define NNP_FORMAT_MINOR 3
@@ -86,6 +117,10 @@ nnp_error_kind nnp_error(const nnp_ctx *ctx);
 const char *nnp_error_name(nnp_error_kind kind);
 
 nnp_status nnp_set_verify(nnp_ctx *ctx, nnp_verify mode);
+/* The mode a name stands for ("default", "full" or "touched", as the commands' --verify
+ * spells them) into *mode: NNP_OK, or NNP_EUSAGE (and *mode untouched) for any other name
+ * or NULL. Parsed here once, for every caller (the commands, JNI, apps). */
+nnp_status nnp_verify_from_name(const char *name, nnp_verify *mode);
 
 /* Require every patch to be signed by this Ed25519 public key (32 raw bytes).
  * An unsigned patch, or one signed by another key, is then refused (NNP_EINTEGRITY)
@@ -108,17 +143,21 @@ void nnp_cancel(nnp_ctx *ctx);
  * return how many (0 at the end), or -1 on an error (the stream's, reported as NNP_EIO). */
 typedef long long (*nnp_read_fn)(void *user, uint8_t *buf, size_t len);
 typedef struct nnp_source {
+    size_t size; /* sizeof(nnp_source) when the caller was built: set by NNP_SOURCE_INIT */
     nnp_read_fn read;
     void *user;
     const char *name; /* for messages ("-" for standard input); may be NULL */
 } nnp_source;
+/* nnp_source s = NNP_SOURCE_INIT(my_read, my_state, "update.nnpatch"); */
+#define NNP_SOURCE_INIT(read, user, name) {sizeof(nnp_source), (read), (user), (name)}
 
 /* Apply a chain of n >= 1 patches (files) to the model at old_path, writing the result to
  * out_path (temporary file beside it, fsync, rename). Link k's target is link k+1's base. */
 nnp_status nnp_apply(nnp_ctx *ctx, const char *old_path, const char *const *patch_paths, size_t n,
                      const char *out_path);
 
-/* The same with patches read from streams, in order; each is read exactly once. A stream is
+/* The same with patches read from streams, in order; each is read exactly once (every
+ * patches[k].size must be set, NNP_SOURCE_INIT; NNP_EUSAGE otherwise). A stream is
  * hashed as it arrives (without a trusted key its header is also checked early, so a wrong
  * patch fails before the download ends), spooled to an unlinked file beside out_path, and
  * applied once its trailer (and, with a key, its signature) has checked out: nothing appears
@@ -142,7 +181,14 @@ nnp_status nnp_recover(nnp_ctx *ctx, const char *model_path, int *recovered);
  * decoded) and, with base_path, that it applies to that base. NNP_OK when it does. */
 nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path);
 
+/* The library's version at run time, which may differ from the header's a program was built
+ * with: "0.5.0" and 500 (NNP_VERSION_STRING and NNP_VERSION_NUMBER of the library). */
 const char *nnp_version(void);
+unsigned nnp_version_number(void);
+
+#ifdef NNP_STATIC_LINKING_ONLY
+/* Experimental API (see "Stability" above): none in this release. */
+#endif
 
 #ifdef __cplusplus
 }

@@ -126,15 +126,10 @@ static nnp_ctx *make_ctx(JNIEnv *env, const char *verify, const char *key) {
         return NULL;
     }
     nnp_verify mode = NNP_VERIFY_DEFAULT;
-    if (verify) {
-        if (!strcmp(verify, "default")) mode = NNP_VERIFY_DEFAULT;
-        else if (!strcmp(verify, "full")) mode = NNP_VERIFY_FULL;
-        else if (!strcmp(verify, "touched")) mode = NNP_VERIFY_TOUCHED;
-        else {
-            nnp_ctx_free(ctx);
-            throw_nnpatch(env, NNP_EUSAGE, "UsageError", "verify must be \"default\", \"full\" or \"touched\"");
-            return NULL;
-        }
+    if (verify && nnp_verify_from_name(verify, &mode) != NNP_OK) {
+        nnp_ctx_free(ctx);
+        throw_nnpatch(env, NNP_EUSAGE, "UsageError", "verify must be \"default\", \"full\" or \"touched\"");
+        return NULL;
     }
     nnp_status st = nnp_set_verify(ctx, mode);
     if (st == NNP_OK && key) st = nnp_set_trusted_key_file(ctx, key);

@@ -1485,9 +1485,8 @@ nnp_status nnp_apply_streams(nnp_ctx *ctx, const char *old_path, const nnp_sourc
     nnp_status st = check_args(ctx, old_path, patches, n, out_path);
     if (st || (st = np_journal_refuse_unfinished(ctx, old_path)))
         return st;
-    for (size_t k = 0; k < n; k++)
-        if (!patches[k].read)
-            return np_fail(ctx, NNP_KIND_USAGE, "stream %zu has no read function", k + 1);
+    if ((st = np_check_sources(ctx, patches, n)))
+        return st;
     return open_and_apply(ctx, old_path, NULL, patches, n, out_path);
 }
 

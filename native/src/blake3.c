@@ -1,5 +1,6 @@
 /*
- * BLAKE3, default hash mode, 32-byte output, C99.
+ * BLAKE3, default hash mode, 32-byte output, C99. Python twin: nnpatch/hashing.py (which calls
+ * the blake3 package, this file's counterpart there).
  * A chunk state, a stack of chaining values merged lazily, and a fully unrolled compression
  * function (after the BLAKE3 paper and spec). Whole chunks are hashed straight from the input,
  * in power-of-two subtrees aligned to the chunk counter: the subtree's chunks go through a SIMD

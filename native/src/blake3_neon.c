@@ -1,6 +1,7 @@
 /*
  * BLAKE3 SIMD kernel for aarch64: NEON (Advanced SIMD, always present there), 4 lanes; see
  * blake3_impl.h. Little-endian only (blake3_impl.h defines NP_B3_NEON for that alone).
+ * Python twin: nnpatch/hashing.py (through the blake3 package's own kernels).
  */
 #include "blake3_impl.h"
 

@@ -1,6 +1,7 @@
 /*
  * BLAKE3 SIMD kernels for x86-64: SSE4.1 (4 lanes), AVX2 and AVX-512VL (8 lanes), AVX-512F (16
- * lanes); see blake3_impl.h.
+ * lanes); see blake3_impl.h. Python twin: nnpatch/hashing.py (through the blake3 package's own
+ * kernels).
  * Each kernel carries its own target attribute, so this file builds with the project's plain
  * flags; blake3.c calls one only after np_b3_have_sse41()/np_b3_have_avx2() said yes.
  */

@@ -1,4 +1,6 @@
-/* The context: messages, error kinds, settings, progress and cancellation. */
+/* The context: messages, error kinds, settings, progress and cancellation; the version and the
+ * names the public API parses. No Python twin: Python raises exceptions (nnpatch/errors.py) where
+ * the C API keeps the last failure in a context. */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -86,6 +88,34 @@ void nnp_cancel(nnp_ctx *ctx)
 }
 
 const char *nnp_version(void) { return NNP_VERSION_STRING; }
+unsigned nnp_version_number(void) { return NNP_VERSION_NUMBER; }
+
+nnp_status nnp_verify_from_name(const char *name, nnp_verify *mode)
+{
+    static const struct { const char *name; nnp_verify mode; } names[] = {
+        {"default", NNP_VERIFY_DEFAULT}, {"full", NNP_VERIFY_FULL}, {"touched", NNP_VERIFY_TOUCHED}};
+    for (size_t i = 0; name && i < sizeof names / sizeof names[0]; i++)
+        if (!strcmp(name, names[i].name)) {
+            if (mode)
+                *mode = names[i].mode;
+            return NNP_OK;
+        }
+    return NNP_EUSAGE;
+}
+
+nnp_status np_check_sources(nnp_ctx *ctx, const nnp_source *patches, size_t n)
+{
+    for (size_t k = 0; k < n; k++) {
+        /* one layout so far; a later library copies an older, shorter one (nnpatch.h, "Stability") */
+        if (patches[k].size != sizeof(nnp_source))
+            return np_fail(ctx, NNP_KIND_USAGE,
+                           "stream %zu: nnp_source.size is %zu, not %zu (initialize it with NNP_SOURCE_INIT)", k + 1,
+                           patches[k].size, sizeof(nnp_source));
+        if (!patches[k].read)
+            return np_fail(ctx, NNP_KIND_USAGE, "stream %zu has no read function", k + 1);
+    }
+    return NNP_OK;
+}
 
 nnp_status np_status_of(nnp_error_kind kind)
 {

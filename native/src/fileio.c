@@ -1,4 +1,7 @@
-/* Files: temporary files, commits, copies. */
+/* Files: temporary files beside a destination and their commit, copies between files, and the
+ * small descriptor helpers the other modules share (whole writes, whole reads, directory fsync).
+ * Python twin: nnpatch/atomic.py (temporary file, rename, fsync_dir), with the copies of
+ * nnpatch/applier/oscopy.py. */
 #include <errno.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -13,26 +16,81 @@
 
 #include "fileio.h"
 
-static char *dir_of(const char *path)
+char *np_dir_of(const char *path)
 {
     const char *slash = strrchr(path, '/');
     if (!slash)
         return strdup(".");
     if (slash == path)
         return strdup("/");
-    char *d = malloc((size_t)(slash - path) + 1);
-    if (d) {
-        memcpy(d, path, (size_t)(slash - path));
-        d[slash - path] = 0;
+    return strndup(path, (size_t)(slash - path));
+}
+
+int np_fsync_dir_of(const char *path)
+{
+    char *dir = np_dir_of(path);
+    if (!dir)
+        return 0;
+    int err = 0;
+    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
+    if (fd >= 0) { /* some file systems cannot open directories: nothing to sync then */
+        if (fsync(fd) != 0)
+            err = errno;
+        close(fd);
     }
-    return d;
+    free(dir);
+    /* a file system that cannot sync directories at all: its entries are as durable as it makes them */
+    if (err == EINVAL || err == EBADF || err == ENOTSUP || err == EOPNOTSUPP)
+        err = 0;
+    return err;
+}
+
+int np_write_all(int fd, const void *buf, size_t n)
+{
+    const uint8_t *p = buf;
+    while (n) {
+        ssize_t k = write(fd, p, n);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        p += k;
+        n -= (size_t)k;
+    }
+    return 0;
+}
+
+int np_pread_all(int fd, void *buf, size_t n, uint64_t off, size_t *got)
+{
+    uint8_t *p = buf;
+    size_t done = 0;
+    while (done < n) {
+        ssize_t k = pread(fd, p + done, n - done, (off_t)(off + done));
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return -1;
+        }
+        if (k == 0)
+            break;
+        done += (size_t)k;
+    }
+    *got = done;
+    return 0;
+}
+
+int np_lexists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
 }
 
 nnp_status np_tmp_create(nnp_ctx *ctx, const char *dest, const char *suffix, np_tmp *t)
 {
     memset(t, 0, sizeof *t);
     t->fd = -1;
-    char *dir = dir_of(dest);
+    char *dir = np_dir_of(dest);
     const char *base = strrchr(dest, '/');
     base = base ? base + 1 : dest;
     size_t cap = strlen(dest) + strlen(suffix) + 64;
@@ -84,19 +142,6 @@ void np_tmp_abort(np_tmp *t)
     t->path = t->dest = NULL;
 }
 
-static void fsync_dir(const char *path)
-{
-    char *dir = dir_of(path);
-    if (!dir)
-        return;
-    int fd = open(dir, O_RDONLY | O_DIRECTORY | O_CLOEXEC);
-    if (fd >= 0) {
-        fsync(fd);
-        close(fd);
-    }
-    free(dir);
-}
-
 nnp_status np_tmp_commit(nnp_ctx *ctx, np_tmp *t, const char *what)
 {
     (void)what;
@@ -117,7 +162,7 @@ nnp_status np_tmp_commit(nnp_ctx *ctx, np_tmp *t, const char *what)
         np_tmp_abort(t);
         return st;
     }
-    fsync_dir(t->dest);
+    (void)np_fsync_dir_of(t->dest); /* best effort: the file is whole and renamed already */
     free(t->path);
     free(t->dest);
     t->path = t->dest = NULL;

@@ -53,6 +53,9 @@ struct nnp_ctx {
  * BASE_MISMATCH/INTEGRITY -> 4, IO -> 5, USAGE -> 2, CANCELLED -> 130,
  * INVALID_JOURNAL -> 3 (use np_fail_as for the 4 of JOURNAL.md where needed). */
 nnp_status np_status_of(nnp_error_kind kind);
+/* Each stream of nnp_apply_streams: its size field this library's nnp_source, a read function
+ * (USAGE failure otherwise). */
+nnp_status np_check_sources(nnp_ctx *ctx, const nnp_source *patches, size_t n);
 
 /* Record a one-line message (printf format; newlines and control characters are
  * replaced) and the kind; returns np_status_of(kind). */

@@ -1,6 +1,7 @@
 /*
- * The undo journal of an in-place update (spec/JOURNAL.md is normative; the
- * Python twin is nnpatch/applier/journal.py and _recover_locked in inplace.py).
+ * The undo journal of an in-place update (spec/JOURNAL.md is normative): its format in
+ * journal.c (Python twin: nnpatch/applier/journal.py), recovery and the lock in recover.c
+ * (Python twin: recover and locked in nnpatch/applier/inplace.py).
  *
  * The writer produces, for the same inputs, the same bytes as Python's
  * JournalWriter (header JSON with sorted keys, no spaces, ASCII escapes, the
@@ -13,7 +14,9 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "fileio.h"
 #include "internal.h"
+#include "json.h"
 
 #define NP_JOURNAL_SUFFIX ".nnpatch-journal"
 #define NP_JOURNAL_TMP_SUFFIX ".nnpatch-journal.tmp"
@@ -71,10 +74,31 @@ void np_jw_abort(np_jwriter *w);
 nnp_status np_journal_encode_header(nnp_ctx *ctx, const np_jmeta *meta, np_jentry *entries, size_t n,
                                     uint8_t **out, size_t *out_len);
 
-/* ---- recovery ---- */
-
 /* "MODEL.nnpatch-journal" (suffix = NP_JOURNAL_SUFFIX or NP_JOURNAL_TMP_SUFFIX), malloc'd, or NULL. */
 char *np_journal_path(const char *model, const char *suffix);
+
+/* ---- reader (journal.c) ---- */
+
+/* A committed journal, mapped, its header read into entries. */
+typedef struct np_journal {
+    const char *path;
+    const uint8_t *map;
+    uint64_t size;
+    npj_doc *doc;
+    np_jentry *entries;
+    size_t n;
+    uint64_t model_size, header_len;
+    uint8_t header_blake3[32];
+} np_journal;
+
+/* Trust steps 1 and 2 for the journal at path beside a model of model_size bytes. *torn = 1
+ * (status OK, message in ctx) for a torn journal, to be discarded; any other failure is refused. */
+nnp_status np_journal_read(nnp_ctx *ctx, const char *path, uint64_t model_size, np_journal *j, int *torn);
+void np_journal_close(np_journal *j);
+/* INVALID_JOURNAL (exit 4), the message formatted as printf. */
+nnp_status np_journal_invalid(nnp_ctx *ctx, const char *fmt, ...) NP_PRINTF(2, 3);
+
+/* ---- recovery and the lock (recover.c) ---- */
 
 /* Roll back an interrupted in-place update of `model`, whose descriptor fd (O_RDWR, or
  * O_RDONLY for a directory) holds an exclusive flock: spec/JOURNAL.md "Recover" and
@@ -88,10 +112,5 @@ nnp_status np_lock_model(nnp_ctx *ctx, const char *model, int *fd);
 /* INTEGRITY (4) when a committed journal lies beside `model` (an applier never writes its
  * input: `nnpatch recover` first), else NNP_OK. */
 nnp_status np_journal_refuse_unfinished(nnp_ctx *ctx, const char *model);
-
-/* fsync the directory holding `path`: 0, or the errno of a failure other than a file system that
- * cannot sync directories (as Python's fsync_dir; callers that want it best effort ignore it, the
- * journal's commit point does not). */
-int np_fsync_dir_of(const char *path);
 
 #endif

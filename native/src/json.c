@@ -1,9 +1,10 @@
 /*
- * Strict JSON (see json.h). The text is read in four linear passes, none recursive:
+ * Strict JSON (see json.h). Python twin: nnpatch/_json.py. The text is read in four linear passes,
+ * none recursive (the first two are jsonscan.c's):
  *   1. UTF-8: the whole text, as Python's strict decoder checks it;
  *   2. shape: depth and value count outside strings (npj_shape), checked against the limits;
  *   3. validate: the full grammar, counting each container's children and the bytes the
- *      parsed values will need, without allocating anything but those counts;
+ *      parsed values will need (no string over the limit), allocating nothing but those counts;
  *   4. build: the same walk again, writing values into one exactly-sized arena, and refusing
  *      duplicate keys as each object closes (sorted, so a huge object costs n log n).
  * Verdicts match nnpatch/_json.py loads_strict with the patch reader's limits, NaN/Infinity
@@ -52,98 +53,6 @@ static void fail(char *err, size_t errlen, const char *fmt, ...)
     va_end(ap);
 }
 
-/* --- pass 1: UTF-8 ------------------------------------------------------------------------ */
-
-/* Offset of the first byte that is not valid UTF-8 (as Python's strict "utf-8" codec reports
- * it), or len. Overlongs, surrogates (U+D800-DFFF) and code points above U+10FFFF are invalid. */
-static size_t utf8_invalid_at(const uint8_t *t, size_t len)
-{
-    size_t i = 0;
-    while (i < len) {
-        uint8_t c = t[i];
-        if (c < 0x80) {
-            i++;
-            continue;
-        }
-        size_t n;
-        uint8_t lo = 0x80, hi = 0xBF;
-        if (c >= 0xC2 && c <= 0xDF)
-            n = 1;
-        else if (c >= 0xE0 && c <= 0xEF) {
-            n = 2;
-            if (c == 0xE0)
-                lo = 0xA0;
-            else if (c == 0xED)
-                hi = 0x9F;
-        } else if (c >= 0xF0 && c <= 0xF4) {
-            n = 3;
-            if (c == 0xF0)
-                lo = 0x90;
-            else if (c == 0xF4)
-                hi = 0x8F;
-        } else
-            return i;
-        if (len - i <= n)
-            return i; /* truncated: Python reports the lead byte too */
-        if (t[i + 1] < lo || t[i + 1] > hi)
-            return i;
-        for (size_t k = 2; k <= n; k++)
-            if ((t[i + k] & 0xC0) != 0x80)
-                return i;
-        i += n + 1;
-    }
-    return len;
-}
-
-/* --- pass 2: shape -------------------------------------------------------------------------- */
-
-static void shape(const uint8_t *t, size_t len, unsigned *depth_out, uint64_t *opens_out, uint64_t *commas_out)
-{
-    int64_t level = 0, deepest = 0;
-    uint64_t opens = 0, commas = 0;
-    int strings = 1; /* cleared once a '"' has no closing quote: then no later one has either */
-    size_t i = 0;
-    while (i < len) {
-        uint8_t c = t[i];
-        if (c == '"' && strings) {
-            /* the pattern "(?:[^"\\]|\\.)*" of json_shape */
-            size_t j = i + 1;
-            while (j < len && t[j] != '"')
-                j += t[j] == '\\' ? 2 : 1;
-            if (j < len) {
-                i = j + 1;
-                continue;
-            }
-            strings = 0;
-            i++;
-            continue;
-        }
-        if (c == '[' || c == '{') {
-            opens++;
-            if (++level > deepest)
-                deepest = level;
-        } else if (c == ']' || c == '}')
-            level--;
-        else if (c == ',')
-            commas++;
-        i++;
-    }
-    *depth_out = deepest > (int64_t)~0u ? ~0u : (unsigned)deepest;
-    *opens_out = opens;
-    *commas_out = commas;
-}
-
-void npj_shape(const uint8_t *text, size_t len, unsigned *depth, uint64_t *values)
-{
-    uint64_t opens, commas;
-    unsigned d;
-    shape(text, len, &d, &opens, &commas);
-    if (depth)
-        *depth = d;
-    if (values)
-        *values = opens + commas;
-}
-
 /* --- passes 3 and 4: the parser ---------------------------------------------------------------- */
 
 typedef struct frame {
@@ -167,6 +76,7 @@ typedef struct parser {
     size_t node_bytes, string_bytes, max_float_len;
     unsigned char *nodes, *strings;
     size_t nodes_used, strings_used;
+    uint64_t max_string; /* decoded bytes of one string (npj_limits.max_string) */
     char *scratch; /* build: room for one float's digits */
     size_t *sort_a, *sort_b; /* build: duplicate-key check */
     size_t sort_cap;
@@ -270,6 +180,8 @@ static int parse_string(parser *p, const char **s, size_t *n)
         }
         w += run - p->pos;
         p->pos = run;
+        if (w > p->max_string)
+            return perr(p, "a string longer than %llu bytes at byte %zu", (unsigned long long)p->max_string, start);
         if (p->pos >= p->len)
             return perr(p, "unterminated string starting at byte %zu", start);
         uint8_t c = p->t[p->pos];
@@ -322,7 +234,7 @@ static int parse_string(parser *p, const char **s, size_t *n)
                 return perr(p, "internal: string arena exhausted");
             memcpy(out + w, tmp, k);
         }
-        w += k;
+        w += k; /* checked against max_string at the top of the loop, which every escape goes back to */
     }
     if (out != NULL) {
         out[w] = '\0';
@@ -547,7 +459,10 @@ static int check_duplicates(parser *p, const npj_value *obj)
     return perr(p, "duplicate key \"%s\"", shown);
 }
 
-/* One walk over the text: validates (p->build == 0) or builds into root. */
+/* One walk over the text: validates (p->build == 0) or builds into root.
+ * Long (136 lines), on purpose: the whole grammar is one loop over an explicit stack (no recursion,
+ * so no depth can overflow the C stack), and each case is a few lines of that one state machine;
+ * cut into functions, the state would travel through every call. */
 static int walk(parser *p, npj_value *root)
 {
     npj_value *dst = root; /* where the next value goes (build) */
@@ -685,9 +600,26 @@ static int walk(parser *p, npj_value *root)
     }
 }
 
+/* The arena bytes of every container's nodes (bounded by members, the larger node: a second look
+ * at each container's kind is not kept) into p->node_bytes, the largest object's size into max_obj. */
+static int count_nodes(parser *p, size_t *max_obj)
+{
+    size_t nodes = 0;
+    for (size_t i = 0; i < p->next_container; i++) {
+        size_t n = p->counts[i];
+        if (n > *max_obj)
+            *max_obj = n;
+        if (n > SIZE_MAX / sizeof(npj_member) || round_node(n * sizeof(npj_member)) > SIZE_MAX - nodes)
+            return perr(p, "text too large");
+        nodes += round_node(n * sizeof(npj_member));
+    }
+    p->node_bytes = nodes;
+    return 0;
+}
+
 int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc **out, char *err, size_t errlen)
 {
-    static const npj_limits defaults = {16, 4194304};
+    static const npj_limits defaults = {16, 4194304, NPJ_MAX_STRING};
     if (out != NULL)
         *out = NULL;
     if (err != NULL && errlen > 0)
@@ -698,14 +630,14 @@ int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc
     }
     if (limits == NULL)
         limits = &defaults;
-    size_t bad = utf8_invalid_at(text, len);
+    size_t bad = npj_utf8_invalid_at(text, len);
     if (bad < len) {
         fail(err, errlen, "invalid UTF-8 at byte %zu", bad);
         return -1;
     }
     unsigned depth;
     uint64_t opens, commas;
-    shape(text, len, &depth, &opens, &commas);
+    npj_shape_counts(text, len, &depth, &opens, &commas);
     if (depth > limits->max_depth) {
         fail(err, errlen, "nesting deeper than %u levels", limits->max_depth);
         return -1;
@@ -722,6 +654,7 @@ int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc
     p.len = len;
     p.err = err;
     p.errlen = errlen;
+    p.max_string = limits->max_string ? limits->max_string : NPJ_MAX_STRING;
     npj_doc *doc = NULL;
     /* opens <= len and depth <= len, so these sizes fit */
     p.stack_cap = (size_t)depth + 1;
@@ -739,21 +672,8 @@ int npj_parse(const uint8_t *text, size_t len, const npj_limits *limits, npj_doc
     if (walk(&p, &scratch_root) != 0)
         goto done;
     size_t max_obj = 0;
-    {
-        /* node bytes: a second look at each container's kind is not kept, so bound by members */
-        size_t nodes = 0;
-        for (size_t i = 0; i < p.next_container; i++) {
-            size_t n = p.counts[i];
-            if (n > max_obj)
-                max_obj = n;
-            if (n > SIZE_MAX / sizeof(npj_member) || round_node(n * sizeof(npj_member)) > SIZE_MAX - nodes) {
-                perr(&p, "text too large");
-                goto done;
-            }
-            nodes += round_node(n * sizeof(npj_member));
-        }
-        p.node_bytes = nodes;
-    }
+    if (count_nodes(&p, &max_obj) != 0)
+        goto done;
 
     /* pass 4: build */
     doc = malloc(sizeof *doc);
@@ -850,5 +770,46 @@ int npj_as_string(const npj_value *v, const char **s, size_t *len)
         *s = v->u.str.s;
     if (len != NULL)
         *len = v->u.str.len;
+    return 0;
+}
+
+const char *npj_type_name(const npj_value *v)
+{
+    switch (v->kind) {
+    case NPJ_NULL: return "NoneType";
+    case NPJ_FALSE:
+    case NPJ_TRUE: return "bool";
+    case NPJ_INT:
+    case NPJ_BIGINT: return "int";
+    case NPJ_FLOAT: return "float";
+    case NPJ_STRING: return "str";
+    case NPJ_ARRAY: return "list";
+    case NPJ_OBJECT: return "dict";
+    }
+    return "?";
+}
+
+static int lower_hex(char c)
+{
+    if (c >= '0' && c <= '9')
+        return c - '0';
+    if (c >= 'a' && c <= 'f')
+        return c - 'a' + 10;
+    return -1;
+}
+
+int npj_as_digest(const npj_value *v, uint8_t out[32])
+{
+    if (v == NULL || v->kind != NPJ_STRING || v->u.str.len != 64)
+        return -1;
+    uint8_t d[32];
+    for (size_t i = 0; i < 32; i++) {
+        int a = lower_hex(v->u.str.s[2 * i]), b = lower_hex(v->u.str.s[2 * i + 1]);
+        if (a < 0 || b < 0)
+            return -1;
+        d[i] = (uint8_t)(a << 4 | b);
+    }
+    if (out != NULL)
+        memcpy(out, d, 32);
     return 0;
 }

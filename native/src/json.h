@@ -7,6 +7,7 @@
  *   - duplicate keys in any object refused (compared after unescaping);
  *   - lone surrogates in \u escapes refused; a valid pair decodes to one code point;
  *   - NaN, Infinity, -Infinity, leading zeros, "+", trailing commas, comments refused;
+ *   - no string (key or value) longer than 1 MiB decoded (NPJ_MAX_STRING);
  *   - depth (brackets) and value count (opening brackets + commas outside strings)
  *     measured BEFORE building anything, so a hostile text costs bounded memory.
  * Parsed values live in one arena owned by the npj_doc.
@@ -47,9 +48,15 @@ struct npj_member {
     npj_value value;
 };
 
+/* The longest string (key or value) a text may hold, in decoded UTF-8 bytes: FORMAT.md section 12,
+ * JOURNAL.md "Limits", and nnpatch/_json.py alike. Nothing the formats define comes near it (names
+ * and paths are short); the cap keeps what a hostile header costs in memory near its own size. */
+#define NPJ_MAX_STRING ((uint64_t)1 << 20)
+
 typedef struct npj_limits {
     unsigned max_depth;  /* FORMAT.md: 16; JOURNAL.md: 8 */
     uint64_t max_values; /* FORMAT.md: 4,194,304 */
+    uint64_t max_string; /* decoded bytes of one string; 0: NPJ_MAX_STRING (1 MiB) */
 } npj_limits;
 
 typedef struct npj_doc npj_doc;
@@ -66,11 +73,22 @@ const npj_value *npj_root(const npj_doc *doc);
 
 /* Depth and value count as nnpatch/_json.py json_shape measures them (strings skipped). */
 void npj_shape(const uint8_t *text, size_t len, unsigned *depth, uint64_t *values);
+/* The same with the value count in its parts: opening brackets and commas (jsonscan.c). */
+void npj_shape_counts(const uint8_t *text, size_t len, unsigned *depth, uint64_t *opens, uint64_t *commas);
+/* Offset of the first byte that is not valid UTF-8 (as Python's strict "utf-8" codec reports it),
+ * or len (jsonscan.c). */
+size_t npj_utf8_invalid_at(const uint8_t *text, size_t len);
 
 /* Object lookup by key (NULL if absent or obj is not an object). Linear; headers are small per object. */
 const npj_value *npj_get(const npj_value *obj, const char *key);
 /* Helpers that return 0 and set *out only when the value has exactly that type and range. */
 int npj_as_u64(const npj_value *v, uint64_t max, uint64_t *out); /* NPJ_INT, 0 <= v <= max */
 int npj_as_string(const npj_value *v, const char **s, size_t *len);
+/* A digest: a string of exactly 64 lowercase hex digits (FORMAT.md and JOURNAL.md spell digests
+ * so), its 32 bytes into out (may be NULL: checked only). */
+int npj_as_digest(const npj_value *v, uint8_t out[32]);
+/* The name of the Python type json.loads gives this value ("NoneType", "bool", "int", "float",
+ * "str", "list", "dict"), for messages that match the Python reader's word for word. */
+const char *npj_type_name(const npj_value *v);
 
 #endif

@@ -1,6 +1,6 @@
 /*
- * Quantized rows (the qrows op of format 1.3, spec/FORMAT.md sections 5.5 and 7.5), as
- * nnpatch/quantdelta.py and nnpatch/applier/decode.py (_run_qrows, check_qrows) do it.
+ * Quantized rows (the qrows op of format 1.3, spec/FORMAT.md sections 5.5 and 7.5). Python twin:
+ * nnpatch/quantdelta.py, called as nnpatch/applier/decode.py (_run_qrows, check_qrows) calls it.
  *
  * Each element of a changed row: new = old when its code is 0 or old is NaN/infinite; otherwise
  *     t = RN32(scale * code); y = RN32(binary32(old) + t); new = RN_dtype(y)
@@ -19,7 +19,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#include "codec.h"
+#include "decode.h"
 
 #if defined(FLT_EVAL_METHOD) && FLT_EVAL_METHOD != 0
 #error "qrows needs binary32 arithmetic rounded at each step (FLT_EVAL_METHOD 0; on 32-bit x86: -msse2 -mfpmath=sse)"

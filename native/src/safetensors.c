@@ -1,4 +1,4 @@
-/* safetensors headers, parsed as nnpatch/weights/safetensors_file.py does. */
+/* safetensors headers. Python twin: nnpatch/weights/safetensors_file.py (the same checks, in order). */
 #include <errno.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -96,6 +96,109 @@ const np_tensor *np_st_find(const np_st *st, const char *name, size_t len)
 /* "<what>: tensor 'name': " */
 static const char *tq(char *buf, size_t n, const char *s, size_t len) { return np_quote(buf, n, s, len); }
 
+/* One tensor's entry into t: dtype, shape (into *shapes), data_offsets against dtype and shape, its
+ * name (into *names); both cursors move past what it took. */
+static nnp_status read_entry(nnp_ctx *ctx, nnp_error_kind kind, const char *what, const npj_member *m,
+                             uint64_t data_start, np_tensor *t, uint64_t **shapes, char **names)
+{
+    char q[NP_QUOTE_MAX];
+    tq(q, sizeof q, m->key, m->key_len);
+    const npj_value *e = &m->value;
+    if (e->kind != NPJ_OBJECT)
+        return WFAIL("%s: tensor %s: entry is not an object", what, q);
+    const npj_value *dt = npj_get(e, "dtype"), *sh = npj_get(e, "shape"), *of = npj_get(e, "data_offsets");
+    int dtype = dt && dt->kind == NPJ_STRING ? np_dtype_find(dt->u.str.s, dt->u.str.len) : -1;
+    if (dtype < 0) {
+        char dq[64];
+        if (dt && dt->kind == NPJ_STRING)
+            np_quote(dq, sizeof dq, dt->u.str.s, dt->u.str.len);
+        else
+            snprintf(dq, sizeof dq, "%s", dt ? "(not a string)" : "None");
+        return WFAIL("%s: tensor %s: unknown dtype %s", what, q, dq);
+    }
+    if (!sh || sh->kind != NPJ_ARRAY || sh->u.arr.n > NP_MAX_RANK)
+        return WFAIL("%s: tensor %s: invalid shape (a list of at most %d dimensions)", what, q, NP_MAX_RANK);
+    t->rank = (unsigned)sh->u.arr.n;
+    t->shape = *shapes;
+    int zero = 0, over = 0;
+    uint64_t numel = 1;
+    for (unsigned d = 0; d < t->rank; d++) {
+        const npj_value *v = &sh->u.arr.items[d];
+        if (v->kind != NPJ_INT || v->u.i.negative || v->u.i.magnitude >= NP_LIMIT_62)
+            return WFAIL("%s: tensor %s: invalid shape", what, q);
+        (*shapes)[d] = v->u.i.magnitude;
+        if (!(*shapes)[d])
+            zero = 1;
+        else if (!over && np_mul(numel, (*shapes)[d], &numel))
+            over = 1;
+    }
+    *shapes += t->rank;
+    if (!of || of->kind != NPJ_ARRAY || of->u.arr.n != 2 || of->u.arr.items[0].kind != NPJ_INT ||
+        of->u.arr.items[1].kind != NPJ_INT || of->u.arr.items[0].u.i.negative ||
+        of->u.arr.items[1].u.i.negative || of->u.arr.items[0].u.i.magnitude > of->u.arr.items[1].u.i.magnitude)
+        return WFAIL("%s: tensor %s: invalid data_offsets", what, q);
+    uint64_t nbytes = 0;
+    if (zero)
+        numel = 0;
+    if (!zero && (over || np_mul(numel, np_dtypes[dtype].size, &nbytes) || nbytes >= NP_LIMIT_62))
+        return WFAIL("%s: tensor %s: shape holds more than 2^62 bytes", what, q);
+    uint64_t o0 = of->u.arr.items[0].u.i.magnitude, o1 = of->u.arr.items[1].u.i.magnitude;
+    if (o1 - o0 != nbytes)
+        return WFAIL("%s: tensor %s: data_offsets span %llu bytes, dtype and shape need %llu", what, q,
+                     (unsigned long long)(o1 - o0), (unsigned long long)nbytes);
+    t->dtype = dtype;
+    t->numel = numel;
+    t->nbytes = nbytes;
+    memcpy(*names, m->key, m->key_len);
+    (*names)[m->key_len] = 0;
+    t->name = *names;
+    t->name_len = m->key_len;
+    *names += m->key_len + 1;
+    if (np_add(data_start, o0, &t->begin) || np_add(data_start, o1, &t->end))
+        return WFAIL("%s: tensor %s: data_offsets out of range", what, q);
+    return NNP_OK;
+}
+
+/* The tensors in file order, contiguous from the data start to the end of the file. */
+static nnp_status order_by_offset(nnp_ctx *ctx, nnp_error_kind kind, const char *what, uint64_t file_size, np_st *out)
+{
+    size_t count = out->n;
+    char q[NP_QUOTE_MAX];
+    /* file order and contiguity */
+    {
+        size_t *ord = malloc((count ? count : 1) * sizeof *ord);
+        if (!ord)
+            return WFAIL("%s: out of memory", what);
+        for (size_t i = 0; i < count; i++)
+            ord[i] = i;
+        np_sort_indices(ord, count, cmp_by_offset, out->tensors);
+        np_tensor *sorted = malloc((count ? count : 1) * sizeof *sorted);
+        if (!sorted) {
+            free(ord);
+            return WFAIL("%s: out of memory", what);
+        }
+        for (size_t i = 0; i < count; i++)
+            sorted[i] = out->tensors[ord[i]];
+        free(out->tensors);
+        out->tensors = sorted;
+        free(ord);
+    }
+    uint64_t cursor = out->data_start;
+    for (size_t i = 0; i < count; i++) {
+        const np_tensor *t = &out->tensors[i];
+        if (t->begin != cursor)
+            return WFAIL("%s: data offsets are not contiguous: tensor %s %s", what,
+                         tq(q, sizeof q, t->name, t->name_len),
+                         t->begin < cursor ? "overlaps the previous tensor" : "leaves a hole before it");
+        cursor = t->end;
+    }
+    out->data_end = cursor;
+    if (file_size != UINT64_MAX && cursor != file_size)
+        return WFAIL("%s: file is %llu bytes but the header describes %llu%s", what, (unsigned long long)file_size,
+                     (unsigned long long)cursor, file_size < cursor ? " (truncated)" : " (trailing bytes)");
+    return NNP_OK;
+}
+
 nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t file_size, const char *what,
                        nnp_error_kind kind, np_st *out)
 {
@@ -112,14 +215,13 @@ nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t fi
     const uint8_t *text = raw + 8;
     if (n == 0 || text[0] != '{')
         return WFAIL("%s: not a safetensors file: header does not start with '{'", what);
-    npj_limits lim = {64, (uint64_t)1 << 40};
+    npj_limits lim = {64, (uint64_t)1 << 40, NPJ_MAX_STRING};
     npj_doc *doc = NULL;
     char err[256];
     if (npj_parse(text, (size_t)n, &lim, &doc, err, sizeof err) != 0)
         return WFAIL("%s: invalid safetensors header: %s", what, err);
     const npj_value *root = npj_root(doc);
     nnp_status st = NNP_OK;
-    char q[NP_QUOTE_MAX];
     if (root->kind != NPJ_OBJECT) {
         st = WFAIL("%s: invalid safetensors header: not a JSON object", what);
         goto done;
@@ -166,121 +268,16 @@ nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t fi
     uint64_t *shapes = out->arena_;
     char *names = (char *)(shapes + shape_words);
     size_t ti = 0;
-    for (size_t i = 0; i < root->u.obj.n; i++) {
+    for (size_t i = 0; i < root->u.obj.n && !st; i++) {
         const npj_member *m = &root->u.obj.members[i];
         if (m->key_len == 12 && memcmp(m->key, "__metadata__", 12) == 0)
             continue;
-        tq(q, sizeof q, m->key, m->key_len);
-        const npj_value *e = &m->value;
-        if (e->kind != NPJ_OBJECT) {
-            st = WFAIL("%s: tensor %s: entry is not an object", what, q);
-            goto done;
-        }
-        const npj_value *dt = npj_get(e, "dtype"), *sh = npj_get(e, "shape"), *of = npj_get(e, "data_offsets");
-        int dtype = dt && dt->kind == NPJ_STRING ? np_dtype_find(dt->u.str.s, dt->u.str.len) : -1;
-        if (dtype < 0) {
-            char dq[64];
-            if (dt && dt->kind == NPJ_STRING)
-                np_quote(dq, sizeof dq, dt->u.str.s, dt->u.str.len);
-            else
-                snprintf(dq, sizeof dq, "%s", dt ? "(not a string)" : "None");
-            st = WFAIL("%s: tensor %s: unknown dtype %s", what, q, dq);
-            goto done;
-        }
-        if (!sh || sh->kind != NPJ_ARRAY || sh->u.arr.n > NP_MAX_RANK) {
-            st = WFAIL("%s: tensor %s: invalid shape (a list of at most %d dimensions)", what, q, NP_MAX_RANK);
-            goto done;
-        }
-        np_tensor *t = &out->tensors[ti];
-        t->rank = (unsigned)sh->u.arr.n;
-        t->shape = shapes;
-        int zero = 0, over = 0;
-        uint64_t numel = 1;
-        for (unsigned d = 0; d < t->rank; d++) {
-            const npj_value *v = &sh->u.arr.items[d];
-            if (v->kind != NPJ_INT || v->u.i.negative || v->u.i.magnitude >= NP_LIMIT_62) {
-                st = WFAIL("%s: tensor %s: invalid shape", what, q);
-                goto done;
-            }
-            shapes[d] = v->u.i.magnitude;
-            if (!shapes[d])
-                zero = 1;
-            else if (!over && np_mul(numel, shapes[d], &numel))
-                over = 1;
-        }
-        shapes += t->rank;
-        if (!of || of->kind != NPJ_ARRAY || of->u.arr.n != 2 || of->u.arr.items[0].kind != NPJ_INT ||
-            of->u.arr.items[1].kind != NPJ_INT || of->u.arr.items[0].u.i.negative ||
-            of->u.arr.items[1].u.i.negative || of->u.arr.items[0].u.i.magnitude > of->u.arr.items[1].u.i.magnitude) {
-            st = WFAIL("%s: tensor %s: invalid data_offsets", what, q);
-            goto done;
-        }
-        uint64_t nbytes = 0;
-        if (zero)
-            numel = 0;
-        if (!zero && (over || np_mul(numel, np_dtypes[dtype].size, &nbytes) || nbytes >= NP_LIMIT_62)) {
-            st = WFAIL("%s: tensor %s: shape holds more than 2^62 bytes", what, q);
-            goto done;
-        }
-        uint64_t o0 = of->u.arr.items[0].u.i.magnitude, o1 = of->u.arr.items[1].u.i.magnitude;
-        if (o1 - o0 != nbytes) {
-            st = WFAIL("%s: tensor %s: data_offsets span %llu bytes, dtype and shape need %llu", what, q,
-                       (unsigned long long)(o1 - o0), (unsigned long long)nbytes);
-            goto done;
-        }
-        t->dtype = dtype;
-        t->numel = numel;
-        t->nbytes = nbytes;
-        memcpy(names, m->key, m->key_len);
-        names[m->key_len] = 0;
-        t->name = names;
-        t->name_len = m->key_len;
-        names += m->key_len + 1;
-        if (np_add(out->data_start, o0, &t->begin) || np_add(out->data_start, o1, &t->end)) {
-            st = WFAIL("%s: tensor %s: data_offsets out of range", what, q);
-            goto done;
-        }
-        ti++;
+        st = read_entry(ctx, kind, what, m, out->data_start, &out->tensors[ti++], &shapes, &names);
     }
-    /* file order and contiguity */
-    {
-        size_t *ord = malloc((count ? count : 1) * sizeof *ord);
-        if (!ord) {
-            st = WFAIL("%s: out of memory", what);
-            goto done;
-        }
-        for (size_t i = 0; i < count; i++)
-            ord[i] = i;
-        np_sort_indices(ord, count, cmp_by_offset, out->tensors);
-        np_tensor *sorted = malloc((count ? count : 1) * sizeof *sorted);
-        if (!sorted) {
-            free(ord);
-            st = WFAIL("%s: out of memory", what);
-            goto done;
-        }
-        for (size_t i = 0; i < count; i++)
-            sorted[i] = out->tensors[ord[i]];
-        free(out->tensors);
-        out->tensors = sorted;
-        free(ord);
-    }
-    uint64_t cursor = out->data_start;
-    for (size_t i = 0; i < count; i++) {
-        const np_tensor *t = &out->tensors[i];
-        if (t->begin != cursor) {
-            st = WFAIL("%s: data offsets are not contiguous: tensor %s %s", what,
-                       tq(q, sizeof q, t->name, t->name_len),
-                       t->begin < cursor ? "overlaps the previous tensor" : "leaves a hole before it");
-            goto done;
-        }
-        cursor = t->end;
-    }
-    out->data_end = cursor;
-    if (file_size != UINT64_MAX && cursor != file_size) {
-        st = WFAIL("%s: file is %llu bytes but the header describes %llu%s", what, (unsigned long long)file_size,
-                   (unsigned long long)cursor, file_size < cursor ? " (truncated)" : " (trailing bytes)");
+    if (st)
         goto done;
-    }
+    if ((st = order_by_offset(ctx, kind, what, file_size, out)))
+        goto done;
     for (size_t i = 0; i < count; i++)
         out->by_name[i] = i;
     np_sort_indices(out->by_name, count, cmp_by_name, out->tensors);

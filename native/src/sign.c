@@ -1,5 +1,6 @@
 /* Ed25519 signatures with libsodium (Debian's libsodium23: audited, constant-time,
- * and the verifier rejects non-canonical and small-order inputs, as RFC 8032 asks). */
+ * and the verifier rejects non-canonical and small-order inputs, as RFC 8032 asks).
+ * Python twin: nnpatch/signing.py. */
 #include <errno.h>
 #include <fcntl.h>
 #include <sodium.h>

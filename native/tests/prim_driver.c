@@ -344,7 +344,7 @@ static void shape_one(const uint8_t *text, size_t len, const npj_limits *limits)
 static int each_input(int argc, char **argv, int with_limits,
                       void (*one)(const uint8_t *, size_t, const npj_limits *))
 {
-    npj_limits limits = {16, 4194304};
+    npj_limits limits = {16, 4194304, NPJ_MAX_STRING};
     const char *path = NULL;
     int batch = 0;
     for (int i = 0; i < argc; i++) {

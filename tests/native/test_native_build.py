@@ -21,7 +21,9 @@ SIZE_LIMIT = 512 * 1024
 
 
 def header_version() -> str:
-    return re.search(r'#define NNP_VERSION_STRING "([^"]+)"', HEADER.read_text()).group(1)
+    """MAJOR.MINOR.RELEASE from nnpatch.h (NNP_VERSION_STRING is derived from them there)."""
+    text = HEADER.read_text()
+    return ".".join(re.search(rf"#define NNP_VERSION_{k}\s+(\d+)", text).group(1) for k in ("MAJOR", "MINOR", "RELEASE"))
 
 
 def header_functions() -> set[str]:
@@ -140,6 +142,36 @@ def apply(lib, ctx, old, patches, out) -> int:
 def test_ctypes_version(native):
     lib = load(native)
     assert lib.nnp_version().decode() == header_version()
+    major, minor, release = map(int, header_version().split("."))
+    lib.nnp_version_number.restype = ctypes.c_uint
+    assert lib.nnp_version_number() == major * 100 * 100 + minor * 100 + release
+
+
+def test_header_version_macros(tmp_path):
+    """NNP_VERSION_NUMBER and NNP_VERSION_STRING follow from MAJOR, MINOR and RELEASE."""
+    src = tmp_path / "v.c"
+    src.write_text('#include <stdio.h>\n#include "nnpatch.h"\n'
+                   'int main(void) { printf("%d %s\\n", NNP_VERSION_NUMBER, NNP_VERSION_STRING); return 0; }\n')
+    exe = tmp_path / "v"
+    subprocess.run(["gcc", "-std=c99", f"-I{HEADER.parent}", str(src), "-o", str(exe)], check=True)
+    number, string = subprocess.run([str(exe)], capture_output=True, text=True, check=True).stdout.split()
+    major, minor, release = map(int, header_version().split("."))
+    assert int(number) == major * 10000 + minor * 100 + release
+    assert string == header_version()
+
+
+def test_ctypes_verify_from_name(native):
+    """The one parser of the --verify names: the three names, and NNP_EUSAGE (2) for anything else."""
+    lib = load(native)
+    lib.nnp_verify_from_name.argtypes = [ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
+    mode = ctypes.c_int(-1)
+    for name, want in ((b"default", 0), (b"full", 1), (b"touched", 2)):
+        assert lib.nnp_verify_from_name(name, ctypes.byref(mode)) == 0
+        assert mode.value == want
+    for bad in (b"Full", b"", b"full ", None):
+        mode.value = 7
+        assert lib.nnp_verify_from_name(bad, ctypes.byref(mode)) == 2
+        assert mode.value == 7, "untouched on failure"
 
 
 def test_ctypes_error(native, tmp_path):

@@ -267,7 +267,7 @@ PROGRESS_FN = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, c
 
 
 class Source(ctypes.Structure):
-    _fields_ = [("read", READ_FN), ("user", ctypes.c_void_p), ("name", ctypes.c_char_p)]
+    _fields_ = [("size", ctypes.c_size_t), ("read", READ_FN), ("user", ctypes.c_void_p), ("name", ctypes.c_char_p)]
 
 
 @pytest.fixture(scope="module")
@@ -285,9 +285,11 @@ def lib(native):
     return lib
 
 
-def lib_stream_apply(lib, base, data: bytes, out, *, sizes=(1, 10, 100, 4097), fail_at=None, cancel=False):
+def lib_stream_apply(lib, base, data: bytes, out, *, sizes=(1, 10, 100, 4097), fail_at=None, cancel=False,
+                     size_short=0):
     """nnp_apply_streams over ``data`` handed out in pieces of the given sizes in turn; the read
-    callback returns -1 once ``fail_at`` bytes are out, the progress callback asks to stop."""
+    callback returns -1 once ``fail_at`` bytes are out, the progress callback asks to stop;
+    ``size_short`` makes the struct's size field that much smaller than the struct."""
     pos = [0]
     calls = [0]
     progress_calls = [0]
@@ -309,7 +311,7 @@ def lib_stream_apply(lib, base, data: bytes, out, *, sizes=(1, 10, 100, 4097), f
     ctx = lib.nnp_ctx_new()
     try:
         lib.nnp_set_progress(ctx, progress_fn, None)
-        src = Source(read_fn, None, b"stream")
+        src = Source(ctypes.sizeof(Source) - size_short, read_fn, None, b"stream")
         status = lib.nnp_apply_streams(ctx, os.fsencode(base), ctypes.byref(src), 1, os.fsencode(out))
         return status, (lib.nnp_message(ctx) or b"").decode("utf-8", "replace"), progress_calls[0]
     finally:
@@ -321,6 +323,16 @@ def test_library_read_callback(lib, tmp_path):
     status, message, _ = lib_stream_apply(lib, vpath(ALL_OPS["base"]), read(vpath(ALL_OPS["patch"])), out)
     assert status == 0, message
     assert read(out) == read(vpath(ALL_OPS["target"]))
+
+
+def test_library_source_size_is_checked(lib, tmp_path):
+    """A struct whose size field is not the library's nnp_source is refused, never read past."""
+    out = tmp_path / "out.safetensors"
+    status, message, _ = lib_stream_apply(lib, vpath(ALL_OPS["base"]), read(vpath(ALL_OPS["patch"])), out,
+                                          size_short=8)
+    assert status == 2, message
+    assert "nnp_source.size" in message and "NNP_SOURCE_INIT" in message, message
+    assert not out.exists()
 
 
 def test_library_failing_stream_is_an_io_error(lib, tmp_path):

@@ -2,7 +2,7 @@
 
 native/src/blake3*.c against blake3-py and b3sum, through every implementation the CPU runs
 (portable scalar, SSE4.1, AVX2, AVX-512; NEON in an aarch64 build under qemu), each forced with
-the driver's NP_BLAKE3_FORCE; native/src/json.c (npj_parse, npj_shape)
+the driver's NP_BLAKE3_FORCE; native/src/json.c and jsonscan.c (npj_parse, npj_shape)
 against what nnpatch's readers decide: nnpatch/_json.py (loads_strict, json_shape) with the
 patch reader's limits (16 levels, 4,194,304 values) and its refusal of NaN/Infinity. The C
 verdict must equal the Python verdict on every text, and an accepted text must give the same
@@ -42,6 +42,7 @@ from nnpatch._json import json_shape, reject_duplicates
 
 ROOT = Path(__file__).resolve().parents[2]
 SOURCES = [ROOT / "native" / "tests" / "prim_driver.c", ROOT / "native" / "src" / "json.c",
+           ROOT / "native" / "src" / "jsonscan.c",
            *sorted((ROOT / "native" / "src").glob("blake3*.c"))]
 CFLAGS = ["-std=c99", "-D_GNU_SOURCE", "-Wall", "-Wextra", "-Werror", "-ffp-contract=off",
           "-I", str(ROOT / "native" / "src")]

@@ -1,0 +1,318 @@
+/*
+ * Recovery of an interrupted in-place update (spec/JOURNAL.md "Recover", Trust steps 3 to 5, then
+ * the writes) and the model's lock. Python twin: nnpatch/applier/inplace.py (recover,
+ * _recover_locked, locked).
+ */
+#include <errno.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/file.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "blake3.h"
+#include "journal.h"
+#include "safetensors.h"
+
+static nnp_status unlink_or_fail(nnp_ctx *ctx, const char *path)
+{
+    if (unlink(path) != 0)
+        return np_fail_errno(ctx, errno, path, "cannot remove");
+    return NNP_OK;
+}
+
+
+/* The model's real safetensors header (8 + the u64 at offset 0 bytes), or fewer bytes when the
+ * file cannot hold one (which then matches no journal). Python: inplace._model_header. */
+static nnp_status model_header(nnp_ctx *ctx, const char *model, int fd, uint64_t size, uint8_t **out, size_t *len)
+{
+    uint8_t first[8];
+    size_t got;
+    *out = NULL;
+    *len = 0;
+    if (np_pread_all(fd, first, 8, 0, &got) != 0)
+        return np_fail_errno(ctx, errno, model, "cannot read");
+    uint64_t n = got == 8 ? np_le64(first) : 0;
+    uint64_t cap = size >= 8 ? size - 8 : 0;
+    if (cap > NP_ST_MAX_HEADER)
+        cap = NP_ST_MAX_HEADER;
+    size_t total = got;
+    if (got == 8 && n <= cap)
+        total = (size_t)(8 + n);
+    uint8_t *buf = malloc(total ? total : 1);
+    if (!buf)
+        return np_fail(ctx, NNP_KIND_IO, "%s: out of memory reading its header", model);
+    memcpy(buf, first, got);
+    if (total > 8) {
+        size_t more;
+        if (np_pread_all(fd, buf + 8, total - 8, 8, &more) != 0) {
+            int e = errno;
+            free(buf);
+            return np_fail_errno(ctx, e, model, "cannot read");
+        }
+        total = 8 + more;
+    }
+    *out = buf;
+    *len = total;
+    return NNP_OK;
+}
+
+/* The BLAKE3 of the entry's tensor as the rollback would leave it, computed without writing. */
+static void rolled_back_digest(const uint8_t *model, const np_journal *j, const np_jentry *e, uint8_t out[32])
+{
+    np_blake3 h;
+    np_blake3_init(&h);
+    const uint8_t *src = model ? model + e->offset : NULL;
+    const uint8_t *idx = j->map + e->index_at, *old = j->map + e->data_at;
+    uint64_t cur = 0, nunits = e->unit ? e->nbytes / e->unit : 0;
+    for (uint64_t k = 0; k < e->count; k++) {
+        uint64_t i = np_le64(idx + 8 * k);
+        if (i > cur)
+            np_blake3_update(&h, src + cur * e->unit, (size_t)((i - cur) * e->unit));
+        np_blake3_update(&h, old + k * e->unit, (size_t)e->unit);
+        cur = i + 1;
+    }
+    if (e->nbytes && nunits > cur)
+        np_blake3_update(&h, src + cur * e->unit, (size_t)(e->nbytes - cur * e->unit));
+    np_blake3_final(&h, out);
+}
+
+static nnp_status check_model(nnp_ctx *ctx, const char *model, const char *jpath, np_journal *j, int fd, uint64_t size)
+{
+    uint8_t *head;
+    size_t hl;
+    nnp_status s = model_header(ctx, model, fd, size, &head, &hl);
+    if (s)
+        return s;
+    uint8_t hd[32];
+    np_blake3_hash(head, hl, hd);
+    if (j->model_size != size || j->header_len != hl || np_ct_diff(hd, j->header_blake3, 32)) {
+        free(head);
+        return np_fail(ctx, NNP_KIND_INTEGRITY,
+                       "%s: the undo journal %s belongs to another file (it names a file of %llu bytes with a "
+                       "%llu-byte safetensors header; this one is %llu bytes with a %zu-byte header, or its header "
+                       "differs); not touching either",
+                       model, jpath, (unsigned long long)j->model_size, (unsigned long long)j->header_len,
+                       (unsigned long long)size, hl);
+    }
+    np_st st;
+    s = np_st_parse(ctx, head, hl, size, model, NNP_KIND_WEIGHTS, &st);
+    free(head);
+    if (s) {
+        char why[NP_MSG_MAX];
+        snprintf(why, sizeof why, "%s", nnp_message(ctx));
+        np_st_free(&st);
+        return np_journal_invalid(ctx, "%s: the model it names is not a valid safetensors file (%s)", jpath, why);
+    }
+    for (size_t i = 0; i < j->n && !s; i++) {
+        const np_jentry *e = &j->entries[i];
+        char q[NP_QUOTE_MAX];
+        np_quote(q, sizeof q, e->name, e->name_len);
+        const np_tensor *t = np_st_find(&st, e->name, e->name_len);
+        if (!t) {
+            s = np_journal_invalid(ctx, "%s: entry %s: the model has no such tensor", jpath, q);
+            break;
+        }
+        if (e->offset != t->begin || e->nbytes != t->nbytes) {
+            s = np_journal_invalid(ctx, "%s: entry %s: bytes %llu..%llu are not the tensor's %llu..%llu", jpath, q,
+                    (unsigned long long)e->offset, (unsigned long long)(e->offset + e->nbytes),
+                    (unsigned long long)t->begin, (unsigned long long)t->end);
+            break;
+        }
+        /* a row (op rows), an element (op elements) or the whole tensor: what inplace.c writes */
+        uint64_t item = np_dtypes[t->dtype].size;
+        uint64_t row = (t->rank && t->shape[0]) ? t->nbytes / t->shape[0] : UINT64_MAX;
+        int ok = e->unit == t->nbytes || e->unit == item || e->unit == row;
+        if (!ok || (e->unit && t->nbytes % e->unit)) {
+            s = np_journal_invalid(ctx, "%s: entry %s: unit %llu is not a row, an element or the whole of the tensor", jpath, q,
+                    (unsigned long long)e->unit);
+            break;
+        }
+        if (e->count) {
+            uint64_t bound = t->nbytes / e->unit, prev = 0;
+            const uint8_t *idx = j->map + e->index_at;
+            for (uint64_t k = 0; k < e->count; k++) {
+                uint64_t v = np_le64(idx + 8 * k);
+                if (k && v <= prev) {
+                    s = np_journal_invalid(ctx, "%s: entry %s: unit indices are not strictly increasing", jpath, q);
+                    break;
+                }
+                if (v >= bound) {
+                    s = np_journal_invalid(ctx, "%s: entry %s: a unit index is >= %llu, the tensor's number of units", jpath, q,
+                            (unsigned long long)bound);
+                    break;
+                }
+                prev = v;
+            }
+        }
+    }
+    np_st_free(&st);
+    return s;
+}
+
+nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recovered)
+{
+    if (recovered)
+        *recovered = 0;
+    char *jpath = np_journal_path(model, NP_JOURNAL_SUFFIX);
+    char *tpath = np_journal_path(model, NP_JOURNAL_TMP_SUFFIX);
+    nnp_status s = NNP_OK;
+    np_journal j;
+    memset(&j, 0, sizeof j);
+    uint8_t *m = NULL;
+    uint64_t msize = 0;
+    if (!jpath || !tpath) {
+        s = np_fail(ctx, NNP_KIND_IO, "%s: out of memory", model);
+        goto out;
+    }
+    if (np_lexists(tpath)) { /* never committed: the model was not written */
+        if ((s = unlink_or_fail(ctx, tpath)))
+            goto out;
+        (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
+    }
+    if (!np_lexists(jpath))
+        goto out;
+    struct stat st;
+    if (fstat(fd, &st) != 0) {
+        s = np_fail_errno(ctx, errno, model, "cannot stat");
+        goto out;
+    }
+    if (!S_ISREG(st.st_mode)) {
+        s = np_fail(ctx, NNP_KIND_USAGE, "%s: not a file, so the undo journal %s cannot be its; not touching either",
+                    model, jpath);
+        goto out;
+    }
+    msize = (uint64_t)st.st_size;
+    int torn;
+    if ((s = np_journal_read(ctx, jpath, msize, &j, &torn)))
+        goto out;
+    if (torn) {
+        /* A journal reaches its final name only complete and fsynced, and the model is written only after
+         * that: a torn one means the storage lost it, and the model was never written through it. */
+        np_clear(ctx);
+        if ((s = unlink_or_fail(ctx, jpath)))
+            goto out;
+        (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
+        goto out;
+    }
+    if ((s = check_model(ctx, model, jpath, &j, fd, msize)))
+        goto out;
+    if (j.n && msize) {
+        if (msize > SIZE_MAX) {
+            s = np_fail(ctx, NNP_KIND_IO, "%s: too large to map", model);
+            goto out;
+        }
+        void *p = mmap(NULL, (size_t)msize, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
+        if (p == MAP_FAILED) {
+            s = np_fail_errno(ctx, errno, model, "cannot map for writing");
+            goto out;
+        }
+        m = p;
+    }
+    for (size_t i = 0; i < j.n; i++) { /* Trust step 5: the result, before any write */
+        const np_jentry *e = &j.entries[i];
+        uint8_t d[32];
+        rolled_back_digest(m, &j, e, d);
+        if (np_ct_diff(d, e->base_blake3, 32)) {
+            char q[NP_QUOTE_MAX], a[65], b[65];
+            np_quote(q, sizeof q, e->name, e->name_len);
+            np_hex(d, 32, a);
+            np_hex(e->base_blake3, 32, b);
+            s = np_fail(ctx, NNP_KIND_INTEGRITY,
+                        "%s: the undo journal %s does not roll tensor %s back to its base (it would be BLAKE3 %s, the "
+                        "journal expects %s): the model changed since, or the journal is not its; the journal is "
+                        "kept and the model was not written",
+                        model, jpath, q, a, b);
+            goto out;
+        }
+    }
+    for (size_t i = 0; i < j.n; i++) { /* the writes */
+        const np_jentry *e = &j.entries[i];
+        const uint8_t *idx = j.map + e->index_at, *old = j.map + e->data_at;
+        for (uint64_t k = 0; k < e->count; k++)
+            memcpy(m + e->offset + np_le64(idx + 8 * k) * e->unit, old + k * e->unit, (size_t)e->unit);
+    }
+    if (m && msync(m, (size_t)msize, MS_SYNC) != 0) {
+        s = np_fail_errno(ctx, errno, model, "cannot write back the journal's bytes");
+        goto out;
+    }
+    if (fsync(fd) != 0) {
+        s = np_fail_errno(ctx, errno, model, "cannot write back the journal's bytes");
+        goto out;
+    }
+    for (size_t i = 0; i < j.n; i++) { /* catches storage that did not keep what was written */
+        const np_jentry *e = &j.entries[i];
+        uint8_t d[32];
+        np_blake3_hash(m ? m + e->offset : (const uint8_t *)"", (size_t)e->nbytes, d);
+        if (np_ct_diff(d, e->base_blake3, 32)) {
+            char q[NP_QUOTE_MAX], a[65], b[65];
+            np_quote(q, sizeof q, e->name, e->name_len);
+            np_hex(d, 32, a);
+            np_hex(e->base_blake3, 32, b);
+            s = np_fail(ctx, NNP_KIND_INTEGRITY,
+                        "%s: rollback left tensor %s different from the base (BLAKE3 %s, expected %s); the journal "
+                        "%s is kept",
+                        model, q, a, b, jpath);
+            goto out;
+        }
+    }
+    if ((s = unlink_or_fail(ctx, jpath)))
+        goto out;
+    (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
+    if (recovered)
+        *recovered = 1;
+out:
+    if (m)
+        munmap(m, (size_t)msize);
+    np_journal_close(&j);
+    free(jpath);
+    free(tpath);
+    return s;
+}
+
+nnp_status np_lock_model(nnp_ctx *ctx, const char *model, int *fdp)
+{
+    *fdp = -1;
+    struct stat st;
+    int isdir = stat(model, &st) == 0 && S_ISDIR(st.st_mode);
+    /* a model directory is locked through its directory's descriptor */
+    int fd = open(model, (isdir ? O_RDONLY : O_RDWR) | O_CLOEXEC);
+    if (fd < 0)
+        return np_fail_errno(ctx, errno, model, "cannot open for writing");
+    while (flock(fd, LOCK_EX | LOCK_NB) != 0) {
+        int e = errno;
+        if (e == EINTR)
+            continue;
+        close(fd);
+        if (e == EWOULDBLOCK)
+            return np_fail(ctx, NNP_KIND_IO,
+                           "%s: locked: another nnpatch is updating this model; try again when it has finished", model);
+        return np_fail_errno(ctx, e, model, "cannot lock");
+    }
+    struct stat a, b;
+    if (fstat(fd, &a) != 0 || stat(model, &b) != 0 || a.st_ino != b.st_ino || a.st_dev != b.st_dev) {
+        close(fd);
+        return np_fail(ctx, NNP_KIND_IO, "%s: replaced while waiting for the lock; try again", model);
+    }
+    *fdp = fd;
+    return NNP_OK;
+}
+
+nnp_status np_journal_refuse_unfinished(nnp_ctx *ctx, const char *model)
+{
+    char *jpath = np_journal_path(model, NP_JOURNAL_SUFFIX);
+    if (!jpath)
+        return np_fail(ctx, NNP_KIND_IO, "%s: out of memory", model);
+    struct stat st;
+    nnp_status s = NNP_OK;
+    if (stat(jpath, &st) == 0)
+        s = np_fail(ctx, NNP_KIND_INTEGRITY,
+                    "%s: an in-place update of this model was interrupted (undo journal %s); run `nnpatch recover %s` "
+                    "first",
+                    model, jpath, model);
+    free(jpath);
+    return s;
+}
