@@ -28,11 +28,8 @@
 #include "journal.h"
 #include "safetensors.h"
 
-#if defined(__has_include)
-#if __has_include("apply.h")
-#include "apply.h"
-#endif
-#endif
+#include "hashpool.h"
+#include "plan.h"
 
 nnp_status nnp_recover(nnp_ctx *ctx, const char *model_path, int *recovered)
 {
@@ -64,8 +61,6 @@ static void test_pause(void)
     while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
     }
 }
-
-#ifdef NP_CHAIN_API
 
 typedef struct tj {
     nnp_ctx *ctx;
@@ -479,18 +474,3 @@ out:
     close(fd);
     return s;
 }
-
-#else /* the core's chain API has not landed yet */
-
-nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const *paths, size_t n)
-{
-    (void)paths;
-    (void)n;
-    (void)test_pause;
-    if (!ctx)
-        return NNP_EUSAGE;
-    np_clear(ctx);
-    return np_fail(ctx, NNP_KIND_USAGE, "%s: --in-place is not available in this build", model ? model : "");
-}
-
-#endif
