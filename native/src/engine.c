@@ -178,7 +178,7 @@ static void queue_bases(np_chain *c, bstate *b, const uint8_t *base_map)
         if (!b->bh[k] && (b->v.whole_base || c->input_expect[k])) {
             b->hlist[b->nh++] = k;
             b->jobs[b->pool.n++] = (np_hjob){base_map + base->tensors[k].begin, base->tensors[k].nbytes,
-                                             base->tensors[k].nbytes, b->bd[k], -1, 0, NULL};
+                                             base->tensors[k].nbytes, b->bd[k], -1, 0, NULL, 0, 0};
         }
     b->nthreads = np_hpool_start(&b->pool, b->threads, NP_HASHERS_MAX);
 }
@@ -286,17 +286,9 @@ static nnp_status prove_file(nnp_ctx *ctx, const np_chain *c, bstate *b)
     const np_patch *last = &c->patches[c->n - 1];
     uint8_t got[32];
     char x[65], y[65];
-    nnp_status st;
-    np_blake3 h;
-    np_blake3_init(&h);
-    for (uint64_t off = 0; off < b->size;) {
-        uint64_t k = b->size - off < ((uint64_t)64 << 20) ? b->size - off : (uint64_t)64 << 20;
-        np_blake3_update(&h, b->m + off, (size_t)k);
-        off += k;
-        if ((st = np_progress(ctx, k)))
-            return st;
-    }
-    np_blake3_final(&h, got);
+    nnp_status st = np_hash_file(ctx, b->m, b->size, got);
+    if (st)
+        return st;
     if (memcmp(got, last->target.blake3, 32)) {
         np_hex(got, 32, x);
         np_hex(last->target.blake3, 32, y);

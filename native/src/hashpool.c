@@ -51,7 +51,7 @@ void np_hpool_push(np_hpool *h, const uint8_t *p, uint64_t n, uint64_t count, ui
                        np_reuse *r)
 {
     pthread_mutex_lock(&h->mu);
-    h->jobs[h->n++] = (np_hjob){p, n, count, out, fd, off, r};
+    h->jobs[h->n++] = (np_hjob){p, n, count, out, fd, off, r, 0, 0};
     pthread_cond_signal(&h->more);
     pthread_mutex_unlock(&h->mu);
 }
@@ -68,7 +68,9 @@ static int hpool_run_one(np_hpool *h)
     while (j.r && j.fd >= 0 && !j.r->done)
         pthread_cond_wait(&h->kept, &h->mu);
     pthread_mutex_unlock(&h->mu);
-    if (!j.r) {
+    if (j.cvs) {
+        np_blake3_subtree_cvs(NP_BLAKE3_IMPL_AUTO, j.p, j.first, (size_t)(j.n / NP_BLAKE3_SUB_LEN), j.out);
+    } else if (!j.r) {
         hash_range(j.p, j.n, j.out);
     } else if (j.fd < 0) {
         np_blake3_hash_keep(NP_BLAKE3_IMPL_AUTO, j.p, (size_t)j.n, j.r->dirty, j.r->sub_cv, j.r->fine_cv, j.out);
@@ -200,12 +202,53 @@ nnp_status np_hash_ranges(nnp_ctx *ctx, const np_hash_range *ranges, size_t n)
     np_hpool pool;
     np_hpool_init(&pool, ctx, jobs);
     for (size_t k = 0; k < n; k++)
-        jobs[pool.n++] = (np_hjob){ranges[k].p, ranges[k].n, ranges[k].count, ranges[k].out, -1, 0, NULL};
+        jobs[pool.n++] = (np_hjob){ranges[k].p, ranges[k].n, ranges[k].count, ranges[k].out, -1, 0, NULL, 0, 0};
     pthread_t threads[NP_HASHERS_MAX];
     int nthreads = n > 1 ? np_hpool_start(&pool, threads, n - 1) : 0;
     nnp_status st = np_hpool_settle(ctx, &pool);
     np_hpool_close(&pool, threads, &nthreads);
     np_hpool_destroy(&pool);
     free(jobs);
+    return st;
+}
+
+/* Subtrees a piece of a file hash holds: 16 MiB, a few dozen pieces for a model of a few GB. */
+#define NP_FILE_PIECE_SUBS 256
+
+nnp_status np_hash_file(nnp_ctx *ctx, const uint8_t *p, uint64_t n, uint8_t out[32])
+{
+    size_t nsub = np_blake3_subtrees((size_t)n), npieces = (nsub + NP_FILE_PIECE_SUBS - 1) / NP_FILE_PIECE_SUBS;
+    if (npieces < 2) { /* one piece or less: no thread is worth starting */
+        np_blake3_hash(p ? p : (const uint8_t *)"", (size_t)n, out);
+        return np_progress(ctx, n);
+    }
+    np_hjob *jobs = malloc(npieces * sizeof *jobs);
+    uint8_t *cvs = malloc(nsub * 32);
+    uint16_t *dirty = calloc(nsub, sizeof *dirty); /* none: every subtree from its chaining value */
+    nnp_status st = NNP_OK;
+    if (!jobs || !cvs || !dirty) {
+        st = np_fail(ctx, NNP_KIND_IO, "out of memory");
+        goto out;
+    }
+    np_hpool pool;
+    np_hpool_init(&pool, ctx, jobs);
+    for (size_t b = 0; b < nsub; b += NP_FILE_PIECE_SUBS) {
+        size_t k = nsub - b < NP_FILE_PIECE_SUBS ? nsub - b : NP_FILE_PIECE_SUBS;
+        uint64_t len = (uint64_t)k * NP_BLAKE3_SUB_LEN;
+        jobs[pool.n++] = (np_hjob){p + (uint64_t)b * NP_BLAKE3_SUB_LEN, len, len, cvs + 32 * b, -1, 0, NULL, 1, b};
+    }
+    pthread_t threads[NP_HASHERS_MAX];
+    int nthreads = np_hpool_start(&pool, threads, npieces - 1);
+    st = np_hpool_settle(ctx, &pool);
+    np_hpool_close(&pool, threads, &nthreads);
+    np_hpool_destroy(&pool);
+    if (!st) { /* the subtrees' chaining values, then the bytes after the last whole one */
+        np_blake3_hash_reuse(NP_BLAKE3_IMPL_AUTO, p, (size_t)n, dirty, cvs, NULL, out);
+        st = np_progress(ctx, n - (uint64_t)nsub * NP_BLAKE3_SUB_LEN);
+    }
+out:
+    free(jobs);
+    free(cvs);
+    free(dirty);
     return st;
 }

@@ -21,6 +21,10 @@ typedef struct np_hash_range {
 } np_hash_range;
 nnp_status np_hash_ranges(nnp_ctx *ctx, const np_hash_range *ranges, size_t n);
 
+/* The BLAKE3 of p[0 .. n) (a whole file, mapped), hashed in pieces of whole subtrees on the
+ * hashing threads, joined on the calling thread; n bytes go to progress. */
+nnp_status np_hash_file(nnp_ctx *ctx, const uint8_t *p, uint64_t n, uint8_t out[32]);
+
 /*
  * Chaining-value reuse (blake3.h np_blake3_hash_keep / np_blake3_hash_reuse). A tensor that only
  * rows, elements or qrows ops change keeps most of its bytes: the result's bytes outside the
@@ -55,6 +59,8 @@ typedef struct np_hjob {
     int fd; /* >= 0: a range of the new file (mapped at p, at offset off of fd), released once hashed */
     uint64_t off;
     np_reuse *r; /* a base job keeps chaining values in it, a result job (fd >= 0) hashes from them */
+    int cvs;     /* a piece of a file hash: the chaining values of its whole subtrees (np_hash_file) */
+    size_t first; /* with cvs: the index of the piece's first subtree in the file */
 } np_hjob;
 
 typedef struct np_hpool {

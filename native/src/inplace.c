@@ -325,15 +325,14 @@ static nnp_status ip_prove(nnp_ctx *ctx, ipstate *s)
     }
     if (s->v.prove_file) {
         uint8_t fd32[32];
-        np_blake3_hash(s->m ? s->m : (const uint8_t *)"", (size_t)s->size, fd32);
+        if ((r = np_hash_file(ctx, s->m, s->size, fd32)))
+            return r;
         if (np_ct_diff(fd32, s->info->target_blake3, 32)) {
             np_hex(fd32, 32, a);
             np_hex(s->info->target_blake3, 32, b);
             return np_fail(ctx, NNP_KIND_INTEGRITY,
                            "%s: result does not match the patch's target (BLAKE3 %s, expected %s)", s->model, a, b);
         }
-        if ((r = np_progress(ctx, s->size)))
-            return r;
     }
     return NNP_OK;
 }

@@ -160,25 +160,28 @@ def test_directory_control_reencoded_patch_in_place_native_only(world):
 
 @pytest.mark.parametrize("verify", ["default", "full", "touched"])
 def test_target_blake3_lie_native_only(world, verify):
-    """target.blake3 is wrong, everything else true: the exit code Python gives (4 in full mode, which
-    re-reads the output); on success the output is the real target, and the lie is never printed."""
+    """target.blake3 is wrong, everything else true (issue 28 item 5): refused in every verify mode
+    as --verify full refuses it (exit 4, IntegrityError), nothing left at -o; the output's file
+    digest is proven from the bytes written, never taken from the header."""
     h = world.patch()
     h["target"]["blake3"] = "ab" * 32
     world.write("lie.nnpatch", craft.encode_patch(h))
-    args = ["apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors", f"--verify={verify}"]
-    py = python_on_a_copy(world, args)
-    if verify == "full":
-        assert py == 4
+    tc.refused_and_untouched(world, ["apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors",
+                                     f"--verify={verify}"], 4)
+    r = world.run("apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors", f"--verify={verify}")
+    assert "result does not match the patch's target (BLAKE3" in r.err, r
+
+
+def test_target_blake3_lie_in_place_native_only(world):
+    """The same lie through --in-place: exit 4, the model rolled back to exactly the base, no journal."""
+    world.write("model.safetensors", world.read("base.safetensors"))
+    h = world.patch()
+    h["target"]["blake3"] = "ab" * 32
+    world.write("lie.nnpatch", craft.encode_patch(h))
     before = world.snapshot()
-    r = world.run(*args)
-    assert r.rc == py, f"Python exits {py}: {r}"
-    if r.rc == 0:  # a success reports no digest it did not compute (an error may quote the header's)
-        assert "ab" * 32 not in r.out + r.err, f"the header's false digest was printed: {r}"
-        assert world.read("out.safetensors") == world.read("target.safetensors")
-        tc.assert_untouched(before, world.snapshot(), allow=("work/out.safetensors",))
-    else:
-        tc.assert_refused(r, py)
-        tc.assert_untouched(before, world.snapshot())
+    r = world.run("apply", "model.safetensors", "lie.nnpatch", "--in-place")
+    tc.assert_refused(r, 4)
+    tc.assert_untouched(before, world.snapshot())
 
 
 def test_lone_surrogate_name_native_only(world):

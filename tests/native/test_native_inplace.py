@@ -161,7 +161,9 @@ def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path
     shutil.copyfile(old, twin)
     apply_in_place(twin, patch, verify=verify)
     assert read(twin) == read(model)
-    # a wrong base outside the touched tensors: refused by default and full, carried by touched
+    # a wrong base outside the touched tensors: refused by default and full before anything is
+    # written; touched copies it unchecked, then the output's file digest (proven in every mode,
+    # issue 28 item 5) refuses the result and the model is rolled back
     shutil.copyfile(old, model)
     data = bytearray(read(model))
     data[-1] ^= 0xFF  # tensor d, untouched by the patch
@@ -169,10 +171,10 @@ def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path
         f.write(data)
     rc, msg = lib_in_place(native, model, [patch], verify)
     if verify == "touched":
-        assert rc == 0, msg
+        assert rc == 4 and "result does not match the patch's target (BLAKE3" in msg, msg
     else:
         assert rc == 4 and "wrong base" in msg, msg
-        assert read(model) == bytes(data)
+    assert read(model) == bytes(data)
     assert no_journal(model)
     # a wrong touched tensor: refused in every mode, nothing written
     shutil.copyfile(old, model)
@@ -183,6 +185,22 @@ def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path
     rc, msg = lib_in_place(native, model, [patch], verify)
     assert rc == 4 and "wrong base" in msg, msg
     assert read(model) == bytes(data) and no_journal(model)
+
+
+@pytest.mark.parametrize("verify", ["default", "full", "touched"])
+def test_in_place_target_blake3_lie_rolls_back(native, same_layout, tmp_path, verify):
+    """A patch whose header claims a wrong target.blake3, everything else true (issue 28 item 5):
+    --in-place refuses it in every verify mode as full does (exit 4, IntegrityError), after the
+    journal's commit point, so the model is rolled back to exactly the base and no journal is left."""
+    old, new, patch, model = same_layout
+    h = craft.decode_patch(read(patch))
+    h["target"]["blake3"] = "ab" * 32
+    lie = str(tmp_path / "lie.nnpatch")
+    with open(lie, "wb") as f:
+        f.write(craft.encode_patch(h))
+    rc, msg = lib_in_place(native, model, [lie], verify)
+    assert rc == 4 and "result does not match the patch's target (BLAKE3" in msg, msg
+    assert read(model) == read(old) and no_journal(model)
 
 
 def test_in_place_chain(native_impl, tmp_path):
