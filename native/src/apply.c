@@ -90,7 +90,7 @@ static nnp_status apply_opened(nnp_ctx *ctx, const char *old_path, np_patch *ps,
 {
     nnp_status st = NNP_OK;
     for (size_t k = 0; k < n && !st; k++)
-        st = np_plan_refuse_target(ctx, &ps[k]);
+        st = np_plan_refuse_target(ctx, &ps[k], "nnpatch apply");
     int fd = -1;
     np_st base;
     memset(&base, 0, sizeof base);

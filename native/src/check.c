@@ -15,6 +15,7 @@
 #include "blake3.h"
 #include "codec.h"
 #include "fileio.h"
+#include "hashpool.h"
 #include "plan.h"
 #include "stream.h"
 
@@ -131,93 +132,137 @@ nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_
     return check_opened(ctx, p, base_path);
 }
 
-static nnp_status check_opened(nnp_ctx *ctx, np_patch p, const char *base_path)
+/* Every tensor of the planned base hashed (on the hashing threads), then proven as apply proves it
+ * before it writes: each tensor the patch names against its digest, and the model digest. A base
+ * that is not the patch's is a mismatch (exit 1: a report, as `nnpatch verify --base` gives). */
+static nnp_status check_digests(nnp_ctx *ctx, const np_chain *c, const np_st *base, const uint8_t *map,
+                                const np_patch *first, const char *base_path)
 {
-    nnp_status st;
-    if ((st = check_sections(ctx, &p)) || !base_path) {
-        np_patch_close(&p);
-        return st;
+    uint8_t (*bd)[32] = calloc(base->n ? base->n : 1, 32);
+    np_hash_range *r = calloc(base->n ? base->n : 1, sizeof *r);
+    nnp_status st = NNP_OK;
+    char q[NP_QUOTE_MAX], a[65], b[65];
+    if (!bd || !r) {
+        st = np_fail(ctx, NNP_KIND_IO, "out of memory");
+        goto out;
     }
-    /* the base: its file digest, else the same tensors (a re-serialized base) */
-    int fd = open(base_path, O_RDONLY | O_CLOEXEC);
+    for (size_t k = 0; k < base->n; k++)
+        r[k] = (np_hash_range){map ? map + base->tensors[k].begin : (const uint8_t *)"", base->tensors[k].nbytes, 0,
+                               bd[k]};
+    if ((st = np_hash_ranges(ctx, r, base->n)))
+        goto out;
+    for (size_t k = 0; k < base->n && !st; k++) {
+        const uint8_t *want = np_chain_input_expect(c, k);
+        if (want && memcmp(bd[k], want, 32)) {
+            np_hex(bd[k], 32, a);
+            np_hex(want, 32, b);
+            st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH,
+                            "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)",
+                            base_path, np_quote(q, sizeof q, base->tensors[k].name, base->tensors[k].name_len), a, b);
+        }
+    }
+    uint8_t d[32];
+    np_model_digest(base->tensors, base->by_name, base->n, (const uint8_t(*)[32])bd, d);
+    if (!st && memcmp(d, first->base.model_blake3, 32)) {
+        np_hex(d, 32, a);
+        np_hex(first->base.model_blake3, 32, b);
+        st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH,
+                        "%s: tensor contents differ from the patch's base (model BLAKE3 %s, expected %s)", base_path,
+                        a, b);
+    }
+out:
+    free(bd);
+    free(r);
+    return st;
+}
+
+/* The base file opened and mapped; NNP_OK with *fd >= 0, else p is closed. */
+static nnp_status open_base(nnp_ctx *ctx, np_patch *p, const char *base_path, int *fd, const uint8_t **map,
+                            uint64_t *size)
+{
     struct stat sb;
-    if (fd < 0 || fstat(fd, &sb) != 0 || S_ISDIR(sb.st_mode)) {
-        int e = errno;
-        if (fd >= 0)
-            close(fd);
-        np_patch_close(&p);
-        if (fd >= 0)
+    *map = NULL;
+    *fd = open(base_path, O_RDONLY | O_CLOEXEC);
+    if (*fd < 0 || fstat(*fd, &sb) != 0 || S_ISDIR(sb.st_mode)) {
+        int e = errno, dir = *fd >= 0;
+        if (*fd >= 0)
+            close(*fd);
+        *fd = -1;
+        np_patch_close(p);
+        if (dir)
             return np_fail(ctx, NNP_KIND_WEIGHTS,
                            "%s: a model directory: nnpatch-apply checks safetensors files only (use `nnpatch verify`)",
                            base_path);
         np_fail_errno(ctx, e, base_path, "cannot open");
         return np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
     }
-    uint64_t size = (uint64_t)sb.st_size;
-    const uint8_t *map = NULL;
-    if (size > (uint64_t)SIZE_MAX / 2) {
-        close(fd);
-        np_patch_close(&p);
-        return np_fail(ctx, NNP_KIND_IO, "%s: too large for this platform's address space", base_path);
-    }
-    if (size) {
-        void *mm = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
-        if (mm == MAP_FAILED) {
+    nnp_status st = NNP_OK;
+    *size = (uint64_t)sb.st_size;
+    if (*size > (uint64_t)SIZE_MAX / 2) {
+        st = np_fail(ctx, NNP_KIND_IO, "%s: too large for this platform's address space", base_path);
+    } else if (*size) {
+        void *mm = mmap(NULL, (size_t)*size, PROT_READ, MAP_SHARED, *fd, 0);
+        if (mm == MAP_FAILED)
             st = np_fail_errno(ctx, errno, base_path, "cannot map");
-            close(fd);
-            np_patch_close(&p);
-            return st;
-        }
-        map = mm;
+        else
+            *map = mm;
     }
-    uint8_t d[32];
-    np_blake3_hash(map, (size_t)size, d);
-    if (!memcmp(d, p.base.blake3, 32)) {
-        st = NNP_OK;
-        goto done;
+    if (st) {
+        close(*fd);
+        *fd = -1;
+        np_patch_close(p);
     }
+    return st;
+}
+
+/* The patch against a base: the rules apply applies before it writes, by the same code (issue 28
+ * item 9): the base's header read, the chain planned against it (plan.c: the target kind, layout,
+ * tensor set, dtypes, shapes), then its tensors proven (check_digests). p is taken over. */
+static nnp_status check_against_base(nnp_ctx *ctx, np_patch p, const char *base_path)
+{
+    int fd;
+    const uint8_t *map;
+    uint64_t size = 0;
+    nnp_status st = open_base(ctx, &p, base_path, &fd, &map, &size);
+    if (st)
+        return st;
     np_st base;
     memset(&base, 0, sizeof base);
+    np_chain *c = NULL;
+    np_patch first; /* what check_digests needs of the patch, which the chain owns */
+    memset(&first, 0, sizeof first);
+    memcpy(first.base.model_blake3, p.base.model_blake3, 32);
     if ((st = np_sniff_safetensors(ctx, base_path)) || (st = np_st_read_fd(ctx, fd, base_path, &base))) {
         st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
-        np_st_free(&base);
-        goto done;
-    }
-    if (p.target.format != NP_FMT_DIR) {
-        np_st lay;
-        uint8_t *raw = NULL;
-        uint64_t len;
-        memset(&lay, 0, sizeof lay);
-        st = np_plan_decode_layout(ctx, &p, &lay, &raw, &len);
-        if (!st && (st = np_plan_check_base(ctx, &p, &base, base_path, &lay)) && ctx->kind == NNP_KIND_BASE_MISMATCH)
+        np_patch_close(&p);
+    } else if ((st = np_chain_open_patches(ctx, &p, 1, &base, size, base_path, &c))) {
+        if (ctx->kind == NNP_KIND_BASE_MISMATCH)
             st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
-        np_st_free(&lay);
-        free(raw);
+    } else {
+        st = check_digests(ctx, c, &base, map, &first, base_path);
     }
-    if (!st) {
-        uint8_t (*bd)[32] = calloc(base.n ? base.n : 1, 32);
-        if (!bd) {
-            st = np_fail(ctx, NNP_KIND_IO, "out of memory");
-        } else {
-            for (size_t k = 0; k < base.n; k++)
-                np_blake3_hash(map + base.tensors[k].begin, (size_t)base.tensors[k].nbytes, bd[k]);
-            np_model_digest(base.tensors, base.by_name, base.n, (const uint8_t(*)[32])bd, d);
-            free(bd);
-            if (memcmp(d, p.base.model_blake3, 32)) {
-                char a[65], b[65];
-                np_hex(d, 32, a);
-                np_hex(p.base.model_blake3, 32, b);
-                st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH,
-                                "%s: tensor contents differ from the patch's base (model BLAKE3 %s, expected %s)",
-                                base_path, a, b);
-            }
-        }
-    }
+    np_chain_free(c);
     np_st_free(&base);
-done:
     if (map)
         munmap((void *)map, (size_t)size);
     close(fd);
-    np_patch_close(&p);
     return st;
+}
+
+/* A target the native applier does not write is refused by --check as apply refuses it (exit 3),
+ * with or without a base: its skeleton's rules (spec 5.7, PyTorch's pickle) are not checked here,
+ * so exit 0 would vouch for what nnpatch-apply never looked at. A directory target alone (no base)
+ * is checked whole by check_sections: its contents against their digests. */
+static nnp_status check_opened(nnp_ctx *ctx, np_patch p, const char *base_path)
+{
+    nnp_status st;
+    if (p.target.format != NP_FMT_DIR || base_path)
+        st = np_plan_refuse_target(ctx, &p, "nnpatch verify");
+    else
+        st = NNP_OK;
+    if (st || (st = check_sections(ctx, &p)) || !base_path) {
+        np_patch_close(&p);
+        return st;
+    }
+    return check_against_base(ctx, p, base_path);
 }

@@ -410,16 +410,16 @@ static nnp_status plan(nnp_ctx *ctx, np_chain *c)
     return NNP_OK;
 }
 
-nnp_status np_plan_refuse_target(nnp_ctx *ctx, const np_patch *p)
+nnp_status np_plan_refuse_target(nnp_ctx *ctx, const np_patch *p, const char *instead)
 {
     if (p->target.format == NP_FMT_SAFETENSORS)
         return NNP_OK;
     return np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
                    "%s: target format '%s' (%s) is not supported by the native applier, which writes safetensors "
-                   "files; use `nnpatch apply`",
+                   "files; use `%s`",
                    p->name, format_name(p->target.format),
                    p->target.format == NP_FMT_DIR ? "a model directory"
-                   : p->target.format == NP_FMT_ONNX ? "an ONNX model" : "a PyTorch checkpoint");
+                   : p->target.format == NP_FMT_ONNX ? "an ONNX model" : "a PyTorch checkpoint", instead);
 }
 
 nnp_status np_chain_open_patches(nnp_ctx *ctx, np_patch *patches, size_t n, const np_st *base, uint64_t base_size,
@@ -454,7 +454,7 @@ nnp_status np_chain_open_patches(nnp_ctx *ctx, np_patch *patches, size_t n, cons
     c->base_size = base_size;
     nnp_status st = NNP_OK;
     for (size_t k = 0; k < n && !st; k++)
-        st = np_plan_refuse_target(ctx, &c->patches[k]);
+        st = np_plan_refuse_target(ctx, &c->patches[k], "nnpatch apply");
     for (size_t k = 0; k < n && !st; k++) {
         const np_patch *p = &c->patches[k];
         if ((st = np_plan_decode_layout(ctx, p, &c->layouts[k], &c->layout_raw[k], &c->layout_len[k])))

@@ -107,7 +107,8 @@ nnp_status np_plan_check_ops(nnp_ctx *ctx, const np_patch *p, const np_st *layou
 /* The base's header fits the patch (BASE_MISMATCH, 4), then np_plan_check_ops. */
 nnp_status np_plan_check_base(nnp_ctx *ctx, const np_patch *p, const np_st *base, const char *bpath,
                               const np_st *layout);
-/* The native applier writes safetensors files only: any other target is refused (3). */
-nnp_status np_plan_refuse_target(nnp_ctx *ctx, const np_patch *p);
+/* The native applier writes safetensors files only: any other target is refused (3), the message
+ * naming the command that handles it (`instead`). */
+nnp_status np_plan_refuse_target(nnp_ctx *ctx, const np_patch *p, const char *instead);
 
 #endif
