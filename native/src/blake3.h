@@ -52,7 +52,7 @@ void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN]);
 /* One-shot convenience (named np_blake3_hash: C forbids a function named like the typedef np_blake3). */
 void np_blake3_hash(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN]);
 /*
- * A tensor's digest again after a few of its bytes changed (apply.c): the chaining values of its
+ * A tensor's digest again after a few of its bytes changed (hashpool.c): the chaining values of its
  * whole aligned subtrees of NP_BLAKE3_SUB_LEN bytes (64 chunks: 32 bytes kept per 64 KiB), and
  * inside the subtrees marked dirty those of their NP_BLAKE3_FINE_LEN-byte subtrees (4 chunks).
  * dirty[b], for each of the np_blake3_subtrees(len) subtrees: bit j set when bytes of fine

@@ -46,10 +46,10 @@ typedef struct np_reuse {
 void np_reuse_free(np_reuse *r);
 
 /* Hashing threads: a queue of (range, digest) jobs, each hashed exactly once (its digest
- * written by one thread only). build() queues the base tensors no touched item starts from,
+ * written by one thread only). The engine (engine.c) queues the base tensors no touched item starts from,
  * then, item by item, the base tensor a touched item starts from (before it is copied) and the
  * output tensor (once its ops have run); the main thread only copies and patches, then joins in.
- * Every digest is compared on the main thread, after hpool_settle, in the order a serial pass
+ * Every digest is compared on the main thread, after np_hpool_settle, in the order a serial pass
  * would have met it, so the first error reported stays the same. The queue is sized up front:
  * one job per base tensor and two per item at most. */
 typedef struct np_hjob {

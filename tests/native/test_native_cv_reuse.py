@@ -1,5 +1,5 @@
 """Chaining-value reuse in the native applier (native/src/blake3.c np_blake3_hash_keep and
-np_blake3_hash_reuse, used by native/src/apply.c): a tensor that rows, elements or qrows ops
+np_blake3_hash_reuse, used by native/src/hashpool.c and engine.c): a tensor that rows, elements or qrows ops
 change is hashed again from the chaining values of its base's unchanged 64 KiB / 4 KiB subtrees.
 
 - The two functions against blake3-py, through every BLAKE3 implementation this CPU runs, from a
