@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-aarch64 native-fuzz fuzz-native
+.PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-test native-aarch64 native-fuzz fuzz-native
 
 # The Python side only: what `make demo` needs. The native toolchain is for the
 # native suites, so only `make test` (and test-fast) installs it.
@@ -63,6 +63,10 @@ native:
 
 native-asan:
 	$(MAKE) -C native BUILD=$(CURDIR)/build/native-asan SANITIZE=1 all
+
+# the host build with the test hooks (-DNNPATCH_TEST; tests/native's crash tests): never shipped
+native-test:
+	$(MAKE) -C native BUILD=$(CURDIR)/build/native-test TEST=1 all
 
 native-aarch64:
 	$(MAKE) -C native BUILD=$(CURDIR)/build/native-aarch64 CROSS=aarch64-linux-gnu- all

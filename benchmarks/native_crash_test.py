@@ -5,7 +5,7 @@ SIGKILL after a random delay. Trials rotate over three kinds of moment:
 
 * uniform over the time an uninterrupted apply takes;
 * uniform over a window around the journal's commit point and the writes: the
-  run is slowed there with the test-only ``NNPATCH_TEST_PAUSE_AFTER_JOURNAL``
+  run is slowed there with the test-only ``NNPATCH_TEST_PAUSE_AFTER_JOURNAL`` (a test build: `make native-test`)
   (milliseconds slept after the journal commit and after the writes' fsync);
 * right after the committed journal appears, the model being OLD or, a moment
   later, part or all NEW.
@@ -132,7 +132,7 @@ def main() -> int:
     ap.add_argument("--trials", type=int, default=120)
     ap.add_argument("--mb", type=int, default=16, help="model size in MiB")
     ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--apply", default=os.path.join(ROOT, "build", "native", "nnpatch-apply"),
+    ap.add_argument("--apply", default=os.path.join(ROOT, "build", "native-test", "nnpatch-apply"),
                     help="the nnpatch-apply binary")
     a = ap.parse_args()
     c = run([a.apply], a.trials, a.mb, a.seed)

@@ -99,9 +99,10 @@ typedef enum nnp_error_kind {
 
 /* spec/FORMAT.md section 9, step 8, and README "--verify". */
 typedef enum nnp_verify {
-    NNP_VERIFY_DEFAULT = 0, /* hash the whole base and every tensor written; prove by model digest */
-    NNP_VERIFY_FULL = 1,    /* default, and re-hash the output file against target.blake3 */
-    NNP_VERIFY_TOUCHED = 2  /* hash only the tensors the patch touches */
+    /* every mode proves the output file's BLAKE3 against target.blake3 (src/policy.c) */
+    NNP_VERIFY_DEFAULT = 0, /* hash the whole base and every tensor written; prove the model digest too */
+    NNP_VERIFY_FULL = 1,    /* default, every written tensor hashed again in full (no chaining-value reuse) */
+    NNP_VERIFY_TOUCHED = 2  /* hash only the base tensors the patch touches */
 } nnp_verify;
 
 typedef struct nnp_ctx nnp_ctx;

@@ -589,6 +589,16 @@ void np_blake3_hash_reuse(int impl, const void *data, size_t len, const uint16_t
     np_blake3_final(&h, out);
 }
 
+void np_blake3_subtree_cvs(int impl, const void *data, size_t first, size_t n, uint8_t *sub_cv)
+{
+    const uint8_t *in = (const uint8_t *)data;
+    np_blake3 h;
+    (void)np_blake3_init_impl(&h, impl);
+    for (size_t b = 0; b < n; b++)
+        hash_subtree(h.impl, in + b * NP_BLAKE3_SUB_LEN, SUB_CHUNKS, h.key, (uint64_t)(first + b) * SUB_CHUNKS,
+                     h.chunk.flags, sub_cv + 32 * b);
+}
+
 void np_hex(const uint8_t *bytes, size_t n, char *out)
 {
     static const char digits[] = "0123456789abcdef";

@@ -52,7 +52,7 @@ void np_blake3_final(const np_blake3 *h, uint8_t out[NP_BLAKE3_OUT_LEN]);
 /* One-shot convenience (named np_blake3_hash: C forbids a function named like the typedef np_blake3). */
 void np_blake3_hash(const void *data, size_t len, uint8_t out[NP_BLAKE3_OUT_LEN]);
 /*
- * A tensor's digest again after a few of its bytes changed (apply.c): the chaining values of its
+ * A tensor's digest again after a few of its bytes changed (hashpool.c): the chaining values of its
  * whole aligned subtrees of NP_BLAKE3_SUB_LEN bytes (64 chunks: 32 bytes kept per 64 KiB), and
  * inside the subtrees marked dirty those of their NP_BLAKE3_FINE_LEN-byte subtrees (4 chunks).
  * dirty[b], for each of the np_blake3_subtrees(len) subtrees: bit j set when bytes of fine
@@ -73,6 +73,11 @@ void np_blake3_hash_keep(int impl, const void *data, size_t len, const uint16_t 
                          uint8_t *fine_cv, uint8_t out[NP_BLAKE3_OUT_LEN]);
 void np_blake3_hash_reuse(int impl, const void *data, size_t len, const uint16_t *dirty, const uint8_t *sub_cv,
                           const uint8_t *fine_cv, uint8_t out[NP_BLAKE3_OUT_LEN]);
+/* The chaining values of whole subtrees first .. first+n-1 of an input (NP_BLAKE3_SUB_LEN bytes each;
+ * data: where subtree `first` starts), 32 bytes each to sub_cv: what np_blake3_hash_keep writes for
+ * them, so that one input can be hashed in pieces on several threads and its digest taken by
+ * np_blake3_hash_reuse with no dirty marks (hashpool.c np_hash_file). */
+void np_blake3_subtree_cvs(int impl, const void *data, size_t first, size_t n, uint8_t *sub_cv);
 void np_hex(const uint8_t *bytes, size_t n, char *out /* 2n + 1 */);
 
 #endif

@@ -21,18 +21,15 @@
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/stat.h>
-#include <time.h>
 #include <unistd.h>
 
 #include "blake3.h"
 #include "journal.h"
 #include "safetensors.h"
 
-#if defined(__has_include)
-#if __has_include("apply.h")
-#include "apply.h"
-#endif
-#endif
+#include "hashpool.h"
+#include "plan.h"
+#include "policy.h"
 
 nnp_status nnp_recover(nnp_ctx *ctx, const char *model_path, int *recovered)
 {
@@ -52,20 +49,6 @@ nnp_status nnp_recover(nnp_ctx *ctx, const char *model_path, int *recovered)
     return s;
 }
 
-static void test_pause(void)
-{
-    const char *v = getenv(NP_TEST_PAUSE_ENV);
-    if (!v || !*v)
-        return;
-    long ms = strtol(v, NULL, 10);
-    if (ms <= 0)
-        return;
-    struct timespec ts = {ms / 1000, (ms % 1000) * 1000000L};
-    while (nanosleep(&ts, &ts) != 0 && errno == EINTR) {
-    }
-}
-
-#ifdef NP_CHAIN_API
 
 typedef struct tj {
     nnp_ctx *ctx;
@@ -107,59 +90,68 @@ static nnp_status put_units(void *user, const uint64_t *idx, size_t n)
     return NNP_OK;
 }
 
-static void hexd(const uint8_t d[32], char out[65]) { np_hex(d, 32, out); }
-
-/* Everything after the plan, under the lock, for a same-layout update. */
-static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np_st *st, const uint8_t *head,
-                               uint64_t size, np_chain *chain, const np_chain_info *info)
-{
-    int whole_base = ctx->verify != NNP_VERIFY_TOUCHED, rehash = ctx->verify == NNP_VERIFY_FULL;
-    size_t nt = st->n, ni = info->n_items;
-    nnp_status s = NNP_OK;
-    np_jentry *entries = calloc(ni ? ni : 1, sizeof *entries);
-    size_t *item_of = calloc(ni ? ni : 1, sizeof *item_of);
-    uint8_t(*dig)[32] = calloc(nt ? nt : 1, 32);      /* base digests, indexed as st->tensors */
-    uint8_t(*fin)[32] = calloc(nt ? nt : 1, 32);      /* output digests, indexed as st->tensors */
-    unsigned char *hashed = calloc(nt ? nt : 1, 1);
-    size_t *base_of = calloc(ni ? ni : 1, sizeof *base_of); /* item -> index in st->tensors */
-    np_hash_range *jobs = calloc((nt > ni ? nt : ni) + 1, sizeof *jobs); /* ranges to hash (steps 1 and 4) */
-    char *jpath = np_journal_path(model, NP_JOURNAL_SUFFIX);
-    uint8_t *m = NULL;
+/* One same-layout update's state, under the lock. */
+typedef struct ipstate {
+    np_verify v;
+    const char *model;
+    int fd;
+    const np_st *st;          /* the model's header (its tensors: the base) */
+    const uint8_t *head;      /* its bytes */
+    uint64_t size;
+    np_chain *chain;
+    const np_chain_info *info;
+    uint8_t *m;               /* the model, mapped writable */
+    np_jentry *entries;       /* one per touched tensor, in output order */
+    size_t ne;
+    size_t *item_of;          /* entry -> item */
+    size_t *base_of;          /* item -> index in st->tensors */
+    uint8_t (*dig)[32];       /* base digests, indexed as st->tensors */
+    uint8_t (*fin)[32];       /* output digests, indexed as st->tensors */
+    unsigned char *hashed;
+    np_hash_range *jobs;      /* ranges to hash (steps 1 and 4) */
+    uint64_t touched_bytes;
+    char *jpath;
     np_jwriter w;
-    memset(&w, 0, sizeof w);
-    w.fd = -1;
-    int committed = 0;
-    if (!entries || !item_of || !dig || !fin || !hashed || !base_of || !jpath || !jobs) {
-        s = np_fail(ctx, NNP_KIND_IO, "%s: out of memory", model);
-        goto out;
+    int committed;
+} ipstate;
+
+static nnp_status ip_open(nnp_ctx *ctx, ipstate *s)
+{
+    size_t nt = s->st->n, ni = s->info->n_items;
+    s->entries = calloc(ni ? ni : 1, sizeof *s->entries);
+    s->item_of = calloc(ni ? ni : 1, sizeof *s->item_of);
+    s->dig = calloc(nt ? nt : 1, 32);
+    s->fin = calloc(nt ? nt : 1, 32);
+    s->hashed = calloc(nt ? nt : 1, 1);
+    s->base_of = calloc(ni ? ni : 1, sizeof *s->base_of);
+    s->jobs = calloc((nt > ni ? nt : ni) + 1, sizeof *s->jobs);
+    s->jpath = np_journal_path(s->model, NP_JOURNAL_SUFFIX);
+    if (!s->entries || !s->item_of || !s->dig || !s->fin || !s->hashed || !s->base_of || !s->jpath || !s->jobs)
+        return np_fail(ctx, NNP_KIND_IO, "%s: out of memory", s->model);
+    if (s->size > SIZE_MAX)
+        return np_fail(ctx, NNP_KIND_IO, "%s: too large to map", s->model);
+    if (s->size) {
+        void *p = mmap(NULL, (size_t)s->size, PROT_READ | PROT_WRITE, MAP_SHARED, s->fd, 0);
+        if (p == MAP_FAILED)
+            return np_fail_errno(ctx, errno, s->model, "cannot map for writing");
+        s->m = p;
     }
-    if (size > SIZE_MAX) {
-        s = np_fail(ctx, NNP_KIND_IO, "%s: too large to map", model);
-        goto out;
-    }
-    if (size) {
-        void *p = mmap(NULL, (size_t)size, PROT_READ | PROT_WRITE, MAP_SHARED, fd, 0);
-        if (p == MAP_FAILED) {
-            s = np_fail_errno(ctx, errno, model, "cannot map for writing");
-            goto out;
-        }
-        m = p;
-    }
-    /* the journal's entries: one per touched tensor, as inplace._entries */
-    size_t ne = 0;
-    uint64_t touched_bytes = 0;
-    for (size_t i = 0; i < ni; i++) {
+    return NNP_OK;
+}
+
+/* The journal's entries: one per touched tensor, as inplace._entries. */
+static nnp_status ip_entries(nnp_ctx *ctx, ipstate *s)
+{
+    for (size_t i = 0; i < s->info->n_items; i++) {
         np_item it;
-        np_chain_item(chain, i, &it);
-        const np_tensor *t = np_st_find(st, it.out->name, it.out->name_len);
-        if (!t || t->begin != it.out->begin || t->nbytes != it.out->nbytes) {
-            s = np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: the plan does not match the model's layout", model);
-            goto out;
-        }
-        base_of[i] = (size_t)(t - st->tensors);
+        np_chain_item(s->chain, i, &it);
+        const np_tensor *t = np_st_find(s->st, it.out->name, it.out->name_len);
+        if (!t || t->begin != it.out->begin || t->nbytes != it.out->nbytes)
+            return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: the plan does not match the model's layout", s->model);
+        s->base_of[i] = (size_t)(t - s->st->tensors);
         if (!it.touched)
             continue;
-        np_jentry *e = &entries[ne];
+        np_jentry *e = &s->entries[s->ne];
         e->name = t->name;
         e->name_len = t->name_len;
         e->offset = t->begin;
@@ -175,195 +167,243 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
             e->count = t->nbytes ? 1 : 0;
         }
         memcpy(e->target_blake3, it.expect, 32);
-        item_of[ne++] = i;
-        touched_bytes += t->nbytes;
+        s->item_of[s->ne++] = i;
+        s->touched_bytes += t->nbytes;
     }
-    np_progress_total(ctx, (whole_base ? size : touched_bytes) + touched_bytes * 2 + (rehash ? size : 0));
+    return NNP_OK;
+}
 
-    /* 1. the base digests: every tensor, or (touched) those the patch expects */
+/* 1. The base digests: every tensor, or (touched) those the patch expects; then those of the
+ * touched tensors not hashed yet (what a rollback must give: the tensor as it is now). */
+static nnp_status ip_hash_base(nnp_ctx *ctx, ipstate *s)
+{
     size_t nj = 0;
-    for (size_t k = 0; k < nt; k++) {
-        const uint8_t *want = np_chain_input_expect(chain, k);
-        if (!whole_base && !want)
+    nnp_status r;
+    for (size_t k = 0; k < s->st->n; k++) {
+        const uint8_t *want = np_chain_input_expect(s->chain, k);
+        if (!s->v.whole_base && !want)
             continue;
-        const np_tensor *t = &st->tensors[k];
-        jobs[nj++] = (np_hash_range){m ? m + t->begin : (const uint8_t *)"", t->nbytes, t->nbytes, dig[k]};
-        hashed[k] = 1;
+        const np_tensor *t = &s->st->tensors[k];
+        s->jobs[nj++] = (np_hash_range){s->m ? s->m + t->begin : (const uint8_t *)"", t->nbytes, t->nbytes, s->dig[k]};
+        s->hashed[k] = 1;
     }
-    if ((s = np_hash_ranges(ctx, jobs, nj)))
-        goto out;
-    for (size_t x = 0; x < ne; x++) { /* what a rollback must give: the tensor as it is now */
-        size_t k = base_of[item_of[x]];
-        if (!hashed[k]) {
-            const np_tensor *t = &st->tensors[k];
-            np_blake3_hash(m ? m + t->begin : (const uint8_t *)"", (size_t)t->nbytes, dig[k]);
-            hashed[k] = 1;
+    if ((r = np_hash_ranges(ctx, s->jobs, nj)))
+        return r;
+    for (size_t x = 0; x < s->ne; x++) {
+        size_t k = s->base_of[s->item_of[x]];
+        if (!s->hashed[k]) {
+            const np_tensor *t = &s->st->tensors[k];
+            np_blake3_hash(s->m ? s->m + t->begin : (const uint8_t *)"", (size_t)t->nbytes, s->dig[k]);
+            s->hashed[k] = 1;
         }
-        memcpy(entries[x].base_blake3, dig[k], 32);
+        memcpy(s->entries[x].base_blake3, s->dig[k], 32);
     }
+    return NNP_OK;
+}
 
-    /* 2. the journal */
+/* 2. The journal (not yet committed): its header, then the old bytes of every unit to be written. */
+static nnp_status ip_write_journal(nnp_ctx *ctx, ipstate *s)
+{
     np_jmeta meta;
     memset(&meta, 0, sizeof meta);
-    meta.model_size = size;
-    meta.header_len = st->data_start;
-    np_blake3_hash(head, (size_t)st->data_start, meta.header_blake3);
-    memcpy(meta.base_blake3, info->base_blake3, 32);
-    memcpy(meta.base_model, info->base_model, 32);
-    memcpy(meta.target_blake3, info->target_blake3, 32);
-    memcpy(meta.target_model, info->target_model, 32);
-    memcpy(meta.patch, info->patch_trailer, 32);
-    if ((s = np_jw_open(ctx, &w, jpath, &meta, entries, ne)))
-        goto out;
-    for (size_t x = 0; x < ne; x++) {
-        np_jentry *e = &entries[x];
+    meta.model_size = s->size;
+    meta.header_len = s->st->data_start;
+    np_blake3_hash(s->head, (size_t)s->st->data_start, meta.header_blake3);
+    memcpy(meta.base_blake3, s->info->base_blake3, 32);
+    memcpy(meta.base_model, s->info->base_model, 32);
+    memcpy(meta.target_blake3, s->info->target_blake3, 32);
+    memcpy(meta.target_model, s->info->target_model, 32);
+    memcpy(meta.patch, s->info->patch_trailer, 32);
+    nnp_status r;
+    if ((r = np_jw_open(ctx, &s->w, s->jpath, &meta, s->entries, s->ne)))
+        return r;
+    for (size_t x = 0; x < s->ne; x++) {
+        np_jentry *e = &s->entries[x];
         if (e->count == 0)
             continue;
-        const uint8_t *src = m + e->offset;
+        const uint8_t *src = s->m + e->offset;
         if (e->unit == e->nbytes && e->count == 1) {
             uint8_t zero[8] = {0};
-            if ((s = np_jw_write(ctx, &w, zero, 8)) || (s = np_jw_end_part(ctx, &w)) ||
-                (s = np_jw_write(ctx, &w, src, (size_t)e->nbytes)) || (s = np_jw_end_part(ctx, &w)))
-                goto out;
+            if ((r = np_jw_write(ctx, &s->w, zero, 8)) || (r = np_jw_end_part(ctx, &s->w)) ||
+                (r = np_jw_write(ctx, &s->w, src, (size_t)e->nbytes)) || (r = np_jw_end_part(ctx, &s->w)))
+                return r;
         } else {
-            tj t = {ctx, &w, src, e->unit};
-            if ((s = np_chain_indices(ctx, chain, item_of[x], put_indices, &t)) || (s = np_jw_end_part(ctx, &w)) ||
-                (s = np_chain_indices(ctx, chain, item_of[x], put_units, &t)) || (s = np_jw_end_part(ctx, &w)))
-                goto out;
+            tj t = {ctx, &s->w, src, e->unit};
+            if ((r = np_chain_indices(ctx, s->chain, s->item_of[x], put_indices, &t)) ||
+                (r = np_jw_end_part(ctx, &s->w)) ||
+                (r = np_chain_indices(ctx, s->chain, s->item_of[x], put_units, &t)) || (r = np_jw_end_part(ctx, &s->w)))
+                return r;
         }
-        if ((s = np_check_cancel(ctx)))
-            goto out;
+        if ((r = np_check_cancel(ctx)))
+            return r;
     }
-    /* the base, checked before the commit point (a wrong base: nothing was written) */
-    for (size_t k = 0; k < nt; k++) {
-        const uint8_t *want = np_chain_input_expect(chain, k);
-        if (want && np_ct_diff(dig[k], want, 32)) {
-            char q[NP_QUOTE_MAX], a[65], b[65];
-            np_quote(q, sizeof q, st->tensors[k].name, st->tensors[k].name_len);
-            hexd(dig[k], a);
-            hexd(want, b);
-            s = np_fail(ctx, NNP_KIND_BASE_MISMATCH,
-                        "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)", model, q,
-                        a, b);
-            goto out;
+    return NNP_OK;
+}
+
+/* The base, checked before the commit point (a wrong base: nothing was written). */
+static nnp_status ip_check_base(nnp_ctx *ctx, ipstate *s)
+{
+    char q[NP_QUOTE_MAX], a[65], b[65];
+    for (size_t k = 0; k < s->st->n; k++) {
+        const uint8_t *want = np_chain_input_expect(s->chain, k);
+        if (want && np_ct_diff(s->dig[k], want, 32)) {
+            np_quote(q, sizeof q, s->st->tensors[k].name, s->st->tensors[k].name_len);
+            np_hex(s->dig[k], 32, a);
+            np_hex(want, 32, b);
+            return np_fail(ctx, NNP_KIND_BASE_MISMATCH,
+                           "%s: wrong base: tensor %s differs from the patch's base (BLAKE3 %s, expected %s)", s->model,
+                           q, a, b);
         }
     }
-    if (whole_base) {
+    if (s->v.whole_base) {
         uint8_t md[32];
-        np_model_digest(st->tensors, st->by_name, nt, (const uint8_t(*)[32])dig, md);
-        if (np_ct_diff(md, info->base_model, 32)) {
-            char a[65], b[65];
-            hexd(md, a);
-            hexd(info->base_model, b);
-            s = np_fail(ctx, NNP_KIND_BASE_MISMATCH,
-                        "%s: wrong base: tensor contents differ from the patch's base (model BLAKE3 %s, expected %s)",
-                        model, a, b);
-            goto out;
+        np_model_digest(s->st->tensors, s->st->by_name, s->st->n, (const uint8_t(*)[32])s->dig, md);
+        if (np_ct_diff(md, s->info->base_model, 32)) {
+            np_hex(md, 32, a);
+            np_hex(s->info->base_model, 32, b);
+            return np_fail(ctx, NNP_KIND_BASE_MISMATCH,
+                           "%s: wrong base: tensor contents differ from the patch's base (model BLAKE3 %s, expected %s)",
+                           s->model, a, b);
         }
     }
-    if ((s = np_check_cancel(ctx)))
-        goto out;
-    if ((s = np_jw_commit(ctx, &w)))
-        goto out;
-    committed = 1;
-    test_pause();
+    return np_check_cancel(ctx);
+}
 
-    /* 3. the new bytes */
-    for (size_t x = 0; x < ne; x++) {
-        if ((s = np_chain_apply_item(ctx, chain, item_of[x], m + entries[x].offset)))
-            goto out;
-        if ((s = np_progress(ctx, entries[x].nbytes)))
-            goto out;
+/* 3. The new bytes, through the map, then on disk. */
+static nnp_status ip_write_new(nnp_ctx *ctx, ipstate *s)
+{
+    nnp_status r;
+    for (size_t x = 0; x < s->ne; x++) {
+        if ((r = np_chain_apply_item(ctx, s->chain, s->item_of[x], s->m + s->entries[x].offset)))
+            return r;
+        if ((r = np_progress(ctx, s->entries[x].nbytes)))
+            return r;
     }
-    if (m && msync(m, (size_t)size, MS_SYNC) != 0) {
-        s = np_fail_errno(ctx, errno, model, "cannot write");
-        goto out;
-    }
-    if (fsync(fd) != 0) {
-        s = np_fail_errno(ctx, errno, model, "cannot write");
-        goto out;
-    }
-    test_pause();
+    if (s->m && msync(s->m, (size_t)s->size, MS_SYNC) != 0)
+        return np_fail_errno(ctx, errno, s->model, "cannot write");
+    if (fsync(s->fd) != 0)
+        return np_fail_errno(ctx, errno, s->model, "cannot write");
+    return NNP_OK;
+}
 
-    /* 4. proof: the written tensors hashed at once, then compared in order */
-    memcpy(fin, dig, (size_t)nt * 32);
-    for (size_t x = 0; x < ne; x++)
-        jobs[x] = (np_hash_range){m + entries[x].offset, entries[x].nbytes, 0, fin[base_of[item_of[x]]]};
-    if ((s = np_hash_ranges(ctx, jobs, ne)))
-        goto out;
-    for (size_t x = 0; x < ne; x++) {
+/* 4. Proof: the written tensors hashed at once, then compared in order; the target model digest
+ * (default, full) and the file digest (policy.h). */
+static nnp_status ip_prove(nnp_ctx *ctx, ipstate *s)
+{
+    char q[NP_QUOTE_MAX], a[65], b[65];
+    nnp_status r;
+    memcpy(s->fin, s->dig, (size_t)s->st->n * 32);
+    for (size_t x = 0; x < s->ne; x++)
+        s->jobs[x] = (np_hash_range){s->m + s->entries[x].offset, s->entries[x].nbytes, 0,
+                                     s->fin[s->base_of[s->item_of[x]]]};
+    if ((r = np_hash_ranges(ctx, s->jobs, s->ne)))
+        return r;
+    for (size_t x = 0; x < s->ne; x++) {
         np_item it;
-        np_chain_item(chain, item_of[x], &it);
-        size_t k = base_of[item_of[x]];
-        if (np_ct_diff(fin[k], it.expect, 32)) {
-            char q[NP_QUOTE_MAX], a[65], b[65];
-            np_quote(q, sizeof q, entries[x].name, entries[x].name_len);
-            hexd(fin[k], a);
-            hexd(it.expect, b);
-            s = np_fail(ctx, NNP_KIND_INTEGRITY,
-                        "tensor %s: result does not match the patch's target (BLAKE3 %s, expected %s)", q, a, b);
-            goto out;
+        np_chain_item(s->chain, s->item_of[x], &it);
+        size_t k = s->base_of[s->item_of[x]];
+        if (np_ct_diff(s->fin[k], it.expect, 32)) {
+            np_quote(q, sizeof q, s->entries[x].name, s->entries[x].name_len);
+            np_hex(s->fin[k], 32, a);
+            np_hex(it.expect, 32, b);
+            return np_fail(ctx, NNP_KIND_INTEGRITY,
+                           "tensor %s: result does not match the patch's target (BLAKE3 %s, expected %s)", q, a, b);
         }
-        if ((s = np_progress(ctx, entries[x].nbytes)))
-            goto out;
+        if ((r = np_progress(ctx, s->entries[x].nbytes)))
+            return r;
     }
-    if (whole_base) {
+    if (s->v.whole_base) {
         uint8_t md[32];
-        np_model_digest(st->tensors, st->by_name, nt, (const uint8_t(*)[32])fin, md);
-        if (np_ct_diff(md, info->target_model, 32)) {
-            char a[65], b[65];
-            hexd(md, a);
-            hexd(info->target_model, b);
-            s = np_fail(ctx, NNP_KIND_INTEGRITY,
-                        "result does not match the patch's target model digest (model BLAKE3 %s, expected %s)", a, b);
-            goto out;
+        np_model_digest(s->st->tensors, s->st->by_name, s->st->n, (const uint8_t(*)[32])s->fin, md);
+        if (np_ct_diff(md, s->info->target_model, 32)) {
+            np_hex(md, 32, a);
+            np_hex(s->info->target_model, 32, b);
+            return np_fail(ctx, NNP_KIND_INTEGRITY,
+                           "result does not match the patch's target model digest (model BLAKE3 %s, expected %s)", a,
+                           b);
         }
     }
-    if (rehash) {
+    if (s->v.prove_file) {
         uint8_t fd32[32];
-        np_blake3_hash(m ? m : (const uint8_t *)"", (size_t)size, fd32);
-        if (np_ct_diff(fd32, info->target_blake3, 32)) {
-            char a[65], b[65];
-            hexd(fd32, a);
-            hexd(info->target_blake3, b);
-            s = np_fail(ctx, NNP_KIND_INTEGRITY, "%s: result does not match the patch's target (BLAKE3 %s, expected %s)",
-                        model, a, b);
-            goto out;
+        if ((r = np_hash_file(ctx, s->m, s->size, fd32)))
+            return r;
+        if (np_ct_diff(fd32, s->info->target_blake3, 32)) {
+            np_hex(fd32, 32, a);
+            np_hex(s->info->target_blake3, 32, b);
+            return np_fail(ctx, NNP_KIND_INTEGRITY,
+                           "%s: result does not match the patch's target (BLAKE3 %s, expected %s)", s->model, a, b);
         }
-        if ((s = np_progress(ctx, size)))
-            goto out;
     }
-    /* 5. commit point of the update */
-    if (unlink(jpath) != 0) {
-        s = np_fail_errno(ctx, errno, jpath, "cannot remove");
-        goto out;
-    }
-    (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
-out:
-    if (!committed)
-        np_jw_abort(&w); /* removes the .tmp journal (also on cancel) */
-    if (m)
-        munmap(m, (size_t)size);
-    if (s && committed) {
+    return NNP_OK;
+}
+
+static void ip_close(nnp_ctx *ctx, ipstate *s, nnp_status r)
+{
+    if (!s->committed)
+        np_jw_abort(&s->w); /* removes the .tmp journal (also on cancel) */
+    if (s->m)
+        munmap(s->m, (size_t)s->size);
+    if (r && s->committed) {
         /* put the old bytes back: the model is OLD again; the first error is the one reported,
          * unless the rollback itself fails (then the journal is kept, and that is what counts) */
         char msg[NP_MSG_MAX];
         nnp_error_kind kind = ctx->kind;
         snprintf(msg, sizeof msg, "%s", ctx->msg);
-        if (np_recover_locked(ctx, model, fd, NULL) == NNP_OK) {
+        if (np_recover_locked(ctx, s->model, s->fd, NULL) == NNP_OK) {
             snprintf(ctx->msg, sizeof ctx->msg, "%s", msg);
             ctx->kind = kind;
         }
     }
-    free(entries);
-    free(item_of);
-    free(dig);
-    free(fin);
-    free(hashed);
-    free(jobs);
-    free(base_of);
-    free(jpath);
-    return s;
+    free(s->entries);
+    free(s->item_of);
+    free(s->dig);
+    free(s->fin);
+    free(s->hashed);
+    free(s->jobs);
+    free(s->base_of);
+    free(s->jpath);
+}
+
+/* Everything after the plan, under the lock, for a same-layout update. */
+static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np_st *st, const uint8_t *head,
+                               uint64_t size, np_chain *chain, const np_chain_info *info)
+{
+    ipstate s;
+    memset(&s, 0, sizeof s);
+    s.v = np_verify_policy(ctx);
+    s.model = model;
+    s.fd = fd;
+    s.st = st;
+    s.head = head;
+    s.size = size;
+    s.chain = chain;
+    s.info = info;
+    s.w.fd = -1;
+    nnp_status r;
+    if ((r = ip_open(ctx, &s)) || (r = ip_entries(ctx, &s)))
+        goto out;
+    np_progress_total(ctx, (s.v.whole_base ? size : s.touched_bytes) + s.touched_bytes * 2 +
+                               (s.v.prove_file ? size : 0));
+    if ((r = ip_hash_base(ctx, &s)) || (r = ip_write_journal(ctx, &s)) || (r = ip_check_base(ctx, &s)))
+        goto out;
+    if ((r = np_jw_commit(ctx, &s.w)))
+        goto out;
+    s.committed = 1;
+    np_test_pause();
+    if ((r = ip_write_new(ctx, &s)))
+        goto out;
+    np_test_pause();
+    if ((r = ip_prove(ctx, &s)))
+        goto out;
+    /* 5. commit point of the update */
+    if (unlink(s.jpath) != 0) {
+        r = np_fail_errno(ctx, errno, s.jpath, "cannot remove");
+        goto out;
+    }
+    (void)np_fsync_dir_of(model); /* best effort: not a commit point later writes rely on */
+out:
+    ip_close(ctx, &s, r);
+    return r;
 }
 
 static nnp_status fallback_new_file(nnp_ctx *ctx, const char *model, const char *const *paths, size_t n)
@@ -479,18 +519,3 @@ out:
     close(fd);
     return s;
 }
-
-#else /* the core's chain API has not landed yet */
-
-nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const *paths, size_t n)
-{
-    (void)paths;
-    (void)n;
-    (void)test_pause;
-    if (!ctx)
-        return NNP_EUSAGE;
-    np_clear(ctx);
-    return np_fail(ctx, NNP_KIND_USAGE, "%s: --in-place is not available in this build", model ? model : "");
-}
-
-#endif

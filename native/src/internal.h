@@ -77,16 +77,6 @@ nnp_status np_check_cancel(nnp_ctx *ctx);
 nnp_status np_progress(nnp_ctx *ctx, uint64_t done);
 void np_progress_total(nnp_ctx *ctx, uint64_t add);
 
-/* The BLAKE3 digest of each range into its `out`, on apply.c's hashing threads (cpus-1 helpers,
- * at most 7) and the calling thread; `count` bytes a range go to progress. Every digest is in when
- * it returns NNP_OK; the caller compares them, in its own order. */
-typedef struct np_hash_range {
-    const uint8_t *p;
-    uint64_t n, count;
-    uint8_t *out;
-} np_hash_range;
-nnp_status np_hash_ranges(nnp_ctx *ctx, const np_hash_range *ranges, size_t n);
-
 /* Quote untrusted text for a message, Python-repr-like: 'abc', non-printable bytes and
  * quotes escaped (\xNN), cut to about `cap` bytes with "..." when longer. Writes a
  * NUL-terminated string of at most outlen bytes. Returns out. */

@@ -8,6 +8,8 @@ with the compiler's output in the failure.
 Fixtures:
   native       the host build (build/native/): a NativeBuild with .apply (the
                nnpatch-apply path), .lib_so, .lib_a, .prim_driver, .jni_so, .dir
+  native_test  the host build with the test hooks (-DNNPATCH_TEST: build/native-test/), e.g.
+               NNPATCH_TEST_PAUSE_AFTER_JOURNAL; the shipped build (native) has none
   asan         the AddressSanitizer + UndefinedBehaviorSanitizer build (build/native-asan/)
   aarch64      the aarch64 cross build (build/native-aarch64/), run under qemu-aarch64
   native_impl  parametrised over both host builds ("native" and "asan"): use it to
@@ -152,6 +154,11 @@ def native() -> NativeBuild:
 
 
 @pytest.fixture(scope="session")
+def native_test() -> NativeBuild:
+    return _build("native-test", "native-test", "native-test")
+
+
+@pytest.fixture(scope="session")
 def asan() -> NativeBuild:
     return _build("native-asan", "asan", "native-asan", env=SANITIZER_ENV, sanitized=True)
 
@@ -173,6 +180,13 @@ def _impls() -> list[str]:
 def native_impl(request) -> NativeBuild:
     """The host build and the sanitizer build in turn (see the module docstring)."""
     return request.getfixturevalue(request.param)
+
+
+@pytest.fixture
+def hooked_impl(native_impl, request) -> NativeBuild:
+    """native_impl with the test hooks: the native-test build in place of the host build (the
+    sanitizer build has them compiled in)."""
+    return request.getfixturevalue("native_test") if native_impl.name == "native" else native_impl
 
 
 VECTORS = ROOT / "spec" / "vectors"

@@ -160,25 +160,28 @@ def test_directory_control_reencoded_patch_in_place_native_only(world):
 
 @pytest.mark.parametrize("verify", ["default", "full", "touched"])
 def test_target_blake3_lie_native_only(world, verify):
-    """target.blake3 is wrong, everything else true: the exit code Python gives (4 in full mode, which
-    re-reads the output); on success the output is the real target, and the lie is never printed."""
+    """target.blake3 is wrong, everything else true (issue 28 item 5): refused in every verify mode
+    as --verify full refuses it (exit 4, IntegrityError), nothing left at -o; the output's file
+    digest is proven from the bytes written, never taken from the header."""
     h = world.patch()
     h["target"]["blake3"] = "ab" * 32
     world.write("lie.nnpatch", craft.encode_patch(h))
-    args = ["apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors", f"--verify={verify}"]
-    py = python_on_a_copy(world, args)
-    if verify == "full":
-        assert py == 4
+    tc.refused_and_untouched(world, ["apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors",
+                                     f"--verify={verify}"], 4)
+    r = world.run("apply", "base.safetensors", "lie.nnpatch", "-o", "out.safetensors", f"--verify={verify}")
+    assert "result does not match the patch's target (BLAKE3" in r.err, r
+
+
+def test_target_blake3_lie_in_place_native_only(world):
+    """The same lie through --in-place: exit 4, the model rolled back to exactly the base, no journal."""
+    world.write("model.safetensors", world.read("base.safetensors"))
+    h = world.patch()
+    h["target"]["blake3"] = "ab" * 32
+    world.write("lie.nnpatch", craft.encode_patch(h))
     before = world.snapshot()
-    r = world.run(*args)
-    assert r.rc == py, f"Python exits {py}: {r}"
-    if r.rc == 0:  # a success reports no digest it did not compute (an error may quote the header's)
-        assert "ab" * 32 not in r.out + r.err, f"the header's false digest was printed: {r}"
-        assert world.read("out.safetensors") == world.read("target.safetensors")
-        tc.assert_untouched(before, world.snapshot(), allow=("work/out.safetensors",))
-    else:
-        tc.assert_refused(r, py)
-        tc.assert_untouched(before, world.snapshot())
+    r = world.run("apply", "model.safetensors", "lie.nnpatch", "--in-place")
+    tc.assert_refused(r, 4)
+    tc.assert_untouched(before, world.snapshot())
 
 
 def test_lone_surrogate_name_native_only(world):
@@ -210,3 +213,54 @@ def test_check_with_key_refuses_native_only(world, impl, case):
     nr.assert_ok(nr.native(impl, "--check", "ok.nnpatch", "--key", "release.pub.pem", "--base", "base.safetensors",
                            cwd=world.work))
 
+
+
+# --- --check applies the rules apply applies before it writes (issue 28 item 9) ---------------------
+
+@pytest.mark.parametrize("case", ["external-data-is-the-base", "garbage-skeleton", "deep-json-skeleton"])
+def test_check_refuses_the_onnx_patch_apply_refuses_native_only(world, impl, case):
+    """An ONNX-target patch apply refuses under spec 5.7 (external data named as the base, a skeleton
+    of garbage, 100,000-deep JSON in it): --check, with or without --base, refuses it with apply's
+    exit code (3: nnpatch-apply does not write ONNX models, so it vouches for no ONNX skeleton)."""
+    pytest.importorskip("onnx")
+    h = world.patch("p-onnx.nnpatch")
+    if case == "external-data-is-the-base":
+        craft.plant_external(h, "base.safetensors", tc.EVIL)
+    elif case == "garbage-skeleton":
+        h["target"]["skeleton"] = craft.section(b"\xff garbage " * 64, compress=True)
+    else:
+        obj, proto = craft.decode_skeleton(craft.section_bytes(h["target"]["skeleton"]))
+        h["target"]["skeleton"] = craft.section(craft.encode_skeleton(
+            None, proto, raw_json=b'{"x-":' + craft.nested_list_json(100_000) + b',' + craft.canonical(obj)[1:]),
+            compress=True)
+    world.write("bad.nnpatch", craft.encode_patch(h))
+    before = world.snapshot()
+    applied = nr.native(impl, "base.safetensors", "bad.nnpatch", "-o", "out.onnx", cwd=world.work)
+    nr.assert_refused(applied, 3)
+    for args in (["--check", "bad.nnpatch", "--base", "base.safetensors"], ["--check", "bad.nnpatch"]):
+        r = nr.native(impl, *args, cwd=world.work)
+        nr.assert_refused(r, applied.rc)
+        assert "target format 'onnx'" in r.err, r
+    tc.assert_untouched(before, world.snapshot())
+
+
+@pytest.mark.parametrize("lie", ["base-model-digest", "op-base-digest"])
+def test_check_base_proves_what_apply_proves_native_only(world, impl, lie):
+    """The base's file digest is the patch's, but a digest apply checks before writing is false (the
+    base model digest, or one op's base tensor digest): apply refuses (exit 4), so --check --base
+    reports the mismatch (exit 1, as for any base that is not the patch's) instead of exit 0 on the
+    file digest alone."""
+    h = world.patch()
+    if lie == "base-model-digest":
+        h["base"]["model_blake3"] = "ab" * 32
+    else:
+        op = next(o for o in h["ops"] if o.get("base"))
+        op["base"]["blake3"] = "cd" * 32
+    world.write("lie.nnpatch", craft.encode_patch(h))
+    before = world.snapshot()
+    applied = nr.native(impl, "base.safetensors", "lie.nnpatch", "-o", "out.safetensors", cwd=world.work)
+    nr.assert_refused(applied, 4)
+    r = nr.native(impl, "--check", "lie.nnpatch", "--base", "base.safetensors", cwd=world.work)
+    nr.assert_no_crash(r)
+    assert r.rc == 1, str(r)
+    tc.assert_untouched(before, world.snapshot())

@@ -1,5 +1,5 @@
 """Chaining-value reuse in the native applier (native/src/blake3.c np_blake3_hash_keep and
-np_blake3_hash_reuse, used by native/src/apply.c): a tensor that rows, elements or qrows ops
+np_blake3_hash_reuse, used by native/src/hashpool.c and engine.c): a tensor that rows, elements or qrows ops
 change is hashed again from the chaining values of its base's unchanged 64 KiB / 4 KiB subtrees.
 
 - The two functions against blake3-py, through every BLAKE3 implementation this CPU runs, from a
@@ -62,6 +62,9 @@ def lib(tmp_path_factory):
     so.np_blake3_hash_keep.argtypes = args
     so.np_blake3_hash_reuse.argtypes = args
     so.np_blake3_hash_keep.restype = so.np_blake3_hash_reuse.restype = None
+    so.np_blake3_subtree_cvs.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_size_t, ctypes.c_size_t,
+                                         ctypes.c_void_p]
+    so.np_blake3_subtree_cvs.restype = None
     return so
 
 
@@ -128,6 +131,25 @@ def test_keep_and_reuse_large_random_sizes(lib):
     rng = random.Random(1234)
     for _ in range(12):
         check(lib, rng, rng.randrange(SUB, 6 << 20), rng.choice([0.05, 0.3, 0.9]))
+
+
+@pytest.mark.parametrize("n", [2 * SUB + 1, 3 * SUB, 5 * SUB + 3 * CHUNK + 17, 17 * SUB + FINE, 64 * SUB])
+def test_subtree_cvs_in_pieces_join_to_the_digest(lib, n):
+    """np_blake3_subtree_cvs over pieces of an input (as np_hash_file hands them to the hashing
+    threads to prove an output file's digest, issue 28 item 5), joined by np_blake3_hash_reuse with
+    no dirty marks: blake3-py's digest of the whole, in every implementation, for any cut."""
+    rng = random.Random(n)
+    data = rng.randbytes(n)
+    nsub = lib.np_blake3_subtrees(n)
+    dirty = np.zeros(nsub, dtype=np.uint16)
+    for impl in impls(lib):
+        for piece in (1, 2, 3, nsub):
+            cvs = ctypes.create_string_buffer(32 * nsub)
+            for b in range(0, nsub, piece):
+                k = min(piece, nsub - b)
+                at = ctypes.addressof(cvs) + 32 * b
+                lib.np_blake3_subtree_cvs(impl, data[b * SUB:], b, k, at)
+            assert reuse(lib, impl, data, dirty, cvs, None) == blake3.blake3(data).digest(), (IMPLS[impl], n, piece)
 
 
 def test_unmarked_bytes_are_not_read(lib):
@@ -248,3 +270,33 @@ def test_base_flipped_where_no_op_writes_is_refused(native_impl, tmp_path, where
         assert leftovers(out_dir) == []
     with pytest.raises(nnpatch.BaseMismatchError):
         nnpatch.apply(broken, patch, tmp_path / "py-broken.safetensors")
+
+
+def test_output_file_digest_in_pieces_end_to_end(native, tmp_path):
+    """An output of 3 pieces and a rest (np_hash_file's pieces of 16 MiB, on the hashing threads):
+    every verify mode proves the file digest and applies exactly (default and touched too, issue 28
+    item 5); the same patch claiming another target.blake3 is refused (exit 4) with nothing left."""
+    rng = np.random.default_rng(9)
+    big = (rng.standard_normal((12 * 1024 + 7, 1024)) * 0.02).astype("<f4")  # 48 MiB + 28 KiB
+    big2 = big.copy()
+    big2[[0, 5000, big.shape[0] - 1]] += np.float32(1e-3)
+    write_safetensors(tmp_path / "base.safetensors", {"big": big})
+    write_safetensors(tmp_path / "target.safetensors", {"big": big2})
+    base, target, patch = tmp_path / "base.safetensors", tmp_path / "target.safetensors", tmp_path / "u.nnpatch"
+    nnpatch.diff(base, target, patch)
+    for verify in ("default", "touched", "full"):
+        out = tmp_path / f"n-{verify}.safetensors"
+        assert_ok(run_native(native, base, patch, "-o", out, "--verify", verify))
+        assert out.read_bytes() == target.read_bytes(), verify
+    from tests import craft
+    h = craft.decode_patch(patch.read_bytes())
+    h["target"]["blake3"] = "cd" * 32
+    lie = tmp_path / "lie.nnpatch"
+    lie.write_bytes(craft.encode_patch(h))
+    for verify in ("default", "touched"):
+        out = tmp_path / f"lie-{verify}.safetensors"
+        r = run_native(native, base, lie, "-o", out, "--verify", verify)
+        assert_refused(r, 4)
+        assert not out.exists(), verify
+    assert leftovers(tmp_path, "base.safetensors", "target.safetensors", "u.nnpatch", "lie.nnpatch",
+                     *(f"n-{v}.safetensors" for v in ("default", "touched", "full"))) == []

@@ -13,8 +13,9 @@
   exactly OLD, or refused with the same exit code, the model unwritten and the journal kept;
 * the Trust rules' file checks: FIFO (no blocking), oversize, torn (deleted), .tmp (deleted), lock.
 
-``NNPATCH_TEST_PAUSE_AFTER_JOURNAL`` (native/src/inplace.h; test-only) makes the native applier
-sleep after its journal's commit point and after its writes, so a kill lands where a journal exists.
+``NNPATCH_TEST_PAUSE_AFTER_JOURNAL`` (native/src/inplace.h; compiled into test builds only:
+``native_test``, ``hooked_impl``) makes the native applier sleep after its journal's commit point
+and after its writes, so a kill lands where a journal exists.
 """
 
 from __future__ import annotations
@@ -160,7 +161,9 @@ def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path
     shutil.copyfile(old, twin)
     apply_in_place(twin, patch, verify=verify)
     assert read(twin) == read(model)
-    # a wrong base outside the touched tensors: refused by default and full, carried by touched
+    # a wrong base outside the touched tensors: refused by default and full before anything is
+    # written; touched copies it unchecked, then the output's file digest (proven in every mode,
+    # issue 28 item 5) refuses the result and the model is rolled back
     shutil.copyfile(old, model)
     data = bytearray(read(model))
     data[-1] ^= 0xFF  # tensor d, untouched by the patch
@@ -168,10 +171,10 @@ def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path
         f.write(data)
     rc, msg = lib_in_place(native, model, [patch], verify)
     if verify == "touched":
-        assert rc == 0, msg
+        assert rc == 4 and "result does not match the patch's target (BLAKE3" in msg, msg
     else:
         assert rc == 4 and "wrong base" in msg, msg
-        assert read(model) == bytes(data)
+    assert read(model) == bytes(data)
     assert no_journal(model)
     # a wrong touched tensor: refused in every mode, nothing written
     shutil.copyfile(old, model)
@@ -182,6 +185,22 @@ def test_in_place_verify_modes_through_the_library(native, same_layout, tmp_path
     rc, msg = lib_in_place(native, model, [patch], verify)
     assert rc == 4 and "wrong base" in msg, msg
     assert read(model) == bytes(data) and no_journal(model)
+
+
+@pytest.mark.parametrize("verify", ["default", "full", "touched"])
+def test_in_place_target_blake3_lie_rolls_back(native, same_layout, tmp_path, verify):
+    """A patch whose header claims a wrong target.blake3, everything else true (issue 28 item 5):
+    --in-place refuses it in every verify mode as full does (exit 4, IntegrityError), after the
+    journal's commit point, so the model is rolled back to exactly the base and no journal is left."""
+    old, new, patch, model = same_layout
+    h = craft.decode_patch(read(patch))
+    h["target"]["blake3"] = "ab" * 32
+    lie = str(tmp_path / "lie.nnpatch")
+    with open(lie, "wb") as f:
+        f.write(craft.encode_patch(h))
+    rc, msg = lib_in_place(native, model, [lie], verify)
+    assert rc == 4 and "result does not match the patch's target (BLAKE3" in msg, msg
+    assert read(model) == read(old) and no_journal(model)
 
 
 def test_in_place_chain(native_impl, tmp_path):
@@ -257,10 +276,11 @@ def test_second_updater_fails_at_once(native_impl, same_layout):
     assert read(model) == read(old) and no_journal(model)
 
 
-def test_sigint_rolls_back(native, same_layout):
+def test_sigint_rolls_back(native_test, same_layout):
     """SIGINT while the journal is committed: exit 130, everything rolled back, no journal left."""
     old, new, patch, model = same_layout
-    proc = subprocess.Popen([*native.cmd, "--in-place", model, patch], env=native.full_env({PAUSE_ENV: "1500"}),
+    proc = subprocess.Popen([*native_test.cmd, "--in-place", model, patch],
+                            env=native_test.full_env({PAUSE_ENV: "1500"}),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     jp = journal_path(model)
     end = time.monotonic() + 30
@@ -274,9 +294,9 @@ def test_sigint_rolls_back(native, same_layout):
 
 # --- the journal: byte for byte, and crossed ----------------------------------------------------------
 
-def test_native_journal_is_byte_identical_to_pythons(native, same_layout, tmp_path):
+def test_native_journal_is_byte_identical_to_pythons(native_test, same_layout, tmp_path):
     old, new, patch, model = same_layout
-    kill_native_after_journal(native, model, patch)
+    kill_native_after_journal(native_test, model, patch)
     native_journal = read(journal_path(model))
     assert read(model) == read(old)  # killed after the commit point, before the writes
     twin_dir = tmp_path / "twin"
@@ -288,9 +308,9 @@ def test_native_journal_is_byte_identical_to_pythons(native, same_layout, tmp_pa
 
 
 @pytest.mark.parametrize("after", ["journal", "writes"])
-def test_native_journal_recovered_by_python(native_impl, same_layout, after):
+def test_native_journal_recovered_by_python(hooked_impl, same_layout, after):
     old, new, patch, model = same_layout
-    kill_native_after_journal(native_impl, model, patch, new=read(new) if after == "writes" else None)
+    kill_native_after_journal(hooked_impl, model, patch, new=read(new) if after == "writes" else None)
     assert state(model, old, new) == ("OLD" if after == "journal" else "NEW")
     assert recover(model) is not None
     assert state(model, old, new) == "OLD" and no_journal(model)
@@ -343,11 +363,11 @@ def test_sigkilled_python_recovered_by_native(native_impl, tmp_path):
     assert seen["OLD"] + seen["NEW"] == 4
 
 
-def test_sigkill_at_random_moments(native):
+def test_sigkill_at_random_moments(native_test):
     """~20 SIGKILLs of `nnpatch-apply --in-place`, recovered natively, by Python and by the next apply."""
     sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
     import native_crash_test
-    c = native_crash_test.run(native.cmd, trials=21, mb=4, seed=5, env=native.full_env(), verbose=True)
+    c = native_crash_test.run(native_test.cmd, trials=21, mb=4, seed=5, env=native_test.full_env(), verbose=True)
     assert c["bad"] == 0 and c["old"] + c["new"] == c["trials"], c
     assert c["killed"] >= 10 and c["journal_left"] >= 5, c
 

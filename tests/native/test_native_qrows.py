@@ -138,13 +138,13 @@ def nnpatch_vectors() -> dict:
     return json.loads((VECTORS / "vectors.json").read_text())
 
 
-def test_native_journal_saves_rows_and_python_recovers_it(native, tmp_path):
+def test_native_journal_saves_rows_and_python_recovers_it(native_test, tmp_path):
     """Killed after its journal: the native journal holds the old rows of each qrows tensor (unit = a
     row, count = the op's rows), and Python's recover rolls the model back to exactly OLD."""
     o, n, p, deltas = diffed(6, tmp_path, big=False)
     model = tmp_path / "model.safetensors"
     shutil.copyfile(o, model)
-    kill_native_after_journal(native, model, p)
+    kill_native_after_journal(native_test, model, p)
     j = read_journal(journal_path(model))
     with SafetensorsFile(o) as st:
         units = {e.name: (e.unit, e.count) for e in j.entries}
@@ -156,7 +156,7 @@ def test_native_journal_saves_rows_and_python_recovers_it(native, tmp_path):
     assert read(model) == read(o) and not os.path.lexists(journal_path(model))
 
 
-def test_native_and_python_qrows_journals_are_byte_identical(native, tmp_path):
+def test_native_and_python_qrows_journals_are_byte_identical(native_test, tmp_path):
     """Both implementations journal a qrows tensor by its rows (JOURNAL.md: `unit` a row), so the
     journals committed for the same model and patch are the same bytes."""
     o, n, p, _ = diffed(6, tmp_path, big=False)
@@ -164,7 +164,7 @@ def test_native_and_python_qrows_journals_are_byte_identical(native, tmp_path):
     twin.parent.mkdir()
     shutil.copyfile(o, model)
     shutil.copyfile(o, twin)
-    kill_native_after_journal(native, model, p)
+    kill_native_after_journal(native_test, model, p)
     py_crash_at("journal", str(twin), str(p))
     assert read(journal_path(twin)) == read(journal_path(model))
 

@@ -1,10 +1,9 @@
 /*
- * The apply engine: the plan of a chain (nnpatch/applier/plan.py plan_forward) and the
- * one pass that builds the output (engine.py), with the verify policies of policy.py.
- * Also what the in-place path (inplace.c) builds on: the np_chain_* functions.
+ * The chain plan (plan.c); Python twin: nnpatch/applier/plan.py (plan_forward). What the
+ * engine (engine.c) builds from, and the in-place path (inplace.c) with the np_chain_* functions.
  */
-#ifndef NNP_APPLY_H
-#define NNP_APPLY_H
+#ifndef NNP_PLAN_H
+#define NNP_PLAN_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -13,8 +12,6 @@
 #include "internal.h"
 #include "patch.h"
 #include "safetensors.h"
-
-#define NP_CHAIN_API 1
 
 typedef struct np_chain np_chain;
 
@@ -62,5 +59,56 @@ nnp_status np_chain_indices(nnp_ctx *ctx, np_chain *c, size_t i, np_index_fn fn,
 
 /* Run item i's fill and steps on dst[0 .. out->nbytes) (holding its src's bytes). */
 nnp_status np_chain_apply_item(nnp_ctx *ctx, np_chain *c, size_t i, uint8_t *dst);
+
+/* The plan's own records, read by the engine (engine.c) and the check (check.c): a step is one
+ * op's values run on a tensor; an item one output tensor, filled (a patch's values) or started
+ * from a base tensor (src), then its steps steps[s0 .. s0+ns) in link order. */
+typedef struct np_step {
+    const np_patch *p;
+    const np_op *op;
+    const np_section *s;
+    int mode;
+} np_step;
+
+typedef struct np_pitem {
+    const np_tensor *out;
+    const np_tensor *src;
+    int has_fill;
+    np_step fill;
+    size_t s0, ns;
+    const uint8_t *expect;
+} np_pitem;
+
+struct np_chain {
+    np_patch *patches;
+    size_t n;
+    np_st *layouts;
+    uint8_t **layout_raw;
+    uint64_t *layout_len;
+    const np_st *base;
+    uint64_t base_size;
+    char *base_path;
+    np_pitem *items;
+    size_t nitems;
+    np_step *steps;
+    size_t nsteps;
+    const uint8_t **input_expect;
+    char *scratch_dir; /* for wide chunk buffers: the output's directory (the base's by default) */
+};
+
+/* The scratch directory for wide chunk buffers: out_path's directory from now on. */
+void np_chain_set_scratch(np_chain *c, const char *out_path);
+
+/* The rules of one link the plan applies, for the check (check.c) to apply the same ones. */
+/* plan.decode_layout: a file target's layout section decoded and parsed (raw: its bytes). */
+nnp_status np_plan_decode_layout(nnp_ctx *ctx, const np_patch *p, np_st *st, uint8_t **raw, uint64_t *rawlen);
+/* The ops agree with the target layout (tensor set, dtypes, shapes, count). */
+nnp_status np_plan_check_ops(nnp_ctx *ctx, const np_patch *p, const np_st *layout);
+/* The base's header fits the patch (BASE_MISMATCH, 4), then np_plan_check_ops. */
+nnp_status np_plan_check_base(nnp_ctx *ctx, const np_patch *p, const np_st *base, const char *bpath,
+                              const np_st *layout);
+/* The native applier writes safetensors files only: any other target is refused (3), the message
+ * naming the command that handles it (`instead`). */
+nnp_status np_plan_refuse_target(nnp_ctx *ctx, const np_patch *p, const char *instead);
 
 #endif
