@@ -1,7 +1,7 @@
 /*
  * The hashing threads: a queue of (range, digest) jobs hashed on cpus-1 helper threads and the
  * calling thread, each digest written once; and the chaining-value reuse of a tensor that only
- * rows, elements or qrows ops change. Python twin: the hashing of nnpatch/applier/engine.py
+ * rows, elements or qrows ops change. Python twin: nnpatch/applier/engine.py, its hashing
  * (its worker threads hashing from the page cache). It answers "what is the BLAKE3 of each of
  * these ranges?", for the engine (engine.c) and the in-place path (inplace.c).
  */

@@ -1,5 +1,5 @@
 /*
- * nnp_apply_in_place and nnp_recover (spec/JOURNAL.md; Python: nnpatch/applier/inplace.py).
+ * nnp_apply_in_place and nnp_recover (spec/JOURNAL.md; Python twin: nnpatch/applier/inplace.py).
  *
  *  1. exclusive flock on the model (a second updater fails at once, exit 5);
  *  2. recover first if a journal is there;
