@@ -446,16 +446,10 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
             nnp_status ps = np_patch_open(ctx, paths[i], NULL, &p);
             if (ps)
                 return ps;
-            int fmt = p.target.format;
+            ps = np_plan_refuse_target(ctx, &p, "nnpatch apply");
             np_patch_close(&p);
-            if (fmt != NP_FMT_SAFETENSORS)
-                return np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
-                               "%s: target format '%s' (%s) is not supported by the native applier, which writes "
-                               "safetensors files; use `nnpatch apply`",
-                               paths[i], fmt == NP_FMT_DIR ? "safetensors-dir" : fmt == NP_FMT_ONNX ? "onnx" : "pytorch",
-                               fmt == NP_FMT_DIR    ? "a model directory"
-                               : fmt == NP_FMT_ONNX ? "an ONNX model"
-                                                    : "a PyTorch checkpoint");
+            if (ps)
+                return ps;
         }
         return np_fail(ctx, NNP_KIND_USAGE,
                        "%s: the patch makes a single file, so it cannot update this directory in place; write the "
