@@ -8,8 +8,8 @@
  *  4. journal the old bytes of every unit about to be written into MODEL.nnpatch-journal.tmp,
  *     check the base, fsync, rename, fsync the directory (commit point of the journal);
  *  5. write the new bytes through a shared map, msync, fsync;
- *  6. hash the written tensors (and the target model digest, or with --verify full the
- *     whole file); on a mismatch roll back;
+ *  6. hash the written tensors, the whole file (every verify mode: policy.c) and, but with
+ *     --verify touched, the target model digest; on a mismatch roll back;
  *  7. delete the journal, fsync the directory (commit point of the update).
  */
 #include "inplace.h"
