@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 
 import numpy as np
 
@@ -26,18 +25,31 @@ def reject_constant(name):
     raise ValueError(f"{name} is not allowed")
 
 
-def loads_strict(raw: bytes):
+#: The longest string any JSON nnpatch reads may hold, decoded, in UTF-8 bytes (SECURITY.md, "Limits"):
+#: names, paths, digests and metadata fit with room to spare, and it keeps a parse within a phone's memory.
+#: The one exemption is a DSSE envelope's ``payload`` (the whole manifest, base64; spec/MANIFEST.md).
+MAX_JSON_STRING = 1 << 20
+
+_SCAN_PIECE = 1 << 20
+_FEW_QUOTES = 4096  # a piece with more quotes than this drops its short strings before the loop
+
+
+def loads_strict(raw: bytes, *, max_string: int = MAX_JSON_STRING):
     """UTF-8 JSON without duplicate keys; every failure is a ValueError for the caller to name."""
+    check_strings(raw, max_string)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(str(e)) from e
-    return loads_text(text)
+    return loads_text(text, max_string=None)
 
 
-def loads_text(text: str):
+def loads_text(text: str, *, max_string: int | None = MAX_JSON_STRING):
     """Decoded JSON text under the rules of loads_strict: no duplicate keys, no NaN or Infinity,
-    no lone surrogate (``"\\ud800"``: valid JSON syntax, but not Unicode text)."""
+    no lone surrogate (``"\\ud800"``: valid JSON syntax, but not Unicode text), no string longer
+    than ``max_string`` (None: the caller checked the bytes already)."""
+    if max_string is not None:
+        check_strings(text.encode("utf-8", "surrogatepass"), max_string)
     try:
         obj = json.loads(text, object_pairs_hook=reject_duplicates, parse_constant=reject_constant)
     except RecursionError as e:
@@ -51,25 +63,111 @@ def loads_text(text: str):
     return obj
 
 
-_JSON_STRING = re.compile(rb'"(?:[^"\\]|\\.)*"', re.DOTALL)
+class _Scan:
+    """One linear pass over JSON bytes, in pieces of a MiB (a few MB of memory whatever the input):
+    where its strings lie (a quote counts unless an odd run of backslashes precedes it), and, outside
+    them, the bracket nesting and the number of values. No regular expression: backtracking over a
+    long string is what made a 53 MB header cost gigabytes."""
+
+    def __init__(self, raw) -> None:
+        self.deepest = self.values = 0
+        self.long: list[tuple[int, int]] = []  # (start, end) of the strings' bytes longer than ``threshold``
+        self.raw = raw
+
+    def run(self, threshold: int) -> _Scan:
+        data = np.frombuffer(self.raw, dtype=np.uint8)
+        depth = 0
+        in_string = False
+        opened = -1  # offset of the open string's first byte
+        backslashes = 0  # backslashes that end the previous piece
+        for at in range(0, len(data), _SCAN_PIECE):
+            part = data[at : at + _SCAN_PIECE]
+            n = len(part)
+            idx = np.arange(n, dtype=np.int64)
+            is_bs = part == 92
+            # for each byte, the run of backslashes right before it (carried over from the previous piece)
+            last = np.maximum.accumulate(np.where(is_bs, -1, idx))
+            before = np.empty(n, dtype=np.int64)
+            before[0] = backslashes
+            before[1:] = idx[:-1] - last[:-1]
+            before[1:][last[:-1] < 0] += backslashes
+            quotes = np.flatnonzero((part == 34) & (before % 2 == 0))
+            backslashes = int(n - 1 - last[-1]) + (backslashes if last[-1] < 0 else 0)
+            # inside[i]: byte i lies inside a string (its quotes count as inside, which changes no count)
+            toggles = np.zeros(n, dtype=np.int8)
+            toggles[quotes] = 1
+            inside = (np.cumsum(toggles, dtype=np.int64) + (1 if in_string else 0)) % 2 == 1
+            inside[quotes] = True
+            outside = part[~inside]
+            opens = (outside == 91) | (outside == 123)
+            if len(outside):
+                step = opens.astype(np.int32) - ((outside == 93) | (outside == 125))
+                level = np.cumsum(step, dtype=np.int64) + depth
+                self.deepest = max(self.deepest, int(level.max()))
+                depth = int(level[-1])
+                self.values += int(opens.sum()) + int(np.count_nonzero(outside == 44))
+            quotes += at
+            visit = quotes.tolist() if len(quotes) <= _FEW_QUOTES else self._long_only(quotes, in_string, threshold)
+            for q in visit:
+                if in_string:
+                    if q - opened > threshold:
+                        self.long.append((opened, q))
+                    in_string = False
+                else:
+                    opened = q + 1
+                    in_string = True
+            del idx, last, before, toggles, inside
+        if in_string and len(data) - opened > threshold:  # unterminated: invalid, but never parse it
+            self.long.append((opened, len(data)))
+        return self
+
+    @staticmethod
+    def _long_only(quotes, in_string: bool, threshold: int) -> list[int]:
+        """The quotes of a piece with many strings, less the pairs that open and close a short
+        string inside it, so that the loop above visits a few (vectorised: 10 Mi escaped quotes
+        make many quotes, and this keeps the pass linear and fast)."""
+        first = 1 if in_string else 0  # quotes[first::2] open strings, quotes[first+1::2] close them
+        opens = quotes[first::2]
+        closes = quotes[first + 1 :: 2]
+        k = len(closes)
+        short = (closes - opens[:k]) - 1 <= threshold
+        keep = np.ones(len(quotes), dtype=bool)
+        keep[first : first + 2 * k : 2][short] = False
+        keep[first + 1 : first + 1 + 2 * k : 2][short] = False
+        return quotes[keep].tolist()
 
 
-def json_shape(raw: bytes) -> tuple[int, int]:
+def check_strings(raw, max_string: int) -> None:
+    """Refuse JSON bytes holding a string longer than ``max_string`` bytes once decoded (UTF-8),
+    before anything is built from them."""
+    _check_long(raw, _Scan(raw).run(max_string).long, max_string)
+
+
+def _check_long(raw, long: list[tuple[int, int]], max_string: int) -> None:
+    """A string's decoded length is at most its stored length and at least a sixth of it
+    (``\\u0000``): only strings stored longer than the cap are decoded, alone, and only when they
+    are stored in at most six times the cap."""
+    for start, end in long:
+        if end - start > 6 * max_string + 12:
+            raise ValueError(f"a string of {end - start} bytes at byte {start} (the limit is {max_string} bytes)")
+        try:
+            decoded = len(json.loads(b'"' + bytes(raw[start:end]) + b'"').encode("utf-8", "surrogatepass"))
+        except (ValueError, RecursionError):
+            decoded = end - start  # not a valid string: counted as stored
+        if decoded > max_string:
+            raise ValueError(f"a string of {decoded} bytes at byte {start} (the limit is {max_string} bytes)")
+
+
+def json_shape(raw: bytes, *, max_string: int | None = None) -> tuple[int, int]:
     """(deepest bracket nesting, number of values) of UTF-8 JSON outside its strings, found
     before parsing so that hostile JSON can exhaust neither the parser's recursion nor memory.
     Values are counted as opening brackets and commas; the scan runs in pieces, so it needs a
-    few MB whatever the input's size."""
-    skeleton = np.frombuffer(_JSON_STRING.sub(b"", raw), dtype=np.uint8)
-    depth = deepest = values = 0
-    for at in range(0, len(skeleton), 1 << 20):
-        part = skeleton[at : at + (1 << 20)]
-        opens = (part == ord("[")) | (part == ord("{"))
-        step = opens.astype(np.int32) - ((part == ord("]")) | (part == ord("}")))
-        level = np.cumsum(step, dtype=np.int64) + depth
-        deepest = max(deepest, int(level.max()))
-        depth = int(level[-1])
-        values += int(opens.sum()) + int(np.count_nonzero(part == ord(",")))
-    return deepest, values
+    few MB whatever the input's size. With ``max_string``, a longer string is a ValueError
+    (the same pass: see :func:`check_strings`)."""
+    scan = _Scan(raw).run(max_string if max_string is not None else 1 << 62)
+    if max_string is not None:
+        _check_long(raw, scan.long, max_string)
+    return scan.deepest, scan.values
 
 
 def read_bounded(path: str | os.PathLike[str], limit: int) -> bytes:

@@ -11,6 +11,7 @@ from ..applier import apply_chain, apply_in_place
 from ..applier import recover as do_recover
 from ..applier import revert as do_revert
 from ..patchfile import read_patch_stream
+from ..signing import authenticator
 from ._common import InputPath, emit_json, human, json_option, quiet
 from ._inputs import check_order, check_public_key
 from ._progress import model_size, progress
@@ -55,7 +56,9 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         for p in patches:
             if p == "-":
                 where = os.path.dirname(os.path.abspath(output or old))
-                opened.append(stack.enter_context(read_patch_stream(directory=where)))
+                # with a key, nothing of the header is expanded or parsed before the signature checks out
+                opened.append(stack.enter_context(read_patch_stream(
+                    directory=where, authenticate=authenticator(key) if key is not None else None)))
             else:
                 opened.append(p)
         total = model_size(old)

@@ -13,7 +13,7 @@ import blake3
 import zstandard
 
 from .. import codecs, dtypes, quantdelta
-from .._json import json_shape, loads_text
+from .._json import MAX_JSON_STRING, json_shape, loads_text
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
@@ -193,14 +193,17 @@ def _load_json(raw: bytes, path: str) -> dict:
         raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + e.start})", path=path) from e
     if not text.startswith("{"):
         raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
-    depth, values = json_shape(raw)
+    try:
+        depth, values = json_shape(raw, max_string=MAX_JSON_STRING)
+    except ValueError as e:
+        raise PatchFormatError(f"header JSON holds {e}", path=path, offset=PREAMBLE_SIZE) from e
     if depth > MAX_JSON_DEPTH:
         raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
     if values > MAX_JSON_VALUES:
         raise PatchFormatError(f"header JSON holds more than {MAX_JSON_VALUES} values", path=path,
                                offset=PREAMBLE_SIZE)
     try:
-        obj = loads_text(text)
+        obj = loads_text(text, max_string=None)  # the strings were checked with the shape
     except (ValueError, RecursionError) as e:
         raise PatchFormatError(f"header is not valid JSON: {e}", path=path, offset=PREAMBLE_SIZE) from e
     if not isinstance(obj, dict):
