@@ -92,7 +92,8 @@ from nnpatch.trainer.recipes import (  # noqa: E402
     shift_domain,
     split_indices,
 )
-from nnpatch.trainer.run import core_function, save_weights  # noqa: E402
+from nnpatch import diff  # noqa: E402
+from nnpatch.trainer.run import save_weights  # noqa: E402
 from nnpatch.trainer.sparse import changed_channels  # noqa: E402
 from nnpatch.trainer.tiny_updater import update  # noqa: E402
 
@@ -168,15 +169,11 @@ def video_scenario(x: np.ndarray, y: np.ndarray, seed: int) -> dict:
 
 
 # ------------------------------------------------------------------ running
-def patch_bytes(base_state: dict, new_state: dict, tmp: Path) -> tuple[int | None, int]:
+def patch_bytes(base_state: dict, new_state: dict, tmp: Path) -> tuple[int, int]:
     b, n, p = tmp / "base.safetensors", tmp / "new.safetensors", tmp / "u.nnpatch"
     save_weights(base_state, b)
     save_weights(new_state, n)
-    diff = core_function("diff")
-    size = None
-    if diff is not None:
-        size = int(diff(str(b), str(n), str(p)).patch_size)
-    return size, n.stat().st_size
+    return int(diff(str(b), str(n), str(p)).patch_size), n.stat().st_size
 
 
 def run_task(task_name: str, model_fn, data: dict, task: str, *, seed: int, ratios: list[float],

@@ -26,7 +26,8 @@ from dataclasses import dataclass, field
 import numpy as np
 import zstandard
 
-from . import __version__, codecs, dtypes, quantdelta
+from . import codecs, dtypes, quantdelta
+from ._version import __version__
 from .errors import NnpatchIOError, UsageError, WeightsError
 from .hashing import ModelHasher, digest_bytes, directory_digest, hash_file
 from .patchfile import ModelRef, Op, OutputFile, PatchHeader, PatchWriter, Section, TargetFile, TensorRef

@@ -73,29 +73,77 @@ def key_id(raw_public: bytes) -> str:
 
 
 def load_private_key(path: str):
+    return _private_from_pem(_read(path), path)
+
+
+def _private_from_pem(data: bytes, source: str):
     ed25519, serialization, _ = _crypto()
     try:
-        key = serialization.load_pem_private_key(_read(path), password=None)
+        key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError) as e:
-        raise PatchFormatError(f"not an unencrypted PEM private key ({e})", path=path) from e
+        raise PatchFormatError(f"not an unencrypted PEM private key ({e})", path=source) from e
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise PatchFormatError("not an Ed25519 private key", path=path)
+        raise PatchFormatError("not an Ed25519 private key", path=source)
     return key
+
+
+class TrustedKey:
+    """An Ed25519 public key the caller trusts, parsed once: the one place that checks an Ed25519
+    signature, for patches (:func:`authenticator`) and release manifests (nnpatch.delivery.trust).
+
+    Build one with :meth:`from_file` (a PEM file; a private key file names its public key too),
+    :meth:`from_pem` (PEM text or bytes) or :meth:`of` (a TrustedKey, or a path)."""
+
+    __slots__ = ("_public", "raw", "key_id")
+
+    def __init__(self, public) -> None:
+        self._public = public
+        self.raw = _raw_public(public)
+        self.key_id = key_id(self.raw)
+
+    @classmethod
+    def from_pem(cls, data: bytes | str, *, source: str = "key") -> TrustedKey:
+        ed25519, serialization, _ = _crypto()
+        if isinstance(data, str):
+            data = data.encode("utf-8")
+        try:
+            key = serialization.load_pem_public_key(data)
+        except (ValueError, TypeError):
+            try:  # a private key file also names its public key
+                return cls(_private_from_pem(data, source).public_key())
+            except PatchFormatError:
+                raise PatchFormatError("not a PEM Ed25519 public key", path=source) from None
+        if not isinstance(key, ed25519.Ed25519PublicKey):
+            raise PatchFormatError("not an Ed25519 public key", path=source)
+        return cls(key)
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str]) -> TrustedKey:
+        path = os.fspath(path)
+        return cls.from_pem(_read(path), source=path)
+
+    @classmethod
+    def of(cls, key: TrustedKey | str | os.PathLike[str]) -> TrustedKey:
+        """``key`` itself, or the key in the PEM file at ``key``."""
+        return key if isinstance(key, TrustedKey) else cls.from_file(key)
+
+    def signed(self, public: bytes) -> bool:
+        """Whether ``public`` (a raw 32-byte key from a signature block) is this key."""
+        return hmac.compare_digest(public, self.raw)
+
+    def verifies(self, signature: bytes, message: bytes) -> bool:
+        """Whether ``signature`` is this key's Ed25519 signature of ``message``."""
+        _, _, InvalidSignature = _crypto()
+        try:
+            self._public.verify(signature, message)
+        except InvalidSignature:
+            return False
+        return True
 
 
 def load_public_key(path: str):
-    ed25519, serialization, _ = _crypto()
-    data = _read(path)
-    try:
-        key = serialization.load_pem_public_key(data)
-    except (ValueError, TypeError):
-        try:  # a private key file also names its public key
-            return load_private_key(path).public_key()
-        except PatchFormatError:
-            raise PatchFormatError("not a PEM Ed25519 public key", path=path) from None
-    if not isinstance(key, ed25519.Ed25519PublicKey):
-        raise PatchFormatError("not an Ed25519 public key", path=path)
-    return key
+    """The ``cryptography`` public key object in the PEM file at ``path``."""
+    return TrustedKey.from_file(path)._public
 
 
 def signer_from_file(private_path: str):
@@ -131,30 +179,26 @@ def sign_patch(patch_path: str, private_path: str, output: str | None = None) ->
     return key_id(public)
 
 
-def _require_signed_by(path: str, expected: bytes, trailer_digest: bytes, block: bytes | None) -> str:
+def _require_signed_by(path: str, expected: TrustedKey, trailer_digest: bytes, block: bytes | None) -> str:
     """Raise IntegrityError unless ``block`` (public key and signature after the trailer) is
     ``expected``'s signature of ``trailer_digest``; returns the key id."""
-    _, _, InvalidSignature = _crypto()
     if block is None:
         raise IntegrityError(f"{path}: patch is not signed (a key was given, so a signature is required)",
                              what="signature")
     public, signature = block[:32], block[32:]
-    if not hmac.compare_digest(public, expected):
-        raise IntegrityError(f"{path}: signed by key {key_id(public)}, expected key {key_id(expected)}",
-                             what="signature", expected=key_id(expected), actual=key_id(public))
-    ed25519, _, _ = _crypto()
-    try:
-        ed25519.Ed25519PublicKey.from_public_bytes(public).verify(signature, SIGNATURE_DOMAIN + trailer_digest)
-    except InvalidSignature:
+    if not expected.signed(public):
+        raise IntegrityError(f"{path}: signed by key {key_id(public)}, expected key {expected.key_id}",
+                             what="signature", expected=expected.key_id, actual=key_id(public))
+    if not expected.verifies(signature, SIGNATURE_DOMAIN + trailer_digest):
         raise IntegrityError(f"{path}: signature does not verify with key {key_id(public)}",
-                             what="signature") from None
-    return key_id(public)
+                             what="signature")
+    return expected.key_id
 
 
-def authenticator(public_path: str | os.PathLike[str]):
+def authenticator(key: TrustedKey | str | os.PathLike[str]):
     """An ``authenticate`` callback for :func:`nnpatch.patchfile.read_patch`: the patch must be
-    signed by the key in ``public_path``, checked before its header is parsed."""
-    expected = _raw_public(load_public_key(os.fspath(public_path)))
+    signed by ``key`` (a TrustedKey, or the PEM file it is in), checked before its header is parsed."""
+    expected = TrustedKey.of(key)
 
     def authenticate(path: str, trailer_digest: bytes, block: bytes | None) -> None:
         _require_signed_by(path, expected, trailer_digest, block)
@@ -162,13 +206,15 @@ def authenticator(public_path: str | os.PathLike[str]):
     return authenticate
 
 
-def verify_signature(patch, public_path: str) -> str:
-    """Raise IntegrityError unless ``patch`` (an open Patch) is signed by the key in ``public_path``."""
-    expected = _raw_public(load_public_key(public_path))
+def verify_signature(patch, key: TrustedKey | str | os.PathLike[str]) -> str:
+    """Raise IntegrityError unless ``patch`` (an open Patch) is signed by ``key`` (a TrustedKey, or
+    the PEM file it is in); returns the key id."""
+    expected = TrustedKey.of(key)
     sig = patch.signature
     return _require_signed_by(patch.path, expected, bytes.fromhex(patch.trailer_hash),
                               None if sig is None else sig[0] + sig[1])
 
 
-__all__ = ["SIGNATURE_DOMAIN", "SIGNATURE_BLOCK_SIZE", "TRAILER_SIZE", "authenticator", "generate_keypair", "key_id",
-           "load_private_key", "load_public_key", "sign_patch", "signer_from_file", "verify_signature"]
+__all__ = ["SIGNATURE_DOMAIN", "SIGNATURE_BLOCK_SIZE", "TRAILER_SIZE", "TrustedKey", "authenticator",
+           "generate_keypair", "key_id", "load_private_key", "load_public_key", "sign_patch", "signer_from_file",
+           "verify_signature"]

@@ -19,7 +19,7 @@ from .applier.targets import check_onnx_patch, refuse_external_over_base
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError, WeightsError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
-from .signing import authenticator, verify_signature
+from .signing import TrustedKey, authenticator, verify_signature
 from .weights.source import open_source, path_digest
 
 
@@ -73,7 +73,8 @@ def check_sections(p: Patch) -> None:
 
 
 def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str] | None = None,
-           target: str | os.PathLike[str] | None = None, key: str | os.PathLike[str] | None = None) -> VerifyReport:
+           target: str | os.PathLike[str] | None = None,
+           key: TrustedKey | str | os.PathLike[str] | None = None) -> VerifyReport:
     """Check the patch's integrity, that ``base`` / ``target`` are the files it
     names, and with ``key`` (an Ed25519 public key, PEM) that it is signed by it.
 
@@ -87,10 +88,11 @@ def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str
     opens it with :func:`nnpatch.signing.authenticator`), which it also closes."""
     opened = patch if isinstance(patch, Patch) else None
     report = VerifyReport(opened.path if opened is not None else os.fspath(patch))
-    authenticate = authenticator(os.fspath(key)) if key is not None else None
+    key = TrustedKey.of(key) if key is not None else None  # read once, for the header and the check below
+    authenticate = authenticator(key) if key is not None else None
     with opened if opened is not None else read_patch(patch, authenticate=authenticate) as p:
         if key is not None:
-            kid = verify_signature(p, os.fspath(key))  # already proven for a path; raises for a stream
+            kid = verify_signature(p, key)  # already proven for a path; raises for a stream
         check_sections(p)
         report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
         if key is not None:

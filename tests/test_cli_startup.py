@@ -133,7 +133,7 @@ def test_one_handler_for_every_command(tmp_path):
 
 
 def test_missing_trainer_leaves_train_sparse_out(monkeypatch):
-    """As before the lazy group: where nnpatch.trainer.command does not import, there is no such command."""
+    """As before the lazy group: where nnpatch.trainer does not import, there is no such command."""
     import builtins
 
     from click.testing import CliRunner
@@ -149,6 +149,8 @@ def test_missing_trainer_leaves_train_sparse_out(monkeypatch):
 
     group = cli_module.cli
     monkeypatch.setattr(group, "commands", {})
+    # an install without the trainer never had the command's module: an earlier test may have loaded it
+    monkeypatch.delitem(sys.modules, "nnpatch.cli.train_sparse", raising=False)
     monkeypatch.setattr(builtins, "__import__", no_trainer)
     assert "train-sparse" not in group.list_commands(None)
     r = CliRunner().invoke(group, ["train-sparse", "--help"])

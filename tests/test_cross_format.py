@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import nnpatch
-from nnpatch.weights.model import open_model, sniff
+from nnpatch.weights.sniff import open_model, sniff
 from nnpatch.weights.sharded import write_sharded
 
 from .conftest import read, save

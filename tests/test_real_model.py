@@ -14,7 +14,7 @@ import pytest
 import nnpatch
 from nnpatch.hashing import model_digest
 from nnpatch.weights import SafetensorsFile
-from nnpatch.weights.model import open_model
+from nnpatch.weights.sniff import open_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.torch]
 

@@ -11,9 +11,12 @@ import jsonschema
 import numpy as np
 import pytest
 
-from nnpatch.errors import IntegrityError, NnpatchIOError, PatchFormatError, UsageError
+from nnpatch.delivery.manifest import parse_manifest
+from nnpatch.delivery.trust import load_manifest
+from nnpatch.delivery.updater import update
+from nnpatch.errors import IntegrityError, NnpatchIOError, NoPatchError, PatchFormatError, UsageError
 from nnpatch.hashing import hash_file
-from nnpatch.release import NoPatchError, load_manifest, make_release, parse_manifest, update
+from nnpatch.release import make_release
 from nnpatch.weights import write_safetensors
 
 from .conftest import float_like
@@ -288,3 +291,39 @@ def test_long_version_names_make_patch_names_an_updater_takes(tmp_path):
     assert hash_file(model) == hash_file(long_new)
     with pytest.raises(UsageError, match="1 to 94"):
         make_release([long_old], long_new, tmp_path / "d2", names={str(long_old): "x" * 95})
+
+
+def test_the_updaters_names_still_import_from_release():
+    """nnpatch.release was the updater's home before nnpatch.delivery; docs/WORKFLOWS.md imports
+    ``update`` from there, so its public names stay importable from it."""
+    import nnpatch.delivery.updater as updater
+    import nnpatch.release as release
+
+    assert release.update is updater.update and release.UpdateResult is updater.UpdateResult
+    assert release.load_manifest is load_manifest and release.parse_manifest is parse_manifest
+    assert release.partial_path is updater.partial_path
+
+
+def test_a_signed_chain_update_reads_the_key_file_once(tmp_path, monkeypatch):
+    """The manifest and every link of a chain are checked against one TrustedKey, parsed once."""
+    pytest.importorskip("cryptography")
+    from nnpatch import signing
+
+    signing.generate_keypair(str(tmp_path / "k.pem"), str(tmp_path / "k.pub.pem"))
+    paths = _versions(tmp_path)
+    make_release(paths[:-1], paths[-1], tmp_path / "dist", chain="always", sign_key=tmp_path / "k.pem", release=1)
+    model = tmp_path / "device" / "model.safetensors"
+    model.parent.mkdir()
+    shutil.copyfile(paths[0], model)
+    reads = []
+    real = signing.TrustedKey.from_pem
+    monkeypatch.setattr(signing.TrustedKey, "from_pem",
+                        classmethod(lambda cls, data, **kw: reads.append(1) or real(data, **kw)))
+    for in_place in (False, True):
+        shutil.copyfile(paths[0], model)
+        (model.parent / "model.safetensors.nnpatch-state").unlink(missing_ok=True)
+        reads.clear()
+        r = update(model, tmp_path / "dist" / "manifest.json", prefer="chain", key=tmp_path / "k.pub.pem",
+                   in_place=in_place)
+        assert len(r.patches) == 3 and hash_file(model) == hash_file(paths[-1]) and r.key_id
+        assert len(reads) == 1

@@ -111,3 +111,24 @@ def test_signed_patch_from_stdin(tmp_path, pair, keys):
                         str(keys / "k.pub.pem")], input=read(signed), capture_output=True)
     assert p.returncode == 0, p.stderr
     assert read(out) == read(target)
+
+
+def test_a_trusted_key_is_read_once_from_a_file_pem_text_or_bytes(tmp_path, pair, keys):
+    from nnpatch.signing import TrustedKey, authenticator, key_id
+
+    pem = (keys / "k.pub.pem").read_bytes()
+    loaded = [TrustedKey.from_file(keys / "k.pub.pem"), TrustedKey.from_pem(pem), TrustedKey.from_pem(pem.decode()),
+              TrustedKey.from_file(keys / "k.pem")]  # a private key file names its public key
+    assert len({k.key_id for k in loaded}) == 1 and all(k.raw == loaded[0].raw for k in loaded)
+    assert loaded[0].key_id == key_id(loaded[0].raw) and TrustedKey.of(loaded[0]) is loaded[0]
+    with pytest.raises(PatchFormatError, match="not a PEM Ed25519 public key"):
+        TrustedKey.from_pem(b"-----BEGIN PUBLIC KEY-----\nnope\n-----END PUBLIC KEY-----\n")
+    base, target = pair()
+    nnpatch.diff(base, target, tmp_path / "s.nnpatch", sign_key=keys / "k.pem")
+    for k in loaded:
+        with nnpatch.read_patch(tmp_path / "s.nnpatch", authenticate=authenticator(k)) as p:
+            assert verify_signature(p, k) == k.key_id
+    other = TrustedKey.from_file(keys / "o.pub.pem")
+    with pytest.raises(IntegrityError, match="expected key"):
+        nnpatch.read_patch(tmp_path / "s.nnpatch", authenticate=authenticator(other))
+    assert not other.verifies(b"\0" * 64, b"message") and not other.signed(loaded[0].raw)

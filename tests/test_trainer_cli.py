@@ -15,7 +15,7 @@ from click.testing import CliRunner
 pytest.importorskip("torch")
 
 from nnpatch.errors import BudgetMissedError, UsageError, UserCodeError, WeightsError  # noqa: E402
-from nnpatch.trainer.command import train_sparse  # noqa: E402
+from nnpatch.cli.train_sparse import train_sparse  # noqa: E402
 
 pytestmark = pytest.mark.torch
 
@@ -38,12 +38,9 @@ TINY_SPEC = textwrap.dedent('''
 
 
 def _apply():
-    from nnpatch.trainer.run import core_function
+    from nnpatch import apply
 
-    fn = core_function("apply")
-    if fn is None:
-        pytest.skip("nnpatch.apply is not available yet")
-    return fn
+    return apply
 
 
 def read(p):
@@ -180,18 +177,18 @@ def test_spec_and_weights_errors(tiny, tmp_path):
 
 
 def test_command_module_does_not_import_torch():
-    code = "import sys, nnpatch.trainer.command, nnpatch.trainer; assert 'torch' not in sys.modules, 'torch'"
+    code = "import sys, nnpatch.cli.train_sparse, nnpatch.trainer; assert 'torch' not in sys.modules, 'torch'"
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_standalone_entry_is_the_main_cli_command(tmp_path):
-    proc = subprocess.run([sys.executable, "-m", "nnpatch.trainer.command", "--model", "x:y",
+    proc = subprocess.run([sys.executable, "-m", "nnpatch", "train-sparse", "--model", "x:y",
                            "-o", str(tmp_path / "n"), "--patch", str(tmp_path / "p")],
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
     assert proc.stderr.startswith("Error: give --recipe, or all of --model")  # the main CLI's wording
-    proc = subprocess.run([sys.executable, "-m", "nnpatch.trainer.command", "--help"],
+    proc = subprocess.run([sys.executable, "-m", "nnpatch", "train-sparse", "--help"],
                           capture_output=True, text=True, check=True)
     assert proc.stdout.startswith("Usage: nnpatch train-sparse [OPTIONS]")
 

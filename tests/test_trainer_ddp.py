@@ -36,7 +36,7 @@ def test_two_processes_agree_and_keep_the_channel_rule(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         "-m", "nnpatch.trainer.command", "--model", f"{spec}:model", "--data", f"{spec}:data",
+         "-m", "nnpatch", "train-sparse", "--model", f"{spec}:model", "--data", f"{spec}:data",
          "--base", str(base), "--ratio", "0.2", "--epochs", "3", "--teacher-epochs", "2", "--batch-size", "8",
          "-o", str(new), "--patch", str(tmp_path / "u.nnpatch"), "--json"],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)

@@ -21,10 +21,11 @@ from click.testing import CliRunner
 pytest.importorskip("urllib3")
 pytest.importorskip("cryptography")
 
-from nnpatch import feed, fetch  # noqa: E402
+from nnpatch.delivery import fetch, manifest, state, trust  # noqa: E402
 from nnpatch.cli import cli  # noqa: E402
 from nnpatch.errors import EXIT_NO_PATCH  # noqa: E402
-from nnpatch.release import make_release, partial_path, update  # noqa: E402
+from nnpatch.delivery.updater import partial_path, update  # noqa: E402
+from nnpatch.release import make_release  # noqa: E402
 from nnpatch.signing import generate_keypair  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
 
@@ -129,7 +130,7 @@ def test_signed_feed_over_http_end_to_end(served):
     check("release-manifest", json.dumps(m))
     envelope = json.loads((w.dist / "manifest.json").read_bytes())
     check("release-envelope", json.dumps(envelope))
-    assert envelope["payloadType"] == feed.PAYLOAD_TYPE
+    assert envelope["payloadType"] == trust.PAYLOAD_TYPE
     assert json.loads(base64.b64decode(envelope["payload"])) == m
     w.install(w.versions[0])
     r = w.update(w.srv.url("manifest.json"))
@@ -140,8 +141,8 @@ def test_signed_feed_over_http_end_to_end(served):
     assert out["downloaded_bytes"] == out["patch_bytes"] == m["bases"][0]["patch_size"]
     assert w.model.read_bytes() == w.versions[2].read_bytes()
     assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
-    state = feed.read_state(w.model)
-    assert state.release == 5 and state.target_blake3 == m["target"]["blake3"]
+    accepted = state.read_state(w.model)
+    assert accepted.release == 5 and accepted.target_blake3 == m["target"]["blake3"]
     again = w.update(w.srv.url("manifest.json"))
     assert again.exit_code == 0 and json.loads(again.stdout)["status"] == "current"
     human = run("update", w.model, "--manifest", w.srv.url("manifest.json"), "--key", w.pub)
@@ -327,7 +328,7 @@ def _write_envelope(w, env):
 
 
 def _resign(w, manifest, key=None):
-    raw, _ = feed.sign_manifest(json.dumps(manifest).encode(), key or w.key)
+    raw, _ = trust.sign_manifest(json.dumps(manifest).encode(), key or w.key)
     (w.dist / "manifest.json").write_bytes(raw)
 
 
@@ -367,7 +368,7 @@ def test_refusals_leave_the_model_untouched(served):
     (w.dist / "manifest.json").write_text(json.dumps(m))
     refused(w, w.update(url), 4, before, "not signed")
     # expired
-    _resign(w, dict(m, expires=feed.format_time(time.time() - 60)))
+    _resign(w, dict(m, expires=manifest.format_time(time.time() - 60)))
     refused(w, w.update(url), 4, before, "expired")
     # a signed manifest without a release number
     _resign(w, {k: v for k, v in m.items() if k != "release"})
@@ -413,7 +414,7 @@ def test_an_older_release_replayed_is_refused(served):
     before = w.model.read_bytes()
     w.srv.set_faults(lambda path, rng: Fault("status", status=404) if path.endswith(".nnpatch") else None)
     refused(w, w.update(w.srv.url("manifest.json")), 5, before, "404")
-    assert feed.read_state(w.model).release == 5
+    assert state.read_state(w.model).release == 5
     w.srv.set_faults(None)
     shutil.copyfile(older / "manifest.json", w.dist / "manifest.json")
     shutil.copyfile(older / "v1-to-v2.nnpatch", w.dist / "v1-to-v2.nnpatch")
@@ -424,7 +425,7 @@ def test_an_older_release_replayed_is_refused(served):
     # and without --key the device refuses to leave the signed feed
     r = w.update(w.srv.url("manifest.json"), key=False)
     refused(w, r, 4, before, "follows a signed feed")
-    assert feed.read_state(w.model).release == 5
+    assert state.read_state(w.model).release == 5
 
 
 def test_a_damaged_state_file_is_refused(served):
@@ -450,31 +451,31 @@ def test_release_needs_a_version_to_sign(world):
 # --- units ------------------------------------------------------------------------------------------------
 
 def test_durations_and_times():
-    assert [feed.parse_duration(s) for s in ("90d", "12h", "30s", "5m", "2w")] == [
+    assert [manifest.parse_duration(s) for s in ("90d", "12h", "30s", "5m", "2w")] == [
         90 * 86400, 12 * 3600, 30, 300, 14 * 86400]
     for bad in ("", "0d", "-1d", "1y", "1.5h", "d"):
         with pytest.raises(Exception, match="duration"):
-            feed.parse_duration(bad)
-    assert feed.parse_time("1970-01-01T00:00:00Z") == 0
-    assert feed.format_time(1700000000) == "2023-11-14T22:13:20Z"
+            manifest.parse_duration(bad)
+    assert manifest.parse_time("1970-01-01T00:00:00Z") == 0
+    assert manifest.format_time(1700000000) == "2023-11-14T22:13:20Z"
     for bad in ("2025-02-30T00:00:00Z", "2025-01-01 00:00:00Z", "2025-01-01T00:00:00+00:00", 7, None):
-        assert feed.parse_time(bad) is None
+        assert manifest.parse_time(bad) is None
 
 
 def test_pae_is_dsse_v1():
     # the encoding of github.com/secure-systems-lab/dsse (protocol.md)
-    assert feed.pae("http://example.com/HelloWorld", b"hello world") == (
+    assert trust.pae("http://example.com/HelloWorld", b"hello world") == (
         b"DSSEv1 29 http://example.com/HelloWorld 11 hello world")
 
 
 def test_manifest_fields_are_validated(world):
     from nnpatch.errors import PatchFormatError
-    from nnpatch.release import parse_manifest
+    from nnpatch.delivery.manifest import parse_manifest
 
     m = make_release([world.versions[0]], world.versions[1], world.dist, release=3, expires=60,
                      base_url="https://cdn.example/m")
     assert m["base_url"] == "https://cdn.example/m/" and m["release"] == 3
-    assert feed.parse_time(m["expires"]) - feed.parse_time(m["created"]) == 60
+    assert manifest.parse_time(m["expires"]) - manifest.parse_time(m["created"]) == 60
     for bad, match in [(dict(m, release=-1), "release"), (dict(m, release=True), "release"),
                        (dict(m, release=2**53), "release"), (dict(m, expires="tomorrow"), "expires"),
                        (dict(m, base_url="file:///etc/"), "base_url")]:
@@ -489,7 +490,7 @@ def test_library_update_takes_a_clock(world):
     from nnpatch.errors import IntegrityError
 
     with pytest.raises(IntegrityError, match="expired"):
-        update(world.model, world.dist / "manifest.json", key=world.pub, now=feed.parse_time(m["expires"]) + 1)
+        update(world.model, world.dist / "manifest.json", key=world.pub, now=manifest.parse_time(m["expires"]) + 1)
     r = update(world.model, world.dist / "manifest.json", key=world.pub)
     assert r.updated and r.release == 1
 

@@ -119,16 +119,3 @@ def test_fileno_and_buffer_give_the_file_and_its_map(tmp_path):
         assert len(f.buffer) == f.size
 
 
-def test_names_that_moved_out_of_model_still_import_from_it():
-    """Old ``from nnpatch.weights.model import ...`` lines keep working (compatibility seam)."""
-    from nnpatch.weights import model, safetensors_file, sharded, torch_file
-    from nnpatch.weights.sniff import open_model, sniff
-
-    assert model.open_model is open_model and model.sniff is sniff
-    assert model.SafetensorsModel is safetensors_file.SafetensorsModel
-    assert model.SafetensorsFile is safetensors_file.SafetensorsFile
-    assert model.MAX_HEADER_SIZE == safetensors_file.MAX_HEADER_SIZE
-    assert model.SafetensorsDirModel is sharded.SafetensorsDirModel
-    assert (model.TORCH_LEGACY_MAGIC, model.ZIP_MAGIC) == (torch_file.TORCH_LEGACY_MAGIC, torch_file.ZIP_MAGIC)
-    with pytest.raises(AttributeError):
-        model.no_such_name  # noqa: B018

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from ..errors import BaseMismatchError, IntegrityError, NnpatchError, UsageError
 from ..hashing import digest_bytes, digests_equal, model_digest, name_key
 from ..patchfile import Patch, read_patch
-from ..signing import authenticator, verify_signature
+from ..signing import TrustedKey, authenticator, verify_signature
 from ..weights import SafetensorsFile
 from ..weights.source import open_source, path_digest
 from . import inplace, targets
@@ -26,20 +26,23 @@ from .plan import plan_forward, plan_revert
 from .policy import ApplyResult, ProgressFn, Verify
 
 PathLike = str | os.PathLike[str]
+#: a public key: a TrustedKey, or the PEM file it is in
+KeyLike = TrustedKey | PathLike
 
 
 def _no_progress(n: int) -> None:
     pass
 
 
-def _open_patches(stack: contextlib.ExitStack, patches: Sequence, key: PathLike | None) -> list[Patch]:
+def _open_patches(stack: contextlib.ExitStack, patches: Sequence, key: KeyLike | None) -> list[Patch]:
     """Open every patch (paths are closed with ``stack``); with ``key``, each must be signed by it."""
+    key = TrustedKey.of(key) if key is not None else None  # read once for every link
     authenticate = authenticator(key) if key is not None else None
     opened = []
     for p in patches:
         if isinstance(p, Patch):  # opened by the caller (a stream): checked now
             if key is not None:
-                verify_signature(p, os.fspath(key))
+                verify_signature(p, key)
             opened.append(p)
         else:  # checked before its header is parsed
             opened.append(stack.enter_context(read_patch(p, authenticate=authenticate)))
@@ -59,7 +62,7 @@ def refuse_unfinished(model: PathLike) -> None:
 
 
 def apply(base: PathLike, patch, output: PathLike, *, progress: ProgressFn | None = None, verify: str = "default",
-          key: PathLike | None = None) -> ApplyResult:
+          key: KeyLike | None = None) -> ApplyResult:
     """Rebuild the target of ``patch`` from ``base`` into ``output`` (atomically).
 
     ``patch`` is a path or an open :class:`~nnpatch.patchfile.Patch`;
@@ -71,7 +74,7 @@ def apply(base: PathLike, patch, output: PathLike, *, progress: ProgressFn | Non
 
 
 def apply_chain(base: PathLike, patches: Sequence, output: PathLike, *, progress: ProgressFn | None = None,
-                verify: str = "default", key: PathLike | None = None) -> ApplyResult:
+                verify: str = "default", key: KeyLike | None = None) -> ApplyResult:
     """Apply P1, P2, ... to ``base`` in one pass, writing only the final model.
 
     Link k+1 must have been made from the target of link k: the header
@@ -83,7 +86,7 @@ def apply_chain(base: PathLike, patches: Sequence, output: PathLike, *, progress
 
 
 def apply_in_place(model: PathLike, patch, *, verify: str = "default", progress: ProgressFn | None = None,
-                   hook: HookFn | None = None, key: PathLike | None = None) -> ApplyResult:
+                   hook: HookFn | None = None, key: KeyLike | None = None) -> ApplyResult:
     """Apply ``patch`` to ``model`` in place, surviving a crash at any moment
     (:mod:`nnpatch.applier.inplace`); ``key`` as for :func:`apply`."""
     policy = Verify.parse(verify)
@@ -96,7 +99,7 @@ def apply_in_place(model: PathLike, patch, *, verify: str = "default", progress:
             raise explain_wrong_base(os.fspath(model), p, e) from None
 
 
-def replace_model(model: PathLike, patches: Sequence, *, verify: str = "full", key: PathLike | None = None,
+def replace_model(model: PathLike, patches: Sequence, *, verify: str = "full", key: KeyLike | None = None,
                   progress: ProgressFn | None = None) -> ApplyResult:
     """Bring ``model`` (a file or a model directory) to the target of the chain
     ``patches``: the new version is built beside it, proven, and only then
@@ -106,7 +109,7 @@ def replace_model(model: PathLike, patches: Sequence, *, verify: str = "full", k
 
 
 def _build_chain(base: PathLike, patches: Sequence, output: PathLike, verify: str, progress: ProgressFn | None,
-                 key: PathLike | None, *, replace: bool) -> ApplyResult:
+                 key: KeyLike | None, *, replace: bool) -> ApplyResult:
     """Plan ``base`` -> ``patches`` and write the result at ``output``; with ``replace``, ``output`` is
     ``base`` itself, held under its lock while the new version is built beside it and swapped in."""
     policy = Verify.parse(verify)

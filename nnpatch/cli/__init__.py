@@ -21,7 +21,8 @@ import sys
 
 import click
 
-from .. import __version__, errors
+from .. import errors
+from .._version import __version__
 from ..report import printable
 from ._common import EXIT_CODES_HELP, debug, emit_json, set_flag
 
@@ -206,7 +207,7 @@ def _one_line(message: str) -> str:
 def _load(name: str) -> click.Command | None:
     if name == "train-sparse":
         try:
-            from nnpatch.trainer.command import train_sparse
+            from .train_sparse import train_sparse
         except ImportError:
             return None
         return train_sparse

@@ -7,9 +7,9 @@ import os
 import click
 
 from .. import codecs, errors
-from ..feed import MAX_RELEASE, parse_duration
+from ..delivery.manifest import MAX_RELEASE, parse_duration
 from ..release import make_release
-from ..release import update as do_update
+from ..delivery.updater import update as do_update
 from ._common import InputPath, emit_json, human
 
 

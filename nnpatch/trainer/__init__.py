@@ -2,7 +2,7 @@
 
 Importing ``nnpatch.trainer`` does not import torch; the names below load their
 module (and torch) on first use.  The ``train-sparse`` click command lives in
-``nnpatch.trainer.command`` and imports only click at import time.
+the front, ``nnpatch.cli.train_sparse``, and imports only click at import time.
 
 Main API::
 

@@ -50,9 +50,8 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-import nnpatch
-
 from ..atomic import atomic_write
+from ..differ import diff
 from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
 from ..hashing import canonical_order
 from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
@@ -66,8 +65,7 @@ from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
 from .usercode import load_spec, user_code
 
-__all__ = ["load_spec", "load_weights", "load_metadata", "save_weights", "train_sparse_run", "parse_bytes",
-           "core_function"]
+__all__ = ["load_spec", "load_weights", "load_metadata", "save_weights", "train_sparse_run", "parse_bytes"]
 
 _UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
           "kib": 1024, "mib": 1024**2, "gib": 1024**3}
@@ -290,7 +288,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     save_weights(new_state, out_path, metadata=load_metadata(base_path))
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
-    report["patch_bytes"] = nnpatch.diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
+    report["patch_bytes"] = diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
     if budget_bytes is not None:
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
         report["estimated_update_bytes"] = res["sparse"].estimated_bytes(changed)
@@ -488,12 +486,6 @@ def _refuse_over_the_limit(check: dict, ratio: float | None) -> None:
     limit = None if ratio is None else math.floor(ratio * check["channels_total"] + 1e-9)
     if limit is not None and check["channels_changed"] > limit:
         raise TrainingError(f"{check['channels_changed']} channels changed, over the {limit} allowed")
-
-
-def core_function(name: str) -> Callable | None:
-    """``nnpatch.diff`` / ``nnpatch.apply`` (any function of the core) by name; None if there is none."""
-    obj = getattr(nnpatch, name, None)
-    return obj if callable(obj) else None
 
 
 def _teardown(distributed: bool) -> None:

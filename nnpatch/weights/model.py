@@ -126,26 +126,3 @@ def list_directory(directory: str) -> list[tuple[str, int]]:
     out.sort(key=lambda e: name_key(e[0]))
     return out
 
-
-_MOVED = frozenset({"open_model", "sniff", "MAX_HEADER_SIZE", "SafetensorsFile", "SafetensorsModel",
-                    "SafetensorsDirModel", "TORCH_LEGACY_MAGIC", "ZIP_MAGIC"})
-
-
-def __getattr__(name: str):
-    # Compatibility seam: these names lived here before the readers and the
-    # format dispatch got modules of their own. Every reader imports this
-    # module, so importing them back at load time would be an import circle;
-    # old ``from nnpatch.weights.model import open_model`` lines get them
-    # lazily instead. Remove once every importer uses ``nnpatch.weights``,
-    # ``nnpatch.weights.sniff`` or the reader's module.
-    if name not in _MOVED:
-        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-    from . import safetensors_file, sharded, torch_file
-    from .sniff import open_model, sniff
-
-    return {
-        "open_model": open_model, "sniff": sniff,
-        "MAX_HEADER_SIZE": safetensors_file.MAX_HEADER_SIZE, "SafetensorsFile": safetensors_file.SafetensorsFile,
-        "SafetensorsModel": safetensors_file.SafetensorsModel, "SafetensorsDirModel": sharded.SafetensorsDirModel,
-        "TORCH_LEGACY_MAGIC": torch_file.TORCH_LEGACY_MAGIC, "ZIP_MAGIC": torch_file.ZIP_MAGIC,
-    }[name]

@@ -2,9 +2,11 @@
 
 Imports no torch at import time (click, nnpatch.errors and the declared
 options only); torch and the trainer are imported when the command runs.  ``nnpatch.cli``
-registers it (its name is ``train-sparse``).  ``python -m
-nnpatch.trainer.command ARGS``, also under torchrun, is ``nnpatch train-sparse
-ARGS``: the main CLI's error handling included.
+loads it when ``train-sparse`` runs, and leaves the command out where the trainer does not
+import.  Under torchrun: ``torchrun ... -m nnpatch train-sparse ARGS``.
+
+The trainer's modules are imported by absolute name, so that an install without
+``nnpatch.trainer`` (or a test that hides it) fails this module's import, not the command.
 """
 
 from __future__ import annotations
@@ -17,6 +19,8 @@ import click
 
 from nnpatch.errors import BudgetMissedError, MissingDependencyError, UsageError
 from nnpatch.trainer.options import TrainSparseOptions, click_options
+
+from ._common import quiet
 
 __all__ = ["train_sparse"]
 
@@ -84,8 +88,6 @@ def train_sparse(as_json: bool, **options) -> None:
         raise MissingDependencyError("train-sparse needs PyTorch: pip install 'nnpatch[train]'") from None
     from nnpatch.trainer.run import train_sparse_run  # here, not on top: it imports torch
 
-    from nnpatch.cli._common import quiet  # the front's flags; not on top: nnpatch.cli imports this module
-
     silent = as_json or quiet(click.get_current_context())
 
     def log(msg: str) -> None:
@@ -137,10 +139,3 @@ def _table(r: dict) -> None:
     t.add_row("base / new / patch", f"{r['base']} / {r['output']} / {r['patch']}")
     Console(stderr=True).print(t)
 
-
-if __name__ == "__main__":
-    # Through the main CLI, so that errors get its one handler.  Imported only here: nnpatch.cli
-    # imports this module to register the command.
-    from nnpatch.cli import cli
-
-    cli(["train-sparse", *sys.argv[1:]], prog_name="nnpatch")

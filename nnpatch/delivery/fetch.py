@@ -29,9 +29,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
-from ._json import read_bounded
-from .errors import IntegrityError, MissingDependencyError, NnpatchIOError
-from .hashing import digests_equal, hash_file
+from .._json import read_bounded
+from ..errors import IntegrityError, MissingDependencyError, NnpatchIOError
+from ..hashing import digests_equal, hash_file
 
 CHUNK = 1 << 16
 #: Redirects followed for one request.
