@@ -34,9 +34,11 @@ _SCAN_PIECE = 1 << 20
 _FEW_QUOTES = 4096  # a piece with more quotes than this drops its short strings before the loop
 
 
-def loads_strict(raw: bytes, *, max_string: int = MAX_JSON_STRING):
-    """UTF-8 JSON without duplicate keys; every failure is a ValueError for the caller to name."""
-    check_strings(raw, max_string)
+def loads_strict(raw: bytes, *, max_string: int | None = MAX_JSON_STRING):
+    """UTF-8 JSON without duplicate keys, no string over ``max_string`` bytes (None: the caller
+    checked); every failure is a ValueError for the caller to name."""
+    if max_string is not None:
+        check_strings(raw, max_string)
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -153,9 +153,9 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     if expires is not None and expires <= 0:
         raise UsageError("expires must be a positive number of seconds")
     if base_url is not None:
+        base_url = base_url if base_url.endswith("/") else base_url + "/"
         if not BASE_URL.match(base_url):
             raise UsageError(f"--base-url {base_url!r}: not an http:// or https:// URL")
-        base_url = base_url if base_url.endswith("/") else base_url + "/"
     now = time.time() if now is None else now
     outdir = os.fspath(outdir)
     os.makedirs(outdir, exist_ok=True)

@@ -57,17 +57,18 @@ class Run:
                 f"stderr[-1]={last[:300]!r}\nstdout: {self.out[-2000:]!r}\nstderr: {self.err[-3000:]!r}")
 
 
-def run_cli(args, cwd, *, timeout: float = TIMEOUT_S) -> Run:
+def run_cli(args, cwd, *, timeout: float = TIMEOUT_S, stdin: str | None = None) -> Run:
     """``python -m nnpatch ARGS`` under prlimit, its peak RSS measured by /usr/bin/time (which forks
-    from a small process: a child forked from pytest itself would count pytest's pages)."""
+    from a small process: a child forked from pytest itself would count pytest's pages); ``stdin``: a
+    file under ``cwd`` to read standard input from."""
     with tempfile.TemporaryDirectory() as t:
         rss_file = os.path.join(t, "rss")
         cmd = ["/usr/bin/time", "-f", "%M", "-o", rss_file, "prlimit", f"--as={AS_LIMIT}", "--",
                sys.executable, "-m", "nnpatch", *map(str, args)]
-        with open(os.path.join(t, "out"), "w+b") as out, open(os.path.join(t, "err"), "w+b") as err:
+        with open(os.path.join(t, "out"), "w+b") as out, open(os.path.join(t, "err"), "w+b") as err, \
+                open(os.path.join(cwd, stdin) if stdin is not None else os.devnull, "rb") as inp:
             start = time.monotonic()
-            p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, stdin=subprocess.DEVNULL,
-                                 start_new_session=True)
+            p = subprocess.Popen(cmd, cwd=cwd, stdout=out, stderr=err, stdin=inp, start_new_session=True)
             try:
                 p.wait(timeout)
                 timed_out = False
@@ -119,6 +120,8 @@ def snapshot(root) -> dict[str, tuple]:
                 snap[rel] = ("link", os.readlink(full))
             elif os.path.isdir(full):
                 snap[rel] = ("dir",)
+            elif not os.path.isfile(full):  # a planted FIFO: never opened here, it would block
+                snap[rel] = ("special", os.lstat(full).st_mode)
             else:
                 with open(full, "rb") as f:
                     snap[rel] = ("file", blake3.blake3(f.read()).hexdigest())
@@ -234,8 +237,8 @@ class World:
     def snapshot(self) -> dict:
         return snapshot(self.root)
 
-    def run(self, *args, timeout: float = TIMEOUT_S) -> Run:
-        return run_cli(args, self.work, timeout=timeout)
+    def run(self, *args, timeout: float = TIMEOUT_S, stdin: str | None = None) -> Run:
+        return run_cli(args, self.work, timeout=timeout, stdin=stdin)
 
 
 @pytest.fixture
@@ -243,9 +246,9 @@ def world(tmp_path, template):
     return World(tmp_path, template)
 
 
-def refused_and_untouched(world: World, args, codes, *, allow=()) -> Run:
+def refused_and_untouched(world: World, args, codes, *, allow=(), stdin: str | None = None) -> Run:
     before = world.snapshot()
-    r = world.run(*args)
+    r = world.run(*args, stdin=stdin)
     after = world.snapshot()
     assert_untouched(before, after, allow=allow)  # the worst outcome first
     assert_refused(r, codes)

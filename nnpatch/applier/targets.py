@@ -89,10 +89,6 @@ def _build_torch(plan: Plan, b, output: str, verify: Verify, progress: ProgressF
                        model_blake3)
 
 
-#: NAME_MAX of the common file systems: a longer component fails there, so it is refused up front.
-_NAME_MAX = 255
-
-
 @contextlib.contextmanager
 def _skeleton_errors(patch: Patch):
     """Whatever a malformed skeleton makes the ONNX code raise is the patch's fault: one line, exit 3."""
@@ -202,16 +198,13 @@ def refuse_external_over_base(patch: Patch, src) -> None:
 
 
 def _check_external_names(paths: list[str], model_name: str, patch: Patch) -> None:
-    """Each external path is relative and normalised, none of it ``.git``, every component at most
-    NAME_MAX bytes, and no two outputs (the model file included) the same case-insensitively."""
+    """Each external path is relative and normalised, none of it ``.git``, no component over 255 bytes
+    (check_relative_path), and no two outputs (the model file included) the same case-insensitively."""
     taken = {model_name.casefold()}
     for path in paths:
         why = check_relative_path(path)
         if why:
             raise PatchFormatError(f"target: external data file {path!r} {why}", path=patch.path)
-        if any(len(p.encode("utf-8", "surrogatepass")) > _NAME_MAX for p in path.split("/")):
-            raise PatchFormatError(f"target: external data file {path!r} has a component longer than {_NAME_MAX} "
-                                   "bytes", path=patch.path)
         if path.casefold() in taken:
             raise PatchFormatError(f"target: external data file {path!r} collides with the model file or another "
                                    "output (names compared case-insensitively)", path=patch.path)

@@ -11,6 +11,7 @@ from ..applier import apply_chain, apply_in_place
 from ..applier import recover as do_recover
 from ..applier import revert as do_revert
 from ..patchfile import read_patch_stream
+from ..report import printable
 from ..signing import authenticator
 from ._common import InputPath, emit_json, human, json_option, quiet
 from ._inputs import check_order, check_public_key
@@ -115,4 +116,4 @@ def recover(ctx, model, as_json):
     if as_json:
         emit_json({"model": model, "recovered": note is not None, "detail": note or "nothing to recover"})
     elif not quiet(ctx):
-        click.echo(f"{model}: {note or 'nothing to recover'}")
+        click.echo(f"{model}: {printable(note or 'nothing to recover', backslash=False)}")  # from the journal

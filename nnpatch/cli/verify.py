@@ -8,6 +8,7 @@ import click
 
 from .. import errors
 from ..patchfile import read_patch_stream
+from ..report import printable
 from ..signing import authenticator
 from ..verifier import verify as do_verify
 from ._common import InputPath, emit_json, json_option
@@ -39,6 +40,7 @@ def verify(ctx, patch, base, target, key, as_json):
                    "checks": [{"what": c.what, "ok": c.ok, "detail": c.detail} for c in report.checks]})
     else:
         for c in report.checks:
-            click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {c.detail}")
+            # a detail names tensors and files from the patch: escaped as show escapes them
+            click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {printable(c.detail, backslash=False)}")
     if not report.ok:
         ctx.exit(errors.EXIT_MISMATCH)

@@ -17,7 +17,8 @@ from .._json import MAX_JSON_STRING, json_shape, loads_text
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
-                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RANK,
+                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
+                     MAX_PATH_COMPONENT_BYTES, MAX_PATH_DEPTH, MAX_RANK,
                      MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
                      SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
                      Section, TargetFile, TensorRef, align, delta_or_planes)
@@ -334,8 +335,13 @@ def check_relative_path(path: str) -> str | None:
         return f"must be 1 to {MAX_PATH_BYTES} bytes of UTF-8"
     if "\\" in path or "\x00" in path or path.startswith("/"):
         return "must be a relative path with '/' separators, without NUL or backslash"
-    if any(part in ("", ".", "..") for part in path.split("/")):
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         return "must not have an empty, '.' or '..' component"
+    if len(parts) > MAX_PATH_DEPTH + 1:
+        return f"must not lie more than {MAX_PATH_DEPTH} directories deep"
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_PATH_COMPONENT_BYTES for part in parts):
+        return f"must not have a component longer than {MAX_PATH_COMPONENT_BYTES} bytes"
     if any(part.casefold() == ".git" for part in path.split("/")):
         # a model directory may be a git clone: its repository is never part of the model, and a patch that
         # could write it could make `git status` run a command of its choosing
