@@ -34,7 +34,8 @@ class Patch:
     """An open, fully validated patch file (memory-mapped, read-only)."""
 
     def __init__(self, path: str | os.PathLike[str], *, check_trailer: bool = True,
-                 authenticate: Authenticator | None = None, name: str | None = None) -> None:
+                 authenticate: Authenticator | None = None, name: str | None = None,
+                 same_as: os.stat_result | None = None) -> None:
         self.path = os.fspath(path)
         try:
             self._file = open(self.path, "rb")
@@ -43,7 +44,12 @@ class Patch:
         if name is not None:  # what errors call it (a spooled stream: "<stdin>")
             self.path = name
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            st = os.fstat(self._file.fileno())
+            if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
+                # ``check_trailer=False`` trusts that this is the file the caller checked: a file swapped in
+                # under its name since (another user of the folder) is refused, never read
+                raise NnpatchIOError(f"{self.path}: the spooled file was replaced before it was read")
+            self.size = st.st_size
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
             self.header = parse_patch(self._map if self._map is not None else b"", path=self.path,
                                       check_trailer=check_trailer, authenticate=authenticate)
