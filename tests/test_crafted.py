@@ -238,7 +238,8 @@ class World:
         return snapshot(self.root)
 
     def run(self, *args, timeout: float = TIMEOUT_S, stdin: str | None = None) -> Run:
-        return run_cli(args, self.work, timeout=timeout, stdin=stdin)
+        # stdin only when given: tests/native replaces run_cli with one that takes no such argument
+        return run_cli(args, self.work, timeout=timeout, **({"stdin": stdin} if stdin is not None else {}))
 
 
 @pytest.fixture
