@@ -32,6 +32,10 @@ MAX_JSON_STRING = 1 << 20
 
 _SCAN_PIECE = 1 << 20
 _FEW_QUOTES = 4096  # a piece with more quotes than this drops its short strings before the loop
+#: Strings walked one by one in text that has backslashes outside strings (so is no JSON) before the
+#: scan gives up and calls it invalid: small texts get the exact answer native/src/json.c gives, and
+#: 64 MiB of such junk costs no more than valid JSON does.
+_WALK_LIMIT = 1 << 16
 
 
 def loads_strict(raw: bytes, *, max_string: int | None = MAX_JSON_STRING):
@@ -67,18 +71,33 @@ def loads_text(text: str, *, max_string: int | None = MAX_JSON_STRING):
 
 class _Scan:
     """One linear pass over JSON bytes, in pieces of a MiB (a few MB of memory whatever the input):
-    where its strings lie (a quote counts unless an odd run of backslashes precedes it), and, outside
-    them, the bracket nesting and the number of values. No regular expression: backtracking over a
-    long string is what made a 53 MB header cost gigabytes."""
+    where its strings lie, and, outside them, the bracket nesting and the number of values. No
+    regular expression: backtracking over a long string is what made a 53 MB header cost gigabytes.
+
+    Strings are what the pattern ``"(?:[^"\\\\]|\\\\.)*"`` finds, scanning left to right (native/src/json.c's
+    shape() does the same, byte by byte): a quote outside a string opens one, whatever precedes it;
+    inside, the first quote not escaped (an even run of backslashes before it) closes it; a quote
+    with no closing quote after it opens nothing, and neither does any later one."""
 
     def __init__(self, raw) -> None:
         self.deepest = self.values = 0
         self.long: list[tuple[int, int]] = []  # (start, end) of the strings' bytes longer than ``threshold``
         self.raw = raw
+        self._depth = 0
+        self._walked = 0
+
+    def _count_outside(self, outside) -> None:
+        if not len(outside):
+            return
+        opens = (outside == 91) | (outside == 123)
+        step = opens.astype(np.int32) - ((outside == 93) | (outside == 125))
+        level = np.cumsum(step, dtype=np.int64) + self._depth
+        self.deepest = max(self.deepest, int(level.max()))
+        self._depth = int(level[-1])
+        self.values += int(opens.sum()) + int(np.count_nonzero(outside == 44))
 
     def run(self, threshold: int) -> _Scan:
         data = np.frombuffer(self.raw, dtype=np.uint8)
-        depth = 0
         in_string = False
         opened = -1  # offset of the open string's first byte
         backslashes = 0  # backslashes that end the previous piece
@@ -86,30 +105,25 @@ class _Scan:
             part = data[at : at + _SCAN_PIECE]
             n = len(part)
             idx = np.arange(n, dtype=np.int64)
-            is_bs = part == 92
             # for each byte, the run of backslashes right before it (carried over from the previous piece)
-            last = np.maximum.accumulate(np.where(is_bs, -1, idx))
+            last = np.maximum.accumulate(np.where(part == 92, -1, idx))
             before = np.empty(n, dtype=np.int64)
             before[0] = backslashes
             before[1:] = idx[:-1] - last[:-1]
             before[1:][last[:-1] < 0] += backslashes
-            quotes = np.flatnonzero((part == 34) & (before % 2 == 0))
             backslashes = int(n - 1 - last[-1]) + (backslashes if last[-1] < 0 else 0)
+            quotes = np.flatnonzero(part == 34)
+            plain = before[quotes] % 2 == 0  # a quote that can close a string
+            toggles = self._toggles(quotes, plain, in_string, at)
             # inside[i]: byte i lies inside a string (its quotes count as inside, which changes no count)
-            toggles = np.zeros(n, dtype=np.int8)
-            toggles[quotes] = 1
-            inside = (np.cumsum(toggles, dtype=np.int64) + (1 if in_string else 0)) % 2 == 1
-            inside[quotes] = True
-            outside = part[~inside]
-            opens = (outside == 91) | (outside == 123)
-            if len(outside):
-                step = opens.astype(np.int32) - ((outside == 93) | (outside == 125))
-                level = np.cumsum(step, dtype=np.int64) + depth
-                self.deepest = max(self.deepest, int(level.max()))
-                depth = int(level[-1])
-                self.values += int(opens.sum()) + int(np.count_nonzero(outside == 44))
-            quotes += at
-            visit = quotes.tolist() if len(quotes) <= _FEW_QUOTES else self._long_only(quotes, in_string, threshold)
+            flips = np.zeros(n, dtype=np.int8)
+            flips[toggles] = 1
+            inside = (np.cumsum(flips, dtype=np.int64) + (1 if in_string else 0)) % 2 == 1
+            inside[toggles] = True
+            self._count_outside(part[~inside])
+            toggles += at
+            visit = toggles.tolist() if len(toggles) <= _FEW_QUOTES else self._long_only(toggles, in_string,
+                                                                                          threshold)
             for q in visit:
                 if in_string:
                     if q - opened > threshold:
@@ -118,10 +132,55 @@ class _Scan:
                 else:
                     opened = q + 1
                     in_string = True
-            del idx, last, before, toggles, inside
-        if in_string and len(data) - opened > threshold:  # unterminated: invalid, but never parse it
-            self.long.append((opened, len(data)))
+            del idx, last, before, flips, inside
+        if in_string:
+            # no closing quote: the quote that opened it is no string (nor is any after it), so what
+            # follows it is counted as outside strings; it is invalid JSON, but never parse a giant one
+            if len(data) - opened > threshold:
+                self.long.append((opened, len(data)))
+            for at in range(opened, len(data), _SCAN_PIECE):
+                self._count_outside(data[at : at + _SCAN_PIECE])
         return self
+
+    def _toggles(self, quotes, plain, in_string: bool, at: int):
+        """The quotes of a piece that open or close a string, in order. Fast path: the plain quotes
+        alternate (valid JSON: nothing but a plain quote follows a string's end); when a quote after
+        an odd run of backslashes lies outside a string (only invalid JSON has a backslash there),
+        the piece is walked string by string, as the pattern does."""
+        candidates = quotes[plain]
+        flips = np.zeros(len(quotes) + 1, dtype=np.int64)
+        pos = np.searchsorted(quotes, candidates)
+        flips[pos] = 1
+        inside_after = (np.cumsum(flips[:-1]) + (1 if in_string else 0)) % 2 == 1  # state after each quote
+        # an escaped-looking quote is fine inside a string (state after it unchanged and inside)
+        if not np.any(~plain & ~inside_after):
+            return candidates.copy()
+        # the walk: outside, the next quote opens; inside, the next plain quote closes
+        next_plain = np.full(len(quotes) + 1, len(quotes), dtype=np.int64)
+        p = np.flatnonzero(plain)
+        next_plain[:-1] = len(quotes)
+        order = np.searchsorted(p, np.arange(len(quotes)))
+        ok = order < len(p)
+        next_plain[:-1][ok] = p[order[ok]]
+        out = []
+        i, inside = 0, in_string
+        while i < len(quotes):
+            self._walked += 1
+            if self._walked > _WALK_LIMIT:
+                raise ValueError(f"a backslash outside a string (near byte {at + int(quotes[i])}), which no JSON "
+                                 "holds")
+            if not inside:
+                out.append(quotes[i])
+                inside = True
+                i += 1
+            else:
+                j = int(next_plain[i])
+                if j >= len(quotes):
+                    break
+                out.append(quotes[j])
+                inside = False
+                i = j + 1
+        return np.array(out, dtype=np.int64)
 
     @staticmethod
     def _long_only(quotes, in_string: bool, threshold: int) -> list[int]:

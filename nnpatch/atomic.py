@@ -16,6 +16,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import NnpatchIOError
+from .sidefile import open_beside
 
 #: The errors that mean "the file system is full" (EDQUOT: the user's quota is).
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -52,13 +53,22 @@ def _temporary_beside(path: str, suffix: str) -> tuple[int, str]:
 
 
 @contextlib.contextmanager
-def _atomic(path: str, suffix: str, mode: int | None) -> Iterator[tuple[int, str]]:
+def _atomic(path: str, suffix: str, mode: int | None, *, by_name: bool) -> Iterator[tuple[int, str]]:
     """(descriptor, name) of a temporary file beside ``path``; on clean exit fsynced and renamed
-    over ``path``, on any failure removed."""
+    over ``path``, on any failure removed. ``by_name``: the caller's writer opens the name itself
+    (``torch.save`` may replace the file), so the file renamed is whatever regular file of this
+    user with one link the name holds then, opened again without following a link."""
     fd, tmp = _temporary_beside(path, suffix)
     try:
         yield fd, tmp
-        # the name must still be the file made above: one swapped in by another user of the folder
+        if by_name:
+            os.close(fd)
+            fd = -1
+            again = open_beside(tmp, write=False, create=False, refuse=NnpatchIOError, what="temporary file")
+            if again is None:
+                raise NnpatchIOError(f"{tmp}: the temporary file vanished; nothing was committed at {path}")
+            fd = again
+        # the name must still be the file written: one swapped in by another user of the folder
         # (a symlink, another file) is never renamed over ``path``
         st, mine = os.lstat(tmp), os.fstat(fd)
         if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
@@ -70,11 +80,12 @@ def _atomic(path: str, suffix: str, mode: int | None) -> Iterator[tuple[int, str
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            if os.path.islink(tmp) or os.path.samestat(os.lstat(tmp), os.fstat(fd)):
+            if os.path.islink(tmp) or (fd >= 0 and os.path.samestat(os.lstat(tmp), os.fstat(fd))):
                 os.unlink(tmp)
         raise
     finally:
-        os.close(fd)
+        if fd >= 0:
+            os.close(fd)
     fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
@@ -84,7 +95,7 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp", mode: int
     takes a path (``torch.save``, a staging file); on clean exit it is fsynced
     and renamed over ``path``, on any failure removed. ``mode=None`` keeps the
     temporary file's own mode (0600)."""
-    with _atomic(os.fspath(path), suffix, mode) as (_, tmp):
+    with _atomic(os.fspath(path), suffix, mode, by_name=True) as (_, tmp):
         yield tmp
 
 
@@ -104,7 +115,7 @@ def temporary_path(near: str | os.PathLike[str], *, suffix: str = ".tmp") -> Ite
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Yield a binary file object; on clean exit it replaces ``path`` atomically."""
-    with _atomic(os.fspath(path), ".tmp", mode) as (fd, _), os.fdopen(os.dup(fd), "r+b") as f:
+    with _atomic(os.fspath(path), ".tmp", mode, by_name=False) as (fd, _), os.fdopen(os.dup(fd), "r+b") as f:
         yield f  # written through the descriptor made with O_EXCL, never through the name again
         f.flush()
 

@@ -298,7 +298,11 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
     """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
     allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
     writes, must have exactly their keys."""
-    if json_shape(text)[0] > MAX_JSON_DEPTH:
+    try:
+        depth = json_shape(text)[0]
+    except ValueError as e:
+        raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
+    if depth > MAX_JSON_DEPTH:
         raise InvalidJournal(f"{path}: journal header nests deeper than {MAX_JSON_DEPTH}")
     try:
         meta = loads_strict(text)

@@ -185,7 +185,8 @@ def refuse_external_over_base(patch: Patch, src) -> None:
         return
     base_file = src.path if not os.path.isdir(src.path) else os.path.join(src.path, t.outputs[0].path)
     directory = os.path.dirname(os.path.abspath(base_file))
-    protected = _protected(src, False)
+    # the base file itself: an ONNX base's own external data may be rewritten by an update in place
+    protected = _protected(src, True)
     for o in t.outputs[1:]:
         full = os.path.join(directory, *o.path.split("/"))
         try:
