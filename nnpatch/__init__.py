@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 from ._version import __version__
 
-#: public name -> the submodule that defines it
+#: The public API, the one list of it: public name -> the submodule that defines it. ``__all__``
+#: is made from it, and tests/test_cli_startup.py checks that the TYPE_CHECKING imports below
+#: (for type checkers and IDEs only) name exactly these.
 _EXPORTS = {
     "VERIFY_MODES": "applier", "ApplyResult": "applier", "apply": "applier", "apply_chain": "applier",
     "apply_in_place": "applier", "recover": "applier", "revert": "applier",
@@ -30,37 +32,7 @@ _EXPORTS = {
     "VerifyReport": "verifier", "require_verified": "verifier", "verify": "verifier",
 }
 
-__all__ = [
-    "__version__",
-    "FORMAT_VERSION",
-    "MAGIC",
-    "ApplyResult",
-    "DiffResult",
-    "Patch",
-    "TensorChange",
-    "VerifyReport",
-    "VERIFY_MODES",
-    "apply",
-    "apply_chain",
-    "apply_in_place",
-    "diff",
-    "hash_file",
-    "model_digest",
-    "read_patch",
-    "recover",
-    "require_verified",
-    "revert",
-    "verify",
-    "BaseMismatchError",
-    "IntegrityError",
-    "MissingDependencyError",
-    "NnpatchError",
-    "NnpatchIOError",
-    "PatchFormatError",
-    "UnsupportedVersionError",
-    "UsageError",
-    "WeightsError",
-]
+__all__ = ["__version__", *_EXPORTS]
 
 
 def __getattr__(name: str):

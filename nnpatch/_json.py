@@ -198,6 +198,23 @@ class _Scan:
         return quotes[keep].tolist()
 
 
+def load_object(raw: bytes, *, limit: int, what: str, max_string: int = MAX_JSON_STRING) -> dict:
+    """``raw`` as one JSON object: at most ``limit`` bytes, strict JSON (:func:`loads_strict`), and
+    an object at the top. The one rule for every small JSON document nnpatch reads whole (release
+    manifests and their envelopes, the update state, shard indexes). Every failure is a
+    ValueError whose message names ``what``, for the caller to raise as its own error. ``max_string``:
+    the longest string allowed (a DSSE envelope's payload is the one that may be longer)."""
+    if len(raw) > limit:
+        raise ValueError(f"{what} of {len(raw)} bytes exceeds the {limit} limit")
+    try:
+        obj = loads_strict(raw, max_string=max_string)
+    except ValueError as e:
+        raise ValueError(f"invalid {what} JSON: {e}") from e
+    if not isinstance(obj, dict):
+        raise ValueError(f"invalid {what}: not a JSON object")
+    return obj
+
+
 def check_strings(raw, max_string: int) -> None:
     """Refuse JSON bytes holding a string longer than ``max_string`` bytes once decoded (UTF-8),
     before anything is built from them."""

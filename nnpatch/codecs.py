@@ -50,6 +50,35 @@ DEFAULT_LEVEL = 5  # see benchmarks/RESULTS.md: as small as level 9 on real fine
 MIN_LEVEL, MAX_LEVEL = 1, 22
 
 ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"
+#: Metadata (the layout, a compressed header) and whole files up to SMALL_FILE_BYTES are
+#: compressed at least at this level: they are small next to the weights, so the best ratio
+#: costs little time; a bigger file keeps the caller's level (at 19 one large file takes minutes).
+SMALL_SECTION_LEVEL = 19
+SMALL_FILE_BYTES = 16 << 20
+
+
+# --- zstd policy: the one place that makes a zstd frame -----------------------------
+
+def zstd_compressor(level: int) -> zstandard.ZstdCompressor:
+    """A compressor of the frames the format wants (spec/FORMAT.md, "zstd"): one frame with its
+    content size, which readers check before they allocate, and no checksum (the trailer hash
+    covers every byte)."""
+    return zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
+
+
+def file_level(level: int, size: int) -> int:
+    """The level a whole file stored as one section is compressed at (see SMALL_SECTION_LEVEL)."""
+    return max(level, SMALL_SECTION_LEVEL) if size <= SMALL_FILE_BYTES else level
+
+
+def zstd_if_smaller(data: bytes, level: int) -> tuple[list[str], bytes]:
+    """``(["zstd"], frame)`` when the frame is smaller than ``data``, else ``([], data)``: a section
+    is stored raw whenever compression does not pay."""
+    if data:
+        packed = zstd_compressor(level).compress(data)
+        if len(packed) < len(data):
+            return ["zstd"], packed
+    return [], data
 
 
 def chunk_units(unit_elements: int) -> int:
@@ -255,8 +284,7 @@ class _Sink:
         self.start = out.tell()
         self._writer = None
         if use_zstd:
-            cctx = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False)
-            self._writer = cctx.stream_writer(out, size=size, closefd=False)
+            self._writer = zstd_compressor(level).stream_writer(out, size=size, closefd=False)
 
     def write(self, data) -> None:
         (self._writer or self.out).write(memoryview(data).cast("B") if not isinstance(data, bytes) else data)
@@ -410,8 +438,7 @@ def best_index_encoding(indices: np.ndarray, bound: int, level: int) -> tuple[li
         raw = encode_indices(indices, bound, fmt)
         options = [([fmt], raw)]
         if len(raw) > 64:
-            z = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(raw)
-            options.append(([fmt, "zstd"], z))
+            options.append(([fmt, "zstd"], zstd_compressor(level).compress(raw)))
         for codec, payload in options:
             if best is None or len(payload) < len(best[1]):
                 best = (codec, payload, len(raw))

@@ -15,8 +15,8 @@ import time
 from collections.abc import Callable
 
 import numpy as np
-import zstandard
 
+from . import codecs
 from .applier import apply
 from .differ import diff
 from .errors import IntegrityError
@@ -105,7 +105,7 @@ def _apply_and_check(v1: str, patch: str, out: str, v2: str, echo: Callable[[str
 
 def _zstd_size(path: str) -> int:
     """What downloading the whole file costs today: zstd -19 of it."""
-    return len(zstandard.ZstdCompressor(level=19).compress(_read(path)))
+    return len(codecs.zstd_compressor(19).compress(_read(path)))
 
 
 def _trained_demo(directory: str, echo: Callable[[str], None]) -> dict:

@@ -24,12 +24,11 @@ from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import zstandard
 
 from . import codecs, dtypes, quantdelta
 from ._version import __version__
 from .errors import NnpatchIOError, UsageError, WeightsError
-from .hashing import ModelHasher, digest_bytes, directory_digest, hash_file
+from .hashing import ModelHasher, canonical_order, digest_bytes, directory_digest, hash_file
 from .patchfile import ModelRef, Op, OutputFile, PatchHeader, PatchWriter, Section, TargetFile, TensorRef
 from .signing import signer_from_file
 from .quantdelta import QuantDelta
@@ -129,10 +128,6 @@ class DiffResult:
         return self.patch_size / self.target_size if self.target_size else 0.0
 
 
-def _utf8_key(name: str) -> bytes:
-    return name.encode("utf-8", "surrogatepass")
-
-
 def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: str | os.PathLike[str], *,
          level: int = codecs.DEFAULT_LEVEL, reversible: bool = False, sign_key: str | None = None,
          progress: ProgressFn | None = None,
@@ -164,7 +159,7 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
         quantized = dict(quantized or {})
         if quantized and reversible:
             raise UsageError("quantized deltas (op 'qrows') cannot be reverted: drop --reversible or the deltas")
-        for name in sorted(quantized, key=_utf8_key):
+        for name in canonical_order(quantized):
             _check_quantized(b, t, name, quantized[name])
         return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None),
                           quantized)
@@ -184,7 +179,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
         onnx = _onnx_target(writer, t, level) if _kind(t) == "onnx" else None
         ops: list[Op] = []
         changes: list[TensorChange] = []
-        names = sorted(set(b.tensors) | set(t.tensors), key=_utf8_key)
+        names = canonical_order(set(b.tensors) | set(t.tensors))
         for name in names:
             bi, ti = b.tensors.get(name), t.tensors.get(name)
             bd = digest_bytes(b.raw(name)) if bi else None
@@ -306,13 +301,8 @@ def _target_digest(m) -> str:
 
 
 def _encode_layout(writer: PatchWriter, header_bytes: bytes, level: int) -> Section:
-    import zstandard
-
-    z = zstandard.ZstdCompressor(level=max(level, 19), write_content_size=True, write_checksum=False)
-    packed = z.compress(header_bytes)
-    if len(packed) < len(header_bytes):
-        return writer.add_bytes(packed, len(header_bytes), ["zstd"])
-    return writer.add_bytes(header_bytes, len(header_bytes), [])
+    codec, payload = codecs.zstd_if_smaller(header_bytes, max(level, codecs.SMALL_SECTION_LEVEL))
+    return writer.add_bytes(payload, len(header_bytes), codec)
 
 
 def _encode_blob(writer: PatchWriter, path: str, size: int, level: int) -> Section:
@@ -320,11 +310,8 @@ def _encode_blob(writer: PatchWriter, path: str, size: int, level: int) -> Secti
     that are not weights): zstd when that is smaller, else raw."""
     import shutil
 
-    import zstandard
-
     start = writer.begin_section()
-    z = zstandard.ZstdCompressor(level=max(level, 19) if size <= 16 << 20 else level, write_content_size=True,
-                                 write_checksum=False)
+    z = codecs.zstd_compressor(codecs.file_level(level, size))
     spool = writer.stream
     with open(path, "rb") as fh:
         _, written = z.copy_stream(fh, spool, size=size)
@@ -595,11 +582,8 @@ def _encode_quantized(writer, b: SafetensorsFile, t: SafetensorsFile, name: str,
 
 def _write_packed(writer, data: bytes, level: int) -> Section:
     """Bytes stored as zstd where that is smaller, else raw (the codecs a ``qrows`` op allows)."""
-    if data:
-        packed = zstandard.ZstdCompressor(level=level, write_content_size=True, write_checksum=False).compress(data)
-        if len(packed) < len(data):
-            return writer.add_bytes(packed, len(data), ["zstd"])
-    return writer.add_bytes(data, len(data), [])
+    codec, payload = codecs.zstd_if_smaller(data, level)
+    return writer.add_bytes(payload, len(data), codec)
 
 
 #: Parts of a quantized delta in a deltas file: tensor ``NAME.PART`` for each.

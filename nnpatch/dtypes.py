@@ -1,4 +1,4 @@
-"""The safetensors dtype table.
+"""The safetensors dtype table, and the dtypes' names in numpy and torch.
 
 nnpatch never interprets values as numbers: it compares, hashes, XORs and
 copies bit patterns. Each dtype therefore maps to its width in bytes and to
@@ -38,6 +38,30 @@ WRITE_RANK: dict[str, int] = {name: i for i, name in enumerate([
     "BOOL", "U8", "I8", "F8_E5M2", "F8_E4M3", "F8_E8M0", "I16", "U16", "F16", "BF16",
     "I32", "U32", "F32", "C64", "F64", "I64", "U64",
 ])}
+
+#: torch's name of a dtype (an attribute of the torch module) -> its safetensors name. The one
+#: table of torch names: the checkpoint reader, the trainer's writer and its quantization-aware
+#: phase all take it through :func:`torch_dtypes` (this module never imports torch).
+TORCH_NAMES: dict[str, str] = {
+    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
+    "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
+    "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64",
+    "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
+    "complex64": "C64",
+}
+
+
+def torch_dtypes(torch) -> tuple[dict, dict[str, object]]:
+    """(torch dtype -> safetensors name, safetensors name -> torch dtype) for the ``torch`` module
+    given: the dtypes of :data:`TORCH_NAMES` that this torch has (older ones lack the fp8 types)."""
+    to_st, from_st = {}, {}
+    for tname, sname in TORCH_NAMES.items():
+        td = getattr(torch, tname, None)
+        if td is not None:
+            to_st[td] = sname
+            from_st[sname] = td
+    return to_st, from_st
+
 
 _UINT = {1: np.dtype("<u1"), 2: np.dtype("<u2"), 4: np.dtype("<u4"), 8: np.dtype("<u8")}
 

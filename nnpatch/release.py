@@ -1,5 +1,5 @@
-"""Release feeds: one patch from every old version to the new one, a manifest an
-updater reads to pick, check and apply the right one: the publisher.
+"""The publisher of release feeds: one patch from every old version to the new one, and
+the manifest an updater reads to pick, check and apply the right one.
 
     nnpatch release old/model.safetensors --to new/model.safetensors -o dist/ \
         --sign-key release.pem --version 7 --expires 90d --base-url https://cdn.example/m/
@@ -59,7 +59,7 @@ from .weights.source import open_source, path_digest
 _SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,93}$")
 
 # the updater's names (update, UpdateResult, load_manifest, ...) are public here too: nnpatch.release
-# was their home before nnpatch.delivery, and docs/WORKFLOWS.md imports them from here
+# was their home before nnpatch.delivery, and code written against it keeps working
 __all__ = ["MANIFEST_NAME", "MAX_CHAIN_LINKS", "NoPatchError", "NoUpdatePathError", "UpdateResult", "load_manifest",
            "make_release", "parse_manifest", "partial_path", "update"]
 

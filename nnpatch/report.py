@@ -135,9 +135,11 @@ def plot(header: PatchHeader, path: str | os.PathLike[str], *, title: str = "",
         import matplotlib.pyplot as plt
     except ImportError as e:
         raise MissingDependencyError(NEEDS_MATPLOTLIB) from e
+    from .hashing import name_key  # here, not on top: every CLI run imports this module (printable)
+
     every = tensor_shares(header) if shares is None else shares
-    rows = sorted(every, key=lambda r: (-r.patch_bytes, r.name.encode("utf-8", "surrogatepass")))[:MAX_PLOTTED]
-    rows.sort(key=lambda r: r.name.encode("utf-8", "surrogatepass"))
+    rows = sorted(every, key=lambda r: (-r.patch_bytes, name_key(r.name)))[:MAX_PLOTTED]
+    rows.sort(key=lambda r: name_key(r.name))
     # printable() doubles backslashes, so distinct names stay distinct categories on the axis
     names = [printable(r.name) for r in rows][::-1]
     # Tick labels are made when the figure is drawn, so the whole drawing runs without mathtext.

@@ -22,8 +22,10 @@ DOC = os.path.join(ROOT, "docs", "ARCHITECTURE.md")
 #: docs/ARCHITECTURE.md ("Deferred imports, and why") gives: the CLI loads a command's module only
 #: when it runs, and the model readers (numpy) for ``hash --tensors`` only when asked; the
 #: train-sparse command and the demo import the trainer (torch, an optional dependency) only when
-#: training is asked for; kernel loads its optional C extension.
-DEFERRED_OK = {"nnpatch.cli", "nnpatch.cli.hash", "nnpatch.cli.train_sparse", "nnpatch.demo", "nnpatch.kernel"}
+#: training is asked for; kernel loads its optional C extension; report, which the CLI's error
+#: handler imports on every run, loads hashing (OpenSSL's hashlib, through hmac) only to draw a chart.
+DEFERRED_OK = {"nnpatch.cli", "nnpatch.cli.hash", "nnpatch.cli.train_sparse", "nnpatch.demo", "nnpatch.kernel",
+               "nnpatch.report"}
 
 
 def _modules() -> dict[str, str]:

@@ -155,3 +155,18 @@ def test_missing_trainer_leaves_train_sparse_out(monkeypatch):
     assert "train-sparse" not in group.list_commands(None)
     r = CliRunner().invoke(group, ["train-sparse", "--help"])
     assert r.exit_code == 2 and "No such command 'train-sparse'" in r.output
+
+
+def test_the_public_api_is_listed_once():
+    """``nnpatch._EXPORTS`` is the list; ``__all__`` is made from it and the TYPE_CHECKING imports
+    (what type checkers see) name exactly its names, each from its module."""
+    import ast
+
+    import nnpatch
+
+    assert nnpatch.__all__ == ["__version__", *nnpatch._EXPORTS]
+    with open(nnpatch.__file__, encoding="utf-8") as f:
+        tree = ast.parse(f.read())
+    block = next(n for n in tree.body if isinstance(n, ast.If) and "TYPE_CHECKING" in ast.dump(n.test))
+    typed = {a.name: node.module for node in block.body if isinstance(node, ast.ImportFrom) for a in node.names}
+    assert typed == nnpatch._EXPORTS

@@ -148,7 +148,8 @@ def test_manifest_validation(release):
     raw = (dist / "manifest.json").read_bytes()
     assert parse_manifest(raw) == m
     for bad, match in [
-        (b"[]", "not an nnpatch release manifest"),
+        (b"[]", "invalid manifest: not a JSON object"),
+        (b'{"format": "other"}', "not an nnpatch release manifest"),
         (b"\xff", "invalid manifest JSON"),
         (json.dumps(dict(m, version=2)).encode(), "unsupported manifest version"),
         (json.dumps(dict(m, target=dict(m["target"], blake3="XYZ"))).encode(), "hex"),

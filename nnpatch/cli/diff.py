@@ -10,6 +10,7 @@ import click
 from .. import codecs
 from ..atomic import write_error
 from ..errors import NnpatchIOError, UsageError, WeightsError
+from ..hashing import name_key
 from ..differ import diff as make_diff
 from ..report import printable
 from ..weights.sniff import sniff
@@ -129,7 +130,7 @@ def _print_summary(r) -> None:
     click.echo(f"wrote {r.path}: {_totals(r)}")
     if not r.changes:
         return
-    top = sorted(r.changes, key=lambda c: (-c.patch_bytes, c.name.encode("utf-8", "surrogatepass")))
+    top = sorted(r.changes, key=lambda c: (-c.patch_bytes, name_key(c.name)))
     named = ", ".join(f"{printable(c.name, backslash=False)} ({c.op}, {human(c.patch_bytes)})"
                       for c in top[:SUMMARY_TENSORS])
     more = len(r.changes) - SUMMARY_TENSORS

@@ -40,7 +40,7 @@ def textconv(file, as_json):
         return
     with model as w:
         digest, per = hashing.model_digest(w)
-        names = sorted(w.tensors, key=lambda n: n.encode("utf-8", "surrogatepass"))
+        names = hashing.canonical_order(w.tensors)
         size = sum(f.size for f in w.files)
         if as_json:
             emit_json({"file": file, "kind": w.kind, "size": size, "model_blake3": digest.hex(),

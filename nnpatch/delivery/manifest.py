@@ -15,7 +15,7 @@ import json
 import re
 import time
 
-from .._json import loads_strict
+from .._json import load_object
 from ..errors import PatchFormatError, UsageError
 
 MANIFEST_NAME = "manifest.json"
@@ -92,13 +92,11 @@ def _check_link(obj: dict, where: str, source: str, *, inline_hashes: bool) -> N
 
 def parse_manifest(raw: bytes, *, source: str = MANIFEST_NAME) -> dict:
     """Validate a release manifest's bytes (structure, hex digests, plain patch names)."""
-    if len(raw) > MAX_MANIFEST_SIZE:
-        raise PatchFormatError(f"manifest of {len(raw)} bytes exceeds the {MAX_MANIFEST_SIZE} limit", path=source)
     try:
-        m = loads_strict(raw)
+        m = load_object(raw, limit=MAX_MANIFEST_SIZE, what="manifest")
     except ValueError as e:
-        raise PatchFormatError(f"invalid manifest JSON: {e}", path=source) from e
-    if not isinstance(m, dict) or m.get("format") != MANIFEST_FORMAT:
+        raise PatchFormatError(str(e), path=source) from e
+    if m.get("format") != MANIFEST_FORMAT:
         raise PatchFormatError(f"not an nnpatch release manifest (format must be {MANIFEST_FORMAT!r})", path=source)
     if m.get("version") != MANIFEST_VERSION:
         raise PatchFormatError(f"unsupported manifest version {m.get('version')!r}", path=source)

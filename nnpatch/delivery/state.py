@@ -11,7 +11,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from .._json import loads_strict
+from .._json import load_object
 from ..atomic import atomic_write
 from ..errors import NnpatchIOError, PatchFormatError
 from ..hashing import digest_bytes
@@ -61,13 +61,11 @@ def read_state(model: str | os.PathLike[str]) -> State | None:
         raise NnpatchIOError(f"{path}: cannot read the update state: {e.strerror or e}") from e
     finally:
         os.close(fd)
-    if len(raw) > MAX_STATE_SIZE:
-        raise PatchFormatError(f"update state over {MAX_STATE_SIZE} bytes{fix}", path=path)
     try:
-        obj = loads_strict(raw)
+        obj = load_object(raw, limit=MAX_STATE_SIZE, what="update state")
     except ValueError as e:
-        raise PatchFormatError(f"update state is not valid JSON ({e}){fix}", path=path) from e
-    ok = (isinstance(obj, dict) and obj.get("format") == STATE_FORMAT and obj.get("version") == STATE_VERSION
+        raise PatchFormatError(f"{e}{fix}", path=path) from e
+    ok = (obj.get("format") == STATE_FORMAT and obj.get("version") == STATE_VERSION
           and type(obj.get("release")) is int and 0 <= obj["release"] <= MAX_RELEASE
           and isinstance(obj.get("target_blake3"), str) and HEX64.match(obj["target_blake3"])
           and isinstance(obj.get("manifest_blake3"), str) and HEX64.match(obj["manifest_blake3"])

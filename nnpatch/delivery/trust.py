@@ -19,7 +19,7 @@ import json
 import os
 from dataclasses import dataclass
 
-from .._json import loads_strict, read_bounded
+from .._json import load_object, read_bounded
 from ..errors import IntegrityError, PatchFormatError
 from ..hashing import digests_equal
 from ..signing import TrustedKey, load_private_key
@@ -96,14 +96,12 @@ def open_manifest(raw: bytes, *, public_key: TrustedKey | str | os.PathLike[str]
     With ``public_key`` (a TrustedKey, or its PEM file), the manifest must be an
     envelope with a signature by that key that verifies (else IntegrityError,
     exit 4). Without one an envelope is opened unchecked (say so to the user)."""
-    if len(raw) > MAX_ENVELOPE_SIZE:
-        raise PatchFormatError(f"manifest over {MAX_ENVELOPE_SIZE} bytes", path=source)
     try:
         # the one JSON string allowed past MAX_JSON_STRING: the envelope's payload, the whole manifest
         # in base64, bounded by the envelope's own size (SECURITY.md, "Limits")
-        obj = loads_strict(raw, max_string=MAX_ENVELOPE_SIZE)
+        obj = load_object(raw, limit=MAX_ENVELOPE_SIZE, what="manifest", max_string=MAX_ENVELOPE_SIZE)
     except ValueError as e:
-        raise PatchFormatError(f"invalid manifest JSON: {e}", path=source) from e
+        raise PatchFormatError(str(e), path=source) from e
     if not is_envelope(obj):
         if public_key is not None:
             raise IntegrityError(f"{source}: the manifest is not signed (a key was given, so a signature is "

@@ -7,9 +7,9 @@ import os
 import tempfile
 
 import blake3
-import zstandard
 
 from ..atomic import atomic_write
+from ..codecs import SMALL_SECTION_LEVEL, zstd_compressor
 from ..errors import NnpatchIOError, PatchFormatError
 from .header import (FLAG_HEADER_ZSTD, HEADER_EXPANSION_SLACK, MAX_HEADER_EXPANSION, FLAG_SIGNED, MAGIC, MAX_HEADER_SIZE, PREAMBLE, PREAMBLE_SIZE,
                      SIGNATURE_BLOCK_SIZE, TRAILER_SIZE, PatchHeader, Section, align, encode_header, header_text)
@@ -33,8 +33,7 @@ def _layout_header(header: PatchHeader, compress: bool) -> bytes:
         plain = encode_header(header.to_json(base=PREAMBLE_SIZE + reserve))
         body, zipped = plain, False
         if compress:
-            packed = _pad_zero(zstandard.ZstdCompressor(level=19, write_content_size=True,
-                                                        write_checksum=False).compress(text))
+            packed = _pad_zero(zstd_compressor(SMALL_SECTION_LEVEL).compress(text))
             if len(packed) < len(plain) and len(text) <= MAX_HEADER_EXPANSION * len(packed) + HEADER_EXPANSION_SLACK:
                 body, zipped = packed, True
         if len(body) <= reserve:

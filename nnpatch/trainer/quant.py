@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .. import quantdelta
+from .. import dtypes, quantdelta
 from ..quantdelta import QuantDelta
 from .trainer import Trainer, TrainerConfig, set_seed
 
@@ -44,7 +44,8 @@ FINETUNE_SHARE = 0.25
 #: ... at this fraction of the student's learning rate (cosine to 0).
 FINETUNE_LR_SCALE = 0.1
 
-_DTYPE_NAMES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+#: torch dtype -> safetensors name, for the float dtypes a ``qrows`` op takes
+_DTYPE_NAMES = {td: name for td, name in dtypes.torch_dtypes(torch)[0].items() if name in quantdelta.DTYPES}
 _WORD_TORCH = {"F32": torch.int32, "BF16": torch.int16, "F16": torch.int16}
 
 

@@ -50,6 +50,7 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
+from .. import dtypes
 from ..atomic import atomic_write
 from ..differ import diff
 from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
@@ -116,12 +117,7 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str] | None:
 
 
 #: torch dtype -> safetensors dtype name
-_ST_DTYPES = {getattr(torch, name): st for name, st in (
-    ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
-    ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
-    ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("complex64", "C64"),
-    ("float8_e4m3fn", "F8_E4M3"), ("float8_e5m2", "F8_E5M2"), ("float8_e8m0fnu", "F8_E8M0"))
-    if hasattr(torch, name)}
+_ST_DTYPES = dtypes.torch_dtypes(torch)[0]
 
 
 def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,

@@ -35,7 +35,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .._json import loads_strict, read_bounded
+from .._json import load_object, read_bounded
 from ..atomic import atomic_write
 from ..errors import WeightsError
 from ..hashing import canonical_order
@@ -51,14 +51,10 @@ MAX_INDEX_SIZE = 64 << 20
 
 def parse_index(raw: bytes, *, path: str = INDEX_NAME) -> tuple[dict | None, dict[str, str]]:
     """Validate an index's bytes; returns ``(metadata or None, weight_map)``."""
-    if len(raw) > MAX_INDEX_SIZE:
-        raise WeightsError(f"index of {len(raw)} bytes exceeds the {MAX_INDEX_SIZE} limit", path=path)
     try:
-        obj = loads_strict(raw)
+        obj = load_object(raw, limit=MAX_INDEX_SIZE, what="index")
     except ValueError as e:
-        raise WeightsError(f"invalid index JSON: {e}", path=path) from e
-    if not isinstance(obj, dict):
-        raise WeightsError("invalid index: not a JSON object", path=path)
+        raise WeightsError(str(e), path=path) from e
     weight_map = obj.get("weight_map")
     if not isinstance(weight_map, dict) or not all(
         isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()

@@ -39,15 +39,6 @@ NEEDS_TORCH = "reading PyTorch checkpoints needs torch: pip install 'nnpatch[tor
 #: Keys under which training scripts nest the state dict.
 WRAPPER_KEYS = ("state_dict", "model")
 
-_TORCH_DTYPE_NAMES = {
-    "float32": "F32", "float16": "F16", "bfloat16": "BF16", "float64": "F64",
-    "int8": "I8", "int16": "I16", "int32": "I32", "int64": "I64",
-    "uint8": "U8", "uint16": "U16", "uint32": "U32", "uint64": "U64",
-    "bool": "BOOL", "float8_e4m3fn": "F8_E4M3", "float8_e5m2": "F8_E5M2", "float8_e8m0fnu": "F8_E8M0",
-    "complex64": "C64",
-}
-
-
 def _torch():
     try:
         import torch
@@ -58,14 +49,7 @@ def _torch():
 
 def dtype_maps():
     """(torch dtype -> safetensors name, safetensors name -> torch dtype) for this torch."""
-    torch = _torch()
-    to_st, from_st = {}, {}
-    for tname, sname in _TORCH_DTYPE_NAMES.items():
-        td = getattr(torch, tname, None)
-        if td is not None:
-            to_st[td] = sname
-            from_st[sname] = td
-    return to_st, from_st
+    return dtypes.torch_dtypes(_torch())
 
 
 def tensor_bytes(t, name: str = "?") -> np.ndarray:
