@@ -87,6 +87,13 @@ static const char *kind_word(nnp_status st)
     }
 }
 
+/* The error class the library names (nnpatch/errors.py's), else the status's usual one. */
+static const char *kind_of(const nnp_ctx *ctx, nnp_status st)
+{
+    nnp_error_kind k = nnp_error(ctx);
+    return k == NNP_KIND_NONE ? kind_word(st) : nnp_error_name(k);
+}
+
 static int fail_with(int code, const char *kind, const char *message)
 {
     fprintf(stderr, "Error: %s\n", message);
@@ -238,17 +245,17 @@ static size_t on_body(char *buf, size_t one, size_t n, void *user)
     if (g_signal)
         return CURL_WRITEFUNC_ERROR;
     if (!t->started) {
-        t->started = 1;
         curl_easy_getinfo(t->h, CURLINFO_RESPONSE_CODE, &t->status);
+        if (t->status != 200 && t->status != 206)
+            return len; /* an error page or a redirect's body is not the file: dropped */
+        t->started = 1;
         if (t->status == 206) {
             long long a = range_start(t->h);
             if (a < 0)
                 return CURL_WRITEFUNC_ERROR;
             t->at = (uint64_t)a;
-        } else if (t->status == 200) {
-            t->at = 0; /* the whole file: a server that ignored the range; the library skips what it has */
         } else {
-            return CURL_WRITEFUNC_ERROR; /* an error page is not the file */
+            t->at = 0; /* the whole file: a server that ignored the range; the library skips what it has */
         }
     }
     if (t->sink(t->sink_ctx, t->at + t->got, (const uint8_t *)buf, len)) {
@@ -327,9 +334,8 @@ static int fetch(void *user, const char *url, uint64_t offset, uint64_t limit, n
         t.got = 0;
         t.status = 0;
         CURLcode c = curl_easy_perform(h);
-        long status = t.status;
-        if (!t.started)
-            curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
+        long status = 0;
+        curl_easy_getinfo(h, CURLINFO_RESPONSE_CODE, &status);
         char *next = NULL;
         if (status >= 300 && status < 400 && status != 304 && curl_easy_getinfo(h, CURLINFO_REDIRECT_URL, &next) ==
             CURLE_OK && next) {
@@ -354,10 +360,11 @@ static int fetch(void *user, const char *url, uint64_t offset, uint64_t limit, n
         } else if (g_signal) {
             snprintf(err, errlen, "interrupted");
             r = NNP_FETCH_FAIL;
-        } else if (t.started && c == CURLE_OK) {
-            r = NNP_FETCH_OK;
-        } else if (t.started || (c != CURLE_OK && c != CURLE_WRITE_ERROR)) {
-            /* cut, stalled, refused connection, TLS or DNS failure: worth another try */
+        } else if (c == CURLE_OK && (status == 200 || status == 206)) {
+            r = NNP_FETCH_OK; /* the library counts the bytes */
+        } else if (c != CURLE_OK) {
+            /* cut, stalled, refused connection, DNS, an unreadable Content-Range: worth another try;
+             * a certificate that does not verify is not */
             snprintf(err, errlen, "%s: %s after %llu bytes", show, curl_easy_strerror(c),
                      (unsigned long long)t.got);
             r = NNP_FETCH_RETRY;
@@ -368,7 +375,7 @@ static int fetch(void *user, const char *url, uint64_t offset, uint64_t limit, n
             r = NNP_FETCH_RETRY;
         } else if (status == 416) { /* the partial file does not fit what the server has now */
             snprintf(err, errlen, "%s: HTTP 416 for a resumed download", show);
-            r = NNP_FETCH_RETRY;
+            r = NNP_FETCH_RESTART;
         } else {
             snprintf(err, errlen, "%s: HTTP %ld", show, status);
             r = NNP_FETCH_FAIL;
@@ -482,7 +489,7 @@ static int run(int argc, char **argv, opts *o)
     if (o->key) {
         nnp_status st = nnp_set_trusted_key_file(ctx, o->key);
         if (st)
-            return fail_with(st, kind_word(st), nnp_message(ctx));
+            return fail_with(st, kind_of(ctx, st), nnp_message(ctx));
     }
     nnp_update_options opt = NNP_UPDATE_OPTIONS_INIT(o->manifest, fetch, o);
     opt.in_place = o->in_place;
@@ -494,7 +501,7 @@ static int run(int argc, char **argv, opts *o)
     if (g_signal)
         return fail_with(g_signal == SIGTERM ? 143 : 130, "Interrupted", "interrupted");
     if (st)
-        return fail_with(st, kind_word(st), nnp_message(ctx));
+        return fail_with(st, kind_of(ctx, st), nnp_message(ctx));
     if (o->json)
         print_json(o, &res);
     else

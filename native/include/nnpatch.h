@@ -213,8 +213,12 @@ nnp_status nnp_patch_digests_of(nnp_ctx *ctx, const char *patch_path, nnp_patch_
  * `offset` (a body may be cut there). Return NNP_FETCH_OK when the body ended (complete or not:
  * the library counts), NNP_FETCH_RETRY for a failure worth another try (cut, stall, timeout, HTTP
  * 408/425/429/5xx), NNP_FETCH_FAIL for one that is not (HTTP 404, a refused redirect), with a
- * one-line reason in err in both cases. Called from the thread that called nnp_update. */
-typedef enum nnp_fetch_result { NNP_FETCH_OK = 0, NNP_FETCH_RETRY = 1, NNP_FETCH_FAIL = 2 } nnp_fetch_result;
+ * one-line reason in err in both cases; NNP_FETCH_RESTART when what was asked for does not fit what
+ * the server has now (HTTP 416, another total length): the library drops what it holds and tries
+ * again from byte 0. Called from the thread that called nnp_update. */
+typedef enum nnp_fetch_result {
+    NNP_FETCH_OK = 0, NNP_FETCH_RETRY = 1, NNP_FETCH_FAIL = 2, NNP_FETCH_RESTART = 3
+} nnp_fetch_result;
 typedef int (*nnp_sink_fn)(void *sink_ctx, uint64_t at, const uint8_t *buf, size_t len);
 /* returns an nnp_fetch_result */
 typedef int (*nnp_fetch_fn)(void *user, const char *url, uint64_t offset, uint64_t limit, nnp_sink_fn sink,

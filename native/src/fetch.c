@@ -118,6 +118,16 @@ static try_result one_try(nnp_ctx *ctx, const nnp_update_options *opt, const cha
                  (unsigned long long)from, (unsigned long long)from);
         return TRY_AGAIN;
     }
+    if (r == NNP_FETCH_RESTART) { /* what it holds does not fit the server's file now: from byte 0 */
+        if (s->fd >= 0 && ftruncate(s->fd, 0) != 0) {
+            np_fail_errno(ctx, errno, s->path, "cannot truncate");
+            return TRY_STOP;
+        }
+        s->pos = 0;
+        if (!why[0])
+            snprintf(why, whylen, "%s: the server's file does not fit the partial download", url);
+        return TRY_AGAIN;
+    }
     if (r == NNP_FETCH_FAIL) {
         np_fail(ctx, NNP_KIND_IO, "%s", why[0] ? why : url);
         return TRY_STOP;

@@ -378,6 +378,9 @@ static nnp_status update(run *r)
     np_hex(current, 32, res->from_blake3);
     np_hex(r->m.target_blake3, 32, res->to_blake3);
     if (!memcmp(current, r->m.target_blake3, 32)) {
+        /* a download an earlier run left (killed between its apply and its clean-up) is worth nothing now */
+        if (!r->opt.dry_run)
+            remove_stale_partials(r->model, NULL, 0);
         res->status = NNP_UPDATE_CURRENT;
         set_name(res->from_name, sizeof res->from_name, r->m.target_name);
         return NNP_OK;
