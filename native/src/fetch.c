@@ -21,6 +21,7 @@
 
 #include "blake3.h"
 #include "fileio.h"
+#include "hashpool.h"
 #include "manifest.h"
 
 nnp_status np_hash_fd(nnp_ctx *ctx, int fd, uint64_t size, const char *path, uint8_t out[32])
@@ -34,9 +35,9 @@ nnp_status np_hash_fd(nnp_ctx *ctx, int fd, uint64_t size, const char *path, uin
     void *m = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
     if (m == MAP_FAILED)
         return np_fail_errno(ctx, errno, path, "cannot map");
-    np_blake3_hash(m, (size_t)size, out);
+    nnp_status st = np_hash_file(ctx, m, size, out); /* the hashing threads: a model can be gigabytes */
     munmap(m, (size_t)size);
-    return NNP_OK;
+    return st;
 }
 
 /* Sleep ms, waking to see a cancel. */
