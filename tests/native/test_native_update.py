@@ -40,6 +40,20 @@ from ..test_update_net import World, _models  # noqa: E402
 FAST = ["--timeout", "2", "--retries", "2"]
 
 
+# --- the build ------------------------------------------------------------------------------------
+
+def test_only_the_command_links_libcurl(native, tmp_path, capsys):
+    lib = subprocess.run(["ldd", str(native.lib_so)], capture_output=True, text=True, check=True).stdout
+    cmd = subprocess.run(["ldd", str(native.update)], capture_output=True, text=True, check=True).stdout
+    assert "libcurl" not in lib and "libcurl" in cmd and "libnnpatch" not in cmd, (lib, cmd)
+    out = tmp_path / "nnpatch-update"
+    subprocess.run(["strip", "-o", str(out), str(native.update)], check=True)
+    size = out.stat().st_size
+    with capsys.disabled():
+        print(f"\nstripped nnpatch-update: {size} bytes ({size / 1024:.1f} KiB; libcurl, libzstd, libsodium shared)")
+    assert size <= 512 * 1024
+
+
 # --- the shared vectors ---------------------------------------------------------------------------
 
 @pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
@@ -392,3 +406,28 @@ def test_sigterm_exits_143_leaving_the_model(native_impl, served):
     assert p.returncode == 143, err
     assert err.decode().count("\n") == 1 and err.startswith(b"Error: ")
     assert w.model.read_bytes() == w.versions[0].read_bytes()
+
+
+# --- the aarch64 cross build (static, no libcurl: local feeds only), under qemu -----------------------
+
+@pytest.mark.parametrize("case", CASES, ids=[c["name"] for c in CASES])
+def test_manifest_vectors_aarch64(aarch64, case, tmp_path):
+    model, manifest = lay_out(case, tmp_path)
+    args = [model, "--manifest", manifest, "--json"]
+    if case["key"] is not None:
+        args += ["--key", os.path.join(HERE, case["key"])]
+    r = aarch64.run_update(*args)
+    assert r.returncode == case["exit"], r.stderr
+    out = json.loads(r.stdout)
+    if case["exit"]:
+        assert out["error"]["kind"] == case["error"] and r.stderr.decode().count("\n") == 1, r.stderr
+    check_after(case, tmp_path)
+
+
+def test_the_cross_build_refuses_urls(aarch64, tmp_path):
+    case = next(c for c in CASES if c["name"] == "signed")
+    model, _ = lay_out(case, tmp_path)
+    r = aarch64.run_update(model, "--manifest", "http://127.0.0.1:9/manifest.json", "--key",
+                           os.path.join(HERE, case["key"]))
+    assert r.returncode == 2 and b"no HTTP client" in r.stderr, r.stderr
+    assert r.stderr.decode().count("\n") == 1
