@@ -7,7 +7,9 @@
  * it gets NNP_KIND_IO rather than wrong bytes; every index format, delta stage, byte
  * planes, zstd sections and zstd headers, Ed25519 signatures),
  * chains of patches in one pass, patches read from a stream, in-place updates
- * behind the undo journal of spec/JOURNAL.md and their recovery. Other target
+ * behind the undo journal of spec/JOURNAL.md and their recovery, and following a signed
+ * release feed (spec/MANIFEST.md: nnp_update, with the app's own HTTP stack behind a fetch
+ * callback; the library opens no connection). Other target
  * kinds (directory, PyTorch) are refused with NNP_EFORMAT / NNP_KIND_UNSUPPORTED.
  *
  * Rules every function follows:

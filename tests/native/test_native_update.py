@@ -34,6 +34,7 @@ from nnpatch.delivery import state as pystate  # noqa: E402
 
 from ..feedserver import Fault, FeedServer  # noqa: E402
 from ..test_manifest_vectors import CASES, HERE, SPEC_AHEAD, STATE, check_after, lay_out  # noqa: E402
+from ..test_json_schemas import check as check_schema  # noqa: E402
 from ..test_update_net import World, _models  # noqa: E402
 
 # native runs are quick to give up on a broken network: whole seconds are the CLI's unit
@@ -63,7 +64,7 @@ def test_manifest_vectors(native_impl, case, tmp_path):
     if case["key"] is not None:
         args += ["--key", os.path.join(HERE, case["key"])]
     r = native_impl.run_update(*args)
-    out = json.loads(r.stdout)
+    out = check_schema("error" if case["exit"] else "update", r.stdout.decode())  # `nnpatch update --json`'s
     assert r.returncode == case["exit"], r.stderr
     if case["exit"]:
         lines = r.stderr.decode().strip("\n").splitlines()
@@ -130,7 +131,7 @@ def test_signed_feed_over_http(native_impl, served):
     w.install(w.versions[0])
     r = native_update(native_impl, w)
     assert r.returncode == 0, r.stderr
-    out = json.loads(r.stdout)
+    out = check_schema("update", r.stdout.decode())
     assert out["status"] == "updated" and out["release"] == 5 and out["signed"] and out["key_id"]
     assert out["downloaded_bytes"] == w.manifest["bases"][0]["patch_size"]
     assert w.model.read_bytes() == w.versions[2].read_bytes()
@@ -138,6 +139,38 @@ def test_signed_feed_over_http(native_impl, served):
     assert all(e.agent.startswith("nnpatch-update/") for e in w.srv.log)
     r = native_update(native_impl, w)
     assert r.returncode == 0 and json.loads(r.stdout)["status"] == "current", r.stderr
+
+
+def test_dry_run_downloads_nothing_and_writes_nothing(native_impl, served):
+    w = served
+    w.install(w.versions[1])
+    r = native_update(native_impl, w, "--dry-run")
+    assert r.returncode == 0, r.stderr
+    out = check_schema("update", r.stdout.decode())
+    assert out["status"] == "would-update" and out["patches"] == ["v2-to-v3.nnpatch"] and out["dry_run"]
+    assert out["patch_bytes"] == w.manifest["bases"][1]["patch_size"] and out["to_name"] == "v3"
+    assert [e.path for e in w.srv.log] == ["manifest.json"]
+    assert w.files() == ["model.safetensors"]
+    human = native_impl.run_update(w.model, "--manifest", w.srv.url("manifest.json"), "--key", w.pub, "--dry-run")
+    assert b"would fetch v2-to-v3.nnpatch" in human.stdout and b"release 5 (v3)" in human.stdout, human.stdout
+
+
+@pytest.mark.parametrize("prefer", ["chain", "smallest", "direct"])
+def test_chains_download_every_link(native_impl, tmp_path, prefer):
+    w = World(tmp_path)
+    w.publish([w.versions[0], w.versions[1]], w.versions[2], "--version", "1", "--chain", "always")
+    with FeedServer(w.dist) as srv:
+        w.install(w.versions[0])
+        r = native_impl.run_update(w.model, "--manifest", srv.url("manifest.json"), "--key", w.pub, "--json",
+                                   "--prefer", prefer)
+        assert r.returncode == 0, r.stderr
+        assert w.model.read_bytes() == w.versions[2].read_bytes()
+        patches = json.loads(r.stdout)["patches"]
+        if prefer == "chain":
+            assert patches == ["v1-to-v2.nnpatch", "v2-to-v3.nnpatch"]
+        elif prefer == "direct":
+            assert patches == ["v1-to-v3.nnpatch"]
+        assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]
 
 
 def test_in_place_and_headers_over_http(native_impl, served):
