@@ -123,7 +123,8 @@ static void print_json(const opts *o, const nnp_update_result *r)
     opt_str("expires", r->expires, 0);
     opt_str("from_blake3", r->from_blake3, 0);
     opt_str("from_name", r->from_name, 0);
-    printf("  \"in_place\": %s,\n  \"in_place_for_room\": false,\n", r->in_place ? "true" : "false");
+    printf("  \"in_place\": %s,\n  \"in_place_for_room\": %s,\n", r->in_place ? "true" : "false",
+           r->in_place_for_room ? "true" : "false");
     opt_str("key_id", r->key_id, 0);
     printf("  \"mode\": \"%s\",\n  \"ok\": true,\n", r->in_place ? "in-place" : "new-file");
     opt_str("path", o->model, 0);
@@ -174,6 +175,7 @@ static void print_line(const opts *o, const nnp_update_result *r)
     else
         snprintf(trust, sizeof trust, ", signed by %s", r->key_id);
     human((double)r->patch_bytes, size, sizeof size);
+    const char *how = r->in_place_for_room ? " in place (no room beside the model for a second copy)" : "";
     if (r->status == NNP_UPDATE_CURRENT) {
         printf("%s is already %s: nothing to do%s\n", o->model, rel, trust);
         return;
@@ -189,7 +191,7 @@ static void print_line(const opts *o, const nnp_update_result *r)
         snprintf(from, sizeof from, "%s", r->from_name[0] ? r->from_name : r->from_blake3);
         if (!r->from_name[0])
             from[16] = 0;
-        printf("would fetch %s (%s) to bring %s from %s to %s%s\n", names, size, o->model, from, rel, trust);
+        printf("would fetch %s (%s) to bring %s from %s to %s%s%s\n", names, size, o->model, from, rel, how, trust);
         return;
     }
     char fetched[128] = "";
@@ -202,7 +204,8 @@ static void print_line(const opts *o, const nnp_update_result *r)
             snprintf(fetched + n, sizeof fetched - (size_t)n, " (resumed after %s)", s);
         }
     }
-    printf("updated %s to %s with %s (%s%s); BLAKE3 %s%s\n", o->model, rel, names, size, fetched, r->to_blake3, trust);
+    printf("updated %s to %s%s with %s (%s%s); BLAKE3 %s%s\n", o->model, rel, how, names, size, fetched, r->to_blake3,
+           trust);
 }
 
 /* ---- the command ---------------------------------------------------------------------------- */

@@ -233,7 +233,10 @@ typedef struct nnp_update_options {
     const char *manifest;  /* an http:// or https:// URL (needs fetch), or a local path */
     nnp_fetch_fn fetch;    /* NULL: URLs are refused (NNP_EUSAGE) */
     void *fetch_user;
-    int in_place;          /* 1: apply behind the undo journal; 0: build the new version beside the model */
+    int in_place;          /* 1: apply behind the undo journal; 0: build the new version beside the model when
+                            * the file system has room for it (downloads and new version), else in place
+                            * (result.in_place_for_room), as `nnpatch update` without --in-place; -1: never
+                            * in place (NNP_EIO when there is no room) */
     int dry_run;           /* decide and report; fetch nothing but the manifest, write nothing */
     nnp_prefer prefer;
     unsigned retries;      /* further tries of one file after a transient failure (Python's default: 5) */
@@ -265,9 +268,10 @@ typedef struct nnp_update_result {
     uint64_t patch_bytes, downloaded_bytes, resumed_bytes;
     int in_place;
     int recovered;              /* an interrupted in-place update was rolled back first */
+    int in_place_for_room;      /* in place although not asked for: only that fits the free space */
 } nnp_update_result;
 #define NNP_UPDATE_RESULT_INIT \
-    {sizeof(nnp_update_result), NNP_UPDATE_UPDATED, "", "", "", "", 0, 0, "", 0, "", 0, {""}, 0, 0, 0, 0, 0}
+    {sizeof(nnp_update_result), NNP_UPDATE_UPDATED, "", "", "", "", 0, 0, "", 0, "", 0, {""}, 0, 0, 0, 0, 0, 0}
 
 /* Bring model_path to the release's target, with the rules of `nnpatch update` (spec/MANIFEST.md,
  * "What an updater checks"): with a trusted key (nnp_set_trusted_key) the manifest must be a DSSE

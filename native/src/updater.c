@@ -14,6 +14,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -206,6 +207,78 @@ static nnp_status check_links(nnp_ctx *ctx, char **paths, const np_mlink *const 
     return NNP_OK;
 }
 
+/* ---- room ------------------------------------------------------------------------------------ */
+
+/* Bytes for a message: exact, and in MiB or GiB once that reads better (atomic.py's amount). */
+static void amount(uint64_t n, char *out, size_t cap)
+{
+    if (n >= (1ull << 30))
+        snprintf(out, cap, "%llu bytes (%.1f GiB)", (unsigned long long)n, (double)n / (1ull << 30));
+    else if (n >= (1ull << 20))
+        snprintf(out, cap, "%llu bytes (%.1f MiB)", (unsigned long long)n, (double)n / (1ull << 20));
+    else
+        snprintf(out, cap, "%llu bytes", (unsigned long long)n);
+}
+
+/* Bytes an unprivileged writer may still use beside the model; -1 where that cannot be told. */
+static long long free_beside(const char *model)
+{
+    char *dir = np_dir_of(model);
+    struct statvfs sv;
+    int ok = dir && statvfs(dir, &sv) == 0;
+    free(dir);
+    return ok ? (long long)((unsigned long long)sv.f_bavail * sv.f_frsize) : -1;
+}
+
+/* Whether to apply in place (updater.py's _choose_in_place): a new file needs the downloads and a
+ * whole copy of the target beside the model; in place only the downloads (and the journal, refused
+ * cleanly while it is written if even that does not fit). free was measured before this update
+ * wrote anything; -1: cannot be told, do as asked and let the writes say. */
+static nnp_status choose_in_place(nnp_ctx *ctx, const char *model, int asked, uint64_t download, uint64_t target,
+                                  long long free, int *in_place, int *for_room)
+{
+    char need[64], have[64], alt[64];
+    *in_place = asked == 1;
+    *for_room = 0;
+    if (free < 0)
+        return NNP_OK;
+    amount((uint64_t)free, have, sizeof have);
+    if (asked == 1) {
+        if (download <= (uint64_t)free)
+            return NNP_OK;
+        amount(download, need, sizeof need);
+        return np_fail(ctx, NNP_KIND_IO, "%s: the patches need about %s beside the model, %s were free", model, need,
+                       have);
+    }
+    uint64_t new_file = download + target;
+    if (new_file <= (uint64_t)free)
+        return NNP_OK;
+    if (asked == 0 && download <= (uint64_t)free) {
+        *in_place = *for_room = 1;
+        return NNP_OK;
+    }
+    amount(new_file, need, sizeof need);
+    amount(download, alt, sizeof alt);
+    return np_fail(ctx, NNP_KIND_IO, "%s: a new copy beside the model needs about %s (the patches and the new "
+                   "version), %s were free%s%s", model, need, have,
+                   download <= (uint64_t)free ? "; in place (--in-place) needs only about " : "",
+                   download <= (uint64_t)free ? alt : "");
+}
+
+/* Bytes still to download beside the model: what the partial files do not hold yet. */
+static uint64_t download_need(const char *model, const np_mlink *const *links, size_t n)
+{
+    uint64_t need = 0;
+    for (size_t i = 0; i < n; i++) {
+        char *p = partial_path(model, links[i]->patch_blake3);
+        struct stat sb;
+        uint64_t have = p && stat(p, &sb) == 0 ? (uint64_t)sb.st_size : 0;
+        need += have < links[i]->patch_size ? links[i]->patch_size - have : 0;
+        free(p);
+    }
+    return need;
+}
+
 /* ---- the update ------------------------------------------------------------------------------ */
 
 typedef struct run {
@@ -340,6 +413,7 @@ static nnp_status update(run *r)
     nnp_status st = recover_first(r);
     if (st)
         return st;
+    long long free_space = free_beside(r->model); /* before this update writes anything */
     np_state state;
     int have_state;
     if ((st = np_state_read(ctx, r->model, &state, &have_state)))
@@ -371,7 +445,7 @@ static nnp_status update(run *r)
     set_name(res->to_name, sizeof res->to_name, r->m.target_name);
     res->is_signed = r->opened.is_signed;
     set_name(res->key_id, sizeof res->key_id, r->opened.verified ? r->opened.key_id : NULL);
-    res->in_place = r->opt.in_place;
+    res->in_place = r->opt.in_place == 1;
     uint8_t current[32];
     if ((st = nnp_hash_file(ctx, r->model, current)))
         return st;
@@ -412,6 +486,13 @@ static nnp_status update(run *r)
     r->where = r->m.base_url ? strdup(r->m.base_url) : parent_of(src);
     if (!r->where)
         return np_fail(ctx, NNP_KIND_IO, "out of memory");
+    int in_place, for_room;
+    uint64_t download = np_is_url(r->where) ? download_need(r->model, links, r->nlinks) : 0;
+    if ((st = choose_in_place(ctx, r->model, r->opt.in_place, download, r->m.target_size, free_space, &in_place,
+                              &for_room)))
+        return st;
+    res->in_place = in_place;
+    res->in_place_for_room = for_room;
     if (r->opt.dry_run) {
         res->status = NNP_UPDATE_WOULD_UPDATE;
         return NNP_OK;
@@ -421,7 +502,7 @@ static nnp_status update(run *r)
     if ((st = check_links(ctx, r->paths, links, r->nlinks, current)))
         return st;
     const char *const *paths = (const char *const *)r->paths;
-    st = r->opt.in_place ? nnp_apply_in_place(ctx, r->model, paths, r->nlinks)
+    st = in_place ? nnp_apply_in_place(ctx, r->model, paths, r->nlinks)
                          : nnp_apply(ctx, r->model, paths, r->nlinks, r->model);
     if (st)
         return st;

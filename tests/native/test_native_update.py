@@ -425,6 +425,35 @@ def test_kill_9_of_in_place_update_then_rerun(native_impl, big_served, capsys):
     assert killed_mid_run >= rounds // 2
 
 
+def test_no_room_for_a_second_copy_applies_in_place(native_impl, big_served, tmp_path):
+    """As `nnpatch update` without --in-place: on a file system with room for the patch but not
+    for a second copy of the model, the update goes in place and says so (a tmpfs of that size;
+    mounting one needs root)."""
+    w = big_served
+    model_size = w.versions[0].stat().st_size
+    patch_size = w.manifest["bases"][0]["patch_size"]
+    small = tmp_path / "small"
+    small.mkdir()
+    size = (model_size + patch_size + model_size // 2) // 4096 * 4096
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(small)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    try:
+        model = small / "model.safetensors"
+        model.write_bytes(w.versions[0].read_bytes())
+        args = [model, "--manifest", w.srv.url("manifest.json"), "--key", w.pub, *FAST]
+        r = native_impl.run_update(*args, "--dry-run", "--json")
+        assert r.returncode == 0, r.stderr
+        out = json.loads(r.stdout)
+        assert out["mode"] == "in-place" and out["in_place_for_room"] is True, out
+        r = native_impl.run_update(*args)
+        assert r.returncode == 0, r.stderr
+        assert b"in place (no room beside the model for a second copy)" in r.stdout, r.stdout
+        assert model.read_bytes() == w.versions[2].read_bytes()
+    finally:
+        subprocess.run(["umount", str(small)], check=True)
+
+
 def test_sigterm_exits_143_leaving_the_model(native_impl, served):
     w = served
     w.srv.set_faults(lambda path, rng: Fault("stall", at=10, seconds=5.0) if path.endswith(".nnpatch") else None)

@@ -37,7 +37,7 @@ class Result(ctypes.Structure):
                 ("is_signed", ctypes.c_int), ("key_id", ctypes.c_char * 17), ("npatches", ctypes.c_size_t),
                 ("patches", (ctypes.c_char * 201) * 32), ("patch_bytes", ctypes.c_uint64),
                 ("downloaded_bytes", ctypes.c_uint64), ("resumed_bytes", ctypes.c_uint64),
-                ("in_place", ctypes.c_int), ("recovered", ctypes.c_int)]
+                ("in_place", ctypes.c_int), ("recovered", ctypes.c_int), ("in_place_for_room", ctypes.c_int)]
 
 
 class Digests(ctypes.Structure):
