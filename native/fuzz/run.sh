@@ -9,7 +9,7 @@ seconds=$2
 shift 2
 here=$(cd "$(dirname "$0")" && pwd)
 artifacts=${ARTIFACTS:-$here/crashes}
-harnesses=${*:-check apply journal json}
+harnesses=${*:-check apply journal json feed}
 n=$(echo $harnesses | wc -w)
 each=$((seconds / n))
 [ "$each" -ge 1 ] || each=1

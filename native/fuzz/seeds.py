@@ -1,10 +1,11 @@
 """Seed corpora of the native fuzz harnesses, from spec/vectors (every valid and invalid
 patch) and native/fuzz/seeds/: python3 native/fuzz/seeds.py OUT_DIR writes
-OUT_DIR/{check,apply,journal,json}/. Standard library only (zstd-form headers are
+OUT_DIR/{check,apply,journal,json,feed}/. Standard library only (zstd-form headers are
 skipped unless the zstandard module is there)."""
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -36,8 +37,28 @@ def header_of(data: bytes) -> bytes | None:
     return raw.rstrip(b" ")
 
 
+def feed_seeds(out: str) -> None:
+    """fuzz_feed: every manifest vector's envelope (first byte 0: with the key, 1: without), its
+    payload when it is one (2) and every state file (3)."""
+    mdir = os.path.join(VECTORS, "manifest")
+    for case in json.load(open(os.path.join(mdir, "manifest-vectors.json")))["cases"]:
+        raw = open(os.path.join(mdir, case["manifest"]), "rb").read()
+        for tag in (0, 1):
+            with open(os.path.join(out, f"{case['name']}.{tag}"), "wb") as f:
+                f.write(bytes([tag]) + raw)
+        try:
+            payload = base64.b64decode(json.loads(raw)["payload"])
+        except Exception:
+            payload = raw
+        with open(os.path.join(out, f"{case['name']}.2"), "wb") as f:
+            f.write(b"\x02" + payload)
+        if case["state"]:
+            with open(os.path.join(out, f"{case['name']}.3"), "wb") as f:
+                f.write(b"\x03" + open(os.path.join(mdir, case["state"]), "rb").read())
+
+
 def main(out: str) -> int:
-    dirs = {k: os.path.join(out, k) for k in ("check", "apply", "journal", "json")}
+    dirs = {k: os.path.join(out, k) for k in ("check", "apply", "journal", "json", "feed")}
     for d in dirs.values():
         shutil.rmtree(d, ignore_errors=True)
         os.makedirs(d)
@@ -60,6 +81,7 @@ def main(out: str) -> int:
         hlen = struct.unpack_from("<Q", data, 16)[0]
         with open(os.path.join(dirs["json"], "journal_" + n + ".json"), "wb") as f:
             f.write(b"\x01" + data[24:24 + hlen].rstrip(b" "))  # the journal's limits
+    feed_seeds(dirs["feed"])
     for k, d in dirs.items():
         print(f"seeds: {k}: {len(os.listdir(d))} files")
     return 0

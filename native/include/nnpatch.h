@@ -7,7 +7,9 @@
  * it gets NNP_KIND_IO rather than wrong bytes; every index format, delta stage, byte
  * planes, zstd sections and zstd headers, Ed25519 signatures),
  * chains of patches in one pass, patches read from a stream, in-place updates
- * behind the undo journal of spec/JOURNAL.md and their recovery. Other target
+ * behind the undo journal of spec/JOURNAL.md and their recovery, and following a signed
+ * release feed (spec/MANIFEST.md: nnp_update, with the app's own HTTP stack behind a fetch
+ * callback; the library opens no connection). Other target
  * kinds (directory, PyTorch) are refused with NNP_EFORMAT / NNP_KIND_UNSUPPORTED.
  *
  * Rules every function follows:
@@ -79,7 +81,8 @@ typedef enum nnp_status {
     NNP_EFORMAT = 3,     /* invalid or corrupt input: patch, model, journal; unsupported version or kind */
     NNP_EINTEGRITY = 4,  /* wrong base, failed digest or signature, journal of another file */
     NNP_EIO = 5,         /* operating-system error: missing file, permission, disk full, locked */
-    NNP_ECANCELLED = 130 /* nnp_cancel was called (or the command got SIGINT/SIGTERM) */
+    NNP_ECANCELLED = 130, /* nnp_cancel was called (or the command got SIGINT/SIGTERM) */
+    NNP_ENOPATH = 7       /* nnp_update: no patch in the manifest leads from the model's version */
 } nnp_status;
 
 /* Which rule failed: the error classes of the Python implementation (nnpatch/errors.py),
@@ -94,7 +97,8 @@ typedef enum nnp_error_kind {
     NNP_KIND_INTEGRITY,           /* IntegrityError          (4) */
     NNP_KIND_IO,                  /* NnpatchIOError          (5) */
     NNP_KIND_USAGE,               /* UsageError              (2) */
-    NNP_KIND_CANCELLED            /* interrupted             (130) */
+    NNP_KIND_CANCELLED,           /* interrupted             (130) */
+    NNP_KIND_NO_UPDATE_PATH       /* NoUpdatePathError       (7) */
 } nnp_error_kind;
 
 /* spec/FORMAT.md section 9, step 8, and README "--verify". */
@@ -181,6 +185,105 @@ nnp_status nnp_recover(nnp_ctx *ctx, const char *model_path, int *recovered);
 /* Validate a patch (trailer, signature if a key is set, header, sections, every section
  * decoded) and, with base_path, that it applies to that base. NNP_OK when it does. */
 nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path);
+
+/* ---- Hashes an integrator needs (MANIFEST.md, "What an updater checks", step 9) ---------------- */
+
+/* The BLAKE3 of a whole file (what a manifest's patch_blake3, base_blake3 and target.blake3 name). */
+nnp_status nnp_hash_file(nnp_ctx *ctx, const char *path, uint8_t out[32]);
+
+/* What a patch's header and trailer say, after the patch is validated as nnp_check's first steps
+ * validate it (trailer, signature when a trusted key is set, header). */
+typedef struct nnp_patch_digests {
+    size_t size;               /* sizeof(nnp_patch_digests): NNP_PATCH_DIGESTS_INIT */
+    uint8_t base_blake3[32];   /* the file the patch is made for */
+    uint64_t base_size;
+    uint8_t target_blake3[32]; /* the file it makes */
+    uint64_t target_size;
+    uint8_t trailer_blake3[32]; /* its own trailer hash: a manifest's patch_trailer_blake3 */
+    int is_signed;
+} nnp_patch_digests;
+#define NNP_PATCH_DIGESTS_INIT {sizeof(nnp_patch_digests), {0}, 0, {0}, 0, {0}, 0}
+nnp_status nnp_patch_digests_of(nnp_ctx *ctx, const char *patch_path, nnp_patch_digests *out);
+
+/* ---- Following a release feed (spec/MANIFEST.md; SECURITY.md "Release feeds") -------------------- */
+
+/* The library never opens a connection: an app fetches with its own HTTP stack through this
+ * callback. Deliver the resource at url from byte `offset` on (Range: bytes=offset-; offset 0: the
+ * whole of it), calling sink for each piece with `at`, the piece's position in the resource (a
+ * server that ignored the range sends from 0: pass at = 0, the library skips what it has). Stop
+ * when sink returns non-zero. `limit`: the library never takes more than this many bytes from
+ * `offset` (a body may be cut there). Return NNP_FETCH_OK when the body ended (complete or not:
+ * the library counts), NNP_FETCH_RETRY for a failure worth another try (cut, stall, timeout, HTTP
+ * 408/425/429/5xx), NNP_FETCH_FAIL for one that is not (HTTP 404, a refused redirect), with a
+ * one-line reason in err in both cases; NNP_FETCH_RESTART when what was asked for does not fit what
+ * the server has now (HTTP 416, another total length): the library drops what it holds and tries
+ * again from byte 0. Called from the thread that called nnp_update. */
+typedef enum nnp_fetch_result {
+    NNP_FETCH_OK = 0, NNP_FETCH_RETRY = 1, NNP_FETCH_FAIL = 2, NNP_FETCH_RESTART = 3
+} nnp_fetch_result;
+typedef int (*nnp_sink_fn)(void *sink_ctx, uint64_t at, const uint8_t *buf, size_t len);
+/* returns an nnp_fetch_result */
+typedef int (*nnp_fetch_fn)(void *user, const char *url, uint64_t offset, uint64_t limit, nnp_sink_fn sink,
+                            void *sink_ctx, char *err, size_t errlen);
+
+typedef enum nnp_prefer { NNP_PREFER_DIRECT = 0, NNP_PREFER_SMALLEST = 1, NNP_PREFER_CHAIN = 2 } nnp_prefer;
+
+typedef struct nnp_update_options {
+    size_t size;           /* sizeof(nnp_update_options): NNP_UPDATE_OPTIONS_INIT */
+    const char *manifest;  /* an http:// or https:// URL (needs fetch), or a local path */
+    nnp_fetch_fn fetch;    /* NULL: URLs are refused (NNP_EUSAGE) */
+    void *fetch_user;
+    int in_place;          /* 1: apply behind the undo journal; 0: build the new version beside the model when
+                            * the file system has room for it (downloads and new version), else in place
+                            * (result.in_place_for_room), as `nnpatch update` without --in-place; -1: never
+                            * in place (NNP_EIO when there is no room) */
+    int dry_run;           /* decide and report; fetch nothing but the manifest, write nothing */
+    nnp_prefer prefer;
+    unsigned retries;      /* further tries of one file after a transient failure (Python's default: 5) */
+    unsigned backoff_ms;   /* the first pause between tries, doubled after each (500) */
+    long long now;         /* seconds since the epoch to judge expiry by; 0: the clock */
+} nnp_update_options;
+#define NNP_UPDATE_OPTIONS_INIT(manifest, fetch, user) \
+    {sizeof(nnp_update_options), (manifest), (fetch), (user), 0, 0, NNP_PREFER_DIRECT, 5, 500, 0}
+
+typedef enum nnp_update_status {
+    NNP_UPDATE_UPDATED = 0,
+    NNP_UPDATE_CURRENT = 1,     /* the model already is the release's target */
+    NNP_UPDATE_WOULD_UPDATE = 2 /* a dry run */
+} nnp_update_status;
+
+#define NNP_UPDATE_MAX_LINKS 32
+typedef struct nnp_update_result {
+    size_t size;                /* sizeof(nnp_update_result): NNP_UPDATE_RESULT_INIT */
+    nnp_update_status status;
+    char from_blake3[65], to_blake3[65];
+    char from_name[96], to_name[96]; /* "" when the manifest names none */
+    int has_release;
+    uint64_t release;
+    char expires[24];           /* "" when none */
+    int is_signed;              /* the manifest was an envelope */
+    char key_id[17];            /* "" unless a signature was checked against the trusted key */
+    size_t npatches;
+    char patches[NNP_UPDATE_MAX_LINKS][201];
+    uint64_t patch_bytes, downloaded_bytes, resumed_bytes;
+    int in_place;
+    int recovered;              /* an interrupted in-place update was rolled back first */
+    int in_place_for_room;      /* in place although not asked for: only that fits the free space */
+} nnp_update_result;
+#define NNP_UPDATE_RESULT_INIT \
+    {sizeof(nnp_update_result), NNP_UPDATE_UPDATED, "", "", "", "", 0, 0, "", 0, "", 0, {""}, 0, 0, 0, 0, 0, 0}
+
+/* Bring model_path to the release's target, with the rules of `nnpatch update` (spec/MANIFEST.md,
+ * "What an updater checks"): with a trusted key (nnp_set_trusted_key) the manifest must be a DSSE
+ * envelope signed by it, unexpired, and no older than the release recorded in MODEL.nnpatch-state,
+ * which is then updated (atomically, before any patch is fetched); every patch must be signed by it.
+ * Without a key a state file beside the model is refused (NNP_EINTEGRITY). An interrupted in-place
+ * update (MODEL.nnpatch-journal) is rolled back first. Patches at URLs are downloaded to
+ * MODEL.<digest>.nnpatch-part under an exclusive lock, resumed, and checked by size and BLAKE3
+ * before anything is applied. Statuses as `nnpatch update`: NNP_OK (updated or current), 2, 3, 4, 5,
+ * NNP_ENOPATH (7), NNP_ECANCELLED. result (may be NULL) is filled on NNP_OK. */
+nnp_status nnp_update(nnp_ctx *ctx, const char *model_path, const nnp_update_options *options,
+                      nnp_update_result *result);
 
 /* The library's version at run time, which may differ from the header's a program was built
  * with: "0.5.0" and 500 (NNP_VERSION_STRING and NNP_VERSION_NUMBER of the library). */

@@ -8,8 +8,8 @@ set -u
 # host build (g++ only checks that nnpatch.h compiles as C++), ASan/UBSan build, libFuzzer
 # (clang + compiler-rt), aarch64 cross build and qemu; the suites' tools: /usr/bin/time
 # (peak RSS), b3sum (BLAKE3 cross-check)
-PKGS="make gcc g++ libc6-dev binutils libzstd-dev libsodium-dev clang libclang-rt-14-dev \
-gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user time b3sum"
+PKGS="make gcc g++ libc6-dev binutils libzstd-dev libsodium-dev libcurl4-openssl-dev clang libclang-rt-14-dev \
+gcc-aarch64-linux-gnu libc6-dev-arm64-cross qemu-user cmake time b3sum"
 ARM64_PKGS="libzstd-dev:arm64 libsodium-dev:arm64"
 
 # (with a foreign architecture added, Multi-Arch: same packages need the :arch suffix)
@@ -36,10 +36,12 @@ fi
 why() {
     case "$1" in
         make|gcc|libc6-dev|binutils|libzstd-dev|libsodium-dev) echo "build libnnpatch and nnpatch-apply" ;;
+        libcurl4-openssl-dev) echo "nnpatch-update's HTTP client (libcurl: TLS, redirects, proxies; only the command links it)" ;;
         g++) echo "check that nnpatch.h compiles as C++" ;;
         clang|libclang-rt-14-dev) echo "the AddressSanitizer/UBSan build and the libFuzzer harnesses" ;;
         gcc-aarch64-linux-gnu|libc6-dev-arm64-cross|qemu-user|*:arm64) echo "the aarch64 build, run under qemu-user" ;;
         default-jdk-headless) echo "the JNI binding's tests (javac, java)" ;;
+        cmake) echo "building README's Android CMake recipe (with the aarch64 compiler) to count its exports" ;;
         time) echo "peak-memory checks (/usr/bin/time)" ;;
         b3sum) echo "the BLAKE3 cross-check against b3sum" ;;
         *) echo "the native suites" ;;

@@ -58,6 +58,7 @@ const char *nnp_error_name(nnp_error_kind kind)
     case NNP_KIND_IO: return "NnpatchIOError";
     case NNP_KIND_USAGE: return "UsageError";
     case NNP_KIND_CANCELLED: return "Interrupted";
+    case NNP_KIND_NO_UPDATE_PATH: return "NoUpdatePathError";
     }
     return "NnpatchError";
 }
@@ -130,6 +131,7 @@ nnp_status np_status_of(nnp_error_kind kind)
     case NNP_KIND_IO: return NNP_EIO;
     case NNP_KIND_USAGE: return NNP_EUSAGE;
     case NNP_KIND_CANCELLED: return NNP_ECANCELLED;
+    case NNP_KIND_NO_UPDATE_PATH: return NNP_ENOPATH;
     }
     return NNP_EFORMAT;
 }

@@ -100,6 +100,24 @@ class NativeBuild:
         return self.dir / "nnpatch-apply"
 
     @property
+    def update(self) -> Path:
+        """nnpatch-update (host builds only: the cross build has none, see native/Makefile)."""
+        return self.dir / "nnpatch-update"
+
+    @property
+    def update_cmd(self) -> list[str]:
+        return [*self.runner, str(self.update)]
+
+    def run_update(self, *args, timeout: float = 120, env: dict | None = None,
+                   check_sanitizer: bool = True) -> subprocess.CompletedProcess:
+        """nnpatch-update with these arguments, as run() runs nnpatch-apply."""
+        r = subprocess.run([*self.update_cmd, *map(str, args)], capture_output=True, timeout=timeout,
+                           env=self.full_env(env))
+        if check_sanitizer:
+            self.check_sanitizer(r.returncode, r.stderr)
+        return r
+
+    @property
     def lib_so(self) -> Path:
         return self.dir / "libnnpatch.so"
 

@@ -14,7 +14,7 @@ import pytest
 from .conftest import BUILD, ROOT, make, require_tool
 
 SECONDS = int(os.environ.get("NNP_FUZZ_TEST_SECONDS", "10"))
-HARNESSES = ["check", "apply", "journal", "json"]
+HARNESSES = ["check", "apply", "journal", "json", "feed"]
 
 
 @pytest.fixture(scope="session")
