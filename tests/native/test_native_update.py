@@ -2,8 +2,7 @@
 
 - spec/vectors/manifest: every case through nnpatch-update gives the exit code, error class, model and
   state file the index gives (tests/test_manifest_vectors.py runs the same index through `nnpatch
-  update`); where the index records MANIFEST.md's answer that the Python updater does not give yet
-  (its SPEC_AHEAD xfails, issue 28 item 10), the native updater gives the spec's answer;
+  update`, with the same verdicts);
 - a signed feed over HTTP (tests/feedserver.py, 127.0.0.1): updated, resumed after a cut (within a run
   by a Range request, across runs from the partial file), a wrong digest refused with the model as it
   was, a redirect out of http(s) refused, a batch of randomly faulted updates (each ends exactly OLD
@@ -33,7 +32,7 @@ from nnpatch.cli import cli  # noqa: E402
 from nnpatch.delivery import state as pystate  # noqa: E402
 
 from ..feedserver import Fault, FeedServer  # noqa: E402
-from ..test_manifest_vectors import CASES, HERE, SPEC_AHEAD, STATE, check_after, lay_out  # noqa: E402
+from ..test_manifest_vectors import CASES, HERE, STATE, check_after, lay_out  # noqa: E402
 from ..test_json_schemas import check as check_schema  # noqa: E402
 from ..test_update_net import World, _models  # noqa: E402
 
@@ -75,12 +74,6 @@ def test_manifest_vectors(native_impl, case, tmp_path):
         assert out["ok"] is True and out["status"] in ("updated", "current"), out
         assert out["status"] == case["verdict"], out
     check_after(case, tmp_path)
-
-
-def test_the_spec_ahead_cases_are_answered_as_the_spec_says():
-    """The native updater passes the cases the Python one is marked xfail for: they are in CASES
-    above without marks, so this only guards that the set is still named there."""
-    assert SPEC_AHEAD and set(SPEC_AHEAD) <= {c["name"] for c in CASES}
 
 
 def test_a_private_key_is_a_usage_error(native_impl, tmp_path):
