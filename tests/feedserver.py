@@ -49,6 +49,7 @@ class Logged:
     sent: int
     fault: str | None
     agent: str | None = None
+    authorization: str | None = None  # the request's Authorization header (tests of --header)
 
 
 class _Handler(http.server.BaseHTTPRequestHandler):
@@ -104,7 +105,7 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             sent = min(fault.at, len(body))
             body = body[:sent]
         srv.record(Logged(rel, self.headers.get("Range"), status, sent, fault.kind if fault else None,
-                          self.headers.get("User-Agent")))
+                          self.headers.get("User-Agent"), self.headers.get("Authorization")))
         try:
             if fault and fault.kind == "drip":
                 for i in range(len(body)):
@@ -130,7 +131,8 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         for k, v in (extra or {}).items():
             self.send_header(k, v)
         # recorded before the answer goes out: a client that has its answer finds the request in the log
-        self.server.record(Logged(rel, self.headers.get("Range"), status, 0, fault, self.headers.get("User-Agent")))
+        self.server.record(Logged(rel, self.headers.get("Range"), status, 0, fault, self.headers.get("User-Agent"),
+                                  self.headers.get("Authorization")))
         self.end_headers()
         with contextlib.suppress(OSError):
             self.wfile.write(body)

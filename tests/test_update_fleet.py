@@ -192,3 +192,46 @@ def test_update_refuses_a_private_key(world):
     r = run("update", w.model, "--manifest", w.dist / "manifest.json", "--key", w.key)
     assert r.exit_code == 2 and "is a private key" in r.output, r.output
     assert read(w.model) == read(w.versions[0])
+
+
+# --- issue 23: the network options of update -------------------------------------------------------
+
+def test_headers_reach_the_feed_and_never_another_host(world):
+    """--header goes with every request to the feed's origin; a redirect to another host gets none."""
+    from .feedserver import Fault
+
+    w = world
+    w.publish([w.versions[0]], w.versions[1], "--version", "2")
+    elsewhere = w.tmp / "elsewhere"
+    shutil.copytree(w.dist, elsewhere)
+    with FeedServer(elsewhere) as other, FeedServer(w.dist) as srv:
+        srv.set_faults(lambda path, rng: Fault("redirect", location=other.url(path)) if path.endswith(".nnpatch")
+                       else None)
+        w.install(w.versions[0])
+        r = w.update(srv.url("manifest.json"), "--header", "Authorization: Bearer s3cret", "--timeout", "5",
+                     "--retries", "1")
+        assert r.exit_code == 0, r.output
+        assert read(w.model) == read(w.versions[1])
+        assert [e.authorization for e in srv.log] == ["Bearer s3cret"] * len(srv.log) and srv.log
+        assert other.log and all(e.authorization is None for e in other.log)
+
+
+@pytest.mark.parametrize("bad", ["no colon", "Bad Name: x", ": empty"])
+def test_a_malformed_header_is_a_usage_error(world, bad):
+    w = world
+    r = run("update", w.model, "--manifest", w.dist / "manifest.json", "--header", bad)
+    assert r.exit_code == 2, r.output
+
+
+def test_retries_bound_the_tries(world):
+    """--retries 0: one try of a file that keeps failing (503), then exit 5 naming the count."""
+    from .feedserver import Fault
+
+    w = world
+    w.publish([w.versions[0]], w.versions[1], "--version", "2")
+    with FeedServer(w.dist) as srv:
+        srv.set_faults(lambda path, rng: Fault("status", status=503))
+        w.install(w.versions[0])
+        before = read(w.model)
+        refused(w, w.update(srv.url("manifest.json"), "--retries", "0"), 5, before, "gave up after 1 tries")
+        assert len(srv.log) == 1

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 
 import click
 
@@ -25,6 +26,18 @@ def _names(ctx, param, values) -> dict[str, str]:
             raise click.BadParameter(f"{v!r}: expected PATH=NAME")
         out[path] = name
     return out
+
+
+def _header(ctx, param, values) -> tuple[tuple[str, str], ...]:
+    out = []
+    for v in values:
+        name, colon, value = v.partition(":")
+        name, value = name.strip(), value.strip()
+        # a token (RFC 9110) for the name, and no line break anywhere: nothing can be smuggled into the request
+        if not colon or not re.fullmatch(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+", name) or re.search(r"[\r\n\0]", value):
+            raise click.BadParameter(f"{v!r}: expected 'Name: value'")
+        out.append((name, value))
+    return tuple(out)
 
 
 def _duration(ctx, param, value) -> int | None:
@@ -107,13 +120,25 @@ def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, ba
 @click.option("--deadline", type=click.FloatRange(min=1.0), metavar="SECONDS",
               help="Most seconds the download of one file (the manifest, each patch) may take, every retry "
                    "included; exit 5 past it. Default: 30 s plus the bytes received at --min-rate.")
+@click.option("--timeout", type=click.FloatRange(min=0.1), metavar="SECONDS",
+              help="Connect and read timeout of each request (default: 10 s to connect, 30 s between bytes).")
+@click.option("--retries", type=click.IntRange(0, 100), metavar="N",
+              help="Further tries of a file after the first, with a growing pause (default: 5).")
+@click.option("--header", "headers", multiple=True, callback=_header, metavar="'NAME: VALUE'",
+              help="An extra request header (a token, a cookie), sent to the manifest's and patches' origin only; "
+                   "may be repeated.")
+@click.option("--ca-file", type=InputPath(dir_okay=False, what="CA file"),
+              help="PEM bundle of the certificate authorities to trust for https:// (default: the system's).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout (on errors too).")
 @click.pass_context
-def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fallback, min_rate, deadline, as_json):
+def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fallback, min_rate, deadline, timeout,
+           retries, headers, ca_file, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""
     # errors: the one handler in nnpatch.cli prints the Error: line, and with --json the error object
     check_public_key(key)
-    given = {k: v for k, v in (("min_rate", min_rate), ("deadline", deadline)) if v is not None}
+    given = {k: v for k, v in (("min_rate", min_rate), ("deadline", deadline), ("connect_timeout", timeout),
+                               ("read_timeout", timeout), ("retries", retries), ("ca_file", ca_file),
+                               ("headers", headers or None)) if v is not None}
     options = dataclasses.replace(fetch.DEFAULT_OPTIONS, **given) if given else None
     r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run,
                   fallback=fallback, fetch=options)

@@ -98,6 +98,11 @@ class FetchOptions:
     rate_window: float = 10.0
     grace: float = 30.0
     deadline: float | None = None
+    #: extra request headers (a token, a signed-URL cookie): sent to the first URL's origin only,
+    #: never on to another host a redirect names
+    headers: tuple[tuple[str, str], ...] = ()
+    #: PEM bundle of the CAs to trust for https:// instead of the system's
+    ca_file: str | None = None
 
 
 @dataclass
@@ -178,8 +183,9 @@ class Fetcher:
                 raise MissingDependencyError("fetching over HTTP needs the 'urllib3' package: "
                                              "pip install 'nnpatch[net]'") from e
             self._urllib3 = urllib3
+            tls = {"ca_certs": self.options.ca_file, "cert_reqs": "CERT_REQUIRED"} if self.options.ca_file else {}
             self._pool = urllib3.PoolManager(headers={"User-Agent": "nnpatch-update",
-                                                      "Accept-Encoding": "identity"})
+                                                      "Accept-Encoding": "identity"}, **tls)
         return self._pool
 
     def close(self) -> None:
@@ -198,7 +204,8 @@ class Fetcher:
         """One GET of ``url``, following at most ``MAX_REDIRECTS`` redirects that :func:`redirect_allowed`."""
         location = url
         for _ in range(MAX_REDIRECTS + 1):
-            r = self._get(location, headers)
+            extra = dict(self.options.headers) if _origin(location) == _origin(url) else {}
+            r = self._get(location, {**extra, **headers})
             target = r.get_redirect_location()
             if not target:
                 break
@@ -412,6 +419,11 @@ def _write_all(fd: int, data: bytes) -> None:
 def _unlink(path: str) -> None:
     with contextlib.suppress(OSError):
         os.unlink(path)
+
+
+def _origin(url: str) -> tuple[str, str]:
+    u = urlsplit(url)
+    return u.scheme.lower(), u.netloc.lower()
 
 
 def _close(r) -> None:
