@@ -26,8 +26,7 @@ static volatile sig_atomic_t g_signalled;
 
 static void on_signal(int sig)
 {
-    (void)sig;
-    g_signalled = 1;
+    g_signalled = sig;
     if (g_ctx)
         nnp_cancel(g_ctx);
 }
@@ -39,7 +38,7 @@ static const char USAGE[] =
     "       nnpatch-apply --check PATCH [--base OLD] [--key PUB.pem]\n"
     "       nnpatch-apply --version\n"
     "PATCH '-' reads standard input. Exit codes: 0 ok, 1 mismatch (--check), 2 usage, 3 invalid input,\n"
-    "4 wrong base or integrity, 5 I/O error, 130 interrupted.\n";
+    "4 wrong base or integrity, 5 I/O error, 130 interrupted (143: SIGTERM).\n";
 
 static int fail(int code, const char *fmt, const char *arg)
 {
@@ -53,6 +52,8 @@ static int report(nnp_ctx *ctx, nnp_status st)
 {
     if (st == NNP_OK)
         return 0;
+    if (st == NNP_ECANCELLED && g_signalled == SIGTERM) /* as `nnpatch`: 128 + SIGTERM, its own words */
+        return fail(143, "%s", "terminated (SIGTERM)");
     const char *m = nnp_message(ctx);
     fprintf(stderr, "Error: %s\n", *m ? m : "failed");
     return (int)st;
@@ -208,6 +209,43 @@ static int parse_args(int argc, char **argv, args *A)
 }
 
 /* The options that do not go together, and the verify mode's name: -1 to go on, else 2. */
+/* The first bytes of `path` (a regular file): 1 = the patch magic, 2 = a safetensors header (an
+ * 8-byte length, then '{'), 0 = neither or unreadable (the library then says what is wrong). */
+static int sniff(const char *path)
+{
+    static const unsigned char magic[8] = {0x89, 'N', 'N', 'P', '\r', '\n', 0x1a, '\n'};
+    unsigned char b[9];
+    if (!strcmp(path, "-"))
+        return 0;
+    FILE *f = fopen(path, "rb");
+    if (!f)
+        return 0;
+    size_t n = fread(b, 1, sizeof b, f);
+    fclose(f);
+    if (n >= 8 && !memcmp(b, magic, 8))
+        return 1;
+    return n == 9 && b[8] == '{' ? 2 : 0;
+}
+
+/* A patch where a model goes, or a model where a patch goes: a usage error (exit 2), as `nnpatch`
+ * says it (cli/_inputs.check_order), before anything is opened for real. */
+static int check_order(const args *A, const char *usage)
+{
+    for (int i = 0; i < A->npos; i++) {
+        int model_slot = i == 0 && A->mode != CHECK, kind = sniff(A->pos[i]);
+        if ((model_slot && kind == 1) || (!model_slot && kind == 2)) {
+            fprintf(stderr, "Error: %s is a %s, given as %s; the order is: %s\n", A->pos[i],
+                    kind == 1 ? "patch" : "model", model_slot ? (A->mode == INPLACE ? "MODEL" : "OLD") : "PATCH", usage);
+            return 2;
+        }
+    }
+    if (A->base && sniff(A->base) == 1) {
+        fprintf(stderr, "Error: %s is a patch, given as --base; the order is: %s\n", A->base, usage);
+        return 2;
+    }
+    return -1;
+}
+
 static int check_args(const args *A, nnp_verify *verify)
 {
     int dashes = 0;
@@ -225,6 +263,10 @@ static int check_args(const args *A, nnp_verify *verify)
         return fail(2, "%s", "--key is not for --recover");
     if (A->verify && nnp_verify_from_name(A->verify, verify) != NNP_OK)
         return fail(2, "--verify must be one of default, full, touched, got '%s'", A->verify);
+    static const char *order[] = {"nnpatch-apply OLD PATCH [PATCH...] -o NEW", "nnpatch-apply --in-place MODEL PATCH [PATCH...]",
+                                  NULL, "nnpatch-apply --check PATCH [--base OLD]", NULL};
+    if (order[A->mode])
+        return check_order(A, order[A->mode]);
     return -1;
 }
 
@@ -274,7 +316,8 @@ static int run_in_place(nnp_ctx *ctx, const args *A, char *tmp, size_t tmplen)
             free(d);
             if (bad) {
                 if (g_signalled)
-                    return fail(130, "%s", "interrupted");
+                    return g_signalled == SIGTERM ? fail(143, "%s", "terminated (SIGTERM)")
+                                                  : fail(130, "%s", "interrupted");
                 return fail(5, "%s", "cannot spool standard input beside the model");
             }
             A->pos[i] = tmp;

@@ -321,7 +321,9 @@ static int run(int argc, char **argv, opts *o)
     nnp_update_result res = NNP_UPDATE_RESULT_INIT;
     nnp_status st = nnp_update(ctx, o->model, &opt, &res);
     if (g_signal)
-        return fail_with(g_signal == SIGTERM ? 143 : 130, "Interrupted", "interrupted");
+        /* the words and kinds of `nnpatch update`'s error object (cli/__init__.py) */
+        return g_signal == SIGTERM ? fail_with(143, "Terminated", "terminated (SIGTERM)")
+                                   : fail_with(130, "KeyboardInterrupt", "interrupted");
     if (st)
         return fail_with(st, kind_of(ctx, st), nnp_message(ctx));
     if (o->json)

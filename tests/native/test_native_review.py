@@ -15,6 +15,8 @@ import signal
 import subprocess
 import time
 
+import pytest
+
 from tests import craft
 
 
@@ -45,9 +47,11 @@ def test_c1_escape_does_not_overrun_the_quote_buffer(native_impl, tmp_path):
     assert b"\\x9b\\x9b" in r.stderr and b"...'" in r.stderr, r.stderr
 
 
-def test_in_place_stdin_spool_stops_on_sigint(native_impl, tmp_path):
-    """SIGINT while --in-place spools '-' (the writer keeps the pipe open): exit 130 at once, no
-    .nnpatch-stdin.* file left beside the model."""
+@pytest.mark.parametrize("sig, code, words", [(signal.SIGINT, 130, b"Error: interrupted"),
+                                              (signal.SIGTERM, 143, b"Error: terminated (SIGTERM)")])
+def test_in_place_stdin_spool_stops_on_sigint(native_impl, tmp_path, sig, code, words):
+    """SIGINT (SIGTERM) while --in-place spools '-' (the writer keeps the pipe open): exit 130 (143,
+    as `nnpatch` answers it) at once, no .nnpatch-stdin.* file left beside the model."""
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"")
     p = subprocess.Popen([*native_impl.cmd, "--in-place", str(model), "-"], stdin=subprocess.PIPE,
@@ -61,7 +65,7 @@ def test_in_place_stdin_spool_stops_on_sigint(native_impl, tmp_path):
         p.stdin.write(b"\x89NNP")  # some bytes arrive, then the writer stalls
         p.stdin.flush()
         time.sleep(0.3)
-        p.send_signal(signal.SIGINT)
+        p.send_signal(sig)
         try:
             p.wait(timeout=15)  # stdin stays open: only the signal can end the spool
         except subprocess.TimeoutExpired:
@@ -74,7 +78,32 @@ def test_in_place_stdin_spool_stops_on_sigint(native_impl, tmp_path):
             p.kill()
             p.communicate()
     native_impl.check_sanitizer(p.returncode, err)
-    assert p.returncode == 130, err
-    assert b"interrupted" in err, err
+    assert p.returncode == code, err
+    assert err.strip() == words, err
     left = [n for n in os.listdir(tmp_path) if n != "model.safetensors"]
     assert left == [], left
+
+
+@pytest.mark.parametrize("argv", [["PATCH", "OLD", "-o", "NEW"], ["OLD", "OLD", "-o", "NEW"],
+                                  ["--in-place", "PATCH", "PATCH"], ["--check", "OLD"],
+                                  ["--check", "PATCH", "--base", "PATCH"]])
+def test_swapped_arguments_are_a_usage_error(native_impl, tmp_path, argv):
+    """A patch where a model goes, or a model where a patch goes: exit 2 and one line naming the
+    order, as `nnpatch` answers (it was exit 3 natively); nothing written."""
+    import numpy as np
+
+    from nnpatch import diff
+    from nnpatch.weights import write_safetensors
+
+    w = np.arange(64, dtype="<f4")
+    write_safetensors(tmp_path / "old.safetensors", {"w": ("F32", (8, 8), w.tobytes())})
+    w[3] += 1
+    write_safetensors(tmp_path / "new.safetensors", {"w": ("F32", (8, 8), w.tobytes())})
+    diff(str(tmp_path / "old.safetensors"), str(tmp_path / "new.safetensors"), str(tmp_path / "p.nnpatch"))
+    names = {"OLD": tmp_path / "old.safetensors", "PATCH": tmp_path / "p.nnpatch", "NEW": tmp_path / "out"}
+    before = {p: p.read_bytes() for p in tmp_path.iterdir()}
+    r = native_impl.run(*[names.get(a, a) for a in argv])
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.decode().splitlines()
+    assert len(lines) == 1 and "; the order is: nnpatch-apply" in lines[0], r.stderr
+    assert {p: p.read_bytes() for p in tmp_path.iterdir()} == before
