@@ -65,8 +65,8 @@ def decode_table(raw: bytes) -> tuple[int, list[Extent]]:
     if len(raw) < 24:
         raise ValueError("the extent table is truncated")
     file_size, count = struct.unpack_from("<QQ", raw, 8)
-    # an entry takes at least 8 × 3 + 1 + 1 + 4 + 1 = 39 bytes: a count the bytes cannot hold is refused first
-    if count > MAX_EXTENTS or count * 39 > len(raw) - 24:
+    # an entry takes at least 8 × 3 + 1 + 1 + 4 + 1 = 31 bytes: a count the bytes cannot hold is refused first
+    if count > MAX_EXTENTS or count * 31 > len(raw) - 24:
         raise ValueError(f"the extent table claims {count} extents, more than its {len(raw)} bytes hold "
                          f"or the limit of {MAX_EXTENTS}")
     if file_size >= 1 << 62:
