@@ -339,6 +339,8 @@ def _extents_plan(patch: Patch, tensors: dict):
     """The target's extents and skeleton, checked against each other, the header's output and the
     layout's tensors before anything is decoded or written."""
     t = patch.header.target
+    if patch.header.base.extents is not None:
+        extents_of(patch, "base")  # its rules hold even where this applier reads the base file itself
     size, extents = extents_of(patch)
     out = t.outputs[0]
     if size != out.size:

@@ -37,13 +37,15 @@ def vpath(rel: str) -> str:
 
 
 def kind(vec) -> str:
-    """safetensors, directory or onnx: what the vector's target is."""
+    """safetensors, directory, onnx or gguf: what the vector's target is."""
     target = vpath(vec["target"]) if "target" in vec else None
     base = vpath(vec["base"])
     if (target and os.path.isdir(target)) or os.path.isdir(base):
         return "directory"
     if (target or base).endswith(".onnx"):
         return "onnx"
+    if (target or base).endswith(".gguf"):
+        return "gguf"
     return "safetensors"
 
 
@@ -123,7 +125,7 @@ def test_valid_vector_without_quiet_says_something(native, tmp_path):
 
 @pytest.mark.parametrize("vec", OTHER_KINDS, ids=lambda v: v["name"])
 def test_other_target_kinds_are_exact_or_refused(native_impl, vec, tmp_path):
-    out = tmp_path / ("out.onnx" if kind(vec) == "onnx" else "out")
+    out = tmp_path / {"onnx": "out.onnx", "gguf": "out.gguf"}.get(kind(vec), "out")
     r = run_native(native_impl, vpath(vec["base"]), vpath(vec["patch"]), "-o", out, "--quiet")
     if r.rc == 0:
         assert tree(out) == tree(vpath(vec["target"])), f"{vec['name']}: output differs from the target"
