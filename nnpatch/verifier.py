@@ -15,6 +15,7 @@ import blake3
 from . import codecs
 from .applier.decode import check_qrows
 from .applier.plan import check_base, check_ops_against_layout, target_layout
+from .applier.targets import check_extents
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
@@ -46,6 +47,8 @@ def check_sections(p: Patch) -> None:
     """Decode every section without a base: zstd frames, index order and range, sizes."""
     layout = target_layout(p)
     check_ops_against_layout(p, layout.tensors)
+    if "extents" in (p.header.base.format, p.header.target.format):
+        check_extents(p, layout.tensors)  # the extent tables, as apply checks them
     for f in layout.files:  # files carried whole must have the digest the header gives them
         if f.kind == "blob":
             h = blake3.blake3()

@@ -335,12 +335,17 @@ def extents_of(patch: Patch, role: str = "target"):
         raise PatchFormatError(f"{role}.extents: {e}", path=patch.path) from e
 
 
-def _extents_plan(patch: Patch, tensors: dict):
-    """The target's extents and skeleton, checked against each other, the header's output and the
-    layout's tensors before anything is decoded or written."""
-    t = patch.header.target
+def check_extents(patch: Patch, tensors: dict) -> None:
+    """What apply checks of an extents patch before it reads the base (``verify`` too): the tables
+    (spec 5.8) and the target's against its layout's ``tensors``, output and skeleton sizes."""
     if patch.header.base.extents is not None:
         extents_of(patch, "base")  # its rules hold even where this applier reads the base file itself
+    if patch.header.target.format == "extents":
+        _target_extents(patch, tensors)
+
+
+def _target_extents(patch: Patch, tensors: dict):
+    t = patch.header.target
     size, extents = extents_of(patch)
     out = t.outputs[0]
     if size != out.size:
@@ -353,7 +358,16 @@ def _extents_plan(patch: Patch, tensors: dict):
         check_fits(extents, tensors, size, t.skeleton.size)
     except WeightsError as e:
         raise PatchFormatError(f"target.extents: {e}", path=patch.path) from e
-    return extents, _section_bytes(patch, t.skeleton, "target.skeleton")
+    return size, extents
+
+
+def _extents_plan(patch: Patch, tensors: dict):
+    """The target's extents and skeleton, checked against each other, the header's output and the
+    layout's tensors before anything is decoded or written."""
+    if patch.header.base.extents is not None:
+        extents_of(patch, "base")
+    _, extents = _target_extents(patch, tensors)
+    return extents, _section_bytes(patch, patch.header.target.skeleton, "target.skeleton")
 
 
 def _build_extents(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,

@@ -4,9 +4,10 @@ Python implementation and one ``Error:`` line, leaving nothing at -o; through li
 (ctypes) the error class is the one vectors.json names.
 
 Directory and ONNX vectors are refused with exit 3 by an applier that does not implement those
-kinds; one that does must rebuild them exactly. The vectors marked ``since`` (FORMAT.md section 13:
-"1.3", the qrows op) are no exception: the native applier reads 1.3 (NNP_FORMAT_MINOR 3), so each
-valid one is rebuilt exactly and each invalid one fails with Python's class and message.
+kinds; one that does must rebuild them exactly (the GGUF vector, an extents target: it does). The
+vectors marked ``since`` (FORMAT.md section 13: "1.3", the qrows op; "1.4", extents models) are no
+exception: the native applier reads 1.4 (NNP_FORMAT_MINOR 4), so each valid one is rebuilt exactly
+and each invalid one fails with Python's class and message.
 """
 
 from __future__ import annotations
@@ -88,11 +89,11 @@ def test_the_vectors_cover_what_the_native_applier_must_do():
         "qrows-planes", "qrows-scales-size"}
 
 
-def test_the_native_applier_reads_format_1_3(native):
-    """--version names the newest format it reads: 1.3, the one that added qrows."""
+def test_the_native_applier_reads_format_1_4(native):
+    """--version names the newest format it reads: 1.4, the one that added extents models (GGUF)."""
     r = run_native(native, "--version")
     assert_ok(r)
-    assert "(format 1.3)" in r.out, r
+    assert "(format 1.4)" in r.out, r
 
 
 @pytest.mark.parametrize("verify", VERIFY)
