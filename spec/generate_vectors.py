@@ -666,7 +666,7 @@ def build(directory: str) -> dict:
         except nnpatch.NnpatchError as e:
             manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
                                         "base": os.path.relpath(gguf_base, directory), "apply_options": {},
-                                        "since": "1.4", "error": type(e).__name__,
+                                        "since": "1.4", "requires": "gguf", "error": type(e).__name__,
                                         "message": str(e).replace(path, "{patch}")})
     dir_base = os.path.join(directory, "valid", "directory", "base")
     with open(os.path.join(directory, "valid", "directory", "patch.nnpatch"), "rb") as f:
