@@ -193,3 +193,19 @@ def test_crafted_extents_refused_before_writing(pair, tmp_path, case):
     assert text.count("Error:") == 1 and "Traceback" not in text
     assert not out.exists()
     assert [f for f in os.listdir(tmp_path) if f.startswith(".") or f.endswith(".tmp")] == []
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_release_and_update(pair, tmp_path, in_place):
+    """A release feed of GGUF versions: the manifest names the GGUF file's digest, which the patch
+    writes (its outputs[0]), and update brings a device's model to it byte for byte."""
+    a, b = pair("rows")
+    rel, model = tmp_path / "rel", tmp_path / "dev" / "model.gguf"
+    model.parent.mkdir()
+    model.write_bytes(a.read_bytes())
+    code, text = cli(None, "release", a, "--to", b, "-o", rel)
+    assert code == 0, text
+    code, text = cli(None, "update", model, "--manifest", rel / "manifest.json",
+                     "--in-place" if in_place else "--no-in-place")
+    assert code == 0, text
+    assert model.read_bytes() == b.read_bytes()

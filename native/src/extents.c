@@ -8,7 +8,8 @@
  * builds the target's tensors as the safetensors file the patch's layout describes (proven as
  * any apply is), and this room then writes the target file: the skeleton's bytes with each tensor
  * at its extent, hashed as written, renamed in only when it has the digest of target.outputs[0].
- * One patch at a time (no chains), new file only (in place: a new file renamed over the model).
+ * Chains too (the base table of the first link, the target of the last); new file only (in place:
+ * a new file renamed over the model).
  */
 #include <errno.h>
 #include <fcntl.h>
@@ -409,41 +410,44 @@ nnp_status np_extents_base_st(nnp_ctx *ctx, const np_patch *p, uint64_t base_siz
 nnp_status np_extents_apply(nnp_ctx *ctx, const char *base_path, np_patch *ps, size_t n, const char *out_path)
 {
     nnp_status st = NNP_OK;
-    if (n != 1) {
+    np_patch *p0 = &ps[0], *pl = &ps[n - 1]; /* the chain's first link (its base) and last (its target) */
+    if (p0->base.format != NP_FMT_EXTENTS) {
         st = np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
-                     "%s: the native applier applies an extents patch (GGUF) on its own, not in a chain; apply the "
-                     "links one at a time", ps[0].name);
+                     "%s: the native applier makes a GGUF (extents) target from a GGUF base only; use `nnpatch apply`",
+                     pl->name);
         for (size_t k = 0; k < n; k++)
             np_patch_close(&ps[k]);
         return st;
     }
-    np_patch *p = &ps[0];
-    if (p->base.format != NP_FMT_EXTENTS || p->target.format != NP_FMT_EXTENTS) {
-        st = np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
-                     "%s: the native applier applies extents patches from an extents base to an extents target "
-                     "(GGUF to GGUF); use `nnpatch apply`", p->name);
-        np_patch_close(p);
-        return st;
-    }
-    np_st layout, base;
+    int join_target = pl->target.format == NP_FMT_EXTENTS; /* else the safetensors file is the target */
+    np_st layout0, layout, base;
+    memset(&layout0, 0, sizeof layout0);
     memset(&layout, 0, sizeof layout);
     memset(&base, 0, sizeof base);
-    ext_table bt, tt;
+    ext_table bt, tt, lt;
     memset(&bt, 0, sizeof bt);
     memset(&tt, 0, sizeof tt);
-    uint8_t *layout_raw = NULL, *skel = NULL;
+    memset(&lt, 0, sizeof lt);
+    uint8_t *layout0_raw = NULL, *layout_raw = NULL, *skel = NULL;
     uint64_t layout_len = 0;
     int fd = -1;
     const uint8_t *map = NULL;
     uint64_t size = 0;
     char *staged = NULL;
     np_chain *c = NULL;
-    /* everything the patch says is checked before the base is read or anything written */
-    if ((st = np_plan_decode_layout(ctx, p, &layout, &layout_raw, &layout_len)) ||
-        (st = read_table(ctx, p, "base", &p->base.extents, p->base.tensors, &bt)) ||
-        (st = read_table(ctx, p, "target", &p->target.extents, p->target.tensors, &tt)) ||
-        (st = check_target(ctx, p, &tt, &layout)) ||
-        (st = np_section_decode_all(ctx, p, &p->target.skeleton, "target.skeleton", &skel)))
+    size_t owned = n; /* patches this function still closes (the chain takes them over) */
+    /* everything the patches say is checked before the base is read or anything written */
+    if ((st = np_plan_decode_layout(ctx, p0, &layout0, &layout0_raw, &layout_len)) ||
+        (st = read_table(ctx, p0, "base", &p0->base.extents, p0->base.tensors, &bt)))
+        goto out;
+    if (pl != p0 && pl->base.format == NP_FMT_EXTENTS &&
+        (st = read_table(ctx, pl, "base", &pl->base.extents, pl->base.tensors, &lt)))
+        goto out;
+    if (join_target &&
+        ((st = np_plan_decode_layout(ctx, pl, &layout, &layout_raw, &layout_len)) ||
+         (st = read_table(ctx, pl, "target", &pl->target.extents, pl->target.tensors, &tt)) ||
+         (st = check_target(ctx, pl, &tt, &layout)) ||
+         (st = np_section_decode_all(ctx, pl, &pl->target.skeleton, "target.skeleton", &skel))))
         goto out;
     fd = open(base_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -460,7 +464,7 @@ nnp_status np_extents_apply(nnp_ctx *ctx, const char *base_path, np_patch *ps, s
         goto out;
     }
     size = (uint64_t)sb.st_size;
-    if ((st = base_st(ctx, p, &bt, &layout, size, base_path, &base)))
+    if ((st = base_st(ctx, p0, &bt, &layout0, size, base_path, &base)))
         goto out;
     if (size) {
         void *mm = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
@@ -470,42 +474,47 @@ nnp_status np_extents_apply(nnp_ctx *ctx, const char *base_path, np_patch *ps, s
         }
         map = mm;
     }
-    size_t sl = strlen(out_path);
-    staged = malloc(sl + 32);
-    if (!staged) {
-        st = np_fail(ctx, NNP_KIND_IO, "out of memory");
-        goto out;
+    if (join_target) {
+        size_t sl = strlen(out_path);
+        staged = malloc(sl + 32);
+        if (!staged) {
+            st = np_fail(ctx, NNP_KIND_IO, "out of memory");
+            goto out;
+        }
+        snprintf(staged, sl + 32, "%s.nnpatch-staged-%ld", out_path, (long)getpid());
+        if (np_lexists(staged)) {
+            st = np_fail(ctx, NNP_KIND_IO, "%s: exists; remove it (a staging file of an interrupted apply)", staged);
+            free(staged);
+            staged = NULL;
+            goto out;
+        }
     }
-    snprintf(staged, sl + 32, "%s.nnpatch-staged-%ld", out_path, (long)getpid());
-    if (np_lexists(staged)) {
-        st = np_fail(ctx, NNP_KIND_IO, "%s: exists; remove it (a staging file of an interrupted apply)", staged);
-        free(staged);
-        staged = NULL;
-        goto out;
-    }
-    st = np_chain_open_patches(ctx, p, 1, &base, size, base_path, &c);
-    p = NULL; /* the chain owns it now, also on failure */
+    owned = 0;
+    st = np_chain_open_patches(ctx, ps, n, &base, size, base_path, &c);
     if (!st)
-        st = np_engine_build(ctx, c, fd, map, staged);
-    if (!st)
-        st = join(ctx, &c->patches[0], &tt, skel, staged, &c->layouts[0], out_path);
+        st = np_engine_build(ctx, c, fd, map, join_target ? staged : out_path);
+    if (!st && join_target)
+        st = join(ctx, &c->patches[n - 1], &tt, skel, staged, &c->layouts[n - 1], out_path);
 out:
     if (staged) {
         unlink(staged);
         free(staged);
     }
-    if (p)
-        np_patch_close(p);
+    for (size_t k = 0; k < owned; k++)
+        np_patch_close(&ps[k]);
     np_chain_free(c);
     if (map)
         munmap((void *)map, (size_t)size);
     if (fd >= 0)
         close(fd);
     np_st_free(&base);
+    np_st_free(&layout0);
     np_st_free(&layout);
+    free(layout0_raw);
     free(layout_raw);
     free(skel);
     table_free(&bt);
     table_free(&tt);
+    table_free(&lt);
     return st;
 }

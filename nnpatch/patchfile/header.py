@@ -217,6 +217,12 @@ class ModelRef:
     def is_directory(self) -> bool:
         return self.files is not None
 
+    @property
+    def file_blake3(self) -> str:
+        """The digest of the file a target writes: the model file an ONNX or extents target writes
+        (``outputs[0]``), else ``blake3`` (for those two, that of the safetensors rendering)."""
+        return self.outputs[0].blake3 if self.outputs else self.blake3
+
     def sections(self) -> list[Section]:
         out = [s for s in (self.extents, self.layout, self.skeleton) if s is not None]
         for f in self.files or ():

@@ -94,3 +94,35 @@ def test_native_refuses_crafted_extents_before_writing(native_impl, tmp_path, ca
         nnpatch.apply(a, p, out)
     assert r.err.strip() == f"Error: {info.value}"
     assert_refused(run_native(native_impl, "--check", p), 3)
+
+
+def test_native_chain_and_other_kinds(native_impl, tmp_path):
+    """A chain of GGUF patches in one call; a GGUF base to a safetensors target; a safetensors base
+    to a GGUF target is refused (3) with one line, nothing written (`nnpatch apply` makes it)."""
+    from nnpatch.weights import write_safetensors
+    from nnpatch.weights.sniff import open_model
+
+    c0, c1, c2 = (tmp_path / f"c{i}.gguf" for i in range(3))
+    w0 = make_model(c0)
+    w1 = variant(w0, "rows", 1)
+    write(c1, w1)
+    write(c2, variant(w1, "rows", 2), kv={"general.description": "v2"})
+    l1, l2 = tmp_path / "l1.nnpatch", tmp_path / "l2.nnpatch"
+    nnpatch.diff(c0, c1, l1)
+    nnpatch.diff(c1, c2, l2)
+    out = tmp_path / "o" / "c2.gguf"
+    out.parent.mkdir()
+    assert_ok(run_native(native_impl, c0, l1, l2, "-o", out, "--quiet"))
+    assert filecmp.cmp(out, c2, shallow=False)
+    st = tmp_path / "c1.safetensors"
+    with open_model(c1) as m:
+        write_safetensors(st, {n: (t.dtype, t.shape, m.raw(n).tobytes()) for n, t in m.tensors.items()})
+    to_st, from_st = tmp_path / "to.nnpatch", tmp_path / "from.nnpatch"
+    nnpatch.diff(c0, st, to_st)
+    nnpatch.diff(st, c2, from_st)
+    o2 = tmp_path / "o" / "c1.safetensors"
+    assert_ok(run_native(native_impl, c0, to_st, "-o", o2, "--quiet"))
+    assert filecmp.cmp(o2, st, shallow=False)
+    o3 = tmp_path / "o" / "x.gguf"
+    assert_refused(run_native(native_impl, st, from_st, "-o", o3), 3)
+    assert leftovers(out.parent, "c2.gguf", "c1.safetensors") == []
