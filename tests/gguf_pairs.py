@@ -3,7 +3,8 @@
 ``make_model`` writes a small model with a tensor of each kind nnpatch must carry exactly: F32, F16,
 BF16, I32, Q8_0, Q4_0 (quantized by gguf.quants) and Q4_K (its blocks written as raw bytes: gguf-py
 quantizes only some types), metadata of every KV type including arrays, at a given alignment.
-``variant`` makes the pairs: some rows changed, every weight moved, a KV changed, a tensor added.
+``variant`` makes the pairs: some rows changed, every weight moved, a tensor added or removed (a KV
+changed, a tensor re-quantized: ``write``'s ``kv`` and ``types``).
 """
 
 from __future__ import annotations
@@ -35,8 +36,8 @@ TYPES = {"token_embd.weight": Q.Q8_0, "blk.0.attn_q.weight": Q.Q4_0, "blk.0.attn
          "blk.0.pos.weight": Q.I32, "blk.0.bf.weight": Q.BF16}
 
 
-def _stored(name: str, w: np.ndarray) -> tuple[np.ndarray, Q]:
-    t = TYPES[name]
+def _stored(name: str, w: np.ndarray, types: dict) -> tuple[np.ndarray, Q]:
+    t = types[name]
     if t == Q.F32:
         return w, t
     if t == Q.F16:
@@ -54,7 +55,10 @@ def _stored(name: str, w: np.ndarray) -> tuple[np.ndarray, Q]:
     return quants.quantize(w, t), t
 
 
-def write(path, weights: dict[str, np.ndarray], *, kv: dict | None = None, alignment: int | None = None) -> None:
+def write(path, weights: dict[str, np.ndarray], *, kv: dict | None = None, alignment: int | None = None,
+          types: dict | None = None) -> None:
+    """A GGUF file of ``weights``, stored as TYPES says (``types`` overrides some)."""
+    types = {**TYPES, "blk.0.extra.weight": Q.Q8_0, **(types or {})}
     w = gguf.GGUFWriter(str(path), "llama")
     if alignment is not None:
         w.add_custom_alignment(alignment)
@@ -71,7 +75,7 @@ def write(path, weights: dict[str, np.ndarray], *, kv: dict | None = None, align
     for k, v in (kv or {}).items():
         w.add_string(k, v)
     for name, arr in weights.items():
-        data, t = _stored(name, arr)
+        data, t = _stored(name, arr, types)
         if t == Q.BF16:
             w.add_tensor(name, data, raw_dtype=t)
         elif t in (Q.F32, Q.F16, Q.I32):
@@ -106,5 +110,6 @@ def variant(weights: dict[str, np.ndarray], kind: str, seed: int = 1) -> dict[st
             v += rng.standard_normal(v.shape, dtype=np.float32) * 0.01
     elif kind == "added":
         out["blk.0.extra.weight"] = rng.standard_normal((8, 32), dtype=np.float32)
-        TYPES.setdefault("blk.0.extra.weight", Q.Q8_0)
+    elif kind == "removed":
+        del out["blk.0.pos.weight"]
     return out

@@ -16,7 +16,7 @@ from nnpatch.weights.extents import Extent, decode_table, encode_table
 from nnpatch.weights.sniff import open_model, sniff
 
 from . import craft
-from .gguf_pairs import gguf, make_model, variant, write
+from .gguf_pairs import Q, gguf, make_model, variant, write
 
 from nnpatch.cli import cli as group  # noqa: E402  (after the importorskip in gguf_pairs)
 
@@ -39,13 +39,15 @@ def pair(tmp_path):
         w = make_model(a, **kw)
         if kind == "kv":
             write(b, w, kv={"general.description": "tuned"}, **kw)
+        elif kind == "retyped":  # re-quantized from Q4_0 to Q8_0: its extent moves, a new file is written
+            write(b, w, types={"blk.0.attn_q.weight": Q.Q8_0}, **kw)
         else:
             write(b, variant(w, kind), **kw)
         return a, b
     return make
 
 
-@pytest.mark.parametrize("kind", ["rows", "dense", "added", "kv"])
+@pytest.mark.parametrize("kind", ["rows", "dense", "added", "removed", "kv", "retyped"])
 @pytest.mark.parametrize("alignment", [None, 64])
 def test_roundtrip_exact(pair, tmp_path, kind, alignment):
     a, b = pair(kind, alignment=alignment)

@@ -12,7 +12,7 @@ import pytest
 
 import nnpatch
 from tests import craft
-from tests.gguf_pairs import make_model, variant, write
+from tests.gguf_pairs import Q, make_model, variant, write
 from tests.test_gguf_target import _edit_table
 from nnpatch.weights.extents import Extent
 
@@ -25,6 +25,8 @@ def _pair(tmp_path, kind: str, alignment=None):
     w = make_model(a, alignment=alignment)
     if kind == "kv":
         write(b, w, kv={"general.description": "tuned"}, alignment=alignment)
+    elif kind == "retyped":
+        write(b, w, types={"blk.0.attn_q.weight": Q.Q8_0}, alignment=alignment)
     else:
         write(b, variant(w, kind), alignment=alignment)
     nnpatch.diff(a, b, p)
@@ -32,7 +34,7 @@ def _pair(tmp_path, kind: str, alignment=None):
 
 
 @pytest.mark.parametrize("alignment", [None, 128])
-@pytest.mark.parametrize("kind", ["rows", "dense", "added", "kv"])
+@pytest.mark.parametrize("kind", ["rows", "dense", "added", "removed", "kv", "retyped"])
 def test_native_rebuilds_the_target(native_impl, tmp_path, kind, alignment):
     a, b, p = _pair(tmp_path, kind, alignment)
     out = tmp_path / "out" / "n.gguf"
