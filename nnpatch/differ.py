@@ -381,8 +381,9 @@ class _Stream:
 def _choose_codec(stream: _Stream, candidates, level: int) -> tuple[list[str], bytes | None]:
     """The smallest candidate codec, with its encoding when that was made in full (small
     sections try every codec on all their values), so that it is written as is, not made twice."""
-    if stream.width == 1:
-        candidates = tuple(c for c in candidates if "planes" not in c)
+    if stream.width == 1:  # planes is the identity on 1-byte words: the same codecs without it
+        candidates = tuple(dict.fromkeys(tuple(s for s in c if s != "planes") for c in candidates))
+        candidates = tuple(list(c) for c in candidates)
     if stream.old is None or stream.dtype not in codecs.EXPONENT_FIELDS:
         candidates = tuple(c for c in candidates if "esort" not in c)
     if stream.size <= _TRY_ALL_BYTES:
