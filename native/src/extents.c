@@ -75,7 +75,8 @@ static nnp_status read_table(nnp_ctx *ctx, const np_patch *p, const char *role, 
 {
     memset(t, 0, sizeof *t);
     /* an entry is at most 57 bytes and a name: a bigger section is not a table of these tensors */
-    if (s->size > 24 + (tensors + 1) * (57 + 65536))
+    uint64_t most = tensors < EXT_MAX ? tensors + 1 : EXT_MAX; /* no overflow below */
+    if (s->size > 24 + most * (57 + 65536))
         return PF("%s: %s.extents: %llu bytes, more than a table of %llu tensors takes", p->name, role,
                   (unsigned long long)s->size, (unsigned long long)tensors);
     nnp_status st = np_section_decode_all(ctx, p, s, role[0] == 'b' ? "base.extents" : "target.extents", &t->raw);
@@ -244,46 +245,60 @@ static nnp_status base_st(nnp_ctx *ctx, const np_patch *p, const ext_table *t, c
         return np_fail(ctx, NNP_KIND_BASE_MISMATCH,
                        "%s: wrong base: the patch's base is %llu bytes, this one %llu", base_path,
                        (unsigned long long)t->file_size, (unsigned long long)base_size);
-    uint64_t arena = 8;
-    for (size_t i = 0; i < t->n; i++)
-        arena += t->e[i].name_len + 1 + 64 * 8 + 8; /* at most 64 dimensions, a name, alignment */
     out->tensors = calloc(t->n ? t->n : 1, sizeof *out->tensors);
-    out->by_name = calloc(t->n ? t->n : 1, sizeof *out->by_name);
-    out->arena_ = arena <= SIZE_MAX ? malloc((size_t)arena) : NULL;
-    if (!out->tensors || !out->by_name || !out->arena_)
+    if (!out->tensors)
         return np_fail(ctx, NNP_KIND_IO, "out of memory for %zu tensors", t->n);
-    uint8_t *own = out->arena_;
-    out->n = t->n;
-    out->data_start = t->n ? t->e[0].offset : 0;
-    out->data_end = t->n ? t->e[t->n - 1].offset + t->e[t->n - 1].size : 0;
     char q[NP_QUOTE_MAX];
-    for (size_t i = 0; i < t->n; i++) {
+    const uint64_t **shapes = calloc(t->n ? t->n : 1, sizeof *shapes);
+    if (!shapes)
+        return np_fail(ctx, NNP_KIND_IO, "out of memory for %zu tensors", t->n);
+    uint64_t arena = 8;
+    for (size_t i = 0; i < t->n; i++) { /* the shapes the patch gives, then their room: rank, name, alignment */
         const ext *e = &t->e[i];
         np_tensor *x = &out->tensors[i];
-        const uint64_t *shape;
-        x->begin = e->offset;
-        x->end = e->offset + e->size;
-        if (!base_shape(p, layout, e->name, e->name_len, &x->dtype, &x->rank, &shape, &x->numel, &x->nbytes)) {
+        if (!base_shape(p, layout, e->name, e->name_len, &x->dtype, &x->rank, &shapes[i], &x->numel, &x->nbytes)) {
+            free(shapes);
             np_quote(q, sizeof q, e->name, e->name_len);
             return np_fail(ctx, NNP_KIND_BASE_MISMATCH,
                            "%s: base tensor %s is neither changed by the patch nor in its target", p->name, q);
         }
-        memcpy(own, shape, x->rank * 8); /* 8-byte aligned: each piece is a multiple of 8 long */
+        arena += (uint64_t)x->rank * 8 + e->name_len + 1 + 8;
+    }
+    out->by_name = calloc(t->n ? t->n : 1, sizeof *out->by_name);
+    out->arena_ = arena <= SIZE_MAX ? malloc((size_t)arena) : NULL;
+    if (!out->by_name || !out->arena_) {
+        free(shapes);
+        return np_fail(ctx, NNP_KIND_IO, "out of memory for %zu tensors", t->n);
+    }
+    uint8_t *own = out->arena_;
+    out->n = t->n;
+    out->data_start = t->n ? t->e[0].offset : 0;
+    out->data_end = t->n ? t->e[t->n - 1].offset + t->e[t->n - 1].size : 0;
+    nnp_status st = NNP_OK;
+    for (size_t i = 0; i < t->n; i++) {
+        const ext *e = &t->e[i];
+        np_tensor *x = &out->tensors[i];
+        x->begin = e->offset;
+        x->end = e->offset + e->size;
+        memcpy(own, shapes[i], (size_t)x->rank * 8); /* 8-byte aligned: each piece is padded to 8 */
         x->shape = (const uint64_t *)own;
-        own += 64 * 8;
+        own += (size_t)x->rank * 8;
         memcpy(own, e->name, e->name_len);
         own[e->name_len] = 0;
         x->name = (const char *)own;
         x->name_len = e->name_len;
         own += e->name_len + 1;
         own += (8 - ((uintptr_t)own & 7)) & 7;
-        if (x->nbytes != e->size) {
+        if (x->nbytes != e->size && !st) {
             np_quote(q, sizeof q, e->name, e->name_len);
-            return PF("%s: base.extents: extent %s is %llu bytes, its tensor %llu", p->name, q,
-                      (unsigned long long)e->size, (unsigned long long)x->nbytes);
+            st = PF("%s: base.extents: extent %s is %llu bytes, its tensor %llu", p->name, q,
+                    (unsigned long long)e->size, (unsigned long long)x->nbytes);
         }
         out->by_name[i] = i;
     }
+    free(shapes);
+    if (st)
+        return st;
     np_sort_indices(out->by_name, out->n, cmp_tensor_name, out->tensors);
     return NNP_OK;
 }
