@@ -10,11 +10,13 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import stat
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import NnpatchIOError
+from .sidefile import open_beside
 
 #: The errors that mean "the file system is full" (EDQUOT: the user's quota is).
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -43,12 +45,48 @@ def fsync_dir(path: str, *, strict: bool = False) -> None:
         os.close(fd)
 
 
-def _temporary_beside(path: str, suffix: str) -> str:
-    """A new, empty temporary file in ``path``'s directory, named after it (hidden, so tools skip it)."""
-    fd, tmp = tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix,
-                               dir=os.path.dirname(os.path.abspath(path)))
-    os.close(fd)
-    return tmp
+def _temporary_beside(path: str, suffix: str) -> tuple[int, str]:
+    """A new, empty temporary file in ``path``'s directory, named after it (hidden, so tools skip it),
+    open as the returned descriptor (``mkstemp``: O_EXCL, so never through a planted symlink)."""
+    return tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix,
+                            dir=os.path.dirname(os.path.abspath(path)))
+
+
+@contextlib.contextmanager
+def _atomic(path: str, suffix: str, mode: int | None, *, by_name: bool) -> Iterator[tuple[int, str]]:
+    """(descriptor, name) of a temporary file beside ``path``; on clean exit fsynced and renamed
+    over ``path``, on any failure removed. ``by_name``: the caller's writer opens the name itself
+    (``torch.save`` may replace the file), so the file renamed is whatever regular file of this
+    user with one link the name holds then, opened again without following a link."""
+    fd, tmp = _temporary_beside(path, suffix)
+    try:
+        yield fd, tmp
+        if by_name:
+            os.close(fd)
+            fd = -1
+            again = open_beside(tmp, write=False, create=False, refuse=NnpatchIOError, what="temporary file")
+            if again is None:
+                raise NnpatchIOError(f"{tmp}: the temporary file vanished; nothing was committed at {path}")
+            fd = again
+        # the name must still be the file written: one swapped in by another user of the folder
+        # (a symlink, another file) is never renamed over ``path``
+        st, mine = os.lstat(tmp), os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
+            raise NnpatchIOError(f"{tmp}: the temporary file was replaced while nnpatch wrote it; nothing was "
+                                 f"committed at {path}")
+        os.fsync(fd)
+        if mode is not None:
+            os.fchmod(fd, mode & ~umask())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            if os.path.islink(tmp) or (fd >= 0 and os.path.samestat(os.lstat(tmp), os.fstat(fd))):
+                os.unlink(tmp)
+        raise
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @contextlib.contextmanager
@@ -57,30 +95,16 @@ def atomic_path(path: str | os.PathLike[str], *, suffix: str = ".tmp", mode: int
     takes a path (``torch.save``, a staging file); on clean exit it is fsynced
     and renamed over ``path``, on any failure removed. ``mode=None`` keeps the
     temporary file's own mode (0600)."""
-    path = os.fspath(path)
-    tmp = _temporary_beside(path, suffix)
-    try:
+    with _atomic(os.fspath(path), suffix, mode, by_name=True) as (_, tmp):
         yield tmp
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        if mode is not None:
-            os.chmod(tmp, mode & ~umask())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 @contextlib.contextmanager
 def temporary_path(near: str | os.PathLike[str], *, suffix: str = ".tmp") -> Iterator[str]:
     """A temporary file name beside ``near`` that is always removed on exit
     (staging files that are read back and never committed)."""
-    tmp = _temporary_beside(os.fspath(near), suffix)
+    fd, tmp = _temporary_beside(os.fspath(near), suffix)
+    os.close(fd)
     try:
         yield tmp
     finally:
@@ -91,8 +115,8 @@ def temporary_path(near: str | os.PathLike[str], *, suffix: str = ".tmp") -> Ite
 @contextlib.contextmanager
 def atomic_write(path: str | os.PathLike[str], *, mode: int = 0o644) -> Iterator[BinaryIO]:
     """Yield a binary file object; on clean exit it replaces ``path`` atomically."""
-    with atomic_path(path, mode=mode) as tmp, open(tmp, "r+b") as f:
-        yield f
+    with _atomic(os.fspath(path), ".tmp", mode, by_name=False) as (fd, _), os.fdopen(os.dup(fd), "r+b") as f:
+        yield f  # written through the descriptor made with O_EXCL, never through the name again
         f.flush()
 
 

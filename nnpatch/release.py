@@ -1,5 +1,5 @@
-"""Release feeds: one patch from every old version to the new one, a manifest an
-updater reads to pick, check and apply the right one: the publisher.
+"""The publisher of release feeds: one patch from every old version to the new one, and
+the manifest an updater reads to pick, check and apply the right one.
 
     nnpatch release old/model.safetensors --to new/model.safetensors -o dist/ \
         --sign-key release.pem --version 7 --expires 90d --base-url https://cdn.example/m/
@@ -40,6 +40,7 @@ from ._version import __version__
 from .atomic import atomic_path, atomic_write
 from .delivery.manifest import (
     BASE_URL,
+    FILE_URL,
     MANIFEST_FORMAT,
     MANIFEST_NAME,
     MANIFEST_VERSION,
@@ -62,7 +63,7 @@ from .weights.source import open_source, path_digest
 _SAFE_STEM = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,93}$")
 
 # the updater's names (update, UpdateResult, load_manifest, ...) are public here too: nnpatch.release
-# was their home before nnpatch.delivery, and docs/WORKFLOWS.md imports them from here
+# was their home before nnpatch.delivery, and code written against it keeps working
 __all__ = ["MANIFEST_NAME", "MAX_CHAIN_LINKS", "NoPatchError", "NoUpdatePathError", "UpdateResult", "load_manifest",
            "make_release", "parse_manifest", "partial_path", "published_files", "update"]
 
@@ -165,12 +166,12 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     if full and full_url is not None:
         raise UsageError("--full publishes the target beside the patches, --full-url lists a copy elsewhere: "
                          "give one")
-    if full_url is not None and not BASE_URL.match(full_url):
-        raise UsageError(f"--full-url {full_url!r}: not an http:// or https:// URL")
+    if full_url is not None and not FILE_URL.match(full_url):
+        raise UsageError(f"--full-url {full_url!r}: not the http:// or https:// URL of a file")
     if base_url is not None:
+        base_url = base_url if base_url.endswith("/") else base_url + "/"
         if not BASE_URL.match(base_url):
             raise UsageError(f"--base-url {base_url!r}: not an http:// or https:// URL")
-        base_url = base_url if base_url.endswith("/") else base_url + "/"
     now = time.time() if now is None else now
     outdir = os.fspath(outdir)
     earlier = _earlier_files(outdir, force)
@@ -290,7 +291,7 @@ def published_files(manifest: dict) -> set[str]:
     names = {b["patch"] for b in manifest["bases"]}
     names.update(link["patch"] for b in manifest["bases"] for link in b.get("chain", {}).get("links", ()))
     full = manifest.get("full")
-    if full is not None and not BASE_URL.match(full["url"]):
+    if full is not None and not FILE_URL.match(full["url"]):
         names.add(full["url"])
     return names
 

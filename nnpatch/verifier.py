@@ -14,12 +14,12 @@ import blake3
 
 from . import codecs
 from .applier.decode import check_qrows
-from .applier.plan import check_base, check_ops_against_layout, target_layout
-from .applier.targets import check_extents
-from .errors import BaseMismatchError, IntegrityError, NnpatchError, PatchFormatError
+from .applier.plan import check_base, check_ops_against_layout, plan_forward, target_layout
+from .applier.targets import check_extents, check_onnx_patch, refuse_external_over_base
+from .errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError, WeightsError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
-from .signing import TrustedKey, verify_signature
+from .signing import TrustedKey, authenticator, verify_signature
 from .weights.source import open_source, path_digest
 
 
@@ -47,6 +47,8 @@ def check_sections(p: Patch) -> None:
     """Decode every section without a base: zstd frames, index order and range, sizes."""
     layout = target_layout(p)
     check_ops_against_layout(p, layout.tensors)
+    if p.header.target.format == "onnx":  # spec 5.7: what apply checks before writing, from the patch alone
+        check_onnx_patch(p)
     if "extents" in (p.header.base.format, p.header.target.format):
         check_extents(p, layout.tensors)  # the extent tables, as apply checks them
     for f in layout.files:  # files carried whole must have the digest the header gives them
@@ -78,18 +80,25 @@ def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str
     """Check the patch's integrity, that ``base`` / ``target`` are the files it
     names, and with ``key`` (an Ed25519 public key, PEM) that it is signed by it.
 
-    ``patch`` is a path, or a :class:`Patch` the caller opened (a stream), which it also closes."""
+    With ``key``, the signature is checked right after the trailer, before the header is expanded
+    or parsed, and an unsigned or wrongly signed patch raises :class:`IntegrityError` (exit 4), as
+    ``apply --key`` does. With ``base``, every rule ``apply`` checks before writing is checked
+    (the plan from this base, and an ONNX target's external paths beside it); a patch that breaks
+    one raises as apply would (exit 3), a base that is not the patch's fails the ``base`` check.
+
+    ``patch`` is a path, or a :class:`Patch` the caller opened (a stream; with ``key`` the caller
+    opens it with :func:`nnpatch.signing.authenticator`), which it also closes."""
     opened = patch if isinstance(patch, Patch) else None
     report = VerifyReport(opened.path if opened is not None else os.fspath(patch))
-    with opened if opened is not None else read_patch(patch) as p:
+    key = TrustedKey.of(key) if key is not None else None  # read once, for the header and the check below
+    authenticate = authenticator(key) if key is not None else None
+    with opened if opened is not None else read_patch(patch, authenticate=authenticate) as p:
+        if key is not None:
+            kid = verify_signature(p, key)  # already proven for a path; raises for a stream
         check_sections(p)
         report.checks.append(Check("patch", True, f"trailer BLAKE3 {p.trailer_hash}"))
         if key is not None:
-            try:
-                kid = verify_signature(p, key)
-                report.checks.append(Check("signature", True, f"signed by key {kid}"))
-            except IntegrityError as e:
-                report.checks.append(Check("signature", False, str(e)))
+            report.checks.append(Check("signature", True, f"signed by key {kid}"))
         h = p.header
         if base is not None:
             report.checks.append(_check_model(os.fspath(base), "base", h.base.blake3, h.base.model_blake3, p))
@@ -123,6 +132,15 @@ def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: P
         actual, _ = path_digest(path)
     except NnpatchError as e:
         return Check(role, False, str(e))
+    if role == "base" and p is not None:
+        try:  # what apply checks before writing: the plan from this base, and where an ONNX target's files go
+            with open_source(path) as w:
+                plan_forward(w, [p])
+                refuse_external_over_base(p, w)
+        except (BaseMismatchError, WeightsError) as e:
+            return Check(role, False, str(e))
+        except NnpatchIOError as e:
+            return Check(role, False, str(e))
     if digests_equal(actual, file_digest):
         return Check(role, True, f"{path}: {what} BLAKE3 matches")
     if role == "target" and not (p is not None and p.header.target.format == "pytorch"):

@@ -25,11 +25,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import nnpatch  # noqa: E402
-from nnpatch import dtypes, quantdelta  # noqa: E402
+from nnpatch import differ, dtypes, quantdelta  # noqa: E402
 from nnpatch.differ import save_quant_deltas  # noqa: E402
 from crafting import header_json, with_header  # noqa: E402
 from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
+
+# created_by names the writer's version: pinned, so that the vectors do not change with each release
+differ.__version__ = "vectors"
 
 VECTORS = os.path.join(HERE, "vectors")
 LEVEL = 9

@@ -126,15 +126,12 @@ def read(path) -> bytes:
 
 
 def assert_proven(result, target, mode: str = "default", *, file_digest: str | None = None) -> None:
-    """An apply reports only what it proved: the file (or directory) digest when
-    the output was hashed again (``full``), the model digest unless ``touched``."""
+    """An apply reports only what it proved: the file (or directory) digest, which every mode hashes
+    again from the output, and the model digest unless ``touched``."""
     from nnpatch.hashing import hash_file
     from nnpatch.weights import open_model
 
-    if mode == "full":
-        assert result.blake3 == (file_digest or hash_file(target))
-    else:
-        assert result.blake3 is None
+    assert result.blake3 == (file_digest or hash_file(target))
     if mode == "touched":
         assert result.model_blake3 is None
     else:

@@ -416,6 +416,18 @@ def encode_manifest(target: dict, bases: list[dict]) -> bytes:
     return (json.dumps(m, indent=2, sort_keys=True) + "\n").encode()
 
 
+MANIFEST_PAYLOAD_TYPE = "application/vnd.nnpatch.release-manifest+json"
+
+
+def sign_envelope(payload: bytes, key, *, payload_type: str = MANIFEST_PAYLOAD_TYPE) -> bytes:
+    """A DSSE v1 envelope (MANIFEST.md, "Signature") of ``payload`` signed with ``key`` over the PAE."""
+    t = payload_type.encode()
+    sig = key.sign(b"DSSEv1 %d %s %d %s" % (len(t), t, len(payload), payload))
+    env = {"payloadType": payload_type, "payload": base64.b64encode(payload).decode(),
+           "signatures": [{"sig": base64.b64encode(sig).decode()}]}
+    return json.dumps(env).encode()
+
+
 def manifest_entry(base_blake3: str, base_size: int, patch_name: str, patch: bytes) -> dict:
     return {"name": "old", "base_blake3": base_blake3, "base_size": base_size, "patch": patch_name,
             "patch_size": len(patch), "patch_blake3": digest(patch), "patch_trailer_blake3": trailer_of(patch)}

@@ -11,7 +11,9 @@ goes wrong: a callable ``(path, range header or None) -> Fault | None``. A fault
 - ``flip``: send the whole body with the byte at ``at`` inverted;
 - ``no_range``: ignore the Range header and send the whole file with 200;
 - ``redirect``: answer 302 with ``Location: location``;
-- ``bad_range``: answer a Range request with 206 and the whole file, labelled ``bytes 0-``.
+- ``bad_range``: answer a Range request with 206 and the whole file, labelled ``bytes 0-``;
+- ``drip``: send the body one byte every ``seconds`` (never long enough apart to trip a read
+  timeout), for as long as the client listens.
 
 Every request is logged (path, Range header, status, body bytes sent) for the tests to read.
 """
@@ -32,7 +34,7 @@ _RANGE = re.compile(r"^bytes=(\d+)-(\d*)$")
 
 @dataclass
 class Fault:
-    kind: str  # cut, stall, status, flip, no_range, redirect, bad_range
+    kind: str  # cut, stall, status, flip, no_range, redirect, bad_range, drip
     at: int = 0
     status: int = 503
     seconds: float = 1.0
@@ -104,7 +106,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         srv.record(Logged(rel, self.headers.get("Range"), status, sent, fault.kind if fault else None,
                           self.headers.get("User-Agent")))
         try:
-            self.wfile.write(body)
+            if fault and fault.kind == "drip":
+                for i in range(len(body)):
+                    self.wfile.write(body[i:i + 1])
+                    self.wfile.flush()
+                    time.sleep(fault.seconds)
+            else:
+                self.wfile.write(body)
             self.wfile.flush()
             if fault and fault.kind == "stall":
                 time.sleep(fault.seconds)

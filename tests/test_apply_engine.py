@@ -19,7 +19,7 @@ from nnpatch import applier, kernel
 from nnpatch.applier import oscopy
 from nnpatch.applier import apply_chain, revert
 from nnpatch.cli import cli
-from nnpatch.errors import BaseMismatchError, PatchFormatError
+from nnpatch.errors import BaseMismatchError, IntegrityError, PatchFormatError
 from nnpatch.hashing import hash_file
 
 from .conftest import read, save
@@ -84,7 +84,8 @@ def test_cli_verify_option(tmp_path, pair):
 
 
 def test_touched_mode_trade_off(tmp_path, pair):
-    """touched skips untouched tensors (documented); default catches them; both catch touched ones."""
+    """touched does not hash untouched base tensors, but the output's file digest, proven in every mode,
+    still refuses the output they would make; default names the wrong base; both catch touched ones."""
     base, target = pair()
     patch = tmp_path / "p.nnpatch"
     nnpatch.diff(base, target, patch)
@@ -98,9 +99,9 @@ def test_touched_mode_trade_off(tmp_path, pair):
     with pytest.raises(BaseMismatchError, match="tensor contents differ"):
         applier.apply(other, patch, out)
     assert not out.exists()
-    applier.apply(other, patch, out, verify="touched")  # accepted: the trade-off
-    assert read(out) != read(target)
-    os.unlink(out)
+    with pytest.raises(IntegrityError, match="result does not match the patch's target"):
+        applier.apply(other, patch, out, verify="touched")
+    assert not out.exists()
     t["same"][2][0] ^= 1
     t["conv.weight"][2][5] ^= 1  # touched by the patch
     other = save(tmp_path / "other.safetensors", {k: (d, s, bytes(b)) for k, (d, s, b) in t.items()})

@@ -280,7 +280,8 @@ def test_cli_applies_verifies_and_shows_a_directory_patch(pair, tmp_path):
     p = subprocess.run(run + ["apply", str(a), str(tmp_path / "p.nnpatch"), "-o", str(tmp_path / "out"),
                               "--json"], capture_output=True, text=True)
     assert p.returncode == 0, p.stderr
-    assert json.loads(p.stdout)["blake3"] is None  # proven by its tensors, not hashed again: not reported
+    with nnpatch.read_patch(tmp_path / "p.nnpatch") as patch:
+        assert json.loads(p.stdout)["blake3"] == patch.header.target.blake3  # every mode proves it
     with open_model(b) as m:
         assert json.loads(p.stdout)["model_blake3"] == m.digest().hex()
     assert contents(tmp_path / "out") == contents(b)

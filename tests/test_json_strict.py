@@ -47,3 +47,21 @@ def test_a_surrogate_pair_is_one_code_point_and_accepted():
 def test_non_standard_numbers_are_refused(raw):
     with pytest.raises(PatchFormatError, match="not allowed"):
         parse_patch(_with_raw_note(raw), path="p")
+
+
+@pytest.mark.parametrize("raw, message", [
+    (b"{}" + b" " * 99, "thing of 101 bytes exceeds the 100 limit"),
+    (b'{"a": 1, "a": 2}', "invalid thing JSON: duplicate key 'a'"),
+    (b'{"a": NaN}', "invalid thing JSON: NaN is not allowed"),
+    (b"\xff", "invalid thing JSON"),
+    (b"[1]", "invalid thing: not a JSON object"),
+])
+def test_load_object_is_one_rule_for_small_documents(raw, message):
+    """Size cap, strict JSON, an object: manifests, envelopes, the update state and shard indexes
+    all go through _json.load_object."""
+    from nnpatch._json import load_object
+
+    with pytest.raises(ValueError) as e:
+        load_object(raw, limit=100, what="thing")
+    assert str(e.value).startswith(message)
+    assert load_object(b'{"a": [1]}', limit=100, what="thing") == {"a": [1]}

@@ -8,7 +8,6 @@ import blake3
 import pytest
 
 import nnpatch
-from nnpatch.weights import SafetensorsFile
 
 HERE = os.path.dirname(__file__)
 VECTORS = os.path.join(HERE, os.pardir, "spec", "vectors")
@@ -16,8 +15,8 @@ VECTORS = os.path.join(HERE, os.pardir, "spec", "vectors")
 
 def test_patch_whose_target_digest_lies(tmp_path):
     """atheris: a header whose target.blake3 was shuffled (trailer recomputed). The layout and tensors are
-    right, so the default mode (which proves tensors and layout) writes the right file; --verify=full, which
-    re-hashes the file, refuses the patch for its false claim."""
+    right, but every verify mode re-hashes the output file and refuses the patch for its false claim
+    (issue 28, item 5: the default mode used to write it and exit 0)."""
     with open(os.path.join(HERE, "regressions", "target-digest-lie.nnpatch.raw"), "rb") as f:
         raw = f.read()
     patch = tmp_path / "lie.nnpatch"
@@ -26,11 +25,10 @@ def test_patch_whose_target_digest_lies(tmp_path):
     with pytest.raises(nnpatch.IntegrityError, match="result does not match the patch's target"):
         nnpatch.apply(base, patch, tmp_path / "full.safetensors", verify="full")
     assert not (tmp_path / "full.safetensors").exists()
-    nnpatch.apply(base, patch, tmp_path / "out.safetensors")
-    with nnpatch.read_patch(patch) as p, SafetensorsFile(tmp_path / "out.safetensors") as w:
-        assert nnpatch.model_digest(w)[0].hex() == p.header.target.model_blake3
+    for mode in ("default", "touched"):
+        with pytest.raises(nnpatch.IntegrityError, match="result does not match the patch's target"):
+            nnpatch.apply(base, patch, tmp_path / "out.safetensors", verify=mode)
+        assert not (tmp_path / "out.safetensors").exists()
     target = os.path.join(VECTORS, "valid", "every-dtype", "target.safetensors")
-    with open(target, "rb") as f:
-        assert (tmp_path / "out.safetensors").read_bytes() == f.read()
     report = nnpatch.verify(patch, target=target)
     assert not report.ok  # verify exposes the false claim

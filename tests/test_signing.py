@@ -69,7 +69,7 @@ def test_cli(tmp_path, pair):
     patch = str(tmp_path / "p.nnpatch")
     assert runner.invoke(cli, ["diff", base, target, "-o", patch, "--no-stat"]).exit_code == 0
     r = runner.invoke(cli, ["verify", patch, "--key", str(tmp_path / "key.pub.pem")])
-    assert r.exit_code == 1 and "signature: FAILED" in r.stdout
+    assert r.exit_code == 4 and r.stderr.startswith("Error: ") and "not signed" in r.stderr  # as apply --key
     assert runner.invoke(cli, ["sign", patch, "--key", str(tmp_path / "key.pem")]).exit_code == 0
     r = runner.invoke(cli, ["verify", patch, "--key", str(tmp_path / "key.pub.pem")])
     assert r.exit_code == 0 and "signature: OK" in r.stdout

@@ -41,7 +41,8 @@ def test_two_processes_agree_and_keep_the_channel_rule(tmp_path):
          "-o", str(new), "--patch", str(tmp_path / "u.nnpatch"), "--json"],
         capture_output=True, text=True, timeout=240, env=env, cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rep = json.loads(proc.stdout.strip().splitlines()[-1])
+    rep = json.loads(proc.stdout[proc.stdout.rindex("\n{\n") + 1:] if "\n{\n" in proc.stdout else proc.stdout)
+    assert rep["ok"] is True
     assert rep["world_size"] == 2 and rep["ranks_agree"] is True
     assert 0 < rep["channels_changed"] <= math.floor(0.2 * rep["channels_total"])
     # recount from the files: only whole channels changed, no more than allowed

@@ -17,7 +17,7 @@ import pytest
 
 from nnpatch.hashing import hash_file
 from nnpatch.release import make_release
-from nnpatch.sidefiles import journal_path
+from nnpatch.sidefile import journal_path
 from nnpatch.weights import write_safetensors
 
 from .conftest import read

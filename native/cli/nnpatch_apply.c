@@ -18,11 +18,8 @@
 #include <string.h>
 #include <unistd.h>
 
+#include "command.h"
 #include "nnpatch.h"
-
-nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_dir, const char *base_path);
-nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const *paths, const nnp_source *srcs,
-                          size_t n, const char *out_path);
 
 static nnp_ctx *g_ctx; /* for the signal handler only */
 static volatile sig_atomic_t g_signalled;

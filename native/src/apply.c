@@ -13,6 +13,7 @@
 #include <unistd.h>
 
 #include "blake3.h"
+#include "command.h"
 #include "engine.h"
 #include "extents.h"
 #include "fileio.h"
@@ -197,9 +198,7 @@ nnp_status nnp_apply_streams(nnp_ctx *ctx, const char *old_path, const nnp_sourc
     return open_and_apply(ctx, old_path, NULL, patches, n, out_path);
 }
 
-/* Mixed inputs for the command: path, or NULL for a stream (srcs[k]). Not public. */
-nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const *paths, const nnp_source *srcs,
-                          size_t n, const char *out_path);
+/* Mixed inputs for the command (command.h): path, or NULL for a stream (srcs[k]). */
 nnp_status np_apply_mixed(nnp_ctx *ctx, const char *old_path, const char *const *paths, const nnp_source *srcs,
                           size_t n, const char *out_path)
 {

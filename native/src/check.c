@@ -14,6 +14,7 @@
 
 #include "extents.h"
 #include "blake3.h"
+#include "command.h"
 #include "codec.h"
 #include "fileio.h"
 #include "hashpool.h"
@@ -121,8 +122,7 @@ nnp_status nnp_check(nnp_ctx *ctx, const char *patch_path, const char *base_path
     return check_opened(ctx, p, base_path);
 }
 
-/* nnp_check of a patch read from a stream (spooled in tmp_dir, named src->name or "<stdin>"). */
-nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_dir, const char *base_path);
+/* nnp_check of a patch read from a stream (command.h). */
 nnp_status np_check_stream(nnp_ctx *ctx, const nnp_source *src, const char *tmp_dir, const char *base_path)
 {
     np_clear(ctx);

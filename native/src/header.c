@@ -327,14 +327,21 @@ static const char *check_relative_path(const char *s, size_t n)
         return "must be 1 to 4096 bytes of UTF-8";
     if (memchr(s, '\\', n) || memchr(s, 0, n) || s[0] == '/')
         return "must be a relative path with '/' separators, without NUL or backslash";
-    size_t a = 0;
+    size_t a = 0, parts = 0, longest = 0;
     for (size_t i = 0; i <= n; i++)
         if (i == n || s[i] == '/') {
             size_t l = i - a;
             if (l == 0 || (l == 1 && s[a] == '.') || (l == 2 && s[a] == '.' && s[a + 1] == '.'))
                 return "must not have an empty, '.' or '..' component";
+            parts++;
+            longest = l > longest ? l : longest;
             a = i + 1;
         }
+    /* spec 5.6 (issue 28): checked in this order by reader.check_relative_path too */
+    if (parts > 65)
+        return "must not lie more than 64 directories deep";
+    if (longest > 255)
+        return "must not have a component longer than 255 bytes";
     a = 0;
     for (size_t i = 0; i <= n; i++)
         if (i == n || s[i] == '/') {

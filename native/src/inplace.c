@@ -8,8 +8,8 @@
  *  4. journal the old bytes of every unit about to be written into MODEL.nnpatch-journal.tmp,
  *     check the base, fsync, rename, fsync the directory (commit point of the journal);
  *  5. write the new bytes through a shared map, msync, fsync;
- *  6. hash the written tensors (and the target model digest, or with --verify full the
- *     whole file); on a mismatch roll back;
+ *  6. hash the written tensors, the whole file (every verify mode: policy.c) and, but with
+ *     --verify touched, the target model digest; on a mismatch roll back;
  *  7. delete the journal, fsync the directory (commit point of the update).
  */
 #include "extents.h"
@@ -447,16 +447,10 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
             nnp_status ps = np_patch_open(ctx, paths[i], NULL, &p);
             if (ps)
                 return ps;
-            int fmt = p.target.format;
+            ps = np_plan_refuse_target(ctx, &p, "nnpatch apply");
             np_patch_close(&p);
-            if (fmt != NP_FMT_SAFETENSORS)
-                return np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
-                               "%s: target format '%s' (%s) is not supported by the native applier, which writes "
-                               "safetensors files; use `nnpatch apply`",
-                               paths[i], fmt == NP_FMT_DIR ? "safetensors-dir" : fmt == NP_FMT_ONNX ? "onnx" : "pytorch",
-                               fmt == NP_FMT_DIR    ? "a model directory"
-                               : fmt == NP_FMT_ONNX ? "an ONNX model"
-                                                    : "a PyTorch checkpoint");
+            if (ps)
+                return ps;
         }
         return np_fail(ctx, NNP_KIND_USAGE,
                        "%s: the patch makes a single file, so it cannot update this directory in place; write the "

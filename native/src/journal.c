@@ -510,8 +510,11 @@ nnp_status np_journal_read(nnp_ctx *ctx, const char *path, uint64_t model_size, 
     memset(j, 0, sizeof *j);
     j->path = path;
     *torn = 0;
-    /* O_NONBLOCK: a FIFO planted under the journal's name must not hang recover */
-    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO planted under the journal's name must not hang recover; O_NOFOLLOW: a symlink
+     * planted there is refused, not followed (JOURNAL.md, Trust step 1; SECURITY.md, files beside the model) */
+    int fd = open(path, O_RDONLY | O_NONBLOCK | O_CLOEXEC | O_NOFOLLOW);
+    if (fd < 0 && errno == ELOOP)
+        return np_journal_invalid(ctx, "%s: the journal is a symbolic link; nnpatch neither follows nor reuses it", path);
     if (fd < 0)
         return np_fail_errno(ctx, errno, path, "cannot read the journal");
     struct stat st;
@@ -523,6 +526,12 @@ nnp_status np_journal_read(nnp_ctx *ctx, const char *path, uint64_t model_size, 
     if (!S_ISREG(st.st_mode)) {
         close(fd);
         return np_journal_invalid(ctx, "%s: the journal is not a regular file", path);
+    }
+    if (st.st_nlink != 1 || st.st_uid != geteuid()) {
+        close(fd);
+        return np_journal_invalid(ctx, "%s: the journal %s; nnpatch neither follows nor reuses it", path,
+                   st.st_nlink != 1 ? "has more than one link (a hard link to another file)"
+                                    : "belongs to another user");
     }
     uint64_t size = (uint64_t)st.st_size, max = max_journal_size(model_size);
     if (size > max) {

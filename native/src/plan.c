@@ -9,27 +9,13 @@
 #include <string.h>
 
 #include "blake3.h"
+#include "fileio.h"
 #include "plan.h"
-
-static char *dir_of(const char *path)
-{
-    const char *sl = strrchr(path, '/');
-    if (!sl)
-        return strdup(".");
-    if (sl == path)
-        return strdup("/");
-    char *d = malloc((size_t)(sl - path) + 1);
-    if (d) {
-        memcpy(d, path, (size_t)(sl - path));
-        d[sl - path] = 0;
-    }
-    return d;
-}
 
 /* The scratch directory of wide chunk buffers: the output's directory from now on. */
 void np_chain_set_scratch(np_chain *c, const char *out_path)
 {
-    char *sd = dir_of(out_path);
+    char *sd = np_dir_of(out_path);
     if (sd) {
         free(c->scratch_dir);
         c->scratch_dir = sd;
@@ -451,7 +437,7 @@ nnp_status np_chain_open_patches(nnp_ctx *ctx, np_patch *patches, size_t n, cons
     }
     memcpy(c->patches, patches, n * sizeof *patches);
     c->n = n;
-    c->scratch_dir = dir_of(base_path);
+    c->scratch_dir = np_dir_of(base_path);
     c->base = base;
     c->base_size = base_size;
     nnp_status st = NNP_OK;

@@ -17,16 +17,8 @@
 
 static nnp_status write_all(nnp_ctx *ctx, int fd, const uint8_t *b, size_t n, const char *what)
 {
-    while (n) {
-        ssize_t w = write(fd, b, n);
-        if (w < 0 && errno == EINTR)
-            continue;
-        if (w < 0)
-            return np_fail_errno(ctx, errno, what, "cannot spool the patch");
-        b += w;
-        n -= (size_t)w;
-    }
-    return NNP_OK;
+    int err = np_write_all(fd, b, n);
+    return err ? np_fail_errno(ctx, err, what, "cannot spool the patch") : NNP_OK;
 }
 
 /* What a stream's reader keeps while it arrives: the first NP_PREAMBLE bytes, the last HELD (the

@@ -122,7 +122,7 @@ def execute(plan: Plan, inp: SafetensorsFile, outs: Sequence[tuple[int, object] 
     when empty) of ``plan.files[i]`` (None for files that hold no tensors).
 
     Returns (output digest, bytes hashed, {file index: file digest} of the files
-    re-hashed, which ``full`` does)."""
+    re-hashed, which every mode does)."""
     hash_all = verify.whole_base
     locate = _input_locator(inp)
     errors_ = _Errors()

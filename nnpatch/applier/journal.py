@@ -21,7 +21,6 @@ import json
 import mmap
 import os
 import re
-import stat
 import struct
 from dataclasses import dataclass
 
@@ -32,7 +31,7 @@ from .._json import json_shape, loads_strict
 from ..atomic import fsync_dir, write_error
 from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal, UsageError, WeightsError
 from ..hashing import digests_equal
-from ..sidefiles import JOURNAL_SUFFIX, journal_path
+from ..sidefile import JOURNAL_SUFFIX, journal_path, open_beside
 from ..weights import parse_safetensors_header
 
 MAGIC = b"\x89NNJ\r\n\x1a\n"
@@ -40,7 +39,7 @@ VERSION = (1, 0)
 PREAMBLE = struct.Struct("<8sHHIQ")
 ALIGN = 64
 TRAILER = 32
-SUFFIX = JOURNAL_SUFFIX  # the name rule lives in nnpatch.sidefiles, for commands that must not load numpy
+SUFFIX = JOURNAL_SUFFIX  # the name rule lives in nnpatch.sidefile, for commands that must not load numpy
 
 
 def _pad(n: int) -> int:
@@ -108,9 +107,13 @@ class JournalWriter:
         self.h = blake3.blake3()
         #: about the size the journal will have: the old bytes of every entry, plus the header
         self.expected = PREAMBLE.size + len(header) + sum(e.count * e.unit for e in entries) + 64 * len(entries) + 32
+        # whatever another user planted under the temporary name is discarded, never written through
+        fd = open_beside(self.tmp, write=True, create=True, what="journal's temporary file")
         try:
-            self.f = open(self.tmp, "wb")
+            os.ftruncate(fd, 0)
+            self.f = os.fdopen(fd, "wb")
         except OSError as e:
+            os.close(fd)
             raise NnpatchIOError(f"{self.tmp}: cannot write the journal: {e.strerror or e}") from e
         self.pos = 0
         self._write(PREAMBLE.pack(MAGIC, VERSION[0], VERSION[1], 0, len(header)) + header)
@@ -291,7 +294,11 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
     """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
     allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
     writes, must have exactly their keys."""
-    if json_shape(text)[0] > MAX_JSON_DEPTH:
+    try:
+        depth = json_shape(text)[0]
+    except ValueError as e:
+        raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
+    if depth > MAX_JSON_DEPTH:
         raise InvalidJournal(f"{path}: journal header nests deeper than {MAX_JSON_DEPTH}")
     try:
         meta = loads_strict(text)
@@ -359,15 +366,13 @@ def read_journal(path: str, *, model_size: int | None = None) -> Journal:
 
     TornJournal: bad magic or trailer (discard it); IntegrityError: an unknown major version;
     InvalidJournal: anything else; NnpatchIOError: unreadable."""
-    try:
-        # O_NONBLOCK: a FIFO planted under the journal's name must not hang recover
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as e:
-        raise NnpatchIOError(f"{path}: cannot read the journal: {e.strerror or e}") from e
+    # a symlink is not followed, a FIFO not waited on, a hard link or another user's file not trusted:
+    # each is refused and kept (sidefile)
+    fd = open_beside(path, write=False, create=False, refuse=InvalidJournal, what="journal")
+    if fd is None:
+        raise NnpatchIOError(f"{path}: cannot read the journal: it does not exist")
     try:
         st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InvalidJournal(f"{path}: the journal is not a regular file")
         size = st.st_size
         if model_size is not None and size > max_journal_size(model_size):
             raise InvalidJournal(f"{path}: the journal is {size} bytes, more than any journal of a "

@@ -16,22 +16,27 @@ VERIFY_MODES = ("default", "full", "touched")
 class Verify:
     """The verification policy, parsed once where a call enters the applier.
 
+    Every mode proves the output's file digest (a directory's: its
+    directory digest): the output is hashed once more after it is written,
+    from the page cache, and compared with the patch's ``target.blake3``; a
+    claim that differs is refused (exit 4) and the output is not left in
+    place (spec/FORMAT.md, "Applying").
+
     ``default``
         every base tensor is hashed (base model digest checked), every touched
         base tensor against its own digest, every touched target tensor against
-        its digest, and the target model digest recomputed from those.  With
-        the trailer-checked layout this proves the output is the target
-        without reading it again.
+        its digest, the target model digest recomputed from those, and the
+        output's file digest.
     ``full``
-        ``default`` plus a BLAKE3 of every output file, compared with the
-        patch's file digests: an end-to-end check independent of the engine's
-        bookkeeping (catches bugs, bad RAM, a file system that copied wrongly),
-        at the cost of a second read of the output.
+        the same work as ``default`` (kept so that scripts naming it keep
+        working): before 0.5.0 it was the only mode that hashed the output
+        file again.
     ``touched``
-        only the touched tensors are hashed (base and target).  Fastest; the
-        unchanged tensors are copied unchecked, so a base that differs only in
-        tensors the patch does not touch goes undetected and is carried into
-        the output.  Use when the base is known good (e.g. just verified).
+        only the touched tensors are hashed (base and target), and the output
+        file.  The unchanged tensors are copied unchecked, but a base that
+        differs in them gives an output whose file digest differs from the
+        target's, so it is refused all the same (as "result does not match",
+        not as "wrong base").
     """
 
     mode: str = "default"
@@ -51,8 +56,9 @@ class Verify:
 
     @property
     def rehash_output(self) -> bool:
-        """Every output file is read again and compared with its file digest."""
-        return self.mode == "full"
+        """Every output file is read again and compared with its file digest: in every mode, so that
+        no mode installs an output whose file digest differs from the patch's claim."""
+        return True
 
 
 @dataclass
@@ -60,10 +66,9 @@ class ApplyResult:
     """What apply wrote, and what was proven about it.
 
     ``blake3`` is the output's file digest (a directory's: its directory
-    digest) when it was computed from the bytes written: ``verify="full"``,
-    ``revert``, PyTorch and ONNX targets. Otherwise it is None: the patch's
-    claimed file digest is never reported as the output's, since only
-    ``full`` reads the output again to prove it. ``model_blake3`` is the
+    digest), computed from the bytes written (every mode proves it). It is
+    None only where nothing was written to hash; the patch's claimed file
+    digest is never reported as the output's. ``model_blake3`` is the
     output's model digest when the engine proved it (every mode but
     ``touched``), else None.
     """

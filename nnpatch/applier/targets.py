@@ -94,10 +94,6 @@ def _build_torch(plan: Plan, b, output: str, verify: Verify, progress: ProgressF
                        model_blake3)
 
 
-#: NAME_MAX of the common file systems: a longer component fails there, so it is refused up front.
-_NAME_MAX = 255
-
-
 @contextlib.contextmanager
 def _skeleton_errors(patch: Patch):
     """Whatever a malformed skeleton makes the ONNX code raise is the patch's fault: one line, exit 3."""
@@ -176,6 +172,51 @@ def _referenced_locations(model_path: str) -> set[str]:
     return found
 
 
+def check_onnx_patch(patch: Patch) -> Skeleton:
+    """The rules of spec 5.7 that the patch alone decides (skeleton, external path names), which
+    ``apply`` checks before writing anything and ``verify`` checks without an output."""
+    t = patch.header.target
+    sk = _onnx_skeleton(patch)
+    _check_external_names([o.path for o in t.outputs[1:]], t.outputs[0].path, patch)
+    return sk
+
+
+def refuse_external_over_base(patch: Patch, src) -> None:
+    """``verify --base``: an external data path that, resolved beside the base (where ``update`` and
+    ``apply --in-place`` write the target), is the base or one of its files. ``apply`` checks this
+    against the output's real directory (:func:`_check_external_paths`)."""
+    t = patch.header.target
+    if t.format != "onnx":
+        return
+    base_file = src.path if not os.path.isdir(src.path) else os.path.join(src.path, t.outputs[0].path)
+    directory = os.path.dirname(os.path.abspath(base_file))
+    # the base file itself: an ONNX base's own external data may be rewritten by an update in place
+    protected = _protected(src, True)
+    for o in t.outputs[1:]:
+        full = os.path.join(directory, *o.path.split("/"))
+        try:
+            st = os.lstat(full)
+        except OSError:
+            continue
+        if (st.st_dev, st.st_ino) in protected or os.path.abspath(full) == os.path.abspath(src.path):
+            raise PatchFormatError(f"target: external data file {o.path!r} is the base model (written beside it)",
+                                   path=patch.path)
+
+
+def _check_external_names(paths: list[str], model_name: str, patch: Patch) -> None:
+    """Each external path is relative and normalised, none of it ``.git``, no component over 255 bytes
+    (check_relative_path), and no two outputs (the model file included) the same case-insensitively."""
+    taken = {model_name.casefold()}
+    for path in paths:
+        why = check_relative_path(path)
+        if why:
+            raise PatchFormatError(f"target: external data file {path!r} {why}", path=patch.path)
+        if path.casefold() in taken:
+            raise PatchFormatError(f"target: external data file {path!r} collides with the model file or another "
+                                   "output (names compared case-insensitively)", path=patch.path)
+        taken.add(path.casefold())
+
+
 def _protected(src, replace: bool) -> set[tuple[int, int]]:
     """(device, inode) of the base file, and unless the base is being replaced, of every file of the base model."""
     paths = [src.path]
@@ -202,7 +243,6 @@ def _check_external_paths(paths: list[str], output: str, src, replace: bool, pat
     own external data (re-applying over an earlier version).
     """
     directory = os.path.dirname(os.path.abspath(output))
-    taken = {os.path.basename(output).casefold()}
     protected = _protected(src, replace)
     owned: set[str] | None = None
     modes: dict[str, int | None] = {}
@@ -210,16 +250,9 @@ def _check_external_paths(paths: list[str], output: str, src, replace: bool, pat
     def refuse(path: str, why: str):
         raise PatchFormatError(f"target: external data file {path!r} {why}", path=patch.path)
 
+    _check_external_names(paths, os.path.basename(output), patch)
     for path in paths:
-        why = check_relative_path(path)
-        if why:
-            refuse(path, why)
         parts = path.split("/")
-        if any(len(p.encode("utf-8", "surrogatepass")) > _NAME_MAX for p in parts):
-            refuse(path, f"has a component longer than {_NAME_MAX} bytes")
-        if path.casefold() in taken:
-            refuse(path, "collides with the model file or another output (names compared case-insensitively)")
-        taken.add(path.casefold())
         here = directory
         for p in parts[:-1]:
             here = os.path.join(here, p)
@@ -291,7 +324,7 @@ def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn
     safetensors, put them back into the skeleton, and check every file against the digest the patch
     gives it before writing any (external data files first, the model file last, each atomically)."""
     t = patch.header.target
-    sk = _onnx_skeleton(patch)
+    sk = check_onnx_patch(patch)
     directory = os.path.dirname(os.path.abspath(output))
     try:
         modes = _check_external_paths([o.path for o in t.outputs[1:]], output, b, replace, patch)

@@ -11,13 +11,16 @@ from ..applier import apply_chain, apply_in_place
 from ..applier import recover as do_recover
 from ..applier import revert as do_revert
 from ..patchfile import read_patch_stream
+from ..report import printable
+from ..signing import authenticator
 from ._common import InputPath, emit_json, human, json_option, quiet
 from ._inputs import check_order, check_public_key
 from ._progress import model_size, progress
 
-_VERIFY_HELP = ("default: hash the whole base and every touched tensor, which proves the output without reading it "
-                "again; full: also re-hash the whole output; touched: only touched tensors (fastest; an untouched "
-                "tensor that differs in the base goes undetected).")
+_VERIFY_HELP = ("Every mode re-hashes the output against the patch's file digest. default: also hash the whole "
+                "base and every touched tensor (a wrong base is named as such); full: the same as default; "
+                "touched: only touched tensors besides the output (fastest; a base that differs elsewhere is "
+                "refused as a wrong result).")
 
 
 @click.command()
@@ -54,7 +57,9 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         for p in patches:
             if p == "-":
                 where = os.path.dirname(os.path.abspath(output or old))
-                opened.append(stack.enter_context(read_patch_stream(directory=where)))
+                # with a key, nothing of the header is expanded or parsed before the signature checks out
+                opened.append(stack.enter_context(read_patch_stream(
+                    directory=where, authenticate=authenticator(key) if key is not None else None)))
             else:
                 opened.append(p)
         total = model_size(old)
@@ -68,8 +73,7 @@ def apply(ctx, old, patches, output, in_place, verify_mode, key, as_json):
         emit_json({"output": r.output, "size": r.size, "blake3": r.blake3, "model_blake3": r.model_blake3,
                    "ops": r.ops, "verify": r.verify, "links": len(opened), "in_place": in_place})
     elif not quiet(ctx):
-        how = "file re-hashed" if r.verify == "full" else (
-            "base and every tensor written" if r.verify == "default" else "touched tensors only")
+        how = "touched tensors and the file" if r.verify == "touched" else "base, every tensor written and the file"
         click.echo(f"wrote {r.output} ({human(r.size)}{_proven_digest(r)}), verified: {how}")
 
 
@@ -112,4 +116,4 @@ def recover(ctx, model, as_json):
     if as_json:
         emit_json({"model": model, "recovered": note is not None, "detail": note or "nothing to recover"})
     elif not quiet(ctx):
-        click.echo(f"{model}: {note or 'nothing to recover'}")
+        click.echo(f"{model}: {printable(note or 'nothing to recover', backslash=False)}")  # from the journal

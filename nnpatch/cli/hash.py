@@ -7,7 +7,7 @@ import os
 
 import click
 
-from .. import errors, hashing, sidefiles
+from .. import errors, hashing, sidefile
 from ..report import printable
 from ._common import InputPath, emit_json, json_option
 
@@ -52,7 +52,7 @@ def hash_cmd(ctx, files, tensors, check, expect_size, as_json):
         raise click.UsageError("give FILES to hash, or --check MANIFEST")
     out = []
     for path in files:
-        if sidefiles.interrupted(path):  # its bytes are neither version: say so, as b3sum never could
+        if sidefile.interrupted(path):  # its bytes are neither version: say so, as b3sum never could
             click.echo(f"warning: {printable(path, backslash=False)}: an in-place update of it was interrupted "
                        f"(undo journal beside it): this is the digest of a half-written file; run `nnpatch "
                        f"recover` first", err=True)

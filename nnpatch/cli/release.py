@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import click
 
 from .. import codecs, errors
+from ..delivery import fetch
 from ..delivery.manifest import MAX_RELEASE, parse_duration
-from ..release import make_release, published_files
 from ..delivery.updater import update as do_update
+from ..release import make_release, published_files
+from ..report import printable
 from ._common import InputPath, emit_json, human, say
 from ._inputs import check_public_key
 
@@ -98,18 +101,29 @@ def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, ba
 @click.option("--fallback", type=click.Choice(["none", "full"]), default="none", show_default=True,
               help="When no patch leads from the model's version: 'full' downloads the whole new model the signed "
                    "manifest lists (release --full), checked by size and BLAKE3, and swaps it in.")
+@click.option("--min-rate", type=click.FloatRange(min=1.0), metavar="BYTES/S",
+              help="Slowest transfer accepted, over every 10 s of a download (a slower one is cut and resumed) "
+                   "and on average over the whole download of a file after its first 30 s. Default: 1024.")
+@click.option("--deadline", type=click.FloatRange(min=1.0), metavar="SECONDS",
+              help="Most seconds the download of one file (the manifest, each patch) may take, every retry "
+                   "included; exit 5 past it. Default: 30 s plus the bytes received at --min-rate.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON object to stdout (on errors too).")
 @click.pass_context
-def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fallback, as_json):
+def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fallback, min_rate, deadline, as_json):
     """Bring MODEL to a release's version with the right patch, checked by hash (and signature)."""
     # errors: the one handler in nnpatch.cli prints the Error: line, and with --json the error object
     check_public_key(key)
+    given = {k: v for k, v in (("min_rate", min_rate), ("deadline", deadline)) if v is not None}
+    options = dataclasses.replace(fetch.DEFAULT_OPTIONS, **given) if given else None
     r = do_update(model, manifest, patch_dir=patch_dir, prefer=prefer, key=key, in_place=in_place, dry_run=dry_run,
-                  fallback=fallback)
+                  fallback=fallback, fetch=options)
     if as_json:
         emit_json(r.to_json())
         return
-    release_text = f"release {r.release} ({r.to_name})" if r.release is not None else f"version {r.to_name}"
+    # names and patch file names come from the feed: escaped as show escapes them (report.printable)
+    to_name = printable(str(r.to_name), backslash=False)
+    release_text = f"release {r.release} ({to_name})" if r.release is not None else f"version {to_name}"
+    patches = printable(", ".join(r.patches), backslash=False)
     if not r.signed:
         trust = ", unsigned feed"
     elif r.key_id is None:
@@ -121,11 +135,11 @@ def update(ctx, model, manifest, key, in_place, dry_run, patch_dir, prefer, fall
     if r.status == "current":
         say(ctx, f"{r.path} is already {release_text}: nothing to do{trust}")
     elif r.status == "would-update":
-        say(ctx, f"would fetch {', '.join(r.patches)} ({human(r.patch_bytes)}) to bring {r.path} from "
-                 f"{r.from_name or r.from_blake3[:16]} to {release_text}{how}{trust}")
+        say(ctx, f"would fetch {patches} ({human(r.patch_bytes)}) to bring {r.path} from "
+                 f"{printable(r.from_name or r.from_blake3[:16], backslash=False)} to {release_text}{how}{trust}")
     else:
         fetched = f", {human(r.downloaded_bytes)} downloaded" if r.downloaded_bytes or r.resumed_bytes else ""
         if r.resumed_bytes:
             fetched += f" (resumed after {human(r.resumed_bytes)})"
-        say(ctx, f"updated {r.path} to {release_text}{how} with {', '.join(r.patches)} ({human(r.patch_bytes)}"
+        say(ctx, f"updated {r.path} to {release_text}{how} with {patches} ({human(r.patch_bytes)}"
                  f"{fetched}); BLAKE3 {r.to_blake3}{trust}")

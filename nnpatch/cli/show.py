@@ -26,6 +26,11 @@ from ._common import InputPath, emit_json, human, json_option
 from ._inputs import check_order
 
 
+#: Rows of each table at most: a patch may hold 262,144 ops and 65,536 files, and a terminal table of
+#: them all takes minutes and gigabytes; the rest is summed up in one line (``--json`` lists every one).
+MAX_ROWS = 200
+
+
 class _Console(Console):
     """rich's console, except that a closed standard output (`| head`) goes to the command's one
     handler (a quiet stop, exit 0) instead of rich's own exit 1."""
@@ -88,14 +93,15 @@ def show(patch, as_json, plot_path):
             files = Table(box=None, title="target directory", title_justify="left")
             for col in ("file", "kind", "size", "stored", "from"):
                 files.add_column(col, justify="right" if col in ("size", "stored") else "left")
-            for f in h.target.files:
+            for f in h.target.files[:MAX_ROWS]:
                 files.add_row(safe(f.path), safe(f.kind), str(f.size), str(sum(s.length for s in f.sections())),
                               safe(f.source or ""))
             console.print(files)
+            _more(console, h.target.files[MAX_ROWS:], "files", lambda f: f.size, "of files")
         table = Table(box=None)
         for col in ("tensor", "op", "dtype", "shape", "count", "changed", "index codec", "values codec", "bytes"):
             table.add_column(col, justify="right" if col in ("count", "bytes") else "left")
-        for op, share in zip(h.ops, shares):
+        for op, share in zip(h.ops[:MAX_ROWS], shares):
             ref = op.target or op.base
             table.add_row(safe(op.name), safe(op.kind), safe(ref.dtype), str(list(ref.shape)),
                           "" if op.count is None else str(op.count),
@@ -104,10 +110,18 @@ def show(patch, as_json, plot_path):
                           safe("+".join(op.index.codec)) if op.index else "",
                           safe("+".join(op.values.codec) or "raw") if op.values else "", str(share.patch_bytes))
         console.print(table)
+        _more(console, shares[MAX_ROWS:], "tensors", lambda s: s.patch_bytes, "in the patch")
         if plot_path:
             note = "" if drawn == len(h.ops) else \
                 f" (the {drawn} largest of {len(h.ops)} changed tensors, by patch bytes)"
             console.print(Text(f"plot: {printable(plot_path, backslash=False, encoding=encoding)}{note}"))
+
+
+def _more(console, rest, what: str, size, where: str) -> None:
+    """One line for the rows a table leaves out."""
+    if rest:
+        console.print(f"... and {len(rest):,} more {what} ({human(sum(size(r) for r in rest))} {where}); "
+                      "`nnpatch show --json` lists them all")
 
 
 def changed_elements(p: Patch, op: Op) -> int | None:

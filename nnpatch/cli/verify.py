@@ -8,6 +8,8 @@ import click
 
 from .. import errors
 from ..patchfile import read_patch_stream
+from ..report import printable
+from ..signing import authenticator
 from ..verifier import verify as do_verify
 from ._common import InputPath, emit_json, json_option, quiet
 from ._inputs import check_order, check_public_key
@@ -29,8 +31,9 @@ def verify(ctx, patch, base, target, key, as_json):
     check_order("nnpatch verify PATCH [--base OLD] [--target NEW]", models={"--base": base, "--target": target},
                 patches={"PATCH": patch})
     check_public_key(key)
-    if patch == "-":
-        patch = read_patch_stream(directory=tempfile.gettempdir())
+    if patch == "-":  # with a key, nothing of the header is parsed before the signature checks out
+        patch = read_patch_stream(directory=tempfile.gettempdir(),
+                                  authenticate=authenticator(key) if key is not None else None)
     report = do_verify(patch, base=base, target=target, key=key)
     if as_json:
         emit_json({"patch": report.patch, "ok": report.ok,
@@ -38,6 +41,7 @@ def verify(ctx, patch, base, target, key, as_json):
     else:
         for c in report.checks:
             if not (c.ok and quiet(ctx)):  # --quiet: only what failed
-                click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {c.detail}")
+                # a detail names tensors and files from the patch: escaped as show escapes them
+                click.echo(f"{c.what}: {'OK' if c.ok else 'FAILED'}  {printable(c.detail, backslash=False)}")
     if not report.ok:
         ctx.exit(errors.EXIT_MISMATCH)

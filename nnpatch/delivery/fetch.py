@@ -25,13 +25,16 @@ import contextlib
 import fcntl
 import os
 import time
+
+import blake3
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from .._json import read_bounded
 from ..errors import IntegrityError, MissingDependencyError, NnpatchIOError
-from ..hashing import digests_equal, hash_file
+from ..hashing import digests_equal
+from ..sidefile import open_beside, same_file
 
 CHUNK = 1 << 16
 #: Redirects followed for one request.
@@ -77,12 +80,24 @@ def _shown(url: str) -> str:
 @dataclass
 class FetchOptions:
     """How patient a fetch is. ``retries``: further tries of one file after the first;
-    ``backoff``: the first pause in seconds, doubled after each try."""
+    ``backoff``: the first pause in seconds, doubled after each try.
+
+    A server that drips (a byte every few seconds never trips the read timeout) is cut by two
+    rules (SECURITY.md, "Release feeds"): every ``rate_window`` seconds of a transfer must bring
+    ``min_rate`` bytes per second (else the transfer is cut and resumed, as a stall is); and the
+    whole fetch of one file, every try and pause included, must end by its deadline: ``deadline``
+    seconds when given, else ``grace`` seconds plus the bytes received at ``min_rate``, so a link
+    that keeps the minimum rate always finishes. The defaults (1 KiB/s: 8 kbit/s, below any
+    phone data link) pass a slow phone link and end a drip within about ``grace`` seconds."""
 
     connect_timeout: float = 10.0
     read_timeout: float = 30.0
     retries: int = 5
     backoff: float = 0.5
+    min_rate: float = 1024.0
+    rate_window: float = 10.0
+    grace: float = 30.0
+    deadline: float | None = None
 
 
 @dataclass
@@ -106,13 +121,54 @@ class _Transient(Exception):
     """A failure worth another try (cut connection, stall, 5xx)."""
 
 
+class _Pace:
+    """The two rules against a dripping server for one file's fetch (see :class:`FetchOptions`)."""
+
+    def __init__(self, url: str, options: FetchOptions, clock: Callable[[], float]) -> None:
+        self.url, self.o, self.clock = url, options, clock
+        self.start = clock()
+        self.received = 0
+        self.window_start = self.start
+        self.window_bytes = 0
+
+    def new_transfer(self) -> None:
+        self.check_deadline()
+        self.window_start = self.clock()
+        self.window_bytes = 0
+
+    def got(self, n: int) -> None:
+        self.received += n
+        self.window_bytes += n
+        now = self.clock()
+        self.check_deadline(now)
+        if now - self.window_start >= self.o.rate_window:
+            rate = self.window_bytes / (now - self.window_start)
+            if rate < self.o.min_rate:
+                raise _Transient(f"{_shown(self.url)}: {rate:.0f} bytes/s, below the minimum rate of "
+                                 f"{self.o.min_rate:.0f} bytes/s")
+            self.window_start, self.window_bytes = now, 0
+
+    def check_deadline(self, now: float | None = None) -> None:
+        elapsed = (self.clock() if now is None else now) - self.start
+        o = self.o
+        limit = o.deadline if o.deadline is not None else o.grace + self.received / o.min_rate
+        if elapsed > limit:
+            how = (f"the {o.deadline:g} s deadline" if o.deadline is not None else
+                   f"the deadline ({o.grace:g} s plus the bytes received at {o.min_rate:.0f} bytes/s)")
+            raise NnpatchIOError(f"{_shown(self.url)}: gave up after {elapsed:.0f} s, past {how}, with "
+                                 f"{self.received} bytes received")
+
+
 class Fetcher:
     """One connection pool for the files of one update."""
 
-    def __init__(self, options: FetchOptions | None = None, *, sleep: Callable[[float], None] = time.sleep) -> None:
+    def __init__(self, options: FetchOptions | None = None, *, sleep: Callable[[float], None] = time.sleep,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.options = options or DEFAULT_OPTIONS
         self._sleep = sleep
+        self._clock = clock
         self._pool = None
+        self._pace: _Pace | None = None
 
     def _http(self):
         if self._pool is None:
@@ -157,6 +213,8 @@ class Fetcher:
         if r.status in TRANSIENT_STATUS:
             _close(r)
             raise _Transient(f"{_shown(url)}: HTTP {r.status}")
+        if self._pace is not None:
+            self._pace.new_transfer()
         return r
 
     def _get(self, url: str, headers: dict[str, str]):
@@ -183,14 +241,19 @@ class Fetcher:
         """Call ``attempt`` until it returns, pausing after each transient failure."""
         pause = self.options.backoff
         last = None
-        for n in range(self.options.retries + 1):
-            if n:
-                self._sleep(pause)
-                pause *= 2
-            try:
-                return attempt()
-            except _Transient as e:
-                last = e
+        self._pace = pace = _Pace(url, self.options, self._clock)
+        try:
+            for n in range(self.options.retries + 1):
+                if n:
+                    self._sleep(pause)
+                    pause *= 2
+                    pace.check_deadline()
+                try:
+                    return attempt()
+                except _Transient as e:
+                    last = e
+        finally:
+            self._pace = None
         raise NnpatchIOError(f"{last} (gave up after {self.options.retries + 1} tries)")
 
     # --- small files (the manifest) ------------------------------------------------------------
@@ -206,14 +269,16 @@ class Fetcher:
                 if r.status != 200:
                     raise NnpatchIOError(f"{_shown(location)}: HTTP {r.status}")
                 data = bytearray()
-                try:
-                    while len(data) <= limit:
-                        chunk = r.read(min(CHUNK, limit + 1 - len(data)))
-                        if not chunk:
-                            break
-                        data += chunk
-                except self._read_errors() as e:
-                    raise _Transient(f"{_shown(location)}: {_reason(e)}") from e
+                while len(data) <= limit:
+                    try:
+                        # read1: what has arrived, so that a server that drips is measured as it drips
+                        chunk = r.read1(min(CHUNK, limit + 1 - len(data)))
+                    except self._read_errors() as e:
+                        raise _Transient(f"{_shown(location)}: {_reason(e)}") from e
+                    if not chunk:
+                        break
+                    data += chunk
+                    self._pace.got(len(chunk))
                 length = r.headers.get("Content-Length")
                 if len(data) <= limit and length is not None and length.isdigit() and int(length) != len(data):
                     raise _Transient(f"{_shown(location)}: got {len(data)} of {length} bytes")
@@ -235,7 +300,9 @@ class Fetcher:
         digest it is removed.
         """
         stats = Download(partial, size)
-        fd = os.open(partial, os.O_RDWR | os.O_CREAT, 0o600)
+        # a symlink, hard link, FIFO or another user's file planted under the partial file's name is
+        # discarded, never written through: the download starts afresh (sidefile)
+        fd = open_beside(partial, write=True, create=True, what="partial download")
         try:
             try:  # two updaters appending to one partial file would only make garbage
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -245,11 +312,11 @@ class Fetcher:
                 raise NnpatchIOError(f"{partial}: another update is downloading this patch") from e
             return self._download(fd, url, partial, size, blake3_hex, stats, progress)
         except IntegrityError:  # the server's file is not the manifest's: nothing in it is worth resuming
-            if fd >= 0:
+            if fd >= 0 and same_file(partial, fd):
                 _unlink(partial)
             raise
         except BaseException:  # kept for the next run to continue, unless there is nothing in it
-            if fd >= 0 and os.fstat(fd).st_size == 0:
+            if fd >= 0 and os.fstat(fd).st_size == 0 and same_file(partial, fd):
                 _unlink(partial)
             raise
         finally:
@@ -268,7 +335,7 @@ class Fetcher:
                 stats.restarts += 1
             self._tries(url, lambda: self._fill(fd, url, size, stats, progress))
             os.fsync(fd)
-            actual = hash_file(partial)
+            actual = _hash_fd(fd)
             if digests_equal(actual, blake3_hex):
                 return stats
         raise IntegrityError(f"{_shown(url)}: downloaded BLAKE3 {actual} does not match the manifest's "
@@ -317,10 +384,23 @@ class Fetcher:
                 stats.received += len(chunk)
                 if progress is not None:
                     progress(len(chunk))
+                self._pace.got(len(chunk))
             if have < size:
                 raise _Transient(f"{_shown(url)}: the connection closed after {have} of {size} bytes")
         finally:
             _close(r)
+
+
+def _hash_fd(fd: int) -> str:
+    """BLAKE3 of the file open as ``fd`` (the file written, whatever its name now points to)."""
+    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+    pos = 0
+    while True:
+        chunk = os.pread(fd, 1 << 20, pos)
+        if not chunk:
+            return h.hexdigest()
+        h.update(chunk)
+        pos += len(chunk)
 
 
 def _write_all(fd: int, data: bytes) -> None:

@@ -29,7 +29,12 @@ MAX_RELEASE = (1 << 53) - 1
 HEX64 = re.compile(r"^[0-9a-f]{64}$")
 #: A patch's file name in a manifest: plain, so that it can never name another folder.
 PATCH_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
-BASE_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?$")
+#: MANIFEST.md: "an http:// or https:// URL ending in /" (patch names are resolved against it).
+BASE_URL = re.compile(r"^https?://[^\s/?#]+(/[^\s?#]*)?/$")
+#: An http(s) URL of one file (the full model hosted elsewhere): no query, no fragment.
+FILE_URL = re.compile(r"^https?://[^\s/?#]+/[^\s?#]*[^\s?#/]$")
+#: A version's name (``target.name``, ``bases[i].name``), as MANIFEST.md gives it.
+VERSION_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,93}$")
 _TIME = re.compile(r"^(\d{4})-(\d{2})-(\d{2})T(\d{2}):(\d{2}):(\d{2})Z$")
 _DURATION = re.compile(r"^([0-9]{1,9})([smhdw])$")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
@@ -131,7 +136,10 @@ def parse_manifest(raw: bytes, *, source: str = MANIFEST_NAME) -> dict:
         if k in m and parse_time(m[k]) is None:
             raise PatchFormatError(f"manifest: '{k}' is not a UTC time like 2025-01-31T12:00:00Z", path=source)
     if "base_url" in m and not (isinstance(m["base_url"], str) and BASE_URL.match(m["base_url"])):
-        raise PatchFormatError("manifest: 'base_url' is not an http:// or https:// URL", path=source)
+        raise PatchFormatError("manifest: 'base_url' is not an http:// or https:// URL ending in '/'", path=source)
+    for where, obj in [("target", t)] + [(f"bases[{i}]", b) for i, b in enumerate(m["bases"])]:
+        if "name" in obj and not (isinstance(obj["name"], str) and VERSION_NAME.match(obj["name"])):
+            raise PatchFormatError(f"{where}: 'name' must match {VERSION_NAME.pattern} (MANIFEST.md)", path=source)
     if "full" in m:
         _check_full(_req(m, "full", dict, "manifest", source), t, source)
     return m
@@ -141,7 +149,7 @@ def _check_full(full: dict, target: dict, source: str) -> None:
     """The full model a device falls back to: the target file itself, so its size and BLAKE3 are
     the target's; at a plain name (beside the patches) or an absolute http(s) URL."""
     url = _req(full, "url", str, "full", source)
-    if not (PATCH_NAME.match(url) or BASE_URL.match(url)):
+    if not (PATCH_NAME.match(url) or FILE_URL.match(url)):
         raise PatchFormatError(f"full: url {url!r} is neither a plain file name nor an http(s) URL", path=source)
     if _req(full, "size", int, "full", source) != target["size"]:
         raise PatchFormatError("full: 'size' is not the target's size", path=source)
@@ -157,6 +165,6 @@ def encode_manifest(manifest: dict) -> bytes:
     return raw
 
 
-__all__ = ["BASE_URL", "HEX64", "MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "MAX_CHAIN_LINKS",
+__all__ = ["BASE_URL", "FILE_URL", "HEX64", "VERSION_NAME", "MANIFEST_FORMAT", "MANIFEST_NAME", "MANIFEST_VERSION", "MAX_CHAIN_LINKS",
            "MAX_MANIFEST_SIZE", "MAX_RELEASE", "PATCH_NAME", "encode_manifest", "format_time", "parse_duration",
            "parse_manifest", "parse_time"]

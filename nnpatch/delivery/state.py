@@ -11,10 +11,11 @@ import os
 import re
 from dataclasses import dataclass
 
-from .._json import load_object, read_bounded
+from .._json import load_object
 from ..atomic import atomic_write
-from ..errors import PatchFormatError
+from ..errors import NnpatchIOError, PatchFormatError
 from ..hashing import digest_bytes
+from ..sidefile import open_beside
 from .manifest import HEX64, MAX_RELEASE, format_time, parse_time
 
 STATE_SUFFIX = ".nnpatch-state"
@@ -49,10 +50,17 @@ def read_state(model: str | os.PathLike[str]) -> State | None:
     """The state beside ``model``, or None when there is none. A state file that is not one
     is refused (exit 3): ignoring it would undo the rollback defence."""
     path = state_path(model)
-    if not os.path.lexists(path):
-        return None
-    raw = read_bounded(path, MAX_STATE_SIZE)
     fix = "; it keeps the last release this device accepted: remove it only to trust the feed afresh"
+    # not followed if a symlink, not waited on if a FIFO, not trusted if another user's or a hard link
+    fd = open_beside(path, write=False, create=False, refuse=PatchFormatError, what="update state")
+    if fd is None:
+        return None
+    try:
+        raw = os.read(fd, MAX_STATE_SIZE + 1)
+    except OSError as e:
+        raise NnpatchIOError(f"{path}: cannot read the update state: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
     try:
         obj = load_object(raw, limit=MAX_STATE_SIZE, what="update state")
     except ValueError as e:

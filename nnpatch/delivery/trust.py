@@ -58,13 +58,32 @@ class Opened:
     key_id: str | None = None
 
 
-def _b64(value: object, what: str, source: str) -> bytes:
+def _b64(value: object, what: str, source: str | None) -> bytes:
     if not isinstance(value, str):
         raise PatchFormatError(f"envelope: '{what}' is not a string", path=source)
     try:
         return base64.b64decode(value, validate=True)
     except (binascii.Error, ValueError) as e:
         raise PatchFormatError(f"envelope: '{what}' is not base64", path=source) from e
+
+
+def _envelope(obj: dict, source: str | None) -> tuple[bytes, list[tuple[str, bytes]]]:
+    """The payload and the (keyid, signature) pairs of an envelope, each checked for form."""
+    if obj.get("payloadType") != PAYLOAD_TYPE:
+        raise PatchFormatError(f"envelope: payloadType must be {PAYLOAD_TYPE!r}", path=source)
+    payload = _b64(obj.get("payload"), "payload", source)
+    if len(payload) > MAX_MANIFEST_SIZE:
+        raise PatchFormatError(f"envelope: the payload exceeds the {MAX_MANIFEST_SIZE}-byte manifest limit",
+                               path=source)
+    sigs = obj.get("signatures")
+    if not isinstance(sigs, list) or not sigs or len(sigs) > MAX_SIGNATURES:
+        raise PatchFormatError(f"envelope: 'signatures' must be a list of 1 to {MAX_SIGNATURES}", path=source)
+    parsed = []
+    for i, s in enumerate(sigs):
+        if not isinstance(s, dict) or not isinstance(s.get("keyid", ""), str):
+            raise PatchFormatError(f"envelope: signatures[{i}] is not an object with a string 'keyid'", path=source)
+        parsed.append((s.get("keyid", ""), _b64(s.get("sig"), f"signatures[{i}].sig", source)))
+    return payload, parsed
 
 
 def is_envelope(obj: object) -> bool:
@@ -78,7 +97,9 @@ def open_manifest(raw: bytes, *, public_key: TrustedKey | str | os.PathLike[str]
     envelope with a signature by that key that verifies (else IntegrityError,
     exit 4). Without one an envelope is opened unchecked (say so to the user)."""
     try:
-        obj = load_object(raw, limit=MAX_ENVELOPE_SIZE, what="manifest")
+        # the one JSON string allowed past MAX_JSON_STRING: the envelope's payload, the whole manifest
+        # in base64, bounded by the envelope's own size (SECURITY.md, "Limits")
+        obj = load_object(raw, limit=MAX_ENVELOPE_SIZE, what="manifest", max_string=MAX_ENVELOPE_SIZE)
     except ValueError as e:
         raise PatchFormatError(str(e), path=source) from e
     if not is_envelope(obj):
@@ -86,17 +107,14 @@ def open_manifest(raw: bytes, *, public_key: TrustedKey | str | os.PathLike[str]
             raise IntegrityError(f"{source}: the manifest is not signed (a key was given, so a signature is "
                                  "required)", what="signature")
         return Opened(raw, False)
-    if obj.get("payloadType") != PAYLOAD_TYPE:
-        raise PatchFormatError(f"envelope: payloadType must be {PAYLOAD_TYPE!r}", path=source)
-    payload = _b64(obj.get("payload"), "payload", source)
-    sigs = obj.get("signatures")
-    if not isinstance(sigs, list) or not sigs or len(sigs) > MAX_SIGNATURES:
-        raise PatchFormatError(f"envelope: 'signatures' must be a list of 1 to {MAX_SIGNATURES}", path=source)
-    parsed = []
-    for i, s in enumerate(sigs):
-        if not isinstance(s, dict) or not isinstance(s.get("keyid", ""), str):
-            raise PatchFormatError(f"envelope: signatures[{i}] is not an object with a string 'keyid'", path=source)
-        parsed.append((s.get("keyid", ""), _b64(s.get("sig"), f"signatures[{i}].sig", source)))
+    try:
+        payload, parsed = _envelope(obj, None)
+    except PatchFormatError as e:
+        if public_key is None:
+            raise PatchFormatError(e.message, path=source) from None
+        # MANIFEST.md step 2: with a trusted key, anything but an envelope signed by it is refused (exit 4)
+        raise IntegrityError(f"{source}: the manifest is not signed by the key ({e.message})",
+                             what="signature") from None
     if public_key is None:
         return Opened(payload, True)
     public = TrustedKey.of(public_key)

@@ -35,8 +35,8 @@ from ..atomic import amount, free_space, fsync_dir
 from ..errors import IntegrityError, NnpatchIOError, NoUpdatePathError, PatchFormatError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..patchfile import read_patch
-from ..sidefiles import interrupted, journal_path
-from ..signing import TrustedKey
+from ..sidefile import interrupted, journal_path
+from ..signing import TrustedKey, authenticator
 from ..weights.source import path_digest
 from .fetch import FetchOptions, Fetcher, is_url, parent, resolve
 from .manifest import MAX_CHAIN_LINKS, parse_manifest
@@ -153,6 +153,21 @@ def _choose_in_place(model: str, in_place: bool | None, download: int, target_si
         hint = f"; in place (--in-place) needs only about {amount(only_patches)}"
     raise NnpatchIOError(f"{model}: a new copy beside the model needs about {amount(new_file)} (the patches and "
                          f"the new version), {amount(free)} were free{hint}")
+
+
+@contextlib.contextmanager
+def _refused_downloads_removed(partials: set[str]):
+    """Remove this update's downloads when their content is refused (a signature, size, digest,
+    trailer or target the manifest does not give, a patch that does not apply): such a file can
+    never resume a download the manifest still trusts. A network or disk error, or an interrupted
+    run, keeps them for the next run to continue (SECURITY.md, "Release feeds")."""
+    try:
+        yield
+    except (IntegrityError, PatchFormatError):
+        for p in partials:
+            with contextlib.suppress(OSError):
+                os.unlink(p)
+        raise
 
 
 def _size_or_zero(path: str) -> int:
@@ -273,28 +288,30 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
         _remove_stale_partials(model_path, partials)
         paths = []
         downloaded = resumed = 0
-        for link in links:
-            location = resolve(where, link["patch"])
-            if remote:
-                got = fetcher.download(location, partial_path(model_path, link["patch_blake3"]), link["patch_size"],
-                                       link["patch_blake3"], progress)
-                downloaded += got.received
-                resumed += got.resumed_from
-                paths.append(got.path)
-            else:
-                _check_patch_file(location, link)
-                paths.append(location)
-    _check_links(paths, links, current)
-    if in_place:
-        result = None
-        for p in paths:
-            result = apply_in_place(model_path, p, verify="full", key=key).blake3
-    else:
-        # verify="full": the result's file (or directory) digest is computed from what was written and checked
-        # against the last patch's target, which _check_links proved is the manifest's target
-        result = replace_model(model_path, paths, verify="full", key=key).blake3
-    if result is None or not digests_equal(result, target["blake3"]):
-        raise _target_mismatch(result or path_digest(model_path)[0], target["blake3"])
+        with _refused_downloads_removed(partials):
+            for link in links:
+                location = resolve(where, link["patch"])
+                if remote:
+                    got = fetcher.download(location, partial_path(model_path, link["patch_blake3"]),
+                                           link["patch_size"], link["patch_blake3"], progress)
+                    downloaded += got.received
+                    resumed += got.resumed_from
+                    paths.append(got.path)
+                else:
+                    _check_patch_file(location, link)
+                    paths.append(location)
+    with _refused_downloads_removed(partials):
+        _check_links(paths, links, current, key)
+        if in_place:
+            result = None
+            for p in paths:
+                result = apply_in_place(model_path, p, verify="full", key=key).blake3
+        else:
+            # the result's file (or directory) digest is computed from what was written and checked against the
+            # last patch's target, which _check_links proved is the manifest's target
+            result = replace_model(model_path, paths, verify="full", key=key).blake3
+        if result is None or not digests_equal(result, target["blake3"]):
+            raise _target_mismatch(result or path_digest(model_path)[0], target["blake3"])
     for p in partials:
         with contextlib.suppress(OSError):
             os.unlink(p)
@@ -382,11 +399,13 @@ def _fetch_manifest(fetcher: Fetcher, location: str, key) -> tuple:
     raise AssertionError("unreachable")
 
 
-def _check_links(paths: list[str], links: list[dict], current: str) -> None:
+def _check_links(paths: list[str], links: list[dict], current: str, key: TrustedKey | None) -> None:
     """Each patch file is the link the manifest names: made for the right base, making the right
-    target, with the right trailer (sizes and whole-file digests were checked before)."""
+    target, with the right trailer (sizes and whole-file digests were checked before). With ``key``,
+    each is signed by it, checked before its header is expanded (as every path does)."""
+    authenticate = authenticator(key) if key is not None else None
     for i, (p, link) in enumerate(zip(paths, links)):
-        with read_patch(p) as patch:
+        with read_patch(p, authenticate=authenticate) as patch:
             h = patch.header
             want_base = current if i == 0 else links[i - 1]["target_blake3"]
             if not digests_equal(h.base.blake3, want_base) or not digests_equal(h.base.blake3, link["base_blake3"]):

@@ -72,6 +72,11 @@ FILE_KINDS = ("safetensors", "blob", "copy")
 #: Most files a directory target may have.
 MAX_FILES = 1 << 16
 MAX_PATH_BYTES = 4096
+#: NAME_MAX of the common file systems: a longer component fails there, so a reader refuses it up front.
+MAX_PATH_COMPONENT_BYTES = 255
+#: Directories a path may go through: model repositories nest a few levels; a deeper tree only costs
+#: directory operations per level (and exceeds PATH_MAX once placed under the output's folder).
+MAX_PATH_DEPTH = 64
 
 
 def align(n: int) -> int:
@@ -342,6 +347,8 @@ __all__ = [
     "FILE_KINDS",
     "MAX_FILES",
     "MAX_PATH_BYTES",
+    "MAX_PATH_COMPONENT_BYTES",
+    "MAX_PATH_DEPTH",
     "align",
     "Section",
     "TensorRef",

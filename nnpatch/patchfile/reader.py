@@ -13,11 +13,12 @@ import blake3
 import zstandard
 
 from .. import codecs, dtypes, quantdelta
-from .._json import json_shape, loads_text
+from .._json import MAX_JSON_STRING, json_shape, loads_text
 from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
-                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES, MAX_RANK,
+                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
+                     MAX_PATH_COMPONENT_BYTES, MAX_PATH_DEPTH, MAX_RANK,
                      MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
                      SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
                      Section, TargetFile, TensorRef, align, delta_or_planes)
@@ -33,7 +34,8 @@ class Patch:
     """An open, fully validated patch file (memory-mapped, read-only)."""
 
     def __init__(self, path: str | os.PathLike[str], *, check_trailer: bool = True,
-                 authenticate: Authenticator | None = None, name: str | None = None) -> None:
+                 authenticate: Authenticator | None = None, name: str | None = None,
+                 same_as: os.stat_result | None = None) -> None:
         self.path = os.fspath(path)
         try:
             self._file = open(self.path, "rb")
@@ -42,7 +44,12 @@ class Patch:
         if name is not None:  # what errors call it (a spooled stream: "<stdin>")
             self.path = name
         try:
-            self.size = os.fstat(self._file.fileno()).st_size
+            st = os.fstat(self._file.fileno())
+            if same_as is not None and (st.st_dev, st.st_ino) != (same_as.st_dev, same_as.st_ino):
+                # ``check_trailer=False`` trusts that this is the file the caller checked: a file swapped in
+                # under its name since (another user of the folder) is refused, never read
+                raise NnpatchIOError(f"{self.path}: the spooled file was replaced before it was read")
+            self.size = st.st_size
             self._map = mmap.mmap(self._file.fileno(), 0, access=mmap.ACCESS_READ) if self.size else None
             self.header = parse_patch(self._map if self._map is not None else b"", path=self.path,
                                       check_trailer=check_trailer, authenticate=authenticate)
@@ -193,14 +200,17 @@ def _load_json(raw: bytes, path: str) -> dict:
         raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + e.start})", path=path) from e
     if not text.startswith("{"):
         raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
-    depth, values = json_shape(raw)
+    try:
+        depth, values = json_shape(raw, max_string=MAX_JSON_STRING)
+    except ValueError as e:
+        raise PatchFormatError(f"header JSON holds {e}", path=path, offset=PREAMBLE_SIZE) from e
     if depth > MAX_JSON_DEPTH:
         raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
     if values > MAX_JSON_VALUES:
         raise PatchFormatError(f"header JSON holds more than {MAX_JSON_VALUES} values", path=path,
                                offset=PREAMBLE_SIZE)
     try:
-        obj = loads_text(text)
+        obj = loads_text(text, max_string=None)  # the strings were checked with the shape
     except (ValueError, RecursionError) as e:
         raise PatchFormatError(f"header is not valid JSON: {e}", path=path, offset=PREAMBLE_SIZE) from e
     if not isinstance(obj, dict):
@@ -339,8 +349,13 @@ def check_relative_path(path: str) -> str | None:
         return f"must be 1 to {MAX_PATH_BYTES} bytes of UTF-8"
     if "\\" in path or "\x00" in path or path.startswith("/"):
         return "must be a relative path with '/' separators, without NUL or backslash"
-    if any(part in ("", ".", "..") for part in path.split("/")):
+    parts = path.split("/")
+    if any(part in ("", ".", "..") for part in parts):
         return "must not have an empty, '.' or '..' component"
+    if len(parts) > MAX_PATH_DEPTH + 1:
+        return f"must not lie more than {MAX_PATH_DEPTH} directories deep"
+    if any(len(part.encode("utf-8", "surrogatepass")) > MAX_PATH_COMPONENT_BYTES for part in parts):
+        return f"must not have a component longer than {MAX_PATH_COMPONENT_BYTES} bytes"
     if any(part.casefold() == ".git" for part in path.split("/")):
         # a model directory may be a git clone: its repository is never part of the model, and a patch that
         # could write it could make `git status` run a command of its choosing

@@ -83,6 +83,7 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
         head = b""
         header_checked = authenticate is not None
         total = 0
+        spooled = os.fstat(fd)
         with os.fdopen(fd, "wb") as f:
             while True:
                 try:
@@ -121,7 +122,7 @@ def read_patch_stream(src: BinaryIO | None = None, *, directory: str | None = No
         if h.digest() != tail[len(tail) - end : len(tail) - end + TRAILER_SIZE]:
             raise PatchFormatError(f"stream cut off or corrupt after {total} bytes: trailer hash mismatch",
                                    path=STDIN_NAME)
-        return Patch(tmp, check_trailer=False, authenticate=authenticate, name=STDIN_NAME)
+        return Patch(tmp, check_trailer=False, authenticate=authenticate, name=STDIN_NAME, same_as=spooled)
     finally:
         with contextlib.suppress(OSError):
             os.unlink(tmp)  # an open Patch keeps its map; nothing is left on disk

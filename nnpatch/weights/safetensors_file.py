@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
-from .._json import loads_strict
+from .._json import MAX_JSON_STRING, check_strings, loads_strict
 from ..atomic import atomic_write
 from ..hashing import name_key
 from .model import Model, ModelFile, ModelTensor, read_only
@@ -70,11 +70,12 @@ def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: 
         raise WeightsError(f"safetensors header of {n} bytes exceeds the {MAX_HEADER_SIZE} limit", path=path)
     if len(raw) < 8 + n:
         raise WeightsError(f"safetensors header truncated: declares {n} bytes, {len(raw) - 8} present", path=path)
-    text = bytes(raw[8 : 8 + n])
-    if not text.startswith(b"{"):
+    view = memoryview(raw)[8 : 8 + n]
+    if bytes(view[:1]) != b"{":
         raise WeightsError("not a safetensors file: header does not start with '{'", path=path)
     try:
-        header = loads_strict(text)
+        check_strings(view, MAX_JSON_STRING)  # before any copy of a header that may be 100 MB
+        header = loads_strict(bytes(view), max_string=None)
     except ValueError as e:
         raise WeightsError(f"invalid safetensors header: {e}", path=path) from e
     if not isinstance(header, dict):

@@ -272,7 +272,7 @@ def test_base_flipped_where_no_op_writes_is_refused(native_impl, tmp_path, where
         nnpatch.apply(broken, patch, tmp_path / "py-broken.safetensors")
 
 
-def test_output_file_digest_in_pieces_end_to_end(native, tmp_path):
+def test_output_file_digest_in_pieces_end_to_end(native_impl, tmp_path):
     """An output of 3 pieces and a rest (np_hash_file's pieces of 16 MiB, on the hashing threads):
     every verify mode proves the file digest and applies exactly (default and touched too, issue 28
     item 5); the same patch claiming another target.blake3 is refused (exit 4) with nothing left."""
@@ -286,7 +286,7 @@ def test_output_file_digest_in_pieces_end_to_end(native, tmp_path):
     nnpatch.diff(base, target, patch)
     for verify in ("default", "touched", "full"):
         out = tmp_path / f"n-{verify}.safetensors"
-        assert_ok(run_native(native, base, patch, "-o", out, "--verify", verify))
+        assert_ok(run_native(native_impl, base, patch, "-o", out, "--verify", verify))
         assert out.read_bytes() == target.read_bytes(), verify
     from tests import craft
     h = craft.decode_patch(patch.read_bytes())
@@ -295,7 +295,7 @@ def test_output_file_digest_in_pieces_end_to_end(native, tmp_path):
     lie.write_bytes(craft.encode_patch(h))
     for verify in ("default", "touched"):
         out = tmp_path / f"lie-{verify}.safetensors"
-        r = run_native(native, base, lie, "-o", out, "--verify", verify)
+        r = run_native(native_impl, base, lie, "-o", out, "--verify", verify)
         assert_refused(r, 4)
         assert not out.exists(), verify
     assert leftovers(tmp_path, "base.safetensors", "target.safetensors", "u.nnpatch", "lie.nnpatch",
