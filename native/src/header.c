@@ -561,28 +561,21 @@ static nnp_status model_ref(rd *r, const npj_value *root, const char *key, np_mo
         snprintf(w, sizeof w, "%s.files", key);
         return fail_field(r, w, "only a directory target ('safetensors-dir') lists files");
     }
-    if (target && (m->format == NP_FMT_ONNX || m->format == NP_FMT_EXTENTS)) {
+    int ext = m->format == NP_FMT_EXTENTS; /* 1.4, spec 5.8: its table; a target's skeleton and one output */
+    if (target && (m->format == NP_FMT_ONNX || ext)) {
         if ((st = get_section(r, o, "skeleton", key, 0, &m->skeleton, &codec)) || (st = onnx_outputs(r, o, key, m)))
             return st;
-        if (m->format == NP_FMT_EXTENTS) {
-            const npj_value *out0 = &npj_get(o, "outputs")->u.arr.items[0], *pv = npj_get(out0, "path");
-            if (m->noutputs != 1 || memchr(pv->u.str.s, '/', pv->u.str.len))
-                return fail_field(r, "target.outputs", "an extents target writes exactly one file");
-            if ((st = get_int(r, out0, "size", "target.outputs[0]", 0, NULL, &m->output_size)) ||
-                (st = get_digest(r, out0, "blake3", "target.outputs[0]", m->output_blake3)))
-                return st;
-        }
+        const npj_value *out0 = &npj_get(o, "outputs")->u.arr.items[0];
+        if (ext && m->noutputs != 1)
+            return fail_field(r, "target.outputs", "an extents target writes exactly one file");
+        if (ext && ((st = get_int(r, out0, "size", "target.outputs[0]", 0, NULL, &m->output_size)) ||
+                    (st = get_digest(r, out0, "blake3", "target.outputs[0]", m->output_blake3))))
+            return st;
     } else if (npj_get(o, "skeleton") || npj_get(o, "outputs")) {
         return fail_field(r, key, "only an ONNX or extents target has 'skeleton' and 'outputs'");
     }
-    if (m->format == NP_FMT_EXTENTS) {
-        if ((st = get_section(r, o, "extents", key, 0, &m->extents, &codec)))
-            return st;
-    } else if (npj_get(o, "extents")) {
-        char w[64];
-        snprintf(w, sizeof w, "%s.extents", key);
-        return fail_field(r, w, "only an extents model has an extent table");
-    }
+    if (ext ? (st = get_section(r, o, "extents", key, 0, &m->extents, &codec)) != NNP_OK : !!npj_get(o, "extents"))
+        return st ? st : fail_field(r, target ? "target.extents" : "base.extents", "is for extents models only");
     return NNP_OK;
 }
 

@@ -318,7 +318,7 @@ def _model_ref(r: _Reader, obj: dict, key: str) -> ModelRef:
         if key == "target" and ref.layout is None:
             r.fail(f"{key}.layout", "an extents target describes its tensors by a layout")
     elif "extents" in o:
-        r.fail(f"{key}.extents", "only an extents model has an extent table")
+        r.fail(f"{key}.extents", "is for extents models only")
     return ref
 
 
