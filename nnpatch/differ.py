@@ -33,6 +33,7 @@ from .patchfile import ModelRef, Op, OutputFile, PatchHeader, PatchWriter, Secti
 from .signing import signer_from_file
 from .quantdelta import QuantDelta
 from .weights import SafetensorsFile, write_safetensors
+from .weights.extents import encode_table, skeleton_of
 from .weights.onnx_file import rebuild_external, rebuild_onnx
 from .weights.source import ModelSource, open_source
 
@@ -170,12 +171,15 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
     writer = PatchWriter(output)
     try:
         base_model, target_model = ModelHasher(), ModelHasher()
+        base_extents = _encode_layout(writer, _extent_table(b), level) if _kind(b) == "gguf" else None
         base_layout = _encode_layout(writer, b.header_bytes, level) if reversible else None
         directory = _is_directory(t)
+        target_extents = _encode_layout(writer, _extent_table(t), level) if _kind(t) == "gguf" else None
         if directory:
             layout, files = None, _encode_files(writer, b, t, level)
         else:
             layout, files = _encode_layout(writer, t.header_bytes, level), None
+        extents = _extents_target(writer, t, target_extents, level) if target_extents else None
         onnx = _onnx_target(writer, t, level) if _kind(t) == "onnx" else None
         ops: list[Op] = []
         changes: list[TensorChange] = []
@@ -215,9 +219,9 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             changes.append(change)
             tensor.finish()
         header = PatchHeader(
-            base=ModelRef(_kind(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
-                          layout=base_layout),
-            target=_target_ref(t, files, target_model.digest().hex(), layout, onnx),
+            base=ModelRef(_format(b), b.size, _file_digest(b), base_model.digest().hex(), len(b.tensors),
+                          layout=base_layout, extents=base_extents),
+            target=_target_ref(t, files, target_model.digest().hex(), layout, onnx or extents),
             ops=ops,
             created_by=f"nnpatch {__version__}",
         )
@@ -240,11 +244,30 @@ def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Se
                         files=files)
     # a target in another format is described by its tensors as a safetensors file in the canonical layout,
     # which apply builds first and then writes back in the target's format
-    kind = _kind(t) if _kind(t) in ("pytorch", "onnx") else "safetensors"
+    kind = _format(t) if _kind(t) in ("pytorch", "onnx", "gguf") else "safetensors"
     ref = ModelRef(kind, _target_size(t), _target_digest(t), model_blake3, len(t.tensors), layout=layout)
     if onnx is not None:
-        ref.skeleton, ref.outputs = onnx
+        ref.skeleton, ref.outputs = onnx[:2]
+        ref.extents = onnx[2] if len(onnx) > 2 else None
     return ref
+
+
+def _format(m) -> str:
+    """The model's format in a patch: a file that nnpatch reads as tensor extents (GGUF) is an
+    ``extents`` model, which an applier rebuilds without knowing the file's own format."""
+    return "extents" if _kind(m) == "gguf" else _kind(m)
+
+
+def _extent_table(m: ModelSource) -> bytes:
+    return encode_table(m.model.size, m.model.extents)
+
+
+def _extents_target(writer: PatchWriter, t: ModelSource, table: Section, level: int):
+    """An extents target's skeleton (every byte outside the tensors, carried whole: a GGUF
+    skeleton is the KV metadata and the tensor table, which zstd takes well) and its one output."""
+    m = t.model
+    skeleton = _encode_layout(writer, skeleton_of(m.data(), m.extents), level)
+    return skeleton, [OutputFile(os.path.basename(t.path), m.size, hash_file(t.path))], table
 
 
 def _onnx_target(writer: PatchWriter, t: ModelSource, level: int) -> tuple[Section, list[OutputFile]]:
@@ -358,8 +381,9 @@ class _Stream:
 def _choose_codec(stream: _Stream, candidates, level: int) -> tuple[list[str], bytes | None]:
     """The smallest candidate codec, with its encoding when that was made in full (small
     sections try every codec on all their values), so that it is written as is, not made twice."""
-    if stream.width == 1:
-        candidates = tuple(c for c in candidates if "planes" not in c)
+    if stream.width == 1:  # planes is the identity on 1-byte words: the same codecs without it
+        candidates = tuple(dict.fromkeys(tuple(s for s in c if s != "planes") for c in candidates))
+        candidates = tuple(list(c) for c in candidates)
     if stream.old is None or stream.dtype not in codecs.EXPONENT_FIELDS:
         candidates = tuple(c for c in candidates if "esort" not in c)
     if stream.size <= _TRY_ALL_BYTES:

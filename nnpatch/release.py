@@ -124,7 +124,7 @@ def _patch_info(path: str) -> dict:
             "patch_blake3": hash_file(path),
             "patch_trailer_blake3": p.trailer_hash,
             "base_blake3": h.base.blake3,
-            "target_blake3": h.target.blake3,
+            "target_blake3": h.target.file_blake3,
             "target_model_blake3": h.target.model_blake3,
         }
 

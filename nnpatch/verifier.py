@@ -15,7 +15,7 @@ import blake3
 from . import codecs
 from .applier.decode import check_qrows
 from .applier.plan import check_base, check_ops_against_layout, plan_forward, target_layout
-from .applier.targets import check_onnx_patch, refuse_external_over_base
+from .applier.targets import check_extents, check_onnx_patch, refuse_external_over_base
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError, WeightsError
 from .hashing import digests_equal, hash_file, model_digest
 from .patchfile import Patch, read_patch
@@ -49,6 +49,8 @@ def check_sections(p: Patch) -> None:
     check_ops_against_layout(p, layout.tensors)
     if p.header.target.format == "onnx":  # spec 5.7: what apply checks before writing, from the patch alone
         check_onnx_patch(p)
+    if "extents" in (p.header.base.format, p.header.target.format):
+        check_extents(p, layout.tensors)  # the extent tables, as apply checks them
     for f in layout.files:  # files carried whole must have the digest the header gives them
         if f.kind == "blob":
             h = blake3.blake3()
@@ -100,7 +102,7 @@ def verify(patch: str | os.PathLike[str] | Patch, *, base: str | os.PathLike[str
         h = p.header
         if base is not None:
             report.checks.append(_check_model(os.fspath(base), "base", h.base.blake3, h.base.model_blake3, p))
-        if target is not None and h.target.format == "onnx":
+        if target is not None and h.target.format in ("onnx", "extents"):  # checked by the files written
             report.checks.append(_check_onnx(os.fspath(target), h.target.outputs))
         elif target is not None:
             report.checks.append(_check_model(os.fspath(target), "target", h.target.blake3, h.target.model_blake3,

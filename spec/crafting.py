@@ -58,6 +58,7 @@ def shift_offsets(obj, delta: int):
         if isinstance(obj.get(role), dict):
             move(obj[role].get("layout"))
             move(obj[role].get("skeleton"))
+            move(obj[role].get("extents"))
             files = obj[role].get("files")
             for f in files if isinstance(files, list) else []:
                 if isinstance(f, dict):

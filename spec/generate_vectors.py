@@ -41,7 +41,9 @@ COMMENT = (
     "nnpatch test vectors. Each valid vector has base.safetensors, target.safetensors and patch.nnpatch "
     "(made with nnpatch diff at zstd level 9, the options listed); the 'directory' vector has base/ and target/ "
     "model directories instead, and its digests are directory digests (FORMAT.md section 8); the 'onnx' vector has "
-    "base.onnx and target.onnx and 'requires' the onnx package. Tensor bytes come from "
+    "base.onnx and target.onnx and 'requires' the onnx package; the 'gguf' vector (format 1.4, an extents "
+    "target) has base.gguf and target.gguf, written by gguf-py, and 'requires' the gguf package. Tensor bytes "
+    "come from "
     "numpy.random.default_rng(seed).integers(0, 256, n, dtype=uint8) for integer and fp8 dtypes and "
     "from default_rng(seed).standard_normal(n) * 0.05 cast to the dtype for floats (bf16: the high 16 bits "
     "of the float32). Invalid vectors are the 'rows-f32' patch with one rule broken (and the trailer "
@@ -450,6 +452,52 @@ def onnx_vector(d: str) -> tuple[str, dict, str, str]:
     return desc, {}, base, target
 
 
+def gguf_vector(d: str) -> tuple[str, dict, str, str]:
+    """A GGUF model (format 1.4, an ``extents`` target) with F32, F16, Q8_0 and Q4_0 tensors at
+    alignment 64: 2 rows of the Q8_0 tensor and 1 of the F16 one change, and a KV string. Written by
+    gguf-py's GGUFWriter (the `gguf` extra); the patch rebuilds the target byte for byte."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    rng = np.random.default_rng(7)
+    q8 = rng.standard_normal((6, 64)).astype("<f4")
+    q4 = rng.standard_normal((4, 64)).astype("<f4")
+    f16 = rng.standard_normal((5, 8)).astype("<f2")
+    norm = rng.standard_normal(8).astype("<f4")
+
+    def write(path, q8, f16, note):
+        w = gguf.GGUFWriter(path, "llama")
+        w.add_custom_alignment(64)
+        w.add_name("nnpatch-vector")
+        w.add_string("general.description", note)
+        w.add_array("t.ints", [1, 2, 3])
+        w.add_tensor("blk.0.ffn.weight", quants.quantize(q8, Q.Q8_0), raw_shape=quants.quant_shape_to_byte_shape(
+            q8.shape, Q.Q8_0), raw_dtype=Q.Q8_0)
+        w.add_tensor("blk.0.attn.weight", quants.quantize(q4, Q.Q4_0), raw_shape=quants.quant_shape_to_byte_shape(
+            q4.shape, Q.Q4_0), raw_dtype=Q.Q4_0)
+        w.add_tensor("blk.0.k.weight", f16)
+        w.add_tensor("blk.0.norm.weight", norm)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+    q8t, f16t = q8.copy(), f16.copy()
+    q8t[[1, 4]] += np.float32(0.5)
+    f16t[2] += np.float16(0.25)
+    os.makedirs(d, exist_ok=True)
+    base, target = os.path.join(d, "base.gguf"), os.path.join(d, "target.gguf")
+    write(base, q8, f16, "v1")
+    write(target, q8t, f16t, "v2")
+    nnpatch.diff(base, target, os.path.join(d, "patch.nnpatch"), level=LEVEL)
+    desc = ("a GGUF model (format 1.4, an extents target; alignment 64, tensors F32, F16, Q8_0 and Q4_0): rows 1 "
+            "and 4 of the Q8_0 tensor (a row: 2 blocks of 34 bytes), row 2 of the F16 one and the KV "
+            "general.description change; apply writes the target .gguf back byte for byte (nnpatch reads the "
+            "base with the gguf extra; the native applier needs only the patch's extent tables)")
+    return desc, {}, base, target
+
+
 def _digest(path: str) -> str:
     if os.path.isdir(path):
         from nnpatch.weights.source import open_source
@@ -543,6 +591,15 @@ def build(directory: str) -> dict:
         "patch": os.path.relpath(pp, directory),
         "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
     })
+    d = os.path.join(directory, "valid", "gguf")
+    desc, options, bp, tp = gguf_vector(d)
+    pp = os.path.join(d, "patch.nnpatch")
+    manifest["valid"].append({
+        "name": "gguf", "description": desc, "options": options, "requires": "gguf", "since": "1.4",
+        "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
+        "patch": os.path.relpath(pp, directory),
+        "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
+    })
     good_path = os.path.join(directory, "valid", "rows-f32", "patch.nnpatch")
     with open(good_path, "rb") as f:
         written = f.read()
@@ -589,6 +646,30 @@ def build(directory: str) -> dict:
             manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
                                         "base": os.path.relpath(qbase, directory), "apply_options": {},
                                         "since": "1.3", "error": type(e).__name__,
+                                        "message": str(e).replace(path, "{patch}")})
+    gguf_base = os.path.join(directory, "valid", "gguf", "base.gguf")
+    with open(os.path.join(directory, "valid", "gguf", "patch.nnpatch"), "rb") as f:
+        written = f.read()
+    ggood = with_header(written, header_json(written))
+
+    def grow(h):
+        h["target"]["outputs"][0]["size"] += 64
+    for name, (desc, data) in {
+        "extents-size-lie": ("the gguf patch with target.outputs[0].size 64 bytes larger than its extent table's "
+                             "file size", _edit_header(ggood, grow)),
+        "extents-no-table": ("the gguf patch without target.extents",
+                             _edit_header(ggood, lambda h: h["target"].pop("extents"))),
+    }.items():
+        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            nnpatch.apply(gguf_base, path, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out.gguf"))
+            raise SystemExit(f"invalid vector {name} was accepted")
+        except nnpatch.NnpatchError as e:
+            manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
+                                        "base": os.path.relpath(gguf_base, directory), "apply_options": {},
+                                        "since": "1.4", "requires": "gguf", "error": type(e).__name__,
                                         "message": str(e).replace(path, "{patch}")})
     dir_base = os.path.join(directory, "valid", "directory", "base")
     with open(os.path.join(directory, "valid", "directory", "patch.nnpatch"), "rb") as f:

@@ -82,7 +82,8 @@ def section_slots(h: dict) -> list[dict]:
     """The header's Section objects in the order of spec section 6."""
     out = []
     base, target = h.get("base") or {}, h.get("target") or {}
-    for s in (base.get("layout"), target.get("layout"), target.get("skeleton")):
+    for s in (base.get("extents"), base.get("layout"), target.get("extents"), target.get("layout"),
+              target.get("skeleton")):
         if isinstance(s, dict):
             out.append(s)
     for f in target.get("files") or []:

@@ -391,7 +391,9 @@ def test_update_cannot_write_beside_the_model(world):
     patch = craft.encode_patch(h)
     world.write("dist/up.nnpatch", patch)
     model = world.read("model.onnx")
-    target = {"name": "new", "blake3": h["target"]["blake3"], "size": h["target"]["size"],
+    # a manifest names the file the patch writes: an ONNX target's model file (outputs[0])
+    written = h["target"]["outputs"][0]
+    target = {"name": "new", "blake3": written["blake3"], "size": written["size"],
               "model_blake3": h["target"]["model_blake3"]}
     world.write("dist/manifest.json", craft.encode_manifest(
         target, [craft.manifest_entry(craft.digest(model), len(model), "up.nnpatch", patch)]))

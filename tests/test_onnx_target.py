@@ -323,3 +323,23 @@ def test_onnx_writer_refuses_padding_an_applier_would_refuse(tmp_path):
     (tmp_path / "w.bin").write_bytes(b"\0" * (GAP_ALLOWANCE + 64) + b"\1" * 8)
     with pytest.raises(WeightsError, match="not initializers nnpatch"):
         load_onnx(tmp_path / "m.onnx")
+
+
+def test_release_and_update_an_onnx_model(tmp_path):
+    """The manifest names the ONNX file the patch writes (outputs[0]), not the safetensors rendering
+    of its tensors, so update brings a device's model to the release byte for byte."""
+    from click.testing import CliRunner
+
+    from nnpatch.cli import cli
+
+    base = save(_onnx_mlp(onnx), tmp_path / "a", external=False)
+    target = save(updated(), tmp_path / "b", external=False)
+    device = tmp_path / "dev"
+    device.mkdir()
+    model = device / "m.onnx"
+    model.write_bytes(read(base))
+    r = CliRunner().invoke(cli, ["release", base, "--to", target, "-o", str(tmp_path / "rel")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["update", str(model), "--manifest", str(tmp_path / "rel" / "manifest.json")])
+    assert r.exit_code == 0, r.output
+    assert read(model) == read(target)

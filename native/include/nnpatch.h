@@ -71,7 +71,7 @@ extern "C" {
     NNP_VERSION_QUOTE(NNP_VERSION_MAJOR) "." NNP_VERSION_QUOTE(NNP_VERSION_MINOR) "." NNP_VERSION_QUOTE(NNP_VERSION_RELEASE)
 /* The newest format version this library reads (it reads every 1.x file). */
 #define NNP_FORMAT_MAJOR 1
-#define NNP_FORMAT_MINOR 3
+#define NNP_FORMAT_MINOR 4
 
 /* Status codes: the exit codes of the command-line tools (README, "Exit codes"). */
 typedef enum nnp_status {

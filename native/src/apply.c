@@ -15,6 +15,7 @@
 #include "blake3.h"
 #include "command.h"
 #include "engine.h"
+#include "extents.h"
 #include "fileio.h"
 #include "journal.h"
 #include "plan.h"
@@ -90,6 +91,8 @@ static void explain_wrong_base(nnp_ctx *ctx, const char *path, int fd, uint64_t 
 static nnp_status apply_opened(nnp_ctx *ctx, const char *old_path, np_patch *ps, size_t n, const char *out_path)
 {
     nnp_status st = NNP_OK;
+    if (np_extents_any(ps, n)) /* GGUF and the like: a base read by its extent table (extents.c) */
+        return np_extents_apply(ctx, old_path, ps, n, out_path);
     for (size_t k = 0; k < n && !st; k++)
         st = np_plan_refuse_target(ctx, &ps[k], "nnpatch apply");
     int fd = -1;

@@ -12,6 +12,7 @@
 #include <sys/stat.h>
 #include <unistd.h>
 
+#include "extents.h"
 #include "blake3.h"
 #include "command.h"
 #include "codec.h"
@@ -37,6 +38,8 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
         np_st_free(&lay);
         free(raw);
         if (st)
+            return st;
+        if (np_extents_any(p, 1) && (st = np_extents_check(ctx, p)))
             return st;
         if (p->target.skeleton.present && (st = np_section_drain(ctx, p, &p->target.skeleton, "target.skeleton")))
             return st;
@@ -232,7 +235,9 @@ static nnp_status check_against_base(nnp_ctx *ctx, np_patch p, const char *base_
     np_patch first; /* what check_digests needs of the patch, which the chain owns */
     memset(&first, 0, sizeof first);
     memcpy(first.base.model_blake3, p.base.model_blake3, 32);
-    if ((st = np_sniff_safetensors(ctx, base_path)) || (st = np_st_read_fd(ctx, fd, base_path, &base))) {
+    if (p.base.format == NP_FMT_EXTENTS ? (st = np_extents_base_st(ctx, &p, size, base_path, &base)) != NNP_OK
+                                         : (st = np_sniff_safetensors(ctx, base_path)) ||
+                                               (st = np_st_read_fd(ctx, fd, base_path, &base))) {
         st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
         np_patch_close(&p);
     } else if ((st = np_chain_open_patches(ctx, &p, 1, &base, size, base_path, &c))) {

@@ -276,8 +276,13 @@ nnp_status np_sniff_safetensors(nnp_ctx *ctx, const char *path)
     if (n >= 2 && h[0] == 0x08 && h[1] >= 1 && h[1] <= 64)
         return np_fail(ctx, NNP_KIND_WEIGHTS,
                        "%s: an ONNX model: nnpatch-apply reads safetensors files only (use `nnpatch apply`)", path);
+    if (n >= 4 && !memcmp(h, "GGUF", 4)) /* applied through an extents patch only (extents.c) */
+        return np_fail(ctx, NNP_KIND_WEIGHTS,
+                       "%s: a GGUF file: nnpatch-apply reads one only as the base of a GGUF patch (this patch's base "
+                       "is a safetensors file)",
+                       path);
     return np_fail(ctx, NNP_KIND_WEIGHTS,
-                   "%s: not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, or a Hugging Face model "
-                   "directory)",
+                   "%s: not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, GGUF, or a Hugging Face "
+                   "model directory)",
                    path);
 }

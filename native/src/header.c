@@ -534,6 +534,8 @@ static nnp_status model_ref(rd *r, const npj_value *root, const char *key, np_mo
         m->format = NP_FMT_PYTORCH;
     else if (fl == 4 && !memcmp(f, "onnx", 4))
         m->format = NP_FMT_ONNX;
+    else if (fl == 7 && !memcmp(f, "extents", 7))
+        m->format = NP_FMT_EXTENTS;
     else {
         char q[128];
         np_quote(q, sizeof q, f, fl);
@@ -559,12 +561,21 @@ static nnp_status model_ref(rd *r, const npj_value *root, const char *key, np_mo
         snprintf(w, sizeof w, "%s.files", key);
         return fail_field(r, w, "only a directory target ('safetensors-dir') lists files");
     }
-    if (target && m->format == NP_FMT_ONNX) {
+    int ext = m->format == NP_FMT_EXTENTS; /* 1.4, spec 5.8: its table; a target's skeleton and one output */
+    if (target && (m->format == NP_FMT_ONNX || ext)) {
         if ((st = get_section(r, o, "skeleton", key, 0, &m->skeleton, &codec)) || (st = onnx_outputs(r, o, key, m)))
             return st;
+        const npj_value *out0 = &npj_get(o, "outputs")->u.arr.items[0];
+        if (ext && m->noutputs != 1)
+            return fail_field(r, "target.outputs", "an extents target writes exactly one file");
+        if (ext && ((st = get_int(r, out0, "size", "target.outputs[0]", 0, NULL, &m->output_size)) ||
+                    (st = get_digest(r, out0, "blake3", "target.outputs[0]", m->output_blake3))))
+            return st;
     } else if (npj_get(o, "skeleton") || npj_get(o, "outputs")) {
-        return fail_field(r, key, "only an ONNX target has 'skeleton' and 'outputs'");
+        return fail_field(r, key, "only an ONNX or extents target has 'skeleton' and 'outputs'");
     }
+    if (ext ? (st = get_section(r, o, "extents", key, 0, &m->extents, &codec)) != NNP_OK : !!npj_get(o, "extents"))
+        return st ? st : fail_field(r, target ? "target.extents" : "base.extents", "is for extents models only");
     return NNP_OK;
 }
 
@@ -758,7 +769,9 @@ static nnp_status header_from_json(rd *r, const npj_value *root)
         np_quote(q, sizeof q, fv->u.str.s, fv->u.str.len);
         return PF("%s: header: base.layout: only a safetensors base has a layout (this one is %s)", p->name, q);
     }
-    if ((st = layout_codec(r, root, "base", "layout", &p->base.layout)) ||
+    if ((st = layout_codec(r, root, "base", "extents", &p->base.extents)) ||
+        (st = layout_codec(r, root, "target", "extents", &p->target.extents)) ||
+        (st = layout_codec(r, root, "base", "layout", &p->base.layout)) ||
         (st = layout_codec(r, root, "target", "layout", &p->target.layout)) ||
         (st = layout_codec(r, root, "target", "skeleton", &p->target.skeleton)))
         return st;

@@ -12,6 +12,7 @@
  *     --verify touched, the target model digest; on a mismatch roll back;
  *  7. delete the journal, fsync the directory (commit point of the update).
  */
+#include "extents.h"
 #include "inplace.h"
 
 #include <errno.h>
@@ -466,6 +467,17 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
     np_chain *chain = NULL;
     if ((s = np_recover_locked(ctx, model, fd, NULL)))
         goto out;
+    for (size_t i = 0; i < n; i++) { /* an extents file (GGUF): a new file renamed over it (extents.c) */
+        np_patch p;
+        if ((s = np_patch_open(ctx, paths[i], NULL, &p)))
+            goto out;
+        int ext = np_extents_any(&p, 1);
+        np_patch_close(&p);
+        if (ext) {
+            s = fallback_new_file(ctx, model, paths, n);
+            goto out;
+        }
+    }
     if ((s = np_st_read_fd(ctx, fd, model, &st)))
         goto out;
     struct stat fs;

@@ -66,7 +66,8 @@ static nnp_status check_placement(nnp_ctx *ctx, np_patch *p)
 {
     uint64_t cursor = NP_PREAMBLE + p->header_len;
     nnp_status st;
-    if ((st = check_one(ctx, p, &p->base.layout, &cursor)) || (st = check_one(ctx, p, &p->target.layout, &cursor)) ||
+    if ((st = check_one(ctx, p, &p->base.extents, &cursor)) || (st = check_one(ctx, p, &p->base.layout, &cursor)) ||
+        (st = check_one(ctx, p, &p->target.extents, &cursor)) || (st = check_one(ctx, p, &p->target.layout, &cursor)) ||
         (st = check_one(ctx, p, &p->target.skeleton, &cursor)))
         return st;
     for (size_t i = 0; i < p->target.nfiles; i++)

@@ -80,7 +80,7 @@ typedef struct np_op {
     np_section scales;    /* qrows: binary32 scales, one per changed row or one */
 } np_op;
 
-enum { NP_FMT_SAFETENSORS = 1, NP_FMT_DIR, NP_FMT_PYTORCH, NP_FMT_ONNX };
+enum { NP_FMT_SAFETENSORS = 1, NP_FMT_DIR, NP_FMT_PYTORCH, NP_FMT_ONNX, NP_FMT_EXTENTS };
 enum { NP_FILE_SAFETENSORS = 1, NP_FILE_BLOB, NP_FILE_COPY };
 
 typedef struct np_tfile {
@@ -100,10 +100,13 @@ typedef struct np_model {
     uint8_t blake3[32], model_blake3[32];
     uint64_t tensors;
     np_section layout;   /* file target; reversible base */
-    np_section skeleton; /* ONNX target */
+    np_section skeleton; /* ONNX or extents target */
+    np_section extents;  /* extents model (1.4): the extent table (spec 5.8; extents.c) */
     size_t nfiles;       /* directory target */
     np_tfile *files;
-    size_t noutputs;     /* ONNX target */
+    size_t noutputs;     /* ONNX target; extents target: 1 */
+    uint64_t output_size;       /* extents target: outputs[0] */
+    uint8_t output_blake3[32];
 } np_model;
 
 typedef struct np_arena_blk np_arena_blk;

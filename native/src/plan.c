@@ -29,6 +29,7 @@ static const char *format_name(int f)
     case NP_FMT_DIR: return "safetensors-dir";
     case NP_FMT_PYTORCH: return "pytorch";
     case NP_FMT_ONNX: return "onnx";
+    case NP_FMT_EXTENTS: return "extents";
     }
     return "?";
 }
@@ -398,7 +399,8 @@ static nnp_status plan(nnp_ctx *ctx, np_chain *c)
 
 nnp_status np_plan_refuse_target(nnp_ctx *ctx, const np_patch *p, const char *instead)
 {
-    if (p->target.format == NP_FMT_SAFETENSORS)
+    /* an extents target's tensors are the safetensors file of its layout, which extents.c stages */
+    if (p->target.format == NP_FMT_SAFETENSORS || p->target.format == NP_FMT_EXTENTS)
         return NNP_OK;
     return np_fail(ctx, NNP_KIND_UNSUPPORTED_VERSION,
                    "%s: target format '%s' (%s) is not supported by the native applier, which writes safetensors "

@@ -7,7 +7,9 @@
 * ``pytorch``: the tensors staged as safetensors, written back with
   ``torch.save`` and proven by the model digest;
 * ``onnx``: the tensors put back into the patch's skeleton, every file proven
-  by its digest before it is written.
+  by its digest before it is written;
+* ``extents`` (GGUF): the tensors put back at their extents between the
+  skeleton's bytes, the file proven by its digest before it is renamed in.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from ..weights import SafetensorsFile
 from ..patchfile.reader import check_relative_path
 from ..weights.onnx_file import (GAP_ALLOWANCE, MAX_ONNX_SIZE, Skeleton, check_skeleton_fits,
                                   read_skeleton, rebuild_external, rebuild_onnx)
+from ..weights.extents import check_fits, decode_table, join, skeleton_size
 from ..weights.sniff import open_model
 from ..weights.torch_file import save_torch_state
 from .directory import build_directory
@@ -49,6 +52,8 @@ def build(plan: Plan, src, output: str, verify: Verify, progress: ProgressFn, pa
         return _build_torch(plan, src, output, verify, progress, patch.header.target.model_blake3)
     if kind == "onnx":
         return _build_onnx(plan, src, output, verify, progress, patch, replace=replace)
+    if kind == "extents":
+        return _build_extents(plan, src, output, verify, progress, patch, replace=replace)
     mode = _mode_of(output) if replace else None
     return build_file(plan, src, output, verify, progress, mode=mode)
 
@@ -346,3 +351,84 @@ def _build_onnx(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn
     # every file written was hashed above and matched its digest: the model file's is proven
     return ApplyResult(output, t.outputs[0].size, t.outputs[0].blake3, r.ops, verify.mode, r.hashed, r.links,
                        r.model_blake3)
+
+
+def _section_bytes(patch: Patch, s, where: str) -> bytes:
+    if s.codec not in ([], ["zstd"]):
+        raise PatchFormatError(f"{where}: the codec must be raw or zstd, not {s.codec}", path=patch.path)
+    return b"".join(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where=where))
+
+
+def extents_of(patch: Patch, role: str = "target"):
+    """(file size, extents) of an extents model of ``patch``, the table checked (spec 5.8)."""
+    ref = getattr(patch.header, role)
+    try:
+        return decode_table(_section_bytes(patch, ref.extents, f"{role}.extents"))
+    except ValueError as e:
+        raise PatchFormatError(f"{role}.extents: {e}", path=patch.path) from e
+
+
+def check_extents(patch: Patch, tensors: dict) -> None:
+    """What apply checks of an extents patch before it reads the base (``verify`` too): the tables
+    (spec 5.8) and the target's against its layout's ``tensors``, output and skeleton sizes."""
+    if patch.header.base.extents is not None:
+        extents_of(patch, "base")  # its rules hold even where this applier reads the base file itself
+    if patch.header.target.format == "extents":
+        _target_extents(patch, tensors)
+
+
+def _target_extents(patch: Patch, tensors: dict):
+    t = patch.header.target
+    size, extents = extents_of(patch)
+    out = t.outputs[0]
+    if size != out.size:
+        raise PatchFormatError(f"target.extents: the table describes a {size}-byte file, the output is {out.size}",
+                               path=patch.path)
+    if t.skeleton.size != skeleton_size(size, extents):
+        raise PatchFormatError(f"target.skeleton: {t.skeleton.size} bytes, but the file leaves "
+                               f"{skeleton_size(size, extents)} outside its extents", path=patch.path)
+    try:
+        check_fits(extents, tensors, size, t.skeleton.size)
+    except WeightsError as e:
+        raise PatchFormatError(f"target.extents: {e}", path=patch.path) from e
+    return size, extents
+
+
+def _extents_plan(patch: Patch, tensors: dict):
+    """The target's extents and skeleton, checked against each other, the header's output and the
+    layout's tensors before anything is decoded or written."""
+    if patch.header.base.extents is not None:
+        extents_of(patch, "base")
+    _, extents = _target_extents(patch, tensors)
+    return extents, _section_bytes(patch, patch.header.target.skeleton, "target.skeleton")
+
+
+def _build_extents(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,
+                   replace: bool = False) -> ApplyResult:
+    """An extents target (GGUF): build the tensors as safetensors (proven as any apply is), then write
+    the file as the skeleton's bytes with each tensor at its extent, hashed as it is written, and
+    rename it in only when its digest is the patch's."""
+    import blake3
+
+    out = patch.header.target.outputs[0]
+    mode = _mode_of(output) if replace else None
+    extents, skeleton = _extents_plan(patch, {i.info.name: i.info for i in plan.items})
+    try:
+        with _staged(plan, b, output, verify, progress) as (r, st):
+            h = blake3.blake3(max_threads=blake3.blake3.AUTO)
+            with atomic_path(output, mode=0o644 if mode is None else mode) as tmp, open(tmp, "r+b") as f:
+                def write(data) -> None:
+                    h.update(data)
+                    f.write(data)
+
+                join(write, memoryview(skeleton), extents, st.raw)
+                got = h.hexdigest()
+                if not digests_equal(got, out.blake3):
+                    raise IntegrityError(f"{output}: the file rebuilt does not match the patch's target (BLAKE3 "
+                                         f"{got}, expected {out.blake3})", what="target", expected=out.blake3,
+                                         actual=got)
+    except OSError as e:
+        if isinstance(e, NnpatchError):
+            raise
+        raise write_error(output, e, what="the target file", needed=out.size) from e
+    return ApplyResult(output, out.size, out.blake3, r.ops, verify.mode, r.hashed, r.links, r.model_blake3)

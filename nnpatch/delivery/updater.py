@@ -410,8 +410,8 @@ def _check_links(paths: list[str], links: list[dict], current: str, key: Trusted
             want_base = current if i == 0 else links[i - 1]["target_blake3"]
             if not digests_equal(h.base.blake3, want_base) or not digests_equal(h.base.blake3, link["base_blake3"]):
                 raise IntegrityError(f"{p}: made for base {h.base.blake3}, expected {want_base}", what="patch base")
-            if not digests_equal(h.target.blake3, link["target_blake3"]):
-                raise IntegrityError(f"{p}: makes {h.target.blake3}, the manifest says {link['target_blake3']}",
+            if not digests_equal(h.target.file_blake3, link["target_blake3"]):
+                raise IntegrityError(f"{p}: makes {h.target.file_blake3}, the manifest says {link['target_blake3']}",
                                      what="patch target")
             if not digests_equal(patch.trailer_hash, link["patch_trailer_blake3"]):
                 raise IntegrityError(f"{p}: trailer BLAKE3 {patch.trailer_hash} does not match the manifest",

@@ -20,14 +20,16 @@ MAGIC = b"\x89NNP\r\n\x1a\n"
 #: The newest version this module reads and writes. A writer stamps the
 #: lowest version whose features the patch uses (1.0; 1.1 for a model
 #: directory or ONNX target; 1.2 where a section uses ``esort``; 1.3 where an
-#: op is ``qrows``), so older readers take every patch they can apply.
-FORMAT_VERSION = (1, 3)
+#: op is ``qrows``; 1.4 where a model is ``extents``), so older readers take every patch they can apply.
+FORMAT_VERSION = (1, 4)
 #: The version that added directory and ONNX targets.
 DIRECTORY_TARGET_VERSION = (1, 1)
 #: The version that added the ``esort`` value stage.
 ESORT_VERSION = (1, 2)
 #: The version that added the ``qrows`` op (exact quantized deltas).
 QROWS_VERSION = (1, 3)
+#: The version that added the ``extents`` model format (GGUF and other device files).
+EXTENTS_VERSION = (1, 4)
 PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
@@ -62,9 +64,9 @@ MAX_ZSTD_EXPANSION = 32768
 KNOWN_FEATURES: frozenset[str] = frozenset()
 OPS = ("rows", "elements", "whole", "add", "remove", "qrows")
 #: Formats a base may have.
-MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
+MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "extents")
 #: Formats a target may have (spec section 5.2; "safetensors-dir" since 1.1).
-TARGET_FORMATS = ("safetensors", "pytorch", "safetensors-dir", "onnx")
+TARGET_FORMATS = ("safetensors", "pytorch", "safetensors-dir", "onnx", "extents")
 #: Kinds of file in a directory target (spec section 5.6).
 FILE_KINDS = ("safetensors", "blob", "copy")
 #: Most files a directory target may have.
@@ -213,13 +215,21 @@ class ModelRef:
     #: an ONNX target: the model without its initializers' payloads, and the files it writes
     skeleton: Section | None = None
     outputs: list[OutputFile] | None = None
+    #: an "extents" model (1.4, spec 5.8): where each tensor lies in the file; a target's skeleton is the rest
+    extents: Section | None = None
 
     @property
     def is_directory(self) -> bool:
         return self.files is not None
 
+    @property
+    def file_blake3(self) -> str:
+        """The digest of the file a target writes: the model file an ONNX or extents target writes
+        (``outputs[0]``), else ``blake3`` (for those two, that of the safetensors rendering)."""
+        return self.outputs[0].blake3 if self.outputs else self.blake3
+
     def sections(self) -> list[Section]:
-        out = [s for s in (self.layout, self.skeleton) if s is not None]
+        out = [s for s in (self.extents, self.layout, self.skeleton) if s is not None]
         for f in self.files or ():
             out.extend(f.sections())
         return out
@@ -235,6 +245,8 @@ class ModelRef:
             out["skeleton"] = self.skeleton.to_json(base)
         if self.outputs is not None:
             out["outputs"] = [f.to_json() for f in self.outputs]
+        if self.extents is not None:
+            out["extents"] = self.extents.to_json(base)
         return out
 
 
@@ -263,6 +275,8 @@ class PatchHeader:
     @property
     def min_version(self) -> tuple[int, int]:
         """The lowest format version that has every feature this header uses."""
+        if "extents" in (self.base.format, self.target.format):
+            return EXTENTS_VERSION
         if any(op.kind == "qrows" for op in self.ops):
             return QROWS_VERSION
         if any(op.values is not None and "esort" in op.values.codec for op in self.ops):
@@ -308,6 +322,7 @@ __all__ = [
     "DIRECTORY_TARGET_VERSION",
     "ESORT_VERSION",
     "QROWS_VERSION",
+    "EXTENTS_VERSION",
     "PREAMBLE",
     "PREAMBLE_SIZE",
     "ALIGNMENT",

@@ -306,11 +306,19 @@ def _model_ref(r: _Reader, obj: dict, key: str) -> ModelRef:
             r.fail(f"{key}.size", f"{ref.size} is not the sum of its files' sizes ({total})")
     elif "files" in o:
         r.fail(f"{key}.files", "only a directory target ('safetensors-dir') lists files")
-    if key == "target" and fmt == "onnx":
+    if key == "target" and fmt in ("onnx", "extents"):
         ref.skeleton = r.section(o, "skeleton", key)
         ref.outputs = _onnx_outputs(r, o, key)
+        if fmt == "extents" and (len(ref.outputs) != 1 or "/" in ref.outputs[0].path):
+            r.fail(f"{key}.outputs", "an extents target writes exactly one file")
     elif "skeleton" in o or "outputs" in o:
-        r.fail(key, "only an ONNX target has 'skeleton' and 'outputs'")
+        r.fail(key, "only an ONNX or extents target has 'skeleton' and 'outputs'")
+    if fmt == "extents":
+        ref.extents = r.section(o, "extents", key)
+        if key == "target" and ref.layout is None:
+            r.fail(f"{key}.layout", "an extents target describes its tensors by a layout")
+    elif "extents" in o:
+        r.fail(f"{key}.extents", "is for extents models only")
     return ref
 
 
@@ -422,7 +430,8 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
     target = _model_ref(r, obj, "target")
     if base.layout is not None and base.format != "safetensors":
         r.fail("base.layout", f"only a safetensors base has a layout (this one is {base.format!r})")
-    for role, ref, name in (("base", base, "layout"), ("target", target, "layout"), ("target", target, "skeleton")):
+    for role, ref, name in (("base", base, "extents"), ("base", base, "layout"), ("target", target, "extents"),
+                            ("target", target, "layout"), ("target", target, "skeleton")):
         s = getattr(ref, name)
         if s is None:
             continue

@@ -24,7 +24,7 @@ from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
 from ..hashing import model_digest, name_key
 
-KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx")
+KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "gguf")
 #: Directories never listed as part of a model directory.
 SKIPPED_DIRS = frozenset({".git", ".cache"})
 

@@ -13,6 +13,7 @@ kind               recognised by
                    or the pickle magic of torch's legacy format
 ``onnx``           a file: a protobuf ``ModelProto`` (field 1, ir_version,
                    first), parsed with the ``onnx`` package
+``gguf``           a file starting with the magic ``GGUF`` (llama.cpp)
 =================  ===========================================================
 """
 
@@ -25,6 +26,7 @@ import zipfile
 from ..errors import NnpatchIOError, WeightsError
 from .model import Model
 from .safetensors_file import MAX_HEADER_SIZE, SafetensorsModel
+from .gguf_file import MAGIC as GGUF_MAGIC, GgufModel
 from .onnx_file import OnnxModel
 from .sharded import INDEX_NAME, SINGLE_NAME, SafetensorsDirModel
 from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC, TorchModel
@@ -49,6 +51,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
         if _is_torch_zip(path):
             return "pytorch"
         raise WeightsError("a zip archive, but not a PyTorch checkpoint (no data.pkl)", path=path)
+    if head.startswith(GGUF_MAGIC):
+        return "gguf"
     if head.startswith(TORCH_LEGACY_MAGIC):
         return "pytorch"
     if len(head) >= 9:
@@ -57,7 +61,7 @@ def sniff(path: str | os.PathLike[str]) -> str:
             return "safetensors"
     if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 64:
         return "onnx"  # ModelProto field 1 (ir_version), as every ONNX writer puts first
-    raise WeightsError("not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, "
+    raise WeightsError("not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, GGUF, "
                        "or a Hugging Face model directory)", path=path)
 
 
@@ -79,4 +83,6 @@ def open_model(path: str | os.PathLike[str]) -> Model:
         return SafetensorsDirModel(path, index=os.path.isfile(os.path.join(path, INDEX_NAME)))
     if kind == "pytorch":
         return TorchModel(path)
+    if kind == "gguf":
+        return GgufModel(path)
     return OnnxModel(path)

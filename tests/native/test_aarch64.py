@@ -33,7 +33,7 @@ def test_is_aarch64(aarch64):
 def test_version(aarch64):
     r = aarch64.run("--version")
     assert r.returncode == 0, r.stderr
-    assert "(format 1.3)" in r.stdout.decode()
+    assert "(format 1.4)" in r.stdout.decode()
 
 
 def test_the_qrows_vectors_are_here():
@@ -49,6 +49,26 @@ def test_valid_vector(aarch64, vec, verify, tmp_path):
     r = aarch64.run(VECTORS / vec["base"], VECTORS / vec["patch"], "-o", out, "--verify", verify, "--quiet")
     assert r.returncode == 0, r.stderr.decode()
     assert out.read_bytes() == (VECTORS / vec["target"]).read_bytes()
+
+
+def test_gguf_vector(aarch64, tmp_path):
+    """The GGUF vector (an extents target, format 1.4): new file, standard input and in place, on ARM
+    (no GGUF parser in C: the patch's extent tables)."""
+    vec = next(v for v in INDEX["valid"] if v["name"] == "gguf")
+    target = (VECTORS / vec["target"]).read_bytes()
+    out = tmp_path / "out.gguf"
+    r = aarch64.run(VECTORS / vec["base"], VECTORS / vec["patch"], "-o", out, "--quiet")
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == target
+    out.unlink()
+    r = aarch64.run(VECTORS / vec["base"], "-", "-o", out, input=(VECTORS / vec["patch"]).read_bytes())
+    assert r.returncode == 0, r.stderr.decode()
+    assert out.read_bytes() == target
+    model = tmp_path / "model.gguf"
+    model.write_bytes((VECTORS / vec["base"]).read_bytes())
+    r = aarch64.run("--in-place", model, VECTORS / vec["patch"])
+    assert r.returncode == 0, r.stderr.decode()
+    assert model.read_bytes() == target
 
 
 def test_stdin_chain(aarch64, tmp_path):

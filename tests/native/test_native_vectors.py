@@ -4,9 +4,10 @@ Python implementation and one ``Error:`` line, leaving nothing at -o; through li
 (ctypes) the error class is the one vectors.json names.
 
 Directory and ONNX vectors are refused with exit 3 by an applier that does not implement those
-kinds; one that does must rebuild them exactly. The vectors marked ``since`` (FORMAT.md section 13:
-"1.3", the qrows op) are no exception: the native applier reads 1.3 (NNP_FORMAT_MINOR 3), so each
-valid one is rebuilt exactly and each invalid one fails with Python's class and message.
+kinds; one that does must rebuild them exactly (the GGUF vector, an extents target: it does). The
+vectors marked ``since`` (FORMAT.md section 13: "1.3", the qrows op; "1.4", extents models) are no
+exception: the native applier reads 1.4 (NNP_FORMAT_MINOR 4), so each valid one is rebuilt exactly
+and each invalid one fails with Python's class and message.
 """
 
 from __future__ import annotations
@@ -37,13 +38,15 @@ def vpath(rel: str) -> str:
 
 
 def kind(vec) -> str:
-    """safetensors, directory or onnx: what the vector's target is."""
+    """safetensors, directory, onnx or gguf: what the vector's target is."""
     target = vpath(vec["target"]) if "target" in vec else None
     base = vpath(vec["base"])
     if (target and os.path.isdir(target)) or os.path.isdir(base):
         return "directory"
     if (target or base).endswith(".onnx"):
         return "onnx"
+    if (target or base).endswith(".gguf"):
+        return "gguf"
     return "safetensors"
 
 
@@ -86,11 +89,11 @@ def test_the_vectors_cover_what_the_native_applier_must_do():
         "qrows-planes", "qrows-scales-size"}
 
 
-def test_the_native_applier_reads_format_1_3(native):
-    """--version names the newest format it reads: 1.3, the one that added qrows."""
+def test_the_native_applier_reads_format_1_4(native):
+    """--version names the newest format it reads: 1.4, the one that added extents models (GGUF)."""
     r = run_native(native, "--version")
     assert_ok(r)
-    assert "(format 1.3)" in r.out, r
+    assert "(format 1.4)" in r.out, r
 
 
 @pytest.mark.parametrize("verify", VERIFY)
@@ -123,7 +126,7 @@ def test_valid_vector_without_quiet_says_something(native, tmp_path):
 
 @pytest.mark.parametrize("vec", OTHER_KINDS, ids=lambda v: v["name"])
 def test_other_target_kinds_are_exact_or_refused(native_impl, vec, tmp_path):
-    out = tmp_path / ("out.onnx" if kind(vec) == "onnx" else "out")
+    out = tmp_path / {"onnx": "out.onnx", "gguf": "out.gguf"}.get(kind(vec), "out")
     r = run_native(native_impl, vpath(vec["base"]), vpath(vec["patch"]), "-o", out, "--quiet")
     if r.rc == 0:
         assert tree(out) == tree(vpath(vec["target"])), f"{vec['name']}: output differs from the target"
