@@ -235,3 +235,20 @@ def test_retries_bound_the_tries(world):
         before = read(w.model)
         refused(w, w.update(srv.url("manifest.json"), "--retries", "0"), 5, before, "gave up after 1 tries")
         assert len(srv.log) == 1
+
+
+def test_full_fallback_never_writes_through_a_planted_link(world, tmp_path):
+    """The full model's partial file is opened as every file beside the model is (issue 28 item 1):
+    a symlink planted under its name is replaced, and the file it points to is left alone."""
+    from nnpatch.delivery.updater import partial_path
+
+    w = world
+    m = w.publish([w.versions[0]], w.versions[2], "--version", "3", "--full")
+    outside = tmp_path / "outside.bin"
+    outside.write_bytes(b"not yours")
+    _unknown_version(w)
+    os.symlink(outside, partial_path(w.model, m["full"]["blake3"]))
+    r = w.update(w.dist / "manifest.json", "--fallback", "full")
+    assert r.exit_code == 0, r.output
+    assert read(w.model) == read(w.versions[2]) and outside.read_bytes() == b"not yours"
+    assert w.files() == ["model.safetensors", "model.safetensors.nnpatch-state"]

@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import os
 import re
-import shutil
 import stat
 import time
 from collections.abc import Callable
@@ -35,7 +34,7 @@ from ..atomic import amount, free_space, fsync_dir
 from ..errors import IntegrityError, NnpatchIOError, NoUpdatePathError, PatchFormatError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..patchfile import read_patch
-from ..sidefile import interrupted, journal_path
+from ..sidefile import interrupted, journal_path, open_beside
 from ..signing import TrustedKey, authenticator
 from ..weights.source import path_digest
 from .fetch import FetchOptions, Fetcher, is_url, parent, resolve
@@ -364,11 +363,28 @@ def _fall_back_to_full(fetcher: Fetcher, model: str, full: dict, where: str, cur
         downloaded, resumed = got.received, got.resumed_from
     else:
         _check_patch_file(location, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
-        shutil.copyfile(location, partial)
+        _copy_beside(location, partial)
         _check_patch_file(partial, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
     _commit_file(partial, model)
     return UpdateResult(model, True, current, full["blake3"], [name], full["size"], downloaded_bytes=downloaded,
                         resumed_bytes=resumed, **info)
+
+
+def _copy_beside(source: str, partial: str) -> None:
+    """Copy a local full model into its partial file beside the model, opened as every file there
+    is (never through a link planted under its name: nnpatch.sidefile)."""
+    fd = open_beside(partial, write=True, create=True, what="partial download")
+    try:
+        os.ftruncate(fd, 0)
+        with open(source, "rb") as src:
+            while piece := src.read(1 << 20):
+                view = memoryview(piece)
+                while view:
+                    view = view[os.write(fd, view):]
+    except OSError as e:
+        raise NnpatchIOError(f"{partial}: cannot write the full model: {e.strerror or e}") from e
+    finally:
+        os.close(fd)
 
 
 def _commit_file(done: str, model: str) -> None:
