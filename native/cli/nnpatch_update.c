@@ -4,7 +4,7 @@
  * checks, exit codes and messages.
  *
  *   nnpatch-update MODEL --manifest URL|PATH --key PUB.pem [--in-place] [--dry-run] [--json]
- *                  [--prefer direct|smallest|chain] [--timeout S] [--retries N]
+ *                  [--prefer direct|smallest|chain] [--fallback none|full] [--timeout S] [--retries N]
  *                  [--header 'Name: value'] [--ca-file PEM]
  *
  * HTTP: http_curl.c (libcurl), or http_none.c in a cross build (local manifests only).
@@ -34,14 +34,15 @@ static void on_signal(int sig)
 
 static const char USAGE[] =
     "usage: nnpatch-update MODEL --manifest URL|PATH --key PUB.pem [--in-place] [--dry-run] [--json]\n"
-    "                      [--prefer direct|smallest|chain] [--timeout S] [--retries N]\n"
+    "                      [--prefer direct|smallest|chain] [--fallback none|full] [--timeout S]\n"
+    "                      [--retries N]\n"
     "                      [--header 'Name: value'] [--ca-file PEM]\n"
     "Exit codes: 0 updated or current, 2 usage, 3 invalid, 4 refused, 5 I/O or network,\n"
     "7 no patch leads from this version, 130/143 interrupted.\n";
 
 typedef struct opts {
     const char *model, *manifest, *key;
-    int in_place, dry_run, json, have_key;
+    int in_place, dry_run, json, have_key, fallback_full;
     nnp_prefer prefer;
     unsigned retries;
     http_opts http;
@@ -126,7 +127,7 @@ static void print_json(const opts *o, const nnp_update_result *r)
     printf("  \"in_place\": %s,\n  \"in_place_for_room\": %s,\n", r->in_place ? "true" : "false",
            r->in_place_for_room ? "true" : "false");
     opt_str("key_id", r->key_id, 0);
-    printf("  \"mode\": \"%s\",\n  \"ok\": true,\n", r->in_place ? "in-place" : "new-file");
+    printf("  \"mode\": \"%s\",\n  \"ok\": true,\n", r->full ? "full" : r->in_place ? "in-place" : "new-file");
     opt_str("path", o->model, 0);
     printf("  \"patch_bytes\": %llu,\n  \"patches\": [", (unsigned long long)r->patch_bytes);
     for (size_t i = 0; i < r->npatches; i++) {
@@ -175,7 +176,8 @@ static void print_line(const opts *o, const nnp_update_result *r)
     else
         snprintf(trust, sizeof trust, ", signed by %s", r->key_id);
     human((double)r->patch_bytes, size, sizeof size);
-    const char *how = r->in_place_for_room ? " in place (no room beside the model for a second copy)" : "";
+    const char *how = r->in_place_for_room ? " in place (no room beside the model for a second copy)"
+                      : r->full ? " by downloading the full model (no patch leads from this version)" : "";
     if (r->status == NNP_UPDATE_CURRENT) {
         printf("%s is already %s: nothing to do%s\n", o->model, rel, trust);
         return;
@@ -246,6 +248,11 @@ static int parse_args(int argc, char **argv, opts *o)
             else if (!strcmp(v, "smallest")) o->prefer = NNP_PREFER_SMALLEST;
             else if (!strcmp(v, "chain")) o->prefer = NNP_PREFER_CHAIN;
             else return usage_error("--prefer takes direct, smallest or chain");
+        } else if (!strcmp(a, "--fallback")) {
+            NEEDS_VALUE;
+            if (!strcmp(v, "none")) o->fallback_full = 0;
+            else if (!strcmp(v, "full")) o->fallback_full = 1;
+            else return usage_error("--fallback takes none or full");
         } else if (!strcmp(a, "--timeout") || !strcmp(a, "--retries")) {
             NEEDS_VALUE;
             char *end;
@@ -317,6 +324,7 @@ static int run(int argc, char **argv, opts *o)
     opt.in_place = o->in_place;
     opt.dry_run = o->dry_run;
     opt.prefer = o->prefer;
+    opt.fallback_full = o->fallback_full;
     opt.retries = o->retries;
     nnp_update_result res = NNP_UPDATE_RESULT_INIT;
     nnp_status st = nnp_update(ctx, o->model, &opt, &res);

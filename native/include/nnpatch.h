@@ -242,9 +242,12 @@ typedef struct nnp_update_options {
     unsigned retries;      /* further tries of one file after a transient failure (Python's default: 5) */
     unsigned backoff_ms;   /* the first pause between tries, doubled after each (500) */
     long long now;         /* seconds since the epoch to judge expiry by; 0: the clock */
+    int fallback_full;     /* 1: when no patch leads from the model's version and the manifest lists the
+                            * whole target (`full`), download that (resumed, size and BLAKE3 checked) and
+                            * rename it over the model, as `nnpatch update --fallback full` (result.full) */
 } nnp_update_options;
 #define NNP_UPDATE_OPTIONS_INIT(manifest, fetch, user) \
-    {sizeof(nnp_update_options), (manifest), (fetch), (user), 0, 0, NNP_PREFER_DIRECT, 5, 500, 0}
+    {sizeof(nnp_update_options), (manifest), (fetch), (user), 0, 0, NNP_PREFER_DIRECT, 5, 500, 0, 0}
 
 typedef enum nnp_update_status {
     NNP_UPDATE_UPDATED = 0,
@@ -269,9 +272,11 @@ typedef struct nnp_update_result {
     int in_place;
     int recovered;              /* an interrupted in-place update was rolled back first */
     int in_place_for_room;      /* in place although not asked for: only that fits the free space */
+    int full;                   /* the whole target was (or would be) downloaded: options.fallback_full;
+                                 * patches[0] then names its file and patch_bytes is its size */
 } nnp_update_result;
 #define NNP_UPDATE_RESULT_INIT \
-    {sizeof(nnp_update_result), NNP_UPDATE_UPDATED, "", "", "", "", 0, 0, "", 0, "", 0, {""}, 0, 0, 0, 0, 0, 0}
+    {sizeof(nnp_update_result), NNP_UPDATE_UPDATED, "", "", "", "", 0, 0, "", 0, "", 0, {""}, 0, 0, 0, 0, 0, 0, 0}
 
 /* Bring model_path to the release's target, with the rules of `nnpatch update` (spec/MANIFEST.md,
  * "What an updater checks"): with a trusted key (nnp_set_trusted_key) the manifest must be a DSSE
@@ -280,8 +285,9 @@ typedef struct nnp_update_result {
  * Without a key a state file beside the model is refused (NNP_EINTEGRITY). An interrupted in-place
  * update (MODEL.nnpatch-journal) is rolled back first. Patches at URLs are downloaded to
  * MODEL.<digest>.nnpatch-part under an exclusive lock, resumed, and checked by size and BLAKE3
- * before anything is applied. Statuses as `nnpatch update`: NNP_OK (updated or current), 2, 3, 4, 5,
- * NNP_ENOPATH (7), NNP_ECANCELLED. result (may be NULL) is filled on NNP_OK. */
+ * before anything is applied; with fallback_full the manifest's whole target is fetched the same
+ * way when no patch leads from the model's version. Statuses as `nnpatch update`: NNP_OK (updated
+ * or current), 2, 3, 4, 5, NNP_ENOPATH (7), NNP_ECANCELLED. result (may be NULL) is filled on NNP_OK. */
 nnp_status nnp_update(nnp_ctx *ctx, const char *model_path, const nnp_update_options *options,
                       nnp_update_result *result);
 

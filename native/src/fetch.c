@@ -247,15 +247,75 @@ static nnp_status fill_and_prove(nnp_ctx *ctx, const nnp_update_options *opt, co
     return NNP_OK;
 }
 
+/* Why a file nnpatch keeps beside a model is not one it may reuse (sidefile.py's why_not_own), or NULL. */
+static const char *why_not_own(const struct stat *sb)
+{
+    if (!S_ISREG(sb->st_mode))
+        return "is not a regular file";
+    if (sb->st_nlink != 1)
+        return "has more than one link (a hard link to another file)";
+    if (sb->st_uid != geteuid())
+        return "belongs to another user";
+    return NULL;
+}
+
+nnp_status np_open_partial(nnp_ctx *ctx, const char *partial, int *fd_out)
+{
+    /* O_NOFOLLOW: a symlink planted under the name is refused by the kernel, not after a check that
+     * could race; O_NONBLOCK: a FIFO opens at once instead of waiting for a writer. Whatever is not
+     * our own regular file holds nothing worth keeping: its name is removed (never what it points
+     * at) and the file created afresh (SECURITY.md, "Files beside the model"). */
+    for (int tries = 0; tries < 3; tries++) {
+        int fd = open(partial, O_RDWR | O_NOFOLLOW | O_NONBLOCK | O_CLOEXEC);
+        if (fd < 0 && errno == ENOENT) {
+            fd = open(partial, O_RDWR | O_CREAT | O_EXCL | O_NOFOLLOW | O_CLOEXEC, 0600);
+            if (fd < 0 && errno == EEXIST)
+                continue;
+            if (fd < 0)
+                return np_fail_errno(ctx, errno, partial, "cannot create the partial download");
+            *fd_out = fd;
+            return NNP_OK;
+        }
+        if (fd < 0) {
+            int e = errno;
+            if (e != ELOOP && e != ENXIO && e != EISDIR && e != EACCES && e != EPERM)
+                return np_fail_errno(ctx, e, partial, "cannot open the partial download");
+            if (unlink(partial) != 0 && errno != ENOENT)
+                return np_fail_errno(ctx, errno, partial, "cannot remove what lies under the partial download's name");
+            continue;
+        }
+        struct stat sb;
+        if (fstat(fd, &sb) != 0) {
+            int e = errno;
+            close(fd);
+            return np_fail_errno(ctx, e, partial, "cannot read the partial download");
+        }
+        if (!why_not_own(&sb)) {
+            int fl = fcntl(fd, F_GETFL);
+            if (fl >= 0)
+                fcntl(fd, F_SETFL, fl & ~O_NONBLOCK);
+            *fd_out = fd;
+            return NNP_OK;
+        }
+        close(fd);
+        if (unlink(partial) != 0 && errno != ENOENT)
+            return np_fail(ctx, NNP_KIND_IO, "%s: the partial download %s, and it cannot be removed: %s", partial,
+                           why_not_own(&sb), strerror(errno));
+    }
+    return np_fail(ctx, NNP_KIND_IO, "%s: the partial download keeps changing under nnpatch; is another process "
+                   "writing it?", partial);
+}
+
 nnp_status np_download(nnp_ctx *ctx, const nnp_update_options *opt, const char *url, const char *partial,
                        uint64_t size, const uint8_t blake3[32], np_dlstats *stats)
 {
     memset(stats, 0, sizeof *stats);
     if (!opt->fetch)
         return np_fail(ctx, NNP_KIND_USAGE, "%s: a URL, and no fetch callback was given", url);
-    int fd = open(partial, O_RDWR | O_CREAT | O_CLOEXEC, 0600);
-    if (fd < 0)
-        return np_fail_errno(ctx, errno, partial, "cannot open");
+    int fd;
+    nnp_status opened = np_open_partial(ctx, partial, &fd);
+    if (opened)
+        return opened;
     /* two updaters appending to one partial file would only make garbage */
     if (flock(fd, LOCK_EX | LOCK_NB) != 0) {
         close(fd);

@@ -23,6 +23,11 @@ typedef struct np_download {
 nnp_status np_download(nnp_ctx *ctx, const nnp_update_options *opt, const char *url, const char *partial,
                        uint64_t size, const uint8_t blake3[32], np_dlstats *stats);
 
+/* Open (read-write, blocking) or create the partial download `partial` beside a model: never
+ * through a symlink, and only nnpatch's own regular file with one link; anything else under the
+ * name is removed and the file created afresh (nnpatch/sidefile.py's open_beside). */
+nnp_status np_open_partial(nnp_ctx *ctx, const char *partial, int *fd_out);
+
 /* The BLAKE3 of an open file's first size bytes. */
 nnp_status np_hash_fd(nnp_ctx *ctx, int fd, uint64_t size, const char *path, uint8_t out[32]);
 

@@ -399,6 +399,129 @@ static nnp_status fetch_patches(run *r, const np_mlink *const *links)
     return NNP_OK;
 }
 
+/* ---- the full model ---------------------------------------------------------------------------- */
+
+/* A local full model copied into its partial file (opened as a download's is: np_open_partial). */
+static nnp_status copy_beside(nnp_ctx *ctx, const char *source, const char *partial, uint64_t size)
+{
+    int in = open(source, O_RDONLY | O_CLOEXEC), out;
+    if (in < 0)
+        return np_fail_errno(ctx, errno, source, "cannot read the full model");
+    nnp_status st = np_open_partial(ctx, partial, &out);
+    if (st) {
+        close(in);
+        return st;
+    }
+    const size_t cap = 1 << 20;
+    uint8_t *buf = malloc(cap);
+    uint64_t done = 0;
+    int e = !buf ? ENOMEM : ftruncate(out, 0) != 0 ? errno : 0;
+    while (!e && done < size) {
+        ssize_t n = read(in, buf, size - done < cap ? (size_t)(size - done) : cap);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) /* shorter than its size a moment ago: check_patch_file says so next */
+            break;
+        e = np_write_all(out, buf, (size_t)n);
+        done += (uint64_t)n;
+    }
+    free(buf);
+    if (e)
+        st = np_fail_errno(ctx, e, partial, "cannot write the full model");
+    if (!st && fsync(out) != 0)
+        st = np_fail_errno(ctx, errno, partial, "cannot sync");
+    close(in);
+    close(out);
+    return st;
+}
+
+/* Rename the proven partial file over the model (same folder: atomic), with the model's mode; the
+ * file is opened without following a link so that the mode and the sync reach the proven file. */
+static nnp_status commit_file(nnp_ctx *ctx, const char *done, const char *model, mode_t mode)
+{
+    int fd = open(done, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return np_fail_errno(ctx, errno, done, "cannot open the downloaded model");
+    (void)fchmod(fd, mode & 07777); /* best effort, as updater.py's _commit_file */
+    int bad = fsync(fd) != 0;
+    int e = errno;
+    close(fd);
+    if (bad)
+        return np_fail_errno(ctx, e, done, "cannot sync");
+    if (rename(done, model) != 0)
+        return np_fail_errno(ctx, errno, model, "cannot replace");
+    (void)np_fsync_dir_of(model);
+    return NNP_OK;
+}
+
+/* No patch leads from the model's version: fetch the whole target the manifest lists (its size
+ * and BLAKE3 are the target's, checked as a patch's are) and rename it over the model
+ * (updater.py's _fall_back_to_full). */
+static nnp_status fall_back_to_full(run *r, const struct stat *model_sb, long long free_space)
+{
+    nnp_ctx *ctx = r->ctx;
+    nnp_update_result *res = r->res;
+    const char *url = r->m.full_url;
+    r->where = r->m.base_url ? strdup(r->m.base_url) : parent_of(r->opt.manifest);
+    char *location = !r->where ? NULL : np_is_url(url) ? strdup(url) : resolve(r->where, url);
+    char *partial = partial_path(r->model, r->m.target_blake3);
+    nnp_status st = NNP_OK;
+    if (!location || !partial) {
+        st = np_fail(ctx, NNP_KIND_IO, "out of memory");
+        goto out;
+    }
+    struct stat pb;
+    uint64_t have = stat(partial, &pb) == 0 ? (uint64_t)pb.st_size : 0;
+    uint64_t need = have < r->m.target_size ? r->m.target_size - have : 0;
+    if (free_space >= 0 && need > (uint64_t)free_space) {
+        char a[64], b[64];
+        amount(need, a, sizeof a);
+        amount((uint64_t)free_space, b, sizeof b);
+        st = np_fail(ctx, NNP_KIND_IO, "%s: the full model needs about %s beside it, %s were free", r->model, a, b);
+        goto out;
+    }
+    res->in_place = res->in_place_for_room = 0;
+    res->full = 1;
+    res->npatches = 1;
+    res->patch_bytes = r->m.target_size;
+    /* the file's name, as updater.py's basename of the URL with its trailing '/' dropped */
+    size_t end = strlen(url);
+    while (end && url[end - 1] == '/')
+        end--;
+    size_t start = end;
+    while (start && url[start - 1] != '/')
+        start--;
+    if (start == end)
+        set_name(res->patches[0], sizeof res->patches[0], url);
+    else
+        snprintf(res->patches[0], sizeof res->patches[0], "%.*s", (int)(end - start), url + start);
+    if (r->opt.dry_run) {
+        res->status = NNP_UPDATE_WOULD_UPDATE;
+        goto out;
+    }
+    remove_stale_partials(r->model, &partial, 1);
+    np_mlink whole;
+    memset(&whole, 0, sizeof whole);
+    whole.patch_size = r->m.target_size;
+    memcpy(whole.patch_blake3, r->m.target_blake3, 32);
+    if (np_is_url(location)) {
+        np_dlstats got;
+        st = np_download(ctx, &r->opt, location, partial, r->m.target_size, r->m.target_blake3, &got);
+        res->downloaded_bytes += got.received;
+        res->resumed_bytes += got.resumed_from;
+    } else if (!(st = check_patch_file(ctx, location, &whole)) &&
+               !(st = copy_beside(ctx, location, partial, r->m.target_size)) &&
+               (st = check_patch_file(ctx, partial, &whole)) == NNP_EINTEGRITY) {
+        unlink(partial);
+    }
+    if (!st && !(st = commit_file(ctx, partial, r->model, model_sb->st_mode)))
+        res->status = NNP_UPDATE_UPDATED;
+out:
+    free(location);
+    free(partial);
+    return st;
+}
+
 static nnp_status update(run *r)
 {
     nnp_ctx *ctx = r->ctx;
@@ -407,6 +530,9 @@ static nnp_status update(run *r)
     struct stat sb;
     if (stat(r->model, &sb) != 0)
         return np_fail(ctx, NNP_KIND_IO, "%s: no such file or directory", r->model);
+    if (S_ISDIR(sb.st_mode) && r->opt.fallback_full) /* updater.py's words (and status) for a directory */
+        return np_fail(ctx, NNP_KIND_NO_UPDATE_PATH, "%s: a model directory; the native updater updates model "
+                       "files, and a full download replaces a model file only", r->model);
     if (S_ISDIR(sb.st_mode))
         return np_fail(ctx, NNP_KIND_WEIGHTS, "%s: a model directory; the native updater updates model files",
                        r->model);
@@ -463,9 +589,13 @@ static nnp_status update(run *r)
     for (size_t i = 0; i < r->m.nbases && !e; i++)
         if (!memcmp(r->m.bases[i].base_blake3, current, 32))
             e = &r->m.bases[i];
+    if (!e && r->opt.fallback_full && r->m.has_full)
+        return fall_back_to_full(r, &sb, free_space);
     if (!e)
         return np_fail(ctx, NNP_KIND_NO_UPDATE_PATH, "%s: no patch for this model version (BLAKE3 %s) in %s: a full "
-                       "download is needed", r->model, res->from_blake3, src);
+                       "download is needed%s", r->model, res->from_blake3, src,
+                       r->opt.fallback_full ? " and the manifest lists no full model"
+                       : r->m.has_full     ? "; --fallback full downloads it" : "");
     if ((uint64_t)sb.st_size != e->base_size)
         return np_fail(ctx, NNP_KIND_INTEGRITY, "%s: %llu bytes, the manifest says %llu for BLAKE3 %s", r->model,
                        (unsigned long long)sb.st_size, (unsigned long long)e->base_size, res->from_blake3);
@@ -524,7 +654,8 @@ nnp_status nnp_update(nnp_ctx *ctx, const char *model_path, const nnp_update_opt
     if (options->size < offsetof(nnp_update_options, in_place) || options->size > sizeof *options)
         return np_fail(ctx, NNP_KIND_USAGE, "nnp_update: options of %zu bytes (use NNP_UPDATE_OPTIONS_INIT)",
                        options->size);
-    if (result && result->size != sizeof *result)
+    /* a shorter (older) result struct gets the members it has */
+    if (result && (result->size < offsetof(nnp_update_result, full) || result->size > sizeof *result))
         return np_fail(ctx, NNP_KIND_USAGE, "nnp_update: a result of %zu bytes (use NNP_UPDATE_RESULT_INIT)",
                        result->size);
     run r;
@@ -538,8 +669,10 @@ nnp_status nnp_update(nnp_ctx *ctx, const char *model_path, const nnp_update_opt
     r.model = model_path;
     r.res = &local;
     nnp_status st = update(&r);
-    if (!st && result)
-        *result = local;
+    if (!st && result) {
+        local.size = result->size;
+        memcpy(result, &local, result->size);
+    }
     for (size_t i = 0; i < NP_MAX_CHAIN_LINKS; i++) {
         free(r.paths[i]);
         free(r.partials[i]);
