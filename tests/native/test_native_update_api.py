@@ -163,3 +163,56 @@ def test_hash_file_and_patch_digests(native, release):
     assert d.is_signed == 1
     assert bytes(d.trailer_blake3).hex() == release.manifest["bases"][0]["patch_trailer_blake3"]
     lib.nnp_ctx_free(ctx)
+
+
+class OptionsFull(ctypes.Structure):  # this release's nnp_update_options: fallback_full at its end
+    _fields_ = Options._fields_ + [("fallback_full", ctypes.c_int)]
+
+
+class ResultFull(ctypes.Structure):  # and nnp_update_result: full at its end
+    _fields_ = Result._fields_ + [("full", ctypes.c_int)]
+
+
+def test_full_fallback_through_a_callback_and_older_structs(native, tmp_path):
+    """fallback_full with this release's structs downloads the whole target through the callback; a
+    program built with the previous header (shorter options and result) gets exactly what it did."""
+    w = World(tmp_path)
+    w.manifest = w.publish([w.versions[0]], w.versions[2], "--version", "5", "--full",
+                           "--base-url", "https://updates.invalid/model/")
+    w.files_served = {f"https://updates.invalid/model/{n}": (w.dist / n).read_bytes() for n in os.listdir(w.dist)}
+    data = bytearray(w.versions[0].read_bytes())
+    data[-1] ^= 0x40
+    w.model.write_bytes(bytes(data))
+    lib = load(native)
+    lib.nnp_update.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p, ctypes.c_void_p]
+    ctx = lib.nnp_ctx_new()
+    assert lib.nnp_set_trusted_key_file(ctx, str(w.pub).encode()) == 0
+    urls = []
+
+    @FETCH
+    def fetch(user, url, offset, limit, sink, sink_ctx, err, errlen):
+        urls.append(url.decode())
+        piece = w.files_served[url.decode()][offset:]
+        buf = (ctypes.c_uint8 * max(1, len(piece))).from_buffer_copy(piece or b"\0")
+        sink(sink_ctx, offset, buf, len(piece))
+        return OK
+
+    manifest = str(w.dist / "manifest.json").encode()
+    old = Options(ctypes.sizeof(Options), manifest, fetch, None, 0, 0, 0, 0, 1, 0)
+    res = ResultFull()
+    res.size = ctypes.sizeof(ResultFull)
+    assert lib.nnp_update(ctx, str(w.model).encode(), ctypes.byref(old), ctypes.byref(res)) == 7  # NNP_ENOPATH
+    assert "--fallback full downloads it" in lib.nnp_message(ctx).decode()
+    opt = OptionsFull(ctypes.sizeof(OptionsFull), manifest, fetch, None, 0, 0, 0, 0, 1, 0, 1)
+    older = Result()
+    older.size = ctypes.sizeof(Result)
+    assert lib.nnp_update(ctx, str(w.model).encode(), ctypes.byref(opt), ctypes.byref(older)) == 0, \
+        lib.nnp_message(ctx).decode()
+    assert older.size == ctypes.sizeof(Result) and older.status == 0 and older.patches[0].value == b"v3.safetensors"
+    assert w.model.read_bytes() == w.versions[2].read_bytes()
+    assert urls[-1] == "https://updates.invalid/model/v3.safetensors"
+    w.model.write_bytes(bytes(data))
+    assert lib.nnp_update(ctx, str(w.model).encode(), ctypes.byref(opt), ctypes.byref(res)) == 0
+    assert res.full == 1 and res.npatches == 1 and res.patch_bytes == w.versions[2].stat().st_size
+    assert res.downloaded_bytes == res.patch_bytes and w.model.read_bytes() == w.versions[2].read_bytes()
+    lib.nnp_ctx_free(ctx)
