@@ -14,12 +14,14 @@
 
 static const char DOMAIN[] = "nnpatch-signature-v1"; /* + its NUL: 21 bytes */
 
-static void key_id(const uint8_t key[32], char out[17])
+/* A key's id: the first 16 hex digits of BLAKE3 of its raw 32 bytes (what `nnpatch keygen` prints;
+ * signing.key_id). Patch signatures and manifest envelopes both name keys by it. */
+void np_key_id(const uint8_t key[32], char out[17])
 {
     uint8_t h[32];
     char hex[65];
     np_blake3_hash(key, 32, h);
-    np_hex(h, 32, hex);
+    np_hex(h, 8, hex);
     memcpy(out, hex, 16);
     out[16] = 0;
 }
@@ -29,11 +31,11 @@ nnp_status np_sign_check(nnp_ctx *ctx, const char *name, const uint8_t trailer[3
     if (!ctx->have_key)
         return NNP_OK;
     char want[17], got[17];
-    key_id(ctx->key, want);
+    np_key_id(ctx->key, want);
     if (!block)
         return np_fail(ctx, NNP_KIND_INTEGRITY, "%s: patch is not signed (a key was given, so a signature is required)",
                        name);
-    key_id(block, got);
+    np_key_id(block, got);
     if (np_ct_diff(block, ctx->key, 32))
         return np_fail(ctx, NNP_KIND_INTEGRITY, "%s: signed by key %s, expected key %s", name, got, want);
     uint8_t msg[53];

@@ -13,16 +13,7 @@
 #include <string.h>
 
 #include "blake3.h"
-
-void np_key_id(const uint8_t key[32], char out[17])
-{
-    uint8_t d[32];
-    char hex[65];
-    np_blake3_hash(key, 32, d);
-    np_hex(d, 8, hex);
-    memcpy(out, hex, 16);
-    out[16] = 0;
-}
+#include "sign.h"
 
 static int b64v(unsigned char c)
 {

@@ -30,7 +30,6 @@ nnp_status np_open_manifest(nnp_ctx *ctx, const uint8_t *raw, size_t len, const 
 void np_opened_free(np_opened *o);
 
 /* First 16 hex digits of the BLAKE3 of the raw public key (what `nnpatch keygen` prints). */
-void np_key_id(const uint8_t key[32], char out[17]);
 
 /* Refuse an expired manifest (IntegrityError). */
 nnp_status np_check_fresh(nnp_ctx *ctx, const np_manifest *m, long long now, const char *source);
