@@ -28,6 +28,7 @@ import nnpatch  # noqa: E402
 from nnpatch import differ, dtypes, quantdelta  # noqa: E402
 from nnpatch.differ import save_quant_deltas  # noqa: E402
 from crafting import header_json, with_header  # noqa: E402
+from vectorfiles import report, stale  # noqa: E402
 from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
 
@@ -707,18 +708,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp)
-        bad = []
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), tmp)
-                mine = os.path.join(VECTORS, rel)
-                with open(os.path.join(root, name), "rb") as a:
-                    new = a.read()
-                if not os.path.exists(mine) or open(mine, "rb").read() != new:
-                    bad.append(rel)
-        for rel in bad:
-            print(f"differs: {rel}")
-        return 1 if bad else 0
+        return report(stale(tmp, VECTORS))
 
 
 if __name__ == "__main__":

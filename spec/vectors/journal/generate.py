@@ -29,8 +29,10 @@ import zstandard
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
+sys.path.insert(1, os.path.dirname(os.path.dirname(HERE)))  # spec/, for vectorfiles
 
 import nnpatch  # noqa: E402
+from vectorfiles import report, stale  # noqa: E402
 from nnpatch import differ  # noqa: E402
 from nnpatch.applier import apply_in_place  # noqa: E402
 from nnpatch.applier.inplace import SimulatedCrash  # noqa: E402
@@ -520,21 +522,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp)
-        bad = []
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), tmp)
-                mine = os.path.join(HERE, rel)
-                if not os.path.exists(mine) or open(mine, "rb").read() != open(os.path.join(root, name), "rb").read():
-                    bad.append(rel)
-        mine = {os.path.relpath(os.path.join(r, n), HERE) for r, _, fs in os.walk(os.path.join(HERE, "cases"))
-                for n in fs}
-        theirs = {os.path.relpath(os.path.join(r, n), tmp) for r, _, fs in os.walk(os.path.join(tmp, "cases"))
-                  for n in fs}
-        bad += [f"{rel} (no longer generated)" for rel in sorted(mine - theirs)]
-        for rel in bad:
-            print(f"differs: {rel}")
-        return 1 if bad else 0
+        return report(stale(tmp, HERE, owned=("cases",)))
 
 
 if __name__ == "__main__":

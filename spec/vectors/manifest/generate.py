@@ -31,7 +31,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 HERE = os.path.dirname(os.path.abspath(__file__))
 VECTORS = os.path.dirname(HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(VECTORS)))
+sys.path.insert(1, os.path.dirname(VECTORS))  # spec/, for vectorfiles
 
+from vectorfiles import report, stale  # noqa: E402
 from nnpatch.patchfile import read_patch  # noqa: E402
 from nnpatch.signing import sign_patch  # noqa: E402
 
@@ -370,23 +372,7 @@ def main() -> int:
         return 0
     with tempfile.TemporaryDirectory() as tmp:
         build(tmp)
-        bad = []
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                rel = os.path.relpath(os.path.join(root, name), tmp)
-                mine = os.path.join(HERE, rel)
-                with open(os.path.join(root, name), "rb") as a:
-                    new = a.read()
-                if not os.path.exists(mine) or open(mine, "rb").read() != new:
-                    bad.append(rel)
-        ours = {os.path.relpath(os.path.join(r, n), HERE) for r, _, fs in os.walk(os.path.join(HERE, "cases"))
-                for n in fs}
-        theirs = {os.path.relpath(os.path.join(r, n), tmp) for r, _, fs in os.walk(os.path.join(tmp, "cases"))
-                  for n in fs}
-        bad += [f"{rel} (no longer generated)" for rel in sorted(ours - theirs)]
-        for rel in bad:
-            print(f"differs: {rel}")
-        return 1 if bad else 0
+        return report(stale(tmp, HERE, owned=("cases",)))
 
 
 if __name__ == "__main__":
