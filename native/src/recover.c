@@ -3,8 +3,10 @@
  * the writes) and the model's lock. Python twin: nnpatch/applier/inplace.py (recover,
  * _recover_locked, locked).
  */
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -14,6 +16,7 @@
 #include <unistd.h>
 
 #include "blake3.h"
+#include "fileio.h"
 #include "journal.h"
 #include "safetensors.h"
 
@@ -153,10 +156,52 @@ static nnp_status check_model(nnp_ctx *ctx, const char *model, const char *jpath
     return s;
 }
 
+/* Whether `name` (in the model's folder) is a staging file of an extents apply of this model
+ * (extents.c: MODEL.nnpatch-staged-PID, and the engine's .MODEL.nnpatch-staged-PID.XXXXXXXX.tmp)
+ * left by a process that no longer exists: a killed apply's model-sized leftover. */
+static int stale_staging(const char *name, const char *base)
+{
+    static const char tag[] = ".nnpatch-staged-";
+    int hidden = name[0] == '.';
+    const char *p = name + hidden;
+    size_t bl = strlen(base);
+    if (strncmp(p, base, bl) != 0 || strncmp(p + bl, tag, sizeof tag - 1) != 0)
+        return 0;
+    p += bl + sizeof tag - 1;
+    char *end;
+    errno = 0;
+    long pid = strtol(p, &end, 10);
+    if (end == p || pid <= 0 || errno)
+        return 0;
+    size_t rest = strlen(end);
+    if (hidden ? !(end[0] == '.' && rest > 4 && !strcmp(end + rest - 4, ".tmp")) : rest != 0)
+        return 0;
+    return kill((pid_t)pid, 0) != 0 && errno == ESRCH; /* EPERM: another user's live process */
+}
+
+/* Under the model's lock no apply of it runs; a staging file whose process is gone is removed
+ * (best effort: a folder that cannot be listed keeps its files, and recovery goes on). */
+static void remove_stale_staging(const char *model)
+{
+    char *dir = np_dir_of(model);
+    const char *base = strrchr(model, '/');
+    base = base ? base + 1 : model;
+    DIR *d = dir ? opendir(dir) : NULL;
+    if (d) {
+        struct dirent *e;
+        while ((e = readdir(d)))
+            if (stale_staging(e->d_name, base))
+                unlinkat(dirfd(d), e->d_name, 0);
+        closedir(d);
+    }
+    free(dir);
+}
+
 nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recovered)
 {
     if (recovered)
         *recovered = 0;
+    remove_stale_staging(model);
     char *jpath = np_journal_path(model, NP_JOURNAL_SUFFIX);
     char *tpath = np_journal_path(model, NP_JOURNAL_TMP_SUFFIX);
     nnp_status s = NNP_OK;
