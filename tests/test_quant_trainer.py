@@ -93,6 +93,11 @@ def test_train_sparse_delta_bits_end_to_end(tiny, tmp_path, bits, norm):
     out = tmp_path / "applied.safetensors"
     nnpatch.apply(base, patch, out)
     assert read(out) == read(new)
+    # the deltas file beside -o rebuilds the very same patch later (diff --quantized)
+    assert rep["deltas"] == str(tmp_path / "new.deltas.safetensors")
+    again = tmp_path / "again.nnpatch"
+    nnpatch.diff(str(base), str(new), str(again), quantized=rep["deltas"])
+    assert read(again) == read(patch)
 
 
 def test_delta_bits_refused_values(tmp_path):

@@ -52,7 +52,7 @@ from torch import nn
 
 from .. import dtypes
 from ..atomic import atomic_write
-from ..differ import diff
+from ..differ import diff, save_quant_deltas
 from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
 from ..hashing import canonical_order
 from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
@@ -284,6 +284,10 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     save_weights(new_state, out_path, metadata=load_metadata(base_path))
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
+    if deltas is not None:  # what `nnpatch diff BASE NEW --quantized DELTAS` rebuilds this very patch from
+        deltas_path = out_path.with_name(out_path.name.removesuffix(".safetensors") + ".deltas.safetensors")
+        save_quant_deltas(deltas_path, deltas)
+        report["deltas"] = str(deltas_path)
     report["patch_bytes"] = diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
     if budget_bytes is not None:
         report["budget_met"] = report["patch_bytes"] <= budget_bytes
