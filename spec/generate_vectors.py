@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import struct
 import sys
 import tempfile
@@ -28,7 +27,7 @@ import nnpatch  # noqa: E402
 from nnpatch import differ, dtypes, quantdelta  # noqa: E402
 from nnpatch.differ import save_quant_deltas  # noqa: E402
 from crafting import header_json, with_header  # noqa: E402
-from vectorfiles import report, stale  # noqa: E402
+from vectorfiles import remove, report, stale  # noqa: E402
 from nnpatch.patchfile import PREAMBLE_SIZE, TRAILER_SIZE  # noqa: E402
 from nnpatch.weights import write_safetensors  # noqa: E402
 
@@ -701,8 +700,7 @@ def main() -> int:
     args = ap.parse_args()
     if args.update:
         # only this generator's files: spec/vectors/journal and manifest have generators of their own
-        for own in ("valid", "invalid"):
-            shutil.rmtree(os.path.join(VECTORS, own), ignore_errors=True)
+        remove(VECTORS, ("valid", "invalid"))
         build(VECTORS)
         print(f"wrote {VECTORS}")
         return 0

@@ -5,6 +5,7 @@ generator makes now."""
 from __future__ import annotations
 
 import os
+import shutil
 
 
 def _files(root: str, under: str = "") -> set[str]:
@@ -37,3 +38,13 @@ def report(bad: list[str]) -> int:
     for rel in bad:
         print(f"differs: {rel}")
     return 1 if bad else 0
+
+
+def remove(folder: str, names) -> None:
+    """Remove a generator's own files and folders from ``folder`` before it writes them anew."""
+    for name in names:
+        path = os.path.join(folder, name)
+        if os.path.isdir(path):
+            shutil.rmtree(path)
+        elif os.path.lexists(path):
+            os.unlink(path)

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(HERE))))
 sys.path.insert(1, os.path.dirname(os.path.dirname(HERE)))  # spec/, for vectorfiles
 
 import nnpatch  # noqa: E402
-from vectorfiles import report, stale  # noqa: E402
+from vectorfiles import remove, report, stale  # noqa: E402
 from nnpatch import differ  # noqa: E402
 from nnpatch.applier import apply_in_place  # noqa: E402
 from nnpatch.applier.inplace import SimulatedCrash  # noqa: E402
@@ -514,9 +514,7 @@ def main() -> int:
     ap.add_argument("--update", action="store_true", help="rewrite spec/vectors/journal/ (but this script)")
     args = ap.parse_args()
     if args.update:
-        for name in OWN:
-            p = os.path.join(HERE, name)
-            shutil.rmtree(p) if os.path.isdir(p) else os.path.exists(p) and os.unlink(p)
+        remove(HERE, OWN)
         index = build(HERE)
         print(f"wrote {len(index['cases'])} cases to {HERE}")
         return 0

@@ -33,7 +33,7 @@ VECTORS = os.path.dirname(HERE)
 sys.path.insert(0, os.path.dirname(os.path.dirname(VECTORS)))
 sys.path.insert(1, os.path.dirname(VECTORS))  # spec/, for vectorfiles
 
-from vectorfiles import report, stale  # noqa: E402
+from vectorfiles import remove, report, stale  # noqa: E402
 from nnpatch.patchfile import read_patch  # noqa: E402
 from nnpatch.signing import sign_patch  # noqa: E402
 
@@ -361,12 +361,7 @@ def main() -> int:
     ap.add_argument("--update", action="store_true", help="rewrite spec/vectors/manifest/ (but this script)")
     args = ap.parse_args()
     if args.update:
-        for name in OWN:
-            p = os.path.join(HERE, name)
-            if os.path.isdir(p):
-                shutil.rmtree(p)
-            elif os.path.exists(p):
-                os.unlink(p)
+        remove(HERE, OWN)
         index = build(HERE)
         print(f"wrote {len(index['cases'])} cases to {HERE}")
         return 0
