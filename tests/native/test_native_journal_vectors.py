@@ -7,7 +7,6 @@ tests/test_journal_vectors.py runs the same cases through Python."""
 
 from __future__ import annotations
 
-import ctypes
 import os
 
 import pytest
@@ -15,6 +14,7 @@ import pytest
 from ..test_journal_vectors import CASES, HERE, INDEX, check_after, lay_out
 from .native_run import assert_ok, assert_refused
 from .native_run import native as run_native
+from .test_native_vectors import lib  # noqa: F401 (libnnpatch.so through ctypes, nnp_recover included)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])
@@ -55,43 +55,6 @@ def test_recover_aarch64(aarch64, case, tmp_path):
     if case["exit"]:
         assert len(err) == 1 and err[0].startswith("Error: "), err
     check_after(case, tmp_path)
-
-
-class Lib:
-    """nnp_recover of libnnpatch.so (native/include/nnpatch.h) and the error it leaves on its context."""
-
-    def __init__(self, path) -> None:
-        lib = ctypes.CDLL(str(path))
-        lib.nnp_ctx_new.restype = ctypes.c_void_p
-        lib.nnp_ctx_new.argtypes = []
-        lib.nnp_ctx_free.argtypes = [ctypes.c_void_p]
-        lib.nnp_ctx_free.restype = None
-        lib.nnp_recover.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
-        lib.nnp_recover.restype = ctypes.c_int
-        lib.nnp_error.argtypes = [ctypes.c_void_p]
-        lib.nnp_error.restype = ctypes.c_int
-        lib.nnp_error_name.argtypes = [ctypes.c_int]
-        lib.nnp_error_name.restype = ctypes.c_char_p
-        self.lib = lib
-
-    def recover(self, model) -> tuple[int, int, str]:
-        """(status, recovered flag, error class name)."""
-        lib = self.lib
-        ctx = lib.nnp_ctx_new()
-        assert ctx, "nnp_ctx_new returned NULL"
-        try:
-            recovered = ctypes.c_int(-1)
-            status = lib.nnp_recover(ctx, os.fsencode(model), ctypes.byref(recovered))
-            return status, recovered.value, (lib.nnp_error_name(lib.nnp_error(ctx)) or b"").decode()
-        finally:
-            lib.nnp_ctx_free(ctx)
-
-
-@pytest.fixture(scope="module")
-def lib(native):
-    if not native.lib_so.exists():
-        pytest.fail(f"{native.lib_so} was not built")
-    return Lib(native.lib_so)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c["name"])

@@ -206,6 +206,8 @@ class Lib:
         lib.nnp_error_name.restype = ctypes.c_char_p
         lib.nnp_message.argtypes = [ctypes.c_void_p]
         lib.nnp_message.restype = ctypes.c_char_p
+        lib.nnp_recover.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(ctypes.c_int)]
+        lib.nnp_recover.restype = ctypes.c_int
         self.lib = lib
 
     def apply(self, base, patches, out, verify: str = "default") -> tuple[int, str, str]:
@@ -220,6 +222,18 @@ class Lib:
             name = lib.nnp_error_name(lib.nnp_error(ctx))
             message = lib.nnp_message(ctx)
             return status, (name or b"").decode(), (message or b"").decode("utf-8", "replace")
+        finally:
+            lib.nnp_ctx_free(ctx)
+
+    def recover(self, model) -> tuple[int, int, str]:
+        """(status, recovered flag, error class name)."""
+        lib = self.lib
+        ctx = lib.nnp_ctx_new()
+        assert ctx, "nnp_ctx_new returned NULL"
+        try:
+            recovered = ctypes.c_int(-1)
+            status = lib.nnp_recover(ctx, os.fsencode(model), ctypes.byref(recovered))
+            return status, recovered.value, (lib.nnp_error_name(lib.nnp_error(ctx)) or b"").decode()
         finally:
             lib.nnp_ctx_free(ctx)
 
