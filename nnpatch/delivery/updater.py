@@ -34,7 +34,7 @@ from ..atomic import amount, free_space, fsync_dir
 from ..errors import IntegrityError, NnpatchIOError, NoUpdatePathError, PatchFormatError, UsageError
 from ..hashing import digests_equal, hash_file
 from ..patchfile import read_patch
-from ..sidefile import interrupted, journal_path, open_beside
+from ..sidefile import interrupted, journal_path, open_beside, same_file
 from ..signing import TrustedKey, authenticator
 from ..weights.source import path_digest
 from .fetch import FetchOptions, Fetcher, is_url, parent, resolve
@@ -302,15 +302,14 @@ def update(model_path: str | os.PathLike[str], manifest_path: str | os.PathLike[
     with _refused_downloads_removed(partials):
         _check_links(paths, links, current, key)
         if in_place:
-            result = None
-            for p in paths:
+            for p in paths:  # never empty: a manifest's chain has at least one link
                 result = apply_in_place(model_path, p, verify="full", key=key).blake3
         else:
             # the result's file (or directory) digest is computed from what was written and checked against the
             # last patch's target, which _check_links proved is the manifest's target
             result = replace_model(model_path, paths, verify="full", key=key).blake3
-        if result is None or not digests_equal(result, target["blake3"]):
-            raise _target_mismatch(result or path_digest(model_path)[0], target["blake3"])
+        if not digests_equal(result, target["blake3"]):
+            raise _target_mismatch(result, target["blake3"])
     for p in partials:
         with contextlib.suppress(OSError):
             os.unlink(p)
@@ -362,9 +361,9 @@ def _fall_back_to_full(fetcher: Fetcher, model: str, full: dict, where: str, cur
         got = fetcher.download(location, partial, full["size"], full["blake3"], progress)
         downloaded, resumed = got.received, got.resumed_from
     else:
-        _check_patch_file(location, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
         _copy_beside(location, partial)
-        _check_patch_file(partial, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
+        with _refused_downloads_removed({partial}):  # the copy is what is committed: it is the one checked
+            _check_patch_file(partial, {"patch_size": full["size"], "patch_blake3": full["blake3"]})
     _commit_file(partial, model)
     return UpdateResult(model, True, current, full["blake3"], [name], full["size"], downloaded_bytes=downloaded,
                         resumed_bytes=resumed, **info)
@@ -389,11 +388,15 @@ def _copy_beside(source: str, partial: str) -> None:
 
 def _commit_file(done: str, model: str) -> None:
     """Rename a finished, proven file over the model (same folder: atomic), keeping the model's mode."""
-    with contextlib.suppress(OSError):
-        os.chmod(done, stat.S_IMODE(os.stat(model).st_mode))
-    fd = os.open(done, os.O_RDONLY)
+    fd = open_beside(done, write=False, create=False, refuse=NnpatchIOError, what="full download")
+    if fd is None:
+        raise NnpatchIOError(f"{done}: the full download vanished before it was committed")
     try:
+        with contextlib.suppress(OSError):
+            os.fchmod(fd, stat.S_IMODE(os.stat(model).st_mode))
         os.fsync(fd)
+        if not same_file(done, fd):  # the name must still be the file that was proven
+            raise NnpatchIOError(f"{done}: the full download was replaced before it was committed")
     finally:
         os.close(fd)
     os.replace(done, model)
