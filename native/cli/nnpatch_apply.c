@@ -19,6 +19,7 @@
 #include <unistd.h>
 
 #include "command.h"
+#include "fileio.h"
 #include "nnpatch.h"
 
 static nnp_ctx *g_ctx; /* for the signal handler only */
@@ -108,31 +109,14 @@ static int spool_stdin(const char *dir, char *out, size_t outlen)
         }
         if (r == 0)
             break;
-        for (ssize_t o = 0; o < r;) {
-            ssize_t w = write(fd, buf + o, (size_t)(r - o));
-            if (w < 0 && errno == EINTR)
-                continue;
-            if (w < 0) {
-                close(fd);
-                unlink(out);
-                return -1;
-            }
-            o += w;
+        if (np_write_all(fd, buf, (size_t)r)) {
+            close(fd);
+            unlink(out);
+            return -1;
         }
     }
     close(fd);
     return 0;
-}
-
-static char *dir_of(const char *path)
-{
-    const char *s = strrchr(path, '/');
-    if (!s)
-        return strdup(".");
-    if (s == path)
-        return strdup("/");
-    char *d = strndup(path, (size_t)(s - path));
-    return d;
 }
 
 enum mode { APPLY, INPLACE, RECOVER, CHECK, VERSION };
@@ -311,7 +295,7 @@ static int run_in_place(nnp_ctx *ctx, const args *A, char *tmp, size_t tmplen)
         return rc;
     for (int i = 1; i < A->npos; i++)
         if (!strcmp(A->pos[i], "-")) {
-            char *d = dir_of(A->pos[0]);
+            char *d = np_dir_of(A->pos[0]);
             int bad = !d || spool_stdin(d, tmp, tmplen);
             free(d);
             if (bad) {

@@ -156,6 +156,26 @@ static nnp_status check_model(nnp_ctx *ctx, const char *model, const char *jpath
     return s;
 }
 
+/* A tensor whose rolled-back bytes (digest d) are not its base: before any write (written == 0,
+ * Trust step 5) or after the writes (storage that did not keep them). */
+static nnp_status not_base(nnp_ctx *ctx, const char *model, const char *jpath, const np_jentry *e,
+                           const uint8_t d[32], int written)
+{
+    char q[NP_QUOTE_MAX], a[65], b[65];
+    np_quote(q, sizeof q, e->name, e->name_len);
+    np_hex(d, 32, a);
+    np_hex(e->base_blake3, 32, b);
+    if (!written)
+        return np_fail(ctx, NNP_KIND_INTEGRITY,
+                       "%s: the undo journal %s does not roll tensor %s back to its base (it would be BLAKE3 %s, the "
+                       "journal expects %s): the model changed since, or the journal is not its; the journal is "
+                       "kept and the model was not written",
+                       model, jpath, q, a, b);
+    return np_fail(ctx, NNP_KIND_INTEGRITY,
+                   "%s: rollback left tensor %s different from the base (BLAKE3 %s, expected %s); the journal %s is kept",
+                   model, q, a, b, jpath);
+}
+
 /* Whether `name` (in the model's folder) is a staging file of an extents apply of this model
  * (extents.c: MODEL.nnpatch-staged-PID, and the engine's .MODEL.nnpatch-staged-PID.XXXXXXXX.tmp)
  * left by a process that no longer exists: a killed apply's model-sized leftover. */
@@ -262,15 +282,7 @@ nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recov
         uint8_t d[32];
         rolled_back_digest(m, &j, e, d);
         if (np_ct_diff(d, e->base_blake3, 32)) {
-            char q[NP_QUOTE_MAX], a[65], b[65];
-            np_quote(q, sizeof q, e->name, e->name_len);
-            np_hex(d, 32, a);
-            np_hex(e->base_blake3, 32, b);
-            s = np_fail(ctx, NNP_KIND_INTEGRITY,
-                        "%s: the undo journal %s does not roll tensor %s back to its base (it would be BLAKE3 %s, the "
-                        "journal expects %s): the model changed since, or the journal is not its; the journal is "
-                        "kept and the model was not written",
-                        model, jpath, q, a, b);
+            s = not_base(ctx, model, jpath, e, d, 0);
             goto out;
         }
     }
@@ -293,14 +305,7 @@ nnp_status np_recover_locked(nnp_ctx *ctx, const char *model, int fd, int *recov
         uint8_t d[32];
         np_blake3_hash(m ? m + e->offset : (const uint8_t *)"", (size_t)e->nbytes, d);
         if (np_ct_diff(d, e->base_blake3, 32)) {
-            char q[NP_QUOTE_MAX], a[65], b[65];
-            np_quote(q, sizeof q, e->name, e->name_len);
-            np_hex(d, 32, a);
-            np_hex(e->base_blake3, 32, b);
-            s = np_fail(ctx, NNP_KIND_INTEGRITY,
-                        "%s: rollback left tensor %s different from the base (BLAKE3 %s, expected %s); the journal "
-                        "%s is kept",
-                        model, q, a, b, jpath);
+            s = not_base(ctx, model, jpath, e, d, 1);
             goto out;
         }
     }

@@ -509,9 +509,8 @@ static nnp_status fall_back_to_full(run *r, const struct stat *model_sb, long lo
         st = np_download(ctx, &r->opt, location, partial, r->m.target_size, r->m.target_blake3, &got);
         res->downloaded_bytes += got.received;
         res->resumed_bytes += got.resumed_from;
-    } else if (!(st = check_patch_file(ctx, location, &whole)) &&
-               !(st = copy_beside(ctx, location, partial, r->m.target_size)) &&
-               (st = check_patch_file(ctx, partial, &whole)) == NNP_EINTEGRITY) {
+    } else if (!(st = copy_beside(ctx, location, partial, r->m.target_size)) && /* the copy is what is */
+               (st = check_patch_file(ctx, partial, &whole)) == NNP_EINTEGRITY) {     /* committed: checked once */
         unlink(partial);
     }
     if (!st && !(st = commit_file(ctx, partial, r->model, model_sb->st_mode)))
