@@ -10,13 +10,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
-import stat
 import tempfile
 from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import NnpatchIOError
-from .sidefile import open_beside
+from .sidefile import open_beside, same_file
 
 #: The errors that mean "the file system is full" (EDQUOT: the user's quota is).
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -70,8 +69,7 @@ def _atomic(path: str, suffix: str, mode: int | None, *, by_name: bool) -> Itera
             fd = again
         # the name must still be the file written: one swapped in by another user of the folder
         # (a symlink, another file) is never renamed over ``path``
-        st, mine = os.lstat(tmp), os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode) or (st.st_dev, st.st_ino) != (mine.st_dev, mine.st_ino):
+        if not same_file(tmp, fd):
             raise NnpatchIOError(f"{tmp}: the temporary file was replaced while nnpatch wrote it; nothing was "
                                  f"committed at {path}")
         os.fsync(fd)
@@ -80,7 +78,7 @@ def _atomic(path: str, suffix: str, mode: int | None, *, by_name: bool) -> Itera
         os.replace(tmp, path)
     except BaseException:
         with contextlib.suppress(OSError):
-            if os.path.islink(tmp) or (fd >= 0 and os.path.samestat(os.lstat(tmp), os.fstat(fd))):
+            if os.path.islink(tmp) or (fd >= 0 and same_file(tmp, fd)):
                 os.unlink(tmp)
         raise
     finally:

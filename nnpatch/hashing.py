@@ -54,14 +54,20 @@ def hash_file(path: str | os.PathLike[str]) -> str:
     path = os.fspath(path)
     try:
         with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            h = _hasher_for(size)
-            if size:
-                with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as m:
-                    h.update(m)
-            return h.hexdigest()
+            return hash_fd(f.fileno())
     except OSError as e:
         raise NnpatchIOError(f"{path}: cannot read: {e.strerror or e}") from e
+
+
+def hash_fd(fd: int) -> str:
+    """Hex BLAKE3 of the file open as ``fd``: the file already opened and checked, whatever its
+    name points to now (a download or a staged output). Raises ``OSError``."""
+    size = os.fstat(fd).st_size
+    h = _hasher_for(size)
+    if size:
+        with mmap.mmap(fd, 0, access=mmap.ACCESS_READ) as m:
+            h.update(m)
+    return h.hexdigest()
 
 
 def name_key(name: str) -> bytes:

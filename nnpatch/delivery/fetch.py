@@ -26,14 +26,13 @@ import fcntl
 import os
 import time
 
-import blake3
 from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import urljoin, urlsplit
 
 from .._json import read_bounded
 from ..errors import IntegrityError, MissingDependencyError, NnpatchIOError
-from ..hashing import digests_equal
+from ..hashing import digests_equal, hash_fd
 from ..sidefile import open_beside, same_file
 
 CHUNK = 1 << 16
@@ -342,7 +341,7 @@ class Fetcher:
                 stats.restarts += 1
             self._tries(url, lambda: self._fill(fd, url, size, stats, progress))
             os.fsync(fd)
-            actual = _hash_fd(fd)
+            actual = hash_fd(fd)
             if digests_equal(actual, blake3_hex):
                 return stats
         raise IntegrityError(f"{_shown(url)}: downloaded BLAKE3 {actual} does not match the manifest's "
@@ -396,18 +395,6 @@ class Fetcher:
                 raise _Transient(f"{_shown(url)}: the connection closed after {have} of {size} bytes")
         finally:
             _close(r)
-
-
-def _hash_fd(fd: int) -> str:
-    """BLAKE3 of the file open as ``fd`` (the file written, whatever its name now points to)."""
-    h = blake3.blake3(max_threads=blake3.blake3.AUTO)
-    pos = 0
-    while True:
-        chunk = os.pread(fd, 1 << 20, pos)
-        if not chunk:
-            return h.hexdigest()
-        h.update(chunk)
-        pos += len(chunk)
 
 
 def _write_all(fd: int, data: bytes) -> None:
