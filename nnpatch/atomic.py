@@ -15,7 +15,7 @@ from collections.abc import Iterator
 from typing import BinaryIO
 
 from .errors import NnpatchIOError
-from .sidefile import open_beside, same_file
+from .sidefile import open_beside, remove_stale_staging, same_file, staging_prefix
 
 #: The errors that mean "the file system is full" (EDQUOT: the user's quota is).
 _FULL = {errno.ENOSPC, getattr(errno, "EDQUOT", errno.ENOSPC)}
@@ -45,9 +45,12 @@ def fsync_dir(path: str, *, strict: bool = False) -> None:
 
 
 def _temporary_beside(path: str, suffix: str) -> tuple[int, str]:
-    """A new, empty temporary file in ``path``'s directory, named after it (hidden, so tools skip it),
-    open as the returned descriptor (``mkstemp``: O_EXCL, so never through a planted symlink)."""
-    return tempfile.mkstemp(prefix="." + os.path.basename(path) + ".", suffix=suffix,
+    """A new, empty temporary file in ``path``'s directory, named after it and this process (hidden,
+    so tools skip it), open as the returned descriptor (``mkstemp``: O_EXCL, so never through a
+    planted symlink). The leftovers of killed runs for the same ``path`` are removed first: each is
+    as large as what it staged, and nothing else would ever remove it."""
+    remove_stale_staging(path)
+    return tempfile.mkstemp(prefix=staging_prefix(path), suffix=suffix,
                             dir=os.path.dirname(os.path.abspath(path)))
 
 

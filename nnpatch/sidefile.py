@@ -113,4 +113,56 @@ def same_file(path: str, fd: int) -> bool:
     return False
 
 
-__all__ = ["open_beside", "same_file", "why_not_own"]
+#: The tag in the names of staging files: ``.NAME.nnpatch-staged-PID.XXXXXXXX.tmp`` (atomic writes,
+#: Python and the native engine) and ``NAME.nnpatch-staged-PID`` (the native extents apply).
+STAGED_TAG = ".nnpatch-staged-"
+
+
+def staging_prefix(path: str) -> str:
+    """The prefix of a new staging file for ``path``: hidden, named after it and after this process,
+    so a later run (either implementation) can tell a killed run's leftover from a live one."""
+    return "." + os.path.basename(path) + STAGED_TAG + str(os.getpid()) + "."
+
+
+def _stale_staging(name: str, base: str) -> bool:
+    # a hidden name may carry more than one leading dot: the staging file of a staging file
+    # (a target built as safetensors beside the output, then written atomically) names its parent
+    lead, tag, rest = name.partition(base + STAGED_TAG)
+    if not tag or lead.strip("."):
+        return False
+    hidden = bool(lead)
+    pid, dot, tail = rest.partition(".")
+    if not pid.isascii() or not pid.isdigit() or int(pid) <= 0 or pid != str(int(pid)):
+        return False
+    if hidden != bool(dot) or (hidden and (len(tail) <= 4 or not tail.endswith(".tmp"))):
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True  # its process is gone
+    except (OSError, OverflowError):
+        return False  # EPERM: another user's live process
+    return False
+
+
+def remove_stale_staging(path: str | os.PathLike[str]) -> int:
+    """Remove the staging files of ``path`` left by runs that were killed (their process no longer
+    exists): a model-sized leftover each. Best effort (a folder that cannot be listed keeps its
+    files); the same rule as the native ``remove_stale_staging`` (native/src/recover.c), so either
+    implementation sweeps the other's. Returns how many were removed."""
+    path = os.path.abspath(os.fspath(path))
+    folder, base = os.path.split(path)
+    removed = 0
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return 0
+    for name in names:
+        if STAGED_TAG in name and _stale_staging(name, base):
+            with contextlib.suppress(OSError):
+                os.unlink(os.path.join(folder, name))
+                removed += 1
+    return removed
+
+
+__all__ = ["STAGED_TAG", "open_beside", "remove_stale_staging", "same_file", "staging_prefix", "why_not_own"]

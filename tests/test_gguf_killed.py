@@ -1,9 +1,8 @@
 """SIGKILL during `apply --in-place` on a GGUF file, then `recover`: the model is exactly the old or
 the new version, in both implementations (issue 24). An extents target in place writes a new file
 beside the model and renames it over it, so a kill at any moment leaves one of the two versions.
-The native applier's model-sized staging file of a killed run (MODEL.nnpatch-staged-PID) is removed
-by the next recover or in-place apply. (A hidden temporary file of a killed run, `.MODEL.*.tmp`, may
-stay in either implementation: its name does not say whether its writer still runs.)"""
+A killed run's model-sized staging file (MODEL.nnpatch-staged-PID natively, .MODEL.nnpatch-staged-PID.*.tmp
+in both) is removed by the next recover or in-place apply: its name says which process wrote it."""
 
 from __future__ import annotations
 

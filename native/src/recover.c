@@ -177,17 +177,22 @@ static nnp_status not_base(nnp_ctx *ctx, const char *model, const char *jpath, c
 }
 
 /* Whether `name` (in the model's folder) is a staging file of an extents apply of this model
- * (extents.c: MODEL.nnpatch-staged-PID, and the engine's .MODEL.nnpatch-staged-PID.XXXXXXXX.tmp)
+ * (extents.c: MODEL.nnpatch-staged-PID, and the engine's .MODEL.nnpatch-staged-PID.XXXXXXXX.tmp, with
+ * more leading dots when staged twice, as Python's safetensors staging of a target is)
  * left by a process that no longer exists: a killed apply's model-sized leftover. */
 static int stale_staging(const char *name, const char *base)
 {
     static const char tag[] = ".nnpatch-staged-";
-    int hidden = name[0] == '.';
-    const char *p = name + hidden;
     size_t bl = strlen(base);
-    if (strncmp(p, base, bl) != 0 || strncmp(p + bl, tag, sizeof tag - 1) != 0)
-        return 0;
+    const char *p = name;
+    /* more than one leading dot: the staging file of a staging file, which names its parent */
+    while (strncmp(p, base, bl) != 0 || strncmp(p + bl, tag, sizeof tag - 1) != 0)
+        if (*p++ != '.')
+            return 0;
+    int hidden = p != name;
     p += bl + sizeof tag - 1;
+    if (*p < '1' || *p > '9') /* digits only, as written: no sign, space or leading zero */
+        return 0;
     char *end;
     errno = 0;
     long pid = strtol(p, &end, 10);

@@ -45,6 +45,7 @@ from ..atomic import fsync_dir
 from ..errors import BaseMismatchError, IntegrityError, NnpatchIOError, PatchFormatError, TornJournal, UsageError
 from ..hashing import digest_bytes, digests_equal, model_digest_of
 from ..patchfile import Patch
+from ..sidefile import remove_stale_staging
 from ..weights import SafetensorsFile
 from ..weights.safetensors_file import MAX_HEADER_SIZE
 from ..weights.source import open_source
@@ -93,6 +94,7 @@ def recover(model: str | os.PathLike[str]) -> str | None:
     """Roll back an interrupted in-place apply. Returns what was done, or None when nothing was to do."""
     model = os.fspath(model)
     with locked(model) as fd:
+        remove_stale_staging(model)  # under the lock no apply of this model runs
         return _recover_locked(model, fd)
 
 
