@@ -132,7 +132,8 @@ class DiffResult:
 def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: str | os.PathLike[str], *,
          level: int = codecs.DEFAULT_LEVEL, reversible: bool = False, sign_key: str | None = None,
          progress: ProgressFn | None = None,
-         quantized: Mapping[str, QuantDelta] | str | os.PathLike[str] | None = None) -> DiffResult:
+         quantized: Mapping[str, QuantDelta] | str | os.PathLike[str] | None = None,
+         aligned: bool = False) -> DiffResult:
     """Write a patch that turns ``base`` into ``target``, byte for byte.
 
     With ``reversible`` the patch also carries what it takes to go back
@@ -144,6 +145,10 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
     (or names a file of them, :func:`save_quant_deltas`): those tensors get a
     ``qrows`` op (format 1.3), after a check that the update rebuilds the
     target's bytes exactly. Such a patch cannot be reversible.
+
+    Sections are packed end to end (format 1.5) where that saves bytes;
+    ``aligned`` starts each on a 64-byte boundary instead, as readers of
+    format 1.4 and before need.
     """
     signer = None
     if sign_key is not None:
@@ -163,12 +168,13 @@ def diff(base: str | os.PathLike[str], target: str | os.PathLike[str], output: s
         for name in canonical_order(quantized):
             _check_quantized(b, t, name, quantized[name])
         return _diff_open(b, t, os.fspath(output), level, reversible, signer, progress or (lambda n: None),
-                          quantized)
+                          quantized, aligned)
 
 
 def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, reversible: bool, signer,
-               progress: ProgressFn, quantized: dict[str, QuantDelta] | None = None) -> DiffResult:
-    writer = PatchWriter(output)
+               progress: ProgressFn, quantized: dict[str, QuantDelta] | None = None,
+               aligned: bool = False) -> DiffResult:
+    writer = PatchWriter(output, packed=not aligned)
     try:
         base_model, target_model = ModelHasher(), ModelHasher()
         base_extents = _encode_layout(writer, _extent_table(b), level) if _kind(b) == "gguf" else None

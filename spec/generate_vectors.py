@@ -36,6 +36,9 @@ differ.__version__ = "vectors"
 
 VECTORS = os.path.join(HERE, "vectors")
 LEVEL = 9
+#: The vectors made before format 1.5 keep the layout they were made with (64-byte aligned
+#: sections, which every 1.x reader takes); the packed-* vectors have the writer's default.
+ALIGNED = {"aligned": True}
 
 COMMENT = (
     "nnpatch test vectors. Each valid vector has base.safetensors, target.safetensors and patch.nnpatch "
@@ -385,6 +388,7 @@ def invalid_patches(good: bytes):
 
 
 def directory_vector(d: str) -> tuple[str, dict, str, str]:
+    options = dict(ALIGNED)
     """A Hugging Face model directory updated to another (format 1.1): tensors
     move from 2 shards to 3, one changes 2 rows, config.json changes (a blob),
     tokenizer.json does not (a copy)."""
@@ -409,13 +413,14 @@ def directory_vector(d: str) -> tuple[str, dict, str, str]:
         with open(os.path.join(root, "tokenizer.json"), "wb") as f:
             f.write(tokenizer)
     patch = os.path.join(d, "patch.nnpatch")
-    nnpatch.diff(base, target, patch, level=LEVEL)
+    nnpatch.diff(base, target, patch, level=LEVEL, **ALIGNED)
     desc = ("a model directory (format 1.1): 6 tensors move from 2 shards to 3, 2 rows of one change, "
             "config.json changes, tokenizer.json is copied")
-    return desc, {}, base, target
+    return desc, options, base, target
 
 
 def onnx_vector(d: str) -> tuple[str, dict, str, str]:
+    options = dict(ALIGNED)
     """An ONNX model updated in 2 output channels of one Gemm weight (format 1.1): the target is
     written back as ONNX, byte for byte.  Made with the onnx package (the `onnx` extra)."""
     import onnx
@@ -446,16 +451,17 @@ def onnx_vector(d: str) -> tuple[str, dict, str, str]:
         onnx.checker.check_model(m)
         with open(path, "wb") as f:
             f.write(m.SerializeToString())
-    nnpatch.diff(base, target, os.path.join(d, "patch.nnpatch"), level=LEVEL)
+    nnpatch.diff(base, target, os.path.join(d, "patch.nnpatch"), level=LEVEL, **options)
     desc = ("an ONNX model (format 1.1; a 2-layer MLP, ir_version 8, opset 13): rows 3 and 9 of the fc1 Gemm "
             "weight moved by 0.01; apply writes the target .onnx back byte for byte (needs the onnx extra)")
-    return desc, {}, base, target
+    return desc, options, base, target
 
 
-def gguf_vector(d: str) -> tuple[str, dict, str, str]:
+def gguf_vector(d: str, options: dict | None = None) -> tuple[str, dict, str, str]:
     """A GGUF model (format 1.4, an ``extents`` target) with F32, F16, Q8_0 and Q4_0 tensors at
     alignment 64: 2 rows of the Q8_0 tensor and 1 of the F16 one change, and a KV string. Written by
     gguf-py's GGUFWriter (the `gguf` extra); the patch rebuilds the target byte for byte."""
+    options = dict(ALIGNED) if options is None else options
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf import quants
@@ -490,12 +496,12 @@ def gguf_vector(d: str) -> tuple[str, dict, str, str]:
     base, target = os.path.join(d, "base.gguf"), os.path.join(d, "target.gguf")
     write(base, q8, f16, "v1")
     write(target, q8t, f16t, "v2")
-    nnpatch.diff(base, target, os.path.join(d, "patch.nnpatch"), level=LEVEL)
+    nnpatch.diff(base, target, os.path.join(d, "patch.nnpatch"), level=LEVEL, **options)
     desc = ("a GGUF model (format 1.4, an extents target; alignment 64, tensors F32, F16, Q8_0 and Q4_0): rows 1 "
             "and 4 of the Q8_0 tensor (a row: 2 blocks of 34 bytes), row 2 of the F16 one and the KV "
             "general.description change; apply writes the target .gguf back byte for byte (nnpatch reads the "
             "base with the gguf extra; the native applier needs only the patch's extent tables)")
-    return desc, {}, base, target
+    return desc, options, base, target
 
 
 def _digest(path: str) -> str:
@@ -532,10 +538,63 @@ def invalid_directory_patches(good: bytes):
     }
 
 
+def _packed_vectors(directory: str, manifest: dict) -> None:
+    """Format 1.5: the writer's default layout (sections packed end to end), valid and broken."""
+    desc, base, target, _ = vector_inputs()["all-ops"]
+    d = os.path.join(directory, "valid", "packed-all-ops")
+    os.makedirs(d, exist_ok=True)
+    bp, tp, pp = (os.path.join(d, f) for f in ("base.safetensors", "target.safetensors", "patch.nnpatch"))
+    write_safetensors(bp, base, {"version": "1"})
+    write_safetensors(tp, target, {"version": "2"})
+    nnpatch.diff(bp, tp, pp, level=LEVEL)
+    gd = os.path.join(directory, "valid", "packed-gguf")
+    gdesc, goptions, gbp, gtp = gguf_vector(gd, {})
+    gpp = os.path.join(gd, "patch.nnpatch")
+    for name, vdesc, b, t, p, extra in (("packed-all-ops", "the all-ops inputs, sections packed (format 1.5): "
+                                         + desc, bp, tp, pp, {}),
+                                        ("packed-gguf", "the gguf inputs, sections packed (format 1.5): " + gdesc,
+                                         gbp, gtp, gpp, {"requires": "gguf"})):
+        with nnpatch.read_patch(p) as patch:
+            if patch.header.version != (1, 5) or not patch.header.packed:
+                raise SystemExit(f"the {name} vector is not packed")
+        manifest["valid"].append({
+            "name": name, "description": vdesc, "options": {}, "since": "1.5", **extra,
+            "base": os.path.relpath(b, directory), "target": os.path.relpath(t, directory),
+            "patch": os.path.relpath(p, directory),
+            "base_blake3": _digest(b), "target_blake3": _digest(t), "patch_blake3": nnpatch.hash_file(p),
+        })
+    with open(pp, "rb") as f:
+        written = f.read()
+    good = with_header(written, header_json(written))
+
+    def unpack(h):
+        h["required_features"] = []
+    broken = {
+        "packed-without-feature": ("the packed-all-ops patch without 'packed-sections' in required_features: "
+                                   "its second section is not on a 64-byte boundary", _edit_header(good, unpack)),
+        "packed-padding": ("the packed-all-ops patch with 64 zero bytes before its trailer",
+                           _reseal(good[:-TRAILER_SIZE] + bytes(64) + good[-TRAILER_SIZE:])),
+    }
+    for name, (vdesc, data) in broken.items():
+        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        with open(path, "wb") as f:
+            f.write(data)
+        try:
+            nnpatch.apply(bp, path, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
+            raise SystemExit(f"invalid vector {name} was accepted")
+        except nnpatch.NnpatchError as e:
+            manifest["invalid"].append({"name": name, "description": vdesc, "patch": os.path.relpath(path, directory),
+                                        "base": os.path.relpath(bp, directory), "apply_options": {},
+                                        "since": "1.5", "error": type(e).__name__,
+                                        "message": str(e).replace(path, "{patch}")})
+
+
 def build(directory: str) -> dict:
     manifest = {"_comment": COMMENT, "zstd_version": zstandard.ZSTD_VERSION, "level": LEVEL,
                 "valid": [], "invalid": []}
     for name, (desc, base, target, options) in vector_inputs().items():
+        options = {**ALIGNED, **options}
         d = os.path.join(directory, "valid", name)
         os.makedirs(d, exist_ok=True)
         bp, tp, pp = (os.path.join(d, f) for f in ("base.safetensors", "target.safetensors", "patch.nnpatch"))
@@ -561,12 +620,12 @@ def build(directory: str) -> dict:
         write_safetensors(bp, base, {"version": "1"})
         write_safetensors(tp, target, {"version": "2"})
         save_quant_deltas(qp, deltas)
-        nnpatch.diff(bp, tp, pp, level=LEVEL, quantized=qp)
+        nnpatch.diff(bp, tp, pp, level=LEVEL, quantized=qp, **ALIGNED)
         with nnpatch.read_patch(pp) as p:
             if sorted(op.kind for op in p.ops) != ["qrows", "qrows"] or p.header.version != (1, 3):
                 raise SystemExit(f"the {name} vector does not use qrows")
         manifest["valid"].append({
-            "name": name, "description": desc, "options": {"quantized": os.path.relpath(qp, directory)},
+            "name": name, "description": desc, "options": {"quantized": os.path.relpath(qp, directory), **ALIGNED},
             "since": "1.3",
             "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
             "patch": os.path.relpath(pp, directory),
@@ -600,6 +659,7 @@ def build(directory: str) -> dict:
         "patch": os.path.relpath(pp, directory),
         "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
     })
+    _packed_vectors(directory, manifest)
     good_path = os.path.join(directory, "valid", "rows-f32", "patch.nnpatch")
     with open(good_path, "rb") as f:
         written = f.read()

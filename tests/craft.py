@@ -8,7 +8,8 @@ so a reader has to reject the content itself.
 
 Sections are edited in place: :func:`decode_patch` returns the header object with each
 section's stored bytes under the private key ``"_data"``; :func:`encode_patch` lays the
-sections out again (64-byte aligned, in the spec's order), writes ``offset`` and ``length``,
+sections out again (in the spec's order, 64-byte aligned, or end to end when the header's
+``required_features`` holds ``packed-sections``), writes ``offset`` and ``length``,
 strips ``"_data"`` and recomputes the trailer. ``size`` and ``codec`` are left to the caller
 (:func:`section` fills them for raw or zstd data).
 """
@@ -145,11 +146,13 @@ def encode_patch(h: dict, *, zstd_header: bool = False, extra_flags: int = 0,
             text = text_filter(text)
         return zstd(text, 19 if len(text) < (1 << 20) else 3) if zstd_header else text
 
+    features = h.get("required_features")
+    place = (lambda n: n) if isinstance(features, list) and "packed-sections" in features else align
     hlen = 0
     for _ in range(64):  # the header length only grows, so this settles
         cursor = PREAMBLE.size + hlen
         for s in slots:
-            s["offset"] = align(cursor)
+            s["offset"] = place(cursor)
             cursor = s["offset"] + s["length"]
         text = header_text()
         if len(text) <= hlen:
@@ -163,7 +166,7 @@ def encode_patch(h: dict, *, zstd_header: bool = False, extra_flags: int = 0,
     for s in slots:
         out += b"\x00" * (s["offset"] - len(out))
         out += s["_data"]
-    out += b"\x00" * (align(len(out)) - len(out))
+    out += b"\x00" * (place(len(out)) - len(out))
     out += tail
     trailer = blake3.blake3(bytes(out)).digest()
     out += trailer

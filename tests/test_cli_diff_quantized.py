@@ -80,7 +80,7 @@ def _one_line_error(r, code: int) -> str:
 def test_quantized_patch_applies_byte_for_byte(qpair, runner, tmp_path):
     old, new, deltas, qds = qpair
     patch, out = str(tmp_path / "p.nnpatch"), str(tmp_path / "out.safetensors")
-    r = runner.invoke(cli, ["diff", old, new, "-o", patch, "--quantized", deltas, "--json"])
+    r = runner.invoke(cli, ["diff", old, new, "-o", patch, "--quantized", deltas, "--json", "--aligned"])
     assert r.exit_code == 0, r.output
     ops = {c["name"]: c["op"] for c in json.loads(r.stdout)["changed"]}
     assert ops == {"w": "qrows", "emb": "qrows", "b": "whole", "gone": "remove"}
@@ -105,7 +105,7 @@ def test_stat_names_the_qrows_tensors(qpair, runner, tmp_path):
 def test_plain_diff_of_the_same_pair_has_no_qrows(qpair, runner, tmp_path):
     old, new, _, _ = qpair
     patch, out = str(tmp_path / "p.nnpatch"), str(tmp_path / "out.safetensors")
-    r = runner.invoke(cli, ["diff", old, new, "-o", patch])
+    r = runner.invoke(cli, ["diff", old, new, "-o", patch, "--aligned"])
     assert r.exit_code == 0, r.output
     with nnpatch.read_patch(patch) as p:
         assert p.header.version < (1, 3)
@@ -123,7 +123,8 @@ def test_directory_pair_takes_quantized_deltas(qpair, runner, tmp_path):
         (tmp_path / name / "model.safetensors").write_bytes(read(src))
         (tmp_path / name / "config.json").write_text('{"model_type": "test"}')
     patch, out = str(tmp_path / "d.nnpatch"), tmp_path / "v2-new"
-    r = runner.invoke(cli, ["diff", str(tmp_path / "v1"), str(tmp_path / "v2"), "-o", patch, "--quantized", deltas])
+    r = runner.invoke(cli, ["diff", str(tmp_path / "v1"), str(tmp_path / "v2"), "-o", patch, "--quantized", deltas,
+                            "--aligned"])
     assert r.exit_code == 0, r.output
     with nnpatch.read_patch(patch) as p:
         assert p.header.version == (1, 3) and "qrows" in {op.kind for op in p.ops}

@@ -82,7 +82,7 @@ def pair(tmp_path):
 
 def test_patch_makes_a_directory_with_every_kind_of_file(pair, tmp_path):
     a, b = pair
-    r = nnpatch.diff(a, b, tmp_path / "p.nnpatch")
+    r = nnpatch.diff(a, b, tmp_path / "p.nnpatch", aligned=True)  # the version of the target alone
     with read_patch(tmp_path / "p.nnpatch") as p:
         h = p.header
         # 1.1 for the target format, 1.2 where a section also uses esort: the lowest that has both

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import struct
 
 import blake3
@@ -15,6 +16,7 @@ import crafting
 from nnpatch import patchfile
 from nnpatch.errors import PatchFormatError, UnsupportedVersionError
 from nnpatch.patchfile import ALIGNMENT, MAGIC, PREAMBLE_SIZE, TRAILER_SIZE, parse_patch
+from nnpatch.patchfile.writer import PatchWriter
 
 from .conftest import read
 
@@ -60,20 +62,58 @@ def rewrite_header(data: bytes, edit) -> bytes:
 
 
 def test_layout(patch_bytes):
+    """The default layout (1.5): sections packed end to end, the trailer right after the last."""
     magic, major, minor, flags, n = struct.unpack_from("<8sHHIQ", patch_bytes, 0)
     assert magic == MAGIC == b"\x89NNP\r\n\x1a\n"
     header = parse_patch(patch_bytes)
-    # the lowest version with the features used: a single-file target, esort where a section uses it
-    uses_esort = any(op.values is not None and "esort" in op.values.codec for op in header.ops)
-    assert (major, minor) == ((1, 2) if uses_esort else (1, 0))
+    assert (major, minor) == (1, 5) and header.required_features == ["packed-sections"]
     assert flags == 0
-    assert (PREAMBLE_SIZE + n) % ALIGNMENT == 0
-    assert (len(patch_bytes) - TRAILER_SIZE) % ALIGNMENT == 0
+    assert (PREAMBLE_SIZE + n) % ALIGNMENT == 0  # the header still ends on a boundary
     assert patch_bytes[-TRAILER_SIZE:] == blake3.blake3(patch_bytes[:-TRAILER_SIZE]).digest()
+    cursor = PREAMBLE_SIZE + n
     for s in header.sections():
-        assert s.offset % ALIGNMENT == 0
+        assert s.offset == cursor
+        cursor += s.length
+    assert cursor == len(patch_bytes) - TRAILER_SIZE
+    assert any(s.offset % ALIGNMENT for s in header.sections())  # packing saved something here
     text = patch_bytes[PREAMBLE_SIZE : PREAMBLE_SIZE + n].rstrip(b" ")
     assert text == json.dumps(json.loads(text), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def test_aligned_layout(tmp_path, pair):
+    """--aligned: the 1.0-1.4 layout, every section and the trailer on a 64-byte boundary, the
+    lowest version with the features used (a single-file target; esort where a section uses it)."""
+    base, target = pair()
+    nnpatch.diff(base, target, tmp_path / "p.nnpatch", aligned=True)
+    data = read(tmp_path / "p.nnpatch")
+    _, major, minor, flags, n = struct.unpack_from("<8sHHIQ", data, 0)
+    header = parse_patch(data)
+    uses_esort = any(op.values is not None and "esort" in op.values.codec for op in header.ops)
+    assert (major, minor) == ((1, 2) if uses_esort else (1, 0)) and header.required_features == []
+    assert (PREAMBLE_SIZE + n) % ALIGNMENT == 0
+    assert (len(data) - TRAILER_SIZE) % ALIGNMENT == 0
+    for s in header.sections():
+        assert s.offset % ALIGNMENT == 0
+    nnpatch.apply(base, tmp_path / "p.nnpatch", tmp_path / "out")
+    assert read(tmp_path / "out") == read(target)
+
+
+@pytest.mark.parametrize("length, packed", [(128, False), (100, True)])
+def test_packing_only_when_it_saves_bytes(tmp_path, pair, length, packed):
+    """Every section on a boundary and the data a whole number of 64-byte blocks: the writer keeps
+    the 1.0 layout, which every reader takes; one byte of padding saved is a packed 1.5 patch."""
+    base, _ = pair()
+    nnpatch.diff(base, base, tmp_path / "same.nnpatch")
+    header = parse_patch(read(tmp_path / "same.nnpatch"))
+    w = PatchWriter(tmp_path / "p.nnpatch")
+    header.target.layout = w.add_bytes(b" " * length, length, [])  # a layout section of that length
+    header.version = None
+    w.finish(header)
+    written = parse_patch(read(tmp_path / "p.nnpatch"))
+    assert written.packed is packed
+    assert written.version == ((1, 5) if packed else (1, 0))
+    assert os.path.getsize(tmp_path / "p.nnpatch") == written.target.layout.offset + length + TRAILER_SIZE + \
+        (0 if packed else -length % ALIGNMENT)
 
 
 def test_written_header_is_zstd_and_equivalent(written, patch_bytes):

@@ -41,8 +41,9 @@
  *  - Until 1.0.0 the library is pre-release, but the rules above are already kept; an
  *    incompatible change bumps the soname, never silently.
  *  - Format versions (NNP_FORMAT_*) are independent of the library's version: a library
- *    reads every 1.x file up to NNP_FORMAT_MINOR and refuses a newer minor with
- *    NNP_EFORMAT (UnsupportedVersionError).
+ *    reads every 1.x file whose features it has (those of 1.0 to NNP_FORMAT_MINOR) and
+ *    refuses a file that needs a newer one (a feature, op, codec or model format it does not
+ *    know) by that feature's name, NNP_EFORMAT (UnsupportedVersionError).
  */
 #ifndef NNPATCH_H
 #define NNPATCH_H
@@ -71,7 +72,7 @@ extern "C" {
     NNP_VERSION_QUOTE(NNP_VERSION_MAJOR) "." NNP_VERSION_QUOTE(NNP_VERSION_MINOR) "." NNP_VERSION_QUOTE(NNP_VERSION_RELEASE)
 /* The newest format version this library reads (it reads every 1.x file). */
 #define NNP_FORMAT_MAJOR 1
-#define NNP_FORMAT_MINOR 4
+#define NNP_FORMAT_MINOR 5
 
 /* Status codes: the exit codes of the command-line tools (README, "Exit codes"). */
 typedef enum nnp_status {

@@ -747,17 +747,8 @@ static nnp_status header_from_json(rd *r, const npj_value *root)
     const npj_value *feat = npj_get(root, "required_features");
     if (!feat)
         return fail_field(r, "header", "missing required key 'required_features' (a list, empty when none)");
-    int ok = feat->kind == NPJ_ARRAY;
-    for (size_t i = 0; ok && i < feat->u.arr.n; i++)
-        if (feat->u.arr.items[i].kind != NPJ_STRING)
-            ok = 0;
-    if (!ok)
-        return fail_field(r, "required_features", "must be a list of strings");
-    if (feat->u.arr.n) {
-        char q[NP_QUOTE_MAX];
-        np_quote(q, sizeof q, feat->u.arr.items[0].u.str.s, feat->u.arr.items[0].u.str.len);
-        return UV("%s: requires feature %s, which this nnpatch does not support", p->name, q);
-    }
+    if ((st = np_patch_features(r->ctx, p, feat)))
+        return st;
     const npj_value *cb;
     if ((st = get_str(r, root, "created_by", "header", 1, &cb)))
         return st;

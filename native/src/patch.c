@@ -29,16 +29,23 @@ static nnp_status check_zero(nnp_ctx *ctx, const np_patch *p, uint64_t begin, ui
     return NNP_OK;
 }
 
+/* Where the next section (or the trailer) starts after `cursor` (FORMAT.md section 6). */
+static uint64_t place(const np_patch *p, uint64_t cursor)
+{
+    return p->packed ? cursor : np_align64(cursor);
+}
+
 static nnp_status check_one(nnp_ctx *ctx, const np_patch *p, const np_section *s, uint64_t *cursor)
 {
     if (!s->present)
         return NNP_OK;
-    uint64_t a = np_align64(*cursor);
+    uint64_t a = place(p, *cursor);
     if (s->offset != a)
         return np_fail(ctx, NNP_KIND_PATCH_FORMAT,
                        "%s: section at offset %llu is out of place (expected %llu): sections must follow the header "
-                       "in order, each at the next 64-byte boundary",
-                       p->name, (unsigned long long)s->offset, (unsigned long long)a);
+                       "in order, each %s",
+                       p->name, (unsigned long long)s->offset, (unsigned long long)a,
+                       p->packed ? "right after the one before (packed-sections)" : "at the next 64-byte boundary");
     if (s->offset + s->length > p->end - NP_TRAILER)
         return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: section at offset %llu runs past the end of the data", p->name,
                        (unsigned long long)s->offset);
@@ -79,7 +86,7 @@ static nnp_status check_placement(nnp_ctx *ctx, np_patch *p)
             (st = check_one(ctx, p, &p->ops[i].values, &cursor)) ||
             (st = check_one(ctx, p, &p->ops[i].base_values, &cursor)))
             return st;
-    uint64_t end = np_align64(cursor);
+    uint64_t end = place(p, cursor);
     if (end != p->end - NP_TRAILER)
         return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: file is %llu bytes, its sections end at %llu (+32 trailer)%s",
                        p->name, (unsigned long long)p->end, (unsigned long long)end,

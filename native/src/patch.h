@@ -119,6 +119,7 @@ typedef struct np_patch {
     uint16_t major, minor;
     uint32_t flags;
     uint64_t header_len;
+    int packed;          /* the packed-sections feature (1.5): no padding between sections */
     uint64_t end;        /* file_size less the signature block: the trailer ends here */
     uint8_t trailer[32];
     np_model base, target;
@@ -138,6 +139,11 @@ void np_patch_close(np_patch *p);
  * has arrived): raw = the Header_Length bytes after the preamble. Fills base/target/ops of out
  * (out->name must be set); the caller closes out. */
 nnp_status np_parse_header(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint32_t flags, np_patch *out);
+
+/* The header's required_features (FORMAT.md 5.1; features.c): a list of strings, each one this
+ * reader knows ("packed-sections", 1.5, sets p->packed); anything else is refused by its name. */
+struct npj_value;
+nnp_status np_patch_features(nnp_ctx *ctx, np_patch *p, const struct npj_value *features);
 
 /* The stored bytes of a section (a view into the map). */
 static inline const uint8_t *np_sec_ptr(const np_patch *p, const np_section *s) { return p->map + s->offset; }

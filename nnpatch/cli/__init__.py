@@ -48,7 +48,7 @@ _OPTIONAL = ("train-sparse",)
 #: ``nnpatch.patchfile.FORMAT_VERSION``, for ``--version`` only: importing the patch-file package
 #: pulls numpy and zstandard (its codecs), five times the rest of start-up.  tests/test_cli_startup.py
 #: fails when the two differ.
-_FORMAT_VERSION = (1, 4)
+_FORMAT_VERSION = (1, 5)
 
 
 class _Group(click.Group):

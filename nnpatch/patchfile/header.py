@@ -2,7 +2,8 @@
 
     Magic (8) | Version_Major (u16) | Version_Minor (u16) | Flags (u32)
     | Header_Length (u64) | Header (UTF-8 JSON, space-padded) | Sections
-    (each 64-aligned, zero-padded) | Trailer_Hash (32, BLAKE3 of all before)
+    (each 64-aligned, zero-padded; packed end to end under the ``packed-sections``
+    feature, 1.5) | Trailer_Hash (32, BLAKE3 of all before)
 """
 
 from __future__ import annotations
@@ -20,8 +21,9 @@ MAGIC = b"\x89NNP\r\n\x1a\n"
 #: The newest version this module reads and writes. A writer stamps the
 #: lowest version whose features the patch uses (1.0; 1.1 for a model
 #: directory or ONNX target; 1.2 where a section uses ``esort``; 1.3 where an
-#: op is ``qrows``; 1.4 where a model is ``extents``), so older readers take every patch they can apply.
-FORMAT_VERSION = (1, 4)
+#: op is ``qrows``; 1.4 where a model is ``extents``; 1.5 where sections are packed), so older readers
+#: take every patch they can apply.
+FORMAT_VERSION = (1, 5)
 #: The version that added directory and ONNX targets.
 DIRECTORY_TARGET_VERSION = (1, 1)
 #: The version that added the ``esort`` value stage.
@@ -30,6 +32,11 @@ ESORT_VERSION = (1, 2)
 QROWS_VERSION = (1, 3)
 #: The version that added the ``extents`` model format (GGUF and other device files).
 EXTENTS_VERSION = (1, 4)
+#: The version that added packed sections (the ``packed-sections`` feature).
+PACKED_VERSION = (1, 5)
+#: The feature of a patch whose sections follow each other with no padding (spec section 6): a
+#: small patch's dozens of few-byte sections each cost up to 63 bytes of zeros otherwise.
+PACKED_SECTIONS = "packed-sections"
 PREAMBLE = struct.Struct("<8sHHIQ")
 PREAMBLE_SIZE = PREAMBLE.size  # 24
 ALIGNMENT = 64
@@ -61,7 +68,7 @@ MAX_OPS = 1 << 18
 #: A zstd frame cannot expand beyond this ratio (a 4-byte RLE block -> 128 KiB).
 MAX_ZSTD_EXPANSION = 32768
 
-KNOWN_FEATURES: frozenset[str] = frozenset()
+KNOWN_FEATURES: frozenset[str] = frozenset({PACKED_SECTIONS})
 OPS = ("rows", "elements", "whole", "add", "remove", "qrows")
 #: Formats a base may have.
 MODEL_FORMATS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "extents")
@@ -81,6 +88,11 @@ MAX_PATH_DEPTH = 64
 
 def align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
+
+
+def place(cursor: int, packed: bool) -> int:
+    """Where the next section (or the trailer) starts after ``cursor`` (spec section 6)."""
+    return cursor if packed else align(cursor)
 
 
 @dataclass
@@ -273,8 +285,15 @@ class PatchHeader:
             for op in self.ops)
 
     @property
+    def packed(self) -> bool:
+        """Sections follow each other with no padding (format 1.5)."""
+        return PACKED_SECTIONS in self.required_features
+
+    @property
     def min_version(self) -> tuple[int, int]:
         """The lowest format version that has every feature this header uses."""
+        if self.packed:
+            return PACKED_VERSION
         if "extents" in (self.base.format, self.target.format):
             return EXTENTS_VERSION
         if any(op.kind == "qrows" for op in self.ops):
@@ -326,6 +345,8 @@ __all__ = [
     "PREAMBLE",
     "PREAMBLE_SIZE",
     "ALIGNMENT",
+    "PACKED_SECTIONS",
+    "PACKED_VERSION",
     "TRAILER_SIZE",
     "FLAG_SIGNED",
     "FLAG_HEADER_ZSTD",
@@ -350,6 +371,7 @@ __all__ = [
     "MAX_PATH_COMPONENT_BYTES",
     "MAX_PATH_DEPTH",
     "align",
+    "place",
     "Section",
     "TensorRef",
     "Op",

@@ -21,7 +21,7 @@ from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMA
                      MAX_PATH_COMPONENT_BYTES, MAX_PATH_DEPTH, MAX_RANK,
                      MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
                      SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
-                     Section, TargetFile, TensorRef, align, delta_or_planes)
+                     Section, TargetFile, TensorRef, delta_or_planes, place)
 
 
 # --- reading ----------------------------------------------------------------
@@ -575,13 +575,16 @@ def _check_qrows(r: _Reader, op: Op, w: str) -> None:
 
 
 def _check_layout(header: PatchHeader, buf, data_start: int, size: int, path: str) -> None:
-    """Sections follow the header in header order, 64-aligned, zero-padded, no holes."""
+    """Sections follow the header in header order, 64-aligned and zero-padded (or packed), no holes."""
     cursor = data_start
+    packed = header.packed
     for s in header.sections():
-        if s.offset != align(cursor):
+        if s.offset != place(cursor, packed):
             raise PatchFormatError(
-                f"section at offset {s.offset} is out of place (expected {align(cursor)}): sections must follow "
-                "the header in order, each at the next 64-byte boundary", path=path)
+                f"section at offset {s.offset} is out of place (expected {place(cursor, packed)}): sections must "
+                "follow the header in order, each "
+                + ("right after the one before (packed-sections)" if packed else "at the next 64-byte boundary"),
+                path=path)
         if s.offset + s.length > size - TRAILER_SIZE:
             raise PatchFormatError(f"section at offset {s.offset} runs past the end of the data", path=path)
         if s.codec and s.codec[-1] == "zstd":
@@ -595,7 +598,7 @@ def _check_layout(header: PatchHeader, buf, data_start: int, size: int, path: st
                                    f"size {s.size}", path=path)
         _check_zero(buf, cursor, s.offset, path)
         cursor = s.offset + s.length
-    end = align(cursor)
+    end = place(cursor, packed)
     if end != size - TRAILER_SIZE:
         raise PatchFormatError(f"file is {size} bytes, its sections end at {end} (+{TRAILER_SIZE} trailer)"
                                + (": trailing bytes" if size - TRAILER_SIZE > end else ": truncated"), path=path)

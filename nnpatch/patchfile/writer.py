@@ -12,7 +12,8 @@ from ..atomic import atomic_write
 from ..codecs import SMALL_SECTION_LEVEL, zstd_compressor
 from ..errors import NnpatchIOError, PatchFormatError
 from .header import (FLAG_HEADER_ZSTD, HEADER_EXPANSION_SLACK, MAX_HEADER_EXPANSION, FLAG_SIGNED, MAGIC, MAX_HEADER_SIZE, PREAMBLE, PREAMBLE_SIZE,
-                     SIGNATURE_BLOCK_SIZE, TRAILER_SIZE, PatchHeader, Section, align, encode_header, header_text)
+                     PACKED_SECTIONS, SIGNATURE_BLOCK_SIZE, TRAILER_SIZE, PatchHeader, Section, align,
+                     encode_header, header_text, place)
 
 
 def _pad_zero(data: bytes) -> bytes:
@@ -52,10 +53,17 @@ class PatchWriter:
 
     Sections must be added in the order the header lists them (layout, then
     each op's index and values, ops sorted by name).
+
+    ``packed``: sections follow each other with no padding (format 1.5, the
+    ``packed-sections`` feature), unless that saves nothing (every section
+    already falls on a 64-byte boundary): then the patch is written aligned,
+    as readers of 1.4 and before take it. ``packed=False`` always aligns.
     """
 
-    def __init__(self, path: str | os.PathLike[str]) -> None:
+    def __init__(self, path: str | os.PathLike[str], *, packed: bool = True) -> None:
         self.path = os.fspath(path)
+        self.packed = packed
+        self._aligned_anyway = True  # every section so far starts on a 64-byte boundary
         directory = os.path.dirname(os.path.abspath(self.path))
         self.trailer_hash = ""  # set by finish()
         try:
@@ -69,6 +77,9 @@ class PatchWriter:
 
     def begin_section(self) -> int:
         pos = self._spool.tell()
+        if self.packed:
+            self._aligned_anyway &= pos == align(pos)
+            return pos
         pad = align(pos) - pos
         if pad:
             self._spool.write(b"\x00" * pad)
@@ -90,11 +101,14 @@ class PatchWriter:
         if signer is not None:
             header.flags |= FLAG_SIGNED
         data_len = self._spool.tell()
+        packed = self.packed and not (self._aligned_anyway and data_len == align(data_len))
+        features = set(header.required_features) - {PACKED_SECTIONS}
+        header.required_features = sorted(features | {PACKED_SECTIONS} if packed else features)
         head = _layout_header(header, compress_header)
         data_start = PREAMBLE_SIZE + len(head)
         if len(head) > MAX_HEADER_SIZE:
             raise PatchFormatError(f"header of {len(head)} bytes exceeds the {MAX_HEADER_SIZE} limit", path=self.path)
-        trailer_at = data_start + align(data_len)
+        trailer_at = data_start + place(data_len, packed)
         h = blake3.blake3()
         try:
             with atomic_write(self.path) as f:
@@ -110,7 +124,7 @@ class PatchWriter:
                         break
                     f.write(buf)
                     h.update(buf)
-                pad = b"\x00" * (align(data_len) - data_len)
+                pad = b"\x00" * (place(data_len, packed) - data_len)
                 f.write(pad)
                 h.update(pad)
                 digest = h.digest()

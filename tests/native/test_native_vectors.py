@@ -5,9 +5,9 @@ Python implementation and one ``Error:`` line, leaving nothing at -o; through li
 
 Directory and ONNX vectors are refused with exit 3 by an applier that does not implement those
 kinds; one that does must rebuild them exactly (the GGUF vector, an extents target: it does). The
-vectors marked ``since`` (FORMAT.md section 13: "1.3", the qrows op; "1.4", extents models) are no
-exception: the native applier reads 1.4 (NNP_FORMAT_MINOR 4), so each valid one is rebuilt exactly
-and each invalid one fails with Python's class and message.
+vectors marked ``since`` (FORMAT.md section 13: "1.3", the qrows op; "1.4", extents models; "1.5",
+packed sections) are no exception: the native applier reads 1.5 (NNP_FORMAT_MINOR 5), so each valid
+one is rebuilt exactly and each invalid one fails with Python's class and message.
 """
 
 from __future__ import annotations
@@ -87,13 +87,16 @@ def test_the_vectors_cover_what_the_native_applier_must_do():
     assert {v["name"] for v in SINCE if v in MANIFEST["invalid"]} >= {
         "qrows-bad-bits", "qrows-bad-dtype", "qrows-codes-size", "qrows-nan-scale", "qrows-padding-nibble",
         "qrows-planes", "qrows-scales-size"}
+    # format 1.5: packed sections, applied and broken
+    assert "packed-all-ops" in names
+    assert {v["name"] for v in SINCE if v in MANIFEST["invalid"]} >= {"packed-without-feature", "packed-padding"}
 
 
-def test_the_native_applier_reads_format_1_4(native):
-    """--version names the newest format it reads: 1.4, the one that added extents models (GGUF)."""
+def test_the_native_applier_reads_format_1_5(native):
+    """--version names the newest format it reads: 1.5, the one that added packed sections."""
     r = run_native(native, "--version")
     assert_ok(r)
-    assert "(format 1.4)" in r.out, r
+    assert "(format 1.5)" in r.out, r
 
 
 @pytest.mark.parametrize("verify", VERIFY)
