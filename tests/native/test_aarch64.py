@@ -33,7 +33,7 @@ def test_is_aarch64(aarch64):
 def test_version(aarch64):
     r = aarch64.run("--version")
     assert r.returncode == 0, r.stderr
-    assert "(format 1.4)" in r.stdout.decode()
+    assert "(format 1.5)" in r.stdout.decode()
 
 
 def test_the_qrows_vectors_are_here():
