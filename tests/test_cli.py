@@ -178,10 +178,13 @@ def test_verify(made, runner, tmp_path):
 def test_show(made, runner):
     _, _, patch = made
     r = runner.invoke(cli, ["show", patch])
-    # the lowest version with the features used: 1.2 where a section orders values by exponent (esort)
+    # the lowest version with the features used: 1.5 for packed sections, else 1.2 where a section
+    # orders values by exponent (esort)
     with open(patch, "rb") as f:
-        ops = header_json(f.read())["ops"]
-    version = "1.2" if any("esort" in op.get("values", {}).get("codec", []) for op in ops) else "1.0"
+        header = header_json(f.read())
+    ops = header["ops"]
+    version = "1.5" if "packed-sections" in header["required_features"] else \
+        "1.2" if any("esort" in op.get("values", {}).get("codec", []) for op in ops) else "1.0"
     assert r.exit_code == 0 and f"nnpatch format {version}" in r.stdout and "new_only" in r.stdout
     obj = json.loads(runner.invoke(cli, ["show", "--json", patch]).stdout)
     assert obj["version"] == version and {o["op"] for o in obj["ops"]} >= {"add", "remove", "whole"}
