@@ -11,8 +11,9 @@ therefore travel in the skeleton, and its int8 rows in the ops.
 
 Where a buffer's bytes are:
 
-- inline: ``Buffer.data``, a ``[ubyte]`` vector inside the flatbuffer
-  (16-byte aligned by the schema); the extent is the vector's data;
+- inline: ``Buffer.data``, a ``[ubyte]`` vector inside the flatbuffer (the
+  schema asks for 16-byte alignment, converters do not always give it; the
+  extent is the vector's data wherever it is, carried exactly);
 - by offset (models past 2 GB): ``Buffer.offset`` (> 1) and ``Buffer.size``
   point at bytes after the flatbuffer, counted from the file's start;
 - in an external weight file (``Tensor.external_buffer``): refused, since an
@@ -45,6 +46,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import re
 import struct
 
 import numpy as np
@@ -80,6 +82,14 @@ TENSOR_TYPES = {
 }
 _ITEMSIZE = {"F32": 4, "F16": 2, "I32": 4, "U8": 1, "I64": 8, "BOOL": 1, "I16": 2, "C64": 8, "I8": 1,
              "F64": 8, "U64": 8, "U32": 4, "U16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
+
+
+_INDEX_KEY = re.compile(r"[0-9]+/#[0-9]+")
+
+
+def is_index_key(key: str) -> bool:
+    """Whether ``key`` is spelt as the key of a tensor without a unique name, ``<subgraph>/#<index>``."""
+    return _INDEX_KEY.fullmatch(key) is not None
 
 
 class _Flatbuffer:
@@ -179,7 +189,6 @@ def parse(buf, path: str):
     buffers = model.tables(_MODEL_BUFFERS, "buffer")
     subgraphs = model.tables(_MODEL_SUBGRAPHS, "subgraph")
     users: dict[int, list[tuple[str, int, int, tuple[int, ...]]]] = {}  # buffer -> [(key, sg, type, shape)]
-    by_index = 0
     for s, sg in enumerate(subgraphs):
         tensors = sg.tables(_SUBGRAPH_TENSORS, f"subgraph {s}'s tensor")
         names = [t.string(_TENSOR_NAME) for t in tensors]
@@ -206,14 +215,14 @@ def parse(buf, path: str):
             except UnicodeDecodeError:
                 text = None
             if text is None:
-                key, by_index = f"{s}/#{i}", by_index + 1
+                key = f"{s}/#{i}"
             else:
                 key = f"{s}/{text}"
             if key in keys:  # a real name spelt like an index key
                 fb.fail(f"{what}: the key {key!r} is taken twice")
             keys.add(key)
             users.setdefault(b, []).append((key, s, ttype, shape))
-    out, modes = [], set()
+    out, modes, sharers_of = [], set(), {}
     for b, sharers in sorted(users.items()):
         buffer = buffers[b]
         what = f"buffer {b}"
@@ -229,6 +238,7 @@ def parse(buf, path: str):
         if not n:
             continue  # an activation, or a tensor filled at run time: nothing stored
         key, _, ttype, shape = sharers[0]
+        sharers_of[key] = sharers
         tname, dtype = TENSOR_TYPES.get(ttype, (f"TYPE{ttype & 0xff}", None))
         numel = 1
         for d in shape:
@@ -245,16 +255,17 @@ def parse(buf, path: str):
     for prev, cur in zip(ordered, ordered[1:]):
         if cur[0].offset < prev[0].end:
             fb.fail(f"the buffers of {prev[0].name!r} and {cur[0].name!r} overlap")
+    by_index = sum(1 for e, _, _ in out if is_index_key(e.name))
     metadata = {
         "tflite.version": str(model.scalar(_MODEL_VERSION, "<I", 0)),
         "tflite.subgraphs": str(len(subgraphs)),
         "tflite.buffers": str(len(buffers)),
         "tflite.storage": "+".join(sorted(modes)) or "no tensor data",
         "tflite.keys": ("(subgraph, name)" if not by_index else
-                        f"(subgraph, name); {by_index} tensors without a unique name keyed as "
-                        "'<subgraph>/#<tensor index>', checked by their base buffer's BLAKE3"),
+                        f"(subgraph, name); {by_index} buffers whose tensor has no unique name keyed as "
+                        "'<subgraph>/#<tensor index>', checked by the base buffer's BLAKE3"),
     }
-    shared = sum(1 for s in users.values() if len(s) > 1)
+    shared = sum(1 for e, _, _ in out if len(sharers_of[e.name]) > 1)
     if shared:
         metadata["tflite.shared_buffers"] = f"{shared} buffers read by several tensors, patched once each"
     description = model.string(_MODEL_DESCRIPTION)
