@@ -71,6 +71,37 @@ def test_roundtrip_exact_and_runs(tmp_path, base, target, mode):
     assert b3(model) == b3(b)
 
 
+def test_chain_and_requantization(tmp_path):
+    """Two patches in one pass (cnn -> channels -> moved), and float32 -> int8 (every weight changes
+    dtype, its scales appear in the skeleton): exact, and the output runs as the target."""
+    p1, p2, p3 = (tmp_path / f"p{i}.nnp" for i in range(3))
+    out = tmp_path / "out.tflite"
+    assert cli("diff", fixture("cnn"), fixture("cnn-channels"), "-o", p1)[0] == 0
+    assert cli("diff", fixture("cnn-channels"), fixture("cnn-moved"), "-o", p2)[0] == 0
+    code, text = cli("apply", fixture("cnn"), p1, p2, "-o", out)
+    assert code == 0, text
+    assert b3(out) == b3(fixture("cnn-moved"))
+    assert cli("diff", fixture("cnn"), fixture("cnn-int8"), "-o", p3)[0] == 0
+    assert cli("apply", fixture("cnn"), p3, "-o", out)[0] == 0
+    assert b3(out) == b3(fixture("cnn-int8"))
+    assert_same_outputs(out, fixture("cnn-int8"))
+
+
+def test_names_a_patch_cannot_carry_key_by_index(tmp_path):
+    """A name past 65,536 bytes, or not UTF-8, or repeated in its subgraph: that tensor keys by index."""
+    model = flatbuffer_utils.read_model_from_bytearray(bytearray(Path(fixture("cnn")).read_bytes()))
+    data = [i for i, t in enumerate(model.subgraphs[0].tensors) if model.buffers[t.buffer].data is not None]
+    tensors = model.subgraphs[0].tensors
+    tensors[data[0]].name = b"x" * 65537
+    tensors[data[1]].name = b"\xff\xfe"
+    tensors[data[2]].name = tensors[data[3]].name = b"same"
+    path = tmp_path / "m.tflite"
+    flatbuffer_utils.write_model(model, str(path))
+    with open_model(path) as m:
+        assert {f"0/#{i}" for i in data[:4]} <= set(m.tensors)
+        assert "4 buffers whose tensor has no unique name" in m.metadata["tflite.keys"]
+
+
 @pytest.mark.parametrize("name", ["cnn", "cnn-int8", "cnn-stripped", "cnn-bias"])
 def test_reader_agrees_with_the_schema(tmp_path, name):
     """Every tensor buffer nnpatch finds is the one LiteRT's generated accessors find, in both modes;

@@ -53,7 +53,7 @@ import numpy as np
 
 from ..errors import NnpatchIOError, WeightsError
 from ..hashing import canonical_order
-from .extents import Extent
+from .extents import MAX_NAME, Extent
 from .model import Model, ModelFile, ModelTensor, read_only
 
 #: The flatbuffer file identifier of the TFLite schema, at bytes 4..8.
@@ -210,8 +210,8 @@ def parse(buf, path: str):
             shape = tuple(fb.scalar("<i", start + 4 * d, f"{what}'s shape") for d in range(rank))
             ttype = t.scalar(_TENSOR_TYPE, "<b", 0)
             name = names[i]
-            try:
-                text = name.decode("utf-8") if name and counts[name] == 1 else None
+            try:  # a name a patch cannot carry (spec 5.3: 1 to 65,536 UTF-8 bytes) keys by index too
+                text = name.decode("utf-8") if name and counts[name] == 1 and len(name) <= MAX_NAME else None
             except UnicodeDecodeError:
                 text = None
             if text is None:
