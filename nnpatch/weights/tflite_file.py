@@ -33,28 +33,22 @@ layer's output, [out, in], and a row op sends whole channels; a depthwise
 conv, [1, H, W, C], is one row and changes go as elements); otherwise (int4,
 strings, sparse tensors) it is ``U8`` of its byte size.
 
-The flatbuffer is read here with bounds-checked reads of the few fields
-nnpatch needs, not with the generated accessors of
+The flatbuffer is read with :mod:`.flatbuffer`'s bounds-checked reads of
+the few fields nnpatch needs, not with the generated accessors of
 ``ai_edge_litert.schema_py_generated``: those check nothing (a crafted
 offset reads from the other end of the file, a string past the end is cut
-short silently), and a crafted file must be refused with one line. The
-field slots follow schema.fbs; the tests read every fixture with the
-generated code as the second opinion.
+short silently), and a crafted file must be refused with one line. So no
+package is needed to read TFLite. The field slots follow schema.fbs; the
+tests read every fixture with the generated code as the second opinion.
 """
 
 from __future__ import annotations
 
-import mmap
-import os
 import re
-import struct
 
-import numpy as np
-
-from ..errors import NnpatchIOError, WeightsError
-from ..hashing import canonical_order
 from .extents import MAX_NAME, Extent
-from .model import Model, ModelFile, ModelTensor, read_only
+from .flatbuffer import Flatbuffer
+from .model import MappedExtentsModel
 
 #: The flatbuffer file identifier of the TFLite schema, at bytes 4..8.
 IDENTIFIER = b"TFL3"
@@ -92,87 +86,6 @@ def is_index_key(key: str) -> bool:
     return _INDEX_KEY.fullmatch(key) is not None
 
 
-class _Flatbuffer:
-    """Checked reads of flatbuffer tables: every position and length is tested against the file's
-    end, so a crafted file gives one WeightsError, never a read from elsewhere."""
-
-    def __init__(self, buf, path: str) -> None:
-        self.buf, self.path, self.size = buf, path, len(buf)
-
-    def fail(self, why: str):
-        raise WeightsError(f"not a valid TFLite file: {why}", path=self.path)
-
-    def u32(self, pos: int, what: str) -> int:
-        if pos < 0 or pos + 4 > self.size:
-            self.fail(f"{what} at byte {pos} lies outside the file")
-        return struct.unpack_from("<I", self.buf, pos)[0]
-
-    def scalar(self, fmt: str, pos: int, what: str):
-        n = struct.calcsize(fmt)
-        if pos < 0 or pos + n > self.size:
-            self.fail(f"{what} at byte {pos} lies outside the file")
-        return struct.unpack_from(fmt, self.buf, pos)[0]
-
-    def table(self, pos: int, what: str) -> "_Table":
-        soffset = self.scalar("<i", pos, what)
-        vtable = pos - soffset
-        vsize = self.scalar("<H", vtable, f"{what}'s vtable")
-        tsize = self.scalar("<H", vtable + 2, f"{what}'s vtable")
-        if vsize < 4 or vsize % 2 or vtable + vsize > self.size or pos + tsize > self.size or tsize < 4:
-            self.fail(f"{what}'s vtable at byte {vtable} is malformed")
-        return _Table(self, pos, vtable, vsize, tsize, what)
-
-    def deref(self, pos: int, what: str) -> int:
-        """The position an offset field at ``pos`` points at (always forward in a flatbuffer)."""
-        return pos + self.u32(pos, what)
-
-    def vector(self, pos: int, what: str, item: int) -> tuple[int, int]:
-        """(start of the data, count) of the vector whose offset field is at ``pos``."""
-        at = self.deref(pos, what)
-        n = self.u32(at, f"{what}'s length")
-        if n > (self.size - at - 4) // item:
-            self.fail(f"{what} claims {n} items, more than the file holds")
-        return at + 4, n
-
-
-class _Table:
-    __slots__ = ("fb", "pos", "vtable", "vsize", "tsize", "what")
-
-    def __init__(self, fb: _Flatbuffer, pos: int, vtable: int, vsize: int, tsize: int, what: str) -> None:
-        self.fb, self.pos, self.vtable, self.vsize, self.tsize, self.what = fb, pos, vtable, vsize, tsize, what
-
-    def field(self, slot: int, width: int) -> int | None:
-        """The position of field ``slot``, or None when it is absent (default)."""
-        at = 4 + 2 * slot
-        if at + 2 > self.vsize:
-            return None
-        off = struct.unpack_from("<H", self.fb.buf, self.vtable + at)[0]
-        if not off:
-            return None
-        if off + width > self.tsize:
-            self.fb.fail(f"{self.what}: field {slot} lies outside its table")
-        return self.pos + off
-
-    def scalar(self, slot: int, fmt: str, default):
-        at = self.field(slot, struct.calcsize(fmt))
-        return default if at is None else self.fb.scalar(fmt, at, f"{self.what} field {slot}")
-
-    def string(self, slot: int) -> bytes | None:
-        at = self.field(slot, 4)
-        if at is None:
-            return None
-        start, n = self.fb.vector(at, f"{self.what}'s string", 1)
-        return bytes(self.fb.buf[start:start + n])
-
-    def vector(self, slot: int, item: int) -> tuple[int, int]:
-        at = self.field(slot, 4)
-        return (0, 0) if at is None else self.fb.vector(at, f"{self.what} field {slot}", item)
-
-    def tables(self, slot: int, what: str) -> list[_Table]:
-        start, n = self.vector(slot, 4)
-        return [self.fb.table(self.fb.deref(start + 4 * i, f"{what} {i}"), f"{what} {i}") for i in range(n)]
-
-
 def _text(raw: bytes | None) -> str:
     s = (raw or b"").decode("utf-8", "replace")
     return s if len(s) <= SHOWN else s[:SHOWN] + "…"
@@ -181,7 +94,7 @@ def _text(raw: bytes | None) -> str:
 def parse(buf, path: str):
     """(metadata shown as text, [(extent, dtype, shape)]) of the TFLite bytes ``buf``: one extent per
     non-empty buffer a tensor uses, keyed and typed by its first tensor (see the module docstring)."""
-    fb = _Flatbuffer(buf, path)
+    fb = Flatbuffer(buf, path, "TFLite")
     if len(buf) < 8 or bytes(buf[4:8]) != IDENTIFIER:
         fb.fail("no TFL3 identifier at bytes 4..8")
     model = fb.table(fb.deref(0, "the root offset"), "the model")
@@ -276,41 +189,8 @@ def parse(buf, path: str):
     return metadata, out
 
 
-class TfliteModel(Model):
+class TfliteModel(MappedExtentsModel):
     """A TFLite file's tensor buffers, zero-copy over a read-only map, and its extents for the patch."""
 
     def __init__(self, path: str) -> None:
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        except OSError as e:
-            raise NnpatchIOError(f"{path}: cannot open: {e.strerror or e}") from e
-        self.size = size
-        self._view = memoryview(self._map)
-        metadata, entries = parse(self._view, path)
-        self.extents = [e for e, _, _ in entries]
-        base = os.path.basename(path)
-        tensors = {}
-        by_name = {e.name: (e, dtype, shape) for e, dtype, shape in entries}
-        for name in canonical_order(by_name):
-            e, dtype, shape = by_name[name]
-            tensors[name] = ModelTensor(name, dtype, shape, e.size, base, e.offset, e.end)
-        super().__init__("tflite", path, tensors, metadata, [ModelFile(base, size, False, tuple(tensors))])
-
-    def raw(self, name: str) -> np.ndarray:
-        t = self.tensors[name]
-        return read_only(np.frombuffer(self._view[t.begin:t.end], dtype=np.uint8))
-
-    def data(self) -> memoryview:
-        """The whole file's bytes (for the skeleton)."""
-        return self._view
-
-    def close(self) -> None:
-        view, self._view = self._view, memoryview(b"")
-        try:
-            view.release()
-            if isinstance(self._map, mmap.mmap):
-                self._map.close()
-        except BufferError:  # a tensor array still borrows the map: the GC closes it
-            pass
+        super().__init__("tflite", path, parse)
