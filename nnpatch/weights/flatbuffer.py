@@ -93,6 +93,11 @@ class Table:
         at = self.field(slot, 4)
         return (0, 0) if at is None else self.fb.vector(at, f"{self.what} field {slot}", item)
 
+    def table(self, slot: int, what: str) -> Table | None:
+        """The table field ``slot`` points at, or None when it is absent."""
+        at = self.field(slot, 4)
+        return None if at is None else self.fb.table(self.fb.deref(at, what), what)
+
     def tables(self, slot: int, what: str) -> list[Table]:
         start, n = self.vector(slot, 4)
         return [self.fb.table(self.fb.deref(start + 4 * i, f"{what} {i}"), f"{what} {i}") for i in range(n)]

@@ -25,10 +25,10 @@ from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
 from ..hashing import canonical_order, model_digest, name_key
 
-KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "gguf", "tflite")
+KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "gguf", "tflite", "ptd")
 #: The kinds read as an ``extents`` model (spec 5.8): a skeleton plus tensor extents, which an
 #: applier rebuilds without knowing the format.
-EXTENTS_KINDS = ("gguf", "tflite")
+EXTENTS_KINDS = ("gguf", "tflite", "ptd")
 #: Directories never listed as part of a model directory.
 SKIPPED_DIRS = frozenset({".git", ".cache"})
 

@@ -16,6 +16,8 @@ kind               recognised by
 ``gguf``           a file starting with the magic ``GGUF`` (llama.cpp)
 ``tflite``         a file with the flatbuffer identifier ``TFL3`` at bytes
                    4..8 (LiteRT / TensorFlow Lite)
+``ptd``            a file with the flatbuffer identifier ``FT01`` at bytes
+                   4..8 (ExecuTorch named data)
 =================  ===========================================================
 """
 
@@ -30,6 +32,7 @@ from .model import Model
 from .safetensors_file import MAX_HEADER_SIZE, SafetensorsModel
 from .gguf_file import MAGIC as GGUF_MAGIC, GgufModel
 from .onnx_file import OnnxModel
+from .ptd_file import IDENTIFIER as PTD_IDENTIFIER, PtdModel
 from .tflite_file import IDENTIFIER as TFLITE_IDENTIFIER, TfliteModel
 from .sharded import INDEX_NAME, SINGLE_NAME, SafetensorsDirModel
 from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC, TorchModel
@@ -58,6 +61,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
         return "gguf"
     if head[4:8] == TFLITE_IDENTIFIER:
         return "tflite"
+    if head[4:8] == PTD_IDENTIFIER:
+        return "ptd"
     if head.startswith(TORCH_LEGACY_MAGIC):
         return "pytorch"
     if len(head) >= 9:
@@ -67,7 +72,7 @@ def sniff(path: str | os.PathLike[str]) -> str:
     if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 64:
         return "onnx"  # ModelProto field 1 (ir_version), as every ONNX writer puts first
     raise WeightsError("not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, GGUF, TFLite, "
-                       "or a Hugging Face model directory)", path=path)
+                       "ExecuTorch .ptd, or a Hugging Face model directory)", path=path)
 
 
 def _is_torch_zip(path: str) -> bool:
@@ -92,4 +97,6 @@ def open_model(path: str | os.PathLike[str]) -> Model:
         return GgufModel(path)
     if kind == "tflite":
         return TfliteModel(path)
+    if kind == "ptd":
+        return PtdModel(path)
     return OnnxModel(path)
