@@ -73,6 +73,26 @@ def test_roundtrip_exact(tmp_path, kind):
             assert {op.name: op.kind for op in patch.header.ops}["linear.weight"] == "rows"
 
 
+REAL = Path(__file__).parent / "data" / "ptd"
+
+
+def test_real_executorch_pair(tmp_path):
+    """Files exported by ExecuTorch 1.5.1 (tests/data/ptd/generate.py: the .pte stays the same, one
+    conv channel and a bias change): read by name with the layout's dtypes, rebuilt byte for byte."""
+    a, b = REAL / "v1.ptd", REAL / "v2.ptd"
+    with open_model(a) as m:
+        assert {k: (t.dtype, t.shape) for k, t in m.tensors.items()} == {
+            "c.weight": ("F32", (8, 3, 3, 3)), "c.bias": ("F32", (8,)), "l.weight": ("F32", (4, 8)),
+            "l.bias": ("F32", (4,))}
+    p, out = tmp_path / "p.nnp", tmp_path / "out.ptd"
+    assert cli("diff", a, b, "-o", p)[0] == 0
+    with read_patch(p) as patch:
+        ops = {op.name: (op.kind, op.count) for op in patch.header.ops}
+    assert ops["c.weight"] == ("rows", 1) and set(ops) == {"c.weight", "l.bias"}
+    assert cli("apply", a, p, "-o", out)[0] == 0
+    assert b3(out) == b3(b)
+
+
 def test_keys_types_and_shared_segments(tmp_path):
     w = weights(0)
     path = tmp_path / "m.ptd"

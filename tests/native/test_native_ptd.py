@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 import nnpatch
-from tests.test_ptd_target import _pair
+from tests.test_ptd_target import REAL, _pair
 
 from .native_run import assert_ok, leftovers
 from .native_run import native as run_native
@@ -33,3 +33,11 @@ def test_native_rebuilds_the_ptd(native_impl, tmp_path, kind):
     assert_ok(run_native(native_impl, "--in-place", model, p))
     assert filecmp.cmp(model, b, shallow=False)
     assert leftovers(out.parent, "n.ptd", "m.ptd") == []
+
+
+def test_native_real_executorch_pair(native_impl, tmp_path):
+    a, b, p = REAL / "v1.ptd", REAL / "v2.ptd", tmp_path / "p.nnpatch"
+    nnpatch.diff(a, b, p)
+    out = tmp_path / "n.ptd"
+    assert_ok(run_native(native_impl, a, p, "-o", out, "--quiet"))
+    assert filecmp.cmp(out, b, shallow=False)
