@@ -70,9 +70,9 @@ def base(width: int) -> Cnn:
 
 
 def _train(m: Cnn, seed: int, rows: float | None) -> Cnn:
-    """A short fine-tune (Adam at a fine-tuning learning rate, 20 steps on fixed random data): a real training update, the
-    size the project's other benchmarks call realistic. With ``rows``, only that share of each
-    weight's output channels (dimension 0 in PyTorch, the same channels' bias entries) may move."""
+    """A short fine-tune (Adam at ``LR``, 20 steps on fixed random data): a real training update.
+    With ``rows``, only that share of each weight's output channels (dimension 0 in PyTorch, and
+    the same channels' bias entries) may move."""
     g = torch.Generator().manual_seed(seed)
     x = torch.randn((64, *INPUT[1:]), generator=g)
     y = torch.randint(0, 10, (64,), generator=g)
