@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import struct
 
+from ..dtypes import ITEMSIZE
 from .extents import MAX_NAME, Extent
 from .flatbuffer import Flatbuffer
 from .model import MappedExtentsModel
@@ -48,8 +49,6 @@ SCALAR_TYPES = {
     13: ("QUINT8", "U8"), 14: ("QINT32", "I32"), 15: ("BFLOAT16", "BF16"), 16: ("QUINT4X2", None),
     17: ("QUINT2X4", None), 22: ("BITS16", "U16"),
 }
-_ITEMSIZE = {"U8": 1, "I8": 1, "I16": 2, "I32": 4, "I64": 8, "F16": 2, "F32": 4, "F64": 8, "BOOL": 1, "BF16": 2,
-             "U16": 2}
 
 
 def parse(buf, path: str):
@@ -118,7 +117,7 @@ def _typed(fb: Flatbuffer, key: str, layout, size: int, begin: int):
         numel = 1
         for d in shape:
             numel = numel * d if d >= 0 else -1
-        if (dtype is None or numel < 0 or numel * _ITEMSIZE[dtype] != size
+        if (dtype is None or numel < 0 or numel * ITEMSIZE[dtype] != size
                 or (order and order != list(range(rank)))):
             dtype = None  # a packed type, a permuted layout or sizes that do not fit: bytes
     if dtype is None:

@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import re
 
+from ..dtypes import ITEMSIZE
 from .extents import MAX_NAME, Extent
 from .flatbuffer import Flatbuffer
 from .model import MappedExtentsModel
@@ -61,7 +62,7 @@ SHOWN = 200
 
 # vtable slots (field ids in schema.fbs)
 _MODEL_VERSION, _MODEL_SUBGRAPHS, _MODEL_DESCRIPTION, _MODEL_BUFFERS, _MODEL_EXTERNAL_BUFFERS = 0, 2, 3, 4, 9
-_SUBGRAPH_TENSORS, _SUBGRAPH_NAME = 0, 4
+_SUBGRAPH_TENSORS = 0
 _TENSOR_SHAPE, _TENSOR_TYPE, _TENSOR_BUFFER, _TENSOR_NAME, _TENSOR_EXTERNAL = 0, 1, 2, 3, 10
 _BUFFER_DATA, _BUFFER_OFFSET, _BUFFER_SIZE = 0, 1, 2
 
@@ -74,8 +75,6 @@ TENSOR_TYPES = {
     16: ("UINT16", "U16"), 17: ("INT4", None), 18: ("BFLOAT16", "BF16"), 19: ("INT2", None),
     20: ("UINT4", None), 21: ("FLOAT8_E4M3FN", "F8_E4M3"), 22: ("FLOAT8_E5M2", "F8_E5M2"),
 }
-_ITEMSIZE = {"F32": 4, "F16": 2, "I32": 4, "U8": 1, "I64": 8, "BOOL": 1, "I16": 2, "C64": 8, "I8": 1,
-             "F64": 8, "U64": 8, "U32": 4, "U16": 2, "BF16": 2, "F8_E4M3": 1, "F8_E5M2": 1}
 
 
 _INDEX_KEY = re.compile(r"[0-9]+/#[0-9]+")
@@ -156,7 +155,7 @@ def parse(buf, path: str):
         numel = 1
         for d in shape:
             numel = numel * d if d >= 0 else -1
-        if dtype is None or numel < 0 or numel * _ITEMSIZE[dtype] != n:
+        if dtype is None or numel < 0 or numel * ITEMSIZE[dtype] != n:
             dtype, shape = "U8", (n,)  # packed, strings, sparse or shape-less: bytes
         if not shape:
             row = n
