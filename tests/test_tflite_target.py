@@ -288,3 +288,34 @@ def test_crafted_tflite_refused(tmp_path, case):
     code, text = cli("textconv", bad)  # git diff's textconv summarizes any file, a model or not
     assert code == 0 and "not a model" in text and "not a valid TFLite file" in text
     assert sorted(os.listdir(tmp_path)) == ["bad.tflite", "off.tflite"]
+
+
+def test_mutated_flatbuffers_parse_or_refuse(tmp_path):
+    """Random damage to the flatbuffer structure of real files (bytes and offsets overwritten, the file
+    cut short): the reader either reads the file or refuses it with WeightsError, nothing else."""
+    import random
+
+    from nnpatch.weights.tflite_file import parse
+
+    sources = [Path(fixture("cnn-int8")).read_bytes(),
+               Path(offset_mode(fixture("cnn-stripped"), str(tmp_path / "off.tflite"))).read_bytes()]
+    rng = random.Random(25)
+    outcomes = {"read": 0, "refused": 0}
+    for _ in range(1500):
+        d = bytearray(rng.choice(sources))
+        for _ in range(rng.randint(1, 4)):
+            pos = rng.randrange(min(len(d), 4000)) if rng.random() < 0.8 else rng.randrange(len(d))
+            k = rng.random()
+            if k < 0.5:
+                d[pos] = rng.randrange(256)
+            elif k < 0.85:
+                v = rng.choice([0, 1, 0xFFFFFFFF, 0x7FFFFFFF, 0x80000000, len(d), len(d) - 4, rng.randrange(1 << 32)])
+                d[pos:pos + 4] = v.to_bytes(4, "little")
+            else:
+                del d[rng.randrange(len(d)):]
+        try:
+            parse(memoryview(bytes(d)), "x.tflite")
+            outcomes["read"] += 1
+        except WeightsError:
+            outcomes["refused"] += 1
+    assert outcomes["read"] and outcomes["refused"]
