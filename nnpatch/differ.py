@@ -34,6 +34,7 @@ from .signing import signer_from_file
 from .quantdelta import QuantDelta
 from .weights import SafetensorsFile, write_safetensors
 from .weights.extents import encode_table, skeleton_of
+from .weights.model import EXTENTS_KINDS
 from .weights.onnx_file import rebuild_external, rebuild_onnx
 from .weights.source import ModelSource, open_source
 
@@ -177,10 +178,10 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
     writer = PatchWriter(output, packed=not aligned)
     try:
         base_model, target_model = ModelHasher(), ModelHasher()
-        base_extents = _encode_layout(writer, _extent_table(b), level) if _kind(b) == "gguf" else None
+        base_extents = _encode_layout(writer, _extent_table(b), level) if _kind(b) in EXTENTS_KINDS else None
         base_layout = _encode_layout(writer, b.header_bytes, level) if reversible else None
         directory = _is_directory(t)
-        target_extents = _encode_layout(writer, _extent_table(t), level) if _kind(t) == "gguf" else None
+        target_extents = _encode_layout(writer, _extent_table(t), level) if _kind(t) in EXTENTS_KINDS else None
         if directory:
             layout, files = None, _encode_files(writer, b, t, level)
         else:
@@ -250,7 +251,7 @@ def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Se
                         files=files)
     # a target in another format is described by its tensors as a safetensors file in the canonical layout,
     # which apply builds first and then writes back in the target's format
-    kind = _format(t) if _kind(t) in ("pytorch", "onnx", "gguf") else "safetensors"
+    kind = _format(t) if _kind(t) in ("pytorch", "onnx", *EXTENTS_KINDS) else "safetensors"
     ref = ModelRef(kind, _target_size(t), _target_digest(t), model_blake3, len(t.tensors), layout=layout)
     if onnx is not None:
         ref.skeleton, ref.outputs = onnx[:2]
@@ -259,9 +260,9 @@ def _target_ref(t, files: list[TargetFile] | None, model_blake3: str, layout: Se
 
 
 def _format(m) -> str:
-    """The model's format in a patch: a file that nnpatch reads as tensor extents (GGUF) is an
-    ``extents`` model, which an applier rebuilds without knowing the file's own format."""
-    return "extents" if _kind(m) == "gguf" else _kind(m)
+    """The model's format in a patch: a file that nnpatch reads as tensor extents (GGUF, TFLite) is
+    an ``extents`` model, which an applier rebuilds without knowing the file's own format."""
+    return "extents" if _kind(m) in EXTENTS_KINDS else _kind(m)
 
 
 def _extent_table(m: ModelSource) -> bytes:

@@ -156,7 +156,7 @@ def test_not_a_model_exits_3(runner, tmp_path, made):
     junk.write_bytes(b"\x05\x00\x00\x00\x00\x00\x00\x00hello")
     line = _one_line_error(runner.invoke(cli, ["apply", str(junk), patch, "-o", str(tmp_path / "o")]), 3)
     assert line == (f"Error: {junk}: not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, GGUF, "
-                    "or a Hugging Face model directory)")
+                    "TFLite, ExecuTorch .ptd, or a Hugging Face model directory)")
 
 
 def test_usage_error_exits_2(runner):

@@ -8,7 +8,7 @@
   ``torch.save`` and proven by the model digest;
 * ``onnx``: the tensors put back into the patch's skeleton, every file proven
   by its digest before it is written;
-* ``extents`` (GGUF): the tensors put back at their extents between the
+* ``extents`` (GGUF, TFLite): the tensors put back at their extents between the
   skeleton's bytes, the file proven by its digest before it is renamed in.
 """
 
@@ -405,7 +405,7 @@ def _extents_plan(patch: Patch, tensors: dict):
 
 def _build_extents(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,
                    replace: bool = False) -> ApplyResult:
-    """An extents target (GGUF): build the tensors as safetensors (proven as any apply is), then write
+    """An extents target (GGUF, TFLite): build the tensors as safetensors (proven as any apply is), then write
     the file as the skeleton's bytes with each tensor at its extent, hashed as it is written, and
     rename it in only when its digest is the patch's."""
     import blake3

@@ -22,6 +22,7 @@ from .. import codecs, dtypes
 from ..patchfile import Op, Patch, read_patch, read_patch_stream
 from ..report import bar, bar_glyphs_encodable, plot, printable, tensor_shares
 from ..signing import key_id
+from ..weights.tflite_file import is_index_key
 from ._common import InputPath, emit_json, human, json_option
 from ._inputs import check_order
 
@@ -89,6 +90,10 @@ def show(patch, as_json, plot_path):
             console.print(f"signed: by key {key_id(signature[0])} (`nnpatch verify --key KEY.pub.pem` checks it)")
         else:
             console.print("signed: no")
+        by_index = sum(1 for op in h.ops if is_index_key(op.name))
+        if by_index:
+            console.print(f"keys: {by_index} tensors are keyed by (subgraph, tensor index), their names stripped "
+                          "(TFLite); each op's base BLAKE3 proves it reads the same tensor")
         if h.target.files is not None:
             files = Table(box=None, title="target directory", title_justify="left")
             for col in ("file", "kind", "size", "stored", "from"):

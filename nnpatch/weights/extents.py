@@ -1,13 +1,13 @@
 """The ``extents`` target kind (format 1.4): a file seen as a skeleton plus tensor extents.
 
-Device formats (GGUF now, LiteRT next) are all a skeleton (header, metadata,
+Device formats (GGUF, LiteRT/TFLite, ExecuTorch .ptd) are all a skeleton (header, metadata,
 tensor table, padding) with each tensor's bytes at an offset. A patch
 describes such a file without knowing its format: the extent table (spec
 section 5.8) names every tensor's offset, size, row size and type, and the
 skeleton is every byte of the file outside the extents, concatenated in file
-order. Only the diff side reads the format (``gguf_file``); the applier, in
-Python here and in C (native/src/extents.c), joins skeleton and tensor bytes
-back into the file.
+order. Only the diff side reads the format (``gguf_file``, ``tflite_file``, ``ptd_file``);
+the applier, in Python here and in C (native/src/extents.c), joins skeleton
+and tensor bytes back into the file.
 
 This module is the reference implementation of the table's bytes and of the
 join.

@@ -23,16 +23,11 @@ as the second opinion.
 
 from __future__ import annotations
 
-import mmap
-import os
 import struct
 
-import numpy as np
-
-from ..errors import NnpatchIOError, WeightsError
-from ..hashing import canonical_order
+from ..errors import WeightsError
 from .extents import Extent
-from .model import Model, ModelFile, ModelTensor, read_only
+from .model import MappedExtentsModel
 
 MAGIC = b"GGUF"
 #: GGML_MAX_DIMS: llama.cpp refuses tensors of more dimensions.
@@ -212,42 +207,14 @@ def parse(buf, path: str) -> tuple[int, dict[str, str], list[tuple[Extent, str, 
     return version, metadata, out
 
 
-class GgufModel(Model):
+def _parse_for_model(buf, path: str):
+    version, metadata, entries = parse(buf, path)
+    return {"gguf.version": str(version), **metadata}, entries
+
+
+class GgufModel(MappedExtentsModel):
     """A GGUF file's tensors, zero-copy over a read-only map, and its extents for the patch."""
 
     def __init__(self, path: str) -> None:
-        try:
-            with open(path, "rb") as f:
-                size = os.fstat(f.fileno()).st_size
-                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
-        except OSError as e:
-            raise NnpatchIOError(f"{path}: cannot open: {e.strerror or e}") from e
-        self.size = size
-        self._view = memoryview(self._map)
-        self.version, metadata, entries = parse(self._view, path)
-        self.extents = [e for e, _, _ in entries]
-        base = os.path.basename(path)
-        tensors = {}
-        by_name = {e.name: (e, dtype, shape) for e, dtype, shape in entries}
-        for name in canonical_order(by_name):
-            e, dtype, shape = by_name[name]
-            tensors[name] = ModelTensor(name, dtype, shape, e.size, base, e.offset, e.end)
-        metadata = {"gguf.version": str(self.version), **metadata}
-        super().__init__("gguf", path, tensors, metadata, [ModelFile(base, size, False, tuple(tensors))])
-
-    def raw(self, name: str) -> np.ndarray:
-        t = self.tensors[name]
-        return read_only(np.frombuffer(self._view[t.begin:t.end], dtype=np.uint8))
-
-    def data(self) -> memoryview:
-        """The whole file's bytes (for the skeleton)."""
-        return self._view
-
-    def close(self) -> None:
-        view, self._view = self._view, memoryview(b"")
-        try:
-            view.release()
-            if isinstance(self._map, mmap.mmap):
-                self._map.close()
-        except BufferError:  # a tensor array still borrows the map: the GC closes it
-            pass
+        super().__init__("gguf", path, _parse_for_model)
+        self.version = int(self.metadata["gguf.version"])

@@ -14,6 +14,7 @@ The readers live in their format's module (``safetensors_file``,
 
 from __future__ import annotations
 
+import mmap
 import os
 import stat
 from dataclasses import dataclass, field
@@ -22,9 +23,12 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
-from ..hashing import model_digest, name_key
+from ..hashing import canonical_order, model_digest, name_key
 
-KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "gguf")
+KINDS = ("safetensors", "safetensors-dir", "pytorch", "onnx", "gguf", "tflite", "ptd")
+#: The kinds read as an ``extents`` model (spec 5.8): a skeleton plus tensor extents, which an
+#: applier rebuilds without knowing the format.
+EXTENTS_KINDS = ("gguf", "tflite", "ptd")
 #: Directories never listed as part of a model directory.
 SKIPPED_DIRS = frozenset({".git", ".cache"})
 
@@ -94,6 +98,52 @@ class Model:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+class MappedExtentsModel(Model):
+    """A one-file model read as tensor extents (spec 5.8) over a read-only map. ``parse(view, path)``
+    gives (metadata, [(extent, dtype, shape)]); ``extents`` and ``size`` feed the patch's extent
+    table, ``data()`` (the whole file) its skeleton, and ``raw`` is zero-copy."""
+
+    def __init__(self, kind: str, path: str, parse) -> None:
+        try:
+            with open(path, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                self._map = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+        except OSError as e:
+            raise NnpatchIOError(f"{path}: cannot open: {e.strerror or e}") from e
+        self.size = size
+        self._view = memoryview(self._map)
+        try:
+            metadata, entries = parse(self._view, path)
+        except BaseException:
+            self.close()
+            raise
+        self.extents = [e for e, _, _ in entries]
+        base = os.path.basename(path)
+        by_name = {e.name: (e, dtype, shape) for e, dtype, shape in entries}
+        tensors = {}
+        for name in canonical_order(by_name):
+            e, dtype, shape = by_name[name]
+            tensors[name] = ModelTensor(name, dtype, shape, e.size, base, e.offset, e.end)
+        super().__init__(kind, path, tensors, metadata, [ModelFile(base, size, False, tuple(tensors))])
+
+    def raw(self, name: str) -> np.ndarray:
+        t = self.tensors[name]
+        return read_only(np.frombuffer(self._view[t.begin:t.end], dtype=np.uint8))
+
+    def data(self) -> memoryview:
+        """The whole file's bytes (for the skeleton)."""
+        return self._view
+
+    def close(self) -> None:
+        view, self._view = self._view, memoryview(b"")
+        try:
+            view.release()
+            if isinstance(self._map, mmap.mmap):
+                self._map.close()
+        except BufferError:  # a tensor array still borrows the map: the GC closes it
+            pass
 
 
 def list_directory(directory: str) -> list[tuple[str, int]]:

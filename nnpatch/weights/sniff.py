@@ -14,6 +14,10 @@ kind               recognised by
 ``onnx``           a file: a protobuf ``ModelProto`` (field 1, ir_version,
                    first), parsed with the ``onnx`` package
 ``gguf``           a file starting with the magic ``GGUF`` (llama.cpp)
+``tflite``         a file with the flatbuffer identifier ``TFL3`` at bytes
+                   4..8 (LiteRT / TensorFlow Lite)
+``ptd``            a file with the flatbuffer identifier ``FT01`` at bytes
+                   4..8 (ExecuTorch named data)
 =================  ===========================================================
 """
 
@@ -28,6 +32,8 @@ from .model import Model
 from .safetensors_file import MAX_HEADER_SIZE, SafetensorsModel
 from .gguf_file import MAGIC as GGUF_MAGIC, GgufModel
 from .onnx_file import OnnxModel
+from .ptd_file import IDENTIFIER as PTD_IDENTIFIER, PtdModel
+from .tflite_file import IDENTIFIER as TFLITE_IDENTIFIER, TfliteModel
 from .sharded import INDEX_NAME, SINGLE_NAME, SafetensorsDirModel
 from .torch_file import TORCH_LEGACY_MAGIC, ZIP_MAGIC, TorchModel
 
@@ -53,6 +59,10 @@ def sniff(path: str | os.PathLike[str]) -> str:
         raise WeightsError("a zip archive, but not a PyTorch checkpoint (no data.pkl)", path=path)
     if head.startswith(GGUF_MAGIC):
         return "gguf"
+    if head[4:8] == TFLITE_IDENTIFIER:
+        return "tflite"
+    if head[4:8] == PTD_IDENTIFIER:
+        return "ptd"
     if head.startswith(TORCH_LEGACY_MAGIC):
         return "pytorch"
     if len(head) >= 9:
@@ -61,8 +71,8 @@ def sniff(path: str | os.PathLike[str]) -> str:
             return "safetensors"
     if len(head) >= 2 and head[0] == 0x08 and 1 <= head[1] <= 64:
         return "onnx"  # ModelProto field 1 (ir_version), as every ONNX writer puts first
-    raise WeightsError("not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, GGUF, "
-                       "or a Hugging Face model directory)", path=path)
+    raise WeightsError("not a model nnpatch can read (safetensors, PyTorch checkpoint, ONNX, GGUF, TFLite, "
+                       "ExecuTorch .ptd, or a Hugging Face model directory)", path=path)
 
 
 def _is_torch_zip(path: str) -> bool:
@@ -85,4 +95,8 @@ def open_model(path: str | os.PathLike[str]) -> Model:
         return TorchModel(path)
     if kind == "gguf":
         return GgufModel(path)
+    if kind == "tflite":
+        return TfliteModel(path)
+    if kind == "ptd":
+        return PtdModel(path)
     return OnnxModel(path)
