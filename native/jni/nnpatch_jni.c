@@ -1,6 +1,6 @@
 /*
  * JNI glue for org.nnpatch: each call makes its own nnp_ctx, so calls from several Java threads
- * run in parallel. Python twin: nnpatch/delivery/updater.py (update), nnpatch/apply.py (apply).
+ * run in parallel. Python twin: nnpatch/delivery/updater.py (update), nnpatch/applier/api.py (apply).
  * Strings cross as real UTF-8 (String.getBytes), not JNI's modified UTF-8, so a path with
  * characters outside the BMP names the right file; a path with a NUL character is refused. A
  * failure becomes an NNPatchException carrying the status, the error class and the library's
