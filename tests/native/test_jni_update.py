@@ -122,6 +122,36 @@ def test_resume_through_the_default_fetcher_by_range(native, classes, feed):  # 
     assert ranges == [None, f"bytes={size // 3}-"], ranges
 
 
+FAULTS = {  # what the first requests for the patch meet, in order; then it is served as it is
+    "cut": [Fault("cut", at=1000)],
+    "stall": [Fault("stall", at=1000, seconds=2.5)],  # past HttpFetcher's 1 s timeout
+    "503-then-cut": [Fault("status", status=503), Fault("cut", at=1500)],
+    "flip": [Fault("flip", at=777)],  # the BLAKE3 check fails: fetched once more from byte 0
+    "range-ignored": [Fault("cut", at=1000), Fault("no_range")],  # 200 with the whole file: skipped to 1000
+    "range-mislabelled": [Fault("cut", at=1000), Fault("bad_range")],  # 206 'bytes 0-': placed by its label
+    "redirect": [Fault("redirect", location="/v1-to-v3.nnpatch?hop=1")],
+    "redirect-loop": [Fault("redirect", location=f"/v1-to-v3.nnpatch?hop={i}") for i in range(6)],
+}
+
+
+@pytest.mark.parametrize("name", FAULTS)
+def test_faults_through_the_default_fetcher(native, classes, feed, name):  # noqa: F811
+    pending = list(FAULTS[name])
+
+    def faults(path, rng):
+        return pending.pop(0) if path.endswith(".nnpatch") and pending else None
+
+    feed.srv.set_faults(faults)
+    kind, fields, _ = java(native, classes, feed, "http-faults")
+    if name == "redirect-loop":  # 6 redirects: one more than HttpFetcher follows, and not worth a retry
+        as_before(feed, kind, fields, 5, "NnpatchIOError")
+        assert "more than 5 redirects" in fields["message"], fields
+        return
+    assert kind == "result", fields
+    updated(feed, fields)
+    assert not pending
+
+
 def test_a_redirect_out_of_http_is_refused(native, classes, feed):  # noqa: F811
     feed.srv.set_faults(lambda path, rng: Fault("redirect", location="file:///etc/passwd") if path.endswith(
         ".nnpatch") else None)

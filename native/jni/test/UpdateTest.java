@@ -134,6 +134,11 @@ public class UpdateTest {
                 print(NNPatch.update(model, manifest, raw, fast().setInPlace(UpdateOptions.InPlace.ALWAYS), http));
                 return;
             }
+            case "http-faults": { // quick to give up on a stalled connection, patient with retries
+                HttpFetcher http = new HttpFetcher().setTimeoutMillis(1000);
+                print(NNPatch.update(model, manifest, pem, fast().setRetries(5), http));
+                return;
+            }
             case "http-path": // the key as a PEM file's path
                 print(NNPatch.update(model, manifest, keys.resolve("release.pub.pem").toString(), fast(), null));
                 return;
