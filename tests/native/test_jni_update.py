@@ -10,6 +10,7 @@ looks up is kept by native/jni/proguard-rules.pro."""
 from __future__ import annotations
 
 import base64
+import os
 import re
 import subprocess
 
@@ -23,7 +24,7 @@ from nnpatch.signing import generate_keypair  # noqa: E402
 
 from ..feedserver import Fault, FeedServer  # noqa: E402
 from ..test_update_net import World  # noqa: E402
-from .conftest import ROOT, require_tool  # noqa: E402
+from .conftest import ROOT, SANITIZER_MARKS, require_tool  # noqa: E402
 from .test_jni import classes  # noqa: E402,F401  (the compiled binding and tests)
 
 JNI = ROOT / "native" / "jni"
@@ -48,14 +49,17 @@ def feed(tmp_path):
         yield w
 
 
-def java(native, classes, w, scenario, *, manifest=None, arg=None):  # noqa: F811
+def java(native, classes, w, scenario, *, manifest=None, arg=None, env=None):  # noqa: F811
     """Run one scenario: (kind, fields) of its RESULT or EXCEPTION line, and its TRACE lines."""
-    cmd = [require_tool("java"), "-Xcheck:jni", f"-Djava.library.path={native.dir}", "-cp", str(classes),
+    lib_dir = native if isinstance(native, (str, os.PathLike)) else native.dir
+    cmd = [require_tool("java"), "-Xcheck:jni", f"-Djava.library.path={lib_dir}", "-cp", str(classes),
            "UpdateTest", scenario, str(w.model), manifest or w.srv.url("manifest.json"), str(w.key.parent)]
-    r = subprocess.run(cmd + ([str(arg)] if arg else []), capture_output=True, text=True, timeout=300)
+    r = subprocess.run(cmd + ([str(arg)] if arg else []), capture_output=True, text=True, timeout=300,
+                       env=env)
     out = r.stdout + r.stderr
     assert r.returncode == 0, out
     assert "WARNING" not in out and "FATAL" not in out, out  # -Xcheck:jni: refs, pending exceptions, threads
+    assert not any(m.decode() in out for m in SANITIZER_MARKS), out
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(("RESULT", "EXCEPTION"))]
     assert len(lines) == 1, out
     traces = [ln for ln in r.stdout.splitlines() if ln.startswith("TRACE")]
@@ -243,6 +247,40 @@ def test_check(native, classes, feed):  # noqa: F811
     assert [t.split(" | ")[0] for t in traces] == ["TRACE refused 4 IntegrityError", "TRACE refused 1 BaseMismatchError"]
     assert "signed by key" in traces[0] and "wrong base" in traces[1], traces
     assert digest(feed.model) == digest(feed.versions[0])  # check writes nothing
+
+
+# --- under AddressSanitizer and UndefinedBehaviorSanitizer ---------------------------------------------
+
+@pytest.fixture(scope="module")
+def jni_asan(asan, tmp_path_factory):
+    """libnnpatch_jni.so built from the glue and the ASan/UBSan libnnpatch.a (the Makefile builds the JNI
+    library for the host build only), and the environment a JVM needs to load it: the ASan runtime
+    preloaded, the JVM's own SEGV handling left to it, no leak report (the JVM never frees its heap)."""
+    javac = require_tool("javac")
+    java_home = os.path.dirname(os.path.dirname(os.path.realpath(javac)))
+    out = tmp_path_factory.mktemp("jni-asan")
+    r = subprocess.run(["gcc", "-std=c99", "-D_GNU_SOURCE", "-O1", "-g", "-fPIC", "-shared", "-fvisibility=hidden",
+                        "-fsanitize=address,undefined", "-fno-sanitize-recover=all", "-fno-omit-frame-pointer",
+                        f"-I{ROOT}/native/include", f"-I{java_home}/include", f"-I{java_home}/include/linux",
+                        "-o", str(out / "libnnpatch_jni.so"), str(JNI / "nnpatch_jni.c"), str(asan.lib_a),
+                        "-lzstd", "-lsodium"], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    runtime = subprocess.run(["gcc", "-print-file-name=libasan.so"], capture_output=True, text=True).stdout.strip()
+    env = dict(os.environ, LD_PRELOAD=runtime, ASAN_OPTIONS="handle_segv=0:detect_leaks=0:abort_on_error=0",
+               UBSAN_OPTIONS="halt_on_error=1:print_stacktrace=1")
+    return out, env
+
+
+@pytest.mark.parametrize("scenario", ["http-raw", "custom", "throwing-fetcher", "misused-sink", "cancel-apply-in-place",
+                                      "interrupt"])
+def test_under_asan(jni_asan, classes, feed, scenario):  # noqa: F811
+    lib_dir, env = jni_asan
+    arg = feed.dist if scenario in ("custom", "interrupt") else None
+    kind, fields, _ = java(lib_dir, classes, feed, scenario, arg=arg, env=env)
+    if kind == "result":
+        updated(feed, fields)
+    else:
+        assert fields["status"] in (5, 130) and digest(feed.model) == digest(feed.versions[0]), fields
 
 
 # --- the keep rules ----------------------------------------------------------------------------------
