@@ -10,6 +10,7 @@ import java.util.Random;
 import java.util.concurrent.CountDownLatch;
 import java.util.concurrent.TimeUnit;
 import java.util.concurrent.atomic.AtomicReference;
+import java.util.concurrent.locks.LockSupport;
 
 import org.nnpatch.Cancellation;
 import org.nnpatch.FetchSink;
@@ -224,14 +225,19 @@ public class UpdateTest {
         }
     }
 
-    /** Another thread cancels once patch bytes are arriving (slowly, from the app's fetcher). */
+    /** Another thread cancels once patch bytes are arriving (from the app's fetcher, which waits for it). */
     static void cancelDownload(String model, byte[] raw, Path dist) throws Exception {
         FolderFetcher f = new FolderFetcher(dist);
         f.cutFirstPatchTry = false;
         f.pieceDelayMillis = 5;
         CountDownLatch arriving = new CountDownLatch(1);
-        f.onPatchBytes = arriving::countDown;
         Cancellation c = new Cancellation();
+        f.onPatchBytes = () -> { // held until the cancel has landed: mid-download every time
+            arriving.countDown();
+            for (int i = 0; i < 2000 && !c.isCancelled(); i++) {
+                LockSupport.parkNanos(5_000_000L);
+            }
+        };
         Thread canceller = new Thread(() -> {
             try {
                 arriving.await();
@@ -311,7 +317,12 @@ public class UpdateTest {
         f.cutFirstPatchTry = false;
         f.pieceDelayMillis = 5;
         CountDownLatch arriving = new CountDownLatch(1);
-        f.onPatchBytes = arriving::countDown;
+        f.onPatchBytes = () -> { // held until the interrupt has landed (parkNanos keeps the flag)
+            arriving.countDown();
+            for (int i = 0; i < 2000 && !Thread.currentThread().isInterrupted(); i++) {
+                LockSupport.parkNanos(5_000_000L);
+            }
+        };
         AtomicReference<Object> outcome = new AtomicReference<>();
         boolean[] flagAfter = {false};
         Thread worker = new Thread(() -> {
