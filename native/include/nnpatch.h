@@ -135,6 +135,10 @@ nnp_status nnp_set_trusted_key(nnp_ctx *ctx, const uint8_t public_key[32]);
 /* The same from a PEM file as `nnpatch keygen` writes (SubjectPublicKeyInfo, "PUBLIC KEY").
  * A private key file is refused with a message saying the public one is meant. */
 nnp_status nnp_set_trusted_key_file(nnp_ctx *ctx, const char *pem_path);
+/* The same from PEM text in memory (len bytes, no NUL needed), for an app that ships its key as a
+ * resource or a string rather than a file. Refused as the file is: a private key NNP_EUSAGE, anything
+ * but one Ed25519 "PUBLIC KEY" NNP_EFORMAT. Since 0.5.0. */
+nnp_status nnp_set_trusted_key_pem(nnp_ctx *ctx, const char *pem, size_t len);
 
 /* Progress: called now and then with the bytes done and the bytes expected in all
  * (total may grow while a stream arrives). Return non-zero to cancel. */

@@ -152,6 +152,8 @@ static nnp_status tries(nnp_ctx *ctx, const nnp_update_options *opt, const char 
     char why[NP_MSG_MAX / 2] = "";
     unsigned pause = opt->backoff_ms;
     for (unsigned n = 0; n <= opt->retries; n++) {
+        if (np_check_cancel(ctx)) /* a context cancelled before the update began fetches nothing */
+            return NNP_ECANCELLED;
         if (n) {
             nnp_status p = pause_ms(ctx, pause);
             if (p)

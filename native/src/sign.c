@@ -177,3 +177,17 @@ nnp_status nnp_set_trusted_key_file(nnp_ctx *ctx, const char *pem_path)
         return st;
     return nnp_set_trusted_key(ctx, key);
 }
+
+nnp_status nnp_set_trusted_key_pem(nnp_ctx *ctx, const char *pem, size_t len)
+{
+    if (!ctx)
+        return NNP_EUSAGE;
+    np_clear(ctx);
+    if (!pem)
+        return np_fail(ctx, NNP_KIND_USAGE, "no key given");
+    uint8_t key[32];
+    nnp_status st = np_pem_public_key(ctx, "the key", pem, len, key);
+    if (st)
+        return st;
+    return nnp_set_trusted_key(ctx, key);
+}

@@ -5,6 +5,7 @@ here serves a release from memory and misbehaves on purpose: a range ignored (pi
 
 from __future__ import annotations
 
+import base64
 import ctypes
 import os
 
@@ -53,6 +54,7 @@ def load(native) -> ctypes.CDLL:
     lib.nnp_message.restype = ctypes.c_char_p
     lib.nnp_message.argtypes = [ctypes.c_void_p]
     lib.nnp_set_trusted_key_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+    lib.nnp_set_trusted_key_pem.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_size_t]
     lib.nnp_update.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(Options), ctypes.POINTER(Result)]
     lib.nnp_hash_file.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_uint8 * 32]
     lib.nnp_patch_digests_of.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.POINTER(Digests)]
@@ -69,12 +71,16 @@ def release(tmp_path):
     return w
 
 
-def run_update(native, w, behave, *, retries=2):
+def run_update(native, w, behave, *, retries=2, pem_text=False):
     """nnp_update of w's model from its manifest in the 'dist' folder, patches fetched by a callback whose
     behaviour for the n-th call is behave(n, data, offset, limit) -> list of (at, bytes) pieces and a result."""
     lib = load(native)
     ctx = lib.nnp_ctx_new()
-    assert lib.nnp_set_trusted_key_file(ctx, str(w.pub).encode()) == 0
+    if pem_text:  # the key as an app ships it: PEM text in memory, not a file
+        pem = w.pub.read_bytes()
+        assert lib.nnp_set_trusted_key_pem(ctx, pem, len(pem)) == 0, lib.nnp_message(ctx)
+    else:
+        assert lib.nnp_set_trusted_key_file(ctx, str(w.pub).encode()) == 0
     calls = []
 
     @FETCH
@@ -101,6 +107,27 @@ def run_update(native, w, behave, *, retries=2):
 
 def whole(n, data, offset, limit):
     return [(offset, data[offset:])], OK
+
+
+def test_the_key_as_pem_text(native, release):
+    st, msg, res, _ = run_update(native, release, whole, pem_text=True)
+    assert st == 0, msg
+    assert blake3.blake3(release.model.read_bytes()).digest() == blake3.blake3(release.versions[2].read_bytes()).digest()
+    raw = base64.b64decode("".join(release.pub.read_text().splitlines()[1:-1]))[-32:]
+    assert res.key_id.decode() == blake3.blake3(raw).hexdigest()[:16]  # the key the text names was the one used
+    lib = load(native)
+    ctx = lib.nnp_ctx_new()
+    private = release.key.read_bytes()
+    assert lib.nnp_set_trusted_key_pem(ctx, private, len(private)) == 2
+    assert b"this is a private key" in lib.nnp_message(ctx)
+    for bad in (b"", b"-----BEGIN PUBLIC KEY-----\nAAAA\n-----END PUBLIC KEY-----\n", release.pub.read_bytes()[:40]):
+        assert lib.nnp_set_trusted_key_pem(ctx, bad, len(bad)) == 3, bad
+        assert lib.nnp_message(ctx) == b"the key: not a PEM Ed25519 public key"
+    # len counts, not a NUL: the text cut one byte short of its END line is refused
+    pem = release.pub.read_bytes()
+    assert lib.nnp_set_trusted_key_pem(ctx, pem, len(pem.rstrip()) - 1) == 3
+    assert lib.nnp_set_trusted_key_pem(ctx, None, 0) == 2
+    lib.nnp_ctx_free(ctx)
 
 
 def test_update_through_a_callback(native, release):

@@ -67,6 +67,13 @@ public class NNPatchTest {
         e = fails(() -> NNPatch.apply(base, patch, tmp.resolve("x").toString(), null,
                                       tmp.resolve("no-key.pem").toString()));
         check(e != null && e.getStatus() == NNPatchException.IO, "missing key file: status 5, got " + (e == null ? "none" : e.getStatus() + " " + e.getMessage()));
+        // the key as PEM text (issue 23: it was taken for a path, "cannot read"): read, and the
+        // unsigned vector is refused for want of a signature
+        String pem = new String(Files.readAllBytes(vec.getParent().getParent().resolve("manifest")
+                .resolve("TEST-ONLY-release-key.pub.pem")), java.nio.charset.StandardCharsets.UTF_8);
+        e = fails(() -> NNPatch.apply(base, patch, tmp.resolve("x").toString(), null, pem));
+        check(e != null && e.getStatus() == NNPatchException.INTEGRITY && e.getMessage().contains("not signed"),
+              "PEM text key: unsigned refused, got " + (e == null ? "none" : e.getStatus() + " " + e.getMessage()));
 
         // in place, then recover finds no journal
         Path model = tmp.resolve("model.safetensors");

@@ -1,7 +1,8 @@
 package org.nnpatch;
 
 /** A failed {@link NNPatch} call: the native status (the command's exit code), the
- * error class (the Python implementation's name, e.g. "BaseMismatchError") and the message. */
+ * error class (the Python implementation's name, e.g. "BaseMismatchError") and the message.
+ * libnnpatch_jni makes it (proguard-rules.pro keeps its constructor). */
 public class NNPatchException extends Exception {
     private static final long serialVersionUID = 1L;
 
@@ -10,6 +11,9 @@ public class NNPatchException extends Exception {
     public static final int FORMAT = 3;
     public static final int INTEGRITY = 4;
     public static final int IO = 5;
+    /** {@link NNPatch#update}: no patch in the manifest leads from the model's version. */
+    public static final int NO_UPDATE_PATH = 7;
+    /** Cancelled ({@link Cancellation}), the thread interrupted, or a progress listener threw. */
     public static final int CANCELLED = 130;
 
     private final int status;
@@ -21,7 +25,8 @@ public class NNPatchException extends Exception {
         this.kind = kind;
     }
 
-    /** The status: 1 mismatch, 2 usage, 3 format, 4 integrity (wrong base, bad signature), 5 I/O. */
+    /** The status: 1 mismatch, 2 usage, 3 format, 4 integrity (wrong base, bad signature, a refused
+     * feed), 5 I/O or network, 7 no update path, 130 cancelled. */
     public int getStatus() {
         return status;
     }
