@@ -240,6 +240,15 @@ def test_thread_interrupt_stops_the_update(native, classes, feed):  # noqa: F811
     rerun_reaches_the_target(native, classes, feed)
 
 
+def test_thread_interrupt_during_a_retry_pause(native, classes, feed, capsys):  # noqa: F811
+    kind, fields, traces = java(native, classes, feed, "interrupt-pause")
+    as_before(feed, kind, fields, 130, "Interrupted")
+    ms = int(next(t for t in traces if t.startswith("TRACE stopped-after-ms")).split()[-1])
+    with capsys.disabled():
+        print(f"\nJNI interrupt during a 30 s retry pause: stopped after {ms} ms")
+    assert ms < 10_000, traces  # heard within the 30 s pause (every 50 ms), not after it
+
+
 def test_check(native, classes, feed):  # noqa: F811
     patch = feed.dist / "v1-to-v3.nnpatch"
     kind, fields, traces = java(native, classes, feed, "check", arg=f"{patch},{feed.versions[1]}")
