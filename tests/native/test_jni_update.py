@@ -292,6 +292,16 @@ def test_under_asan(jni_asan, classes, feed, scenario):  # noqa: F811
         assert fields["status"] in (5, 130) and digest(feed.model) == digest(feed.versions[0]), fields
 
 
+def test_the_binding_compiles_for_java_8(tmp_path):
+    """Android apps build against Java 8's library (plus what desugaring adds): the binding uses
+    nothing newer, so an app with an old minSdk takes the sources as they are."""
+    javac = require_tool("javac")
+    srcs = sorted(str(p) for p in (JNI / "java").rglob("*.java"))
+    r = subprocess.run([javac, "--release", "8", "-Xlint:all", "-Werror", "-d", str(tmp_path), *srcs],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
 # --- the keep rules ----------------------------------------------------------------------------------
 
 JAVA_TYPES = {"I": "int", "J": "long", "Z": "boolean", "B": "byte", "V": "void", "S": "short", "C": "char",
