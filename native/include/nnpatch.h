@@ -141,7 +141,8 @@ nnp_status nnp_set_trusted_key_file(nnp_ctx *ctx, const char *pem_path);
 nnp_status nnp_set_trusted_key_pem(nnp_ctx *ctx, const char *pem, size_t len);
 
 /* Progress: called now and then with the bytes done and the bytes expected in all
- * (total may grow while a stream arrives). Return non-zero to cancel. */
+ * (total may grow while a stream arrives), on the thread that made the call; during
+ * nnp_update's pauses between tries too (every 50 ms, no new bytes). Return non-zero to cancel. */
 typedef int (*nnp_progress_fn)(void *user, uint64_t done, uint64_t total);
 void nnp_set_progress(nnp_ctx *ctx, nnp_progress_fn fn, void *user);
 

@@ -40,7 +40,9 @@ nnp_status np_hash_fd(nnp_ctx *ctx, int fd, uint64_t size, const char *path, uin
     return st;
 }
 
-/* Sleep ms, waking to see a cancel. */
+/* Sleep ms, waking every 50 ms to see a cancel, and to report progress (no new bytes): a
+ * progress callback that stops the update (a Java thread's interrupt, seen by the JNI glue's)
+ * is heard during a pause too, not only at the next try. */
 static nnp_status pause_ms(nnp_ctx *ctx, unsigned ms)
 {
     while (ms) {
@@ -48,7 +50,7 @@ static nnp_status pause_ms(nnp_ctx *ctx, unsigned ms)
         struct timespec ts = {0, (long)step * 1000000L};
         nanosleep(&ts, NULL);
         ms -= step;
-        if (np_check_cancel(ctx))
+        if (np_progress(ctx, 0))
             return NNP_ECANCELLED;
     }
     return NNP_OK;

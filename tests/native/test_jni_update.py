@@ -240,6 +240,15 @@ def test_thread_interrupt_stops_the_update(native, classes, feed):  # noqa: F811
     rerun_reaches_the_target(native, classes, feed)
 
 
+def test_thread_interrupt_during_a_retry_pause(native, classes, feed, capsys):  # noqa: F811
+    kind, fields, traces = java(native, classes, feed, "interrupt-pause")
+    as_before(feed, kind, fields, 130, "Interrupted")
+    ms = int(next(t for t in traces if t.startswith("TRACE stopped-after-ms")).split()[-1])
+    with capsys.disabled():
+        print(f"\nJNI interrupt during a 30 s retry pause: stopped after {ms} ms")
+    assert ms < 10_000, traces  # heard within the 30 s pause (every 50 ms), not after it
+
+
 def test_check(native, classes, feed):  # noqa: F811
     patch = feed.dist / "v1-to-v3.nnpatch"
     kind, fields, traces = java(native, classes, feed, "check", arg=f"{patch},{feed.versions[1]}")
@@ -281,6 +290,16 @@ def test_under_asan(jni_asan, classes, feed, scenario):  # noqa: F811
         updated(feed, fields)
     else:
         assert fields["status"] in (5, 130) and digest(feed.model) == digest(feed.versions[0]), fields
+
+
+def test_the_binding_compiles_for_java_8(tmp_path):
+    """Android apps build against Java 8's library (plus what desugaring adds): the binding uses
+    nothing newer, so an app with an old minSdk takes the sources as they are."""
+    javac = require_tool("javac")
+    srcs = sorted(str(p) for p in (JNI / "java").rglob("*.java"))
+    r = subprocess.run([javac, "--release", "8", "-Xlint:all", "-Werror", "-d", str(tmp_path), *srcs],
+                       capture_output=True, text=True)
+    assert r.returncode == 0, r.stdout + r.stderr
 
 
 # --- the keep rules ----------------------------------------------------------------------------------

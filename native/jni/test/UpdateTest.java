@@ -28,6 +28,8 @@ import org.nnpatch.UpdateResult;
  * "EXCEPTION status kind cause | message", plus "TRACE ..." lines; exits 1 on a failed expectation.
  */
 public class UpdateTest {
+    static String MANIFEST;
+
     static void expect(boolean ok, String what) {
         if (!ok) {
             System.out.println("FAIL: " + what);
@@ -114,6 +116,7 @@ public class UpdateTest {
         String scenario = args[0];
         String model = args[1];
         String manifest = args[2];
+        MANIFEST = manifest;
         Path keys = Paths.get(args[3]);
         String pem = new String(Files.readAllBytes(keys.resolve("release.pub.pem")), StandardCharsets.UTF_8);
         byte[] raw = Files.readAllBytes(keys.resolve("release.raw"));
@@ -211,6 +214,9 @@ public class UpdateTest {
                 return;
             case "interrupt":
                 interrupt(model, raw, Paths.get(arg));
+                return;
+            case "interrupt-pause":
+                interruptPause(model, raw);
                 return;
             case "cancelled-before":
                 Cancellation c = new Cancellation();
@@ -346,6 +352,42 @@ public class UpdateTest {
     }
 
     /** arg: "PATCH,OTHER_MODEL" (a model that is not the patch's base). */
+    /** Thread.interrupt() while the update waits out a 30 s pause between tries of the patch (a
+     * fetcher that always answers "retry"): heard within the pause, not after it. */
+    static void interruptPause(String model, byte[] raw) throws Exception {
+        CountDownLatch failedOnce = new CountDownLatch(1);
+        Fetcher flaky = (url, offset, limit, sink) -> {
+            if (url.endsWith(".nnpatch")) {
+                failedOnce.countDown();
+                return Fetcher.Result.retry(url + ": HTTP 503");
+            }
+            return new HttpFetcher().fetch(url, offset, limit, sink);
+        };
+        AtomicReference<Object> outcome = new AtomicReference<>();
+        Thread worker = new Thread(() -> {
+            try {
+                outcome.set(NNPatch.update(model, MANIFEST, raw,
+                                           new UpdateOptions().setRetries(3).setBackoffMillis(30_000), flaky));
+            } catch (NNPatchException e) {
+                outcome.set(e);
+            }
+        });
+        worker.start();
+        expect(failedOnce.await(60, TimeUnit.SECONDS), "the patch was never fetched");
+        Thread.sleep(200); // into the pause
+        long t0 = System.nanoTime();
+        worker.interrupt();
+        worker.join(20_000);
+        long ms = (System.nanoTime() - t0) / 1_000_000;
+        expect(!worker.isAlive(), "still waiting out the pause");
+        System.out.println("TRACE stopped-after-ms " + ms);
+        if (outcome.get() instanceof NNPatchException) {
+            print((NNPatchException) outcome.get());
+        } else {
+            print((UpdateResult) outcome.get());
+        }
+    }
+
     static void check(String model, Path keys, String pem, byte[] raw, String arg) throws Exception {
         String patch = arg.split(",")[0];
         String other = arg.split(",")[1];

@@ -9,8 +9,9 @@ import java.util.List;
  * (an in-place apply is rolled back by its journal; a partial download stays for the next try).
  * Once cancelled it stays cancelled: an update started with it stops at once. One Cancellation
  * may serve several updates at the same time. {@code Thread.interrupt()} of the updating thread
- * stops it too, without one: it is seen at the next progress report or fetch call (a blocked read
- * of HttpURLConnection is not interruptible; its timeout bounds it), so within one retry pause at most.
+ * stops it too, without one: it is seen at the next progress report (every 50 ms during a pause
+ * between tries) or fetch call; a blocked read of HttpURLConnection is not interruptible, and its
+ * timeout bounds it.
  */
 public final class Cancellation {
     private boolean cancelled;
