@@ -98,6 +98,7 @@ typedef struct ipstate {
     int fd;
     const np_st *st;          /* the model's header (its tensors: the base) */
     const uint8_t *head;      /* its bytes */
+    const np_extents_model *ext; /* an extents model (GGUF): what names it instead of a header */
     uint64_t size;
     np_chain *chain;
     const np_chain_info *info;
@@ -147,7 +148,8 @@ static nnp_status ip_entries(nnp_ctx *ctx, ipstate *s)
         np_item it;
         np_chain_item(s->chain, i, &it);
         const np_tensor *t = np_st_find(s->st, it.out->name, it.out->name_len);
-        if (!t || t->begin != it.out->begin || t->nbytes != it.out->nbytes)
+        /* an extents target's items lie where its safetensors rendering puts them: the model's are the extents */
+        if (!t || (!s->ext && t->begin != it.out->begin) || t->nbytes != it.out->nbytes)
             return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: the plan does not match the model's layout", s->model);
         s->base_of[i] = (size_t)(t - s->st->tensors);
         if (!it.touched)
@@ -208,8 +210,14 @@ static nnp_status ip_write_journal(nnp_ctx *ctx, ipstate *s)
     np_jmeta meta;
     memset(&meta, 0, sizeof meta);
     meta.model_size = s->size;
-    meta.header_len = s->st->data_start;
-    np_blake3_hash(s->head, (size_t)s->st->data_start, meta.header_blake3);
+    if (s->ext) {
+        meta.extents = s->ext->table;
+        meta.extents_len = s->ext->table_len;
+        memcpy(meta.skeleton_blake3, s->ext->skeleton_blake3, 32);
+    } else {
+        meta.header_len = s->st->data_start;
+        np_blake3_hash(s->head, (size_t)s->st->data_start, meta.header_blake3);
+    }
     memcpy(meta.base_blake3, s->info->base_blake3, 32);
     memcpy(meta.base_model, s->info->base_model, 32);
     memcpy(meta.target_blake3, s->info->target_blake3, 32);
@@ -328,9 +336,10 @@ static nnp_status ip_prove(nnp_ctx *ctx, ipstate *s)
         uint8_t fd32[32];
         if ((r = np_hash_file(ctx, s->m, s->size, fd32)))
             return r;
-        if (np_ct_diff(fd32, s->info->target_blake3, 32)) {
+        const uint8_t *want = s->ext ? s->ext->file_blake3 : s->info->target_blake3;
+        if (np_ct_diff(fd32, want, 32)) {
             np_hex(fd32, 32, a);
-            np_hex(s->info->target_blake3, 32, b);
+            np_hex(want, 32, b);
             return np_fail(ctx, NNP_KIND_INTEGRITY,
                            "%s: result does not match the patch's target (BLAKE3 %s, expected %s)", s->model, a, b);
         }
@@ -367,7 +376,7 @@ static void ip_close(nnp_ctx *ctx, ipstate *s, nnp_status r)
 
 /* Everything after the plan, under the lock, for a same-layout update. */
 static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np_st *st, const uint8_t *head,
-                               uint64_t size, np_chain *chain, const np_chain_info *info)
+                               const np_extents_model *ext, uint64_t size, np_chain *chain, const np_chain_info *info)
 {
     ipstate s;
     memset(&s, 0, sizeof s);
@@ -376,6 +385,7 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
     s.fd = fd;
     s.st = st;
     s.head = head;
+    s.ext = ext;
     s.size = size;
     s.chain = chain;
     s.info = info;
@@ -428,6 +438,35 @@ static nnp_status fallback_new_file(nnp_ctx *ctx, const char *model, const char 
     return s;
 }
 
+/* One patch on an extents model (GGUF): when it keeps the extent table and the skeleton, only the
+ * changed rows are written behind the journal (1.1); otherwise a new file renamed over the model. */
+static nnp_status extents_in_place(nnp_ctx *ctx, const char *model, int fd, const char *path)
+{
+    struct stat fs;
+    if (fstat(fd, &fs) != 0)
+        return np_fail_errno(ctx, errno, model, "cannot stat");
+    uint64_t size = (uint64_t)fs.st_size;
+    np_patch p;
+    nnp_status s = np_patch_open(ctx, path, NULL, &p);
+    if (s)
+        return s;
+    np_extents_model em;
+    if ((s = np_extents_in_place(ctx, &p, fd, size, model, &em)) || !em.same) {
+        np_patch_close(&p);
+        return s ? s : fallback_new_file(ctx, model, &path, 1);
+    }
+    np_chain *chain = NULL;
+    if (!(s = np_chain_open_patches(ctx, &p, 1, &em.base, size, model, &chain))) {
+        np_chain_info info;
+        np_chain_get_info(chain, &info);
+        s = apply_locked(ctx, model, fd, &em.base, NULL, &em, size, chain, &info);
+    }
+    np_chain_free(chain);
+    np_st_free(&em.base);
+    free(em.table);
+    return s;
+}
+
 nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const *paths, size_t n)
 {
     if (!ctx)
@@ -467,14 +506,14 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
     np_chain *chain = NULL;
     if ((s = np_recover_locked(ctx, model, fd, NULL)))
         goto out;
-    for (size_t i = 0; i < n; i++) { /* an extents file (GGUF): a new file renamed over it (extents.c) */
+    for (size_t i = 0; i < n; i++) { /* an extents file (GGUF): in place, or a new file renamed over it */
         np_patch p;
         if ((s = np_patch_open(ctx, paths[i], NULL, &p)))
             goto out;
         int ext = np_extents_any(&p, 1);
         np_patch_close(&p);
         if (ext) {
-            s = fallback_new_file(ctx, model, paths, n);
+            s = n == 1 ? extents_in_place(ctx, model, fd, paths[0]) : fallback_new_file(ctx, model, paths, n);
             goto out;
         }
     }
@@ -512,7 +551,7 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
     int same = info.single_file && info.layout_len == st.data_start && info.size == size &&
                memcmp(info.layout, head, (size_t)st.data_start) == 0;
     if (same) {
-        s = apply_locked(ctx, model, fd, &st, head, size, chain, &info);
+        s = apply_locked(ctx, model, fd, &st, head, NULL, size, chain, &info);
     } else {
         np_chain_free(chain);
         chain = NULL;
