@@ -1,5 +1,6 @@
-"""GGUF pairs: patch size against the file, `zstd -19 --long=27 --patch-from` and XOR + zstd; apply
-time (Python, nnpatch-apply) against `cp`.
+"""GGUF pairs: patch size against the file, `zstd -19 --long=27 --patch-from`, XOR + zstd and
+`xdelta3 -9`; diff throughput against `cp` and BLAKE3 of the same file; apply time (Python,
+nnpatch-apply) against `cp`; what an in-place apply writes against the changed rows' bytes.
 
     python benchmarks/gguf_bench.py [--layers 8] [--out DIR]
 
@@ -75,6 +76,40 @@ def pair(d: str, layers: int, kind: str) -> tuple[str, str]:
     return a, b
 
 
+def in_place_bytes(a: str, p: str, d: str) -> tuple[int, int, int]:
+    """(changed rows' bytes, bytes of the 4 KiB pages holding them, journal bytes) of an in-place apply of
+    ``p`` to a copy of ``a``: what Python's pwrite writes, what a shared map's write-back writes (the
+    native applier), and the undo journal, read from the journal an apply stopped at its commit point
+    leaves (both implementations write the same one)."""
+    from nnpatch.applier import apply_in_place, recover
+    from nnpatch.applier.inplace import SimulatedCrash
+    from nnpatch.applier.journal import journal_path, read_journal
+
+    m = os.path.join(d, "inplace.gguf")
+    shutil.copyfile(a, m)
+
+    def stop(step):
+        if step == "journal":
+            raise SimulatedCrash(step)
+    try:
+        apply_in_place(m, p, hook=stop)
+    except SimulatedCrash:
+        pass
+    jp = journal_path(m)
+    j = read_journal(jp, model_size=os.path.getsize(m))
+    rows, pages = 0, set()
+    for e in j.entries:
+        rows += e.count * e.unit
+        for i in j.indices(e).tolist():
+            lo = e.offset + i * e.unit
+            pages.update(range(lo >> 12, ((lo + e.unit - 1) >> 12) + 1))
+    j.close()
+    size = os.path.getsize(jp)
+    recover(m)
+    os.unlink(m)
+    return rows, len(pages) << 12, size
+
+
 def timed(cmd) -> float:
     t = time.perf_counter()
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -88,10 +123,14 @@ def main() -> int:
     args = ap.parse_args()
     d = args.out or tempfile.mkdtemp(prefix="gguf-bench-")
     native = os.path.join(ROOT, "build", "native", "nnpatch-apply")
-    print("| pair | file | nnpatch | zstd-pf-19 | XOR+zstd-19 | diff s | apply py s | apply native s | cp s |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    b3sum = shutil.which("b3sum")
+    xdelta = shutil.which("xdelta3")
+    print("| pair | file | nnpatch | zstd-pf-19 | XOR+zstd-19 | xdelta3-9 | diff MB/s | cp MB/s | BLAKE3 MB/s "
+          "| apply py s | apply native s | in place: rows / pages / journal bytes |")
+    print("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for kind in ("rows", "dense"):
         a, b = pair(d, args.layers, kind)
+        mb = os.path.getsize(b) / 1e6
         p = os.path.join(d, f"{kind}.nnpatch")
         t0 = time.perf_counter()
         nnpatch.diff(a, b, p)
@@ -101,12 +140,22 @@ def main() -> int:
                        stderr=subprocess.DEVNULL)
         x = np.fromfile(a, np.uint8) ^ np.fromfile(b, np.uint8)  # same size: the pairs keep every offset
         xor = len(zstandard.ZstdCompressor(level=19).compress(x.tobytes()))
+        if xdelta:
+            xd = os.path.join(d, f"{kind}.xd3")
+            subprocess.run([xdelta, "-9", "-e", "-f", "-s", a, b, xd], check=True)
+            xd_size = str(os.path.getsize(xd))
+        else:
+            xd_size = "n/a (xdelta3 not installed)"
         out = os.path.join(d, "out.gguf")
+        t_cp = timed(["cp", b, out])
+        t_b3 = timed([b3sum, b]) if b3sum else timed([sys.executable, "-c", "import blake3,sys; "
+                                                       "blake3.blake3(open(sys.argv[1],'rb').read()).digest()", b])
         t_py = timed([sys.executable, "-m", "nnpatch", "apply", a, p, "-o", out])
         t_n = timed([native, a, p, "-o", out, "--quiet"]) if os.path.exists(native) else float("nan")
-        t_cp = timed(["cp", a, out])
-        print(f"| {kind} | {os.path.getsize(b)} | {os.path.getsize(p)} | {os.path.getsize(zpf)} | {xor} | "
-              f"{t_diff:.2f} | {t_py:.2f} | {t_n:.2f} | {t_cp:.2f} |")
+        rows, pages, journal = in_place_bytes(a, p, d)
+        print(f"| {kind} | {os.path.getsize(b)} | {os.path.getsize(p)} | {os.path.getsize(zpf)} | {xor} | {xd_size} | "
+              f"{mb / t_diff:.0f} | {mb / t_cp:.0f} | {mb / t_b3:.0f} | {t_py:.2f} | {t_n:.2f} | "
+              f"{rows} / {pages} ({pages / max(rows, 1):.2f}x) / {journal} |")
     if not args.out:
         shutil.rmtree(d)
     return 0

@@ -1,6 +1,7 @@
 """SIGKILL during `apply --in-place` on a GGUF file, then `recover`: the model is exactly the old or
-the new version, in both implementations (issue 24). An extents target in place writes a new file
-beside the model and renames it over it, so a kill at any moment leaves one of the two versions.
+the new version, in both implementations (issue 24). The pair keeps the extent table and skeleton,
+so the update is made in the file behind the undo journal (spec/JOURNAL.md 1.1), which recover rolls
+back; tests/test_gguf_inplace.py stops it at each step deterministically.
 The native applier's model-sized staging file of a killed run (MODEL.nnpatch-staged-PID) is removed
 by the next recover or in-place apply. (A hidden temporary file of a killed run, `.MODEL.*.tmp`, may
 stay in either implementation: its name does not say whether its writer still runs.)"""
