@@ -148,3 +148,15 @@ def test_an_entry_outside_its_extent_is_refused(gguf_pair):
         recover(str(model))
     assert info.value.exit_code == 3 and "are not the tensor's" in str(info.value)
     assert read(model) == read(old)
+
+
+def test_a_wrong_base_is_refused_before_anything_is_written(gguf_pair, tmp_path):
+    """Same extent table and skeleton, other tensors: the base check fails before the journal's commit."""
+    old, new, patch, model = gguf_pair("rows")
+    other = tmp_path / "other.gguf"
+    write(other, variant(make_model(tmp_path / "unused.gguf"), "dense"))
+    shutil.copyfile(other, model)
+    with pytest.raises(NnpatchError) as info:
+        apply_in_place(str(model), str(patch))
+    assert info.value.exit_code == 4 and "wrong base" in str(info.value)
+    assert read(model) == read(other) and os.listdir(model.parent) == ["model.gguf"]

@@ -303,6 +303,17 @@ static nnp_status put_new_units(void *user, const uint64_t *idx, size_t n)
     return NNP_OK;
 }
 
+/* Let the private map's copied pages of [off, off + len) go (they were written to the file: reading them
+ * again reads the file), so a dense update holds one tensor's copy at a time, not the model's. Pages it
+ * shares with a neighbour lose nothing: the tensors before are written, those after not yet touched. */
+static void drop_private(uint8_t *priv, uint64_t off, uint64_t len)
+{
+    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)(priv + off) & ~(pg - 1), b = (uintptr_t)(priv + off + len);
+    if (b > a)
+        (void)madvise((void *)a, (size_t)(b - a), MADV_DONTNEED);
+}
+
 /* 3. The new bytes: each tensor's steps run on a private (copy-on-write) map of the model, then only
  * the units its op changes are written to the file with pwrite, and fsynced. Writing through the
  * shared map would write back every page a changed row touches (4x the rows' bytes for 2 KiB GGUF
@@ -330,6 +341,8 @@ static nnp_status ip_write_new(nnp_ctx *ctx, ipstate *s)
             if (err)
                 r = np_fail_errno(ctx, err, s->model, "cannot write");
         }
+        if (!r && e->nbytes)
+            drop_private(priv, e->offset, e->nbytes);
         if (!r)
             r = np_progress(ctx, e->nbytes);
     }

@@ -66,3 +66,14 @@ def test_native_refuses_a_lying_journal_and_keeps_it(native_impl, gguf_pair, edi
     r = native_impl.run("--recover", model)
     assert r.returncode == code, r.stderr
     assert read(journal_path(str(model))) == before and read(model) == read(new)
+
+
+def test_native_refuses_a_wrong_base_before_anything_is_written(native_impl, gguf_pair, tmp_path):
+    old, new, patch, model = gguf_pair("rows")
+    from ..gguf_pairs import make_model, variant, write
+    other = tmp_path / "other.gguf"
+    write(other, variant(make_model(tmp_path / "unused.gguf"), "dense"))
+    model.write_bytes(read(other))
+    r = native_impl.run("--in-place", model, patch)
+    assert r.returncode == 4 and b"wrong base" in r.stderr, r.stderr
+    assert read(model) == read(other) and os.listdir(model.parent) == ["model.gguf"]
