@@ -1,8 +1,9 @@
 """SIGKILL during `apply --in-place` on a GGUF file, then `recover`: the model is exactly the old or
-the new version, in both implementations (issue 24). An extents target in place writes a new file
-beside the model and renames it over it, so a kill at any moment leaves one of the two versions.
-A killed run's model-sized staging file (MODEL.nnpatch-staged-PID natively, .MODEL.nnpatch-staged-PID.*.tmp
-in both) is removed by the next recover or in-place apply: its name says which process wrote it."""
+the new version, in both implementations (issue 24). The pair keeps the extent table and skeleton,
+so the update is made in the file behind the undo journal (spec/JOURNAL.md 1.1), which recover rolls
+back; tests/test_gguf_inplace.py stops it at each step deterministically. A killed run's model-sized
+staging file (MODEL.nnpatch-staged-PID natively, .MODEL.nnpatch-staged-PID.*.tmp in both) is removed
+by the next recover or in-place apply: its name says which process wrote it."""
 
 from __future__ import annotations
 

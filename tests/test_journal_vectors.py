@@ -79,12 +79,12 @@ def test_apply_in_place_recovers_first(case, tmp_path):
     """`apply --in-place` recovers first (JOURNAL.md, Protocol step 1): where recovery succeeds the update then
     makes the new model; where it refuses, the apply refuses the same way and writes nothing."""
     model = lay_out(case, tmp_path)
-    r = CliRunner().invoke(cli, ["apply", "--in-place", model, os.path.join(HERE, INDEX["patch"])])
+    r = CliRunner().invoke(cli, ["apply", "--in-place", model, os.path.join(HERE, case.get("patch", INDEX["patch"]))])
     assert r.exit_code == case["exit"], r.output
     if case["exit"]:
         check_after(case, tmp_path)
     else:
-        assert read(model) == read(os.path.join(HERE, INDEX["model_updated"]))
+        assert read(model) == read(os.path.join(HERE, case.get("model_updated", INDEX["model_updated"])))
         assert os.listdir(tmp_path) == [case["model"]]
 
 
@@ -98,7 +98,10 @@ def test_the_cases_cover_what_journal_md_names():
     assert {(c["outcome"], c["exit"]) for c in CASES} == {("recovered", 0), ("discarded", 0), ("refused", 3),
                                                           ("refused", 4)}
     # every journal the writer could have made rolls back to the model before the update
-    assert all(c["model_after"] == INDEX["model_before"] for c in CASES if c["valid"] and c["outcome"] == "recovered")
+    assert all(c["model_after"] == ("old.gguf" if c["name"].startswith("gguf-") else INDEX["model_before"])
+               for c in CASES if c["valid"] and c["outcome"] == "recovered")
+    # an extents model (journal 1.1): both moments, and each extents rule of Trust steps 2 to 5
+    assert {c["trust"] for c in CASES if c["name"].startswith("gguf-")} == {"protocol", "2", "3", "4", "5"}
 
 
 def test_vectors_are_current():

@@ -2,7 +2,10 @@
 1.3 for the harnesses' fixed base, spec/vectors/valid/all-ops/base.safetensors, which no spec vector
 reaches), and the fixed model of fuzz_journal (native/fuzz/data/journal-model.safetensors: a
 small model left by the Python in-place apply with every tensor written, its journal
-still there) and that journal, its seed (native/fuzz/seeds/journal/journal). Run from the repository root with the project's Python:
+still there) and that journal, its seed (native/fuzz/seeds/journal/journal; journal-gguf beside it is
+spec/vectors/journal/cases/gguf-journal-after-writes/model.gguf.nnpatch-journal, a journal 1.1 of an extents
+model, which fuzz_journal refuses at Trust step 3 after parsing its extent table). Run from the repository root
+with the project's Python:
 
     .venv/bin/python native/fuzz/make_seeds.py
 

@@ -32,25 +32,17 @@
 #define EXT_MIN_ENTRY 31 /* 3 × u64, a 1-byte type length and 1 byte of type, a u32 name length and 1 byte */
 #define PF(...) np_fail(ctx, NNP_KIND_PATCH_FORMAT, __VA_ARGS__)
 
-typedef struct ext {
-    uint64_t offset, size, row;
-    const char *name; /* into the table's bytes */
-    size_t name_len;
-} ext;
+typedef np_ext ext;
+typedef np_ext_table ext_table;
 
-typedef struct ext_table {
-    uint8_t *raw;
-    uint64_t file_size;
-    size_t n;
-    ext *e; /* in file order */
-} ext_table;
-
-static void table_free(ext_table *t)
+void np_ext_table_free(np_ext_table *t)
 {
     free(t->raw);
     free(t->e);
+    free(t->order);
     memset(t, 0, sizeof *t);
 }
+#define table_free np_ext_table_free
 
 static int type_ok(const uint8_t *s, size_t n)
 {
@@ -69,7 +61,108 @@ static int cmp_ext_name(const void *cx, size_t a, size_t b)
     return np_name_cmp(e[a].name, e[a].name_len, e[b].name, e[b].name_len);
 }
 
-/* extents.decode_table: every rule of spec 5.8, in the Python twin's order and words. */
+/* extents.decode_table: every rule of spec 5.8 on t->raw (len bytes), in the Python twin's order and
+ * words, each failure of `kind` and prefixed by `where` ("NAME: base.extents"). */
+nnp_status np_ext_parse(nnp_ctx *ctx, np_ext_table *t, uint64_t len, nnp_error_kind kind, const char *where)
+{
+#define TF(fmt, ...) np_fail(ctx, kind, "%s: " fmt, where, __VA_ARGS__)
+    const uint8_t *r = t->raw;
+    if (len < 8 || memcmp(r, "NNPEXT1\0", 8))
+        return np_fail(ctx, kind, "%s: the extent table does not start with NNPEXT1", where);
+    if (len < 24)
+        return np_fail(ctx, kind, "%s: the extent table is truncated", where);
+    uint64_t fsize = np_le64(r + 8), count = np_le64(r + 16);
+    if (count > EXT_MAX || count > (len - 24) / EXT_MIN_ENTRY)
+        return TF("the extent table claims %llu extents, more than its %llu bytes hold or the limit of %llu",
+                  (unsigned long long)count, (unsigned long long)len, (unsigned long long)EXT_MAX);
+    if (fsize >= (uint64_t)1 << 62)
+        return TF("the file size %llu is not below 2^62", (unsigned long long)fsize);
+    t->file_size = fsize;
+    t->e = calloc(count ? (size_t)count : 1, sizeof *t->e);
+    t->order = calloc(count ? (size_t)count : 1, sizeof *t->order);
+    if (!t->e || !t->order)
+        return np_fail(ctx, NNP_KIND_IO, "%s: out of memory for %llu extents", where, (unsigned long long)count);
+    uint64_t pos = 24, end_prev = 0;
+    nnp_status st = NNP_OK;
+    char q[NP_QUOTE_MAX];
+    for (uint64_t i = 0; i < count && !st; i++) {
+        ext *e = &t->e[i];
+        if (len - pos < 25) {
+            st = TF("extent %llu is truncated", (unsigned long long)i);
+            break;
+        }
+        e->offset = np_le64(r + pos);
+        e->size = np_le64(r + pos + 8);
+        e->row = np_le64(r + pos + 16);
+        size_t tlen = r[pos + 24];
+        pos += 25;
+        if (len - pos < tlen || !type_ok(r + pos, tlen)) {
+            st = TF("extent %llu: the type must be 1 to 32 ASCII letters, digits or '_'", (unsigned long long)i);
+            break;
+        }
+        pos += tlen;
+        if (len - pos < 4) {
+            st = TF("extent %llu is truncated", (unsigned long long)i);
+            break;
+        }
+        uint64_t nlen = np_le32(r + pos);
+        pos += 4;
+        if (nlen < 1 || nlen > NP_MAX_NAME || len - pos < nlen) {
+            st = TF("extent %llu: the name must be 1 to 65536 bytes", (unsigned long long)i);
+            break;
+        }
+        e->name = (const char *)r + pos;
+        e->name_len = (size_t)nlen;
+        pos += nlen;
+        np_quote(q, sizeof q, e->name, e->name_len);
+        if (npj_utf8_invalid_at((const uint8_t *)e->name, e->name_len) != e->name_len)
+            st = TF("extent %llu: the name is not UTF-8", (unsigned long long)i);
+        else if (e->offset < end_prev)
+            st = TF("extent %s at %llu overlaps the one before it or is out of order", q, (unsigned long long)e->offset);
+        else if (e->size > fsize || e->offset > fsize - e->size)
+            st = TF("extent %s (%llu + %llu) runs past the end of the %llu-byte file", q, (unsigned long long)e->offset,
+                    (unsigned long long)e->size, (unsigned long long)fsize);
+        else if (e->size && (e->row == 0 || e->size % e->row))
+            st = TF("extent %s: its %llu bytes are not whole rows of %llu bytes", q, (unsigned long long)e->size,
+                    (unsigned long long)e->row);
+        end_prev = e->offset + e->size;
+        t->n = (size_t)i + 1;
+    }
+    if (!st && pos != len)
+        st = TF("%llu bytes follow the extent table", (unsigned long long)(len - pos));
+    if (!st) {
+        for (size_t i = 0; i < t->n; i++)
+            t->order[i] = i;
+        np_sort_indices(t->order, t->n, cmp_ext_name, t->e);
+        for (size_t i = 1; i < t->n && !st; i++) {
+            const ext *a = &t->e[t->order[i - 1]], *b = &t->e[t->order[i]];
+            if (!np_name_cmp(a->name, a->name_len, b->name, b->name_len)) {
+                np_quote(q, sizeof q, b->name, b->name_len);
+                st = TF("extent %s appears twice", q);
+            }
+        }
+    }
+    return st;
+#undef TF
+}
+
+const np_ext *np_ext_find(const np_ext_table *t, const char *name, size_t len)
+{
+    size_t lo = 0, hi = t->n;
+    while (lo < hi) {
+        size_t mid = lo + (hi - lo) / 2;
+        const ext *e = &t->e[t->order[mid]];
+        int c = np_name_cmp(e->name, e->name_len, name, len);
+        if (!c)
+            return e;
+        if (c < 0)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    return NULL;
+}
+
 static nnp_status read_table(nnp_ctx *ctx, const np_patch *p, const char *role, const np_section *s,
                              uint64_t tensors, ext_table *t)
 {
@@ -82,90 +175,9 @@ static nnp_status read_table(nnp_ctx *ctx, const np_patch *p, const char *role, 
     nnp_status st = np_section_decode_all(ctx, p, s, role[0] == 'b' ? "base.extents" : "target.extents", &t->raw);
     if (st)
         return st;
-    const uint8_t *r = t->raw;
-    uint64_t len = s->size;
-    if (len < 8 || memcmp(r, "NNPEXT1\0", 8))
-        return PF("%s: %s.extents: the extent table does not start with NNPEXT1", p->name, role);
-    if (len < 24)
-        return PF("%s: %s.extents: the extent table is truncated", p->name, role);
-    uint64_t fsize = np_le64(r + 8), count = np_le64(r + 16);
-    if (count > EXT_MAX || count > (len - 24) / EXT_MIN_ENTRY)
-        return PF("%s: %s.extents: the extent table claims %llu extents, more than its %llu bytes hold or the limit "
-                  "of %llu", p->name, role, (unsigned long long)count, (unsigned long long)len,
-                  (unsigned long long)EXT_MAX);
-    if (fsize >= (uint64_t)1 << 62)
-        return PF("%s: %s.extents: the file size %llu is not below 2^62", p->name, role, (unsigned long long)fsize);
-    t->file_size = fsize;
-    t->e = calloc(count ? (size_t)count : 1, sizeof *t->e);
-    size_t *order = calloc(count ? (size_t)count : 1, sizeof *order);
-    if (!t->e || !order) {
-        free(order);
-        return np_fail(ctx, NNP_KIND_IO, "%s: out of memory for %llu extents", p->name, (unsigned long long)count);
-    }
-    uint64_t pos = 24, end_prev = 0;
-    char q[NP_QUOTE_MAX];
-    for (uint64_t i = 0; i < count && !st; i++) {
-        ext *e = &t->e[i];
-        if (len - pos < 25) {
-            st = PF("%s: %s.extents: extent %llu is truncated", p->name, role, (unsigned long long)i);
-            break;
-        }
-        e->offset = np_le64(r + pos);
-        e->size = np_le64(r + pos + 8);
-        e->row = np_le64(r + pos + 16);
-        size_t tlen = r[pos + 24];
-        pos += 25;
-        if (len - pos < tlen || !type_ok(r + pos, tlen)) {
-            st = PF("%s: %s.extents: extent %llu: the type must be 1 to 32 ASCII letters, digits or '_'", p->name, role,
-                    (unsigned long long)i);
-            break;
-        }
-        pos += tlen;
-        if (len - pos < 4) {
-            st = PF("%s: %s.extents: extent %llu is truncated", p->name, role, (unsigned long long)i);
-            break;
-        }
-        uint64_t nlen = np_le32(r + pos);
-        pos += 4;
-        if (nlen < 1 || nlen > NP_MAX_NAME || len - pos < nlen) {
-            st = PF("%s: %s.extents: extent %llu: the name must be 1 to 65536 bytes", p->name, role,
-                    (unsigned long long)i);
-            break;
-        }
-        e->name = (const char *)r + pos;
-        e->name_len = (size_t)nlen;
-        pos += nlen;
-        np_quote(q, sizeof q, e->name, e->name_len);
-        if (npj_utf8_invalid_at((const uint8_t *)e->name, e->name_len) != e->name_len)
-            st = PF("%s: %s.extents: extent %llu: the name is not UTF-8", p->name, role, (unsigned long long)i);
-        else if (e->offset < end_prev)
-            st = PF("%s: %s.extents: extent %s at %llu overlaps the one before it or is out of order", p->name, role, q,
-                    (unsigned long long)e->offset);
-        else if (e->size > fsize || e->offset > fsize - e->size)
-            st = PF("%s: %s.extents: extent %s (%llu + %llu) runs past the end of the %llu-byte file", p->name, role, q,
-                    (unsigned long long)e->offset, (unsigned long long)e->size, (unsigned long long)fsize);
-        else if (e->size && (e->row == 0 || e->size % e->row))
-            st = PF("%s: %s.extents: extent %s: its %llu bytes are not whole rows of %llu bytes", p->name, role, q,
-                    (unsigned long long)e->size, (unsigned long long)e->row);
-        end_prev = e->offset + e->size;
-        t->n = (size_t)i + 1;
-    }
-    if (!st && pos != len)
-        st = PF("%s: %s.extents: %llu bytes follow the extent table", p->name, role, (unsigned long long)(len - pos));
-    if (!st) {
-        for (size_t i = 0; i < t->n; i++)
-            order[i] = i;
-        np_sort_indices(order, t->n, cmp_ext_name, t->e);
-        for (size_t i = 1; i < t->n && !st; i++) {
-            const ext *a = &t->e[order[i - 1]], *b = &t->e[order[i]];
-            if (!np_name_cmp(a->name, a->name_len, b->name, b->name_len)) {
-                np_quote(q, sizeof q, b->name, b->name_len);
-                st = PF("%s: %s.extents: extent %s appears twice", p->name, role, q);
-            }
-        }
-    }
-    free(order);
-    return st;
+    char where[NP_MSG_MAX];
+    snprintf(where, sizeof where, "%s: %s.extents", p->name, role);
+    return np_ext_parse(ctx, t, s->size, NNP_KIND_PATCH_FORMAT, where);
 }
 
 static uint64_t outside(const ext_table *t)
@@ -531,5 +543,83 @@ out:
     table_free(&bt);
     table_free(&tt);
     table_free(&lt);
+    return st;
+}
+
+/* The model's skeleton (every byte outside t's extents, from the map m) against skel: equal or not,
+ * and its BLAKE3 in d. */
+static int same_skeleton(const ext_table *t, const uint8_t *m, const uint8_t *skel, uint8_t d[32])
+{
+    np_blake3 h;
+    np_blake3_init(&h);
+    uint64_t at = 0, sk = 0;
+    int same = 1;
+    for (size_t i = 0; i <= t->n; i++) {
+        uint64_t end = i < t->n ? t->e[i].offset : t->file_size;
+        if (end > at) {
+            same = same && !memcmp(m + at, skel + sk, (size_t)(end - at));
+            np_blake3_update(&h, m + at, (size_t)(end - at));
+            sk += end - at;
+        }
+        if (i < t->n)
+            at = t->e[i].offset + t->e[i].size;
+    }
+    np_blake3_final(&h, d);
+    return same;
+}
+
+nnp_status np_extents_in_place(nnp_ctx *ctx, const np_patch *p, int fd, uint64_t size, const char *model,
+                               np_extents_model *out)
+{
+    memset(out, 0, sizeof *out);
+    if (p->base.format != NP_FMT_EXTENTS || p->target.format != NP_FMT_EXTENTS)
+        return NNP_OK;
+    np_st layout;
+    memset(&layout, 0, sizeof layout);
+    uint8_t *raw = NULL, *skel = NULL;
+    uint64_t len = 0;
+    ext_table bt, tt;
+    memset(&bt, 0, sizeof bt);
+    memset(&tt, 0, sizeof tt);
+    const uint8_t *m = NULL;
+    nnp_status st = NNP_OK;
+    if ((st = np_plan_decode_layout(ctx, p, &layout, &raw, &len)) ||
+        (st = read_table(ctx, p, "base", &p->base.extents, p->base.tensors, &bt)) ||
+        (st = read_table(ctx, p, "target", &p->target.extents, p->target.tensors, &tt)) ||
+        (st = check_target(ctx, p, &tt, &layout)))
+        goto out;
+    /* the same table (names, offsets, sizes, rows, types, file size), small enough for the journal */
+    if (p->base.extents.size != p->target.extents.size || p->base.extents.size > NP_EXTENTS_JOURNAL_MAX ||
+        memcmp(bt.raw, tt.raw, (size_t)p->base.extents.size) || bt.file_size != size || size > SIZE_MAX)
+        goto out;
+    if ((st = np_section_decode_all(ctx, p, &p->target.skeleton, "target.skeleton", &skel)))
+        goto out;
+    if (size) {
+        void *mm = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
+        if (mm == MAP_FAILED) {
+            st = np_fail_errno(ctx, errno, model, "cannot map");
+            goto out;
+        }
+        m = mm;
+    }
+    if (!same_skeleton(&bt, m ? m : (const uint8_t *)"", skel, out->skeleton_blake3))
+        goto out;
+    if ((st = base_st(ctx, p, &bt, &layout, size, model, &out->base)))
+        goto out;
+    out->table = bt.raw;
+    out->table_len = (size_t)p->base.extents.size;
+    bt.raw = NULL;
+    memcpy(out->file_blake3, p->target.output_blake3, 32);
+    out->same = 1;
+out:
+    if (st)
+        np_st_free(&out->base);
+    if (m)
+        munmap((void *)m, (size_t)size);
+    np_st_free(&layout);
+    free(raw);
+    free(skel);
+    table_free(&bt);
+    table_free(&tt);
     return st;
 }

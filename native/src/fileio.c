@@ -61,6 +61,25 @@ int np_write_all(int fd, const void *buf, size_t n)
     return 0;
 }
 
+int np_pwrite_all(int fd, const void *buf, size_t n, uint64_t off)
+{
+    const uint8_t *p = buf;
+    while (n) {
+        ssize_t k = pwrite(fd, p, n, (off_t)off);
+        if (k < 0) {
+            if (errno == EINTR)
+                continue;
+            return errno;
+        }
+        if (k == 0)
+            return EIO;
+        p += k;
+        n -= (size_t)k;
+        off += (uint64_t)k;
+    }
+    return 0;
+}
+
 int np_pread_all(int fd, void *buf, size_t n, uint64_t off, size_t *got)
 {
     uint8_t *p = buf;

@@ -46,6 +46,8 @@ int np_fsync_dir_of(const char *path);
 
 /* Write all n bytes (EINTR retried): 0, or the errno of the failure. */
 int np_write_all(int fd, const void *buf, size_t n);
+/* Write all n bytes at off (EINTR retried): 0, or the errno of the failure. */
+int np_pwrite_all(int fd, const void *buf, size_t n, uint64_t off);
 /* Read up to n bytes at off into buf, stopping early only at the end of the file: 0 with *got
  * set, or -1 with errno set. */
 int np_pread_all(int fd, void *buf, size_t n, uint64_t off, size_t *got);

@@ -98,6 +98,7 @@ typedef struct ipstate {
     int fd;
     const np_st *st;          /* the model's header (its tensors: the base) */
     const uint8_t *head;      /* its bytes */
+    const np_extents_model *ext; /* an extents model (GGUF): what names it instead of a header */
     uint64_t size;
     np_chain *chain;
     const np_chain_info *info;
@@ -147,7 +148,8 @@ static nnp_status ip_entries(nnp_ctx *ctx, ipstate *s)
         np_item it;
         np_chain_item(s->chain, i, &it);
         const np_tensor *t = np_st_find(s->st, it.out->name, it.out->name_len);
-        if (!t || t->begin != it.out->begin || t->nbytes != it.out->nbytes)
+        /* an extents target's items lie where its safetensors rendering puts them: the model's are the extents */
+        if (!t || (!s->ext && t->begin != it.out->begin) || t->nbytes != it.out->nbytes)
             return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: the plan does not match the model's layout", s->model);
         s->base_of[i] = (size_t)(t - s->st->tensors);
         if (!it.touched)
@@ -208,8 +210,14 @@ static nnp_status ip_write_journal(nnp_ctx *ctx, ipstate *s)
     np_jmeta meta;
     memset(&meta, 0, sizeof meta);
     meta.model_size = s->size;
-    meta.header_len = s->st->data_start;
-    np_blake3_hash(s->head, (size_t)s->st->data_start, meta.header_blake3);
+    if (s->ext) {
+        meta.extents = s->ext->table;
+        meta.extents_len = s->ext->table_len;
+        memcpy(meta.skeleton_blake3, s->ext->skeleton_blake3, 32);
+    } else {
+        meta.header_len = s->st->data_start;
+        np_blake3_hash(s->head, (size_t)s->st->data_start, meta.header_blake3);
+    }
     memcpy(meta.base_blake3, s->info->base_blake3, 32);
     memcpy(meta.base_model, s->info->base_model, 32);
     memcpy(meta.target_blake3, s->info->target_blake3, 32);
@@ -270,21 +278,79 @@ static nnp_status ip_check_base(nnp_ctx *ctx, ipstate *s)
     return np_check_cancel(ctx);
 }
 
-/* 3. The new bytes, through the map, then on disk. */
+typedef struct pw {
+    nnp_ctx *ctx;
+    const char *model;
+    int fd;
+    const uint8_t *src; /* the tensor's new bytes (in the private map) */
+    uint64_t offset, unit;
+} pw;
+
+/* Write runs of adjacent changed units with pwrite. */
+static nnp_status put_new_units(void *user, const uint64_t *idx, size_t n)
+{
+    pw *t = user;
+    for (size_t i = 0; i < n; i++) {
+        size_t j = i + 1;
+        while (j < n && idx[j] == idx[j - 1] + 1)
+            j++;
+        uint64_t at = idx[i] * t->unit;
+        int e = np_pwrite_all(t->fd, t->src + at, (size_t)((j - i) * t->unit), t->offset + at);
+        if (e)
+            return np_fail_errno(t->ctx, e, t->model, "cannot write");
+        i = j - 1;
+    }
+    return NNP_OK;
+}
+
+/* Let the private map's copied pages of [off, off + len) go (they were written to the file: reading them
+ * again reads the file), so a dense update holds one tensor's copy at a time, not the model's. Pages it
+ * shares with a neighbour lose nothing: the tensors before are written, those after not yet touched. */
+static void drop_private(uint8_t *priv, uint64_t off, uint64_t len)
+{
+    uintptr_t pg = (uintptr_t)sysconf(_SC_PAGESIZE);
+    uintptr_t a = (uintptr_t)(priv + off) & ~(pg - 1), b = (uintptr_t)(priv + off + len);
+    if (b > a)
+        (void)madvise((void *)a, (size_t)(b - a), MADV_DONTNEED);
+}
+
+/* 3. The new bytes: each tensor's steps run on a private (copy-on-write) map of the model, then only
+ * the units its op changes are written to the file with pwrite, and fsynced. Writing through the
+ * shared map would write back every page a changed row touches (4x the rows' bytes for 2 KiB GGUF
+ * rows spread over a tensor); pwrite hands storage the changed bytes only, as Python's
+ * _write_rows does. The shared map (s->m) sees the new bytes for the proof: both are the page cache. */
 static nnp_status ip_write_new(nnp_ctx *ctx, ipstate *s)
 {
-    nnp_status r;
-    for (size_t x = 0; x < s->ne; x++) {
-        if ((r = np_chain_apply_item(ctx, s->chain, s->item_of[x], s->m + s->entries[x].offset)))
-            return r;
-        if ((r = np_progress(ctx, s->entries[x].nbytes)))
-            return r;
+    nnp_status r = NNP_OK;
+    uint8_t *priv = NULL;
+    if (s->size) {
+        void *p = mmap(NULL, (size_t)s->size, PROT_READ | PROT_WRITE, MAP_PRIVATE, s->fd, 0);
+        if (p == MAP_FAILED)
+            return np_fail_errno(ctx, errno, s->model, "cannot map");
+        priv = p;
     }
-    if (s->m && msync(s->m, (size_t)s->size, MS_SYNC) != 0)
-        return np_fail_errno(ctx, errno, s->model, "cannot write");
-    if (fsync(s->fd) != 0)
-        return np_fail_errno(ctx, errno, s->model, "cannot write");
-    return NNP_OK;
+    for (size_t x = 0; x < s->ne && !r; x++) {
+        const np_jentry *e = &s->entries[x];
+        if ((r = np_chain_apply_item(ctx, s->chain, s->item_of[x], priv + e->offset)))
+            break;
+        if (e->count && e->unit != e->nbytes) {
+            pw t = {ctx, s->model, s->fd, priv + e->offset, e->offset, e->unit};
+            r = np_chain_indices(ctx, s->chain, s->item_of[x], put_new_units, &t);
+        } else if (e->nbytes) {
+            int err = np_pwrite_all(s->fd, priv + e->offset, (size_t)e->nbytes, e->offset);
+            if (err)
+                r = np_fail_errno(ctx, err, s->model, "cannot write");
+        }
+        if (!r && e->nbytes)
+            drop_private(priv, e->offset, e->nbytes);
+        if (!r)
+            r = np_progress(ctx, e->nbytes);
+    }
+    if (priv)
+        munmap(priv, (size_t)s->size);
+    if (!r && fsync(s->fd) != 0)
+        r = np_fail_errno(ctx, errno, s->model, "cannot write");
+    return r;
 }
 
 /* 4. Proof: the written tensors hashed at once, then compared in order; the target model digest
@@ -328,9 +394,10 @@ static nnp_status ip_prove(nnp_ctx *ctx, ipstate *s)
         uint8_t fd32[32];
         if ((r = np_hash_file(ctx, s->m, s->size, fd32)))
             return r;
-        if (np_ct_diff(fd32, s->info->target_blake3, 32)) {
+        const uint8_t *want = s->ext ? s->ext->file_blake3 : s->info->target_blake3;
+        if (np_ct_diff(fd32, want, 32)) {
             np_hex(fd32, 32, a);
-            np_hex(s->info->target_blake3, 32, b);
+            np_hex(want, 32, b);
             return np_fail(ctx, NNP_KIND_INTEGRITY,
                            "%s: result does not match the patch's target (BLAKE3 %s, expected %s)", s->model, a, b);
         }
@@ -367,7 +434,7 @@ static void ip_close(nnp_ctx *ctx, ipstate *s, nnp_status r)
 
 /* Everything after the plan, under the lock, for a same-layout update. */
 static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np_st *st, const uint8_t *head,
-                               uint64_t size, np_chain *chain, const np_chain_info *info)
+                               const np_extents_model *ext, uint64_t size, np_chain *chain, const np_chain_info *info)
 {
     ipstate s;
     memset(&s, 0, sizeof s);
@@ -376,6 +443,7 @@ static nnp_status apply_locked(nnp_ctx *ctx, const char *model, int fd, const np
     s.fd = fd;
     s.st = st;
     s.head = head;
+    s.ext = ext;
     s.size = size;
     s.chain = chain;
     s.info = info;
@@ -428,6 +496,35 @@ static nnp_status fallback_new_file(nnp_ctx *ctx, const char *model, const char 
     return s;
 }
 
+/* One patch on an extents model (GGUF): when it keeps the extent table and the skeleton, only the
+ * changed rows are written behind the journal (1.1); otherwise a new file renamed over the model. */
+static nnp_status extents_in_place(nnp_ctx *ctx, const char *model, int fd, const char *path)
+{
+    struct stat fs;
+    if (fstat(fd, &fs) != 0)
+        return np_fail_errno(ctx, errno, model, "cannot stat");
+    uint64_t size = (uint64_t)fs.st_size;
+    np_patch p;
+    nnp_status s = np_patch_open(ctx, path, NULL, &p);
+    if (s)
+        return s;
+    np_extents_model em;
+    if ((s = np_extents_in_place(ctx, &p, fd, size, model, &em)) || !em.same) {
+        np_patch_close(&p);
+        return s ? s : fallback_new_file(ctx, model, &path, 1);
+    }
+    np_chain *chain = NULL;
+    if (!(s = np_chain_open_patches(ctx, &p, 1, &em.base, size, model, &chain))) {
+        np_chain_info info;
+        np_chain_get_info(chain, &info);
+        s = apply_locked(ctx, model, fd, &em.base, NULL, &em, size, chain, &info);
+    }
+    np_chain_free(chain);
+    np_st_free(&em.base);
+    free(em.table);
+    return s;
+}
+
 nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const *paths, size_t n)
 {
     if (!ctx)
@@ -467,14 +564,14 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
     np_chain *chain = NULL;
     if ((s = np_recover_locked(ctx, model, fd, NULL)))
         goto out;
-    for (size_t i = 0; i < n; i++) { /* an extents file (GGUF): a new file renamed over it (extents.c) */
+    for (size_t i = 0; i < n; i++) { /* an extents file (GGUF): in place, or a new file renamed over it */
         np_patch p;
         if ((s = np_patch_open(ctx, paths[i], NULL, &p)))
             goto out;
         int ext = np_extents_any(&p, 1);
         np_patch_close(&p);
         if (ext) {
-            s = fallback_new_file(ctx, model, paths, n);
+            s = n == 1 ? extents_in_place(ctx, model, fd, paths[0]) : fallback_new_file(ctx, model, paths, n);
             goto out;
         }
     }
@@ -512,7 +609,7 @@ nnp_status nnp_apply_in_place(nnp_ctx *ctx, const char *model, const char *const
     int same = info.single_file && info.layout_len == st.data_start && info.size == size &&
                memcmp(info.layout, head, (size_t)st.data_start) == 0;
     if (same) {
-        s = apply_locked(ctx, model, fd, &st, head, size, chain, &info);
+        s = apply_locked(ctx, model, fd, &st, head, NULL, size, chain, &info);
     } else {
         np_chain_free(chain);
         chain = NULL;

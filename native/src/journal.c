@@ -83,12 +83,25 @@ static void header_text(npw_buf *b, const np_jmeta *m, const np_jentry *e, size_
         npw_u64(b, e[i].unit);
         npw_str(b, "}");
     }
-    npw_str(b, "],\"model\":{\"header_blake3\":");
-    npw_hex32(b, m->header_blake3);
-    npw_str(b, ",\"header_len\":");
-    npw_u64(b, m->header_len);
-    npw_str(b, ",\"size\":");
-    npw_u64(b, m->model_size);
+    if (m->extents) { /* 1.1: an extents model, named by its table and skeleton */
+        static const char hx[] = "0123456789abcdef";
+        npw_str(b, "],\"model\":{\"extents\":\"");
+        for (size_t i = 0; i < m->extents_len; i++) {
+            char two[2] = {hx[m->extents[i] >> 4], hx[m->extents[i] & 15]};
+            npw_put(b, two, 2);
+        }
+        npw_str(b, "\",\"size\":");
+        npw_u64(b, m->model_size);
+        npw_str(b, ",\"skeleton_blake3\":");
+        npw_hex32(b, m->skeleton_blake3);
+    } else {
+        npw_str(b, "],\"model\":{\"header_blake3\":");
+        npw_hex32(b, m->header_blake3);
+        npw_str(b, ",\"header_len\":");
+        npw_u64(b, m->header_len);
+        npw_str(b, ",\"size\":");
+        npw_u64(b, m->model_size);
+    }
     npw_str(b, "},\"patch\":");
     npw_hex32(b, m->patch);
     npw_str(b, ",\"target\":{\"blake3\":");
@@ -236,7 +249,7 @@ nnp_status np_jw_open(nnp_ctx *ctx, np_jwriter *w, const char *jpath, const np_j
     uint8_t pre[NP_JOURNAL_PREAMBLE];
     memcpy(pre, MAGIC, 8);
     pre[8] = 1, pre[9] = 0;   /* major */
-    pre[10] = 0, pre[11] = 0; /* minor */
+    pre[10] = meta->extents ? 1 : 0, pre[11] = 0; /* minor: 1.1 for an extents model (a 1.0 reader refuses it) */
     np_put_le32(pre + 12, 0);
     np_put_le64(pre + 16, hlen);
     s = jw_raw(ctx, w, pre, sizeof pre);
@@ -295,6 +308,9 @@ void np_journal_close(np_journal *j)
         munmap((void *)j->map, (size_t)j->size);
     npj_free(j->doc);
     free(j->entries);
+    if (j->ext)
+        np_ext_table_free(j->ext);
+    free(j->ext);
     memset(j, 0, sizeof *j);
 }
 
@@ -393,6 +409,46 @@ static const char *const ENTRY_KEYS[] = {"name", "offset", "nbytes", "unit", "co
                                          "base_blake3", "target_blake3", "index_at", "data_at"};
 static const char *const TOP_KEYS[] = {"created_by", "model", "base", "target", "patch", "entries"};
 
+static const char *const EXTENTS_MODEL_KEYS[] = {"size", "extents", "skeleton_blake3"};
+
+static int hexval(uint8_t c)
+{
+    return c >= '0' && c <= '9' ? c - '0' : c >= 'a' && c <= 'f' ? c - 'a' + 10 : -1;
+}
+
+/* An extents model's `model` (1.1): its size, skeleton digest and extent table (lowercase hex),
+ * the table checked by every rule of FORMAT.md 5.8 and naming a file of that size. */
+static nnp_status extents_identity(nnp_ctx *ctx, np_journal *j, const npj_value *model, const char *where)
+{
+    nnp_status s;
+    if ((s = exact_object(ctx, model, EXTENTS_MODEL_KEYS, 3, where)) ||
+        (s = get_int(ctx, model, "size", where, &j->model_size)) ||
+        (s = get_hex(ctx, model, "skeleton_blake3", where, j->skeleton_blake3)))
+        return s;
+    const npj_value *v = npj_get(model, "extents");
+    int ok = v->kind == NPJ_STRING && v->u.str.len >= 2 && v->u.str.len % 2 == 0;
+    for (size_t i = 0; ok && i < v->u.str.len; i++)
+        ok = hexval((uint8_t)v->u.str.s[i]) >= 0;
+    if (!ok)
+        return np_journal_invalid(ctx, "%s: extents must be the extent table as lowercase hex", where);
+    j->ext = calloc(1, sizeof *j->ext);
+    size_t n = v->u.str.len / 2;
+    if (j->ext)
+        j->ext->raw = malloc(n);
+    if (!j->ext || !j->ext->raw)
+        return np_fail(ctx, NNP_KIND_IO, "%s: out of memory", where);
+    for (size_t i = 0; i < n; i++)
+        j->ext->raw[i] = (uint8_t)(hexval((uint8_t)v->u.str.s[2 * i]) << 4 | hexval((uint8_t)v->u.str.s[2 * i + 1]));
+    char w[NP_QUOTE_MAX + 4300];
+    snprintf(w, sizeof w, "%.*s: extents", NP_QUOTE_MAX + 4200, where);
+    if ((s = np_ext_parse(ctx, j->ext, n, NNP_KIND_INVALID_JOURNAL, w)))
+        return s;
+    if (j->ext->file_size != j->model_size)
+        return np_journal_invalid(ctx, "%s: the extent table describes a %llu-byte file, the model is %llu", where,
+                                  (unsigned long long)j->ext->file_size, (unsigned long long)j->model_size);
+    return NNP_OK;
+}
+
 static nnp_status parse_header(nnp_ctx *ctx, np_journal *j, const uint8_t *text, size_t len)
 {
     const char *path = j->path;
@@ -422,9 +478,13 @@ static nnp_status parse_header(nnp_ctx *ctx, np_journal *j, const uint8_t *text,
     nnp_status s;
     const npj_value *model = npj_get(root, "model");
     snprintf(where, sizeof where, "%s: model", path);
-    if ((s = exact_object(ctx, model, MODEL_KEYS, 3, where)) || (s = get_int(ctx, model, "size", where, &j->model_size)) ||
-        (s = get_int(ctx, model, "header_len", where, &j->header_len)) ||
-        (s = get_hex(ctx, model, "header_blake3", where, j->header_blake3)))
+    if (model && model->kind == NPJ_OBJECT && npj_get(model, "extents")) {
+        if ((s = extents_identity(ctx, j, model, where)))
+            return s;
+    } else if ((s = exact_object(ctx, model, MODEL_KEYS, 3, where)) ||
+               (s = get_int(ctx, model, "size", where, &j->model_size)) ||
+               (s = get_int(ctx, model, "header_len", where, &j->header_len)) ||
+               (s = get_hex(ctx, model, "header_blake3", where, j->header_blake3)))
         return s;
     static const char *const sides[] = {"base", "target"};
     for (int k = 0; k < 2; k++) {

@@ -16,6 +16,7 @@
 
 #include "fileio.h"
 #include "internal.h"
+#include "extents.h"
 #include "json.h"
 
 #define NP_JOURNAL_SUFFIX ".nnpatch-journal"
@@ -38,6 +39,10 @@ typedef struct np_jentry {
 typedef struct np_jmeta {
     uint64_t model_size, header_len; /* header_len: 8 + the safetensors JSON length */
     uint8_t header_blake3[32];
+    /* an extents model (1.1): its table's bytes and skeleton digest name it instead of a header */
+    const uint8_t *extents;
+    size_t extents_len;
+    uint8_t skeleton_blake3[32];
     uint8_t base_blake3[32], base_model[32];
     uint8_t target_blake3[32], target_model[32];
     uint8_t patch[32];
@@ -89,6 +94,8 @@ typedef struct np_journal {
     size_t n;
     uint64_t model_size, header_len;
     uint8_t header_blake3[32];
+    np_ext_table *ext; /* an extents model's table (1.1), else NULL */
+    uint8_t skeleton_blake3[32];
 } np_journal;
 
 /* Trust steps 1 and 2 for the journal at path beside a model of model_size bytes. *torn = 1

@@ -83,8 +83,86 @@ static void rolled_back_digest(const uint8_t *model, const np_journal *j, const 
     np_blake3_final(&h, out);
 }
 
+/* The entry's unit indices: strictly increasing, each below the tensor's number of units. */
+static nnp_status check_indices(nnp_ctx *ctx, const char *jpath, const np_journal *j, const np_jentry *e, const char *q)
+{
+    if (!e->count)
+        return NNP_OK;
+    uint64_t bound = e->nbytes / e->unit, prev = 0;
+    const uint8_t *idx = j->map + e->index_at;
+    for (uint64_t k = 0; k < e->count; k++) {
+        uint64_t v = np_le64(idx + 8 * k);
+        if (k && v <= prev)
+            return np_journal_invalid(ctx, "%s: entry %s: unit indices are not strictly increasing", jpath, q);
+        if (v >= bound)
+            return np_journal_invalid(ctx, "%s: entry %s: a unit index is >= %llu, the tensor's number of units", jpath,
+                                      q, (unsigned long long)bound);
+        prev = v;
+    }
+    return NNP_OK;
+}
+
+/* Trust steps 3 and 4 for an extents model (1.1): the model's size and the BLAKE3 of its bytes outside
+ * the journal's extents are the journal's; each entry lies on one extent, its unit a row, the extent,
+ * or an item of 1, 2, 4 or 8 bytes dividing a row (the table names a format's type, not a dtype). */
+static nnp_status check_extents_model(nnp_ctx *ctx, const char *model, const char *jpath, const np_journal *j, int fd,
+                                      uint64_t size)
+{
+    const np_ext_table *t = j->ext;
+    int same = j->model_size == size;
+    if (same) {
+        np_blake3 h;
+        np_blake3_init(&h);
+        uint8_t buf[1 << 16], d[32];
+        uint64_t at = 0;
+        for (size_t i = 0; i <= t->n; i++) {
+            uint64_t end = i < t->n ? t->e[i].offset : t->file_size;
+            while (at < end) {
+                size_t want = end - at < sizeof buf ? (size_t)(end - at) : sizeof buf, got;
+                if (np_pread_all(fd, buf, want, at, &got) != 0)
+                    return np_fail_errno(ctx, errno, model, "cannot read");
+                if (got != want)
+                    return np_fail(ctx, NNP_KIND_IO, "%s: cannot read: the file ends early", model);
+                np_blake3_update(&h, buf, want);
+                at += want;
+            }
+            if (i < t->n)
+                at = t->e[i].offset + t->e[i].size;
+        }
+        np_blake3_final(&h, d);
+        same = !np_ct_diff(d, j->skeleton_blake3, 32);
+    }
+    if (!same)
+        return np_fail(ctx, NNP_KIND_INTEGRITY,
+                       "%s: the undo journal %s belongs to another file (it names a file of %llu bytes and the "
+                       "skeleton of its extent table; this one is %llu bytes, or its bytes outside those extents "
+                       "differ); not touching either",
+                       model, jpath, (unsigned long long)j->model_size, (unsigned long long)size);
+    nnp_status s = NNP_OK;
+    for (size_t i = 0; i < j->n && !s; i++) {
+        const np_jentry *e = &j->entries[i];
+        char q[NP_QUOTE_MAX];
+        np_quote(q, sizeof q, e->name, e->name_len);
+        const np_ext *x = np_ext_find(t, e->name, e->name_len);
+        if (!x)
+            return np_journal_invalid(ctx, "%s: entry %s: the model has no such tensor", jpath, q);
+        if (e->offset != x->offset || e->nbytes != x->size)
+            return np_journal_invalid(ctx, "%s: entry %s: bytes %llu..%llu are not the tensor's %llu..%llu", jpath, q,
+                                      (unsigned long long)e->offset, (unsigned long long)(e->offset + e->nbytes),
+                                      (unsigned long long)x->offset, (unsigned long long)(x->offset + x->size));
+        int item = (e->unit == 1 || e->unit == 2 || e->unit == 4 || e->unit == 8) && x->row % e->unit == 0;
+        if (!(e->unit == x->size || e->unit == x->row || item) || (e->unit && x->size % e->unit))
+            return np_journal_invalid(ctx, "%s: entry %s: unit %llu is not a row, an element or the whole of the tensor",
+                                      jpath, q, (unsigned long long)e->unit);
+        s = check_indices(ctx, jpath, j, e, q);
+    }
+    return s;
+}
+
 static nnp_status check_model(nnp_ctx *ctx, const char *model, const char *jpath, np_journal *j, int fd, uint64_t size)
 {
+    if (j->ext)
+        return check_extents_model(ctx, model, jpath, j, fd, size);
     uint8_t *head;
     size_t hl;
     nnp_status s = model_header(ctx, model, fd, size, &head, &hl);
@@ -134,23 +212,7 @@ static nnp_status check_model(nnp_ctx *ctx, const char *model, const char *jpath
                     (unsigned long long)e->unit);
             break;
         }
-        if (e->count) {
-            uint64_t bound = t->nbytes / e->unit, prev = 0;
-            const uint8_t *idx = j->map + e->index_at;
-            for (uint64_t k = 0; k < e->count; k++) {
-                uint64_t v = np_le64(idx + 8 * k);
-                if (k && v <= prev) {
-                    s = np_journal_invalid(ctx, "%s: entry %s: unit indices are not strictly increasing", jpath, q);
-                    break;
-                }
-                if (v >= bound) {
-                    s = np_journal_invalid(ctx, "%s: entry %s: a unit index is >= %llu, the tensor's number of units", jpath, q,
-                            (unsigned long long)bound);
-                    break;
-                }
-                prev = v;
-            }
-        }
+        s = check_indices(ctx, jpath, j, e, q);
     }
     np_st_free(&st);
     return s;

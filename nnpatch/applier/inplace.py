@@ -47,12 +47,13 @@ from ..hashing import digest_bytes, digests_equal, model_digest_of
 from ..patchfile import Patch
 from ..sidefile import remove_stale_staging
 from ..weights import SafetensorsFile
-from ..weights.safetensors_file import MAX_HEADER_SIZE
+from ..weights.extents import encode_table, skeleton_of
+from ..weights.safetensors_file import TensorInfo
 from ..weights.source import open_source
 from . import targets
 from .decode import decode_index, row_bytes, run_step, undo_esort
 from .engine import proven_model, require_target_model, workers
-from .journal import Entry, Journal, JournalWriter, journal_path, read_journal
+from .journal import EXTENTS_MINOR, MAX_TABLE, VERSION, Entry, Journal, JournalWriter, journal_path, read_journal
 from .plan import Item, Plan, plan_forward
 from .policy import ApplyResult, ProgressFn, Verify
 
@@ -123,7 +124,7 @@ def _recover_locked(model: str, fd: int) -> str | None:
         # Everything the journal says is checked before the first byte is written (spec/JOURNAL.md, Trust):
         # a journal is only ever trusted to put back bytes inside tensors of the model it names, and only
         # when the result is the base it names.
-        j.check_model(model, st.st_size, _model_header(fd, st.st_size))
+        j.check_model(model, fd, st.st_size)
         m = mmap.mmap(fd, st.st_size, access=mmap.ACCESS_WRITE) if j.entries else None
         try:
             for e in j.entries:
@@ -164,18 +165,6 @@ def _unlink(path: str) -> None:
         os.unlink(path)
     except OSError as e:
         raise NnpatchIOError(f"{path}: cannot remove: {e.strerror or e}") from e
-
-
-def _model_header(fd: int, size: int) -> bytes:
-    """The model's real safetensors header (8 + the u64 at offset 0 bytes), what the journal must name;
-    b"" or a short read when the file cannot hold one, which then matches no journal."""
-    first = os.pread(fd, 8, 0)
-    if len(first) < 8:
-        return first
-    (n,) = struct.unpack("<Q", first)
-    if n > min(MAX_HEADER_SIZE, size - 8):
-        return first
-    return first + os.pread(fd, n, 8)
 
 
 def _rolled_back_digest(m: mmap.mmap, j: Journal, e: Entry) -> str:
@@ -250,6 +239,45 @@ def _in_place_ok(plan: Plan, st: SafetensorsFile) -> bool:
     return plan.raw_layout == st.header_bytes and plan.size == st.size
 
 
+class _Target:
+    """The model an in-place apply writes: its tensors (name -> info with ``begin``, ``nbytes``, dtype and
+    shape) where they lie in the file, their bytes (``raw``), the journal's ``model`` object that names it,
+    the file digest the update must give, and the journal's minor version."""
+
+    def __init__(self, src, ident: dict, file_digest: str, minor: int, tensors: dict | None = None) -> None:
+        self.path, self.size, self.raw = src.path, ident["size"], src.raw
+        self.tensors = src.tensors if tensors is None else tensors
+        self.ident, self.file_digest, self.minor = ident, file_digest, minor
+
+
+def _extents_in_place(src, p: Patch, plan: Plan) -> _Target | None:
+    """An extents model (GGUF) is updated in place when the target keeps the base's extent table (every
+    tensor's name, offset, size, row size and type, and the file's size) and its skeleton byte for byte
+    (spec FORMAT.md 5.8): then only changed rows are written, behind the journal (1.1). None: a new file."""
+    gm = getattr(src, "model", None)  # the GgufModel under the source's safetensors surface
+    extents = getattr(gm, "extents", None)
+    if extents is None:
+        return None
+    target, skeleton = targets.extents_plan(p, {i.info.name: i.info for i in plan.items})
+    out = p.header.target.outputs[0]
+    table = encode_table(out.size, target)
+    if out.size != src.size or len(table) > MAX_TABLE or table != encode_table(src.size, extents):
+        return None
+    if skeleton_of(gm.data(), extents) != skeleton:
+        return None
+    by_name = {e.name: e for e in extents}
+    tensors = {}
+    for n, t in src.tensors.items():
+        e = by_name[n]
+        tensors[n] = TensorInfo(n, t.dtype, tuple(t.shape), e.offset, e.end)
+    for item in plan.items:  # the items' offsets are those of the target's safetensors rendering: the file's here
+        e = by_name[item.info.name]
+        item.info = TensorInfo(item.info.name, item.info.dtype, tuple(item.info.shape), e.offset, e.end)
+    ident = {"size": src.size, "extents": table.hex(),
+             "skeleton_blake3": blake3.blake3(skeleton, max_threads=blake3.blake3.AUTO).hexdigest()}
+    return _Target(src, ident, out.blake3, EXTENTS_MINOR, tensors)
+
+
 def _entries(plan: Plan, st: SafetensorsFile) -> list[tuple[Entry, Item]]:
     out = []
     for item in plan.items:
@@ -281,8 +309,18 @@ def update_in_place(model: str, p: Patch, verify: Verify, progress: ProgressFn, 
             st = stack.enter_context(SafetensorsFile(model))
             plan = plan_forward(st, [p])
             if _in_place_ok(plan, st):
-                return _apply_locked(model, fd, st, p, plan, verify, progress, hook)
+                ident = {"size": st.size, "header_len": len(st.header_bytes),
+                         "header_blake3": blake3.blake3(st.header_bytes).hexdigest()}
+                return _apply_locked(model, fd, _Target(st, ident, plan.output_file, VERSION[1]), p, plan, verify,
+                                     progress, hook)
             src = st  # the layout changes: a new file is written beside and renamed over the model
+        elif p.header.target.format == "extents":
+            _recover_locked(model, fd)
+            src = stack.enter_context(open_source(model))
+            plan = plan_forward(src, [p])
+            target = _extents_in_place(src, p, plan)
+            if target is not None:
+                return _apply_locked(model, fd, target, p, plan, verify, progress, hook)
         else:
             # a directory is swapped in atomically; PyTorch and ONNX are written back in their own format
             src = stack.enter_context(open_source(model))
@@ -290,14 +328,13 @@ def update_in_place(model: str, p: Patch, verify: Verify, progress: ProgressFn, 
         return targets.build(plan, src, model, verify, progress, p, replace=True)
 
 
-def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan, verify: Verify,
+def _apply_locked(model: str, fd: int, st: _Target, p: Patch, plan: Plan, verify: Verify,
                   progress: ProgressFn, hook: HookFn) -> ApplyResult:
     jpath = journal_path(model)
     hash_all = verify.whole_base
     entries = _entries(plan, st)
     meta = {
-        "model": {"size": st.size, "header_len": len(st.header_bytes),
-                  "header_blake3": blake3.blake3(st.header_bytes).hexdigest()},
+        "model": st.ident,
         "base": {"blake3": p.header.base.blake3, "model_blake3": p.header.base.model_blake3},
         "target": {"blake3": p.header.target.blake3, "model_blake3": p.header.target.model_blake3},
         "patch": p.trailer_hash,
@@ -309,7 +346,7 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
         names = [n for n in st.tensors if hash_all or plan.input_expect.get(n) is not None]
         names.sort(key=lambda n: st.tensors[n].begin)
         futures = {n: pool.submit(lambda n=n: digest_bytes(st.raw(n))) for n in names}
-        writer = JournalWriter(jpath, meta, [e for e, _ in entries])
+        writer = JournalWriter(jpath, meta, [e for e, _ in entries], st.minor)
         try:
             _write_journal(writer, st, entries)
         except BaseException:
@@ -371,9 +408,9 @@ def _apply_locked(model: str, fd: int, st: SafetensorsFile, p: Patch, plan: Plan
                 h.update(m)
                 digest = h.hexdigest()
                 hashed += st.size
-                if not digests_equal(digest, plan.output_file):
+                if not digests_equal(digest, st.file_digest):
                     raise IntegrityError(f"{model}: result does not match the patch's target (BLAKE3 "
-                                         f"{digest}, expected {plan.output_file})")
+                                         f"{digest}, expected {st.file_digest})")
             hook("verified")
         except SimulatedCrash:
             raise
@@ -436,7 +473,7 @@ def _write_rows(fd: int, m: mmap.mmap, item: Item) -> None:
         raise PatchFormatError(f"{where}: {e}", path=step.patch.path) from e
 
 
-def _write_journal(writer: JournalWriter, st: SafetensorsFile, entries: list[tuple[Entry, Item]]) -> None:
+def _write_journal(writer: JournalWriter, st: _Target, entries: list[tuple[Entry, Item]]) -> None:
     for e, item in entries:
         info = item.info
         if e.count == 0:
@@ -464,7 +501,7 @@ def _write_journal(writer: JournalWriter, st: SafetensorsFile, entries: list[tup
         writer.end_part()
 
 
-def _check_base(st: SafetensorsFile, plan: Plan, digests: dict, hash_all: bool) -> None:
+def _check_base(st: _Target, plan: Plan, digests: dict, hash_all: bool) -> None:
     for name, want in plan.input_expect.items():
         if want is not None and not digests_equal(digests[name].hex(), want):
             raise BaseMismatchError(

@@ -33,9 +33,15 @@ from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal
 from ..hashing import digests_equal
 from ..sidefile import JOURNAL_SUFFIX, journal_path, open_beside
 from ..weights import parse_safetensors_header
+from ..weights.extents import decode_table
+from ..weights.safetensors_file import MAX_HEADER_SIZE as MAX_ST_HEADER
 
 MAGIC = b"\x89NNJ\r\n\x1a\n"
 VERSION = (1, 0)
+#: A journal of an extents model (GGUF) is 1.1: a 1.0 reader refuses its ``model`` and keeps it.
+EXTENTS_MINOR = 1
+#: The extent table rides in the header as hex, a JSON string of at most 1 MiB (Trust step 2).
+MAX_TABLE = 1 << 19
 PREAMBLE = struct.Struct("<8sHHIQ")
 ALIGN = 64
 TRAILER = 32
@@ -96,7 +102,7 @@ def encode_header(meta: dict, entries: list[Entry]) -> bytes:
 class JournalWriter:
     """Streams a journal to ``path + '.tmp'``; ``commit`` makes it durable under ``path``."""
 
-    def __init__(self, path: str, meta: dict, entries: list[Entry]) -> None:
+    def __init__(self, path: str, meta: dict, entries: list[Entry], minor: int = VERSION[1]) -> None:
         self.path = path
         self.tmp = path + ".tmp"
         self.entries = entries
@@ -116,7 +122,7 @@ class JournalWriter:
             os.close(fd)
             raise NnpatchIOError(f"{self.tmp}: cannot write the journal: {e.strerror or e}") from e
         self.pos = 0
-        self._write(PREAMBLE.pack(MAGIC, VERSION[0], VERSION[1], 0, len(header)) + header)
+        self._write(PREAMBLE.pack(MAGIC, VERSION[0], minor, 0, len(header)) + header)
         self.bytes = 0
 
     def _write(self, data) -> None:
@@ -186,6 +192,7 @@ class Journal:
     meta: dict
     entries: list[Entry]
     buf: mmap.mmap | None
+    extents: list | None = None  # an extents model's table (1.1), else None
 
     def indices(self, e: Entry) -> np.ndarray:
         return np.frombuffer(self.buf, dtype="<u8", count=e.count, offset=e.index_at)
@@ -193,11 +200,33 @@ class Journal:
     def data(self, e: Entry) -> np.ndarray:
         return np.frombuffer(self.buf, dtype=np.uint8, count=e.unit * e.count, offset=e.data_at)
 
-    def check_model(self, model: str, size: int, head: bytes) -> None:
-        """Trust steps 3 and 4 of spec/JOURNAL.md: the journal names this model (``size``, and ``head``, its
-        real safetensors header: 8 + the u64 at offset 0 bytes), and every entry lies inside one tensor of it.
+    def check_model(self, model: str, fd: int, size: int) -> None:
+        """Trust steps 3 and 4 of spec/JOURNAL.md: the journal names this model (open as ``fd``, ``size``
+        bytes), and every entry lies on one tensor of it: for a safetensors model one its header names, for
+        an extents model one extent of the journal's table, whose skeleton is the model's.
 
         Raises IntegrityError (another file) or InvalidJournal; never writes."""
+        if "extents" in self.meta["model"]:
+            tensors = self._extents_model(model, fd, size)
+        else:
+            tensors = self._safetensors_model(model, model_header(fd, size), size)
+        for e in self.entries:
+            where = f"{self.path}: entry {e.name!r}"
+            t = tensors.get(e.name)
+            if t is None:
+                raise InvalidJournal(f"{where}: the model has no such tensor")
+            begin, nbytes, units = t
+            if (e.offset, e.nbytes) != (begin, nbytes):
+                raise InvalidJournal(f"{where}: bytes {e.offset}..{e.offset + e.nbytes} are not the tensor's "
+                                     f"{begin}..{begin + nbytes}")
+            if e.unit not in units or (e.unit and nbytes % e.unit):
+                raise InvalidJournal(f"{where}: unit {e.unit} is not a row, an element or the whole of the "
+                                     f"tensor (one of {sorted(units)})")
+            if e.count:
+                _check_indices(self.indices(e), e.nbytes // e.unit, where)
+
+    def _safetensors_model(self, model: str, head: bytes, size: int) -> dict:
+        """name -> (begin, nbytes, units) of the safetensors model whose real header is ``head``."""
         ident = self.meta["model"]
         if ident["size"] != size or ident["header_len"] != len(head) or not digests_equal(
                 blake3.blake3(head).hexdigest(), ident["header_blake3"]):
@@ -209,21 +238,30 @@ class Journal:
             _, tensors = parse_safetensors_header(head, file_size=size, path=model)
         except WeightsError as e:
             raise InvalidJournal(f"{self.path}: the model it names is not a valid safetensors file ({e})") from e
-        for e in self.entries:
-            where = f"{self.path}: entry {e.name!r}"
-            t = tensors.get(e.name)
-            if t is None:
-                raise InvalidJournal(f"{where}: the model has no such tensor")
-            if (e.offset, e.nbytes) != (t.begin, t.nbytes):
-                raise InvalidJournal(f"{where}: bytes {e.offset}..{e.offset + e.nbytes} are not the tensor's "
-                                     f"{t.begin}..{t.end}")
-            # a row (op rows), an element (op elements) or the whole tensor: what _entries in inplace.py writes
-            units = {t.nbytes, t.itemsize} | ({t.nbytes // t.shape[0]} if t.shape and t.shape[0] else set())
-            if e.unit not in units or (e.unit and t.nbytes % e.unit):
-                raise InvalidJournal(f"{where}: unit {e.unit} is not a row, an element or the whole of the "
-                                     f"tensor (one of {sorted(units)})")
-            if e.count:
-                _check_indices(self.indices(e), e.nbytes // e.unit, where)
+        # a row (op rows), an element (op elements) or the whole tensor: what _entries in inplace.py writes
+        return {n: (t.begin, t.nbytes, {t.nbytes, t.itemsize} | ({t.nbytes // t.shape[0]} if t.shape and t.shape[0]
+                                                                 else set())) for n, t in tensors.items()}
+
+    def _extents_model(self, model: str, fd: int, size: int) -> dict:
+        """name -> (begin, nbytes, units) of the journal's extent table, once the model's size and skeleton
+        (every byte outside those extents) are the ones it names. A unit is a row, the extent, or an item of
+        1, 2, 4 or 8 bytes that divides a row: the table carries a format's type name, not a dtype."""
+        ident = self.meta["model"]
+        same = ident["size"] == size
+        if same:
+            h = blake3.blake3()
+            pos = 0
+            for x in self.extents:
+                _hash_range(h, fd, pos, x.offset)
+                pos = x.end
+            _hash_range(h, fd, pos, size)
+            same = digests_equal(h.hexdigest(), ident["skeleton_blake3"])
+        if not same:
+            raise IntegrityError(f"{model}: the undo journal {self.path} belongs to another file (it names a file "
+                                 f"of {ident['size']} bytes and the skeleton of its extent table; this one is "
+                                 f"{size} bytes, or its bytes outside those extents differ); not touching either")
+        return {x.name: (x.offset, x.size, {x.size, x.row_bytes} | {k for k in (1, 2, 4, 8) if x.row_bytes % k == 0})
+                for x in self.extents}
 
     def close(self) -> None:
         if self.buf is not None:
@@ -231,6 +269,27 @@ class Journal:
                 self.buf.close()
             except BufferError:
                 pass
+
+
+def model_header(fd: int, size: int) -> bytes:
+    """The model's real safetensors header (8 + the u64 at offset 0 bytes), what the journal must name;
+    b"" or a short read when the file cannot hold one, which then matches no journal."""
+    first = os.pread(fd, 8, 0)
+    if len(first) < 8:
+        return first
+    (n,) = struct.unpack("<Q", first)
+    if n > min(MAX_ST_HEADER, size - 8):
+        return first
+    return first + os.pread(fd, n, 8)
+
+
+def _hash_range(h, fd: int, lo: int, hi: int) -> None:
+    while lo < hi:
+        chunk = os.pread(fd, min(hi - lo, 1 << 20), lo)
+        if not chunk:
+            raise NnpatchIOError(f"cannot read bytes {lo}..{hi} of the model: it ends early")
+        h.update(chunk)
+        lo += len(chunk)
 
 
 def _check_indices(idx: np.ndarray, bound: int, where: str) -> None:
@@ -256,6 +315,8 @@ MAX_INT = (1 << 63) - 1
 _HEX = re.compile(r"[0-9a-f]{64}")
 _TOP_KEYS = ("created_by", "model", "base", "target", "patch", "entries")
 _MODEL_KEYS = {"size", "header_len", "header_blake3"}
+_EXTENTS_MODEL_KEYS = {"size", "extents", "skeleton_blake3"}  # 1.1: an extents model (GGUF)
+_HEX_BYTES = re.compile(r"(?:[0-9a-f]{2})+")
 _REF_KEYS = {"blake3", "model_blake3"}
 _ENTRY_KEYS = {"name", "offset", "nbytes", "unit", "count", "base_blake3", "target_blake3", "index_at", "data_at"}
 
@@ -290,7 +351,7 @@ def _object(v, keys: set[str], where: str) -> dict:
     return v
 
 
-def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
+def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry], list | None]:
     """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
     allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
     writes, must have exactly their keys."""
@@ -311,10 +372,14 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
         raise InvalidJournal(f"{path}: journal header lacks {', '.join(missing)}")
     if type(meta["created_by"]) is not str:
         raise InvalidJournal(f"{path}: created_by must be a string")
-    model = _object(meta["model"], _MODEL_KEYS, f"{path}: model")
-    _int(model, "size", f"{path}: model")
-    _int(model, "header_len", f"{path}: model")
-    _hex(model, "header_blake3", f"{path}: model")
+    extents = None
+    if type(meta["model"]) is dict and "extents" in meta["model"]:
+        extents = _extents_identity(path, meta)
+    else:
+        model = _object(meta["model"], _MODEL_KEYS, f"{path}: model")
+        _int(model, "size", f"{path}: model")
+        _int(model, "header_len", f"{path}: model")
+        _hex(model, "header_blake3", f"{path}: model")
     for side in ("base", "target"):
         _hex(_object(meta[side], _REF_KEYS, f"{path}: {side}"), "blake3", f"{path}: {side}")
         _hex(meta[side], "model_blake3", f"{path}: {side}")
@@ -338,7 +403,26 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
         if e.count and (not e.unit or e.count * e.unit > e.nbytes):
             raise InvalidJournal(f"{where}: count {e.count} x unit {e.unit} bytes does not fit in nbytes {e.nbytes}")
         entries.append(e)
-    return meta, entries
+    return meta, entries, extents
+
+
+def _extents_identity(path: str, meta: dict) -> list:
+    """An extents model's ``model`` (1.1): its size, the BLAKE3 of its skeleton and its extent table (spec
+    FORMAT.md 5.8, as lowercase hex), the table checked by every rule of 5.8 and naming a file of that size."""
+    where = f"{path}: model"
+    model = _object(meta["model"], _EXTENTS_MODEL_KEYS, where)
+    size = _int(model, "size", where)
+    _hex(model, "skeleton_blake3", where)
+    text = model["extents"]
+    if type(text) is not str or not _HEX_BYTES.fullmatch(text):
+        raise InvalidJournal(f"{where}: extents must be the extent table as lowercase hex, not {text!r:.80}")
+    try:
+        file_size, extents = decode_table(bytes.fromhex(text))
+    except ValueError as e:
+        raise InvalidJournal(f"{where}: extents: {e}") from None
+    if file_size != size:
+        raise InvalidJournal(f"{where}: the extent table describes a {file_size}-byte file, the model is {size}")
+    return extents
 
 
 def _check_layout(path: str, entries: list[Entry], header_len: int, size: int) -> None:
@@ -412,6 +496,6 @@ def _read(path: str, buf: mmap.mmap | None, size: int) -> Journal:
     if PREAMBLE.size + hlen > size - TRAILER or (PREAMBLE.size + hlen) % ALIGN:
         raise InvalidJournal(f"{path}: journal header length {hlen} does not fit the journal or is not padded "
                              f"to {ALIGN}")
-    meta, entries = _parse_header(path, bytes(data[PREAMBLE.size : PREAMBLE.size + hlen]))
+    meta, entries, extents = _parse_header(path, bytes(data[PREAMBLE.size : PREAMBLE.size + hlen]))
     _check_layout(path, entries, hlen, size)
-    return Journal(path, meta, entries, buf)
+    return Journal(path, meta, entries, buf, extents)

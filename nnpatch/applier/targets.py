@@ -394,7 +394,7 @@ def _target_extents(patch: Patch, tensors: dict):
     return size, extents
 
 
-def _extents_plan(patch: Patch, tensors: dict):
+def extents_plan(patch: Patch, tensors: dict):
     """The target's extents and skeleton, checked against each other, the header's output and the
     layout's tensors before anything is decoded or written."""
     if patch.header.base.extents is not None:
@@ -412,7 +412,7 @@ def _build_extents(plan: Plan, b, output: str, verify: Verify, progress: Progres
 
     out = patch.header.target.outputs[0]
     mode = _mode_of(output) if replace else None
-    extents, skeleton = _extents_plan(patch, {i.info.name: i.info for i in plan.items})
+    extents, skeleton = extents_plan(patch, {i.info.name: i.info for i in plan.items})
     try:
         with _staged(plan, b, output, verify, progress) as (r, st):
             h = blake3.blake3(max_threads=blake3.blake3.AUTO)

@@ -7,6 +7,7 @@ Python applier refuses them. The C side reads no GGUF: only the patch's extent t
 from __future__ import annotations
 
 import filecmp
+import os
 
 import pytest
 
@@ -45,11 +46,14 @@ def test_native_rebuilds_the_target(native_impl, tmp_path, kind, alignment):
     out.unlink()
     assert_ok(run_native(native_impl, a, "-", "-o", out, "--quiet", stdin=p.read_bytes()))
     assert filecmp.cmp(out, b, shallow=False)
-    # in place: a new file renamed over the model (the undo journal is for safetensors files)
+    # in place: behind the undo journal where the table and skeleton stay (rows, dense), the same
+    # file; else a new file renamed over the model
     model = tmp_path / "out" / "m.gguf"
     model.write_bytes(a.read_bytes())
+    inode = os.stat(model).st_ino
     assert_ok(run_native(native_impl, "--in-place", model, p))
     assert filecmp.cmp(model, b, shallow=False)
+    assert (os.stat(model).st_ino == inode) == (kind in ("rows", "dense"))
     assert_ok(run_native(native_impl, "--check", p, "--base", a))
 
 

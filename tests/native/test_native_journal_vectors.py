@@ -34,13 +34,13 @@ def test_recover(native_impl, case, tmp_path):
 def test_apply_in_place_recovers_first(native_impl, case, tmp_path):
     """--in-place recovers first: then makes the new model, or refuses as --recover does, writing nothing."""
     model = lay_out(case, tmp_path)
-    r = run_native(native_impl, "--in-place", model, os.path.join(HERE, INDEX["patch"]))
+    r = run_native(native_impl, "--in-place", model, os.path.join(HERE, case.get("patch", INDEX["patch"])))
     if case["exit"]:
         assert_refused(r, case["exit"])
         check_after(case, tmp_path)
     else:
         assert_ok(r)
-        with open(model, "rb") as f, open(os.path.join(HERE, INDEX["model_updated"]), "rb") as g:
+        with open(model, "rb") as f, open(os.path.join(HERE, case.get("model_updated", INDEX["model_updated"])), "rb") as g:
             assert f.read() == g.read()
         assert os.listdir(tmp_path) == [case["model"]]
 

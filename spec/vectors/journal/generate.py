@@ -40,6 +40,9 @@ from nnpatch.weights import parse_safetensors_header, write_safetensors  # noqa:
 
 SEED = 22
 MODEL = "model.safetensors"
+#: (the model's name in a case folder, the file it is before the update[, after it, the patch]) per kind of model
+SAFETENSORS = (MODEL, "old.safetensors")  # the update: the index's model_updated and patch
+GGUF = ("model.gguf", "old.gguf", "new.gguf", "patch-gguf.nnpatch")
 JOURNAL = MODEL + ".nnpatch-journal"
 MAGIC = b"\x89NNJ\r\n\x1a\n"
 PREAMBLE = struct.Struct("<8sHHIQ")
@@ -159,7 +162,7 @@ BY_STEP = {"protocol": RECOVERED, "2": REFUSED_INVALID, "3": REFUSED_INTEGRITY, 
 
 # --- the cases --------------------------------------------------------------------------------------
 
-def writer_journal(old_path: str, patch_path: str) -> bytes:
+def writer_journal(old_path: str, patch_path: str, MODEL: str = MODEL) -> bytes:
     """The journal nnpatch's writer leaves when an in-place apply dies at the journal's commit point."""
     with tempfile.TemporaryDirectory() as tmp:
         model = os.path.join(tmp, MODEL)
@@ -177,7 +180,7 @@ def writer_journal(old_path: str, patch_path: str) -> bytes:
         with open(model, "rb") as f:
             if f.read() != open(old_path, "rb").read():
                 raise SystemExit("the model was written before the journal's commit point")
-        with open(os.path.join(tmp, JOURNAL), "rb") as f:
+        with open(os.path.join(tmp, MODEL + ".nnpatch-journal"), "rb") as f:
             return f.read()
 
 
@@ -230,10 +233,10 @@ def build(directory: str) -> dict:
     # name -> (description, model bytes, {file suffix: bytes}, valid, trust, expected outcome)
     cases: dict[str, tuple] = {}
 
-    def case(name, description, model, files, *, valid=False, trust, expect=None):
+    def case(name, description, model, files, *, valid=False, trust, expect=None, kind=None):
         if name in cases:
             raise SystemExit(f"two cases named {name}")
-        cases[name] = (description, model, files, valid, trust, expect or BY_STEP[trust])
+        cases[name] = (description, model, files, valid, trust, expect or BY_STEP[trust], kind or SAFETENSORS)
 
     def craft(name, description, *, model=mix, trust, expect=None, **kw):
         case(name, description, model, {".nnpatch-journal": encode(meta, parts, **kw)}, trust=trust, expect=expect)
@@ -441,10 +444,88 @@ def build(directory: str) -> dict:
     case("model-header-length-huge", "the model's first 8 bytes say its header is 2^62 bytes long (the journal "
          "is the writer's)", huge, {".nnpatch-journal": written}, trust="3")
 
+    gguf_cases(directory, case)
     return write(directory, cases, old, new)
 
 
-def outcome(name: str, model: bytes, files: dict, old: bytes) -> dict:
+def gguf_model(path: str, rows) -> None:
+    """A small GGUF file (gguf-py): an F32 matrix whose ``rows`` are moved, a Q8_0 one, an F32 vector."""
+    import gguf
+    from gguf import GGMLQuantizationType as Q
+    from gguf import quants
+
+    rng = np.random.default_rng(SEED)
+    m = (rng.standard_normal((12, 16)) * 0.05).astype("<f4")
+    q = (rng.standard_normal((4, 64)) * 0.05).astype("<f4")
+    v = (rng.standard_normal(16) * 0.05).astype("<f4")
+    m[list(rows)] += np.float32(1e-3)
+    w = gguf.GGUFWriter(path, "llama")
+    w.add_name("journal vectors")
+    w.add_tensor("m.weight", m)
+    w.add_tensor("q.weight", quants.quantize(q, Q.Q8_0), raw_shape=quants.quant_shape_to_byte_shape(q.shape, Q.Q8_0),
+                 raw_dtype=Q.Q8_0)
+    w.add_tensor("v.weight", v)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def gguf_cases(directory: str, case) -> None:
+    """An extents model (GGUF, journal 1.1): the writer's journal recovered before and after the writes,
+    and one case per extents rule of Trust steps 2 to 4."""
+    old_path, new_path = os.path.join(directory, "old.gguf"), os.path.join(directory, "new.gguf")
+    patch_path = os.path.join(directory, "patch-gguf.nnpatch")
+    gguf_model(old_path, [])
+    gguf_model(new_path, [1, 5, 6])
+    nnpatch.diff(old_path, new_path, patch_path, level=9)
+    old, new = open(old_path, "rb").read(), open(new_path, "rb").read()
+    written = writer_journal(old_path, patch_path, GGUF[0])
+    meta, parts = decode(written)
+    if encode(meta, parts, minor=1) != written:
+        raise SystemExit("the encoder written from JOURNAL.md does not reproduce the writer's GGUF journal")
+
+    def craft(name, description, *, model=new, trust, **kw):
+        case(name, description, model, {".nnpatch-journal": encode(meta, parts, minor=1, **kw)}, trust=trust,
+             kind=GGUF)
+
+    def model_edit(**changes):
+        return lambda obj: obj["model"].update(changes)
+
+    case("gguf-journal-before-writes", "an extents model (GGUF, journal 1.1): committed, nothing written", old,
+         {".nnpatch-journal": written}, valid=True, trust="protocol", kind=GGUF)
+    case("gguf-journal-after-writes", "an extents model (GGUF, journal 1.1): every new row written", new,
+         {".nnpatch-journal": written}, valid=True, trust="protocol", kind=GGUF)
+    table = meta["model"]["extents"]
+    craft("gguf-extents-not-hex", "model.extents has an uppercase hex digit", trust="2",
+          edit=model_edit(extents=table.upper()))
+    craft("gguf-extents-odd", "model.extents is an odd number of hex digits", trust="2",
+          edit=model_edit(extents=table[:-1]))
+    craft("gguf-extents-cut", "model.extents is a table cut short", trust="2", edit=model_edit(extents=table[:-2]))
+    craft("gguf-extents-other-size", "model.extents describes a file of another size than model.size", trust="2",
+          edit=model_edit(size=meta["model"]["size"] + 1))
+    craft("gguf-extents-header-keys", "model has header_len beside extents", trust="2",
+          edit=model_edit(header_len=0))
+    craft("gguf-skeleton-other", "model.skeleton_blake3 names another skeleton", trust="3",
+          edit=model_edit(skeleton_blake3="0" * 64))
+    skel = bytearray(new)
+    skel[4] ^= 1  # the GGUF version field: a skeleton byte
+    case("gguf-model-skeleton-changed", "a byte of the model outside its extents changed since", bytes(skel),
+         {".nnpatch-journal": written}, trust="3", kind=GGUF)
+    craft("gguf-entry-not-an-extent", "an entry names no extent of the table", trust="4",
+          edit=lambda obj: obj["entries"][0].update(name="nope"))
+    craft("gguf-entry-offset", "an entry's offset is not its extent's", trust="4",
+          edit=lambda obj: obj["entries"][0].update(offset=obj["entries"][0]["offset"] - 32))
+    craft("gguf-entry-unit", "an entry's unit is neither a row, the extent, nor an item dividing a row", trust="4",
+          edit=lambda obj: obj["entries"][0].update(unit=3))
+    mixed = bytearray(new)
+    e = parts[0]["entry"]
+    mixed[e["offset"]:e["offset"] + e["nbytes"]] = b"\xff" * e["nbytes"]
+    case("gguf-rollback-not-base", "the model's tensor changed since: the rollback would not give the base",
+         bytes(mixed), {".nnpatch-journal": written}, trust="5", kind=GGUF)
+
+
+def outcome(name: str, model: bytes, files: dict, old: bytes, MODEL: str = MODEL) -> dict:
     """What Python's recover does with a case (the generator records it; the tests compare both
     implementations against the record)."""
     from nnpatch.applier import recover
@@ -482,7 +563,9 @@ def write(directory: str, cases: dict, old: bytes, new: bytes) -> dict:
              "model_before": "old.safetensors", "model_before_blake3": blake3.blake3(old).hexdigest(),
              "model_updated": "new.safetensors", "model_updated_blake3": blake3.blake3(new).hexdigest(),
              "patch": "patch.nnpatch", "zstd_version": list(zstandard.ZSTD_VERSION), "cases": []}
-    for name, (description, model, files, valid, trust, expect) in cases.items():
+    for name, (description, model, files, valid, trust, expect, kind) in cases.items():
+        MODEL, before = kind[:2]  # noqa: N806 (the model's name and the file it is before the update)
+        old = open(os.path.join(directory, before), "rb").read()
         folder = os.path.join(directory, "cases", name)
         os.makedirs(folder, exist_ok=True)
         with open(os.path.join(folder, MODEL), "wb") as f:
@@ -490,15 +573,17 @@ def write(directory: str, cases: dict, old: bytes, new: bytes) -> dict:
         for suffix, data in files.items():
             with open(os.path.join(folder, MODEL + suffix), "wb") as f:
                 f.write(data)
-        got = outcome(name, model, files, old)
+        got = outcome(name, model, files, old, MODEL)
         if (got["outcome"], got["exit"], got.get("error")) != expect:
             raise SystemExit(f"{name}: JOURNAL.md says {expect}, nnpatch's recover gives {got}")
         after = old if got["outcome"] == "recovered" else model
         entry = {"name": name, "description": description, "valid": valid, "trust": trust,
                  "dir": f"cases/{name}", "model": MODEL, "journals": sorted(MODEL + s for s in files),
                  "model_blake3": blake3.blake3(model).hexdigest(), **got,
-                 "model_after": "old.safetensors" if got["outcome"] == "recovered" else f"cases/{name}/{MODEL}",
+                 "model_after": before if got["outcome"] == "recovered" else f"cases/{name}/{MODEL}",
                  "model_after_blake3": blake3.blake3(after).hexdigest()}
+        if len(kind) > 2:  # another update than the index's
+            entry.update(model_updated=kind[2], patch=kind[3])
         index["cases"].append(entry)
     with open(os.path.join(directory, "journal.json"), "w") as f:
         json.dump(index, f, indent=2, sort_keys=True, ensure_ascii=False)
@@ -506,7 +591,8 @@ def write(directory: str, cases: dict, old: bytes, new: bytes) -> dict:
     return index
 
 
-OWN = ("cases", "journal.json", "old.safetensors", "new.safetensors", "patch.nnpatch")
+OWN = ("cases", "journal.json", "old.safetensors", "new.safetensors", "patch.nnpatch", "old.gguf", "new.gguf",
+       "patch-gguf.nnpatch")
 
 
 def main() -> int:
