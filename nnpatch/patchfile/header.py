@@ -83,7 +83,7 @@ def align(n: int) -> int:
     return (n + ALIGNMENT - 1) // ALIGNMENT * ALIGNMENT
 
 
-@dataclass
+@dataclass(slots=True)  # a header holds up to 262,144 ops: no __dict__ each
 class Section:
     offset: int  # absolute in the file (relative to the spool while writing)
     length: int  # stored bytes
@@ -94,7 +94,7 @@ class Section:
         return {"offset": self.offset + base, "length": self.length, "size": self.size, "codec": list(self.codec)}
 
 
-@dataclass
+@dataclass(slots=True)  # a header holds up to 262,144 ops: no __dict__ each
 class TensorRef:
     dtype: str
     shape: tuple[int, ...]
@@ -108,7 +108,7 @@ class TensorRef:
         return {"dtype": self.dtype, "shape": list(self.shape), "blake3": self.blake3}
 
 
-@dataclass
+@dataclass(slots=True)  # a header holds up to 262,144 ops: no __dict__ each
 class Op:
     name: str
     kind: str
@@ -156,7 +156,7 @@ class Op:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class TargetFile:
     """One file of a directory target (spec section 5.6).
 
@@ -188,7 +188,7 @@ class TargetFile:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputFile:
     """A file an ONNX target writes: ``path`` is the model file's name (written
     at the output path) for the first, an external data location relative to
