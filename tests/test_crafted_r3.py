@@ -29,6 +29,7 @@ STRING_CAP = 1 << 20  # SECURITY.md "Limits": the longest JSON string nnpatch re
 
 
 def within_bound(r) -> None:
+    print(f"\nMEASURED rss={r.rss_mb:.0f}MB {r.seconds:.1f}s rc={r.rc}")
     assert r.rss_mb < MEMORY_BOUND_MB, f"peak RSS {r.rss_mb:.0f} MB over the {MEMORY_BOUND_MB} MB bound: {r}"
 
 
@@ -142,6 +143,68 @@ def test_manifest_with_a_big_string(world):
     entry["x-note"] = "N" * (12 << 20)
     world.write("dist/manifest.json", craft.encode_manifest(target, [entry]))
     r = refused_and_untouched(world, ["update", "model.safetensors", "--manifest", "dist/manifest.json"], 3)
+    within_bound(r)
+
+
+# --- item 11: many values inside the limits (spec/FORMAT.md section 12) ---------------------------------
+# The worst shapes for a parser that builds Python objects: each within 64 MiB and 4,194,304 values. Under
+# an x- key the patch is valid and applies; as the ops list it is refused; either way within the bound.
+
+def _one_key_objects(n: int) -> bytes:
+    return b"[" + b'{"a":0},' * (n - 1) + b'{"a":0}]'
+
+
+def _short_strings(n: int) -> bytes:
+    return b"[" + b'"a",' * (n - 1) + b'"a"]'
+
+
+def _strings_of_200(n: int) -> bytes:
+    one = b'"' + b"s" * 198 + b'"'
+    return b"[" + (one + b",") * (n - 1) + one + b"]"
+
+
+def _deep_nest(depth: int, per_level: int) -> bytes:
+    """``depth`` arrays, each holding the next and then ``per_level`` short strings: every level is long,
+    so a parser that walks long containers one at a time meets each of them."""
+    filler = b'"a",' * (per_level - 1) + b'"a"'
+    return b"[" * depth + b"0" + (b"," + filler + b"]") * depth
+
+
+SHAPES = {
+    "2M-one-key-objects": lambda: _one_key_objects(2_000_000),
+    "4M-short-strings": lambda: _short_strings(4_000_000),
+    "262144-strings-of-200-bytes": lambda: _strings_of_200(262_144),
+    "deep-nest-14-levels": lambda: _deep_nest(14, 280_000),
+}
+
+
+def _header_with(world, where: str, value: bytes) -> bytes:
+    """The base -> target patch with ``value`` as an x- key's value or as its ops list (plain header:
+    text this repetitive would break the 64x rule of a zstd header)."""
+    h = craft.file_patch(world.read("base.safetensors"), world.read("target.safetensors"), compress=False)
+    if where == "x-key":
+        h["x-big"] = 0
+        return craft.encode_patch(h, text_filter=lambda t: t.replace(b'"x-big":0', b'"x-big":' + value, 1))
+    h["ops"] = "OPS"
+    return craft.encode_patch(h, text_filter=lambda t: t.replace(b'"ops":"OPS"', b'"ops":' + value, 1))
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_many_values_under_an_x_key_apply_within_the_bound(world, shape):
+    world.write("many.nnpatch", _header_with(world, "x-key", SHAPES[shape]()))
+    r = world.run("apply", "base.safetensors", "many.nnpatch", "-o", "out.safetensors", timeout=60)
+    assert r.rc == 0, str(r)
+    assert world.read("out.safetensors") == world.read("target.safetensors")
+    within_bound(r)
+
+
+@pytest.mark.parametrize("shape", list(SHAPES))
+def test_many_values_as_the_ops_are_refused_within_the_bound(world, shape):
+    world.write("many.nnpatch", _header_with(world, "ops", SHAPES[shape]()))
+    before = world.snapshot()
+    r = world.run("verify", "many.nnpatch", "--base", "base.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, 3)
     within_bound(r)
 
 

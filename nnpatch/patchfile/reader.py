@@ -279,6 +279,8 @@ def _long_json(doc: Pieces, raw: bytes) -> dict:
     extra_bytes = 0
     for key, v, size in doc.members(*doc.top(), keep=_EVERY_KEY):
         if key.startswith("x-"):
+            if isinstance(v, tuple):
+                doc.value(*v)  # read (so checked), then dropped
             extra_bytes += size
             if extra_bytes <= MAX_EXTRA_JSON:
                 extra[key] = RawJSON(raw[v[0] : v[1]].strip()) if isinstance(v, tuple) else v
