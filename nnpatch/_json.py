@@ -222,16 +222,29 @@ class _Scan:
         return quotes[keep].tolist()
 
 
+#: Nesting and values (opening brackets and commas) of a document :func:`load_object` reads, as
+#: native/src/manifest.c's np_load_object: a release manifest lists a few bases (15 values each), a
+#: shard index one value per tensor; 524,288 values keep the parse within SECURITY.md's memory bound.
+MAX_DOCUMENT_DEPTH = 16
+MAX_DOCUMENT_VALUES = 1 << 19
+
+
 def load_object(raw: bytes, *, limit: int, what: str, max_string: int = MAX_JSON_STRING) -> dict:
-    """``raw`` as one JSON object: at most ``limit`` bytes, strict JSON (:func:`loads_strict`), and
-    an object at the top. The one rule for every small JSON document nnpatch reads whole (release
-    manifests and their envelopes, the update state, shard indexes). Every failure is a
-    ValueError whose message names ``what``, for the caller to raise as its own error. ``max_string``:
-    the longest string allowed (a DSSE envelope's payload is the one that may be longer)."""
+    """``raw`` as one JSON object: at most ``limit`` bytes, strict JSON (:func:`loads_strict`),
+    nested at most MAX_DOCUMENT_DEPTH deep with at most MAX_DOCUMENT_VALUES values, and an object at
+    the top. The one rule for every small JSON document nnpatch reads whole (release manifests and
+    their envelopes, the update state, shard indexes). Every failure is a ValueError whose message
+    names ``what``, for the caller to raise as its own error. ``max_string``: the longest string
+    allowed (a DSSE envelope's payload is the one that may be longer)."""
     if len(raw) > limit:
         raise ValueError(f"{what} of {len(raw)} bytes exceeds the {limit} limit")
     try:
-        obj = loads_strict(raw, max_string=max_string)
+        depth, values = json_shape(raw, max_string=max_string)
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise ValueError(f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels")
+        if values > MAX_DOCUMENT_VALUES:
+            raise ValueError(f"more than {MAX_DOCUMENT_VALUES} values")
+        obj = loads_strict(raw, max_string=None)
     except ValueError as e:
         raise ValueError(f"invalid {what} JSON: {e}") from e
     if not isinstance(obj, dict):

@@ -208,6 +208,57 @@ def test_many_values_as_the_ops_are_refused_within_the_bound(world, shape):
     within_bound(r)
 
 
+@pytest.mark.parametrize("shape", ["2M-one-key-objects", "4M-short-strings"])
+def test_journal_with_many_values_is_refused_within_the_bound(world, shape):
+    """recover on a journal whose header holds the shape under an unknown top-level key (which a
+    reader ignores): the journal is refused for what it names (not this model's journal), within the bound."""
+    shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")
+    meta = craft.journal_meta(world.read("model.safetensors"))
+    meta["model"]["size"] += 1  # a journal of another model: refused however it parses
+    meta["x-big"] = 0
+    text = craft.canonical(dict(meta, entries=[])).replace(b'"x-big":0', b'"x-big":' + SHAPES[shape](), 1)
+    world.write("model.safetensors.nnpatch-journal", craft.encode_journal(meta, [], raw_header=text))
+    before = world.snapshot()
+    r = world.run("recover", "model.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, (3, 4))
+    within_bound(r)
+
+
+def _manifest_with(world, note: bytes) -> None:
+    """A one-patch manifest for base -> target, one base entry holding ``note`` under an x- key."""
+    shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")
+    h = world.patch()
+    patch = craft.encode_patch(h)
+    world.write("dist/p.nnpatch", patch)
+    model = world.read("model.safetensors")
+    target = {"blake3": h["target"]["blake3"], "size": h["target"]["size"], "model_blake3": h["target"]["model_blake3"]}
+    entry = craft.manifest_entry(craft.digest(model), len(model), "p.nnpatch", patch)
+    entry["x-note"] = 0
+    raw = craft.encode_manifest(target, [entry]).replace(b'"x-note": 0', b'"x-note": ' + note, 1)
+    assert len(raw) < 16 << 20
+    world.write("dist/manifest.json", raw)
+
+
+def test_manifest_with_two_million_objects_is_refused_within_the_bound(world):
+    """16 MB (the limit is 16 MiB) of 1,900,000 one-key objects: past the 524,288 values a manifest may
+    hold (MANIFEST.md, "Limits"), refused before it is parsed."""
+    _manifest_with(world, _one_key_objects(1_900_000))
+    r = refused_and_untouched(world, ["update", "model.safetensors", "--manifest", "dist/manifest.json"], 3)
+    assert "524288 values" in r.err, str(r)
+    within_bound(r)
+
+
+def test_manifest_at_the_values_limit_applies_within_the_bound(world):
+    """Control: 262,000 one-key objects (524,000 values with the rest) under an entry's x- key, which a
+    reader ignores: applied."""
+    _manifest_with(world, _one_key_objects(262_000))
+    r = world.run("update", "model.safetensors", "--manifest", "dist/manifest.json", timeout=60)
+    assert r.rc == 0, str(r)
+    assert world.read("model.safetensors") == world.read("target.safetensors")
+    within_bound(r)
+
+
 # --- item 9: verify applies what apply applies before writing ----------------------------------------
 
 def _onnx_case(world, case: str) -> None:

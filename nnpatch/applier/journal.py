@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .._json import json_shape, loads_strict
+from .._json import WHOLE, LazyArray, Pieces, json_shape, loads_strict, utf8_error
 from ..atomic import fsync_dir, write_error
 from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal, UsageError, WeightsError
 from ..hashing import digests_equal
@@ -46,7 +46,7 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
-@dataclass
+@dataclass(slots=True)  # a journal of a large model has an entry per changed tensor
 class Entry:
     """Old bytes of one tensor: ``count`` units of ``unit`` bytes at ``indices``."""
 
@@ -290,20 +290,50 @@ def _object(v, keys: set[str], where: str) -> dict:
     return v
 
 
-def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
-    """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
-    allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
-    writes, must have exactly their keys."""
+def _load_meta(path: str, text: bytes):
+    """The header's JSON under loads_strict's rules. One longer than WHOLE (a journal of a model with
+    many tensors, or a planted one) is checked whole a piece at a time, then built with only the keys
+    _parse_header reads, ``entries`` one at a time (a LazyArray): a header of 64 MiB costs its own
+    bytes and its entries, never a Python object for each of its values."""
     try:
-        depth = json_shape(text)[0]
+        if len(text) <= WHOLE:
+            depth = json_shape(text)[0]
+        else:
+            bad = utf8_error(text)
+            if bad is not None:
+                raise ValueError(str(bad))
+            doc = Pieces(text)
+            depth = doc.depth
     except ValueError as e:
         raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
     if depth > MAX_JSON_DEPTH:
         raise InvalidJournal(f"{path}: journal header nests deeper than {MAX_JSON_DEPTH}")
     try:
-        meta = loads_strict(text)
+        if len(text) <= WHOLE:
+            return loads_strict(text)
+        doc.check()
+        lo, hi = doc.top()
+        if text[lo] != 123:
+            return []  # not an object: refused as such
+        meta = {}
+        for key, v, _ in doc.members(lo, hi, keep=frozenset(_TOP_KEYS), checked=True):
+            if key in _TOP_KEYS:
+                if not isinstance(v, tuple):
+                    meta[key] = v
+                elif key == "entries":
+                    meta[key] = doc.lazy(*v, keep=_ENTRY_KEYS)
+                else:
+                    meta[key] = doc.value(*v, keep=_MODEL_KEYS | _REF_KEYS, checked=True)
+        return meta
     except ValueError as e:
         raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
+
+
+def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
+    """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
+    allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
+    writes, must have exactly their keys."""
+    meta = _load_meta(path, text)
     if type(meta) is not dict:
         raise InvalidJournal(f"{path}: journal header is not a JSON object")
     missing = [k for k in _TOP_KEYS if k not in meta]
@@ -320,7 +350,7 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
         _hex(meta[side], "model_blake3", f"{path}: {side}")
     _hex(meta, "patch", path)
     raw = meta.pop("entries")
-    if type(raw) is not list:
+    if type(raw) not in (list, LazyArray):
         raise InvalidJournal(f"{path}: entries must be a JSON array")
     entries, names = [], set()
     for i, o in enumerate(raw):
