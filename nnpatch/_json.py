@@ -374,7 +374,8 @@ class Pieces:
     container's children are found by the same scan over its bytes, so a child nested ``d`` deep is
     scanned at most ``d`` times, and the nesting is capped before anything else."""
 
-    def __init__(self, raw: bytes, *, max_string: int = MAX_JSON_STRING) -> None:
+    def __init__(self, raw, *, max_string: int = MAX_JSON_STRING) -> None:
+        raw = memoryview(raw)  # bytes, or a view of a mapped file: nothing here copies more than a piece
         self.raw = raw
         scan = _Scan(raw, mark=True).run(max_string)
         _check_long(raw, scan.long, max_string)
@@ -387,17 +388,35 @@ class Pieces:
     def top(self) -> tuple[int, int]:
         """(start, end) of the top value, a container: nothing but whitespace around it."""
         raw, scan = self.raw, self._top
-        lo = 0
-        while lo < len(raw) and raw[lo] in _SPACE:
-            lo += 1
+        lo = self._skip(0, len(raw))
         if lo == len(raw) or raw[lo] not in b"{[":
             raise ValueError(f"Expecting value (byte {lo})")
         if scan.end < 0:
             raise ValueError(f"the {'object' if raw[lo] == 123 else 'array'} opened at byte {lo} is never closed")
-        rest = bytes(raw[scan.end + 1 :]).strip(_SPACE)
-        if rest:
-            raise ValueError(f"Extra data (byte {len(raw) - len(bytes(raw[scan.end + 1:]).lstrip(_SPACE))})")
+        extra = self._skip(scan.end + 1, len(raw))
+        if extra < len(raw):
+            raise ValueError(f"Extra data (byte {extra})")
         return lo, scan.end + 1
+
+    def _skip(self, lo: int, hi: int) -> int:
+        """The first byte from ``lo`` on that is no JSON whitespace (``hi`` if none), looked at 4 KiB at a time."""
+        while lo < hi:
+            part = bytes(self.raw[lo : min(hi, lo + 4096)])
+            rest = part.lstrip(_SPACE)
+            if rest:
+                return lo + len(part) - len(rest)
+            lo += len(part)
+        return hi
+
+    def _skip_back(self, lo: int, hi: int) -> int:
+        """One past the last byte before ``hi`` that is no JSON whitespace (``lo`` if none)."""
+        while hi > lo:
+            part = bytes(self.raw[max(lo, hi - 4096) : hi])
+            rest = part.rstrip(_SPACE)
+            if rest:
+                return hi - len(part) + len(rest)
+            hi -= len(part)
+        return lo
 
     # -- walking containers ---------------------------------------------------------------------------
 
@@ -415,7 +434,7 @@ class Pieces:
                 raise ValueError(f"the container at byte {lo} closes at byte {lo + scan.end}, not {hi - 1}")
             commas = scan.commas if hi < 1 << 31 else scan.commas.astype(np.int64)
             commas += lo
-        if not len(commas) and not raw[lo + 1 : hi - 1].strip(_SPACE):
+        if not len(commas) and self._skip(lo + 1, hi - 1) == hi - 1:
             return None
         return commas
 
@@ -448,7 +467,7 @@ class Pieces:
                 yield int(starts[f]), int(ends[last]), sizes[f : last + 1]
 
     def _load(self, lo: int, hi: int, wrap: str = ""):
-        text = self.raw[lo:hi].decode("utf-8")
+        text = str(self.raw[lo:hi], "utf-8")
         if wrap:
             text = wrap[0] + text + wrap[1]
         try:
@@ -504,17 +523,14 @@ class Pieces:
     def _big_member(self, lo: int, hi: int) -> tuple[str, int, int]:
         """A member longer than PIECE: its key (the string that starts it) and its value's span."""
         raw = self.raw
-        k = lo
-        while k < hi and raw[k] in _SPACE:
-            k += 1
+        k = self._skip(lo, hi)
         if k == hi or raw[k] != 34:
             raise ValueError(f"Expecting property name enclosed in double quotes (byte {k})")
         q = k + 1
         while True:  # the key's closing quote: the first not escaped
-            found = raw.find(b'"', q, hi)
-            if found < 0:
+            q = self._find_quote(q, hi)
+            if q < 0:
                 raise ValueError(f"Unterminated string starting at byte {k}")
-            q = found
             run = 0
             while raw[q - 1 - run] == 92:
                 run += 1
@@ -522,12 +538,19 @@ class Pieces:
                 break
             q += 1
         key = self._load(k, q + 1)
-        c = q + 1
-        while c < hi and raw[c] in _SPACE:
-            c += 1
+        c = self._skip(q + 1, hi)
         if c == hi or raw[c] != 58:
             raise ValueError(f"Expecting ':' delimiter (byte {c})")
         return key, c + 1, hi
+
+    def _find_quote(self, lo: int, hi: int) -> int:
+        while lo < hi:
+            part = bytes(self.raw[lo : min(hi, lo + 65536)])
+            at = part.find(b'"')
+            if at >= 0:
+                return lo + at
+            lo += len(part)
+        return -1
 
     def _unique(self, hashes: np.ndarray, lo: int, hi: int, commas) -> None:
         """No key twice among an object's members (read in runs: json.loads checked each run's own
@@ -575,6 +598,10 @@ class Pieces:
                 kept[key] = self.value(*v, keep=keep, lazy=lazy, checked=checked)
         return kept
 
+    def span(self, lo: int, hi: int) -> bytes:
+        """The bytes of the value in ``raw[lo:hi]``, without the whitespace around it."""
+        return bytes(self.raw[slice(*self._strip(lo, hi))])
+
     def check(self) -> None:
         """Read the whole document once, building nothing: every refusal of :func:`loads_strict`, in
         the order of the bytes, before the caller looks at any value."""
@@ -589,12 +616,8 @@ class Pieces:
         return LazyArray(self, a, b, keep)
 
     def _strip(self, lo: int, hi: int) -> tuple[int, int]:
-        raw = self.raw
-        while lo < hi and raw[lo] in _SPACE:
-            lo += 1
-        while hi > lo and raw[hi - 1] in _SPACE:
-            hi -= 1
-        return lo, hi
+        lo = self._skip(lo, hi)
+        return lo, self._skip_back(lo, hi)
 
 
 class LazyArray:

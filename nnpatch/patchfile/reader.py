@@ -155,7 +155,8 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True,
     if (PREAMBLE_SIZE + header_len) % ALIGNMENT:
         raise PatchFormatError(f"header length {header_len} does not end on a {ALIGNMENT}-byte boundary",
                                path=path, offset=16)
-    header = parse_header(bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]), flags, path=path)
+    # a view, not a copy: a plain header of 64 MiB is read where the file is mapped
+    header = parse_header(memoryview(buf)[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len], flags, path=path)
     header.version = (major, minor)
     header.flags = flags
     _check_layout(header, buf, PREAMBLE_SIZE + header_len, size, path)
@@ -166,10 +167,10 @@ def parse_header(raw: bytes, flags: int, *, path: str) -> PatchHeader:
     """The header from its stored bytes (plain, or zstd where ``flags`` say so),
     validated on its own: the stream reader checks it before the sections arrive."""
     if flags & FLAG_HEADER_ZSTD:
-        raw = unpack_header(raw, path)
+        raw = unpack_header(bytes(raw), path)
     if len(raw) > WHOLE:
         return _long_header(raw, path)
-    return _header_from_json(_load_json(raw, path), path)
+    return _header_from_json(_load_json(bytes(raw), path), path)
 
 
 def unpack_header(raw: bytes, path: str) -> bytes:
@@ -190,7 +191,9 @@ def unpack_header(raw: bytes, path: str) -> bytes:
         raise PatchFormatError("compressed header: padding after the zstd frame is not zero",
                                path=path, offset=PREAMBLE_SIZE + length)
     try:
-        return b"".join(codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where))
+        # the one chunk's array as it is (joined into bytes, a 64 MiB header would be held twice)
+        (out,) = codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where)
+        return memoryview(out)
     except PatchFormatError as e:
         raise PatchFormatError(f"compressed {e}", path=path, offset=PREAMBLE_SIZE) from e
 
@@ -245,7 +248,7 @@ def _long_header(raw: bytes, path: str) -> PatchHeader:
     bad = utf8_error(raw)
     if bad is not None:
         raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + bad.start})", path=path)
-    if not raw.startswith(b"{"):
+    if raw[:1] != b"{":
         raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
     try:
         doc = Pieces(raw, max_string=MAX_JSON_STRING)
@@ -283,7 +286,7 @@ def _long_json(doc: Pieces, raw: bytes) -> dict:
                 doc.value(*v)  # read (so checked), then dropped
             extra_bytes += size
             if extra_bytes <= MAX_EXTRA_JSON:
-                extra[key] = RawJSON(raw[v[0] : v[1]].strip()) if isinstance(v, tuple) else v
+                extra[key] = RawJSON(doc.span(*v)) if isinstance(v, tuple) else v
             else:
                 extra.clear()
         elif not isinstance(v, tuple):
