@@ -259,6 +259,36 @@ def test_manifest_at_the_values_limit_applies_within_the_bound(world):
     within_bound(r)
 
 
+def names_patch(world, count: int, length: int) -> bytes:
+    """The base -> target patch with ``count`` more remove ops named by ``length`` bytes of UTF-8 each,
+    every one with an emoji (so Python holds each name at 4 bytes a character)."""
+    h = craft.file_patch(world.read("base.safetensors"), world.read("target.safetensors"), compress=False)
+    ref = {"blake3": "0" * 64, "dtype": "U8", "shape": []}
+    extra = [{"base": ref, "name": f"zz{i:05d}\U0001F600" + "a" * (length - 11), "op": "remove"} for i in range(count)]
+    assert all(len(o["name"].encode()) == length for o in extra)
+    h["ops"] = h["ops"] + extra
+    return craft.encode_patch(h)
+
+
+def test_names_past_16_mib_together_are_refused_within_the_bound(world):
+    """FORMAT.md section 12: op names and paths total at most 16 MiB (a reader keeps them all): 300 names
+    of 64 KiB with an emoji each (an 18 MiB header) would cost Python 78 MB; refused by the rule."""
+    world.write("names.nnpatch", names_patch(world, 300, 65_536))
+    r = refused_and_untouched(world, ["verify", "names.nnpatch", "--base", "base.safetensors"], 3)
+    assert "names and paths total more than 16777216 bytes" in r.err, str(r)
+    within_bound(r)
+
+
+def test_names_at_16_mib_together_pass_the_rule(world):
+    """Control: 255 names of 64 KiB and the patch's own names stay within 16 MiB (refused later, for
+    naming tensors the base lacks)."""
+    world.write("names.nnpatch", names_patch(world, 255, 65_536))
+    r = world.run("verify", "names.nnpatch", "--base", "base.safetensors", timeout=60)
+    assert "names and paths" not in r.err, str(r)
+    assert "Traceback" not in r.err, str(r)
+    within_bound(r)
+
+
 # --- item 9: verify applies what apply applies before writing ----------------------------------------
 
 def _onnx_case(world, case: str) -> None:

@@ -56,6 +56,7 @@ void np_arena_free(np_arena_blk **arena)
 typedef struct rd {
     nnp_ctx *ctx;
     np_patch *p;
+    uint64_t names; /* bytes of op names and file paths so far (count_name) */
 } rd;
 
 #define PF(...) np_fail(r->ctx, NNP_KIND_PATCH_FORMAT, __VA_ARGS__)
@@ -64,6 +65,16 @@ typedef struct rd {
 static nnp_status fail_field(rd *r, const char *where, const char *msg)
 {
     return PF("%s: header: %s: %s", r->p->name, where, msg);
+}
+
+/* spec/FORMAT.md section 12: op names and the paths of files and outputs total at most NP_MAX_NAMES bytes,
+ * counted in reader.py's order (a reader keeps them all: bounded, so is what keeping them costs) */
+static nnp_status count_name(rd *r, const char *where, size_t n)
+{
+    r->names += n;
+    if (r->names > NP_MAX_NAMES)
+        return fail_field(r, where, "the header's names and paths total more than 16777216 bytes of UTF-8");
+    return NNP_OK;
 }
 
 static nnp_status missing(rd *r, const char *where, const char *key)
@@ -398,6 +409,8 @@ static nnp_status target_files(rd *r, const npj_value *o, const char *key, np_mo
         if (prev && pv->u.str.len > prev_len && memcmp(pv->u.str.s, prev, prev_len) == 0 &&
             pv->u.str.s[prev_len] == '/')
             return PF("%s: header: %s: %s lies inside a file", r->p->name, w2, q);
+        if ((st = count_name(r, w2, pv->u.str.len)))
+            return st;
         prev = pv->u.str.s;
         prev_len = pv->u.str.len;
         if ((st = get_str(r, fj, "kind", where, 0, &kv)))
@@ -443,6 +456,10 @@ static nnp_status target_files(rd *r, const npj_value *o, const char *key, np_mo
                 np_quote(q, sizeof q, fr->u.str.s, fr->u.str.len);
                 return PF("%s: header: %s.from: %s %s", r->p->name, where, q, why);
             }
+            char w3[600];
+            snprintf(w3, sizeof w3, "%s.from", where);
+            if ((st = count_name(r, w3, fr->u.str.len)))
+                return st;
             f->from = arena_str(&r->p->arena, fr->u.str.s, fr->u.str.len);
             f->from_len = fr->u.str.len;
         }
@@ -507,6 +524,10 @@ static nnp_status onnx_outputs(rd *r, const npj_value *o, const char *key, np_mo
                 return PF("%s: header: %s.path: %s is listed twice", r->p->name, where, q);
             }
         }
+        char w2[600];
+        snprintf(w2, sizeof w2, "%s.path", where);
+        if ((st = count_name(r, w2, pv->u.str.len)))
+            return st;
         uint64_t size;
         uint8_t dg[32];
         if ((st = get_int(r, fj, "size", where, 0, NULL, &size)) || (st = get_digest(r, fj, "blake3", where, dg)))
@@ -801,6 +822,8 @@ static nnp_status header_from_json(rd *r, const npj_value *root)
             np_quote(q, sizeof q, nv->u.str.s, nv->u.str.len);
             return PF("%s: header: %s: %s: ops must be sorted by name, without duplicates", p->name, w2, q);
         }
+        if ((st = count_name(r, w2, nv->u.str.len)))
+            return st;
         prev = nv->u.str.s;
         prev_len = nv->u.str.len;
         np_op *op = &p->ops[i];
@@ -862,7 +885,7 @@ nnp_status np_parse_header(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint32_
         raw = unpacked;
     }
     npj_doc *doc = NULL;
-    rd r = {ctx, p};
+    rd r = {ctx, p, 0};
     if (len == 0 || raw[0] != '{') {
         /* a JSON object must start the header (UTF-8 is checked by the parser below first) */
         st = np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: byte %d: header is not a JSON object", p->name, NP_PREAMBLE);

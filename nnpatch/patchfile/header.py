@@ -56,6 +56,10 @@ HEADER_EXPANSION_SLACK = 1 << 16
 #: a header may hold: about 40 per op, so 100,000 ops fit; parsing stays
 #: within a few hundred MB whatever the values are.
 MAX_JSON_VALUES = 1 << 22
+#: Bytes of op names and of the paths of files and outputs in one header, together: a reader keeps them
+#: all (Python at up to 4 bytes a character), so this bounds what keeping them costs. DeepSeek-V3's
+#: ~91,000 names take about 5 MB.
+MAX_NAMES_BYTES = 1 << 24
 #: Most ops a patch may have (DeepSeek-V3 has about 91,000 tensors).
 MAX_OPS = 1 << 18
 #: A zstd frame cannot expand beyond this ratio (a 4-byte RLE block -> 128 KiB).
@@ -338,6 +342,7 @@ __all__ = [
     "MAX_HEADER_EXPANSION",
     "HEADER_EXPANSION_SLACK",
     "MAX_JSON_VALUES",
+    "MAX_NAMES_BYTES",
     "MAX_OPS",
     "MAX_ZSTD_EXPANSION",
     "KNOWN_FEATURES",

@@ -17,7 +17,7 @@ from .._json import MAX_JSON_STRING, WHOLE, LazyArray, Pieces, RawJSON, json_sha
 from ..errors import NnpatchError, NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
-                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
+                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAMES_BYTES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
                      MAX_PATH_COMPONENT_BYTES, MAX_PATH_DEPTH, MAX_RANK,
                      MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
                      SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
@@ -317,6 +317,13 @@ class _Reader:
         # ops are what its reader keeps, so they are kept small
         self._codecs: dict[tuple, list[str]] = {}
         self._shapes: dict[tuple, tuple] = {}
+        self._names = 0
+
+    def count_name(self, where: str, encoded: bytes) -> None:
+        """Spec section 12: op names and file and output paths total at most MAX_NAMES_BYTES."""
+        self._names += len(encoded)
+        if self._names > MAX_NAMES_BYTES:
+            self.fail(where, f"the header's names and paths total more than {MAX_NAMES_BYTES} bytes of UTF-8")
 
     def fail(self, where: str, msg: str):
         raise PatchFormatError(f"header: {where}: {msg}", path=self.path)
@@ -436,6 +443,7 @@ def _onnx_outputs(r: _Reader, o: dict, key: str) -> list[OutputFile]:
             r.fail(f"{where}.path", f"{path!r} {why}")
         if path in seen:
             r.fail(f"{where}.path", f"{path!r} is listed twice")
+        r.count_name(f"{where}.path", path.encode("utf-8", "surrogatepass"))
         seen.add(path)
         out.append(OutputFile(path, r.int(fj, "size", where), r.digest(fj, "blake3", where)))
     return out
@@ -481,6 +489,7 @@ def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
             r.fail(f"{where}.path", f"{path!r}: files must be sorted by path, without duplicates")
         if previous is not None and encoded.startswith(previous + b"/"):
             r.fail(f"{where}.path", f"{path!r} lies inside {previous.decode('utf-8', 'surrogatepass')!r}, a file")
+        r.count_name(f"{where}.path", encoded)
         previous = encoded
         kind = r.str(fj, "kind", where)
         if kind not in FILE_KINDS:
@@ -502,6 +511,7 @@ def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
             why = check_relative_path(f.source)
             if why:
                 r.fail(f"{where}.from", f"{f.source!r} {why}")
+            r.count_name(f"{where}.from", f.source.encode("utf-8", "surrogatepass"))
         for name, s in (("layout", f.layout), ("content", f.content)):
             if s is None:
                 continue
@@ -555,6 +565,7 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
             r.fail(f"{where}.name", f"must be 1 to {MAX_NAME_BYTES} bytes of UTF-8")
         if previous is not None and encoded <= previous:
             r.fail(f"{where}.name", f"{name!r}: ops must be sorted by name, without duplicates")
+        r.count_name(f"{where}.name", encoded)
         previous = encoded
         ops.append(_op_from_json(r, oj, where, name))
     extra = {k: v for k, v in obj.items() if k.startswith("x-")}
