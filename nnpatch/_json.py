@@ -620,6 +620,15 @@ class Pieces:
         return lo, self._skip_back(lo, hi)
 
 
+class _EveryKey:
+    def __contains__(self, key) -> bool:
+        return True
+
+
+#: ``keep`` for :meth:`Pieces.members` that gives every long member as its span.
+EVERY_KEY = _EveryKey()
+
+
 class LazyArray:
     """A long array of a :class:`Pieces` document (already checked): its length known from its
     commas, its elements built one piece at a time while it is iterated (each as :meth:`Pieces.value`

@@ -13,7 +13,7 @@ import blake3
 import zstandard
 
 from .. import codecs, dtypes, quantdelta
-from .._json import MAX_JSON_STRING, WHOLE, LazyArray, Pieces, RawJSON, json_shape, loads_text, utf8_error
+from .._json import EVERY_KEY, MAX_JSON_STRING, WHOLE, LazyArray, Pieces, RawJSON, json_shape, loads_text, utf8_error
 from ..errors import NnpatchError, NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
@@ -280,7 +280,7 @@ def _long_json(doc: Pieces, raw: bytes) -> dict:
     obj: dict = {}
     extra: dict = {}
     extra_bytes = 0
-    for key, v, size in doc.members(*doc.top(), keep=_EVERY_KEY):
+    for key, v, size in doc.members(*doc.top(), keep=EVERY_KEY):
         if key.startswith("x-"):
             if isinstance(v, tuple):
                 doc.value(*v)  # read (so checked), then dropped
@@ -298,14 +298,6 @@ def _long_json(doc: Pieces, raw: bytes) -> dict:
                                  lazy=frozenset({"files", "outputs"}))
     obj.update(extra)
     return obj
-
-
-class _EveryKey:
-    def __contains__(self, key) -> bool:
-        return True
-
-
-_EVERY_KEY = _EveryKey()
 
 
 class _Reader:
