@@ -167,7 +167,7 @@ def parse_header(raw: bytes, flags: int, *, path: str) -> PatchHeader:
     """The header from its stored bytes (plain, or zstd where ``flags`` say so),
     validated on its own: the stream reader checks it before the sections arrive."""
     if flags & FLAG_HEADER_ZSTD:
-        raw = unpack_header(bytes(raw), path)
+        raw = _unpacked(bytes(raw), path)
     if len(raw) > WHOLE:
         return _long_header(raw, path)
     return _header_from_json(_load_json(bytes(raw), path), path)
@@ -175,6 +175,11 @@ def parse_header(raw: bytes, flags: int, *, path: str) -> PatchHeader:
 
 def unpack_header(raw: bytes, path: str) -> bytes:
     """The JSON of a zstd header: one frame declaring its size, then only zero bytes."""
+    return bytes(_unpacked(raw, path))
+
+
+def _unpacked(raw: bytes, path: str) -> memoryview:
+    """unpack_header's JSON as the decoded array itself (as bytes, 64 MiB would be held twice)."""
     where = "header"
     try:
         length = codecs.zstd_frame_length(raw)
@@ -191,7 +196,6 @@ def unpack_header(raw: bytes, path: str) -> bytes:
         raise PatchFormatError("compressed header: padding after the zstd frame is not zero",
                                path=path, offset=PREAMBLE_SIZE + length)
     try:
-        # the one chunk's array as it is (joined into bytes, a 64 MiB header would be held twice)
         (out,) = codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where)
         return memoryview(out)
     except PatchFormatError as e:
