@@ -13,44 +13,6 @@
 #include "patch.h"
 #include "zstdframe.h"
 
-/* ---- arena ------------------------------------------------------------------------- */
-
-struct np_arena_blk {
-    np_arena_blk *next;
-    size_t used, cap;
-    uint64_t data[];
-};
-
-void *np_arena_alloc(np_arena_blk **arena, size_t n)
-{
-    n = (n + 15) & ~(size_t)15;
-    np_arena_blk *b = *arena;
-    if (!b || b->cap - b->used < n) {
-        size_t cap = n > 65536 ? n : 65536;
-        b = malloc(sizeof *b + cap);
-        if (!b)
-            return NULL;
-        b->next = *arena;
-        b->used = 0;
-        b->cap = cap;
-        *arena = b;
-    }
-    void *p = (char *)b->data + b->used;
-    b->used += n;
-    return p;
-}
-
-void np_arena_free(np_arena_blk **arena)
-{
-    np_arena_blk *b = *arena;
-    while (b) {
-        np_arena_blk *n = b->next;
-        free(b);
-        b = n;
-    }
-    *arena = NULL;
-}
-
 /* ---- header parsing ---------------------------------------------------------------- */
 
 typedef struct rd {
@@ -69,12 +31,14 @@ static nnp_status fail_field(rd *r, const char *where, const char *msg)
 
 /* spec/FORMAT.md section 12: op names and the paths of files and outputs total at most NP_MAX_NAMES bytes,
  * counted in reader.py's order (a reader keeps them all: bounded, so is what keeping them costs) */
-static nnp_status count_name(rd *r, const char *where, size_t n)
+static nnp_status count_name(rd *r, size_t n, const char *where, const char *suffix)
 {
+    char w[640];
+    snprintf(w, sizeof w, "%s%s", where, suffix);
     r->names += n;
-    if (r->names > NP_MAX_NAMES)
-        return fail_field(r, where, "the header's names and paths total more than 16777216 bytes of UTF-8");
-    return NNP_OK;
+    return r->names > NP_MAX_NAMES
+               ? fail_field(r, w, "the header's names and paths total more than 16777216 bytes of UTF-8")
+               : NNP_OK;
 }
 
 static nnp_status missing(rd *r, const char *where, const char *key)
@@ -409,7 +373,7 @@ static nnp_status target_files(rd *r, const npj_value *o, const char *key, np_mo
         if (prev && pv->u.str.len > prev_len && memcmp(pv->u.str.s, prev, prev_len) == 0 &&
             pv->u.str.s[prev_len] == '/')
             return PF("%s: header: %s: %s lies inside a file", r->p->name, w2, q);
-        if ((st = count_name(r, w2, pv->u.str.len)))
+        if ((st = count_name(r, pv->u.str.len, w2, "")))
             return st;
         prev = pv->u.str.s;
         prev_len = pv->u.str.len;
@@ -456,9 +420,7 @@ static nnp_status target_files(rd *r, const npj_value *o, const char *key, np_mo
                 np_quote(q, sizeof q, fr->u.str.s, fr->u.str.len);
                 return PF("%s: header: %s.from: %s %s", r->p->name, where, q, why);
             }
-            char w3[600];
-            snprintf(w3, sizeof w3, "%s.from", where);
-            if ((st = count_name(r, w3, fr->u.str.len)))
+            if ((st = count_name(r, fr->u.str.len, where, ".from")))
                 return st;
             f->from = arena_str(&r->p->arena, fr->u.str.s, fr->u.str.len);
             f->from_len = fr->u.str.len;
@@ -524,9 +486,7 @@ static nnp_status onnx_outputs(rd *r, const npj_value *o, const char *key, np_mo
                 return PF("%s: header: %s.path: %s is listed twice", r->p->name, where, q);
             }
         }
-        char w2[600];
-        snprintf(w2, sizeof w2, "%s.path", where);
-        if ((st = count_name(r, w2, pv->u.str.len)))
+        if ((st = count_name(r, pv->u.str.len, where, ".path")))
             return st;
         uint64_t size;
         uint8_t dg[32];
@@ -822,7 +782,7 @@ static nnp_status header_from_json(rd *r, const npj_value *root)
             np_quote(q, sizeof q, nv->u.str.s, nv->u.str.len);
             return PF("%s: header: %s: %s: ops must be sorted by name, without duplicates", p->name, w2, q);
         }
-        if ((st = count_name(r, w2, nv->u.str.len)))
+        if ((st = count_name(r, nv->u.str.len, w2, "")))
             return st;
         prev = nv->u.str.s;
         prev_len = nv->u.str.len;
