@@ -1,6 +1,7 @@
 /*
  * The arena an np_patch keeps its strings and arrays in (patch.h): blocks of at least 64 KiB, freed
- * together with the patch. Split from header.c, its one writer.
+ * together with the patch. Split from header.c, its one writer. No Python twin: Python's objects are
+ * freed by the garbage collector.
  */
 #include <stdlib.h>
 
