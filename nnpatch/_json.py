@@ -612,7 +612,7 @@ class Pieces:
         iterated, or, if it is no array, what :meth:`value` gives."""
         a, b = self._strip(lo, hi)
         if a == b or self.raw[a] != 91:
-            return self.value(lo, hi)
+            return self.value(lo, hi, keep=keep)
         return LazyArray(self, a, b, keep)
 
     def _strip(self, lo: int, hi: int) -> tuple[int, int]:
