@@ -320,25 +320,6 @@ class Skipped:
         return f"<{self.nbytes} bytes of JSON>"
 
 
-class RawJSON:
-    """A value kept as its checked JSON bytes instead of Python objects (a patch header's long ``x-``
-    value: kept verbatim for a writer that rewrites the header, never built while reading)."""
-
-    __slots__ = ("raw",)
-
-    def __init__(self, raw: bytes) -> None:
-        self.raw = raw
-
-    def value(self):
-        return loads_strict(self.raw, max_string=None)
-
-    def __eq__(self, other) -> bool:
-        return isinstance(other, RawJSON) and other.raw == self.raw
-
-    def __repr__(self) -> str:
-        return f"RawJSON(<{len(self.raw)} bytes>)"
-
-
 def utf8_error(raw) -> UnicodeDecodeError | None:
     """The first UTF-8 error of ``raw``, its ``start`` counted from the beginning of ``raw``, or None;
     decoded a MiB at a time, never whole (64 MiB of text with one emoji is a 256 MB ``str``)."""

@@ -204,6 +204,25 @@ def test_many_values_under_an_x_key_apply_within_the_bound(world, shape):
     within_bound(r)
 
 
+def test_show_json_of_a_long_header_keeps_x_keys_within_1_mib(world):
+    """A header over 1 MiB keeps its x- values (PatchHeader.extra, show --json) while they total at most
+    1 MiB of JSON, and none past that (a reader ignores them, spec 5): here a 330 KB list is kept beside a
+    1 MB unknown key; 4,000,000 strings are not."""
+    h = craft.file_patch(world.read("base.safetensors"), world.read("target.safetensors"), compress=False)
+    h["x-keep"] = ["abcdefgh"] * 30_000
+    h["zz-pad"] = 0
+    world.write("keep.nnpatch", craft.encode_patch(h, text_filter=lambda t: t.replace(
+        b'"zz-pad":0', b'"zz-pad":' + _short_strings(250_000), 1)))
+    r = world.run("show", "keep.nnpatch", "--json", timeout=60)
+    assert r.rc == 0, str(r)
+    assert json.loads(r.out)["x-keep"] == h["x-keep"]
+    world.write("many.nnpatch", _header_with(world, "x-key", _short_strings(4_000_000)))
+    r = world.run("show", "many.nnpatch", "--json", timeout=60)
+    assert r.rc == 0, str(r)
+    assert "x-big" not in json.loads(r.out)
+    within_bound(r)
+
+
 @pytest.mark.parametrize("shape", OPS_SHAPES)
 def test_many_values_as_the_ops_are_refused_within_the_bound(world, shape):
     world.write("many.nnpatch", _header_with(world, "ops", SHAPES[shape]()))

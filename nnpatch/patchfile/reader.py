@@ -13,7 +13,7 @@ import blake3
 import zstandard
 
 from .. import codecs, dtypes, quantdelta
-from .._json import EVERY_KEY, MAX_JSON_STRING, WHOLE, LazyArray, Pieces, RawJSON, json_shape, loads_text, utf8_error
+from .._json import EVERY_KEY, MAX_JSON_STRING, WHOLE, LazyArray, Pieces, json_shape, loads_strict, loads_text, utf8_error
 from ..errors import NnpatchError, NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
@@ -286,11 +286,12 @@ def _long_json(doc: Pieces, raw: bytes) -> dict:
     extra_bytes = 0
     for key, v, size in doc.members(*doc.top(), keep=EVERY_KEY):
         if key.startswith("x-"):
-            if isinstance(v, tuple):
-                doc.value(*v)  # read (so checked), then dropped
             extra_bytes += size
+            if isinstance(v, tuple):  # longer than a piece: read (so checked), then built only within the budget
+                doc.value(*v)
+                v = loads_strict(doc.span(*v), max_string=None) if extra_bytes <= MAX_EXTRA_JSON else None
             if extra_bytes <= MAX_EXTRA_JSON:
-                extra[key] = RawJSON(doc.span(*v)) if isinstance(v, tuple) else v
+                extra[key] = v
             else:
                 extra.clear()
         elif not isinstance(v, tuple):
