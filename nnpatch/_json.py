@@ -1,4 +1,6 @@
-"""Strict JSON for every parser of untrusted JSON in nnpatch (safetensors headers, indexes, manifests)."""
+"""Strict JSON for every parser of untrusted JSON in nnpatch (safetensors headers, indexes, manifests);
+JSON over 1 MiB (patch, journal and safetensors headers) read a piece at a time (:class:`Pieces`), so
+that memory stays within SECURITY.md's bound whatever the input."""
 
 from __future__ import annotations
 
