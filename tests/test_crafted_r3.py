@@ -250,6 +250,24 @@ def test_journal_with_many_values_is_refused_within_the_bound(world, shape):
     within_bound(r)
 
 
+def test_journal_names_past_16_mib_together_are_refused_within_the_bound(world):
+    """JOURNAL.md Trust step 2: entry names total at most 16 MiB (each is kept); 300 names of 64 KiB with
+    an emoji each: refused by the rule, exit 3, journal kept."""
+    shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")
+    meta = craft.journal_meta(world.read("model.safetensors"))
+    entries = b",".join(b'{"base_blake3":"' + b"1" * 64 + b'","count":0,"data_at":0,"index_at":0,"name":"'
+                        + f"{i:05d}\U0001F600".encode() + b"a" * 65_527 + b'","nbytes":0,"offset":0,'
+                        b'"target_blake3":"' + b"2" * 64 + b'","unit":0}' for i in range(300))
+    text = craft.canonical(dict(meta, entries=[])).replace(b'"entries":[]', b'"entries":[' + entries + b"]", 1)
+    world.write("model.safetensors.nnpatch-journal", craft.encode_journal(meta, [], raw_header=text))
+    before = world.snapshot()
+    r = world.run("recover", "model.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, 3)
+    assert "names total more than 16777216 bytes" in r.err, str(r)
+    within_bound(r)
+
+
 def _manifest_with(world, note: bytes) -> None:
     """A one-patch manifest for base -> target, one base entry holding ``note`` under an x- key."""
     shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")

@@ -252,6 +252,7 @@ def _check_indices(idx: np.ndarray, bound: int, where: str) -> None:
 
 MAX_HEADER_LEN = 64 << 20  # like a patch header (FORMAT.md): the writer refuses to write more
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep
+MAX_NAMES_BYTES = 1 << 24  # entry names together, as a patch's op names (FORMAT.md section 12)
 MAX_INT = (1 << 63) - 1
 _HEX = re.compile(r"[0-9a-f]{64}")
 _TOP_KEYS = ("created_by", "model", "base", "target", "patch", "entries")
@@ -295,6 +296,8 @@ def _load_meta(path: str, text: bytes):
     many tensors, or a planted one) is checked whole a piece at a time, then built with only the keys
     _parse_header reads, ``entries`` one at a time (a LazyArray): a header of 64 MiB costs its own
     bytes and its entries, never a Python object for each of its values."""
+    if len(text) <= WHOLE:
+        text = bytes(text)
     try:
         if len(text) <= WHOLE:
             depth = json_shape(text)[0]
@@ -352,7 +355,7 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
     raw = meta.pop("entries")
     if type(raw) not in (list, LazyArray):
         raise InvalidJournal(f"{path}: entries must be a JSON array")
-    entries, names = [], set()
+    entries, names, name_bytes = [], set(), 0
     for i, o in enumerate(raw):
         where = f"{path}: entry {i}"
         o = _object(o, _ENTRY_KEYS, where)
@@ -362,6 +365,9 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry]]:
         if o["name"] in names:
             raise InvalidJournal(f"{where}: a second entry for the same tensor")
         names.add(o["name"])
+        name_bytes += len(o["name"].encode("utf-8", "surrogatepass"))
+        if name_bytes > MAX_NAMES_BYTES:  # every name is kept: this bounds what that costs (JOURNAL.md Trust 2)
+            raise InvalidJournal(f"{where}: the entries' names total more than {MAX_NAMES_BYTES} bytes of UTF-8")
         e = Entry(o["name"], *(_int(o, k, where) for k in ("offset", "nbytes", "unit", "count")),
                   _hex(o, "base_blake3", where), _hex(o, "target_blake3", where),
                   _int(o, "index_at", where), _int(o, "data_at", where))
@@ -416,7 +422,10 @@ def read_journal(path: str, *, model_size: int | None = None) -> Journal:
         return _read(path, buf, size)
     except BaseException:
         if buf is not None:
-            buf.close()
+            try:
+                buf.close()
+            except BufferError:  # the error's traceback still holds a view of the header: unmapped when it goes
+                pass
         raise
 
 
@@ -442,6 +451,7 @@ def _read(path: str, buf: mmap.mmap | None, size: int) -> Journal:
     if PREAMBLE.size + hlen > size - TRAILER or (PREAMBLE.size + hlen) % ALIGN:
         raise InvalidJournal(f"{path}: journal header length {hlen} does not fit the journal or is not padded "
                              f"to {ALIGN}")
-    meta, entries = _parse_header(path, bytes(data[PREAMBLE.size : PREAMBLE.size + hlen]))
+    # a view of the mapped journal, not a copy: a 64 MiB header is read where it lies
+    meta, entries = _parse_header(path, memoryview(data)[PREAMBLE.size : PREAMBLE.size + hlen])
     _check_layout(path, entries, hlen, size)
     return Journal(path, meta, entries, buf)
