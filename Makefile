@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed
 
-.PHONY: setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-test native-aarch64 native-fuzz fuzz-native
+.PHONY: test-bigjson setup demo test test-fast fuzz bench bench-real clean native-deps native native-asan native-test native-aarch64 native-fuzz fuzz-native
 
 # The Python side only: what `make demo` needs. The native toolchain is for the
 # native suites, so only `make test` (and test-fast) installs it.
@@ -32,10 +32,14 @@ demo: setup
 	$(BIN)/nnpatch demo
 
 test: native-deps setup
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -m "not bigjson"
 
 test-fast: native-deps setup
-	$(BIN)/python -m pytest -m "not slow and not torch"
+	$(BIN)/python -m pytest -m "not slow and not torch and not bigjson"
+
+# the full-size worst JSON shapes of SECURITY.md "Memory" (tests/test_crafted_r3.py), each over 10 s
+test-bigjson: native-deps setup
+	$(BIN)/python -m pytest -m bigjson tests/test_crafted_r3.py
 
 bench: setup
 	$(BIN)/python benchmarks/compare.py

@@ -145,6 +145,220 @@ def test_manifest_with_a_big_string(world):
     within_bound(r)
 
 
+# --- item 11: many values inside the limits (spec/FORMAT.md section 12) ---------------------------------
+# The worst shapes for a parser that builds Python objects: each within 64 MiB and 4,194,304 values. Under
+# an x- key the patch is valid and applies; as the ops list it is refused; either way within the bound.
+
+def _one_key_objects(n: int) -> bytes:
+    return b"[" + b'{"a":0},' * (n - 1) + b'{"a":0}]'
+
+
+def _short_strings(n: int) -> bytes:
+    return b"[" + b'"a",' * (n - 1) + b'"a"]'
+
+
+def _strings_of_200(n: int) -> bytes:
+    one = b'"' + b"s" * 198 + b'"'
+    return b"[" + (one + b",") * (n - 1) + one + b"]"
+
+
+def _deep_nest(depth: int, per_level: int) -> bytes:
+    """``depth`` arrays, each holding the next and then ``per_level`` short strings: every level is long,
+    so a parser that walks long containers one at a time meets each of them."""
+    filler = b'"a",' * (per_level - 1) + b'"a"'
+    return b"[" * depth + b"0" + (b"," + filler + b"]") * depth
+
+
+SHAPES = {
+    "2M-one-key-objects": lambda: _one_key_objects(2_000_000),
+    "4M-short-strings": lambda: _short_strings(4_000_000),
+    "262144-strings-of-200-bytes": lambda: _strings_of_200(262_144),
+    "deep-nest-14-levels": lambda: _deep_nest(14, 280_000),
+    # bounded samples of the two slowest (the full ones are marked bigjson: make test-bigjson)
+    "65536-strings-of-200-bytes": lambda: _strings_of_200(65_536),
+    "deep-nest-14-levels-small": lambda: _deep_nest(14, 70_000),
+}
+BIG = pytest.mark.bigjson  # over 10 s on a loaded 2-core machine: `make test-bigjson` runs them
+X_KEY_SHAPES = list(SHAPES)[:4]
+OPS_SHAPES = [*list(SHAPES)[:2], pytest.param(list(SHAPES)[2], marks=BIG), pytest.param(list(SHAPES)[3], marks=BIG),
+              *list(SHAPES)[4:]]
+
+
+def _header_with(world, where: str, value: bytes) -> bytes:
+    """The base -> target patch with ``value`` as an x- key's value or as its ops list (plain header:
+    text this repetitive would break the 64x rule of a zstd header)."""
+    h = craft.file_patch(world.read("base.safetensors"), world.read("target.safetensors"), compress=False)
+    if where == "x-key":
+        h["x-big"] = 0
+        return craft.encode_patch(h, text_filter=lambda t: t.replace(b'"x-big":0', b'"x-big":' + value, 1))
+    h["ops"] = "OPS"
+    return craft.encode_patch(h, text_filter=lambda t: t.replace(b'"ops":"OPS"', b'"ops":' + value, 1))
+
+
+@pytest.mark.parametrize("shape", X_KEY_SHAPES)
+def test_many_values_under_an_x_key_apply_within_the_bound(world, shape):
+    world.write("many.nnpatch", _header_with(world, "x-key", SHAPES[shape]()))
+    r = world.run("apply", "base.safetensors", "many.nnpatch", "-o", "out.safetensors", timeout=60)
+    assert r.rc == 0, str(r)
+    assert world.read("out.safetensors") == world.read("target.safetensors")
+    within_bound(r)
+
+
+def test_show_json_of_a_long_header_keeps_x_keys_within_1_mib(world):
+    """A header over 1 MiB keeps its x- values (PatchHeader.extra, show --json) while they total at most
+    1 MiB of JSON, and none past that (a reader ignores them, spec 5): here a 330 KB list is kept beside a
+    1 MB unknown key; 4,000,000 strings are not."""
+    h = craft.file_patch(world.read("base.safetensors"), world.read("target.safetensors"), compress=False)
+    h["x-keep"] = ["abcdefgh"] * 30_000
+    h["zz-pad"] = 0
+    world.write("keep.nnpatch", craft.encode_patch(h, text_filter=lambda t: t.replace(
+        b'"zz-pad":0', b'"zz-pad":' + _short_strings(250_000), 1)))
+    r = world.run("show", "keep.nnpatch", "--json", timeout=60)
+    assert r.rc == 0, str(r)
+    assert json.loads(r.out)["x-keep"] == h["x-keep"]
+    world.write("many.nnpatch", _header_with(world, "x-key", _short_strings(4_000_000)))
+    r = world.run("show", "many.nnpatch", "--json", timeout=60)
+    assert r.rc == 0, str(r)
+    assert "x-big" not in json.loads(r.out)
+    within_bound(r)
+
+
+@pytest.mark.parametrize("shape", OPS_SHAPES)
+def test_many_values_as_the_ops_are_refused_within_the_bound(world, shape):
+    world.write("many.nnpatch", _header_with(world, "ops", SHAPES[shape]()))
+    before = world.snapshot()
+    r = world.run("verify", "many.nnpatch", "--base", "base.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, 3)
+    within_bound(r)
+
+
+@pytest.mark.parametrize("shape", ["2M-one-key-objects", "4M-short-strings"])
+def test_journal_with_many_values_is_refused_within_the_bound(world, shape):
+    """recover on a journal whose header holds the shape under an unknown top-level key (which a
+    reader ignores): the journal is refused for what it names (not this model's journal), within the bound."""
+    shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")
+    meta = craft.journal_meta(world.read("model.safetensors"))
+    meta["model"]["size"] += 1  # a journal of another model: refused however it parses
+    meta["x-big"] = 0
+    text = craft.canonical(dict(meta, entries=[])).replace(b'"x-big":0', b'"x-big":' + SHAPES[shape](), 1)
+    world.write("model.safetensors.nnpatch-journal", craft.encode_journal(meta, [], raw_header=text))
+    before = world.snapshot()
+    r = world.run("recover", "model.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, (3, 4))
+    within_bound(r)
+
+
+def test_journal_names_past_16_mib_together_are_refused_within_the_bound(world):
+    """JOURNAL.md Trust step 2: entry names total at most 16 MiB (each is kept); 300 names of 64 KiB with
+    an emoji each: refused by the rule, exit 3, journal kept."""
+    shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")
+    meta = craft.journal_meta(world.read("model.safetensors"))
+    entries = b",".join(b'{"base_blake3":"' + b"1" * 64 + b'","count":0,"data_at":0,"index_at":0,"name":"'
+                        + f"{i:05d}\U0001F600".encode() + b"a" * 65_527 + b'","nbytes":0,"offset":0,'
+                        b'"target_blake3":"' + b"2" * 64 + b'","unit":0}' for i in range(300))
+    text = craft.canonical(dict(meta, entries=[])).replace(b'"entries":[]', b'"entries":[' + entries + b"]", 1)
+    world.write("model.safetensors.nnpatch-journal", craft.encode_journal(meta, [], raw_header=text))
+    before = world.snapshot()
+    r = world.run("recover", "model.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, 3)
+    assert "names total more than 16777216 bytes" in r.err, str(r)
+    within_bound(r)
+
+
+def _manifest_with(world, note: bytes) -> None:
+    """A one-patch manifest for base -> target, one base entry holding ``note`` under an x- key."""
+    shutil.copyfile(world.work / "base.safetensors", world.work / "model.safetensors")
+    h = world.patch()
+    patch = craft.encode_patch(h)
+    world.write("dist/p.nnpatch", patch)
+    model = world.read("model.safetensors")
+    target = {"blake3": h["target"]["blake3"], "size": h["target"]["size"], "model_blake3": h["target"]["model_blake3"]}
+    entry = craft.manifest_entry(craft.digest(model), len(model), "p.nnpatch", patch)
+    entry["x-note"] = 0
+    raw = craft.encode_manifest(target, [entry]).replace(b'"x-note": 0', b'"x-note": ' + note, 1)
+    assert len(raw) < 16 << 20
+    world.write("dist/manifest.json", raw)
+
+
+def test_manifest_with_two_million_objects_is_refused_within_the_bound(world):
+    """16 MB (the limit is 16 MiB) of 1,900,000 one-key objects: past the 524,288 values a manifest may
+    hold (MANIFEST.md, "Limits"), refused before it is parsed."""
+    _manifest_with(world, _one_key_objects(1_900_000))
+    r = refused_and_untouched(world, ["update", "model.safetensors", "--manifest", "dist/manifest.json"], 3)
+    assert "524288 values" in r.err, str(r)
+    within_bound(r)
+
+
+def test_manifest_at_the_values_limit_applies_within_the_bound(world):
+    """Control: 262,000 one-key objects (524,000 values with the rest) under an entry's x- key, which a
+    reader ignores: applied."""
+    _manifest_with(world, _one_key_objects(262_000))
+    r = world.run("update", "model.safetensors", "--manifest", "dist/manifest.json", timeout=60)
+    assert r.rc == 0, str(r)
+    assert world.read("model.safetensors") == world.read("target.safetensors")
+    within_bound(r)
+
+
+def names_patch(world, count: int, length: int) -> bytes:
+    """The base -> target patch with ``count`` more remove ops named by ``length`` bytes of UTF-8 each,
+    every one with an emoji (so Python holds each name at 4 bytes a character)."""
+    h = craft.file_patch(world.read("base.safetensors"), world.read("target.safetensors"), compress=False)
+    ref = {"blake3": "0" * 64, "dtype": "U8", "shape": []}
+    extra = [{"base": ref, "name": f"zz{i:05d}\U0001F600" + "a" * (length - 11), "op": "remove"} for i in range(count)]
+    assert all(len(o["name"].encode()) == length for o in extra)
+    h["ops"] = h["ops"] + extra
+    return craft.encode_patch(h)
+
+
+def test_names_past_16_mib_together_are_refused_within_the_bound(world):
+    """FORMAT.md section 12: op names and paths total at most 16 MiB (a reader keeps them all): 300 names
+    of 64 KiB with an emoji each (an 18 MiB header) would cost Python 78 MB; refused by the rule."""
+    world.write("names.nnpatch", names_patch(world, 300, 65_536))
+    r = refused_and_untouched(world, ["verify", "names.nnpatch", "--base", "base.safetensors"], 3)
+    assert "names and paths total more than 16777216 bytes" in r.err, str(r)
+    within_bound(r)
+
+
+def test_names_at_16_mib_together_pass_the_rule(world):
+    """Control: 255 names of 64 KiB and the patch's own names stay within 16 MiB (refused later, for
+    naming tensors the base lacks)."""
+    world.write("names.nnpatch", names_patch(world, 255, 65_536))
+    r = world.run("verify", "names.nnpatch", "--base", "base.safetensors", timeout=60)
+    assert "names and paths" not in r.err, str(r)
+    assert "Traceback" not in r.err, str(r)
+    within_bound(r)
+
+
+@pytest.mark.parametrize("what, count", [pytest.param("metadata", 3_000_000, marks=BIG), ("metadata", 500_000),
+                                         ("tensors", 1_000_000)])
+def test_target_layout_with_millions_of_values_within_the_bound(world, what, count):
+    """A target layout (a safetensors header: its limit is 100,000,000 bytes) of millions of metadata
+    entries, or of 1,000,000 tensors more than the target has: refused (the layout must describe the
+    target exactly), within the bound."""
+    base = world.read("base.safetensors")
+    target = world.read("target.safetensors")
+    h = craft.file_patch(base, target)
+    _, tensors, _ = craft.read_safetensors(target)
+    entries, pos = [], 0
+    for name, (dt, shape, raw) in tensors.items():
+        entries.append((name, dt, list(shape), pos, pos + len(raw)))
+        pos += len(raw)
+    if what == "metadata":
+        layout = craft.safetensors_header(entries, {f"k{i:07d}": "v" for i in range(count)})
+    else:
+        layout = craft.safetensors_header(entries + [(f"z{i:07d}", "U8", [0], pos, pos) for i in range(count)])
+    craft.set_layout(h, layout)
+    world.write("layout.nnpatch", craft.encode_patch(h))
+    before = world.snapshot()
+    r = world.run("apply", "base.safetensors", "layout.nnpatch", "-o", "out.safetensors", timeout=60)
+    assert_untouched(before, world.snapshot())
+    assert_refused(r, 3)
+    within_bound(r)
+
+
 # --- item 9: verify applies what apply applies before writing ----------------------------------------
 
 def _onnx_case(world, case: str) -> None:

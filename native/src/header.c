@@ -13,49 +13,12 @@
 #include "patch.h"
 #include "zstdframe.h"
 
-/* ---- arena ------------------------------------------------------------------------- */
-
-struct np_arena_blk {
-    np_arena_blk *next;
-    size_t used, cap;
-    uint64_t data[];
-};
-
-void *np_arena_alloc(np_arena_blk **arena, size_t n)
-{
-    n = (n + 15) & ~(size_t)15;
-    np_arena_blk *b = *arena;
-    if (!b || b->cap - b->used < n) {
-        size_t cap = n > 65536 ? n : 65536;
-        b = malloc(sizeof *b + cap);
-        if (!b)
-            return NULL;
-        b->next = *arena;
-        b->used = 0;
-        b->cap = cap;
-        *arena = b;
-    }
-    void *p = (char *)b->data + b->used;
-    b->used += n;
-    return p;
-}
-
-void np_arena_free(np_arena_blk **arena)
-{
-    np_arena_blk *b = *arena;
-    while (b) {
-        np_arena_blk *n = b->next;
-        free(b);
-        b = n;
-    }
-    *arena = NULL;
-}
-
 /* ---- header parsing ---------------------------------------------------------------- */
 
 typedef struct rd {
     nnp_ctx *ctx;
     np_patch *p;
+    uint64_t names; /* bytes of op names and file paths so far (count_name) */
 } rd;
 
 #define PF(...) np_fail(r->ctx, NNP_KIND_PATCH_FORMAT, __VA_ARGS__)
@@ -64,6 +27,18 @@ typedef struct rd {
 static nnp_status fail_field(rd *r, const char *where, const char *msg)
 {
     return PF("%s: header: %s: %s", r->p->name, where, msg);
+}
+
+/* spec/FORMAT.md section 12: op names and the paths of files and outputs total at most NP_MAX_NAMES bytes,
+ * counted in reader.py's order (a reader keeps them all: bounded, so is what keeping them costs) */
+static nnp_status count_name(rd *r, size_t n, const char *where, const char *suffix)
+{
+    char w[640];
+    snprintf(w, sizeof w, "%s%s", where, suffix);
+    r->names += n;
+    return r->names > NP_MAX_NAMES
+               ? fail_field(r, w, "the header's names and paths total more than 16777216 bytes of UTF-8")
+               : NNP_OK;
 }
 
 static nnp_status missing(rd *r, const char *where, const char *key)
@@ -398,6 +373,8 @@ static nnp_status target_files(rd *r, const npj_value *o, const char *key, np_mo
         if (prev && pv->u.str.len > prev_len && memcmp(pv->u.str.s, prev, prev_len) == 0 &&
             pv->u.str.s[prev_len] == '/')
             return PF("%s: header: %s: %s lies inside a file", r->p->name, w2, q);
+        if ((st = count_name(r, pv->u.str.len, w2, "")))
+            return st;
         prev = pv->u.str.s;
         prev_len = pv->u.str.len;
         if ((st = get_str(r, fj, "kind", where, 0, &kv)))
@@ -443,6 +420,8 @@ static nnp_status target_files(rd *r, const npj_value *o, const char *key, np_mo
                 np_quote(q, sizeof q, fr->u.str.s, fr->u.str.len);
                 return PF("%s: header: %s.from: %s %s", r->p->name, where, q, why);
             }
+            if ((st = count_name(r, fr->u.str.len, where, ".from")))
+                return st;
             f->from = arena_str(&r->p->arena, fr->u.str.s, fr->u.str.len);
             f->from_len = fr->u.str.len;
         }
@@ -507,6 +486,8 @@ static nnp_status onnx_outputs(rd *r, const npj_value *o, const char *key, np_mo
                 return PF("%s: header: %s.path: %s is listed twice", r->p->name, where, q);
             }
         }
+        if ((st = count_name(r, pv->u.str.len, where, ".path")))
+            return st;
         uint64_t size;
         uint8_t dg[32];
         if ((st = get_int(r, fj, "size", where, 0, NULL, &size)) || (st = get_digest(r, fj, "blake3", where, dg)))
@@ -792,6 +773,8 @@ static nnp_status header_from_json(rd *r, const npj_value *root)
             np_quote(q, sizeof q, nv->u.str.s, nv->u.str.len);
             return PF("%s: header: %s: %s: ops must be sorted by name, without duplicates", p->name, w2, q);
         }
+        if ((st = count_name(r, nv->u.str.len, w2, "")))
+            return st;
         prev = nv->u.str.s;
         prev_len = nv->u.str.len;
         np_op *op = &p->ops[i];
@@ -853,7 +836,7 @@ nnp_status np_parse_header(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint32_
         raw = unpacked;
     }
     npj_doc *doc = NULL;
-    rd r = {ctx, p};
+    rd r = {ctx, p, 0};
     if (len == 0 || raw[0] != '{') {
         /* a JSON object must start the header (UTF-8 is checked by the parser below first) */
         st = np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: byte %d: header is not a JSON object", p->name, NP_PREAMBLE);

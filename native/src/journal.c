@@ -500,6 +500,7 @@ static nnp_status parse_header(nnp_ctx *ctx, np_journal *j, const uint8_t *text,
     if (arr->kind != NPJ_ARRAY)
         return np_journal_invalid(ctx, "%s: entries must be a JSON array", path);
     size_t n = arr->u.arr.n;
+    uint64_t names = 0;
     j->entries = n ? calloc(n, sizeof *j->entries) : NULL;
     if (n && !j->entries)
         return np_fail(ctx, NNP_KIND_IO, "%s: out of memory", path);
@@ -520,6 +521,9 @@ static nnp_status parse_header(nnp_ctx *ctx, np_journal *j, const uint8_t *text,
         for (size_t k = 0; k < i; k++) /* at most one entry per name */
             if (j->entries[k].name_len == e->name_len && memcmp(j->entries[k].name, e->name, e->name_len) == 0)
                 return np_journal_invalid(ctx, "%s: a second entry for the same tensor", where);
+        names += e->name_len; /* JOURNAL.md Trust step 2: 16 MiB of names together, as Python counts them */
+        if (names > ((uint64_t)1 << 24))
+            return np_journal_invalid(ctx, "%s: the entries' names total more than 16777216 bytes of UTF-8", where);
         if ((s = get_int(ctx, o, "offset", where, &e->offset)) || (s = get_int(ctx, o, "nbytes", where, &e->nbytes)) ||
             (s = get_int(ctx, o, "unit", where, &e->unit)) || (s = get_int(ctx, o, "count", where, &e->count)) ||
             (s = get_hex(ctx, o, "base_blake3", where, e->base_blake3)) ||

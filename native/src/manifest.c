@@ -21,7 +21,10 @@ nnp_status np_load_object(nnp_ctx *ctx, const uint8_t *raw, size_t len, size_t l
     if (len > limit)
         return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: %s of %zu bytes exceeds the %zu limit", source, what, len,
                        limit);
-    if (npj_parse(raw, len, NULL, out, err, sizeof err) != 0)
+    /* Python's load_object has the same limits: a manifest lists a few bases, and 524,288 values keep
+     * its parse within SECURITY.md's memory bound */
+    const npj_limits lim = {NP_MAX_DOCUMENT_DEPTH, NP_MAX_DOCUMENT_VALUES, NPJ_MAX_STRING};
+    if (npj_parse(raw, len, &lim, out, err, sizeof err) != 0)
         return np_fail(ctx, NNP_KIND_PATCH_FORMAT, "%s: invalid %s JSON: %s", source, what, err);
     if (npj_root(*out)->kind != NPJ_OBJECT) {
         npj_free(*out);

@@ -10,6 +10,10 @@
 #include "json.h"
 
 #define NP_MAX_MANIFEST ((size_t)16 << 20)
+/* Nesting and values of every JSON document np_load_object reads (manifest, envelope, state), as Python's
+ * load_object: MANIFEST.md, "Limits" */
+#define NP_MAX_DOCUMENT_DEPTH 16
+#define NP_MAX_DOCUMENT_VALUES ((uint64_t)1 << 19)
 #define NP_MAX_CHAIN_LINKS 32
 #define NP_MAX_RELEASE (((uint64_t)1 << 53) - 1)
 

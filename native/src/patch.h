@@ -23,6 +23,8 @@
 #define NP_MAX_JSON_VALUES ((uint64_t)1 << 22)
 #define NP_MAX_JSON_DEPTH 16
 #define NP_MAX_NAME ((size_t)1 << 16)
+/* op names and file and output paths of one header, together (spec/FORMAT.md section 12) */
+#define NP_MAX_NAMES ((uint64_t)1 << 24)
 #define NP_MAX_FILES ((size_t)1 << 16)
 #define NP_MAX_PATH 4096
 #define NP_ZSTD_EXPANSION 32768ULL

@@ -215,7 +215,8 @@ nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t fi
     const uint8_t *text = raw + 8;
     if (n == 0 || text[0] != '{')
         return WFAIL("%s: not a safetensors file: header does not start with '{'", what);
-    npj_limits lim = {64, (uint64_t)1 << 40, NPJ_MAX_STRING};
+    /* spec/FORMAT.md section 12, as Python's parse_safetensors_header: 64 levels, 4,194,304 values */
+    npj_limits lim = {64, (uint64_t)1 << 22, NPJ_MAX_STRING};
     npj_doc *doc = NULL;
     char err[256];
     if (npj_parse(text, (size_t)n, &lim, &doc, err, sizeof err) != 0)
@@ -227,7 +228,7 @@ nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t fi
         goto done;
     }
     size_t count = 0;
-    uint64_t arena = 0;
+    uint64_t arena = 0, name_bytes = 0;
     for (size_t i = 0; i < root->u.obj.n; i++) {
         const npj_member *m = &root->u.obj.members[i];
         if (m->key_len == 12 && memcmp(m->key, "__metadata__", 12) == 0) {
@@ -246,6 +247,12 @@ nnp_status np_st_parse(nnp_ctx *ctx, const uint8_t *raw, size_t len, uint64_t fi
         }
         count++;
         arena += m->key_len + 1;
+        name_bytes += m->key_len;
+    }
+    /* the names total at most 16 MiB (section 12): a reader keeps every one */
+    if (name_bytes > ((uint64_t)1 << 24)) {
+        st = WFAIL("%s: invalid safetensors header: the tensor names total more than 16777216 bytes of UTF-8", what);
+        goto done;
     }
     out->data_start = 8 + n;
     out->header_len = n;

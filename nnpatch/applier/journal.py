@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import blake3
 import numpy as np
 
-from .._json import json_shape, loads_strict
+from .._json import WHOLE, LazyArray, Pieces, json_shape, loads_strict, utf8_error
 from ..atomic import fsync_dir, write_error
 from ..errors import IntegrityError, InvalidJournal, NnpatchIOError, TornJournal, UsageError, WeightsError
 from ..hashing import digests_equal
@@ -52,7 +52,7 @@ def _pad(n: int) -> int:
     return -n % ALIGN
 
 
-@dataclass
+@dataclass(slots=True)  # a journal of a large model has an entry per changed tensor
 class Entry:
     """Old bytes of one tensor: ``count`` units of ``unit`` bytes at ``indices``."""
 
@@ -311,6 +311,7 @@ def _check_indices(idx: np.ndarray, bound: int, where: str) -> None:
 
 MAX_HEADER_LEN = 64 << 20  # like a patch header (FORMAT.md): the writer refuses to write more
 MAX_JSON_DEPTH = 8  # a valid header nests 3 deep
+MAX_NAMES_BYTES = 1 << 24  # entry names together, as a patch's op names (FORMAT.md section 12)
 MAX_INT = (1 << 63) - 1
 _HEX = re.compile(r"[0-9a-f]{64}")
 _TOP_KEYS = ("created_by", "model", "base", "target", "patch", "entries")
@@ -351,20 +352,52 @@ def _object(v, keys: set[str], where: str) -> dict:
     return v
 
 
-def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry], list | None]:
-    """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
-    allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
-    writes, must have exactly their keys."""
+def _load_meta(path: str, text: bytes):
+    """The header's JSON under loads_strict's rules. One longer than WHOLE (a journal of a model with
+    many tensors, or a planted one) is checked whole a piece at a time, then built with only the keys
+    _parse_header reads, ``entries`` one at a time (a LazyArray): a header of 64 MiB costs its own
+    bytes and its entries, never a Python object for each of its values."""
+    if len(text) <= WHOLE:
+        text = bytes(text)
     try:
-        depth = json_shape(text)[0]
+        if len(text) <= WHOLE:
+            depth = json_shape(text)[0]
+        else:
+            bad = utf8_error(text)
+            if bad is not None:
+                raise ValueError(str(bad))
+            doc = Pieces(text)
+            depth = doc.depth
     except ValueError as e:
         raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
     if depth > MAX_JSON_DEPTH:
         raise InvalidJournal(f"{path}: journal header nests deeper than {MAX_JSON_DEPTH}")
     try:
-        meta = loads_strict(text)
+        if len(text) <= WHOLE:
+            return loads_strict(text)
+        doc.check()
+        lo, hi = doc.top()
+        if text[lo] != 123:
+            return []  # not an object: refused as such
+        meta = {}
+        for key, v, _ in doc.members(lo, hi, keep=frozenset(_TOP_KEYS), checked=True):
+            if key in _TOP_KEYS:
+                if not isinstance(v, tuple):
+                    meta[key] = v
+                elif key == "entries":
+                    meta[key] = doc.lazy(*v, keep=_ENTRY_KEYS)
+                else:
+                    meta[key] = doc.value(*v, keep=_MODEL_KEYS | _EXTENTS_MODEL_KEYS | _REF_KEYS, checked=True)
+        return meta
     except ValueError as e:
         raise InvalidJournal(f"{path}: journal header is not valid JSON: {e}") from e
+
+
+def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry], list | None]:
+    """Steps 2 of Trust: strict JSON, every field typed and range-checked. Unknown top-level keys are
+    allowed (a later minor version may add some) and ignored; ``model`` and entries, which direct the
+    writes, must have exactly their keys."""
+    meta = _load_meta(path, text)
     if type(meta) is not dict:
         raise InvalidJournal(f"{path}: journal header is not a JSON object")
     missing = [k for k in _TOP_KEYS if k not in meta]
@@ -385,9 +418,9 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry], list | Non
         _hex(meta[side], "model_blake3", f"{path}: {side}")
     _hex(meta, "patch", path)
     raw = meta.pop("entries")
-    if type(raw) is not list:
+    if type(raw) not in (list, LazyArray):
         raise InvalidJournal(f"{path}: entries must be a JSON array")
-    entries, names = [], set()
+    entries, names, name_bytes = [], set(), 0
     for i, o in enumerate(raw):
         where = f"{path}: entry {i}"
         o = _object(o, _ENTRY_KEYS, where)
@@ -397,6 +430,9 @@ def _parse_header(path: str, text: bytes) -> tuple[dict, list[Entry], list | Non
         if o["name"] in names:
             raise InvalidJournal(f"{where}: a second entry for the same tensor")
         names.add(o["name"])
+        name_bytes += len(o["name"].encode("utf-8", "surrogatepass"))
+        if name_bytes > MAX_NAMES_BYTES:  # every name is kept: this bounds what that costs (JOURNAL.md Trust 2)
+            raise InvalidJournal(f"{where}: the entries' names total more than {MAX_NAMES_BYTES} bytes of UTF-8")
         e = Entry(o["name"], *(_int(o, k, where) for k in ("offset", "nbytes", "unit", "count")),
                   _hex(o, "base_blake3", where), _hex(o, "target_blake3", where),
                   _int(o, "index_at", where), _int(o, "data_at", where))
@@ -470,7 +506,10 @@ def read_journal(path: str, *, model_size: int | None = None) -> Journal:
         return _read(path, buf, size)
     except BaseException:
         if buf is not None:
-            buf.close()
+            try:
+                buf.close()
+            except BufferError:  # the error's traceback still holds a view of the header: unmapped when it goes
+                pass
         raise
 
 
@@ -496,6 +535,7 @@ def _read(path: str, buf: mmap.mmap | None, size: int) -> Journal:
     if PREAMBLE.size + hlen > size - TRAILER or (PREAMBLE.size + hlen) % ALIGN:
         raise InvalidJournal(f"{path}: journal header length {hlen} does not fit the journal or is not padded "
                              f"to {ALIGN}")
-    meta, entries, extents = _parse_header(path, bytes(data[PREAMBLE.size : PREAMBLE.size + hlen]))
+    # a view of the mapped journal, not a copy: a 64 MiB header is read where it lies
+    meta, entries, extents = _parse_header(path, memoryview(data)[PREAMBLE.size : PREAMBLE.size + hlen])
     _check_layout(path, entries, hlen, size)
     return Journal(path, meta, entries, buf, extents)

@@ -12,6 +12,7 @@ from .. import codecs
 from ..errors import BaseMismatchError, PatchFormatError, UsageError, WeightsError
 from ..hashing import digests_equal
 from ..patchfile import Op, Patch, Section
+from .._json import WHOLE
 from ..weights import SafetensorsFile, TensorInfo, parse_safetensors_header
 from ..weights.sharded import safe_relative_path
 
@@ -24,7 +25,9 @@ INVERSE_MODE = {"xor": "xor", "add": "sub", "zadd": "zsub"}
 # --- layout and base checks ------------------------------------------------------------
 
 def decode_layout(patch: Patch, s: Section, size: int, what: str) -> tuple[bytes, dict[str, TensorInfo]]:
-    raw = b"".join(codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where=f"{what}.layout"))
+    (array,) = codecs.decoded_chunks(patch.section(s), s.codec, s.size, [s.size], where=f"{what}.layout")
+    # a long layout (up to 100 MB) is used where it was decoded; joined into bytes it would be held twice
+    raw = memoryview(array) if len(array) > WHOLE else array.tobytes()
     try:
         _, tensors = parse_safetensors_header(raw, file_size=size, path=f"{patch.path}: {what} layout")
     except WeightsError as e:

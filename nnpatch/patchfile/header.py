@@ -63,6 +63,10 @@ HEADER_EXPANSION_SLACK = 1 << 16
 #: a header may hold: about 40 per op, so 100,000 ops fit; parsing stays
 #: within a few hundred MB whatever the values are.
 MAX_JSON_VALUES = 1 << 22
+#: Bytes of op names and of the paths of files and outputs in one header, together: a reader keeps them
+#: all (Python at up to 4 bytes a character), so this bounds what keeping them costs. DeepSeek-V3's
+#: ~91,000 names take about 5 MB.
+MAX_NAMES_BYTES = 1 << 24
 #: Most ops a patch may have (DeepSeek-V3 has about 91,000 tensors).
 MAX_OPS = 1 << 18
 #: A zstd frame cannot expand beyond this ratio (a 4-byte RLE block -> 128 KiB).
@@ -95,7 +99,7 @@ def place(cursor: int, packed: bool) -> int:
     return cursor if packed else align(cursor)
 
 
-@dataclass
+@dataclass(slots=True)  # a header holds up to 262,144 ops: no __dict__ each
 class Section:
     offset: int  # absolute in the file (relative to the spool while writing)
     length: int  # stored bytes
@@ -106,7 +110,7 @@ class Section:
         return {"offset": self.offset + base, "length": self.length, "size": self.size, "codec": list(self.codec)}
 
 
-@dataclass
+@dataclass(slots=True)  # a header holds up to 262,144 ops: no __dict__ each
 class TensorRef:
     dtype: str
     shape: tuple[int, ...]
@@ -120,7 +124,7 @@ class TensorRef:
         return {"dtype": self.dtype, "shape": list(self.shape), "blake3": self.blake3}
 
 
-@dataclass
+@dataclass(slots=True)  # a header holds up to 262,144 ops: no __dict__ each
 class Op:
     name: str
     kind: str
@@ -168,7 +172,7 @@ class Op:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class TargetFile:
     """One file of a directory target (spec section 5.6).
 
@@ -200,7 +204,7 @@ class TargetFile:
         return out
 
 
-@dataclass
+@dataclass(slots=True)
 class OutputFile:
     """A file an ONNX target writes: ``path`` is the model file's name (written
     at the output path) for the first, an external data location relative to
@@ -359,6 +363,7 @@ __all__ = [
     "MAX_HEADER_EXPANSION",
     "HEADER_EXPANSION_SLACK",
     "MAX_JSON_VALUES",
+    "MAX_NAMES_BYTES",
     "MAX_OPS",
     "MAX_ZSTD_EXPANSION",
     "KNOWN_FEATURES",

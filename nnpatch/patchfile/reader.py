@@ -13,11 +13,11 @@ import blake3
 import zstandard
 
 from .. import codecs, dtypes, quantdelta
-from .._json import MAX_JSON_STRING, json_shape, loads_text
-from ..errors import NnpatchIOError, PatchFormatError, UnsupportedVersionError
+from .._json import EVERY_KEY, MAX_JSON_STRING, WHOLE, LazyArray, Pieces, json_shape, loads_strict, loads_text, utf8_error
+from ..errors import NnpatchError, NnpatchIOError, PatchFormatError, UnsupportedVersionError
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
-                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
+                     MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAMES_BYTES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
                      MAX_PATH_COMPONENT_BYTES, MAX_PATH_DEPTH, MAX_RANK,
                      MAX_ZSTD_EXPANSION, MODEL_FORMATS, OPS, PREAMBLE, PREAMBLE_SIZE, RESERVED_FLAGS,
                      SIGNATURE_BLOCK_SIZE, TARGET_FORMATS, TRAILER_SIZE, ModelRef, Op, OutputFile, PatchHeader,
@@ -155,7 +155,8 @@ def parse_patch(buf, *, path: str = "<patch>", check_trailer: bool = True,
     if (PREAMBLE_SIZE + header_len) % ALIGNMENT:
         raise PatchFormatError(f"header length {header_len} does not end on a {ALIGNMENT}-byte boundary",
                                path=path, offset=16)
-    header = parse_header(bytes(buf[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len]), flags, path=path)
+    # a view, not a copy: a plain header of 64 MiB is read where the file is mapped
+    header = parse_header(memoryview(buf)[PREAMBLE_SIZE : PREAMBLE_SIZE + header_len], flags, path=path)
     header.version = (major, minor)
     header.flags = flags
     _check_layout(header, buf, PREAMBLE_SIZE + header_len, size, path)
@@ -166,12 +167,19 @@ def parse_header(raw: bytes, flags: int, *, path: str) -> PatchHeader:
     """The header from its stored bytes (plain, or zstd where ``flags`` say so),
     validated on its own: the stream reader checks it before the sections arrive."""
     if flags & FLAG_HEADER_ZSTD:
-        raw = unpack_header(raw, path)
-    return _header_from_json(_load_json(raw, path), path)
+        raw = _unpacked(bytes(raw), path)
+    if len(raw) > WHOLE:
+        return _long_header(raw, path)
+    return _header_from_json(_load_json(bytes(raw), path), path)
 
 
 def unpack_header(raw: bytes, path: str) -> bytes:
     """The JSON of a zstd header: one frame declaring its size, then only zero bytes."""
+    return bytes(_unpacked(raw, path))
+
+
+def _unpacked(raw: bytes, path: str) -> memoryview:
+    """unpack_header's JSON as the decoded array itself (as bytes, 64 MiB would be held twice)."""
     where = "header"
     try:
         length = codecs.zstd_frame_length(raw)
@@ -188,9 +196,24 @@ def unpack_header(raw: bytes, path: str) -> bytes:
         raise PatchFormatError("compressed header: padding after the zstd frame is not zero",
                                path=path, offset=PREAMBLE_SIZE + length)
     try:
-        return b"".join(codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where))
+        (out,) = codecs.decoded_chunks(raw[:length], ["zstd"], size, [size], where=where)
+        return memoryview(out)
     except PatchFormatError as e:
         raise PatchFormatError(f"compressed {e}", path=path, offset=PREAMBLE_SIZE) from e
+
+
+#: Every key the reader reads, in any object of the header: a long header keeps only these (and ``x-``
+#: keys at the top) of each object longer than a piece, never building what it ignores.
+_HEADER_KEYS = frozenset({
+    "required_features", "created_by", "base", "target", "ops",  # top
+    "format", "size", "blake3", "model_blake3", "tensors", "layout", "files", "skeleton", "outputs", "extents",
+    "offset", "length", "codec",  # sections
+    "path", "kind", "content", "from",  # files
+    "name", "op", "count", "index", "values", "base_values", "bits", "scales", "dtype", "shape",  # ops
+})
+#: ``x-`` values a long header keeps (PatchHeader.extra) together hold at most this many bytes of
+#: JSON; past it, none is kept (a reader MUST ignore them; spec 5), so that they cost no more.
+MAX_EXTRA_JSON = WHOLE
 
 
 def _load_json(raw: bytes, path: str) -> dict:
@@ -218,11 +241,86 @@ def _load_json(raw: bytes, path: str) -> dict:
     return obj
 
 
+def _long_header(raw: bytes, path: str) -> PatchHeader:
+    """A header longer than WHOLE, with the answers a short one gets (_load_json, then
+    _header_from_json), in bounded memory: decoded and parsed a piece at a time
+    (:class:`nnpatch._json.Pieces`), building only what the reader reads; ``ops`` and a target's
+    ``files`` and ``outputs`` are LazyArrays, which the reader turns into its own objects one at a
+    time. The JSON is read once; where that read or the reader refuses something, the whole JSON is
+    checked first, so that an invalid header is refused as such, as a short one is, whatever else
+    is wrong with it."""
+    bad = utf8_error(raw)
+    if bad is not None:
+        raise PatchFormatError(f"header is not UTF-8 (byte {PREAMBLE_SIZE + bad.start})", path=path)
+    if raw[:1] != b"{":
+        raise PatchFormatError("header is not a JSON object", path=path, offset=PREAMBLE_SIZE)
+    try:
+        doc = Pieces(raw, max_string=MAX_JSON_STRING)
+    except ValueError as e:
+        raise PatchFormatError(f"header JSON holds {e}", path=path, offset=PREAMBLE_SIZE) from e
+    if doc.depth > MAX_JSON_DEPTH:
+        raise PatchFormatError(f"header JSON nests deeper than {MAX_JSON_DEPTH}", path=path, offset=PREAMBLE_SIZE)
+    if doc.values > MAX_JSON_VALUES:
+        raise PatchFormatError(f"header JSON holds more than {MAX_JSON_VALUES} values", path=path,
+                               offset=PREAMBLE_SIZE)
+    try:
+        header = _header_from_json(_long_json(doc, raw), path)
+        if not all(a.read for a in doc.arrays):
+            doc.check()
+        return header
+    except (NnpatchError, ValueError, RecursionError) as first:
+        try:
+            doc.check()
+        except (ValueError, RecursionError) as e:
+            raise PatchFormatError(f"header is not valid JSON: {e}", path=path, offset=PREAMBLE_SIZE) from e
+        if isinstance(first, NnpatchError):
+            raise
+        raise PatchFormatError(f"header is not valid JSON: {first}", path=path, offset=PREAMBLE_SIZE) from first
+
+
+def _long_json(doc: Pieces, raw: bytes) -> dict:
+    """The header's top object as _header_from_json reads it: what it reads built (``x-`` values
+    while they total at most MAX_EXTRA_JSON bytes), the rest dropped once read."""
+    obj: dict = {}
+    extra: dict = {}
+    extra_bytes = 0
+    for key, v, size in doc.members(*doc.top(), keep=EVERY_KEY):
+        if key.startswith("x-"):
+            extra_bytes += size
+            if isinstance(v, tuple):  # longer than a piece: read (so checked), then built only within the budget
+                doc.value(*v)
+                v = loads_strict(doc.span(*v), max_string=None) if extra_bytes <= MAX_EXTRA_JSON else None
+            if extra_bytes <= MAX_EXTRA_JSON:
+                extra[key] = v
+            else:
+                extra.clear()
+        elif not isinstance(v, tuple):
+            obj[key] = v
+        elif key == "ops":
+            obj[key] = doc.lazy(*v, keep=_HEADER_KEYS)
+        else:
+            obj[key] = doc.value(*v, keep=_HEADER_KEYS if key in _HEADER_KEYS else None,
+                                 lazy=frozenset({"files", "outputs"}))
+    obj.update(extra)
+    return obj
+
+
 class _Reader:
     """Typed access to JSON fields with errors that name the field."""
 
     def __init__(self, path: str) -> None:
         self.path = path
+        # one object for each codec list and shape the header repeats (every op has a few): a long header's
+        # ops are what its reader keeps, so they are kept small
+        self._codecs: dict[tuple, list[str]] = {}
+        self._shapes: dict[tuple, tuple] = {}
+        self._names = 0
+
+    def count_name(self, where: str, encoded: bytes) -> None:
+        """Spec section 12: op names and file and output paths total at most MAX_NAMES_BYTES."""
+        self._names += len(encoded)
+        if self._names > MAX_NAMES_BYTES:
+            self.fail(where, f"the header's names and paths total more than {MAX_NAMES_BYTES} bytes of UTF-8")
 
     def fail(self, where: str, msg: str):
         raise PatchFormatError(f"header: {where}: {msg}", path=self.path)
@@ -271,6 +369,7 @@ class _Reader:
         codec = o.get("codec")
         if not isinstance(codec, list) or not all(isinstance(s, str) for s in codec) or len(codec) > 8:
             self.fail(w, "codec must be a list of at most 8 stage names")
+        codec = self._codecs.setdefault(tuple(codec), codec)
         return Section(self.int(o, "offset", w), self.int(o, "length", w), self.int(o, "size", w), codec)
 
     def tensor(self, parent: dict, key: str, where: str) -> TensorRef:
@@ -286,7 +385,11 @@ class _Reader:
             self.fail(f"{w}.shape", f"must be a list of at most {MAX_RANK} non-negative integers")
         if math.prod(shape) * dtypes.ITEMSIZE[dtype] >= 1 << 62:
             self.fail(f"{w}.shape", "tensor too large")
-        return TensorRef(dtype, tuple(shape), self.digest(o, "blake3", w))
+        shape = tuple(shape)
+        return TensorRef(_DTYPES[dtype], self._shapes.setdefault(shape, shape), self.digest(o, "blake3", w))
+
+
+_DTYPES = {name: name for name in dtypes.ITEMSIZE}  # one string object per dtype name
 
 
 def _model_ref(r: _Reader, obj: dict, key: str) -> ModelRef:
@@ -324,7 +427,7 @@ def _model_ref(r: _Reader, obj: dict, key: str) -> ModelRef:
 
 def _onnx_outputs(r: _Reader, o: dict, key: str) -> list[OutputFile]:
     items = o.get("outputs")
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_FILES:
+    if not isinstance(items, (list, LazyArray)) or not 1 <= len(items) <= MAX_FILES:
         r.fail(f"{key}.outputs", f"must be a list of 1 to {MAX_FILES} files")
     out, seen = [], set()
     for i, fj in enumerate(items):
@@ -337,6 +440,7 @@ def _onnx_outputs(r: _Reader, o: dict, key: str) -> list[OutputFile]:
             r.fail(f"{where}.path", f"{path!r} {why}")
         if path in seen:
             r.fail(f"{where}.path", f"{path!r} is listed twice")
+        r.count_name(f"{where}.path", path.encode("utf-8", "surrogatepass"))
         seen.add(path)
         out.append(OutputFile(path, r.int(fj, "size", where), r.digest(fj, "blake3", where)))
     return out
@@ -365,7 +469,7 @@ def check_relative_path(path: str) -> str | None:
 
 def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
     items = o.get("files")
-    if not isinstance(items, list) or not 1 <= len(items) <= MAX_FILES:
+    if not isinstance(items, (list, LazyArray)) or not 1 <= len(items) <= MAX_FILES:
         r.fail(f"{key}.files", f"must be a list of 1 to {MAX_FILES} files")
     files: list[TargetFile] = []
     previous: bytes | None = None
@@ -382,6 +486,7 @@ def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
             r.fail(f"{where}.path", f"{path!r}: files must be sorted by path, without duplicates")
         if previous is not None and encoded.startswith(previous + b"/"):
             r.fail(f"{where}.path", f"{path!r} lies inside {previous.decode('utf-8', 'surrogatepass')!r}, a file")
+        r.count_name(f"{where}.path", encoded)
         previous = encoded
         kind = r.str(fj, "kind", where)
         if kind not in FILE_KINDS:
@@ -403,6 +508,7 @@ def _target_files(r: _Reader, o: dict, key: str) -> list[TargetFile]:
             why = check_relative_path(f.source)
             if why:
                 r.fail(f"{where}.from", f"{f.source!r} {why}")
+            r.count_name(f"{where}.from", f.source.encode("utf-8", "surrogatepass"))
         for name, s in (("layout", f.layout), ("content", f.content)):
             if s is None:
                 continue
@@ -440,7 +546,7 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
         if delta_or_planes(s.codec):
             r.fail(f"{role}.{name}.codec", f"{name} is stored raw or as zstd only")
     ops_json = obj.get("ops")
-    if not isinstance(ops_json, list):
+    if not isinstance(ops_json, (list, LazyArray)):
         r.fail("header", "missing required key 'ops' (a list)")
     if len(ops_json) > MAX_OPS:
         r.fail("ops", f"{len(ops_json)} ops, more than the {MAX_OPS} a patch may have")
@@ -456,6 +562,7 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
             r.fail(f"{where}.name", f"must be 1 to {MAX_NAME_BYTES} bytes of UTF-8")
         if previous is not None and encoded <= previous:
             r.fail(f"{where}.name", f"{name!r}: ops must be sorted by name, without duplicates")
+        r.count_name(f"{where}.name", encoded)
         previous = encoded
         ops.append(_op_from_json(r, oj, where, name))
     extra = {k: v for k, v in obj.items() if k.startswith("x-")}

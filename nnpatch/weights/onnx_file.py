@@ -48,7 +48,7 @@ import numpy as np
 from .. import dtypes
 from ..atomic import atomic_write
 from ..errors import MissingDependencyError, NnpatchIOError, WeightsError
-from .._json import loads_strict
+from .._json import MAX_DOCUMENT_DEPTH, MAX_DOCUMENT_VALUES, MAX_JSON_STRING, json_shape, loads_strict
 from ..hashing import canonical_order
 from .model import Model, ModelFile, ModelTensor
 from .sharded import safe_relative_path
@@ -385,7 +385,13 @@ def parse_skeleton(skeleton: bytes) -> tuple[dict, bytes]:
     if start + n > len(skeleton):
         raise WeightsError("ONNX skeleton header truncated")
     try:
-        header = loads_strict(skeleton[start:start + n])
+        # parsed whole: nesting and values bounded first (spec 5.7), as for every JSON document read whole
+        depth, values = json_shape(skeleton[start:start + n], max_string=MAX_JSON_STRING)
+        if depth > MAX_DOCUMENT_DEPTH:
+            raise ValueError(f"nesting deeper than {MAX_DOCUMENT_DEPTH} levels")
+        if values > MAX_DOCUMENT_VALUES:
+            raise ValueError(f"more than {MAX_DOCUMENT_VALUES} values")
+        header = loads_strict(skeleton[start:start + n], max_string=None)
     except ValueError as e:  # loads_strict turns bad UTF-8 and nesting past the recursion limit into this
         raise WeightsError(f"invalid ONNX skeleton header: {e}") from e
     if not isinstance(header, dict):

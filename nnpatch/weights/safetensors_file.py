@@ -22,7 +22,7 @@ import numpy as np
 
 from .. import dtypes
 from ..errors import NnpatchIOError, WeightsError
-from .._json import MAX_JSON_STRING, check_strings, loads_strict
+from .._json import EVERY_KEY, MAX_JSON_STRING, WHOLE, Pieces, json_shape, loads_strict
 from ..atomic import atomic_write
 from ..hashing import name_key
 from .model import Model, ModelFile, ModelTensor, read_only
@@ -33,9 +33,18 @@ MAX_HEADER_SIZE = 100_000_000
 #: hostile header of rank 200,000 must not cost time that grows with its rank.
 MAX_RANK = 64
 METADATA_KEY = "__metadata__"
+#: Nesting and values of a safetensors header nnpatch parses, as native/src/safetensors.c counts them
+#: (spec/FORMAT.md section 12): a header needs 3 levels and about 7 values a tensor.
+MAX_JSON_DEPTH = 64
+MAX_JSON_VALUES = 1 << 22
+#: Bytes of a header's tensor names together (FORMAT.md section 12; a reader keeps every name).
+MAX_NAMES_BYTES = 1 << 24
+#: A header longer than 1 MiB keeps ``__metadata__`` whose JSON is at most this long.
+MAX_METADATA_JSON = 1 << 20
+_ENTRY_KEYS = frozenset({"dtype", "shape", "data_offsets"})
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)  # a layout may describe 262,144 tensors and more
 class TensorInfo:
     name: str
     dtype: str
@@ -74,21 +83,44 @@ def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: 
     if bytes(view[:1]) != b"{":
         raise WeightsError("not a safetensors file: header does not start with '{'", path=path)
     try:
-        check_strings(view, MAX_JSON_STRING)  # before any copy of a header that may be 100 MB
-        header = loads_strict(bytes(view), max_string=None)
+        # strings, nesting and values in one pass before any copy of a header that may be 100 MB
+        doc = Pieces(view) if n > WHOLE else None
+        depth, values = (doc.depth, doc.values) if doc is not None else json_shape(view, max_string=MAX_JSON_STRING)
+        if depth > MAX_JSON_DEPTH:
+            raise ValueError(f"nesting deeper than {MAX_JSON_DEPTH} levels")
+        if values > MAX_JSON_VALUES:
+            raise ValueError(f"more than {MAX_JSON_VALUES} values")
+        if doc is not None:
+            doc.check()
+            members = doc.members(*doc.top(), keep=EVERY_KEY, checked=True) if view[0] == 123 else None
+        else:
+            header = loads_strict(bytes(view), max_string=None)
+            members = ((k, v, 0) for k, v in header.items()) if isinstance(header, dict) else None
     except ValueError as e:
         raise WeightsError(f"invalid safetensors header: {e}", path=path) from e
-    if not isinstance(header, dict):
+    if members is None:
         raise WeightsError("invalid safetensors header: not a JSON object", path=path)
-    metadata = header.pop(METADATA_KEY, None)
-    if metadata is not None and (
-        not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values())
-    ):
-        raise WeightsError("invalid safetensors header: __metadata__ must map strings to strings", path=path)
     data_start = 8 + n
-    infos = []
-    for name, entry in header.items():
-        infos.append(_tensor_info(name, entry, data_start, path))
+    infos, metadata, bad_metadata, names, first_error = [], None, False, 0, None
+    for name, entry, size in members:
+        if name == METADATA_KEY:
+            metadata, bad_metadata = _metadata(doc, entry, size)
+            continue
+        names += len(name.encode("utf-8", "surrogatepass"))
+        if first_error is None:
+            if isinstance(entry, tuple):  # a long entry: the keys it needs, the rest read and dropped
+                entry = doc.value(*entry, keep=_ENTRY_KEYS, checked=True)
+            try:
+                infos.append(_tensor_info(name, entry, data_start, path))
+            except WeightsError as e:
+                first_error, infos = e, []  # raised after the rules on the whole header, as a short one is
+    if bad_metadata:
+        raise WeightsError("invalid safetensors header: __metadata__ must map strings to strings", path=path)
+    if names > MAX_NAMES_BYTES:
+        raise WeightsError(f"invalid safetensors header: the tensor names total more than {MAX_NAMES_BYTES} bytes "
+                           "of UTF-8", path=path)
+    if first_error is not None:
+        raise first_error
     infos.sort(key=lambda t: (t.begin, t.end))
     cursor = data_start
     for info in infos:
@@ -103,6 +135,25 @@ def parse_safetensors_header(raw: bytes, *, file_size: int | None = None, path: 
             path=path,
         )
     return metadata, {t.name: t for t in infos}
+
+
+def _metadata(doc, value, size: int) -> tuple[dict | None, bool]:
+    """(``__metadata__`` as kept, whether it breaks the rule: strings to strings). A long header's
+    (``doc``) metadata is kept while its JSON holds at most MAX_METADATA_JSON bytes, else checked
+    member by member and dropped (it is informational; a layout in a patch is written as it is)."""
+    if not isinstance(value, tuple):
+        ok = value is None or (isinstance(value, dict) and all(isinstance(v, str) for v in value.values()))
+        return (value if ok else None), not ok
+    a, b = doc._strip(*value)
+    if doc.raw[a] != 123:
+        return None, True
+    kept: dict | None = {} if size <= MAX_METADATA_JSON else None
+    for _, v, _ in doc.members(a, b, checked=True):
+        if not isinstance(v, str):
+            return None, True
+    if kept is not None:
+        kept = {k: v for k, v, _ in doc.members(a, b, checked=True)}
+    return kept, False
 
 
 def _tensor_info(name: str, entry, data_start: int, path: str) -> TensorInfo:

@@ -150,3 +150,46 @@ def test_with_a_key_the_signature_comes_before_the_big_header(native, tmp_path, 
     assert r.returncode == 4, r.stderr
     assert b"string longer" not in r.stderr and b"signature" in r.stderr.lower(), r.stderr
     assert peak < PEAK_LIMIT, f"peak RSS {peak >> 20} MiB"
+
+
+def test_names_past_16_mib_together_are_refused_as_python_refuses_them(native, tmp_path):
+    """FORMAT.md section 12: op names and file paths total at most 16,777,216 bytes; the same line as
+    the Python reader (tests/test_crafted_r3.py has the case with its memory)."""
+    from nnpatch.errors import PatchFormatError
+    from nnpatch.patchfile import parse_patch
+
+    ref = {"blake3": "0" * 64, "dtype": "U8", "shape": []}
+    model = {"format": "safetensors", "size": 8, "blake3": "1" * 64, "model_blake3": "2" * 64, "tensors": 0}
+    target = dict(model, layout={"offset": 0, "length": 0, "size": 0, "codec": []})
+    for count, refused in ((256, False), (257, True)):
+        ops = [{"base": ref, "name": f"n{i:04d}" + "a" * (65_536 - 5), "op": "remove"} for i in range(count)]
+        data = craft.with_raw_header(craft.canonical({"required_features": [], "base": model, "target": target,
+                                                      "ops": ops}), zstd_header=False)
+        path = tmp_path / f"names{count}.nnpatch"
+        path.write_bytes(data)
+        r = native.run("--check", path)
+        try:
+            parse_patch(data, path=str(path))
+            python = ""
+        except PatchFormatError as e:
+            python = str(e)
+        line = "ops[256].name: the header's names and paths total more than 16777216 bytes of UTF-8"
+        assert (line in r.stderr.decode()) == refused, r.stderr
+        assert (line in python) == refused, python
+
+
+def test_manifest_past_524288_values_is_refused_as_python_refuses_it(native, tmp_path):
+    """MANIFEST.md, Limits: a manifest (as every JSON document np_load_object reads) holds at most 524,288
+    values; the same refusal as Python's load_object."""
+    from nnpatch._json import load_object
+
+    raw = b'{"format":"nnpatch-release","x-many":[' + b"0," * 524_288 + b"0]}"
+    with pytest.raises(ValueError, match="more than 524288 values"):
+        load_object(raw, limit=16 << 20, what="manifest")
+    path = tmp_path / "manifest.json"
+    path.write_bytes(raw)
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(struct.pack("<Q", 2) + b"{}")
+    r = native.run_update(model, "--manifest", path)
+    assert r.returncode == 3, r.stderr
+    assert b"invalid manifest JSON: more than 524288 values" in r.stderr, r.stderr
