@@ -58,9 +58,11 @@ from ..hashing import canonical_order
 from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
 from .data import Batches
 from .options import TrainSparseOptions
-from .quant import code_cost_factor, exact_update, finetune
+from .quant import exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
 from .channels import group_channels
+from .fit import channels_to_drop, reset_channels
+from .patch_cost import measure
 from .sparse import changed_channels, check_budget, free_norm_bytes, free_norm_keys
 from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
@@ -223,9 +225,14 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     else:
         m0 = _user_base(opts)
     base_model, train_ds, eval_ds, base_path, base_file_state = m0
-    if budget_bytes is not None:  # refused now, not after the teacher has trained
-        free = free_norm_keys(group_channels(base_model), opts.norm_stats, base_file_state)
+    groups = group_channels(base_model)
+    free = free_norm_keys(groups, opts.norm_stats, base_file_state)
+    cost = None
+    if budget_bytes is not None:  # measured and refused now, not after the teacher has trained
         check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats)
+        cost = measure(groups, base_file_state, free=free, delta_bits=opts.delta_bits,
+                       metadata=_metadata(opts, base_path), seed=opts.seed)
+        check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats, cost)
     meta = _checkpoint_meta(opts, budget_bytes, base_file_state, world) if opts.checkpoint else None
     resume = _read_checkpoint(opts.checkpoint, meta) if opts.resume and meta is not None else None
     teacher = None
@@ -236,13 +243,11 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     if say and opts.checkpoint and resume is None:
         say(f"checkpoint: {opts.checkpoint}, written after every epoch (add --resume to go on from it)")
     cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes)
-    if opts.delta_bits is not None:  # --budget: a changed element will cost a code, not its dtype's bytes
-        cfg = dataclasses.replace(cfg, cost_factor=code_cost_factor(base_file_state, opts.delta_bits))
     teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
     with _running_user_code(opts, "training"):
         res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
                      teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say,
-                     checkpoint=opts.checkpoint, resume=resume, meta=meta)
+                     checkpoint=opts.checkpoint, resume=resume, meta=meta, cost=cost)
     if opts.delta_bits is not None:  # quantization-aware deltas for the kept channels (trainer/quant.py)
         with _running_user_code(opts, "training"):
             finetune(res["student"], res["teacher"], res["base_state"], train_ds, cfg, opts.delta_bits, log=say)
@@ -281,24 +286,71 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         "delta_bits": opts.delta_bits,
     }
     _refuse_over_the_limit(check, opts.ratio)
-    save_weights(new_state, out_path, metadata=load_metadata(base_path))
+    metadata = load_metadata(base_path)
+    deltas_path = out_path.with_name(out_path.name.removesuffix(".safetensors") + ".deltas.safetensors")
+
+    def write() -> int:
+        save_weights(new_state, out_path, metadata=metadata)
+        if deltas is not None:  # what `nnpatch diff BASE NEW --quantized DELTAS` rebuilds this very patch from
+            save_quant_deltas(deltas_path, deltas)
+        return diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
+
+    report["patch_bytes"] = write()
+    if budget_bytes is not None:
+        report["estimated_update_bytes"] = res["sparse"].estimated_bytes(changed)
+        report["channels_dropped_to_fit"] = 0
+        if report["patch_bytes"] > budget_bytes:  # trained values compressed worse than the probes: shrink
+            importance = res["sparse"].importance()
+            for _ in range(_FIT_ROUNDS):
+                if report["patch_bytes"] <= budget_bytes or int(changed.sum()) <= 1:
+                    break  # an update that changes nothing is no answer: one channel over the budget is exit 1
+                drop = channels_to_drop(changed, importance, cost, report["patch_bytes"] - budget_bytes)
+                reset_channels(new_state, base_file_state, res["sparse"].groups, drop, res["sparse"].free_stats,
+                               deltas)
+                changed &= ~drop
+                report["channels_dropped_to_fit"] += int(drop.sum())
+                report["patch_bytes"] = write()
+            if report["channels_dropped_to_fit"]:
+                _recount(report, new_state, base_file_state, res["sparse"], student, eval_ds, opts)
+        report["budget_met"] = report["patch_bytes"] <= budget_bytes
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
-    if deltas is not None:  # what `nnpatch diff BASE NEW --quantized DELTAS` rebuilds this very patch from
-        deltas_path = out_path.with_name(out_path.name.removesuffix(".safetensors") + ".deltas.safetensors")
-        save_quant_deltas(deltas_path, deltas)
+    if deltas is not None:
         report["deltas"] = str(deltas_path)
-    report["patch_bytes"] = diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
-    if budget_bytes is not None:
-        report["budget_met"] = report["patch_bytes"] <= budget_bytes
-        report["estimated_update_bytes"] = res["sparse"].estimated_bytes(changed)
     report["seconds"] = round(time.time() - t0, 2)
     if budget_bytes is not None and not report["budget_met"]:
         raise BudgetMissedError(
             f"the patch is {report['patch_bytes']:,} bytes, over the --budget of {budget_bytes:,} bytes "
-            f"({report['channels_changed']} changed channels, estimated at {report['estimated_update_bytes']:,} "
-            f"bytes); {out_path} and {patch_path} were written; try a smaller --budget or --ratio", report=report)
+            f"({report['channels_changed']} changed channels after {report['channels_dropped_to_fit']} were dropped "
+            f"to fit, estimated at {report['estimated_update_bytes']:,} bytes); {out_path} and {patch_path} were "
+            f"written; try a larger --budget", report=report)
     return report
+
+
+#: rounds of dropping channels and writing again before a patch over --budget is given up on
+_FIT_ROUNDS = 8
+
+
+def _recount(report: dict, new_state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor], sparse,
+             student: nn.Module, eval_ds, opts: TrainSparseOptions) -> None:
+    """The report's counts and the student's metric again, after channels were dropped to fit the budget."""
+    check = changed_channels(new_state, base_state, sparse.groups, ignore=sparse.free_stats)
+    check.pop("changed_vector")
+    report.update({
+        "channels_changed": check["channels_changed"],
+        "percent_channels_changed": 100.0 * check["channels_changed"] / max(1, check["channels_total"]),
+        "params_changed": check["params_changed"],
+        "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
+        "norm_stats_changed": check["stats_changed"]})
+    student.load_state_dict(new_state)
+    with _running_user_code(opts, "evaluating"):
+        report["student_metric"] = _metric(opts.task, evaluate(student, eval_ds, opts.task))
+
+
+def _metadata(o: TrainSparseOptions, base_path: Path) -> dict[str, str] | None:
+    """The metadata the output will carry: the base file's (the recipe's base has none, and on a rank
+    other than 0 is not written yet)."""
+    return None if o.recipe is not None else load_metadata(base_path)
 
 
 @contextlib.contextmanager
