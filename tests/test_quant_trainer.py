@@ -126,7 +126,7 @@ def test_budget_counts_codes_not_floats(tiny, tmp_path):
         d = tmp_path / str(bits)
         args = ["--model", f"{spec}:model", "--data", f"{spec}:data", "--base", str(base), "--epochs", "3",
                 "--teacher-epochs", "1", "--budget", "4000", "-o", str(d / "n.safetensors"),
-                "--patch", str(d / "p.nnpatch"), "--json"] + (["--delta-bits", bits] if bits else [])
+                "--patch", str(d / "p.nnpatch"), "--json", "--delta-bits", bits or "off"]
         runs[bits] = invoke(args)
     quant = runs["8"]
     assert quant.exit_code == 0, quant.output + repr(quant.exception)

@@ -57,8 +57,9 @@ class TrainSparseOptions:
         help="Share of channels allowed to change (default 0.1; see Channels below).")
     budget: str | None = _option(
         "--budget", default=None, metavar="BYTES",
-        help="Byte budget for the patch instead of --ratio (e.g. 2MB, 512KiB); a patch over it "
-             "exits 1.")
+        help="Byte budget for the whole patch instead of --ratio (e.g. 2MB, 512KiB): the header and "
+             "digests are counted (measured with the real writer before training; a budget below the "
+             "smallest patch exits 2), a patch written over it drops its least important channels.")
     teacher_path: str | None = _option(
         "--teacher", default=None, type=_WEIGHTS_FILE, help="A fully-updated teacher (.safetensors) to distil from.")
     teacher_epochs: int | None = _option(
@@ -86,11 +87,13 @@ class TrainSparseOptions:
              "BatchNorm running statistics follow the new data in every channel (2 numbers per channel; "
              "helps after an input shift such as noise); 'affine': also train every channel's scale and "
              "shift (2 more). Neither makes a channel count as changed; the report counts them apart.")
-    delta_bits: int | None = _option(
-        "--delta-bits", default=None, type=click.Choice(["8", "4"]),
+    delta_bits: int | str | None = _option(
+        "--delta-bits", default=None, type=click.Choice(["8", "4", "off"]),
         help="Quantize the kept channels' deltas to 8- or 4-bit codes with a scale per channel "
              "(a short quantization-aware phase after the sparse update); the patch uses the qrows op "
-             "(format 1.3), and -o is exactly what it rebuilds.")
+             "(format 1.3), and -o is exactly what it rebuilds. 'off': full-precision values. Default: "
+             "off with --ratio; with --budget, chosen by what fits (4 bits unless half of the update "
+             "fits at 8 bits or at full precision).")
     seed: int = _option("--seed", default=0, trainer=True, type=int, show_default=True,
                              help="Seed of every random choice (initialisation, shuffling, channel ties): "
                                   "the same seed and data give the same model and patch.")

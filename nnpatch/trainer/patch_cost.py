@@ -68,6 +68,13 @@ class PatchCost:
             return self.fixed
         return int(round(self.fixed + float((self.values + self.overhead[self.group_of]).min())))
 
+    def share_that_fits(self, budget_bytes: int) -> float:
+        """The share of the channels' value bytes that ``budget_bytes`` holds once the fixed part and every
+        tensor's overhead are paid (0 to 1): how much of the full update fits."""
+        room = budget_bytes - self.fixed - float(self.overhead.sum())
+        whole = float(self.values.sum())
+        return 1.0 if whole <= 0 else min(1.0, max(0.0, room / whole))
+
     def total(self) -> int:
         """Estimated bytes of the patch that changes every channel."""
         return self.estimate(torch.ones(len(self.values), dtype=torch.bool))

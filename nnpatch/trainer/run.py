@@ -62,7 +62,7 @@ from .quant import exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
 from .channels import group_channels
 from .fit import channels_to_drop, reset_channels
-from .patch_cost import measure
+from .patch_cost import PatchCost, measure
 from .sparse import changed_channels, check_budget, free_norm_bytes, free_norm_keys
 from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
@@ -227,11 +227,22 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     base_model, train_ds, eval_ds, base_path, base_file_state = m0
     groups = group_channels(base_model)
     free = free_norm_keys(groups, opts.norm_stats, base_file_state)
-    cost = None
+    cost, chosen = None, []
     if budget_bytes is not None:  # measured and refused now, not after the teacher has trained
         check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats)
-        cost = measure(groups, base_file_state, free=free, delta_bits=opts.delta_bits,
-                       metadata=_metadata(opts, base_path), seed=opts.seed)
+        measured = {}
+        for bits in ((None, 8, 4) if given.delta_bits is None else (opts.delta_bits,)):
+            measured[bits] = measure(groups, base_file_state, free=free, delta_bits=bits,
+                                     metadata=_metadata(opts, base_path), seed=opts.seed)
+        if given.delta_bits is None:
+            opts = dataclasses.replace(opts, delta_bits=choose_bits(budget_bytes, measured))
+            chosen.append("delta_bits")
+            if say:
+                shares = ", ".join(f"{_bits_name(b)} {100 * c.share_that_fits(budget_bytes):.0f} %"
+                                   for b, c in measured.items())
+                say(f"--budget {budget_bytes:,} bytes: {_bits_name(opts.delta_bits)} deltas (the share of the "
+                    f"channels' bytes that fits: {shares})")
+        cost = measured[opts.delta_bits]
         check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats, cost)
     meta = _checkpoint_meta(opts, budget_bytes, base_file_state, world) if opts.checkpoint else None
     resume = _read_checkpoint(opts.checkpoint, meta) if opts.resume and meta is not None else None
@@ -283,7 +294,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
         "norm_stats": opts.norm_stats, "norm_stats_changed": check["stats_changed"],
         "world_size": world, "ranks_agree": agree, "resumed": resume is not None,
-        "delta_bits": opts.delta_bits,
+        "delta_bits": opts.delta_bits, "chosen_by_budget": chosen,
     }
     _refuse_over_the_limit(check, opts.ratio)
     metadata = load_metadata(base_path)
@@ -345,6 +356,29 @@ def _recount(report: dict, new_state: dict[str, torch.Tensor], base_state: dict[
     student.load_state_dict(new_state)
     with _running_user_code(opts, "evaluating"):
         report["student_metric"] = _metric(opts.task, evaluate(student, eval_ds, opts.task))
+
+
+#: ``--budget`` without ``--delta-bits`` takes the widest deltas at which at least this share of the
+#: channels' bytes fits the budget, else 4 bits (``choose_bits``; benchmarks/RESULTS-tinyupdater.md,
+#: "Budget")
+FULL_SHARE_FOR_WIDER = 0.5
+
+
+def choose_bits(budget_bytes: int, measured: dict[int | None, PatchCost]) -> int | None:
+    """The deltas ``--budget`` takes when ``--delta-bits`` is not given: full precision (None) or 8 bits
+    where at least :data:`FULL_SHARE_FOR_WIDER` of the channels' bytes fit at that width, else 4 bits.
+
+    On the digits recipe at 8 to 20 KB (3 seeds), 4-bit deltas beat 8-bit ones and those beat full
+    precision: at a fixed budget, more channels at fewer bits buy more accuracy than fewer exact ones.
+    Once most of the update fits, the wider codes' smaller error is worth more than channels."""
+    for bits in (None, 8):
+        if bits in measured and measured[bits].share_that_fits(budget_bytes) >= FULL_SHARE_FOR_WIDER:
+            return bits
+    return 4
+
+
+def _bits_name(bits: int | None) -> str:
+    return "full-precision" if bits is None else f"{bits}-bit"
 
 
 def _metadata(o: TrainSparseOptions, base_path: Path) -> dict[str, str] | None:
@@ -457,8 +491,8 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
         raise UsageError("--kd-temperature must be > 0")
     if o.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    if o.delta_bits is not None and str(o.delta_bits) not in ("8", "4"):
-        raise UsageError(f"--delta-bits must be 8 or 4, got {o.delta_bits}")
+    if o.delta_bits is not None and str(o.delta_bits) not in ("8", "4", "off"):
+        raise UsageError(f"--delta-bits must be 8, 4 or off, got {o.delta_bits}")
     if o.resume and not o.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE (the file to go on from)")
     if o.checkpoint and Path(o.checkpoint).resolve() in {Path(p).resolve() for p in (o.output, o.patch)}:
@@ -480,7 +514,7 @@ def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSpar
     o = dataclasses.replace(o, **filled)
     teacher_epochs = o.teacher_epochs if o.teacher_epochs is not None else tuned.get("teacher_epochs", o.epochs)
     ratio = o.ratio if o.ratio is not None or budget_bytes is not None else DEFAULT_RATIO
-    bits = int(o.delta_bits) if o.delta_bits is not None else None  # "8" from the command line
+    bits = int(o.delta_bits) if o.delta_bits not in (None, "off") else None  # "8" from the command line
     return dataclasses.replace(o, teacher_epochs=teacher_epochs, ratio=ratio, delta_bits=bits)
 
 
