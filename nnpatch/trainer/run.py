@@ -18,7 +18,9 @@ What the command does: (1) M0 = ``--base`` loaded into the ``--model`` architect
 M0 fine-tuned with every parameter free for ``--teacher-epochs`` (or ``--teacher``);
 (3) the student = M0 trained with task loss + ``--kd-weight`` x KD under a
 channel-sparse update (cubic schedule down to ``--ratio`` of the channels, or to
-what fits ``--budget`` bytes estimated as raw bytes x 0.9) -- (2) and (3) are
+what fits ``--budget`` bytes as the patch writer prices them, :mod:`nnpatch.trainer.patch_cost`,
+measured before training; without ``--delta-bits`` the budget picks the deltas' width,
+:func:`choose_bits`) -- (2) and (3) are
 ``tiny_updater.update``, which writes ``--checkpoint`` after every epoch and goes
 on from it with ``--resume``; (3b) with ``--delta-bits 8|4``, a short quantization-aware
 phase and the final weights computed by the ``qrows`` arithmetic (:mod:`nnpatch.trainer.quant`),
@@ -28,8 +30,9 @@ base file's safetensors metadata, and with
 ``num_batches_tracked`` and every other non-float tensor reset to M0's value so
 they never count as a change; (5) the changed channels are recounted from the
 bytes and checked against the target; (6) ``nnpatch.diff(base, -o, --patch)``;
-(7) a patch larger than ``--budget`` raises :class:`~nnpatch.errors.BudgetMissedError`
-(exit 1) after both files are written.  Missing folders of the output files are created.
+(7) a patch larger than ``--budget`` drops its least important channels and is written
+again (:mod:`nnpatch.trainer.fit`); one that cannot be brought within it raises
+:class:`~nnpatch.errors.BudgetMissedError` (exit 1) after both files are written.  Missing folders of the output files are created.
 Under ``torchrun`` every rank trains (DDP, gloo on CPU); the ranks' final weights
 are compared by digest and rank 0 writes the files.
 """

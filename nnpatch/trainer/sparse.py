@@ -46,8 +46,11 @@ with patches of less than half the bytes: unlike the global L1 sum, it does not 
 into the widest layers, but puts them where the loss is most sensitive -- the first layers and the
 classifier after an input shift, whose channels have few parameters.  With ``ratio`` the top
 ``floor(share * N)`` channels are kept (N = channel count); with ``budget_bytes``
-channels are taken in rank order while their estimated encoded size (raw bytes
-times ``cost_factor``) fits the byte target of the event, less the raw bytes of the
+channels are taken in rank order while their estimated size fits the byte target of
+the event.  With ``cost`` (:func:`nnpatch.trainer.patch_cost.measure`, what
+``train-sparse --budget`` passes) the estimate is the writer's: the patch's fixed part,
+each touched tensor's op (paid by the first channel of a group that changes) and each
+channel's values; without it, raw bytes times ``cost_factor`` plus the raw bytes of the
 norm values that change in every channel under ``norm_stats`` adapt or affine.
 
 Frozen BatchNorm channels behave as on the device: in training mode their output
