@@ -452,16 +452,21 @@ def _underestimating(monkeypatch, share: float) -> None:
     monkeypatch.setattr(run_module, "measure", measure)
 
 
+@pytest.mark.parametrize("bits", ["off", "4"])
 def test_a_patch_over_the_budget_drops_its_least_important_channels_and_is_written_again(plug, tmp_path,
-                                                                                         monkeypatch):
+                                                                                         monkeypatch, bits):
+    """Dropped channels are reset exactly: their elements take the base's bits, and in quantized deltas
+    their codes become 0, so the rewritten patch still rebuilds the output."""
     spec, _, mlp_base = plug
-    _underestimating(monkeypatch, 0.5)
-    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="fit"), "--budget", "30kB", "--epochs", "1",
-              "--teacher-epochs", "1", "--json")
+    _underestimating(monkeypatch, 0.5 if bits == "off" else 0.3)
+    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="fit"), "--budget", "30kB" if bits == "off" else "10kB",
+              "--epochs", "1", "--teacher-epochs", "1", "--delta-bits", bits, "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
-    assert rep["channels_dropped_to_fit"] > 0 and rep["estimated_update_bytes"] <= 30_000
-    assert rep["budget_met"] is True and rep["patch_bytes"] == (tmp_path / "fit.nnpatch").stat().st_size <= 30_000
+    budget = 30_000 if bits == "off" else 10_000
+    assert rep["channels_dropped_to_fit"] > 0 and rep["estimated_update_bytes"] <= budget
+    assert rep["budget_met"] is True and rep["patch_bytes"] == (tmp_path / "fit.nnpatch").stat().st_size <= budget
+    assert rep["delta_bits"] == (None if bits == "off" else 4) and rep["chosen_by_budget"] == []
     assert rep["channels_changed"] == rep["channels_kept"] - rep["channels_dropped_to_fit"] > 0
     import nnpatch
 
