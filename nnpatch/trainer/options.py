@@ -80,10 +80,15 @@ class TrainSparseOptions:
     kd_weight: float | None = _option(
         "--kd-weight", default=None, trainer=True, type=float,
         help="loss = task + W * KD (default 1; recipe digits: 3).")
-    norm_stats: str = _option(
-        "--norm-stats", default="frozen", trainer=True, type=click.Choice(["frozen", "adapt", "affine"]),
-        show_default=True,
-        help="Normalization layers of frozen channels: kept as in the base (the channel rule); 'adapt': "
+    method: str = _option(
+        "--method", default="nnpatch", type=click.Choice(["nnpatch", "tiny-updater"]), show_default=True,
+        help="nnpatch: the measured best rule (Fisher-weighted channel ranking, learning-rate restart "
+             "after the prune ramp, the defaults of --norm-stats and --delta-bits below); tiny-updater: "
+             "the published rule of Tiny Updater (Zhang and Ma, ICCV 2023): channels ranked by L1 "
+             "movement, one cosine schedule, frozen norm layers, full-precision values.")
+    norm_stats: str | None = _option(
+        "--norm-stats", default=None, trainer=True, type=click.Choice(["frozen", "adapt", "affine"]),
+        help="Normalization layers of frozen channels: 'frozen' (the default): kept as in the base (the channel rule); 'adapt': "
              "BatchNorm running statistics follow the new data in every channel (2 numbers per channel; "
              "helps after an input shift such as noise); 'affine': also train every channel's scale and "
              "shift (2 more). Neither makes a channel count as changed; the report counts them apart.")

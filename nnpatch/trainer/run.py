@@ -196,6 +196,11 @@ DIGITS_TEACHER_LR = 3e-3
 DIGITS_M0 = {"epochs": 15, "batch_size": 64, "lr": 3e-3}
 #: The share of channels allowed to change when neither --ratio nor --budget is given.
 DEFAULT_RATIO = 0.1
+def default_norm_stats(method: str, budget_bytes: int | None) -> str:
+    """``--norm-stats`` when it is not given."""
+    return "frozen"
+
+
 #: Samples per batch when the evaluation data is a dataset (a loader keeps its own batches).
 EVAL_BATCH_SIZE = 256
 
@@ -234,10 +239,11 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     if budget_bytes is not None:  # measured and refused now, not after the teacher has trained
         check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats)
         measured = {}
-        for bits in ((None, 8, 4) if given.delta_bits is None else (opts.delta_bits,)):
+        for bits in ((None, 8, 4) if given.delta_bits is None and opts.method != "tiny-updater"
+                     else (opts.delta_bits,)):
             measured[bits] = measure(groups, base_file_state, free=free, delta_bits=bits,
                                      metadata=_metadata(opts, base_path), seed=opts.seed)
-        if given.delta_bits is None:
+        if given.delta_bits is None and opts.method != "tiny-updater":
             opts = dataclasses.replace(opts, delta_bits=choose_bits(budget_bytes, measured))
             chosen.append("delta_bits")
             if say:
@@ -256,12 +262,13 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     _make_folders(opts)
     if say and opts.checkpoint and resume is None:
         say(f"checkpoint: {opts.checkpoint}, written after every epoch (add --resume to go on from it)")
-    cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes)
+    cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes, selection=_selection(opts))
     teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
     with _running_user_code(opts, "training"):
         res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
                      teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say,
-                     checkpoint=opts.checkpoint, resume=resume, meta=meta, cost=cost)
+                     checkpoint=opts.checkpoint, resume=resume, meta=meta, cost=cost,
+                     lr_restart=opts.method != "tiny-updater")
     if opts.delta_bits is not None:  # quantization-aware deltas for the kept channels (trainer/quant.py)
         with _running_user_code(opts, "training"):
             finetune(res["student"], res["teacher"], res["base_state"], train_ds, cfg, opts.delta_bits, log=say)
@@ -297,7 +304,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
         "norm_stats": opts.norm_stats, "norm_stats_changed": check["stats_changed"],
         "world_size": world, "ranks_agree": agree, "resumed": resume is not None,
-        "delta_bits": opts.delta_bits, "chosen_by_budget": chosen,
+        "delta_bits": opts.delta_bits, "chosen_by_budget": chosen, "method": opts.method,
     }
     _refuse_over_the_limit(check, opts.ratio)
     metadata = load_metadata(base_path)
@@ -418,7 +425,12 @@ def _make_folders(o: TrainSparseOptions) -> None:
 
 #: options that decide the result: a checkpoint is resumed only under the same values
 _RESULT_OPTIONS = ("recipe", "model_spec", "data_spec", "ratio", "teacher_epochs", "epochs", "lr", "batch_size",
-                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor", "delta_bits")
+                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor", "delta_bits", "method")
+
+
+def _selection(o: TrainSparseOptions) -> str:
+    """The channel ranking: the published L1 rule under ``--method tiny-updater``, else the Trainer's default."""
+    return "l1" if o.method == "tiny-updater" else TrainerConfig().selection
 
 
 def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state: dict[str, torch.Tensor],
@@ -428,7 +440,7 @@ def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state
                 teacher_digest=_file_digest(o.teacher_path) if o.teacher_path else None,
                 # not an option, but a default that has changed between versions: a run resumed under
                 # another ranking would not be the run that was started
-                selection=TrainerConfig().selection)
+                selection=_selection(o))
     return meta
 
 
@@ -496,6 +508,9 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
         raise UsageError("--device cuda: no CUDA device is available")
     if o.delta_bits is not None and str(o.delta_bits) not in ("8", "4", "off"):
         raise UsageError(f"--delta-bits must be 8, 4 or off, got {o.delta_bits}")
+    if o.method == "tiny-updater" and (o.norm_stats not in (None, "frozen") or o.delta_bits not in (None, "off")):
+        raise UsageError("--method tiny-updater is the published rule (frozen norm layers, full-precision values): "
+                         "leave out --norm-stats and --delta-bits, or use --method nnpatch")
     if o.resume and not o.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE (the file to go on from)")
     if o.checkpoint and Path(o.checkpoint).resolve() in {Path(p).resolve() for p in (o.output, o.patch)}:
@@ -517,6 +532,8 @@ def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSpar
     o = dataclasses.replace(o, **filled)
     teacher_epochs = o.teacher_epochs if o.teacher_epochs is not None else tuned.get("teacher_epochs", o.epochs)
     ratio = o.ratio if o.ratio is not None or budget_bytes is not None else DEFAULT_RATIO
+    if o.norm_stats is None:
+        o = dataclasses.replace(o, norm_stats=default_norm_stats(o.method, budget_bytes))
     bits = int(o.delta_bits) if o.delta_bits not in (None, "off") else None  # "8" from the command line
     return dataclasses.replace(o, teacher_epochs=teacher_epochs, ratio=ratio, delta_bits=bits)
 
