@@ -67,7 +67,8 @@ class TrainSparseOptions:
     epochs: int | None = _option("--epochs", default=None, trainer=True, type=int, help="Student epochs.")
     lr: float | None = _option(
         "--lr", default=None, trainer=True, type=float,
-        help="Learning rate (AdamW, cosine schedule; default 3e-3; recipe digits: 1e-2).")
+        help="Learning rate (AdamW, cosine schedule). Default: 1e-2 for the student and 3e-3 for the "
+             "teacher; given, both use it.")
     batch_size: int | None = _option(
         "--batch-size", default=None, trainer=True, type=int,
         help="Batch size for datasets (default 64); loaders keep their own.")
@@ -76,10 +77,10 @@ class TrainSparseOptions:
         help="Loss and metric (default classification).")
     kd_temperature: float | None = _option(
         "--kd-temperature", default=None, trainer=True, type=float,
-        help="Softmax temperature T of the KD term (default 4; recipe digits: 2).")
+        help="Softmax temperature T of the KD term (default 2).")
     kd_weight: float | None = _option(
         "--kd-weight", default=None, trainer=True, type=float,
-        help="loss = task + W * KD (default 1; recipe digits: 3).")
+        help="loss = task + W * KD (default 3).")
     method: str = _option(
         "--method", default="nnpatch", type=click.Choice(["nnpatch", "tiny-updater"]), show_default=True,
         help="nnpatch: the measured best rule (Fisher-weighted channel ranking, learning-rate restart "
@@ -100,8 +101,8 @@ class TrainSparseOptions:
         help="Quantize the kept channels' deltas to 8- or 4-bit codes with a scale per channel "
              "(a short quantization-aware phase after the sparse update); the patch uses the qrows op "
              "(format 1.3), and -o is exactly what it rebuilds. 'off': full-precision values. Default: "
-             "4 with --ratio (off with --method tiny-updater); with --budget, chosen by what fits (4 bits unless half of the update "
-             "fits at 8 bits or at full precision).")
+             "4 with --ratio (off with --method tiny-updater); with --budget, 4 unless the whole "
+             "update fits at full precision.")
     seed: int = _option("--seed", default=0, trainer=True, type=int, show_default=True,
                              help="Seed of every random choice (initialisation, shuffling, channel ties): "
                                   "the same seed and data give the same model and patch.")

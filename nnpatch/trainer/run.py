@@ -187,11 +187,16 @@ def _metric(task: str, res: dict) -> float:
     return res["accuracy"] if task == "classification" else res["psnr"]
 
 
+#: The student's settings for options left None: tuned on digits and checked on
+#: mnist5k/shift, 3 seeds (benchmarks/RESULTS-tinyupdater.md, "What did not help": lr 3e-3 / 2e-2 / 4e-2
+#: lost 1.6 / 2.0 / 3.0 points against 1e-2, KD weight 1 / 10 lost 1.1 / 1.5 against 3, temperature 1 / 4
+#: lost 1.1 / 0.6 against 2).
+STUDENT_TUNED: dict[str, Any] = {"lr": 1e-2, "kd_weight": 3.0, "kd_temperature": 2.0}
 #: What the digits recipe was tuned with (benchmarks/RESULTS-tinyupdater.md), for options left None.
-DIGITS_TUNED: dict[str, Any] = {"epochs": 20, "teacher_epochs": 20, "lr": 1e-2, "kd_weight": 3.0,
-                                "kd_temperature": 2.0}
-#: The digits teacher's (the full update's) tuned learning rate, used while --lr is not given.
-DIGITS_TEACHER_LR = 3e-3
+DIGITS_TUNED: dict[str, Any] = {"epochs": 20, "teacher_epochs": 20, **STUDENT_TUNED}
+#: The teacher's (the full update's) learning rate while --lr is not given: a full fine-tune takes a
+#: smaller step than the student, which has few channels to move.
+TEACHER_LR = 3e-3
 #: The digits recipe's M0, trained on the old digits.
 DIGITS_M0 = {"epochs": 15, "batch_size": 64, "lr": 3e-3}
 #: The share of channels allowed to change when neither --ratio nor --budget is given.
@@ -240,7 +245,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     if budget_bytes is not None:  # measured and refused now, not after the teacher has trained
         check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats)
         measured = {}
-        for bits in ((None, 8, 4) if given.delta_bits is None and opts.method != "tiny-updater"
+        for bits in ((None, 4) if given.delta_bits is None and opts.method != "tiny-updater"
                      else (opts.delta_bits,)):
             measured[bits] = measure(groups, base_file_state, free=free, delta_bits=bits,
                                      metadata=_metadata(opts, base_path), seed=opts.seed)
@@ -264,7 +269,7 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     if say and opts.checkpoint and resume is None:
         say(f"checkpoint: {opts.checkpoint}, written after every epoch (add --resume to go on from it)")
     cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes, selection=_selection(opts))
-    teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
+    teacher_lr = TEACHER_LR if given.lr is None else None
     with _running_user_code(opts, "training"):
         res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
                      teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say,
@@ -369,22 +374,16 @@ def _recount(report: dict, new_state: dict[str, torch.Tensor], base_state: dict[
         report["student_metric"] = _metric(opts.task, evaluate(student, eval_ds, opts.task))
 
 
-#: ``--budget`` without ``--delta-bits`` takes the widest deltas at which at least this share of the
-#: channels' bytes fits the budget, else 4 bits (``choose_bits``; benchmarks/RESULTS-tinyupdater.md,
-#: "Budget")
-FULL_SHARE_FOR_WIDER = 0.5
-
-
 def choose_bits(budget_bytes: int, measured: dict[int | None, PatchCost]) -> int | None:
-    """The deltas ``--budget`` takes when ``--delta-bits`` is not given: full precision (None) or 8 bits
-    where at least :data:`FULL_SHARE_FOR_WIDER` of the channels' bytes fit at that width, else 4 bits.
+    """The deltas ``--budget`` takes when ``--delta-bits`` is not given: full precision (None) where the
+    whole full-precision update fits, else 4-bit codes.
 
-    On the digits recipe at 8 to 20 KB (3 seeds), 4-bit deltas beat 8-bit ones and those beat full
-    precision: at a fixed budget, more channels at fewer bits buy more accuracy than fewer exact ones.
-    Once most of the update fits, the wider codes' smaller error is worth more than channels."""
-    for bits in (None, 8):
-        if bits in measured and measured[bits].share_that_fits(budget_bytes) >= FULL_SHARE_FOR_WIDER:
-            return bits
+    Measured on the digits recipe (benchmarks/RESULTS-tinyupdater.md, "Budget"): from 8 KB to 80 KB,
+    4-bit deltas were the most accurate or within 0.22 points of 8-bit ones, and 4.6 to 7.3 points ahead of
+    full precision up to 11.4 KB (3 seeds there): at a fixed budget more channels at fewer bits buy more
+    than fewer exact ones, even where 8-bit codes fit every channel (80 KB: 90.89 % at 4 bits, 90.44 % at 8)."""
+    if None in measured and measured[None].share_that_fits(budget_bytes) >= 1.0:
+        return None
     return 4
 
 
@@ -524,8 +523,9 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
 
 
 def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSparseOptions:
-    """``o`` with the options left None filled in: the recipe's tuned values, else the Trainer's defaults."""
-    tuned = DIGITS_TUNED if o.recipe is not None else {}
+    """``o`` with the options left None filled in: the recipe's tuned values (:data:`DIGITS_TUNED`), else
+    the student's (:data:`STUDENT_TUNED`), then the Trainer's defaults."""
+    tuned = DIGITS_TUNED if o.recipe is not None else STUDENT_TUNED
     trainer = TrainerConfig()
     filled = {name: tuned.get(name, getattr(trainer, name))
               for name in ("epochs", "batch_size", "lr", "task", "kd_temperature", "kd_weight")
