@@ -80,3 +80,18 @@ def test_a_digits_run_stays_within_its_budget_and_its_patch_rebuilds_the_output(
         assert rep["delta_bits"] == 4 and rep["chosen_by_budget"] == ["delta_bits"]
     nnpatch.apply(str(tmp_path / "n.base.safetensors"), str(tmp_path / "n.nnpatch"), str(tmp_path / "a.safetensors"))
     assert hash_file(tmp_path / "a.safetensors") == hash_file(tmp_path / "n.safetensors")
+
+
+def test_the_budget_takes_4_bit_codes_unless_the_whole_full_precision_update_fits():
+    from nnpatch.trainer.patch_cost import PatchCost
+    from nnpatch.trainer.run import choose_bits
+
+    def cost(value: float) -> PatchCost:  # 10 channels in 2 groups, 100 bytes of overhead each, 500 fixed
+        return PatchCost(fixed=500, values=torch.full((10,), value, dtype=torch.float64),
+                         overhead=torch.tensor([100.0, 100.0], dtype=torch.float64),
+                         group_of=torch.tensor([0] * 5 + [1] * 5))
+    measured = {None: cost(40.0), 4: cost(5.0)}
+    assert measured[None].total() == 1100 and measured[4].total() == 750
+    assert choose_bits(1100, measured) is None  # everything fits as it is: nothing to quantize
+    assert choose_bits(1099, measured) == 4
+    assert measured[None].share_that_fits(900) == pytest.approx(0.5) and measured[4].share_that_fits(900) == 1.0

@@ -427,7 +427,7 @@ def test_time_left_counts_both_phases():
 def test_a_met_budget_exits_0_and_its_patch_rebuilds_the_output(plug, tmp_path):
     spec, base, mlp_base = plug
     res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="met"), "--budget", "40kB", "--epochs", "1",
-              "--teacher-epochs", "1", "--json")
+              "--teacher-epochs", "1", "--delta-bits", "off", "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["budget_met"] is True and rep["patch_bytes"] <= 40_000 < rep["model_bytes"]
@@ -482,13 +482,13 @@ def test_a_patch_that_cannot_be_brought_within_the_budget_exits_1_with_the_files
     _underestimating(monkeypatch, 0.5)
     monkeypatch.setattr(run_module, "_FIT_ROUNDS", 0)
     res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="missed"), "--budget", "30kB", "--epochs", "1",
-              "--teacher-epochs", "1")
+              "--teacher-epochs", "1", "--delta-bits", "off")
     line = one_error_line(res, 1)
     assert line.startswith("Error: the patch is ") and "bytes, over the --budget of 30,000 bytes" in line
     assert "were written" in line and "try a larger --budget" in line and "channels changed" in res.stderr
     assert (tmp_path / "missed.safetensors").is_file() and (tmp_path / "missed.nnpatch").is_file()
     res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="missed"), "--budget", "30kB", "--epochs", "1",
-              "--teacher-epochs", "1", "--json")
+              "--teacher-epochs", "1", "--delta-bits", "off", "--json")
     assert res.exit_code == 1
     assert json.loads(res.stdout)["error"]["kind"] == "BudgetMissedError"  # one JSON object: the error
 
