@@ -14,7 +14,8 @@ from nnpatch.cli import cli  # noqa: E402
 from nnpatch.hashing import hash_file  # noqa: E402
 from nnpatch.trainer.channels import group_channels  # noqa: E402
 from nnpatch.trainer.fit import reset_channels  # noqa: E402
-from nnpatch.trainer.patch_cost import measure  # noqa: E402
+from nnpatch.trainer.patch_cost import PatchCost  # noqa: E402
+from nnpatch.trainer.probes import measure  # noqa: E402
 from nnpatch.trainer.quant import exact_update  # noqa: E402
 from nnpatch.trainer.recipes import DigitsCNN  # noqa: E402
 from nnpatch.trainer.run import save_weights  # noqa: E402
@@ -83,7 +84,6 @@ def test_a_digits_run_stays_within_its_budget_and_its_patch_rebuilds_the_output(
 
 
 def test_the_budget_takes_4_bit_codes_unless_the_whole_full_precision_update_fits():
-    from nnpatch.trainer.patch_cost import PatchCost
     from nnpatch.trainer.run import choose_bits
 
     def cost(value: float) -> PatchCost:  # 10 channels in 2 groups, 100 bytes of overhead each, 500 fixed

@@ -53,19 +53,19 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .. import dtypes
-from ..atomic import atomic_write
 from ..differ import diff, save_quant_deltas
 from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
 from ..hashing import canonical_order
-from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
+from ..weights.safetensors_file import MAX_HEADER_SIZE, parse_safetensors_header
 from .data import Batches
 from .options import TrainSparseOptions
 from .quant import exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
 from .channels import group_channels
 from .fit import channels_to_drop, reset_channels
-from .patch_cost import PatchCost, measure
+from .files import save_weights
+from .patch_cost import PatchCost
+from .probes import measure
 from .sparse import changed_channels, check_budget, free_norm_bytes, free_norm_keys
 from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
@@ -119,33 +119,6 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str] | None:
         raise WeightsError(f"cannot read it ({exc.strerror or exc})", path=str(path)) from None
     metadata, _ = parse_safetensors_header(raw, path=str(path))
     return metadata
-
-
-#: torch dtype -> safetensors dtype name
-_ST_DTYPES = dtypes.torch_dtypes(torch)[0]
-
-
-def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: readers see the old file or the new one.
-
-    The layout is the safetensors reference writer's (``encode_safetensors_header``), with
-    ``metadata`` in the order given: the reference writer's own order of several metadata
-    entries changes from call to call, and the same weights must give the same bytes."""
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise WeightsError("safetensors metadata maps strings to strings", path=str(path))
-    raw: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise WeightsError(f"dtype {t.dtype} has no safetensors name", path=str(path), tensor=name)
-        raw[name] = (_ST_DTYPES[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    head, order = encode_safetensors_header({k: (d, s, len(b)) for k, (d, s, b) in raw.items()}, metadata)
-    # mode 0o666 less the umask, as any newly created file gets (atomic_write's default is 0o644)
-    with atomic_write(path, mode=0o666) as f:
-        f.write(head)
-        for name in order:
-            f.write(raw[name][2])
 
 
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
@@ -465,6 +438,7 @@ def _read_checkpoint(path: str | None, meta: dict[str, Any]) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError("not a train-sparse checkpoint", path=path)
     old = dict(state.get("meta") or {})
+    old.setdefault("method", "nnpatch")  # written before --method: the rule was nnpatch's
     if "selection" not in old:  # written before the ranking was recorded: its trainer config has it
         trainer = state.get("trainer")
         config = trainer.get("config") if isinstance(trainer, dict) else None
