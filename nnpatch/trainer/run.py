@@ -32,7 +32,8 @@ they never count as a change; (5) the changed channels are recounted from the
 bytes and checked against the target; (6) ``nnpatch.diff(base, -o, --patch)``;
 (7) a patch larger than ``--budget`` drops its least important channels and is written
 again (:mod:`nnpatch.trainer.fit`); one that cannot be brought within it raises
-:class:`~nnpatch.errors.BudgetMissedError` (exit 1) after both files are written.  Missing folders of the output files are created.
+:class:`~nnpatch.errors.BudgetMissedError` (exit 1) after both files are written.
+Missing folders of the output files are created.
 Under ``torchrun`` every rank trains (DDP, gloo on CPU); the ranks' final weights
 are compared by digest and rank 0 writes the files.
 """
@@ -175,8 +176,8 @@ DIGITS_M0 = {"epochs": 15, "batch_size": 64, "lr": 3e-3}
 #: The share of channels allowed to change when neither --ratio nor --budget is given.
 DEFAULT_RATIO = 0.1
 #: ``--delta-bits`` when neither it nor ``--budget`` is given (``--method nnpatch``): at the same channels,
-#: 4-bit deltas were as accurate as full-precision ones (+0.1 to +0.5 points on the five scenarios of
-#: benchmarks/RESULTS-tinyupdater.md, 3 seeds each; digits seed 0 +0.9) in 26 to 50 % of the bytes.
+#: 4-bit deltas were as accurate as full-precision ones (+0.14 to +0.37 points on the five scenarios of
+#: benchmarks/RESULTS-tinyupdater.md, 3 seeds each; -0.15 on digits, 3 seeds) in 26 to 50 % of the bytes.
 DEFAULT_DELTA_BITS = 4
 
 
@@ -352,8 +353,8 @@ def choose_bits(budget_bytes: int, measured: dict[int | None, PatchCost]) -> int
     whole full-precision update fits, else 4-bit codes.
 
     Measured on the digits recipe (benchmarks/RESULTS-tinyupdater.md, "Budget"): from 8 KB to 80 KB,
-    4-bit deltas were the most accurate or within 0.22 points of 8-bit ones, and 4.6 to 7.3 points ahead of
-    full precision up to 11.4 KB (3 seeds there): at a fixed budget more channels at fewer bits buy more
+    4-bit deltas were the most accurate or within 0.22 points of 8-bit ones, and 3.1 to 8.7 points ahead of
+    full precision up to 20 KB (7.3 at 11.4 KB, 3 seeds): at a fixed budget more channels at fewer bits buy more
     than fewer exact ones, even where 8-bit codes fit every channel (80 KB: 90.89 % at 4 bits, 90.44 % at 8)."""
     if None in measured and measured[None].share_that_fits(budget_bytes) >= 1.0:
         return None
