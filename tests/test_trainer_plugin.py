@@ -424,25 +424,86 @@ def test_time_left_counts_both_phases():
 
 
 # ---------------------------------------------------------------- budget, metadata, folders
-def test_a_missed_budget_exits_1_with_the_files_written_and_a_met_one_exits_0(plug, tmp_path):
+def test_a_met_budget_exits_0_and_its_patch_rebuilds_the_output(plug, tmp_path):
     spec, base, mlp_base = plug
     res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="met"), "--budget", "40kB", "--epochs", "1",
-              "--teacher-epochs", "1", "--json")
+              "--teacher-epochs", "1", "--delta-bits", "off", "--json")
     assert res.exit_code == 0, res.output
     rep = json.loads(res.stdout)
     assert rep["budget_met"] is True and rep["patch_bytes"] <= 40_000 < rep["model_bytes"]
     assert 0 < rep["channels_changed"] < rep["channels_total"]
+    import nnpatch
 
-    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="missed"), "--budget", "2kB", "--epochs", "1",
-              "--teacher-epochs", "1")
+    nnpatch.apply(str(mlp_base), str(tmp_path / "met.nnpatch"), str(tmp_path / "applied.safetensors"))
+    assert read(tmp_path / "applied.safetensors") == read(tmp_path / "met.safetensors")
+
+
+def _underestimating(monkeypatch, share: float) -> None:
+    """Make the budget's estimate price channel values at ``share`` of what the probes measured, so
+    that training keeps more channels than fit and the written patch comes out over the budget."""
+    import nnpatch.trainer.run as run_module
+
+    real = run_module.measure
+
+    def measure(*args, **kwargs):
+        cost = real(*args, **kwargs)
+        cost.values = cost.values * share
+        return cost
+    monkeypatch.setattr(run_module, "measure", measure)
+
+
+@pytest.mark.parametrize("bits", ["off", "4"])
+def test_a_patch_over_the_budget_drops_its_least_important_channels_and_is_written_again(plug, tmp_path,
+                                                                                         monkeypatch, bits):
+    """Dropped channels are reset exactly: their elements take the base's bits, and in quantized deltas
+    their codes become 0, so the rewritten patch still rebuilds the output."""
+    spec, _, mlp_base = plug
+    _underestimating(monkeypatch, 0.5 if bits == "off" else 0.3)
+    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="fit"), "--budget", "30kB" if bits == "off" else "10kB",
+              "--epochs", "1", "--teacher-epochs", "1", "--delta-bits", bits, "--json")
+    assert res.exit_code == 0, res.output
+    rep = json.loads(res.stdout)
+    budget = 30_000 if bits == "off" else 10_000
+    assert rep["channels_dropped_to_fit"] > 0 and rep["estimated_update_bytes"] <= budget
+    assert rep["budget_met"] is True and rep["patch_bytes"] == (tmp_path / "fit.nnpatch").stat().st_size <= budget
+    assert rep["delta_bits"] == (None if bits == "off" else 4) and rep["chosen_by_budget"] == []
+    assert rep["channels_changed"] == rep["channels_kept"] - rep["channels_dropped_to_fit"] > 0
+    import nnpatch
+
+    nnpatch.apply(str(mlp_base), str(tmp_path / "fit.nnpatch"), str(tmp_path / "applied.safetensors"))
+    assert read(tmp_path / "applied.safetensors") == read(tmp_path / "fit.safetensors")
+
+
+def test_a_patch_that_cannot_be_brought_within_the_budget_exits_1_with_the_files_written(plug, tmp_path,
+                                                                                         monkeypatch):
+    import nnpatch.trainer.run as run_module
+
+    spec, _, mlp_base = plug
+    _underestimating(monkeypatch, 0.5)
+    monkeypatch.setattr(run_module, "_FIT_ROUNDS", 0)
+    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="missed"), "--budget", "30kB", "--epochs", "1",
+              "--teacher-epochs", "1", "--delta-bits", "off")
     line = one_error_line(res, 1)
-    assert line.startswith("Error: the patch is ") and "bytes, over the --budget of 2,000 bytes" in line
-    assert "were written" in line and "channels changed" in res.stderr  # the table, then the line
+    assert line.startswith("Error: the patch is ") and "bytes, over the --budget of 30,000 bytes" in line
+    assert "were written" in line and "try a larger --budget" in line and "channels changed" in res.stderr
     assert (tmp_path / "missed.safetensors").is_file() and (tmp_path / "missed.nnpatch").is_file()
-    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="missed"), "--budget", "2kB", "--epochs", "1",
-              "--teacher-epochs", "1", "--json")
+    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="missed"), "--budget", "30kB", "--epochs", "1",
+              "--teacher-epochs", "1", "--delta-bits", "off", "--json")
     assert res.exit_code == 1
     assert json.loads(res.stdout)["error"]["kind"] == "BudgetMissedError"  # one JSON object: the error
+
+
+def test_a_budget_below_the_smallest_patch_is_refused_before_training(plug, tmp_path):
+    """The patch's fixed part (container, layout, digests) and the cheapest channel's op are measured by
+    the real writer before anything trains: a budget below them is exit 2 with one line."""
+    spec, _, mlp_base = plug
+    res = run(*common(tmp_path, spec, mlp_base, model="mlp", name="small"), "--budget", "900")
+    line = one_error_line(res, 2)
+    assert line.startswith("Error: a budget of 900 bytes is below the smallest patch of this model that changes "
+                           "a channel, about ")
+    assert "its fixed part: header, layout, digests: " in line
+    assert "teacher" not in res.stderr and not (tmp_path / "small.safetensors").exists()
+    assert not (tmp_path / "small.nnpatch").exists()
 
 
 def test_the_output_keeps_the_bases_metadata_and_its_folders_are_created(plug, tmp_path):

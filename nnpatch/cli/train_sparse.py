@@ -59,8 +59,10 @@ run after every epoch; the same command with --resume goes on from there.
 Exit codes:
   0  ok
   1  the result does not qualify: over --ratio's channels (nothing written), or
-     the patch is larger than --budget (both files written, the table printed)
-  2  usage error (bad options; a SPEC that names no module, file or function)
+     the patch is still larger than --budget after dropping channels to fit
+     (both files written, the table printed)
+  2  usage error (bad options; a SPEC that names no module, file or function;
+     a --budget below the smallest patch of the model, said before training)
   3  invalid input file (--base, --teacher or the checkpoint)
   5  I/O error (a folder cannot be created, disk full)
   6  the code behind --model or --data raised, or returned something other
@@ -131,6 +133,11 @@ def _table(r: dict) -> None:
     if r.get("norm_stats") in ("adapt", "affine"):
         what = "statistics" if r["norm_stats"] == "adapt" else "statistics, scales, shifts"
         t.add_row("norm values changed", f"{r['norm_stats_changed']} ({what})")
+    if r.get("delta_bits"):
+        how = " (chosen for the budget)" if "delta_bits" in r.get("chosen_by_budget", []) else ""
+        t.add_row("deltas", f"{r['delta_bits']}-bit codes{how}")
+    if r.get("channels_dropped_to_fit"):
+        t.add_row("channels dropped to fit", f"{r['channels_dropped_to_fit']}")
     t.add_row("model bytes", f"{r['model_bytes']:,}")
     t.add_row("patch bytes", f"{r['patch_bytes']:,}")
     if r.get("budget_bytes") is not None:

@@ -150,7 +150,11 @@ def finetune(student: nn.Module, teacher: nn.Module | None, base_state: dict[str
 
     handles.append(tr.optimizer.register_step_post_hook(reset_unchanged))
     norms = [m for m in student.modules() if isinstance(m, nn.modules.batchnorm._NormBase)]
-    handles.append(student.register_forward_pre_hook(lambda m, args: [n.eval() for n in norms] and None))
+
+    def norms_in_eval_mode(module, args) -> None:  # None: a pre-hook's return value would replace the input
+        for n in norms:
+            n.eval()
+    handles.append(student.register_forward_pre_hook(norms_in_eval_mode))
     quantizer = DeltaQuantizer(student, base_state, bits).attach(tr.optimizer)
     if log:
         log(f"quantization-aware deltas ({bits} bits): {epochs} epoch(s) at lr {cfg.lr:g}")

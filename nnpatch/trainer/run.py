@@ -18,7 +18,9 @@ What the command does: (1) M0 = ``--base`` loaded into the ``--model`` architect
 M0 fine-tuned with every parameter free for ``--teacher-epochs`` (or ``--teacher``);
 (3) the student = M0 trained with task loss + ``--kd-weight`` x KD under a
 channel-sparse update (cubic schedule down to ``--ratio`` of the channels, or to
-what fits ``--budget`` bytes estimated as raw bytes x 0.9) -- (2) and (3) are
+what fits ``--budget`` bytes as the patch writer prices them, :mod:`nnpatch.trainer.patch_cost`,
+measured before training; without ``--delta-bits`` the budget picks the deltas' width,
+:func:`choose_bits`) -- (2) and (3) are
 ``tiny_updater.update``, which writes ``--checkpoint`` after every epoch and goes
 on from it with ``--resume``; (3b) with ``--delta-bits 8|4``, a short quantization-aware
 phase and the final weights computed by the ``qrows`` arithmetic (:mod:`nnpatch.trainer.quant`),
@@ -28,8 +30,10 @@ base file's safetensors metadata, and with
 ``num_batches_tracked`` and every other non-float tensor reset to M0's value so
 they never count as a change; (5) the changed channels are recounted from the
 bytes and checked against the target; (6) ``nnpatch.diff(base, -o, --patch)``;
-(7) a patch larger than ``--budget`` raises :class:`~nnpatch.errors.BudgetMissedError`
-(exit 1) after both files are written.  Missing folders of the output files are created.
+(7) a patch larger than ``--budget`` drops its least important channels and is written
+again (:mod:`nnpatch.trainer.fit`); one that cannot be brought within it raises
+:class:`~nnpatch.errors.BudgetMissedError` (exit 1) after both files are written.
+Missing folders of the output files are created.
 Under ``torchrun`` every rank trains (DDP, gloo on CPU); the ranks' final weights
 are compared by digest and rank 0 writes the files.
 """
@@ -50,17 +54,19 @@ from typing import Any, Callable, NamedTuple
 import torch
 from torch import nn
 
-from .. import dtypes
-from ..atomic import atomic_write
 from ..differ import diff, save_quant_deltas
 from ..errors import BudgetMissedError, NnpatchIOError, TrainingError, UsageError, UserCodeError, WeightsError
 from ..hashing import canonical_order
-from ..weights.safetensors_file import MAX_HEADER_SIZE, encode_safetensors_header, parse_safetensors_header
+from ..weights.safetensors_file import MAX_HEADER_SIZE, parse_safetensors_header
 from .data import Batches
 from .options import TrainSparseOptions
-from .quant import code_cost_factor, exact_update, finetune
+from .quant import exact_update, finetune
 from .recipes import DigitsCNN, digits_scenario
 from .channels import group_channels
+from .fit import channels_to_drop, reset_channels
+from .files import save_weights
+from .patch_cost import PatchCost
+from .probes import measure
 from .sparse import changed_channels, check_budget, free_norm_bytes, free_norm_keys
 from .tiny_updater import CHECKPOINT_FORMAT, update
 from .trainer import Trainer, TrainerConfig, evaluate, init_distributed, set_seed, world_info
@@ -116,33 +122,6 @@ def load_metadata(path: str | os.PathLike) -> dict[str, str] | None:
     return metadata
 
 
-#: torch dtype -> safetensors dtype name
-_ST_DTYPES = dtypes.torch_dtypes(torch)[0]
-
-
-def save_weights(state: dict[str, torch.Tensor], path: str | os.PathLike,
-                 metadata: dict[str, str] | None = None) -> None:
-    """Write a safetensors file atomically: readers see the old file or the new one.
-
-    The layout is the safetensors reference writer's (``encode_safetensors_header``), with
-    ``metadata`` in the order given: the reference writer's own order of several metadata
-    entries changes from call to call, and the same weights must give the same bytes."""
-    if metadata is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items()):
-        raise WeightsError("safetensors metadata maps strings to strings", path=str(path))
-    raw: dict[str, tuple[str, tuple[int, ...], bytes]] = {}
-    for name, t in state.items():
-        t = t.detach().cpu().contiguous()
-        if t.dtype not in _ST_DTYPES:
-            raise WeightsError(f"dtype {t.dtype} has no safetensors name", path=str(path), tensor=name)
-        raw[name] = (_ST_DTYPES[t.dtype], tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    head, order = encode_safetensors_header({k: (d, s, len(b)) for k, (d, s, b) in raw.items()}, metadata)
-    # mode 0o666 less the umask, as any newly created file gets (atomic_write's default is 0o644)
-    with atomic_write(path, mode=0o666) as f:
-        f.write(head)
-        for name in order:
-            f.write(raw[name][2])
-
-
 def load_into(model: nn.Module, state: dict[str, torch.Tensor], path: str) -> None:
     own = model.state_dict()
     missing = [k for k in own if k not in state]
@@ -182,15 +161,26 @@ def _metric(task: str, res: dict) -> float:
     return res["accuracy"] if task == "classification" else res["psnr"]
 
 
+#: The student's settings for options left None: tuned on digits and checked on
+#: mnist5k/shift, 3 seeds (benchmarks/RESULTS-tinyupdater.md, "What did not help": lr 3e-3 / 2e-2 / 4e-2
+#: lost 1.6 / 2.0 / 3.0 points against 1e-2, KD weight 1 / 10 lost 1.1 / 1.5 against 3, temperature 1 / 4
+#: lost 1.1 / 0.6 against 2).
+STUDENT_TUNED: dict[str, Any] = {"lr": 1e-2, "kd_weight": 3.0, "kd_temperature": 2.0}
 #: What the digits recipe was tuned with (benchmarks/RESULTS-tinyupdater.md), for options left None.
-DIGITS_TUNED: dict[str, Any] = {"epochs": 20, "teacher_epochs": 20, "lr": 1e-2, "kd_weight": 3.0,
-                                "kd_temperature": 2.0}
-#: The digits teacher's (the full update's) tuned learning rate, used while --lr is not given.
-DIGITS_TEACHER_LR = 3e-3
+DIGITS_TUNED: dict[str, Any] = {"epochs": 20, "teacher_epochs": 20, **STUDENT_TUNED}
+#: The teacher's (the full update's) learning rate while --lr is not given: a full fine-tune takes a
+#: smaller step than the student, which has few channels to move.
+TEACHER_LR = 3e-3
 #: The digits recipe's M0, trained on the old digits.
 DIGITS_M0 = {"epochs": 15, "batch_size": 64, "lr": 3e-3}
 #: The share of channels allowed to change when neither --ratio nor --budget is given.
 DEFAULT_RATIO = 0.1
+#: ``--delta-bits`` when neither it nor ``--budget`` is given (``--method nnpatch``): at the same channels,
+#: 4-bit deltas were as accurate as full-precision ones (+0.14 to +0.37 points on the five scenarios of
+#: benchmarks/RESULTS-tinyupdater.md, 3 seeds each; -0.15 on digits, 3 seeds) in 26 to 50 % of the bytes.
+DEFAULT_DELTA_BITS = 4
+
+
 #: Samples per batch when the evaluation data is a dataset (a loader keeps its own batches).
 EVAL_BATCH_SIZE = 256
 
@@ -223,9 +213,26 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     else:
         m0 = _user_base(opts)
     base_model, train_ds, eval_ds, base_path, base_file_state = m0
-    if budget_bytes is not None:  # refused now, not after the teacher has trained
-        free = free_norm_keys(group_channels(base_model), opts.norm_stats, base_file_state)
+    groups = group_channels(base_model)
+    free = free_norm_keys(groups, opts.norm_stats, base_file_state)
+    cost, chosen = None, []
+    if budget_bytes is not None:  # measured and refused now, not after the teacher has trained
         check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats)
+        measured = {}
+        for bits in ((None, 4) if given.delta_bits is None and opts.method != "tiny-updater"
+                     else (opts.delta_bits,)):
+            measured[bits] = measure(groups, base_file_state, free=free, delta_bits=bits,
+                                     metadata=_metadata(opts, base_path), seed=opts.seed)
+        if given.delta_bits is None and opts.method != "tiny-updater":
+            opts = dataclasses.replace(opts, delta_bits=choose_bits(budget_bytes, measured))
+            chosen.append("delta_bits")
+            if say:
+                shares = ", ".join(f"{_bits_name(b)} {100 * c.share_that_fits(budget_bytes):.0f} %"
+                                   for b, c in measured.items())
+                say(f"--budget {budget_bytes:,} bytes: {_bits_name(opts.delta_bits)} deltas (the share of the "
+                    f"channels' bytes that fits: {shares})")
+        cost = measured[opts.delta_bits]
+        check_budget(budget_bytes, free_norm_bytes(free, base_file_state), opts.norm_stats, cost)
     meta = _checkpoint_meta(opts, budget_bytes, base_file_state, world) if opts.checkpoint else None
     resume = _read_checkpoint(opts.checkpoint, meta) if opts.resume and meta is not None else None
     teacher = None
@@ -235,14 +242,13 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
     _make_folders(opts)
     if say and opts.checkpoint and resume is None:
         say(f"checkpoint: {opts.checkpoint}, written after every epoch (add --resume to go on from it)")
-    cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes)
-    if opts.delta_bits is not None:  # --budget: a changed element will cost a code, not its dtype's bytes
-        cfg = dataclasses.replace(cfg, cost_factor=code_cost_factor(base_file_state, opts.delta_bits))
-    teacher_lr = DIGITS_TEACHER_LR if opts.recipe is not None and given.lr is None else None
+    cfg = TrainerConfig(**opts.trainer_fields(), budget_bytes=budget_bytes, selection=_selection(opts))
+    teacher_lr = TEACHER_LR if given.lr is None else None
     with _running_user_code(opts, "training"):
         res = update(base_model.to(opts.device), train_ds, eval_ds, config=cfg, teacher=teacher,
                      teacher_epochs=opts.teacher_epochs, teacher_lr=teacher_lr, log=say,
-                     checkpoint=opts.checkpoint, resume=resume, meta=meta)
+                     checkpoint=opts.checkpoint, resume=resume, meta=meta, cost=cost,
+                     lr_restart=opts.method != "tiny-updater")
     if opts.delta_bits is not None:  # quantization-aware deltas for the kept channels (trainer/quant.py)
         with _running_user_code(opts, "training"):
             finetune(res["student"], res["teacher"], res["base_state"], train_ds, cfg, opts.delta_bits, log=say)
@@ -278,27 +284,91 @@ def train_sparse_run(options: TrainSparseOptions | None = None, /, *,
         "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
         "norm_stats": opts.norm_stats, "norm_stats_changed": check["stats_changed"],
         "world_size": world, "ranks_agree": agree, "resumed": resume is not None,
-        "delta_bits": opts.delta_bits,
+        "delta_bits": opts.delta_bits, "chosen_by_budget": chosen, "method": opts.method,
     }
     _refuse_over_the_limit(check, opts.ratio)
-    save_weights(new_state, out_path, metadata=load_metadata(base_path))
+    metadata = load_metadata(base_path)
+    deltas_path = out_path.with_name(out_path.name.removesuffix(".safetensors") + ".deltas.safetensors")
+
+    def write() -> int:
+        save_weights(new_state, out_path, metadata=metadata)
+        if deltas is not None:  # what `nnpatch diff BASE NEW --quantized DELTAS` rebuilds this very patch from
+            save_quant_deltas(deltas_path, deltas)
+        return diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
+
+    report["patch_bytes"] = write()
+    if budget_bytes is not None:
+        report["estimated_update_bytes"] = res["sparse"].estimated_bytes(changed)
+        report["channels_dropped_to_fit"] = 0
+        if report["patch_bytes"] > budget_bytes:  # trained values compressed worse than the probes: shrink
+            importance = res["sparse"].importance()
+            for _ in range(_FIT_ROUNDS):
+                if report["patch_bytes"] <= budget_bytes or int(changed.sum()) <= 1:
+                    break  # an update that changes nothing is no answer: one channel over the budget is exit 1
+                drop = channels_to_drop(changed, importance, cost, report["patch_bytes"] - budget_bytes)
+                reset_channels(new_state, base_file_state, res["sparse"].groups, drop, res["sparse"].free_stats,
+                               deltas)
+                changed &= ~drop
+                report["channels_dropped_to_fit"] += int(drop.sum())
+                report["patch_bytes"] = write()
+            if report["channels_dropped_to_fit"]:
+                _recount(report, new_state, base_file_state, res["sparse"], student, eval_ds, opts)
+        report["budget_met"] = report["patch_bytes"] <= budget_bytes
     report.update({"base": str(base_path), "output": str(out_path), "patch": str(patch_path),
                    "model_bytes": out_path.stat().st_size})
-    if deltas is not None:  # what `nnpatch diff BASE NEW --quantized DELTAS` rebuilds this very patch from
-        deltas_path = out_path.with_name(out_path.name.removesuffix(".safetensors") + ".deltas.safetensors")
-        save_quant_deltas(deltas_path, deltas)
+    if deltas is not None:
         report["deltas"] = str(deltas_path)
-    report["patch_bytes"] = diff(str(base_path), str(out_path), str(patch_path), quantized=deltas).patch_size
-    if budget_bytes is not None:
-        report["budget_met"] = report["patch_bytes"] <= budget_bytes
-        report["estimated_update_bytes"] = res["sparse"].estimated_bytes(changed)
     report["seconds"] = round(time.time() - t0, 2)
     if budget_bytes is not None and not report["budget_met"]:
         raise BudgetMissedError(
             f"the patch is {report['patch_bytes']:,} bytes, over the --budget of {budget_bytes:,} bytes "
-            f"({report['channels_changed']} changed channels, estimated at {report['estimated_update_bytes']:,} "
-            f"bytes); {out_path} and {patch_path} were written; try a smaller --budget or --ratio", report=report)
+            f"({report['channels_changed']} changed channels after {report['channels_dropped_to_fit']} were dropped "
+            f"to fit, estimated at {report['estimated_update_bytes']:,} bytes); {out_path} and {patch_path} were "
+            f"written; try a larger --budget", report=report)
     return report
+
+
+#: rounds of dropping channels and writing again before a patch over --budget is given up on
+_FIT_ROUNDS = 8
+
+
+def _recount(report: dict, new_state: dict[str, torch.Tensor], base_state: dict[str, torch.Tensor], sparse,
+             student: nn.Module, eval_ds, opts: TrainSparseOptions) -> None:
+    """The report's counts and the student's metric again, after channels were dropped to fit the budget."""
+    check = changed_channels(new_state, base_state, sparse.groups, ignore=sparse.free_stats)
+    check.pop("changed_vector")
+    report.update({
+        "channels_changed": check["channels_changed"],
+        "percent_channels_changed": 100.0 * check["channels_changed"] / max(1, check["channels_total"]),
+        "params_changed": check["params_changed"],
+        "percent_params_changed": 100.0 * check["params_changed"] / max(1, check["params_total"]),
+        "norm_stats_changed": check["stats_changed"]})
+    student.load_state_dict(new_state)
+    with _running_user_code(opts, "evaluating"):
+        report["student_metric"] = _metric(opts.task, evaluate(student, eval_ds, opts.task))
+
+
+def choose_bits(budget_bytes: int, measured: dict[int | None, PatchCost]) -> int | None:
+    """The deltas ``--budget`` takes when ``--delta-bits`` is not given: full precision (None) where the
+    whole full-precision update fits, else 4-bit codes.
+
+    Measured on the digits recipe (benchmarks/RESULTS-tinyupdater.md, "Budget"): from 8 KB to 80 KB,
+    4-bit deltas were the most accurate or within 0.22 points of 8-bit ones, and 3.1 to 8.7 points ahead of
+    full precision up to 20 KB (7.3 at 11.4 KB, 3 seeds): at a fixed budget more channels at fewer bits buy more
+    than fewer exact ones, even where 8-bit codes fit every channel (80 KB: 90.89 % at 4 bits, 90.44 % at 8)."""
+    if None in measured and measured[None].share_that_fits(budget_bytes) >= 1.0:
+        return None
+    return 4
+
+
+def _bits_name(bits: int | None) -> str:
+    return "full-precision" if bits is None else f"{bits}-bit"
+
+
+def _metadata(o: TrainSparseOptions, base_path: Path) -> dict[str, str] | None:
+    """The metadata the output will carry: the base file's (the recipe's base has none, and on a rank
+    other than 0 is not written yet)."""
+    return None if o.recipe is not None else load_metadata(base_path)
 
 
 @contextlib.contextmanager
@@ -329,7 +399,12 @@ def _make_folders(o: TrainSparseOptions) -> None:
 
 #: options that decide the result: a checkpoint is resumed only under the same values
 _RESULT_OPTIONS = ("recipe", "model_spec", "data_spec", "ratio", "teacher_epochs", "epochs", "lr", "batch_size",
-                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor", "delta_bits")
+                   "task", "kd_temperature", "kd_weight", "norm_stats", "seed", "cost_factor", "delta_bits", "method")
+
+
+def _selection(o: TrainSparseOptions) -> str:
+    """The channel ranking: the published L1 rule under ``--method tiny-updater``, else the Trainer's default."""
+    return "l1" if o.method == "tiny-updater" else TrainerConfig().selection
 
 
 def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state: dict[str, torch.Tensor],
@@ -339,7 +414,7 @@ def _checkpoint_meta(o: TrainSparseOptions, budget_bytes: int | None, base_state
                 teacher_digest=_file_digest(o.teacher_path) if o.teacher_path else None,
                 # not an option, but a default that has changed between versions: a run resumed under
                 # another ranking would not be the run that was started
-                selection=TrainerConfig().selection)
+                selection=_selection(o))
     return meta
 
 
@@ -364,6 +439,7 @@ def _read_checkpoint(path: str | None, meta: dict[str, Any]) -> dict:
     if not isinstance(state, dict) or state.get("format") != CHECKPOINT_FORMAT:
         raise WeightsError("not a train-sparse checkpoint", path=path)
     old = dict(state.get("meta") or {})
+    old.setdefault("method", "nnpatch")  # written before --method: the rule was nnpatch's
     if "selection" not in old:  # written before the ranking was recorded: its trainer config has it
         trainer = state.get("trainer")
         config = trainer.get("config") if isinstance(trainer, dict) else None
@@ -405,8 +481,11 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
         raise UsageError("--kd-temperature must be > 0")
     if o.device.startswith("cuda") and not torch.cuda.is_available():
         raise UsageError("--device cuda: no CUDA device is available")
-    if o.delta_bits is not None and str(o.delta_bits) not in ("8", "4"):
-        raise UsageError(f"--delta-bits must be 8 or 4, got {o.delta_bits}")
+    if o.delta_bits is not None and str(o.delta_bits) not in ("8", "4", "off"):
+        raise UsageError(f"--delta-bits must be 8, 4 or off, got {o.delta_bits}")
+    if o.method == "tiny-updater" and (o.norm_stats not in (None, "frozen") or o.delta_bits not in (None, "off")):
+        raise UsageError("--method tiny-updater is the published rule (frozen norm layers, full-precision values): "
+                         "leave out --norm-stats and --delta-bits, or use --method nnpatch")
     if o.resume and not o.checkpoint:
         raise UsageError("--resume needs --checkpoint FILE (the file to go on from)")
     if o.checkpoint and Path(o.checkpoint).resolve() in {Path(p).resolve() for p in (o.output, o.patch)}:
@@ -419,8 +498,9 @@ def _refuse_bad_options(o: TrainSparseOptions) -> int | None:
 
 
 def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSparseOptions:
-    """``o`` with the options left None filled in: the recipe's tuned values, else the Trainer's defaults."""
-    tuned = DIGITS_TUNED if o.recipe is not None else {}
+    """``o`` with the options left None filled in: the recipe's tuned values (:data:`DIGITS_TUNED`), else
+    the student's (:data:`STUDENT_TUNED`), then the Trainer's defaults."""
+    tuned = DIGITS_TUNED if o.recipe is not None else STUDENT_TUNED
     trainer = TrainerConfig()
     filled = {name: tuned.get(name, getattr(trainer, name))
               for name in ("epochs", "batch_size", "lr", "task", "kd_temperature", "kd_weight")
@@ -428,7 +508,9 @@ def _with_defaults(o: TrainSparseOptions, budget_bytes: int | None) -> TrainSpar
     o = dataclasses.replace(o, **filled)
     teacher_epochs = o.teacher_epochs if o.teacher_epochs is not None else tuned.get("teacher_epochs", o.epochs)
     ratio = o.ratio if o.ratio is not None or budget_bytes is not None else DEFAULT_RATIO
-    bits = int(o.delta_bits) if o.delta_bits is not None else None  # "8" from the command line
+    bits = int(o.delta_bits) if o.delta_bits not in (None, "off") else None  # "8" from the command line
+    if o.delta_bits is None and o.method != "tiny-updater" and budget_bytes is None:
+        bits = DEFAULT_DELTA_BITS  # with --budget, train_sparse_run picks the width (choose_bits)
     return dataclasses.replace(o, teacher_epochs=teacher_epochs, ratio=ratio, delta_bits=bits)
 
 

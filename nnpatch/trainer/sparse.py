@@ -46,8 +46,11 @@ with patches of less than half the bytes: unlike the global L1 sum, it does not 
 into the widest layers, but puts them where the loss is most sensitive -- the first layers and the
 classifier after an input shift, whose channels have few parameters.  With ``ratio`` the top
 ``floor(share * N)`` channels are kept (N = channel count); with ``budget_bytes``
-channels are taken in rank order while their estimated encoded size (raw bytes
-times ``cost_factor``) fits the byte target of the event, less the raw bytes of the
+channels are taken in rank order while their estimated size fits the byte target of
+the event.  With ``cost`` (:func:`nnpatch.trainer.patch_cost.measure`, what
+``train-sparse --budget`` passes) the estimate is the writer's: the patch's fixed part,
+each touched tensor's op (paid by the first channel of a group that changes) and each
+channel's values; without it, raw bytes times ``cost_factor`` plus the raw bytes of the
 norm values that change in every channel under ``norm_stats`` adapt or affine.
 
 Frozen BatchNorm channels behave as on the device: in training mode their output
@@ -84,6 +87,7 @@ from torch import nn
 
 from ..errors import TrainingError, UsageError
 from .channels import ChannelGroup, group_channels, unwrap_model
+from .patch_cost import PatchCost
 
 __all__ = ["PruneSchedule", "SparseUpdate", "changed_channels", "NORM_STATS", "SELECTIONS"]
 
@@ -148,7 +152,8 @@ class SparseUpdate:
                  budget_bytes: int | None = None, cost_factor: float = 1.0,
                  selection: str = "fisher", seed: int = 0,
                  groups: list[ChannelGroup] | None = None,
-                 reference_state: dict[str, torch.Tensor] | None = None, norm_stats: str = "frozen") -> None:
+                 reference_state: dict[str, torch.Tensor] | None = None, norm_stats: str = "frozen",
+                 cost: PatchCost | None = None) -> None:
         self.model = unwrap_model(model)
         if budget_bytes is not None:
             ratio = None
@@ -217,8 +222,12 @@ class SparseUpdate:
         self.free_bytes = free_norm_bytes(self.free_stats, base_state)
         if self.free_stats:
             self.channel_bytes = torch.cat([g.bytes_per_channel(base_state, self.free_stats) for g in self.groups])
+        #: the patch's bytes as the writer makes them (patch_cost.measure); None: raw bytes x cost_factor
+        self.cost = cost
+        if cost is not None and len(cost.values) != self.num_channels:
+            raise ValueError(f"cost has {len(cost.values)} channels, the model {self.num_channels}")
         if budget_bytes is not None:
-            check_budget(budget_bytes, self.free_bytes, norm_stats)
+            check_budget(budget_bytes, self.free_bytes, norm_stats, cost)
         if norm_stats == "frozen":
             self._install_norm_hooks()
         self._refresh()
@@ -412,34 +421,53 @@ class SparseUpdate:
             new[order[:keep]] = True
         else:
             assert budget is not None
-            cost = self.channel_bytes.to(torch.float64) * self.cost_factor
+            cost, overhead, group_of = self._costs()
+            touched = torch.zeros(len(overhead), dtype=torch.bool)
             used = 0.0
             for i in order.tolist():
                 if not alive[i]:
                     break
-                c = float(cost[i])
+                g = int(group_of[i])
+                c = float(cost[i]) + (0.0 if touched[g] else float(overhead[g]))
                 if used + c <= budget:
                     new[i] = True
+                    touched[g] = True
                     used += c
         return new & alive
+
+    def importance(self) -> torch.Tensor:
+        """Every channel's score under ``selection`` (float64, in :meth:`mask_vector`'s order): what
+        :meth:`prune` ranks by, the higher the more worth keeping."""
+        if self.selection == "random":
+            scores = self._random_scores()
+        elif self.selection.startswith("teacher"):
+            scores = self.scores(self.reference_state)
+        elif self.selection.startswith("fisher"):
+            scores = self.fisher_scores()
+        else:
+            scores = self.scores()
+        if self.selection == "l1_mean":
+            scores = scores / self.channel_params.clamp(min=1).to(torch.float64)
+        elif self.selection in ("l1_layer", "teacher_layer", "fisher_layer"):
+            scores = self._layer_normalized(scores)
+        return scores
+
+    def _costs(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(bytes per channel, bytes the first changed channel of each group adds, group of each channel)."""
+        if self.cost is not None:
+            return self.cost.values, self.cost.overhead, self.cost.group_of
+        sizes = torch.tensor([g.size for g in self.groups], dtype=torch.int64)
+        group_of = torch.repeat_interleave(torch.arange(len(self.groups)), sizes) if self.groups \
+            else torch.zeros(0, dtype=torch.int64)
+        return (self.channel_bytes.to(torch.float64) * self.cost_factor,
+                torch.zeros(len(self.groups), dtype=torch.float64), group_of)
 
     def prune(self, k: int | None = None, *, share: float | None = None, budget: float | None = None,
               scores: torch.Tensor | None = None) -> int:
         """Keep the ``k`` best-scoring live channels (or a share, or what fits ``budget`` bytes),
         freeze and reset the rest.  Returns the number kept."""
         if scores is None:
-            if self.selection == "random":
-                scores = self._random_scores()
-            elif self.selection.startswith("teacher"):
-                scores = self.scores(self.reference_state)
-            elif self.selection.startswith("fisher"):
-                scores = self.fisher_scores()
-            else:
-                scores = self.scores()
-            if self.selection == "l1_mean":
-                scores = scores / self.channel_params.clamp(min=1).to(torch.float64)
-            elif self.selection in ("l1_layer", "teacher_layer", "fisher_layer"):
-                scores = self._layer_normalized(scores)
+            scores = self.importance()
         scores = _broadcast_from_rank0(scores)
         if k is None and budget is None:
             if share is None:
@@ -457,7 +485,7 @@ class SparseUpdate:
     def target_for(self, progress: float) -> dict:
         """Arguments of :meth:`prune` for a schedule progress in (0, 1]."""
         if self.budget_bytes is not None:
-            total = float(self.channel_bytes.sum()) * self.cost_factor
+            total = self._estimate(torch.ones(self.num_channels, dtype=torch.bool))
             budget = self.channel_budget
             frac = self.schedule.share(progress, 0.0)  # 1 -> 0 ramp
             return {"budget": budget + (total - budget) * frac if progress < 1.0 else budget}
@@ -549,15 +577,29 @@ class SparseUpdate:
         self._refresh()
 
     @property
+    def fixed_bytes(self) -> float:
+        """Estimated patch bytes that no channel's choice changes: with ``cost``, the patch's fixed part
+        (container, layout, digests, free norm values); else the free norm values' raw bytes."""
+        return float(self.cost.fixed) if self.cost is not None else float(self.free_bytes)
+
+    @property
     def channel_budget(self) -> float:
-        """What ``budget_bytes`` leaves for the kept channels, after the norm values free in every channel."""
+        """What ``budget_bytes`` leaves for the kept channels, after :attr:`fixed_bytes`."""
         assert self.budget_bytes is not None
-        return float(self.budget_bytes - self.free_bytes)
+        return float(self.budget_bytes) - self.fixed_bytes
+
+    def _estimate(self, channels: torch.Tensor) -> float:
+        """Estimated bytes of the channels' part of the patch (values and, with ``cost``, overheads)."""
+        cost, overhead, group_of = self._costs()
+        touched = torch.zeros(len(overhead), dtype=torch.bool)
+        touched[group_of[channels]] = True
+        return float(cost[channels].sum()) + float(overhead[touched].sum())
 
     def estimated_bytes(self, channels: torch.Tensor) -> int:
-        """Estimated patch bytes of the update that changes ``channels`` (bool per channel): their raw
-        bytes times ``cost_factor``, plus the norm values free in every channel."""
-        return int(float(self.channel_bytes[channels].sum()) * self.cost_factor + self.free_bytes)
+        """Estimated patch bytes of the update that changes ``channels`` (bool per channel): with ``cost``,
+        the writer's measured bytes (:meth:`PatchCost.estimate`); else their raw bytes times
+        ``cost_factor``, plus the norm values free in every channel."""
+        return int(round(self._estimate(channels) + self.fixed_bytes))
 
     def report(self) -> dict:
         """Channel and parameter counts of the current mask."""
@@ -585,9 +627,9 @@ class SparseUpdate:
             raise TrainingError(f"{rep['channels_changed']} channels changed, more than "
                                  f"{self.ratio:.2%} of {self.num_channels}")
         if self.budget_bytes is not None:
-            est = float(self.channel_bytes[changed].sum()) * self.cost_factor
+            est = self._estimate(changed)
             if est > self.channel_budget + 1e-6:
-                raise TrainingError(f"estimated update size {est + self.free_bytes:.0f} B exceeds budget "
+                raise TrainingError(f"estimated update size {est + self.fixed_bytes:.0f} B exceeds budget "
                                     f"{self.budget_bytes} B")
         return rep
 
@@ -612,8 +654,14 @@ def free_norm_bytes(free: set[str], base_state: dict[str, torch.Tensor]) -> int:
     return sum(base_state[k].numel() * base_state[k].element_size() for k in free)
 
 
-def check_budget(budget_bytes: int, free_bytes: int, norm_stats: str) -> None:
-    """Refuse a byte budget that the norm values free in every channel use up on their own."""
+def check_budget(budget_bytes: int, free_bytes: int, norm_stats: str, cost: PatchCost | None = None) -> None:
+    """Refuse a byte budget that the norm values free in every channel use up on their own, or (with
+    ``cost``) one below the smallest patch that changes a channel."""
+    if cost is not None and cost.cheapest() > budget_bytes:
+        norms = f", the norm values of --norm-stats {norm_stats}" if norm_stats != "frozen" else ""
+        raise UsageError(f"a budget of {budget_bytes:,} bytes is below the smallest patch of this model that changes "
+                         f"a channel, about {cost.cheapest():,} bytes (its fixed part: header, layout, "
+                         f"digests{norms}: {cost.fixed:,} bytes); give a larger budget")
     if free_bytes >= budget_bytes:
         raise UsageError(f"a budget of {budget_bytes:,} bytes leaves nothing for channels: with --norm-stats "
                          f"{norm_stats} the norm values of every channel take {free_bytes:,} bytes of it; give a "

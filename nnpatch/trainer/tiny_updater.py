@@ -30,6 +30,7 @@ from torch import nn
 
 from ..atomic import atomic_path
 from ..errors import UsageError
+from .patch_cost import PatchCost
 from .progress import Progress
 from .trainer import Trainer, TrainerConfig, set_seed, world_info
 
@@ -43,7 +44,8 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
            teacher: nn.Module | None = None, teacher_epochs: int | None = None,
            teacher_lr: float | None = None, kd: bool = True,
            log: Callable[[str], None] | None = None, checkpoint: str | os.PathLike | None = None,
-           resume: dict | None = None, meta: dict | None = None, lr_restart: bool = True) -> dict:
+           resume: dict | None = None, meta: dict | None = None, lr_restart: bool = True,
+           cost: PatchCost | None = None) -> dict:
     """Run the Tiny Updater on ``base_model`` (M0, left untouched).
 
     Trains a fully-updated teacher (unless given) for ``teacher_epochs``, then a
@@ -63,6 +65,9 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
     ``lr_restart``: the student's cosine learning rate starts again from ``config.lr`` at the
     last prune event and decays to 0 over the steps left (:class:`StudentTrainer`); False keeps
     one cosine over the whole run.
+
+    ``cost``: what a patch of the model costs (:func:`nnpatch.trainer.patch_cost.measure`), for a
+    ``config.budget_bytes`` counted in the writer's bytes.
 
     Returns ``{"student", "teacher", "base_state", "sparse", "check", "seconds"}``."""
     t0 = time.time()
@@ -96,7 +101,7 @@ def update(base_model: nn.Module, train_ds, eval_ds, *, config: TrainerConfig,
     set_seed(config.seed + 2)
     student = copy.deepcopy(base_model)
     trainer_cls = StudentTrainer if lr_restart else Trainer
-    tr = trainer_cls(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None)
+    tr = trainer_cls(config, student, train_ds, base_state=base_state, teacher=teacher if kd else None, cost=cost)
     student_resume = resume["trainer"] if resume is not None and resume["phase"] == "student" else None
     if student_resume is not None:
         tr.load_checkpoint(student_resume)

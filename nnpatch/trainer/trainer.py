@@ -42,6 +42,7 @@ from torch import nn
 from ..atomic import atomic_path
 from .data import Batches, as_batches, to_device
 from .kd import kd_loss, task_loss
+from .patch_cost import PatchCost
 from .sparse import PruneSchedule, SparseUpdate
 
 __all__ = ["TrainerConfig", "Trainer", "set_seed", "evaluate", "init_distributed", "world_info"]
@@ -117,7 +118,8 @@ class TrainerConfig:
 class Trainer:
     def __init__(self, config: TrainerConfig, model: nn.Module, train_dataset: Any, *,
                  base_state: dict[str, torch.Tensor] | None = None, teacher: nn.Module | None = None,
-                 loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None) -> None:
+                 loss_fn: Callable[[torch.Tensor, Any], torch.Tensor] | None = None,
+                 cost: PatchCost | None = None) -> None:
         self.config = config
         self.device = torch.device(config.device)
         self.model = model.to(self.device)
@@ -136,7 +138,7 @@ class Trainer:
             self.sparse = SparseUpdate(
                 self.model, base_state, ratio=config.ratio, budget_bytes=config.budget_bytes,
                 cost_factor=config.cost_factor, selection=config.selection, seed=config.seed,
-                norm_stats=config.norm_stats,
+                norm_stats=config.norm_stats, cost=cost,
                 schedule=PruneSchedule(config.schedule, config.prune_end, config.prune_events),
                 reference_state=({k: v.detach() for k, v in self.teacher.state_dict().items()}
                                  if self.teacher is not None and config.selection.startswith("teacher") else None))
