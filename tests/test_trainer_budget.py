@@ -15,7 +15,7 @@ from nnpatch.hashing import hash_file  # noqa: E402
 from nnpatch.trainer.channels import group_channels  # noqa: E402
 from nnpatch.trainer.fit import reset_channels  # noqa: E402
 from nnpatch.trainer.patch_cost import PatchCost  # noqa: E402
-from nnpatch.trainer.probes import measure  # noqa: E402
+from nnpatch.trainer.probes import _noisy, measure  # noqa: E402
 from nnpatch.trainer.quant import exact_update  # noqa: E402
 from nnpatch.trainer.recipes import DigitsCNN  # noqa: E402
 from nnpatch.trainer.run import save_weights  # noqa: E402
@@ -46,9 +46,10 @@ def test_the_estimate_of_a_channel_set_is_the_written_patch_within_a_few_percent
     gen = torch.Generator().manual_seed(5)
     for share in (0.1, 0.3):
         chosen = torch.rand(n, generator=gen) < share
-        # as training moves them: each tensor by about its spread (a norm's constant scale and shift too)
-        moved = {k: v + torch.randn(v.shape, generator=gen) * (float(v.std()) if v.numel() > 1 and v.std() > 0 else 0.1)
-                 for k, v in base.items() if v.is_floating_point()}
+        # values of the probes' kind, from another seed: this checks the estimate's sums (fixed part, each
+        # tensor's op, each channel) on another channel set; how trained values compare with the probes'
+        # is the digits runs' test below
+        moved = _noisy(base, groups, 5 + int(share * 10), quantized=bits is not None)
         target = {k: v.clone() for k, v in base.items()}
         reset_channels(target, moved, groups, chosen, set(), None)  # the chosen channels take the moved values
         deltas = None

@@ -2,8 +2,7 @@
 
 A patch is not the changed values alone.  Whatever changes, it carries the container (preamble,
 trailer), the target's layout and the header's model digests; every changed tensor adds an op (its
-name, two BLAKE3 digests, shape, sections: most of a small model's patch) and sections aligned to 64
-bytes; and then the values.  Guessing those from a constant missed by a third on the digits recipe
+name, two BLAKE3 digests, shape, sections: most of a small model's patch); and then the values.  Guessing those from a constant missed by a third on the digits recipe
 (issue 26: 11,325 bytes estimated, 14,432 written), so this module asks the writer itself.
 
 :func:`measure` writes three probe patches from the base to probe targets in which channels changed:
@@ -13,7 +12,7 @@ bytes; and then the values.  Guessing those from a constant missed by a third on
 * P1: the first channel of every group;
 * P2: every other channel of every group (rows 0, 2, 4, ...).
 
-``diff`` reports the bytes each tensor's sections took (alignment included).  Per tensor, P2 - P1 over
+``diff`` reports the bytes each tensor's sections took (alignment included, where the patch aligns).  Per tensor, P2 - P1 over
 the channels added is the **value cost of a channel**; P1 less that is the tensor's **overhead**
 (index, alignment), to which each op's share of the header growth from P0 to P1 is added.  The
 estimate of a patch that changes channels S is then
@@ -25,9 +24,12 @@ deltas measured 0.4 to 2.3 times their tensor's spread), and a tenth of it made 
 better than trained ones (8 % under the written patch against 1.5 %).  The estimate needs no
 training, so a budget that cannot be met is refused before any.  With ``delta_bits`` the probe's
 weights go through the same ``qrows`` arithmetic as the trained ones
-(:func:`nnpatch.trainer.quant.exact_update`), so codes and scales are what is priced; trained codes
-compress 2-5 % better than the probes' (a Laplace probe came out as much under instead, which would
-make :mod:`nnpatch.trainer.fit` drop channels).
+(:func:`nnpatch.trainer.quant.exact_update`), so codes and scales are what is priced. Codes do not
+depend on the noise's spread but on its shape: trained codes compressed 2-5 % better than Gaussian
+probes' and a Laplace probe came out as much under, so quantized probes draw half their elements from
+each (on digits, 4 bits: 7,915 estimated for 7,989 written at --budget 8000, after two channels
+dropped to fit; 11,322 for 10,789 at 11,400; Gaussian alone 7,982 for 7,510, once sections were
+packed, format 1.5).
 """
 
 from __future__ import annotations
@@ -57,7 +59,7 @@ def measure(groups: list[ChannelGroup], base_state: dict[str, torch.Tensor], *,
 
     ``free``: tensors that change in every channel (the norm values of ``--norm-stats adapt/affine``);
     ``seed``: the probe noise's; ``metadata``: the target file's."""
-    changed = _noisy(base_state, groups, seed)
+    changed = _noisy(base_state, groups, seed, quantized=delta_bits is not None)
     sizes = torch.tensor([g.size for g in groups], dtype=torch.int64)
     first = [torch.arange(g.size) == 0 for g in groups]
     every_other = [torch.arange(g.size) % 2 == 0 for g in groups]
@@ -102,8 +104,11 @@ def measure(groups: list[ChannelGroup], base_state: dict[str, torch.Tensor], *,
                      overhead=torch.tensor(overhead, dtype=torch.float64), group_of=group_of)
 
 
-def _noisy(base_state: dict[str, torch.Tensor], groups: list[ChannelGroup], seed: int) -> dict[str, torch.Tensor]:
-    """The base plus Gaussian noise of each tensor's spread (a stand-in for trained values)."""
+def _noisy(base_state: dict[str, torch.Tensor], groups: list[ChannelGroup], seed: int, *,
+           quantized: bool = False) -> dict[str, torch.Tensor]:
+    """The base plus Gaussian noise of each tensor's spread (a stand-in for trained values). For quantized
+    deltas, whose codes do not depend on the spread but on the shape of the distribution, half the
+    elements take Laplace noise instead: trained codes lie between the two (module docstring)."""
     gen = torch.Generator().manual_seed(7919 * seed + 13)
     out = {}
     for g in groups:
@@ -114,7 +119,13 @@ def _noisy(base_state: dict[str, torch.Tensor], groups: list[ChannelGroup], seed
             x = b.double()
             spread = float(x.std()) if x.numel() > 1 else 0.0
             spread = spread if spread > 0 else max(float(x.abs().mean()), 1e-2)
-            noise = torch.randn(b.shape, generator=gen, dtype=torch.float64) * PROBE_SPREAD * spread
+            noise = torch.randn(b.shape, generator=gen, dtype=torch.float64)
+            if quantized:
+                u = torch.rand(b.shape, generator=gen, dtype=torch.float64)
+                laplace = torch.sign(u - 0.5) * -torch.log1p(-2 * (u - 0.5).abs()) / 2 ** 0.5  # unit variance
+                pick = torch.rand(b.shape, generator=gen, dtype=torch.float64) < 0.5
+                noise = torch.where(pick, laplace, noise)
+            noise = noise * PROBE_SPREAD * spread
             out[m.key] = (x + noise).to(b.dtype)
     return out
 
