@@ -41,7 +41,9 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
             return st;
         if (np_extents_any(p, 1) && (st = np_extents_check(ctx, p)))
             return st;
-        if (p->target.skeleton.present && (st = np_section_drain(ctx, p, &p->target.skeleton, "target.skeleton")))
+        if (p->target.skeleton.present &&
+            (st = (np_sec_zstd_base(&p->target.skeleton) ? np_section_check_frame : np_section_drain)(
+                 ctx, p, &p->target.skeleton, "target.skeleton")))
             return st;
     } else {
         const np_section *ss[] = {&p->target.layout, &p->target.skeleton};
