@@ -120,3 +120,12 @@ def test_the_stage_elsewhere_is_an_unknown_encoding(tmp_path):
     bad.write_bytes(_edit_header(data, edit))
     with pytest.raises(nnpatch.UnsupportedVersionError, match="unknown encoding 'zstd-base'"):
         nnpatch.read_patch(bad).close()
+
+
+def test_verify_with_a_base_decodes_the_delta(tmp_path):
+    """verify --base checks what apply would: the base file proven, the frame decoded against it."""
+    patch = os.path.join(GGUF, "patch.nnpatch")
+    r = CliRunner().invoke(cli, ["verify", patch, "--base", os.path.join(GGUF, "base.gguf")])
+    assert r.exit_code == 0, r.output
+    r = CliRunner().invoke(cli, ["verify", patch, "--base", _other_skeleton(tmp_path)])
+    assert r.exit_code == 1 and "skeleton is a delta against base file" in r.output, r.output

@@ -570,3 +570,22 @@ out:
     table_free(&lt);
     return st;
 }
+
+nnp_status np_extents_check_skeleton(nnp_ctx *ctx, const np_patch *p, const uint8_t *map, uint64_t size,
+                                     const char *base_path)
+{
+    if (p->target.format != NP_FMT_EXTENTS || !np_sec_zstd_base(&p->target.skeleton))
+        return NNP_OK;
+    ext_table bt;
+    memset(&bt, 0, sizeof bt);
+    uint8_t *skel = NULL;
+    nnp_status st = read_table(ctx, p, "base", &p->base.extents, p->base.tensors, &bt);
+    if (!st && bt.file_size != size)
+        st = np_fail(ctx, NNP_KIND_BASE_MISMATCH, "%s: wrong base: the patch's base is %llu bytes, this one %llu",
+                     base_path, (unsigned long long)bt.file_size, (unsigned long long)size);
+    if (!st)
+        st = delta_skeleton(ctx, p, 1, &bt, map, size, base_path, &skel);
+    free(skel);
+    table_free(&bt);
+    return st;
+}

@@ -24,6 +24,11 @@ nnp_status np_extents_check(nnp_ctx *ctx, const np_patch *p);
 nnp_status np_extents_base_st(nnp_ctx *ctx, const np_patch *p, uint64_t base_size, const char *base_path,
                               np_st *out);
 
+/* --check --base: a 'zstd-base' skeleton (1.5) decoded against the base file mapped at map (proven
+ * by its digest first, as apply does); NNP_OK for any other patch. */
+nnp_status np_extents_check_skeleton(nnp_ctx *ctx, const np_patch *p, const uint8_t *map, uint64_t size,
+                                     const char *base_path);
+
 /* Whether any of the patches has an extents base or target (that apply routes to np_extents_apply). */
 static inline int np_extents_any(const np_patch *ps, size_t n)
 {

@@ -67,3 +67,12 @@ def test_a_base_with_another_skeleton_is_a_wrong_base(native_impl, tmp_path):
     assert_refused(r, 4)
     assert "skeleton is a delta against base file" in r.err
     assert leftovers(out.parent) == [] and os.listdir(tmp_path) == ["base.gguf", "out"]
+
+
+def test_check_with_a_base_decodes_the_delta(native_impl, tmp_path):
+    data = (GGUF / "base.gguf").read_bytes()
+    base = tmp_path / "base.gguf"
+    base.write_bytes(data.replace(b"v1", b"v9"))
+    assert_ok(run_native(native_impl, "--check", GGUF / "patch.nnpatch", "--base", GGUF / "base.gguf"))
+    r = run_native(native_impl, "--check", GGUF / "patch.nnpatch", "--base", base)
+    assert r.rc == 1 and "skeleton is a delta against base file" in r.err, str(r)
