@@ -34,8 +34,8 @@ from ..weights.torch_file import save_torch_state
 from .directory import build_directory
 from .engine import build_file
 from .plan import Plan
-from .skeleton import check_skeleton_frame, target_skeleton
 from .policy import ApplyResult, ProgressFn, Verify
+from .skeleton import check_skeleton_frame, target_skeleton
 
 
 def build(plan: Plan, src, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,
@@ -398,7 +398,8 @@ def _target_extents(patch: Patch, tensors: dict):
 
 def _extents_plan(links: list[Patch], tensors: dict, base_path: str):
     """The target's extents and skeleton, checked against each other, the header's output and the
-    layout's tensors before anything is decoded or written."""
+    layout's tensors before anything is decoded or written (a skeleton delta is decoded once the
+    base file is proven, applier/skeleton.py)."""
     patch = links[-1]
     if patch.header.base.extents is not None:
         extents_of(patch, "base")
