@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import zstandard
 
-from .codecs import SMALL_SECTION_LEVEL, _check_zstd
+from .codecs import SMALL_SECTION_LEVEL, check_zstd_frame
 from .errors import PatchFormatError
 
 #: The stage name (a section's codec is exactly ``["zstd-base"]``).
@@ -32,7 +32,7 @@ def encode(skeleton: bytes, base_skeleton: bytes, level: int) -> bytes:
 
 def check_frame(frame, size: int, *, where: str) -> None:
     """The frame rules, which need no base (``verify`` without one): section 7.3's, and no dictionary ID."""
-    _check_zstd(frame, size, where)
+    check_zstd_frame(frame, size, where)
     if memoryview(frame)[4] & 0x03:
         raise PatchFormatError(f"{where}: a 'zstd-base' frame must not name a dictionary ID")
 
