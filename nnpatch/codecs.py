@@ -210,7 +210,8 @@ def zstd_frame_length(buf) -> int:
     return pos
 
 
-def _check_zstd(buf, size: int, where: str) -> None:
+def check_zstd_frame(buf, size: int, where: str) -> None:
+    """One frame exactly filling ``buf``, declaring ``size`` bytes (spec 7.3), or PatchFormatError."""
     try:
         length = zstd_frame_length(buf)
     except PatchFormatError as e:
@@ -232,7 +233,7 @@ def decoded_chunks(buf, codec: list[str], size: int, chunk_sizes: Iterable[int],
     The chunk sizes must add up to ``size``.
     """
     if codec and codec[-1] == "zstd":
-        _check_zstd(buf, size, where)
+        check_zstd_frame(buf, size, where)
         try:
             # decode straight into each chunk: one copy, and memory bounded by the chunk size
             reader = zstandard.ZstdDecompressor().stream_reader(buf, read_size=1 << 20)

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import codecs, dtypes, quantdelta
+from . import codecs, dtypes, quantdelta, skeldelta
 from ._version import __version__
 from .errors import NnpatchIOError, UsageError, WeightsError
 from .hashing import ModelHasher, canonical_order, digest_bytes, directory_digest, hash_file
@@ -189,7 +189,7 @@ def _diff_open(b: SafetensorsFile, t: SafetensorsFile, output: str, level: int, 
             layout, files = None, _encode_files(writer, b, t, level)
         else:
             layout, files = _encode_layout(writer, t.header_bytes, level), None
-        extents = _extents_target(writer, t, target_extents, level) if target_extents else None
+        extents = _extents_target(writer, b, t, target_extents, level) if target_extents else None
         onnx = _onnx_target(writer, t, level) if _kind(t) == "onnx" else None
         ops: list[Op] = []
         changes: list[TensorChange] = []
@@ -272,16 +272,24 @@ def _extent_table(m: ModelSource) -> bytes:
     return encode_table(m.model.size, m.model.extents)
 
 
-def _extents_target(writer: PatchWriter, t: ModelSource, table: Section, level: int):
-    """An extents target's skeleton (every byte outside the tensors, carried whole: a GGUF
-    skeleton is the KV metadata and the tensor table, which zstd takes well) and its one output."""
+def _extents_target(writer: PatchWriter, b, t: ModelSource, table: Section, level: int):
+    """An extents target's skeleton (every byte outside the tensors) and its one output.
+
+    The skeleton goes whole (zstd when smaller) or, from an extents base, as a ``zstd-base``
+    delta against the base's skeleton (format 1.5), whichever is smaller: a TFLite skeleton
+    (flatbuffer, names, quantization scales) is 1-5 KB zstd'd, nearly all of it the base's."""
     m = t.model
-    raw = skeleton_of(m.data(), m.extents)
+    data = skeleton_of(m.data(), m.extents)
     # a vocabulary makes a skeleton of megabytes: level 19 takes seconds over it (0.6 s for 500 KB) to
     # save a few KB over level 15 (12.8 against 17.7 KB for 32k tokens); metadata alone keeps 19
-    lvl = codecs.SMALL_SECTION_LEVEL if len(raw) <= _SKELETON_TOP_LEVEL_BYTES else max(level, _SKELETON_LEVEL)
-    codec, payload = codecs.zstd_if_smaller(raw, lvl)
-    skeleton = writer.add_bytes(payload, len(raw), codec)
+    lvl = codecs.SMALL_SECTION_LEVEL if len(data) <= _SKELETON_TOP_LEVEL_BYTES else max(level, _SKELETON_LEVEL)
+    codec, payload = codecs.zstd_if_smaller(data, lvl)
+    if writer.packed and _kind(b) in EXTENTS_KINDS and data:  # --aligned: patches 1.4 readers take
+        base = skeleton_of(b.model.data(), b.model.extents)
+        delta = skeldelta.encode(data, base, level) if base else None
+        if delta is not None and len(delta) < len(payload):
+            codec, payload = [skeldelta.ZSTD_BASE], delta
+    skeleton = writer.add_bytes(payload, len(data), codec)
     return skeleton, [OutputFile(os.path.basename(t.path), m.size, hash_file(t.path))], table
 
 

@@ -18,6 +18,7 @@ from .applier.plan import check_base, check_ops_against_layout, plan_forward, ta
 from .applier.targets import check_extents, check_onnx_patch, refuse_external_over_base
 from .errors import BaseMismatchError, IntegrityError, NnpatchError, NnpatchIOError, PatchFormatError, WeightsError
 from .hashing import digests_equal, hash_file, model_digest
+from .applier.skeleton import target_skeleton
 from .patchfile import Patch, read_patch
 from .signing import TrustedKey, authenticator, verify_signature
 from .weights.source import open_source, path_digest
@@ -137,6 +138,8 @@ def _check_model(path: str, role: str, file_digest: str, model_blake3: str, p: P
             with open_source(path) as w:
                 plan_forward(w, [p])
                 refuse_external_over_base(p, w)
+            if p.header.target.format == "extents":
+                target_skeleton([p], path)  # a delta: this file proven the base, the frame decoded against it
         except (BaseMismatchError, WeightsError) as e:
             return Check(role, False, str(e))
         except NnpatchIOError as e:

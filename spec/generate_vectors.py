@@ -24,7 +24,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 
 import nnpatch  # noqa: E402
-from nnpatch import differ, dtypes, quantdelta  # noqa: E402
+from nnpatch import differ, dtypes, quantdelta, skeldelta  # noqa: E402
+import nnpatch.weights.source  # noqa: E402
 from nnpatch.differ import save_quant_deltas  # noqa: E402
 from crafting import header_json, with_header  # noqa: E402
 from vectorfiles import remove, report, stale  # noqa: E402
@@ -35,6 +36,8 @@ from nnpatch.weights import write_safetensors  # noqa: E402
 differ.__version__ = "vectors"
 
 VECTORS = os.path.join(HERE, "vectors")
+#: The LiteRT/TFLite files of the skeleton-tflite vector (real converter output, tests/data/tflite/generate.py).
+TFLITE = os.path.join(os.path.dirname(HERE), "tests", "data", "tflite")
 LEVEL = 9
 #: The vectors made before format 1.5 keep the layout they were made with (64-byte aligned
 #: sections, which every 1.x reader takes); the packed-* vectors have the writer's default.
@@ -55,7 +58,10 @@ COMMENT = (
     "FORMAT.md section 7.5: options.quantized names the file of rows, scales and codes (spec/vectors-relative) "
     "that made the target; special rows put NaN, infinities, -0, subnormals, rounding ties, overflow and an "
     "FMA-sensitive product in the arithmetic (listed in generate_vectors.QROWS_SPECIAL); the invalid qrows-* "
-    "vectors break one qrows rule of the qrows-f32 patch. Byte-identical regeneration of patches depends on the zstd library version "
+    "vectors break one qrows rule of the qrows-f32 patch. The skeleton-* vectors (format 1.5) carry an extents "
+    "target's skeleton as a 'zstd-base' delta (FORMAT.md 5.8): packed-gguf (its KV string changes) and "
+    "skeleton-tflite (two LiteRT files from tests/data/tflite, copied), and invalid ones that break one of its "
+    "rules. Byte-identical regeneration of patches depends on the zstd library version "
     "recorded in zstd_version."
 )
 
@@ -552,7 +558,8 @@ def _packed_vectors(directory: str, manifest: dict) -> None:
     gpp = os.path.join(gd, "patch.nnpatch")
     for name, vdesc, b, t, p, extra in (("packed-all-ops", "the all-ops inputs, sections packed (format 1.5): "
                                          + desc, bp, tp, pp, {}),
-                                        ("packed-gguf", "the gguf inputs, sections packed (format 1.5): " + gdesc,
+                                        ("packed-gguf", "the gguf inputs, sections packed and the skeleton a 'zstd-base' delta "
+                                         "against the base's (format 1.5): " + gdesc,
                                          gbp, gtp, gpp, {"requires": "gguf"})):
         with nnpatch.read_patch(p) as patch:
             if patch.header.version != (1, 5) or not patch.header.packed:
@@ -588,6 +595,99 @@ def _packed_vectors(directory: str, manifest: dict) -> None:
                                         "base": os.path.relpath(bp, directory), "apply_options": {},
                                         "since": "1.5", "error": type(e).__name__,
                                         "message": str(e).replace(path, "{patch}")})
+
+
+def _uses_delta(path: str) -> bool:
+    with nnpatch.read_patch(path) as patch:
+        return patch.header.target.skeleton.codec == [skeldelta.ZSTD_BASE]
+
+
+def _frame_with_dict_id(frame: bytes) -> bytes:
+    """The frame with Dictionary_ID_flag 1 and a 1-byte dictionary ID (7) in its header."""
+    fhd = frame[4]
+    at = 5 + (0 if fhd & 0x20 else 1)  # after the window descriptor (absent in a single-segment frame)
+    return frame[:4] + bytes([(fhd & ~3) | 1]) + frame[5:at] + b"\x07" + frame[at:]
+
+
+def _crafted_delta(base: str, target: str, out: str, craft) -> None:
+    """A patch whose skeleton frame is ``craft(data, base skeleton, level)`` instead of the writer's."""
+    real = skeldelta.encode
+    skeldelta.encode = craft(real)
+    try:
+        nnpatch.diff(base, target, out, level=LEVEL)
+    finally:
+        skeldelta.encode = real
+
+
+def _skeleton_vectors(directory: str, manifest: dict) -> None:
+    """Format 1.5: an extents target's skeleton as a 'zstd-base' delta, valid and broken."""
+    import shutil
+
+    d = os.path.join(directory, "valid", "skeleton-tflite")
+    os.makedirs(d, exist_ok=True)
+    bp, tp, pp = (os.path.join(d, f) for f in ("base.tflite", "target.tflite", "patch.nnpatch"))
+    shutil.copyfile(os.path.join(TFLITE, "cnn-int8.tflite"), bp)
+    shutil.copyfile(os.path.join(TFLITE, "cnn-int8-bias.tflite"), tp)
+    nnpatch.diff(bp, tp, pp, level=LEVEL)
+    for p in (pp, os.path.join(directory, "valid", "packed-gguf", "patch.nnpatch")):
+        if not _uses_delta(p):
+            raise SystemExit(f"{p} does not carry its skeleton as a delta")
+    manifest["valid"].append({
+        "name": "skeleton-tflite", "since": "1.5", "options": {},
+        "description": ("a LiteRT/TFLite CNN quantized to int8 (tests/data/tflite/cnn-int8.tflite) and the same "
+                        "with a bias added to its second convolution (cnn-int8-bias.tflite): the flatbuffer "
+                        "changes (a new tensor, its buffer and quantization), so the skeleton goes as a "
+                        "'zstd-base' delta against the base's (format 1.5)"),
+        "base": os.path.relpath(bp, directory), "target": os.path.relpath(tp, directory),
+        "patch": os.path.relpath(pp, directory),
+        "base_blake3": _digest(bp), "target_blake3": _digest(tp), "patch_blake3": nnpatch.hash_file(pp),
+    })
+    gd = os.path.join(directory, "valid", "packed-gguf")
+    gbase, gtarget = os.path.join(gd, "base.gguf"), os.path.join(gd, "target.gguf")
+    tmp = tempfile.mkdtemp()
+    lie, named = os.path.join(tmp, "lie.nnpatch"), os.path.join(tmp, "named.nnpatch")
+    _crafted_delta(gbase, gtarget, lie, lambda real: lambda data, b, level: real(data + b"\x00", b, level))
+    _crafted_delta(gbase, gtarget, named, lambda real: lambda data, b, level: _frame_with_dict_id(
+        real(data, b, level)))
+    # the same target from a safetensors base holding the GGUF base's tensors as bytes
+    st, plain = os.path.join(tmp, "base.safetensors"), os.path.join(tmp, "plain.nnpatch")
+    with nnpatch.weights.source.open_source(gbase) as src:
+        write_safetensors(st, {n: ("U8", [len(bytes(src.raw(n)))], bytes(src.raw(n))) for n in src.tensors}, {})
+    nnpatch.diff(st, gtarget, plain, level=LEVEL)
+
+    def to_delta(h):
+        h["target"]["skeleton"]["codec"] = ["zstd-base"]
+
+    def read(path):
+        with open(path, "rb") as f:
+            return f.read()
+    broken = {
+        "skeleton-delta-size-lie": (
+            "the packed-gguf inputs, the skeleton's 'zstd-base' frame made of the skeleton and one byte more: it "
+            "declares one byte more than the section's size", read(lie), gbase),
+        "skeleton-delta-dict-id": (
+            "the packed-gguf inputs, the skeleton's 'zstd-base' frame with a dictionary ID (7) in its header",
+            read(named), gbase),
+        "skeleton-delta-non-extents-base": (
+            "a safetensors base (the packed-gguf base's tensors as U8) to the packed-gguf target, its "
+            "target.skeleton's codec changed from ['zstd'] to ['zstd-base']: a base that is not an extents model "
+            "has no skeleton", _edit_header(with_header(read(plain), header_json(read(plain))), to_delta), st),
+    }
+    shutil.copyfile(st, os.path.join(directory, "invalid", "skeleton-base.safetensors"))
+    for name, (vdesc, data, base) in broken.items():
+        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+        with open(path, "wb") as f:
+            f.write(data)
+        base = os.path.join(directory, "invalid", "skeleton-base.safetensors") if base == st else base
+        try:
+            nnpatch.apply(base, path, os.path.join(tmp, "out.gguf"))
+            raise SystemExit(f"invalid vector {name} was accepted")
+        except nnpatch.NnpatchError as e:
+            manifest["invalid"].append({"name": name, "description": vdesc, "patch": os.path.relpath(path, directory),
+                                        "base": os.path.relpath(base, directory), "apply_options": {},
+                                        "since": "1.5", "requires": "gguf", "error": type(e).__name__,
+                                        "message": str(e).replace(path, "{patch}")})
+    shutil.rmtree(tmp)
 
 
 def build(directory: str) -> dict:
@@ -748,6 +848,7 @@ def build(directory: str) -> dict:
                                         "base": os.path.relpath(dir_base, directory), "apply_options": {},
                                         "error": type(e).__name__,
                                         "message": str(e).replace(path, "{patch}").replace(dir_base, "{base}")})
+    _skeleton_vectors(directory, manifest)
     with open(os.path.join(directory, "vectors.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
         f.write("\n")

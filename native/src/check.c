@@ -41,7 +41,9 @@ static nnp_status check_sections(nnp_ctx *ctx, const np_patch *p)
             return st;
         if (np_extents_any(p, 1) && (st = np_extents_check(ctx, p)))
             return st;
-        if (p->target.skeleton.present && (st = np_section_drain(ctx, p, &p->target.skeleton, "target.skeleton")))
+        if (p->target.skeleton.present &&
+            (st = (np_sec_zstd_base(&p->target.skeleton) ? np_section_check_frame : np_section_drain)(
+                 ctx, p, &p->target.skeleton, "target.skeleton")))
             return st;
     } else {
         const np_section *ss[] = {&p->target.layout, &p->target.skeleton};
@@ -179,6 +181,15 @@ out:
     return st;
 }
 
+/* The failure already set, reported as a base that is not the patch's (exit 1). Its message is
+ * copied first: formatting ctx->msg into itself overlaps (the message came out empty). */
+static nnp_status as_mismatch(nnp_ctx *ctx)
+{
+    char m[sizeof ctx->msg];
+    memcpy(m, ctx->msg, sizeof m);
+    return np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", m);
+}
+
 /* The base file opened and mapped; NNP_OK with *fd >= 0, else p is closed. */
 static nnp_status open_base(nnp_ctx *ctx, np_patch *p, const char *base_path, int *fd, const uint8_t **map,
                             uint64_t *size)
@@ -197,7 +208,7 @@ static nnp_status open_base(nnp_ctx *ctx, np_patch *p, const char *base_path, in
                            "%s: a model directory: nnpatch-apply checks safetensors files only (use `nnpatch verify`)",
                            base_path);
         np_fail_errno(ctx, e, base_path, "cannot open");
-        return np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
+        return as_mismatch(ctx);
     }
     nnp_status st = NNP_OK;
     *size = (uint64_t)sb.st_size;
@@ -238,11 +249,15 @@ static nnp_status check_against_base(nnp_ctx *ctx, np_patch p, const char *base_
     if (p.base.format == NP_FMT_EXTENTS ? (st = np_extents_base_st(ctx, &p, size, base_path, &base)) != NNP_OK
                                          : (st = np_sniff_safetensors(ctx, base_path)) ||
                                                (st = np_st_read_fd(ctx, fd, base_path, &base))) {
-        st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
+        st = as_mismatch(ctx);
+        np_patch_close(&p);
+    } else if ((st = np_extents_check_skeleton(ctx, &p, map, size, base_path))) { /* a skeleton delta (1.5) */
+        if (ctx->kind == NNP_KIND_BASE_MISMATCH)
+            st = as_mismatch(ctx);
         np_patch_close(&p);
     } else if ((st = np_chain_open_patches(ctx, &p, 1, &base, size, base_path, &c))) {
         if (ctx->kind == NNP_KIND_BASE_MISMATCH)
-            st = np_fail_as(ctx, NNP_KIND_BASE_MISMATCH, NNP_EMISMATCH, "%s", ctx->msg);
+            st = as_mismatch(ctx);
     } else {
         st = check_digests(ctx, c, &base, map, &first, base_path);
     }

@@ -24,8 +24,10 @@
 #include "engine.h"
 #include "extents.h"
 #include "fileio.h"
+#include "hashpool.h"
 #include "json.h"
 #include "plan.h"
+#include "skeldelta.h"
 #include "zstdframe.h"
 
 #define EXT_MAX ((uint64_t)1 << 18)
@@ -315,6 +317,38 @@ static nnp_status base_st(nnp_ctx *ctx, const np_patch *p, const ext_table *t, c
     return NNP_OK;
 }
 
+/* A skeleton delta (1.5, skeldelta.c), decoded against the base file's bytes outside its table
+ * once the file is proven to be the patch's base byte for byte (its digest, base.blake3). */
+static nnp_status delta_skeleton(nnp_ctx *ctx, const np_patch *ps, size_t n, const ext_table *bt, const uint8_t *map,
+                                 uint64_t size, const char *base_path, uint8_t **skel)
+{
+    uint8_t *bs = NULL, d[32];
+    uint64_t len = outside(bt), at = 0, k = 0;
+    nnp_status st = NNP_OK;
+    if (np_skel_needs_base(ps, n)) {
+        if ((st = np_hash_file(ctx, map, size, d)))
+            return st;
+        if (memcmp(d, ps[0].base.blake3, 32)) {
+            char a[65], b[65];
+            np_hex(ps[0].base.blake3, 32, a);
+            np_hex(d, 32, b);
+            return np_fail(ctx, NNP_KIND_BASE_MISMATCH, "%s: wrong base: the patch's skeleton is a delta against "
+                           "base file %s, this one is %s", base_path, a, b);
+        }
+        if (!(bs = malloc(len ? (size_t)len : 1)))
+            return np_fail(ctx, NNP_KIND_IO, "out of memory for the base's skeleton");
+        for (size_t i = 0; i <= bt->n; i++) { /* the gaps between extents, and the tail */
+            uint64_t end = i < bt->n ? bt->e[i].offset : bt->file_size;
+            memcpy(bs + k, map + at, (size_t)(end - at));
+            k += end - at;
+            at = i < bt->n ? end + bt->e[i].size : end;
+        }
+    }
+    st = np_skel_target(ctx, ps, n, bs, len, skel);
+    free(bs);
+    return st;
+}
+
 /* Write the target file from the skeleton and the staged tensors, hashed as written. */
 static nnp_status join(nnp_ctx *ctx, const np_patch *p, const ext_table *t, const uint8_t *skel,
                        const char *staged, const np_st *layout, const char *out_path)
@@ -474,7 +508,8 @@ nnp_status np_extents_apply(nnp_ctx *ctx, const char *base_path, np_patch *ps, s
         ((st = np_plan_decode_layout(ctx, pl, &layout, &layout_raw, &layout_len)) ||
          (st = read_table(ctx, pl, "target", &pl->target.extents, pl->target.tensors, &tt)) ||
          (st = check_target(ctx, pl, &tt, &layout)) ||
-         (st = np_section_decode_all(ctx, pl, &pl->target.skeleton, "target.skeleton", &skel))))
+         (!np_sec_zstd_base(&pl->target.skeleton) && /* a delta: once the base is proven (delta_skeleton) */
+          (st = np_section_decode_all(ctx, pl, &pl->target.skeleton, "target.skeleton", &skel)))))
         goto out;
     fd = open(base_path, O_RDONLY | O_CLOEXEC);
     if (fd < 0) {
@@ -501,6 +536,8 @@ nnp_status np_extents_apply(nnp_ctx *ctx, const char *base_path, np_patch *ps, s
         }
         map = mm;
     }
+    if (join_target && !skel && (st = delta_skeleton(ctx, ps, n, &bt, map, size, base_path, &skel)))
+        goto out;
     if (join_target) {
         size_t sl = strlen(out_path);
         staged = malloc(sl + 32);
@@ -592,8 +629,6 @@ nnp_status np_extents_in_place(nnp_ctx *ctx, const np_patch *p, int fd, uint64_t
     if (p->base.extents.size != p->target.extents.size || p->base.extents.size > NP_EXTENTS_JOURNAL_MAX ||
         memcmp(bt.raw, tt.raw, (size_t)p->base.extents.size) || bt.file_size != size || size > SIZE_MAX)
         goto out;
-    if ((st = np_section_decode_all(ctx, p, &p->target.skeleton, "target.skeleton", &skel)))
-        goto out;
     if (size) {
         void *mm = mmap(NULL, (size_t)size, PROT_READ, MAP_SHARED, fd, 0);
         if (mm == MAP_FAILED) {
@@ -602,6 +637,11 @@ nnp_status np_extents_in_place(nnp_ctx *ctx, const np_patch *p, int fd, uint64_t
         }
         m = mm;
     }
+    /* a skeleton delta (1.5) is decoded against the model's own skeleton, once it is proven the base */
+    if ((st = np_sec_zstd_base(&p->target.skeleton)
+                  ? delta_skeleton(ctx, p, 1, &bt, m ? m : (const uint8_t *)"", size, model, &skel)
+                  : np_section_decode_all(ctx, p, &p->target.skeleton, "target.skeleton", &skel)))
+        goto out;
     if (!same_skeleton(&bt, m ? m : (const uint8_t *)"", skel, out->skeleton_blake3))
         goto out;
     if ((st = base_st(ctx, p, &bt, &layout, size, model, &out->base)))
@@ -621,5 +661,25 @@ out:
     free(skel);
     table_free(&bt);
     table_free(&tt);
+    return st;
+}
+
+/* --check --base: the skeleton delta against the mapped base (extents.h). */
+nnp_status np_extents_check_skeleton(nnp_ctx *ctx, const np_patch *p, const uint8_t *map, uint64_t size,
+                                     const char *base_path)
+{
+    if (p->target.format != NP_FMT_EXTENTS || !np_sec_zstd_base(&p->target.skeleton))
+        return NNP_OK;
+    ext_table bt;
+    memset(&bt, 0, sizeof bt);
+    uint8_t *skel = NULL;
+    nnp_status st = read_table(ctx, p, "base", &p->base.extents, p->base.tensors, &bt);
+    if (!st && bt.file_size != size)
+        st = np_fail(ctx, NNP_KIND_BASE_MISMATCH, "%s: wrong base: the patch's base is %llu bytes, this one %llu",
+                     base_path, (unsigned long long)bt.file_size, (unsigned long long)size);
+    if (!st)
+        st = delta_skeleton(ctx, p, 1, &bt, map, size, base_path, &skel);
+    free(skel);
+    table_free(&bt);
     return st;
 }

@@ -65,6 +65,11 @@ typedef struct np_extents_model {
 nnp_status np_extents_in_place(nnp_ctx *ctx, const np_patch *p, int fd, uint64_t size, const char *model,
                                np_extents_model *out);
 
+/* --check --base: a 'zstd-base' skeleton (1.5) decoded against the base file mapped at map (proven
+ * by its digest first, as apply does); NNP_OK for any other patch. */
+nnp_status np_extents_check_skeleton(nnp_ctx *ctx, const np_patch *p, const uint8_t *map, uint64_t size,
+                                     const char *base_path);
+
 /* Whether any of the patches has an extents base or target (that apply routes to np_extents_apply). */
 static inline int np_extents_any(const np_patch *ps, size_t n)
 {

@@ -11,6 +11,7 @@
 
 #include "json.h"
 #include "patch.h"
+#include "skeldelta.h"
 #include "zstdframe.h"
 
 /* ---- header parsing ---------------------------------------------------------------- */
@@ -130,8 +131,8 @@ static nnp_status get_digest(rd *r, const npj_value *parent, const char *key, co
 static int stage_code(const char *s, size_t n)
 {
     static const char *names[] = {NULL, "xor", "add", "zadd", "esort", "planes", "zstd",
-                                  "u32", "u64", "delta-varint", "bitmap"};
-    for (int i = 1; i <= NP_S_BITMAP; i++)
+                                  "u32", "u64", "delta-varint", "bitmap", "zstd-base"};
+    for (int i = 1; i <= NP_S_ZSTD_BASE; i++)
         if (strlen(names[i]) == n && memcmp(names[i], s, n) == 0)
             return i;
     return NP_S_UNKNOWN;
@@ -565,6 +566,8 @@ static nnp_status layout_codec(rd *r, const npj_value *root, const char *role, c
 {
     if (!s->present)
         return NNP_OK;
+    if (np_sec_zstd_base(s) && !strcmp(name, "skeleton")) /* 1.5: a skeleton delta, its rules in skeldelta.c */
+        return np_skel_check_codec(r->ctx, r->p);
     /* find the codec JSON again for messages */
     const npj_value *m = npj_get(root, role), *sec = m ? npj_get(m, name) : NULL, *codec = sec ? npj_get(sec, "codec") : NULL;
     char w[128];

@@ -33,7 +33,8 @@
 enum {
     NP_S_UNKNOWN = 0,
     NP_S_XOR, NP_S_ADD, NP_S_ZADD, NP_S_ESORT, NP_S_PLANES, NP_S_ZSTD,
-    NP_S_U32, NP_S_U64, NP_S_VARINT, NP_S_BITMAP
+    NP_S_U32, NP_S_U64, NP_S_VARINT, NP_S_BITMAP,
+    NP_S_ZSTD_BASE /* an extents target's skeleton only (1.5): zstd against the base's skeleton (skeldelta.c) */
 };
 
 typedef struct np_section {
@@ -43,7 +44,11 @@ typedef struct np_section {
     uint8_t st[8];
 } np_section;
 
-static inline int np_sec_zstd(const np_section *s) { return s->nst && s->st[s->nst - 1] == NP_S_ZSTD; }
+static inline int np_sec_zstd(const np_section *s)
+{
+    return s->nst && (s->st[s->nst - 1] == NP_S_ZSTD || s->st[s->nst - 1] == NP_S_ZSTD_BASE);
+}
+static inline int np_sec_zstd_base(const np_section *s) { return s->nst == 1 && s->st[0] == NP_S_ZSTD_BASE; }
 /* The delta stage (NP_S_XOR/ADD/ZADD) or 0. */
 static inline int np_sec_delta(const np_section *s)
 {

@@ -56,8 +56,9 @@ int np_zstd_frame_length(const uint8_t *buf, size_t len, uint64_t *out, const ch
 
 #define SRFAIL(...) np_fail(ctx, NNP_KIND_PATCH_FORMAT, __VA_ARGS__)
 
-nnp_status np_secreader_open(nnp_ctx *ctx, np_secreader *r, const np_patch *p, const np_section *s,
-                             const char *where)
+/* prefixed: the caller gives a zstd-base section its base skeleton (np_section_decode_prefixed). */
+static nnp_status open_reader(nnp_ctx *ctx, np_secreader *r, const np_patch *p, const np_section *s, const char *where,
+                              int prefixed)
 {
     memset(r, 0, sizeof *r);
     r->src = np_sec_ptr(p, s);
@@ -88,6 +89,10 @@ nnp_status np_secreader_open(nnp_ctx *ctx, np_secreader *r, const np_patch *p, c
     if (cs != s->size)
         return SRFAIL("%s: %s: zstd frame declares %llu bytes, section size is %llu", p->name, where, cs,
                       (unsigned long long)s->size);
+    if (np_sec_zstd_base(s) && !prefixed) /* never decoded without its dictionary: wrong bytes, or none */
+        return SRFAIL("%s: %s: a 'zstd-base' section decodes against the base's skeleton only", p->name, where);
+    if (np_sec_zstd_base(s) && (r->src[4] & 3)) /* a raw-content prefix has no ID; none other is defined */
+        return SRFAIL("%s: %s: a 'zstd-base' frame must not name a dictionary ID", p->name, where);
     r->ds = ZSTD_createDStream();
     if (!r->ds)
         return np_fail(ctx, NNP_KIND_IO, "%s: %s: out of memory for a zstd decoder", p->name, where);
@@ -96,6 +101,12 @@ nnp_status np_secreader_open(nnp_ctx *ctx, np_secreader *r, const np_patch *p, c
     r->in.size = (size_t)r->srclen;
     r->in.pos = 0;
     return NNP_OK;
+}
+
+nnp_status np_secreader_open(nnp_ctx *ctx, np_secreader *r, const np_patch *p, const np_section *s,
+                             const char *where)
+{
+    return open_reader(ctx, r, p, s, where, 0);
 }
 
 nnp_status np_secreader_read(nnp_ctx *ctx, np_secreader *r, uint8_t *buf, size_t n)
@@ -160,12 +171,17 @@ void np_secreader_close(np_secreader *r)
     r->ds = NULL;
 }
 
-nnp_status np_section_decode_all(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
-                                 uint8_t **out)
+static nnp_status decode_all(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
+                             const uint8_t *prefix, size_t prefix_len, uint8_t **out)
 {
     *out = NULL;
     np_secreader r;
-    nnp_status st = np_secreader_open(ctx, &r, p, s, where);
+    nnp_status st = open_reader(ctx, &r, p, s, where, prefix != NULL);
+    if (!st && prefix) { /* the base's skeleton as a raw-content prefix: Python's DICT_TYPE_RAWCONTENT */
+        size_t e = ZSTD_DCtx_refPrefix(r.ds, prefix, prefix_len);
+        if (ZSTD_isError(e))
+            st = SRFAIL("%s: %s: cannot use the base's skeleton: %s", p->name, where, ZSTD_getErrorName(e));
+    }
     if (st) {
         np_secreader_close(&r);
         return st;
@@ -190,6 +206,26 @@ nnp_status np_section_decode_all(nnp_ctx *ctx, const np_patch *p, const np_secti
     }
     *out = buf;
     return NNP_OK;
+}
+
+nnp_status np_section_decode_all(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
+                                 uint8_t **out)
+{
+    return decode_all(ctx, p, s, where, NULL, 0, out);
+}
+
+nnp_status np_section_decode_prefixed(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
+                                      const uint8_t *prefix, size_t prefix_len, uint8_t **out)
+{
+    return decode_all(ctx, p, s, where, prefix, prefix_len, out);
+}
+
+nnp_status np_section_check_frame(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where)
+{
+    np_secreader r;
+    nnp_status st = open_reader(ctx, &r, p, s, where, 1);
+    np_secreader_close(&r);
+    return st;
 }
 
 nnp_status np_section_drain(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where)

@@ -44,6 +44,12 @@ void np_secreader_close(np_secreader *r);
 nnp_status np_section_decode_all(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
                                  uint8_t **out);
 
+/* The same for a 'zstd-base' section (1.5, skeldelta.c): the frame decoded with prefix (the base's
+ * skeleton, prefix_len > 0) as its raw-content dictionary; the frame must name no dictionary ID. */
+nnp_status np_section_decode_prefixed(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where,
+                                      const uint8_t *prefix, size_t prefix_len, uint8_t **out);
+/* A 'zstd-base' section's frame rules only (--check without its base: the dictionary is not at hand). */
+nnp_status np_section_check_frame(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where);
 
 /* Decode a section through (validation, nnp_check): every byte decoded, nothing kept. */
 nnp_status np_section_drain(nnp_ctx *ctx, const np_patch *p, const np_section *s, const char *where);

@@ -125,7 +125,7 @@ def _build_chain(base: PathLike, patches: Sequence, output: PathLike, verify: st
             src = stack.enter_context(open_source(base))
             plan = plan_forward(src, opened)
             return targets.build(plan, src, os.fspath(output), policy, progress or _no_progress, opened[-1],
-                                 replace=replace)
+                                 replace=replace, links=opened)
         except BaseMismatchError as e:
             raise explain_wrong_base(base, opened[0], e) from None
 

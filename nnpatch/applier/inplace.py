@@ -258,7 +258,8 @@ def _extents_in_place(src, p: Patch, plan: Plan) -> _Target | None:
     extents = getattr(gm, "extents", None)
     if extents is None:
         return None
-    target, skeleton = targets.extents_plan(p, {i.info.name: i.info for i in plan.items})
+    # a skeleton delta (1.5) is decoded against the model's own skeleton, once its digest is the base's
+    target, skeleton = targets.extents_plan([p], {i.info.name: i.info for i in plan.items}, src.path)
     out = p.header.target.outputs[0]
     table = encode_table(out.size, target)
     if out.size != src.size or len(table) > MAX_TABLE or table != encode_table(src.size, extents):

@@ -35,10 +35,11 @@ from .directory import build_directory
 from .engine import build_file
 from .plan import Plan
 from .policy import ApplyResult, ProgressFn, Verify
+from .skeleton import check_skeleton_frame, target_skeleton
 
 
 def build(plan: Plan, src, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,
-          replace: bool = False) -> ApplyResult:
+          replace: bool = False, links: list[Patch] | None = None) -> ApplyResult:
     """Write the target of ``plan`` (made by ``patch``, the chain's last link) at ``output``.
 
     ``replace``: ``output`` is an existing model directory that the new one
@@ -53,7 +54,7 @@ def build(plan: Plan, src, output: str, verify: Verify, progress: ProgressFn, pa
     if kind == "onnx":
         return _build_onnx(plan, src, output, verify, progress, patch, replace=replace)
     if kind == "extents":
-        return _build_extents(plan, src, output, verify, progress, patch, replace=replace)
+        return _build_extents(plan, src, output, verify, progress, links or [patch], replace=replace)
     mode = _mode_of(output) if replace else None
     return build_file(plan, src, output, verify, progress, mode=mode)
 
@@ -375,6 +376,7 @@ def check_extents(patch: Patch, tensors: dict) -> None:
         extents_of(patch, "base")  # its rules hold even where this applier reads the base file itself
     if patch.header.target.format == "extents":
         _target_extents(patch, tensors)
+        check_skeleton_frame(patch)
 
 
 def _target_extents(patch: Patch, tensors: dict):
@@ -394,25 +396,28 @@ def _target_extents(patch: Patch, tensors: dict):
     return size, extents
 
 
-def extents_plan(patch: Patch, tensors: dict):
+def extents_plan(links: list[Patch], tensors: dict, base_path: str):
     """The target's extents and skeleton, checked against each other, the header's output and the
-    layout's tensors before anything is decoded or written."""
+    layout's tensors before anything is decoded or written (a skeleton delta is decoded once the
+    base file is proven, applier/skeleton.py)."""
+    patch = links[-1]
     if patch.header.base.extents is not None:
         extents_of(patch, "base")
     _, extents = _target_extents(patch, tensors)
-    return extents, _section_bytes(patch, patch.header.target.skeleton, "target.skeleton")
+    return extents, target_skeleton(links, base_path)
 
 
-def _build_extents(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, patch: Patch, *,
+def _build_extents(plan: Plan, b, output: str, verify: Verify, progress: ProgressFn, links: list[Patch], *,
                    replace: bool = False) -> ApplyResult:
     """An extents target (GGUF, TFLite): build the tensors as safetensors (proven as any apply is), then write
     the file as the skeleton's bytes with each tensor at its extent, hashed as it is written, and
     rename it in only when its digest is the patch's."""
     import blake3
 
+    patch = links[-1]
     out = patch.header.target.outputs[0]
     mode = _mode_of(output) if replace else None
-    extents, skeleton = extents_plan(patch, {i.info.name: i.info for i in plan.items})
+    extents, skeleton = extents_plan(links, {i.info.name: i.info for i in plan.items}, b.path)
     try:
         with _staged(plan, b, output, verify, progress) as (r, st):
             h = blake3.blake3(max_threads=blake3.blake3.AUTO)

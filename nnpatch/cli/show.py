@@ -90,6 +90,12 @@ def show(patch, as_json, plot_path):
             console.print(f"signed: by key {key_id(signature[0])} (`nnpatch verify --key KEY.pub.pem` checks it)")
         else:
             console.print("signed: no")
+        sk = h.target.skeleton
+        if sk is not None:
+            how = {"zstd-base": "zstd-base: a delta against the base's skeleton", "zstd": "zstd"}
+            console.print(f"skeleton: {sk.size} bytes, {sk.length} stored ("
+                          + printable(how.get("+".join(sk.codec), "+".join(sk.codec) or "raw"), encoding=encoding)
+                          + ")")
         by_index = sum(1 for op in h.ops if is_index_key(op.name))
         if by_index:
             console.print(f"keys: {by_index} tensors are keyed by (subgraph, tensor index), their names stripped "

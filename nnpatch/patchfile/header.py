@@ -21,7 +21,8 @@ MAGIC = b"\x89NNP\r\n\x1a\n"
 #: The newest version this module reads and writes. A writer stamps the
 #: lowest version whose features the patch uses (1.0; 1.1 for a model
 #: directory or ONNX target; 1.2 where a section uses ``esort``; 1.3 where an
-#: op is ``qrows``; 1.4 where a model is ``extents``; 1.5 where sections are packed), so older readers
+#: op is ``qrows``; 1.4 where a model is ``extents``; 1.5 where sections are packed or an
+#: extents target's skeleton is a ``zstd-base`` delta), so older readers
 #: take every patch they can apply.
 FORMAT_VERSION = (1, 5)
 #: The version that added directory and ONNX targets.
@@ -296,8 +297,8 @@ class PatchHeader:
     @property
     def min_version(self) -> tuple[int, int]:
         """The lowest format version that has every feature this header uses."""
-        if self.packed:
-            return PACKED_VERSION
+        if self.packed or (self.target.skeleton is not None and self.target.skeleton.codec == ["zstd-base"]):
+            return PACKED_VERSION  # 1.5: packed sections, or a skeleton delta (spec 5.8)
         if "extents" in (self.base.format, self.target.format):
             return EXTENTS_VERSION
         if any(op.kind == "qrows" for op in self.ops):

@@ -15,6 +15,7 @@ import zstandard
 from .. import codecs, dtypes, quantdelta
 from .._json import EVERY_KEY, MAX_JSON_STRING, WHOLE, LazyArray, Pieces, json_shape, loads_strict, loads_text, utf8_error
 from ..errors import NnpatchError, NnpatchIOError, PatchFormatError, UnsupportedVersionError
+from ..skeldelta import ZSTD_BASE
 from .header import (ALIGNMENT, FILE_KINDS, FLAG_HEADER_ZSTD, FLAG_SIGNED, FORMAT_VERSION, KNOWN_FEATURES, MAGIC,
                      HEADER_EXPANSION_SLACK, MAX_FILES, MAX_HEADER_EXPANSION, MAX_HEADER_SIZE,
                      MAX_JSON_DEPTH, MAX_JSON_VALUES, MAX_NAMES_BYTES, MAX_OPS, MAX_NAME_BYTES, MAX_PATH_BYTES,
@@ -541,6 +542,11 @@ def _header_from_json(obj: dict, path: str) -> PatchHeader:
         s = getattr(ref, name)
         if s is None:
             continue
+        if name == "skeleton" and s.codec == [ZSTD_BASE]:
+            # 1.5, spec 5.8: a delta against the base's skeleton, which only an extents base has
+            if base.format != "extents" or target.format != "extents":
+                r.fail("target.skeleton.codec", "'zstd-base' needs an extents base and target")
+            continue
         with _in_header(path):
             codecs.check_value_codec(s.codec, relative_allowed=False, where=f"{role}.{name}")
         if delta_or_planes(s.codec):
@@ -694,7 +700,7 @@ def _check_layout(header: PatchHeader, buf, data_start: int, size: int, path: st
                 path=path)
         if s.offset + s.length > size - TRAILER_SIZE:
             raise PatchFormatError(f"section at offset {s.offset} runs past the end of the data", path=path)
-        if s.codec and s.codec[-1] == "zstd":
+        if s.codec and s.codec[-1] in ("zstd", ZSTD_BASE):
             if s.length == 0:
                 raise PatchFormatError(f"section at offset {s.offset}: empty zstd section", path=path)
             if s.size > MAX_ZSTD_EXPANSION * s.length + (1 << 17):
