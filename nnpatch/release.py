@@ -133,7 +133,7 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
                  level: int | None = None, chain: str = "auto", sign_key: str | os.PathLike[str] | None = None,
                  release: int | None = None, expires: int | None = None, names: dict[str, str] | None = None,
                  base_url: str | None = None, full: bool = False, full_url: str | None = None, force: bool = False,
-                 now: float | None = None) -> dict:
+                 now: float | None = None, aligned: bool = False) -> dict:
     """Write the patches and ``manifest.json`` into ``outdir``; return the manifest.
 
     ``olds`` are the versions users may have, oldest first. ``chain``:
@@ -150,7 +150,9 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     leads from); ``full_url``: list a copy of it hosted at that http(s) URL
     instead. ``outdir`` must be empty (or missing) unless ``force``: then the
     files of an earlier release that the new manifest does not name are
-    removed, so the folder holds exactly this release.
+    removed, so the folder holds exactly this release. ``aligned``: patches
+    in the 1.4 layout, for a fleet whose appliers are nnpatch 0.4 (``nnpatch
+    diff --aligned``).
     """
 
     if chain not in ("auto", "always", "never"):
@@ -177,6 +179,8 @@ def make_release(olds: list[str | os.PathLike[str]], new: str | os.PathLike[str]
     earlier = _earlier_files(outdir, force)
     os.makedirs(outdir, exist_ok=True)
     diff_kw: dict = {} if level is None else {"level": level}
+    if aligned:
+        diff_kw["aligned"] = True
     if sign_key is not None:
         diff_kw["sign_key"] = os.fspath(sign_key)
 

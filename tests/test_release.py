@@ -328,3 +328,30 @@ def test_a_signed_chain_update_reads_the_key_file_once(tmp_path, monkeypatch):
                    in_place=in_place)
         assert len(r.patches) == 3 and hash_file(model) == hash_file(paths[-1]) and r.key_id
         assert len(reads) == 1
+
+
+def test_an_aligned_release_is_for_appliers_of_format_1_4(tmp_path):
+    """release --aligned: every patch in the 1.4 layout (no packed-sections), which nnpatch 0.4 reads; the
+    default release packs them (1.5). Both bring a device to the target exactly."""
+    from click.testing import CliRunner
+
+    from nnpatch import read_patch
+    from nnpatch.cli import cli
+
+    paths = _versions(tmp_path)
+    for flag in (["--aligned"], []):
+        dist = tmp_path / f"dist{len(flag)}"
+        args = ["release", *map(str, paths[:-1]), "--to", str(paths[-1]), "-o", str(dist), "--chain", "always", *flag]
+        r = CliRunner().invoke(cli, args)
+        assert r.exit_code == 0, r.output
+        found = set()
+        for name in sorted(n for n in os.listdir(dist) if n.endswith(".nnpatch")):
+            with read_patch(dist / name) as p:
+                found.add(p.header.version)
+                assert p.header.packed is not bool(flag)
+        assert all(v < (1, 5) for v in found) if flag else found == {(1, 5)}, found
+        model = tmp_path / f"device{len(flag)}" / "model.safetensors"
+        model.parent.mkdir()
+        shutil.copyfile(paths[0], model)
+        assert update(model, dist / "manifest.json").updated
+        assert hash_file(model) == hash_file(paths[-1])

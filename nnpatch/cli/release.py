@@ -73,14 +73,17 @@ def _duration(ctx, param, value) -> int | None:
 @click.option("--full-url", metavar="URL", help="List a copy of the new model hosted at this http(s) URL instead.")
 @click.option("--force", is_flag=True,
               help="Write into a folder that is not empty, removing the files the new manifest does not name.")
+@click.option("--aligned", is_flag=True,
+              help="Patches with 64-byte aligned sections (format 1.4 and older), for devices whose applier is "
+                   "nnpatch 0.4 or older; default: packed (format 1.5).")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest to stdout.")
 @click.pass_context
 def release(ctx, olds, new, outdir, sign_key, release_number, expires, names, base_url, level, chain, full, full_url,
-            force, as_json):
+            force, aligned, as_json):
     """Patches from every old version to the new one, plus a manifest for updaters."""
     manifest = make_release(list(olds), new, outdir, level=level, chain=chain, sign_key=sign_key,
                             release=release_number, expires=expires, names=names, base_url=base_url, full=full,
-                            full_url=full_url, force=force)
+                            full_url=full_url, force=force, aligned=aligned)
     if sign_key is not None and expires is None:
         click.echo("warning: no --expires: a device cannot tell a frozen feed from a quiet one", err=True)
     if as_json:
