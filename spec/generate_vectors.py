@@ -544,6 +544,26 @@ def invalid_directory_patches(good: bytes):
     }
 
 
+def _invalid(directory: str, manifest: dict, name: str, desc: str, data: bytes, base: str, out: str, *,
+             apply_options: dict | None = None, base_in_message: bool = False, **extra) -> None:
+    """Write the broken patch ``name`` under invalid/, check that applying it to ``base`` fails, and record
+    the error class and message it gives (``extra``: the entry's ``since``/``requires``)."""
+    path = os.path.join(directory, "invalid", f"{name}.nnpatch")
+    with open(path, "wb") as f:
+        f.write(data)
+    options = apply_options or {}
+    try:
+        nnpatch.apply(base, path, out, **options)
+        raise SystemExit(f"invalid vector {name} was accepted")
+    except nnpatch.NnpatchError as e:
+        message = str(e).replace(path, "{patch}")
+        if base_in_message:
+            message = message.replace(base, "{base}")
+        manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
+                                    "base": os.path.relpath(base, directory), "apply_options": options, **extra,
+                                    "error": type(e).__name__, "message": message})
+
+
 def _packed_vectors(directory: str, manifest: dict) -> None:
     """Format 1.5: the writer's default layout (sections packed end to end), valid and broken."""
     desc, base, target, _ = vector_inputs()["all-ops"]
@@ -582,19 +602,10 @@ def _packed_vectors(directory: str, manifest: dict) -> None:
         "packed-padding": ("the packed-all-ops patch with 64 zero bytes before its trailer",
                            _reseal(good[:-TRAILER_SIZE] + bytes(64) + good[-TRAILER_SIZE:])),
     }
+    os.makedirs(os.path.join(directory, "invalid"), exist_ok=True)
     for name, (vdesc, data) in broken.items():
-        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            nnpatch.apply(bp, path, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
-            raise SystemExit(f"invalid vector {name} was accepted")
-        except nnpatch.NnpatchError as e:
-            manifest["invalid"].append({"name": name, "description": vdesc, "patch": os.path.relpath(path, directory),
-                                        "base": os.path.relpath(bp, directory), "apply_options": {},
-                                        "since": "1.5", "error": type(e).__name__,
-                                        "message": str(e).replace(path, "{patch}")})
+        _invalid(directory, manifest, name, vdesc, data, bp, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"),
+                 since="1.5")
 
 
 def _uses_delta(path: str) -> bool:
@@ -675,18 +686,9 @@ def _skeleton_vectors(directory: str, manifest: dict) -> None:
     }
     shutil.copyfile(st, os.path.join(directory, "invalid", "skeleton-base.safetensors"))
     for name, (vdesc, data, base) in broken.items():
-        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
-        with open(path, "wb") as f:
-            f.write(data)
         base = os.path.join(directory, "invalid", "skeleton-base.safetensors") if base == st else base
-        try:
-            nnpatch.apply(base, path, os.path.join(tmp, "out.gguf"))
-            raise SystemExit(f"invalid vector {name} was accepted")
-        except nnpatch.NnpatchError as e:
-            manifest["invalid"].append({"name": name, "description": vdesc, "patch": os.path.relpath(path, directory),
-                                        "base": os.path.relpath(base, directory), "apply_options": {},
-                                        "since": "1.5", "requires": "gguf", "error": type(e).__name__,
-                                        "message": str(e).replace(path, "{patch}")})
+        _invalid(directory, manifest, name, vdesc, data, base, os.path.join(tmp, "out.gguf"), since="1.5",
+                 requires="gguf")
     shutil.rmtree(tmp)
 
 
@@ -766,21 +768,10 @@ def build(directory: str) -> dict:
     # invalid vectors edit the header text: start from the same patch with a plain header
     good = with_header(written, header_json(written))
     os.makedirs(os.path.join(directory, "invalid"), exist_ok=True)
+    out = os.path.join(tempfile.gettempdir(), "nnpatch-vector-out")
     for name, (desc, data) in invalid_patches(good).items():
-        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
-        with open(path, "wb") as f:
-            f.write(data)
-        rel = os.path.relpath(path, directory)
-        options = {"verify": "full"} if name == "target-digest-lie" else {}
-        try:
-            nnpatch.apply(os.path.join(directory, "valid", "rows-f32", "base.safetensors"), path,
-                          os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"), **options)
-            raise SystemExit(f"invalid vector {name} was accepted")
-        except nnpatch.NnpatchError as e:
-            message = str(e).replace(path, "{patch}")
-            manifest["invalid"].append({"name": name, "description": desc, "patch": rel,
-                                        "base": "valid/rows-f32/base.safetensors", "apply_options": options,
-                                        "error": type(e).__name__, "message": message})
+        _invalid(directory, manifest, name, desc, data, os.path.join(directory, "valid", "rows-f32", "base.safetensors"),
+                 out, apply_options={"verify": "full"} if name == "target-digest-lie" else {})
     wrong = {"name": "wrong-base", "description": "the valid rows-f32 patch applied to the all-ops base",
              "apply_options": {},
              "patch": "valid/rows-f32/patch.nnpatch", "base": "valid/all-ops/base.safetensors"}
@@ -796,17 +787,7 @@ def build(directory: str) -> dict:
     with open(os.path.join(directory, "valid", "qrows-f32", "patch.nnpatch"), "rb") as f:
         written = f.read()
     for name, (desc, data) in invalid_qrows_patches(with_header(written, header_json(written))).items():
-        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            nnpatch.apply(qbase, path, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out"))
-            raise SystemExit(f"invalid vector {name} was accepted")
-        except nnpatch.NnpatchError as e:
-            manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
-                                        "base": os.path.relpath(qbase, directory), "apply_options": {},
-                                        "since": "1.3", "error": type(e).__name__,
-                                        "message": str(e).replace(path, "{patch}")})
+        _invalid(directory, manifest, name, desc, data, qbase, out, since="1.3")
     gguf_base = os.path.join(directory, "valid", "gguf", "base.gguf")
     with open(os.path.join(directory, "valid", "gguf", "patch.nnpatch"), "rb") as f:
         written = f.read()
@@ -820,34 +801,14 @@ def build(directory: str) -> dict:
         "extents-no-table": ("the gguf patch without target.extents",
                              _edit_header(ggood, lambda h: h["target"].pop("extents"))),
     }.items():
-        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
-        with open(path, "wb") as f:
-            f.write(data)
-        try:
-            nnpatch.apply(gguf_base, path, os.path.join(tempfile.gettempdir(), "nnpatch-vector-out.gguf"))
-            raise SystemExit(f"invalid vector {name} was accepted")
-        except nnpatch.NnpatchError as e:
-            manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
-                                        "base": os.path.relpath(gguf_base, directory), "apply_options": {},
-                                        "since": "1.4", "requires": "gguf", "error": type(e).__name__,
-                                        "message": str(e).replace(path, "{patch}")})
+        _invalid(directory, manifest, name, desc, data, gguf_base, out + ".gguf", since="1.4", requires="gguf")
     dir_base = os.path.join(directory, "valid", "directory", "base")
     with open(os.path.join(directory, "valid", "directory", "patch.nnpatch"), "rb") as f:
         written = f.read()
     dgood = with_header(written, header_json(written))
     for name, (desc, data) in invalid_directory_patches(dgood).items():
-        path = os.path.join(directory, "invalid", f"{name}.nnpatch")
-        with open(path, "wb") as f:
-            f.write(data)
-        out = os.path.join(tempfile.gettempdir(), "nnpatch-vector-dir-out")
-        try:
-            nnpatch.apply(dir_base, path, out)
-            raise SystemExit(f"invalid vector {name} was accepted")
-        except nnpatch.NnpatchError as e:
-            manifest["invalid"].append({"name": name, "description": desc, "patch": os.path.relpath(path, directory),
-                                        "base": os.path.relpath(dir_base, directory), "apply_options": {},
-                                        "error": type(e).__name__,
-                                        "message": str(e).replace(path, "{patch}").replace(dir_base, "{base}")})
+        _invalid(directory, manifest, name, desc, data, dir_base,
+                 os.path.join(tempfile.gettempdir(), "nnpatch-vector-dir-out"), base_in_message=True)
     _skeleton_vectors(directory, manifest)
     with open(os.path.join(directory, "vectors.json"), "w") as f:
         json.dump(manifest, f, indent=2, sort_keys=True, ensure_ascii=False)
